@@ -1,0 +1,381 @@
+//! Converting a model's masks into a pattern: validation, per-layer conversion in parallel,
+//! verification of every result, metadata and report.
+
+use std::path::Path;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::io::{MaskFile, MaskTensor, WeightFile};
+use crate::mask::Mask;
+use crate::metadata::{CoarsenMetadata, LayerMeta, LayerStatus, METADATA_VERSION};
+use crate::patterns::{
+    aligned_blocks, check, nm_prune, refill, regroup, shuffled_blocks, ChannelCriterion, Fallback,
+    Pattern,
+};
+use crate::report::{LayerReport, Magnitudes, PatternStats, Report, Spread};
+use crate::select::Selector;
+use crate::view::MatrixView;
+
+/// One layer ready for conversion.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerInput<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Tensor shape.
+    pub shape: &'a [usize],
+    /// The unstructured mask in matrix view.
+    pub mask: &'a Mask,
+    /// The weights (row-major, matrix view), when known.
+    pub weights: Option<&'a [f32]>,
+    /// Per-row scores for the channel pattern's `scores` criterion.
+    pub scores: Option<&'a [f32]>,
+}
+
+/// What a layer became.
+#[derive(Clone, Debug)]
+pub struct LayerOutcome {
+    /// The new mask.
+    pub mask: Mask,
+    /// Structured, unstructured or dense.
+    pub status: LayerStatus,
+    /// Why a layer is not structured.
+    pub reason: Option<String>,
+    /// N:M input-channel permutation.
+    pub col_perm: Option<Vec<usize>>,
+    /// Pattern statistics.
+    pub stats: PatternStats,
+}
+
+/// The inputs of [`convert`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConvertInputs<'a> {
+    /// The unstructured masks.
+    pub masks: &'a MaskFile,
+    /// The weights with the same names and shapes, if any (magnitude criteria use them).
+    pub weights: Option<&'a WeightFile>,
+    /// Per-layer row scores, if any (one vector of `rows` values per layer, same names).
+    pub scores: Option<&'a WeightFile>,
+    /// Which mask tensors are layers.
+    pub selector: &'a Selector,
+}
+
+/// The result of [`convert`]: the structured masks (metadata included) and the report.
+#[derive(Clone, Debug)]
+pub struct Conversion {
+    /// All tensors of the input mask file; selected ones converted.
+    pub masks: MaskFile,
+    /// The report.
+    pub report: Report,
+}
+
+/// Converts one layer. `seed` drives the randomised steps (partitioning, permutation escapes).
+pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Result<LayerOutcome> {
+    let view = MatrixView::of(layer.shape).ok_or_else(|| {
+        Error::param(
+            "layer",
+            layer.name,
+            format!("shape {:?} has rank < 2", layer.shape),
+        )
+    })?;
+    let mask = layer.mask;
+    let mut out = LayerOutcome {
+        mask: Mask::default(),
+        status: LayerStatus::Structured,
+        reason: None,
+        col_perm: None,
+        stats: PatternStats::default(),
+    };
+    let mut parts = 0;
+    match pattern {
+        Pattern::Channel(cfg) => {
+            let mut cfg = *cfg;
+            if layer.scores.is_some() {
+                cfg.criterion = ChannelCriterion::Scores;
+            }
+            let (m, kept) = refill(mask, layer.weights, layer.scores, &cfg)?;
+            out.stats.kept_rows = Some(kept.len());
+            out.stats.blocks = Some(usize::from(!kept.is_empty()));
+            out.stats.rows_per_block = Spread::of([kept.len()]);
+            out.stats.cols_per_block = Spread::of([view.cols]);
+            out.mask = m;
+        }
+        Pattern::Group(cfg) => {
+            let g = regroup(mask, cfg, seed, layer.name)?;
+            parts = g.parts;
+            out.stats.parts = Some(g.parts);
+            out.stats.blocks = Some(g.blocks.len());
+            out.stats.rows_per_block = Spread::of(g.blocks.iter().map(|b| b.rows.len()));
+            out.stats.cols_per_block = Spread::of(g.blocks.iter().map(|b| b.cols.len()));
+            if let Some(reason) = g.no_block_reason {
+                out.status = match cfg.fallback {
+                    Fallback::Keep => LayerStatus::Unstructured,
+                    Fallback::Dense => LayerStatus::Dense,
+                };
+                out.reason = Some(reason);
+            }
+            out.mask = g.mask;
+        }
+        Pattern::ShuffledBlock(cfg) => {
+            let s = shuffled_blocks(mask, layer.weights, None, cfg)?;
+            out.stats.blocks = Some(s.tiles.len());
+            out.stats.row_groups = Some(s.groups.len());
+            out.stats.rows_per_block = Spread::of(s.tiles.iter().map(|(g, _)| s.groups[*g].len()));
+            out.stats.cols_per_block = Spread::of(s.tiles.iter().map(|(_, c)| c.len()));
+            out.mask = s.mask;
+        }
+        Pattern::Block(cfg) => {
+            let (m, tiles) = aligned_blocks(mask, layer.weights, cfg)?;
+            out.stats.blocks = Some(tiles.len());
+            out.mask = m;
+        }
+        Pattern::Nm(cfg) => {
+            let n = nm_prune(mask, layer.weights, view, cfg, seed)?;
+            if cfg.permute {
+                let total = mask.magnitude(&weights_or_ones(layer.weights, mask.len()));
+                out.stats.retained_magnitude_unpermuted =
+                    Some(crate::report::ratio(n.kept_unpermuted, total));
+                out.stats.permute_skipped = n.permute_skipped;
+            }
+            out.col_perm = n.col_perm;
+            out.mask = n.mask;
+        }
+    }
+    if out.status == LayerStatus::Structured {
+        check(pattern, &out.mask, view, parts, out.col_perm.as_deref()).map_err(|violation| {
+            Error::PatternViolated {
+                layer: layer.name.to_string(),
+                pattern: pattern.name().to_string(),
+                violation,
+            }
+        })?;
+        if out.mask.nnz() == out.mask.len() {
+            out.status = LayerStatus::Dense;
+        }
+    }
+    Ok(out)
+}
+
+fn weights_or_ones(weights: Option<&[f32]>, len: usize) -> Vec<f32> {
+    weights.map_or_else(|| vec![1.0; len], <[f32]>::to_vec)
+}
+
+/// 64-bit FNV-1a, a hash that is stable across platforms and Rust versions.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A selected layer after validation.
+struct Prepared<'a> {
+    tensor: &'a MaskTensor,
+    mask: Mask,
+    weights: Option<&'a [f32]>,
+    scores: Option<&'a [f32]>,
+}
+
+/// Validates the inputs and returns the selected layers: names and shapes must match, weights
+/// must be finite floats, masks must not be all zero, the selection must not be empty.
+fn prepare<'a>(inputs: &ConvertInputs<'a>, pattern: &Pattern) -> Result<Vec<Prepared<'a>>> {
+    let masks = inputs.masks;
+    let needs_scores =
+        matches!(pattern, Pattern::Channel(c) if c.criterion == ChannelCriterion::Scores);
+    if needs_scores && inputs.scores.is_none() {
+        return Err(Error::param("--criterion", "scores", "needs --scores FILE"));
+    }
+    let mut out = Vec::new();
+    for t in masks.tensors() {
+        if !inputs.selector.selects(&t.name, &t.shape) {
+            continue;
+        }
+        let view = MatrixView::of(&t.shape).ok_or_else(|| Error::BadLength {
+            tensor: t.name.clone(),
+            shape: t.shape.clone(),
+            len: t.data.len(),
+        })?;
+        if t.data.len() != view.len() {
+            return Err(Error::BadLength {
+                tensor: t.name.clone(),
+                shape: t.shape.clone(),
+                len: t.data.len(),
+            });
+        }
+        let weights = match inputs.weights {
+            None => None,
+            Some(wf) => Some(matching_values(wf, t, masks.path())?),
+        };
+        let scores = match inputs.scores {
+            Some(sf) if matches!(pattern, Pattern::Channel(_)) => {
+                let s = sf.get(&t.name).ok_or_else(|| Error::MissingTensor {
+                    path: sf.path().to_path_buf(),
+                    tensor: t.name.clone(),
+                    shape: vec![view.rows],
+                    named_in: masks.path().to_path_buf(),
+                })?;
+                let values = s.float_values(sf.path())?;
+                s.check_finite(sf.path())?;
+                if values.len() != view.rows {
+                    return Err(Error::ShapeMismatch {
+                        tensor: t.name.clone(),
+                        left: sf.path().to_path_buf(),
+                        left_shape: s.shape.clone(),
+                        right: masks.path().to_path_buf(),
+                        right_shape: vec![view.rows],
+                    });
+                }
+                Some(values)
+            }
+            _ => None,
+        };
+        let mask = Mask::from_bytes(view.rows, view.cols, t.data.clone())?;
+        if mask.nnz() == 0 {
+            return Err(Error::AllZeroMask {
+                path: masks.path().to_path_buf(),
+                tensor: t.name.clone(),
+                shape: t.shape.clone(),
+            });
+        }
+        out.push(Prepared {
+            tensor: t,
+            mask,
+            weights,
+            scores,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::EmptySelection {
+            path: masks.path().to_path_buf(),
+            detail: inputs.selector.describe(),
+        });
+    }
+    Ok(out)
+}
+
+/// The weight values matching a mask tensor, checked for name, shape, dtype and finiteness.
+pub fn matching_values<'a>(
+    weights: &'a WeightFile,
+    t: &MaskTensor,
+    mask_path: &Path,
+) -> Result<&'a [f32]> {
+    let w = weights.get(&t.name).ok_or_else(|| Error::MissingTensor {
+        path: weights.path().to_path_buf(),
+        tensor: t.name.clone(),
+        shape: t.shape.clone(),
+        named_in: mask_path.to_path_buf(),
+    })?;
+    if w.shape != t.shape {
+        return Err(Error::ShapeMismatch {
+            tensor: t.name.clone(),
+            left: mask_path.to_path_buf(),
+            left_shape: t.shape.clone(),
+            right: weights.path().to_path_buf(),
+            right_shape: w.shape.clone(),
+        });
+    }
+    let values = w.float_values(weights.path())?;
+    w.check_finite(weights.path())?;
+    Ok(values)
+}
+
+/// Converts every selected layer of `inputs.masks` into `pattern`, in parallel.
+/// `on_layer` is called as each layer finishes (for progress bars).
+pub fn convert(
+    inputs: &ConvertInputs<'_>,
+    pattern: &Pattern,
+    seed: u64,
+    on_layer: &(dyn Fn(&LayerReport) + Sync),
+) -> Result<Conversion> {
+    pattern.validate()?;
+    let start = Instant::now();
+    let layers = prepare(inputs, pattern)?;
+    let results: Vec<(LayerOutcome, LayerReport, Magnitudes)> = layers
+        .par_iter()
+        .map(|p| {
+            let t0 = Instant::now();
+            let input = LayerInput {
+                name: &p.tensor.name,
+                shape: &p.tensor.shape,
+                mask: &p.mask,
+                weights: p.weights,
+                scores: p.scores,
+            };
+            let outcome = convert_layer(&input, pattern, seed ^ stable_hash(&p.tensor.name))?;
+            let report = layer_report(&input, &outcome, t0.elapsed().as_secs_f64() * 1e3);
+            let mags = Magnitudes {
+                input: p.weights.map_or(0.0, |w| p.mask.magnitude(w)),
+                output: p.weights.map_or(0.0, |w| outcome.mask.magnitude(w)),
+            };
+            on_layer(&report);
+            Ok((outcome, report, mags))
+        })
+        .collect::<Result<_>>()?;
+
+    let mut converted = std::collections::HashMap::new();
+    let mut meta_layers = std::collections::BTreeMap::new();
+    let mut reports = Vec::with_capacity(results.len());
+    let mut mags = Vec::with_capacity(results.len());
+    for (p, (outcome, report, m)) in layers.iter().zip(results) {
+        meta_layers.insert(
+            p.tensor.name.clone(),
+            LayerMeta {
+                status: outcome.status,
+                reason: outcome.reason.clone(),
+                col_perm: outcome.col_perm.clone(),
+            },
+        );
+        converted.insert(p.tensor.name.clone(), outcome.mask.into_bytes());
+        reports.push(report);
+        mags.push(m);
+    }
+    let tensors = inputs
+        .masks
+        .tensors()
+        .iter()
+        .map(|t| MaskTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            data: converted.remove(&t.name).unwrap_or_else(|| t.data.clone()),
+        })
+        .collect();
+    let mut masks = MaskFile::new(inputs.masks.path(), tensors);
+    masks.metadata = Some(CoarsenMetadata {
+        version: METADATA_VERSION,
+        pattern: pattern.name().to_string(),
+        params: pattern.params(),
+        layers: meta_layers,
+    });
+    let report = Report::new(
+        pattern.name().to_string(),
+        pattern.params(),
+        seed,
+        reports,
+        inputs.weights.map(|_| mags),
+        start.elapsed().as_secs_f64() * 1e3,
+    );
+    Ok(Conversion { masks, report })
+}
+
+fn layer_report(input: &LayerInput<'_>, out: &LayerOutcome, time_ms: f64) -> LayerReport {
+    let (nnz_in, nnz_out) = (input.mask.nnz(), out.mask.nnz());
+    let len = input.mask.len();
+    LayerReport {
+        name: input.name.to_string(),
+        shape: input.shape.to_vec(),
+        rows: input.mask.rows(),
+        cols: input.mask.cols(),
+        status: out.status,
+        reason: out.reason.clone(),
+        nnz_in,
+        nnz_out,
+        density_in: crate::report::ratio(nnz_in as f64, len as f64),
+        density_out: crate::report::ratio(nnz_out as f64, len as f64),
+        recall: crate::report::ratio(input.mask.overlap(&out.mask) as f64, nnz_in as f64),
+        retained_magnitude: input
+            .weights
+            .map(|w| crate::report::ratio(out.mask.magnitude(w), input.mask.magnitude(w))),
+        stats: out.stats.clone(),
+        time_ms,
+    }
+}

@@ -1,0 +1,109 @@
+//! The structured patterns and the algorithms that produce them from an unstructured mask.
+//!
+//! | pattern | algorithm | property of the result |
+//! |---|---|---|
+//! | `channel`, `channel+` | [`refill`] (Refill, Refill+) | every row all zeros or all ones |
+//! | `group` | [`regroup`] (Regroup) | at most K distinct non-empty row patterns |
+//! | `shuffled-block` | [`shuffled_blocks`] (DSB's EXTRACT) | row classes of b rows × b columns |
+//! | `block` | [`aligned_blocks`] | every aligned H×W tile all zeros or all ones |
+//! | `nm` | [`nm_prune`] with optional [`nm_permute`] | ≤ N ones in every M along input channels |
+//!
+//! [`check`] verifies each property from the mask alone.
+
+pub mod block;
+pub mod channel;
+pub mod check;
+pub mod classes;
+pub mod group;
+pub mod nm;
+pub mod partition;
+pub mod shuffled;
+
+pub use block::{aligned_blocks, BlockConfig};
+pub use channel::{refill, refill_count, ChannelConfig, ChannelCriterion};
+pub use check::check;
+pub use classes::{row_classes, RowClass};
+pub use group::{regroup, Fallback, GroupBlock, GroupConfig, GroupOutcome, PartCount};
+pub use nm::{nm_permute, nm_prune, NmConfig, NmOutcome};
+pub use partition::{partition_rows, Partitioner};
+pub use shuffled::{shuffled_blocks, ShuffledConfig, ShuffledOutcome};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::mask::Mask;
+
+/// A target structure with its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Pattern {
+    /// Channel sparsity by Refill (`extra = 0`) or Refill+ (`extra > 0`).
+    Channel(ChannelConfig),
+    /// Group sparsity by Regroup.
+    Group(GroupConfig),
+    /// DSB's shuffled blocks.
+    ShuffledBlock(ShuffledConfig),
+    /// Aligned H×W blocks.
+    Block(BlockConfig),
+    /// N:M along input channels.
+    Nm(NmConfig),
+}
+
+impl Pattern {
+    /// The pattern's name as files and the CLI spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Pattern::Channel(c) if c.extra > 0.0 => "channel+",
+            Pattern::Channel(_) => "channel",
+            Pattern::Group(_) => "group",
+            Pattern::ShuffledBlock(_) => "shuffled-block",
+            Pattern::Block(_) => "block",
+            Pattern::Nm(_) => "nm",
+        }
+    }
+
+    /// Checks the parameters.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Pattern::Channel(c) => c.validate(),
+            Pattern::Group(c) => c.validate(),
+            Pattern::ShuffledBlock(c) => c.validate(),
+            Pattern::Block(c) => c.validate(),
+            Pattern::Nm(c) => c.validate(),
+        }
+    }
+
+    /// The parameters as a JSON object (for metadata and reports).
+    pub fn params(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// The magnitude of each entry under the mask, `|w|·m`, or the mask itself (1.0 per kept entry)
+/// when no weights are given.
+pub fn masked_magnitudes(mask: &Mask, weights: Option<&[f32]>) -> Vec<f32> {
+    match weights {
+        Some(w) => mask
+            .as_bytes()
+            .iter()
+            .zip(w)
+            .map(|(&m, &w)| if m != 0 { w.abs() } else { 0.0 })
+            .collect(),
+        None => mask.as_bytes().iter().map(|&m| m as f32).collect(),
+    }
+}
+
+/// Indices `0..n` sorted by `score` descending, ties by index ascending.
+pub(crate) fn argsort_desc<T: Copy + PartialOrd>(
+    n: usize,
+    score: impl Fn(usize) -> T,
+) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| {
+        score(b)
+            .partial_cmp(&score(a))
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    idx
+}

@@ -1,0 +1,538 @@
+//! N:M sparsity along input channels, with the input-channel permutation search of Pool & Yu
+//! (NeurIPS 2021) as apex runs it.
+//!
+//! For a weight `[Cout, Cin, kh, kw]`, each group holds M consecutive input channels at a fixed
+//! (output channel, kernel position); for a linear weight, M consecutive columns. Each group keeps
+//! its N entries of largest `|w|` under the input mask (never an entry the mask had removed).
+//!
+//! The permutation search reorders input channels to keep more magnitude: the channels are cut
+//! into stripes of M; for every pair of stripes, every way of splitting their 2M channels into two
+//! new stripes is tried, the best non-overlapping improvements are applied, and this repeats until
+//! nothing improves; then a few random swaps try to escape the local optimum. The best
+//! permutation found is kept, so the result never holds less magnitude than no permutation.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::mask::Mask;
+use crate::view::MatrixView;
+
+use super::masked_magnitudes;
+
+/// Parameters of N:M.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NmConfig {
+    /// Entries kept per group.
+    pub n: usize,
+    /// Group size.
+    pub m: usize,
+    /// Search an input-channel permutation.
+    pub permute: bool,
+    /// Random escapes from a local optimum of the search (apex: 100).
+    pub escape_attempts: usize,
+    /// Bound on the rounds of greedy improvement.
+    pub max_rounds: usize,
+}
+
+impl Default for NmConfig {
+    fn default() -> Self {
+        NmConfig {
+            n: 2,
+            m: 4,
+            permute: false,
+            escape_attempts: 100,
+            max_rounds: 500,
+        }
+    }
+}
+
+impl NmConfig {
+    /// Checks the parameters.
+    pub fn validate(&self) -> Result<()> {
+        if self.m == 0 || self.n == 0 || self.n > self.m {
+            return Err(Error::param(
+                "--n/--m",
+                format!("{}:{}", self.n, self.m),
+                "needs 1 <= N <= M",
+            ));
+        }
+        if self.m > 32 {
+            return Err(Error::param(
+                "--m",
+                self.m,
+                "group size above 32 is not supported",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The result of [`nm_prune`].
+#[derive(Clone, Debug)]
+pub struct NmOutcome {
+    /// The new mask, in the original channel order.
+    pub mask: Mask,
+    /// The input-channel permutation (`perm[new] = old`) when one was searched and applied.
+    pub col_perm: Option<Vec<usize>>,
+    /// Σ|w| kept with the permutation (equal to `kept_unpermuted` without one).
+    pub kept: f64,
+    /// Σ|w| kept by N:M without a permutation.
+    pub kept_unpermuted: f64,
+    /// Why the permutation search was skipped, when asked for but not run.
+    pub permute_skipped: Option<String>,
+}
+
+/// N:M for one layer of the given view. `weights` rank entries (the mask itself when absent).
+pub fn nm_prune(
+    mask: &Mask,
+    weights: Option<&[f32]>,
+    view: MatrixView,
+    cfg: &NmConfig,
+    seed: u64,
+) -> Result<NmOutcome> {
+    cfg.validate()?;
+    let scores = ChannelScores::new(mask, weights, view);
+    let identity: Vec<usize> = (0..view.in_channels).collect();
+    let plain = scores.select(&identity, cfg.n, cfg.m);
+    let kept_unpermuted = plain.magnitude(&masked_magnitudes(mask, weights));
+    if !cfg.permute {
+        return Ok(NmOutcome {
+            mask: plain,
+            col_perm: None,
+            kept: kept_unpermuted,
+            kept_unpermuted,
+            permute_skipped: None,
+        });
+    }
+    let (perm, skipped) = match nm_permute(&scores, cfg, seed) {
+        Ok(p) => (p, None),
+        Err(reason) => (identity.clone(), Some(reason)),
+    };
+    let out = scores.select(&perm, cfg.n, cfg.m);
+    let kept = out.magnitude(&masked_magnitudes(mask, weights));
+    if kept + 1e-9 * kept.abs() < kept_unpermuted {
+        // The search only accepts improvements, so this cannot happen; keep the safe result.
+        return Ok(NmOutcome {
+            mask: plain,
+            col_perm: Some(identity),
+            kept: kept_unpermuted,
+            kept_unpermuted,
+            permute_skipped: Some("the search found nothing better".into()),
+        });
+    }
+    Ok(NmOutcome {
+        mask: out,
+        col_perm: Some(perm),
+        kept,
+        kept_unpermuted,
+        permute_skipped: skipped,
+    })
+}
+
+/// Masked magnitudes laid out channel-major: `data[c·lines + l]` where line `l = r·inner + s`
+/// is one (output channel, kernel position).
+pub struct ChannelScores {
+    channels: usize,
+    lines: usize,
+    inner: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl ChannelScores {
+    /// Lays out `|w|⊙mask` of a layer.
+    pub fn new(mask: &Mask, weights: Option<&[f32]>, view: MatrixView) -> Self {
+        let a = masked_magnitudes(mask, weights);
+        let (channels, inner) = (view.in_channels, view.inner);
+        let lines = view.rows * inner;
+        let mut data = vec![0.0f32; channels * lines];
+        for r in 0..view.rows {
+            for c in 0..channels {
+                for s in 0..inner {
+                    data[c * lines + r * inner + s] = a[r * view.cols + c * inner + s];
+                }
+            }
+        }
+        ChannelScores {
+            channels,
+            lines,
+            inner,
+            cols: view.cols,
+            data,
+        }
+    }
+
+    fn channel(&self, c: usize) -> &[f32] {
+        &self.data[c * self.lines..(c + 1) * self.lines]
+    }
+
+    /// The N:M mask under permutation `perm` (in original channel order).
+    fn select(&self, perm: &[usize], n: usize, m: usize) -> Mask {
+        let rows = self.lines / self.inner.max(1);
+        let mut out = Mask::zeros(rows, self.cols);
+        let mut vals: Vec<(f32, usize)> = Vec::with_capacity(m);
+        for group in perm.chunks(m) {
+            for l in 0..self.lines {
+                vals.clear();
+                for (pos, &c) in group.iter().enumerate() {
+                    let v = self.channel(c)[l];
+                    if v > 0.0 {
+                        vals.push((v, pos));
+                    }
+                }
+                vals.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let (r, s) = (l / self.inner, l % self.inner);
+                for &(_, pos) in vals.iter().take(n) {
+                    out.set(r, group[pos] * self.inner + s, true);
+                }
+            }
+        }
+        out
+    }
+}
+
+const LANES: usize = 8;
+
+/// Σ over lines of the sum of the N largest of `cols[k][line]` — the magnitude a group of
+/// channels keeps under N:M. Written lane-wise so the compiler vectorises it.
+fn topn_sum(cols: &[&[f32]], n: usize, len: usize) -> f64 {
+    let m = cols.len();
+    let mut total = 0.0f64;
+    let mut v = [[0.0f32; LANES]; 32];
+    let mut start = 0;
+    while start < len {
+        let w = LANES.min(len - start);
+        for k in 0..m {
+            v[k] = [0.0; LANES];
+            v[k][..w].copy_from_slice(&cols[k][start..start + w]);
+        }
+        let mut acc = [0.0f32; LANES];
+        for i in 0..n.min(m) {
+            let (head, tail) = v.split_at_mut(i + 1);
+            let top = &mut head[i];
+            for other in &mut tail[..m - i - 1] {
+                for (a, b) in top.iter_mut().zip(other.iter_mut()) {
+                    let (x, y) = (*a, *b);
+                    *a = x.max(y);
+                    *b = x.min(y);
+                }
+            }
+            for (acc, x) in acc.iter_mut().zip(top.iter()) {
+                *acc += x;
+            }
+        }
+        total += acc.iter().map(|&x| x as f64).sum::<f64>();
+        start += LANES;
+    }
+    total
+}
+
+/// The ways to re-split two stripes' 2M channels into two stripes of M: every M-subset holding
+/// position 0 (each unordered split once), or single swaps when those are too many.
+fn splits(m: usize) -> Vec<Vec<usize>> {
+    fn rec(
+        start: usize,
+        left: usize,
+        total: usize,
+        cur: &mut Vec<usize>,
+        out: &mut Vec<Vec<usize>>,
+    ) {
+        if left == 0 {
+            out.push(cur.clone());
+            return;
+        }
+        for i in start..=total - left {
+            cur.push(i);
+            rec(i + 1, left - 1, total, cur, out);
+            cur.pop();
+        }
+    }
+    let count = binomial(2 * m - 1, m - 1);
+    let mut out = Vec::new();
+    if count <= 1024 {
+        let mut cur = vec![0];
+        rec(1, m - 1, 2 * m, &mut cur, &mut out);
+    } else {
+        out.push((0..m).collect());
+        for a in 0..m {
+            for b in m..2 * m {
+                let mut s: Vec<usize> = (0..m).filter(|&x| x != a).collect();
+                s.push(b);
+                s.sort_unstable();
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+fn binomial(n: usize, k: usize) -> usize {
+    (0..k).fold(1usize, |acc, i| acc.saturating_mul(n - i) / (i + 1))
+}
+
+/// For two stripes, the best re-split: (gain, split index). The gain is computed only on lines
+/// where more than N of the 2M entries are nonzero — on all other lines every split keeps
+/// everything.
+fn best_split(
+    scores: &ChannelScores,
+    channels: &[usize],
+    n: usize,
+    split_list: &[Vec<usize>],
+    complements: &[Vec<usize>],
+) -> (f64, usize) {
+    let m2 = channels.len();
+    let cols: Vec<&[f32]> = channels.iter().map(|&c| scores.channel(c)).collect();
+    let mut contested: Vec<Vec<f32>> = vec![Vec::new(); m2];
+    for l in 0..scores.lines {
+        let nz = cols.iter().filter(|c| c[l] > 0.0).count();
+        if nz > n {
+            for (k, c) in cols.iter().enumerate() {
+                contested[k].push(c[l]);
+            }
+        }
+    }
+    let len = contested[0].len();
+    if len == 0 {
+        return (0.0, 0);
+    }
+    let value = |set: &[usize]| {
+        let sel: Vec<&[f32]> = set.iter().map(|&k| contested[k].as_slice()).collect();
+        topn_sum(&sel, n, len)
+    };
+    let mut best = (0.0, 0);
+    let mut base = None;
+    for (i, (s, t)) in split_list.iter().zip(complements).enumerate() {
+        let v = value(s) + value(t);
+        let b = *base.get_or_insert(v);
+        let gain = v - b;
+        if gain > best.0 + 1e-7 * b.abs().max(1e-30) {
+            best = (gain, i);
+        }
+    }
+    best
+}
+
+/// Searches an input-channel permutation (`perm[new] = old`) that keeps more magnitude under N:M.
+/// Fails (with the reason) when the layer does not allow one: channels not a multiple of M, fewer
+/// than 2M channels, or nothing to gain.
+pub fn nm_permute(
+    scores: &ChannelScores,
+    cfg: &NmConfig,
+    seed: u64,
+) -> std::result::Result<Vec<usize>, String> {
+    let (n, m, c) = (cfg.n, cfg.m, scores.channels);
+    if c % m != 0 {
+        return Err(format!("{c} input channels are not a multiple of M = {m}"));
+    }
+    if c < 2 * m {
+        return Err(format!("{c} input channels are fewer than 2M = {}", 2 * m));
+    }
+    let stripes = c / m;
+    let mut perm: Vec<usize> = (0..c).collect();
+    let stripe_value = |perm: &[usize], g: usize| {
+        let sel: Vec<&[f32]> = perm[g * m..(g + 1) * m]
+            .iter()
+            .map(|&ch| scores.channel(ch))
+            .collect();
+        topn_sum(&sel, n, scores.lines)
+    };
+    let all: f64 = (0..c)
+        .map(|ch| scores.channel(ch).iter().map(|&v| v as f64).sum::<f64>())
+        .sum();
+    let mut values: Vec<f64> = (0..stripes).map(|g| stripe_value(&perm, g)).collect();
+    let start: f64 = values.iter().sum();
+    if all <= 0.0 || (all - start) / all < 1e-3 {
+        return Err("N:M already keeps more than 99.9% of the magnitude".into());
+    }
+
+    let split_list = splits(m);
+    let complements: Vec<Vec<usize>> = split_list
+        .iter()
+        .map(|s| (0..2 * m).filter(|k| !s.contains(k)).collect())
+        .collect();
+    let pairs: Vec<(usize, usize)> = (0..stripes)
+        .flat_map(|g| (g + 1..stripes).map(move |h| (g, h)))
+        .collect();
+    let mut gains: Vec<(f64, usize)> = vec![(0.0, 0); pairs.len()];
+    let mut dirty = vec![true; stripes];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut best = (start, perm.clone());
+    let mut escapes = 0;
+
+    for _ in 0..cfg.max_rounds {
+        let todo: Vec<usize> = (0..pairs.len())
+            .filter(|&i| dirty[pairs[i].0] || dirty[pairs[i].1])
+            .collect();
+        let fresh: Vec<(f64, usize)> = todo
+            .par_iter()
+            .map(|&i| {
+                let (g, h) = pairs[i];
+                let chans: Vec<usize> = perm[g * m..(g + 1) * m]
+                    .iter()
+                    .chain(&perm[h * m..(h + 1) * m])
+                    .copied()
+                    .collect();
+                best_split(scores, &chans, n, &split_list, &complements)
+            })
+            .collect();
+        for (&i, g) in todo.iter().zip(fresh) {
+            gains[i] = g;
+        }
+        dirty.iter_mut().for_each(|d| *d = false);
+
+        let mut order: Vec<usize> = (0..pairs.len()).filter(|&i| gains[i].0 > 0.0).collect();
+        order.sort_by(|&a, &b| gains[b].0.total_cmp(&gains[a].0).then(a.cmp(&b)));
+        let mut applied = 0;
+        for i in order {
+            let (g, h) = pairs[i];
+            if dirty[g] || dirty[h] {
+                continue;
+            }
+            let chans: Vec<usize> = perm[g * m..(g + 1) * m]
+                .iter()
+                .chain(&perm[h * m..(h + 1) * m])
+                .copied()
+                .collect();
+            let split = gains[i].1;
+            for (k, &p) in split_list[split].iter().enumerate() {
+                perm[g * m + k] = chans[p];
+            }
+            for (k, &p) in complements[split].iter().enumerate() {
+                perm[h * m + k] = chans[p];
+            }
+            dirty[g] = true;
+            dirty[h] = true;
+            applied += 1;
+        }
+        for g in 0..stripes {
+            if dirty[g] {
+                values[g] = stripe_value(&perm, g);
+            }
+        }
+        let total: f64 = values.iter().sum();
+        if total > best.0 {
+            best = (total, perm.clone());
+        }
+        if applied == 0 {
+            if escapes >= cfg.escape_attempts {
+                break;
+            }
+            escapes += 1;
+            // Escape: swap one random channel between two random stripes.
+            let g = rng.random_range(0..stripes);
+            let h = (g + 1 + rng.random_range(0..stripes - 1)) % stripes;
+            let (i, j) = (
+                g * m + rng.random_range(0..m),
+                h * m + rng.random_range(0..m),
+            );
+            perm.swap(i, j);
+            dirty[g] = true;
+            dirty[h] = true;
+            values[g] = stripe_value(&perm, g);
+            values[h] = stripe_value(&perm, h);
+        }
+    }
+    Ok(best.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_unique_and_balanced() {
+        let s = splits(4);
+        assert_eq!(s.len(), 35);
+        assert!(s.iter().all(|x| x.len() == 4 && x[0] == 0));
+        assert_eq!(splits(2).len(), 3);
+        assert_eq!(splits(1).len(), 1);
+    }
+
+    #[test]
+    fn topn_matches_naive() {
+        let cols: Vec<Vec<f32>> = (0..4)
+            .map(|k| (0..21).map(|l| ((l * 7 + k * 13) % 11) as f32).collect())
+            .collect();
+        let refs: Vec<&[f32]> = cols.iter().map(|c| c.as_slice()).collect();
+        let naive: f64 = (0..21)
+            .map(|l| {
+                let mut v: Vec<f32> = cols.iter().map(|c| c[l]).collect();
+                v.sort_by(|a, b| b.total_cmp(a));
+                (v[0] + v[1]) as f64
+            })
+            .sum();
+        assert_eq!(topn_sum(&refs, 2, 21), naive);
+    }
+
+    #[test]
+    fn plain_nm_keeps_n_per_group() {
+        let m = Mask::ones(3, 10);
+        let w: Vec<f32> = (0..30).map(|i| (i % 7) as f32 + 0.5).collect();
+        let out = nm_prune(
+            &m,
+            Some(&w),
+            MatrixView::matrix(3, 10),
+            &NmConfig::default(),
+            0,
+        )
+        .unwrap();
+        for r in 0..3 {
+            let row = out.mask.row(r);
+            assert_eq!(row[..4].iter().filter(|&&b| b != 0).count(), 2);
+            assert_eq!(row[4..8].iter().filter(|&&b| b != 0).count(), 2);
+            assert_eq!(row[8..].iter().filter(|&&b| b != 0).count(), 2);
+        }
+    }
+
+    #[test]
+    fn permutation_recovers_a_separable_layout() {
+        // Channels 0..4 are large and 4..8 small in every row: 2:4 without a permutation keeps
+        // 2 large + 2 small; interleaving them keeps all 4 large.
+        let w: Vec<f32> = (0..16 * 8)
+            .map(|i| if (i % 8) < 4 { 10.0 } else { 1.0 })
+            .collect();
+        let m = Mask::ones(16, 8);
+        let cfg = NmConfig {
+            permute: true,
+            ..Default::default()
+        };
+        let out = nm_prune(&m, Some(&w), MatrixView::matrix(16, 8), &cfg, 1).unwrap();
+        assert!(out.kept > out.kept_unpermuted);
+        assert_eq!(out.kept, 16.0 * 40.0);
+        let perm = out.col_perm.unwrap();
+        let mut sorted = perm.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn conv_groups_run_along_input_channels() {
+        let view = MatrixView::of(&[2, 8, 3, 3]).unwrap();
+        let m = Mask::ones(view.rows, view.cols);
+        let out = nm_prune(&m, None, view, &NmConfig::default(), 0).unwrap();
+        for r in 0..2 {
+            for s in 0..9 {
+                for g in 0..2 {
+                    let n = (0..4)
+                        .filter(|k| out.mask.get(r, view.col(g * 4 + k, s)))
+                        .count();
+                    assert_eq!(n, 2);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn skipped_permutation_says_why() {
+        let m = Mask::ones(4, 6);
+        let cfg = NmConfig {
+            permute: true,
+            ..Default::default()
+        };
+        let out = nm_prune(&m, None, MatrixView::matrix(4, 6), &cfg, 0).unwrap();
+        assert!(out.permute_skipped.unwrap().contains("multiple"));
+    }
+}

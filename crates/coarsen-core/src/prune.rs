@@ -1,0 +1,208 @@
+//! Unstructured magnitude pruning to a target sparsity, globally or per layer (IMP's pruning
+//! step).
+
+use crate::error::{Error, Result};
+use crate::mask::Mask;
+
+/// Over which set of weights one magnitude threshold is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// One threshold across all layers (IMP's default).
+    #[default]
+    Global,
+    /// Each layer is pruned to the target sparsity on its own.
+    Layer,
+}
+
+/// One layer to prune: its weights in matrix view and, for iterative pruning, its current mask.
+#[derive(Clone, Copy, Debug)]
+pub struct PruneInput<'a> {
+    /// Layer name (for messages).
+    pub name: &'a str,
+    /// Rows of the matrix view.
+    pub rows: usize,
+    /// Columns of the matrix view.
+    pub cols: usize,
+    /// The weights, row-major, `rows * cols` values.
+    pub weights: &'a [f32],
+    /// The current mask; entries already 0 stay 0 and count as pruned.
+    pub mask: Option<&'a Mask>,
+}
+
+/// Checks that a target sparsity lies strictly between 0 and 1.
+pub fn check_sparsity(sparsity: f64) -> Result<()> {
+    if !(sparsity > 0.0 && sparsity < 1.0) {
+        return Err(Error::param(
+            "--sparsity",
+            sparsity,
+            "must lie strictly between 0 and 1 (0 prunes nothing, 1 prunes everything)",
+        ));
+    }
+    Ok(())
+}
+
+/// Prunes the weights of smallest magnitude until `sparsity` of all weights (of the scope) are
+/// zero in the mask. Already-masked weights count towards the sparsity; ties are broken by layer
+/// order, then by flat index, so the result is deterministic.
+///
+/// Fails if `sparsity` is not in (0, 1), or if a scope is already at least that sparse.
+pub fn magnitude_prune(
+    layers: &[PruneInput<'_>],
+    sparsity: f64,
+    scope: Scope,
+) -> Result<Vec<Mask>> {
+    check_sparsity(sparsity)?;
+    for l in layers {
+        if l.weights.len() != l.rows * l.cols {
+            return Err(Error::BadLength {
+                tensor: l.name.to_string(),
+                shape: vec![l.rows, l.cols],
+                len: l.weights.len(),
+            });
+        }
+    }
+    match scope {
+        Scope::Global => prune_group(layers, sparsity),
+        Scope::Layer => {
+            let mut out = Vec::with_capacity(layers.len());
+            for l in layers {
+                out.extend(prune_group(std::slice::from_ref(l), sparsity)?);
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn prune_group(layers: &[PruneInput<'_>], sparsity: f64) -> Result<Vec<Mask>> {
+    let total: usize = layers.iter().map(|l| l.weights.len()).sum();
+    let mut masks: Vec<Mask> = layers
+        .iter()
+        .map(|l| {
+            l.mask
+                .cloned()
+                .unwrap_or_else(|| Mask::ones(l.rows, l.cols))
+        })
+        .collect();
+    let alive: usize = masks.iter().map(Mask::nnz).sum();
+    let target_pruned = (sparsity * total as f64).round() as usize;
+    let already = total - alive;
+    if target_pruned <= already {
+        let names: Vec<&str> = layers.iter().map(|l| l.name).collect();
+        return Err(Error::param(
+            "--sparsity",
+            sparsity,
+            format!(
+                "{} already has sparsity {:.4} (≥ target); nothing to prune",
+                names.join(", "),
+                already as f64 / total.max(1) as f64
+            ),
+        ));
+    }
+    let k = target_pruned - already;
+    // The k-th smallest magnitude among live weights is the threshold; every live weight below it
+    // is pruned, and ties at it are pruned in (layer, index) order until k are gone.
+    let mut live: Vec<f32> = Vec::with_capacity(alive);
+    for (l, m) in layers.iter().zip(&masks) {
+        live.extend(
+            l.weights
+                .iter()
+                .zip(m.as_bytes())
+                .filter(|(_, &b)| b != 0)
+                .map(|(w, _)| w.abs()),
+        );
+    }
+    let (_, &mut threshold, _) = live.select_nth_unstable_by(k - 1, f32::total_cmp);
+    drop(live);
+    let below: usize = layers
+        .iter()
+        .zip(&masks)
+        .map(|(l, m)| {
+            l.weights
+                .iter()
+                .zip(m.as_bytes())
+                .filter(|(w, &b)| b != 0 && w.abs() < threshold)
+                .count()
+        })
+        .sum();
+    let mut ties_to_prune = k - below;
+    for (l, m) in layers.iter().zip(masks.iter_mut()) {
+        let mut bytes = std::mem::take(m).into_bytes();
+        for (b, w) in bytes.iter_mut().zip(l.weights) {
+            if *b == 0 {
+                continue;
+            }
+            let a = w.abs();
+            if a < threshold {
+                *b = 0;
+            } else if a == threshold && ties_to_prune > 0 {
+                *b = 0;
+                ties_to_prune -= 1;
+            }
+        }
+        *m = Mask::from_bytes(l.rows, l.cols, bytes)?;
+    }
+    Ok(masks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input<'a>(name: &'a str, w: &'a [f32], cols: usize) -> PruneInput<'a> {
+        PruneInput {
+            name,
+            rows: w.len() / cols,
+            cols,
+            weights: w,
+            mask: None,
+        }
+    }
+
+    #[test]
+    fn global_prunes_smallest_across_layers() {
+        let a = [0.1f32, -5.0, 0.2, 3.0];
+        let b = [1.0f32, -0.05, 4.0, 2.0];
+        let m =
+            magnitude_prune(&[input("a", &a, 2), input("b", &b, 2)], 0.5, Scope::Global).unwrap();
+        assert_eq!(m[0].as_bytes(), &[0, 1, 0, 1]);
+        assert_eq!(m[1].as_bytes(), &[0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn layer_scope_prunes_each_layer() {
+        let a = [0.1f32, -5.0, 0.2, 3.0];
+        let b = [1.0f32, -0.05, 4.0, 2.0];
+        let m =
+            magnitude_prune(&[input("a", &a, 2), input("b", &b, 2)], 0.25, Scope::Layer).unwrap();
+        assert_eq!(m[0].nnz(), 3);
+        assert_eq!(m[1].as_bytes(), &[1, 0, 1, 1]);
+    }
+
+    #[test]
+    fn ties_are_broken_by_index_and_counts_are_exact() {
+        let w = [1.0f32; 10];
+        let m = magnitude_prune(&[input("a", &w, 5)], 0.3, Scope::Global).unwrap();
+        assert_eq!(m[0].as_bytes(), &[0, 0, 0, 1, 1, 1, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn iterative_pruning_keeps_pruned_weights_pruned() {
+        let w = [5.0f32, 4.0, 3.0, 2.0, 1.0];
+        let first = Mask::from_bytes(1, 5, vec![0, 1, 1, 1, 1]).unwrap();
+        let l = PruneInput {
+            mask: Some(&first),
+            ..input("a", &w, 5)
+        };
+        let m = magnitude_prune(&[l], 0.4, Scope::Global).unwrap();
+        assert_eq!(m[0].as_bytes(), &[0, 1, 1, 1, 0]);
+        assert!(magnitude_prune(&[l], 0.2, Scope::Global).is_err());
+    }
+
+    #[test]
+    fn sparsity_bounds() {
+        let w = [1.0f32; 4];
+        for s in [0.0, 1.0, -0.1, f64::NAN] {
+            assert!(magnitude_prune(&[input("a", &w, 2)], s, Scope::Global).is_err());
+        }
+    }
+}
