@@ -1,1 +1,31 @@
-fn main() {}
+//! The `coarsen` command-line tool. Run `coarsen --help` for the subcommands.
+
+mod args;
+mod commands;
+mod pattern;
+mod picture;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Prune(a) => commands::prune::run(a, cli.quiet),
+        Command::Convert(a) => commands::convert::run(a, cli.quiet),
+        Command::Inspect(a) => commands::inspect::run(a, cli.quiet),
+        Command::Synth(a) => commands::synth::run(a),
+        Command::Demo(a) => commands::demo::run(a, cli.quiet),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

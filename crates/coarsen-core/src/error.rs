@@ -10,13 +10,13 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
+        /// What the operating system said (part of the message, not a separate source, so that
+        /// the message stays one self-contained line).
+        cause: std::io::Error,
     },
     /// The file is not a readable safetensors file (bad header, truncated data, ...).
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
@@ -136,13 +136,12 @@ pub enum Error {
         reason: String,
     },
     /// A regular expression did not compile.
-    #[error("invalid regular expression for {flag}: {source}")]
+    #[error("invalid regular expression for {flag}: {}", one_line(&cause.to_string()))]
     Regex {
         /// The option that carried it.
         flag: &'static str,
         /// The regex crate's error.
-        #[source]
-        source: Box<regex::Error>,
+        cause: Box<regex::Error>,
     },
     /// The graph partitioner failed on a layer.
     #[error("layer '{layer}' ({rows}x{cols}): the {partitioner} partitioner failed: {reason}")]
@@ -193,10 +192,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// An [`Error::Io`] for `path`.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 
@@ -208,4 +207,9 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// A multi-line message folded onto one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

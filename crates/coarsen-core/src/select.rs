@@ -19,7 +19,7 @@ impl Selector {
             pat.map(|p| {
                 Regex::new(p).map_err(|e| Error::Regex {
                     flag,
-                    source: Box::new(e),
+                    cause: Box::new(e),
                 })
             })
             .transpose()

@@ -2,7 +2,7 @@
 //! of tiles may be cut by the matrix edge); tiles are kept by the magnitude they hold under the
 //! input mask, best first, until they cover as many entries as the input mask has ones.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::mask::Mask;
@@ -10,7 +10,7 @@ use crate::mask::Mask;
 use super::{argsort_desc, masked_magnitudes};
 
 /// Parameters of aligned blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockConfig {
     /// Tile height (rows).
     pub height: usize,

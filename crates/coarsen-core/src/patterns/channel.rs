@@ -5,7 +5,7 @@
 //! fraction of Refill+ (0 for Refill), so the layer keeps (slightly more than) its density. Ties
 //! are broken by row index, so the result is deterministic.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::mask::Mask;
@@ -13,7 +13,7 @@ use crate::mask::Mask;
 use super::argsort_desc;
 
 /// How rows are scored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelCriterion {
     /// ℓ1 of the masked weights of the row, `Σ_j |m_ij·w_ij|` (the paper's choice); the count of
@@ -38,7 +38,7 @@ impl ChannelCriterion {
 }
 
 /// Parameters of Refill / Refill+.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChannelConfig {
     /// Row score.
     pub criterion: ChannelCriterion,

@@ -13,7 +13,7 @@
 //! unsorted column `w` instead of the w-th densest, stops updating rows after the first row that
 //! fails, and gives up on a part (no block) when no width up to `C − 1` passes.
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 use crate::mask::Mask;
@@ -26,8 +26,8 @@ use super::partition::{partition_rows, Partitioner};
 pub enum PartCount {
     /// This many parts (the reference code uses 8), capped by the number of non-empty rows.
     Fixed(usize),
-    /// Sized to the layer: `max(1, ⌊rows / (2·row_tile)⌋)`, so that parts average two row tiles
-    /// and layers of ≤ 128 rows get blocks too.
+    /// Sized to the layer: `max(1, ⌊rows / row_tile⌋)`, so that parts average one row tile and
+    /// layers of ≤ 128 rows get blocks too (with 8 parts their parts rarely exceed `min_rows`).
     Auto,
 }
 
@@ -40,18 +40,36 @@ impl Serialize for PartCount {
     }
 }
 
+impl<'de> Deserialize<'de> for PartCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(usize),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(PartCount::Fixed(n)),
+            Raw::Word(w) if w == "auto" => Ok(PartCount::Auto),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "parts must be a count or \"auto\", not {w:?}"
+            ))),
+        }
+    }
+}
+
 impl PartCount {
     /// The part count for a layer with `rows` non-empty rows.
     pub fn resolve(self, rows: usize, row_tile: usize) -> usize {
         match self {
             PartCount::Fixed(n) => n.min(rows).max(1),
-            PartCount::Auto => (rows / (2 * row_tile.max(1))).max(1),
+            PartCount::Auto => (rows / row_tile.max(1)).max(1),
         }
     }
 }
 
 /// What a layer in which no block is found becomes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fallback {
     /// Keep the input mask; the layer is reported `unstructured` with the reason.
@@ -62,7 +80,8 @@ pub enum Fallback {
 }
 
 /// Parameters of Regroup.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GroupConfig {
     /// Number of parts (paper t1; code `cn = 8`).
     pub parts: PartCount,
@@ -357,7 +376,9 @@ mod tests {
     #[test]
     fn auto_parts_give_small_layers_blocks() {
         let m = Mask::from_fn(64, 30, |r, c| (r * 3 + c * 5) % 4 == 0);
-        assert_eq!(PartCount::Auto.resolve(64, 32), 1);
+        assert_eq!(PartCount::Auto.resolve(64, 32), 2);
+        assert_eq!(PartCount::Auto.resolve(512, 32), 16);
+        assert_eq!(PartCount::Auto.resolve(20, 32), 1);
         let cfg = GroupConfig {
             parts: PartCount::Auto,
             ..Default::default()

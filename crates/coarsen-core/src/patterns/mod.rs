@@ -8,7 +8,7 @@
 //! | `block` | [`aligned_blocks`] | every aligned H×W tile all zeros or all ones |
 //! | `nm` | [`nm_prune`] with optional [`nm_permute`] | ≤ N ones in every M along input channels |
 //!
-//! [`check`] verifies each property from the mask alone.
+//! [`check()`] verifies each property from the mask alone.
 
 pub mod block;
 pub mod channel;
@@ -30,7 +30,7 @@ pub use shuffled::{shuffled_blocks, ShuffledConfig, ShuffledOutcome};
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::mask::Mask;
 
 /// A target structure with its parameters.
@@ -73,6 +73,32 @@ impl Pattern {
         }
     }
 
+    /// The pattern a file's metadata describes: its name and parameters as [`Pattern::params`]
+    /// wrote them.
+    pub fn from_metadata(name: &str, params: &serde_json::Value) -> Result<Pattern> {
+        let p = params.clone();
+        let bad = |e: serde_json::Error| Error::param("pattern params", name, e.to_string());
+        let pattern = match name {
+            "channel" | "channel+" => Pattern::Channel(serde_json::from_value(p).map_err(bad)?),
+            "group" => Pattern::Group(serde_json::from_value(p).map_err(bad)?),
+            "shuffled-block" => Pattern::ShuffledBlock(serde_json::from_value(p).map_err(bad)?),
+            "block" => Pattern::Block(serde_json::from_value(p).map_err(bad)?),
+            "nm" => Pattern::Nm(serde_json::from_value(p).map_err(bad)?),
+            other => return Err(Error::param("pattern", other, "unknown pattern name")),
+        };
+        pattern.validate()?;
+        Ok(pattern)
+    }
+
+    /// The most distinct row patterns a layer of `rows` rows may have under this pattern: the
+    /// part count of a group pattern (its bound), or `rows` for the others.
+    pub fn max_row_patterns(&self, rows: usize) -> usize {
+        match self {
+            Pattern::Group(g) => g.parts.resolve(rows, g.row_tile),
+            _ => rows,
+        }
+    }
+
     /// The parameters as a JSON object (for metadata and reports).
     pub fn params(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
@@ -106,4 +132,37 @@ pub(crate) fn argsort_desc<T: Copy + PartialOrd>(
             .then(a.cmp(&b))
     });
     idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_round_trip_through_metadata() {
+        let patterns = [
+            Pattern::Channel(ChannelConfig::refill_plus()),
+            Pattern::Group(GroupConfig {
+                parts: PartCount::Auto,
+                ..Default::default()
+            }),
+            Pattern::Group(GroupConfig::default()),
+            Pattern::ShuffledBlock(ShuffledConfig {
+                block: 8,
+                blocks: Some(3),
+            }),
+            Pattern::Block(BlockConfig {
+                height: 4,
+                width: 2,
+            }),
+            Pattern::Nm(NmConfig {
+                permute: true,
+                ..Default::default()
+            }),
+        ];
+        for p in patterns {
+            assert_eq!(Pattern::from_metadata(p.name(), &p.params()).unwrap(), p);
+        }
+        assert!(Pattern::from_metadata("triangle", &serde_json::json!({})).is_err());
+    }
 }

@@ -14,7 +14,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::mask::Mask;
@@ -23,7 +23,8 @@ use crate::view::MatrixView;
 use super::masked_magnitudes;
 
 /// Parameters of N:M.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NmConfig {
     /// Entries kept per group.
     pub n: usize,
@@ -140,6 +141,9 @@ pub struct ChannelScores {
     inner: usize,
     cols: usize,
     data: Vec<f32>,
+    /// Per channel, a bitset of the lines where its score is nonzero.
+    nonzero: Vec<u64>,
+    words: usize,
 }
 
 impl ChannelScores {
@@ -156,13 +160,28 @@ impl ChannelScores {
                 }
             }
         }
+        let words = lines.div_ceil(64);
+        let mut nonzero = vec![0u64; channels * words];
+        for c in 0..channels {
+            for (l, &v) in data[c * lines..(c + 1) * lines].iter().enumerate() {
+                if v > 0.0 {
+                    nonzero[c * words + l / 64] |= 1 << (l % 64);
+                }
+            }
+        }
         ChannelScores {
             channels,
             lines,
             inner,
             cols: view.cols,
             data,
+            nonzero,
+            words,
         }
+    }
+
+    fn nonzero_bits(&self, c: usize) -> &[u64] {
+        &self.nonzero[c * self.words..(c + 1) * self.words]
     }
 
     fn channel(&self, c: usize) -> &[f32] {
@@ -197,7 +216,7 @@ impl ChannelScores {
 const LANES: usize = 8;
 
 /// Σ over lines of the sum of the N largest of `cols[k][line]` — the magnitude a group of
-/// channels keeps under N:M. Written lane-wise so the compiler vectorises it.
+/// channels keeps under N:M.
 fn topn_sum(cols: &[&[f32]], n: usize, len: usize) -> f64 {
     let m = cols.len();
     let mut total = 0.0f64;
@@ -205,25 +224,11 @@ fn topn_sum(cols: &[&[f32]], n: usize, len: usize) -> f64 {
     let mut start = 0;
     while start < len {
         let w = LANES.min(len - start);
-        for k in 0..m {
-            v[k] = [0.0; LANES];
-            v[k][..w].copy_from_slice(&cols[k][start..start + w]);
+        for (dst, col) in v.iter_mut().zip(cols) {
+            *dst = [0.0; LANES];
+            dst[..w].copy_from_slice(&col[start..start + w]);
         }
-        let mut acc = [0.0f32; LANES];
-        for i in 0..n.min(m) {
-            let (head, tail) = v.split_at_mut(i + 1);
-            let top = &mut head[i];
-            for other in &mut tail[..m - i - 1] {
-                for (a, b) in top.iter_mut().zip(other.iter_mut()) {
-                    let (x, y) = (*a, *b);
-                    *a = x.max(y);
-                    *b = x.min(y);
-                }
-            }
-            for (acc, x) in acc.iter_mut().zip(top.iter()) {
-                *acc += x;
-            }
-        }
+        let acc = topn_lanes(&mut v[..m], n);
         total += acc.iter().map(|&x| x as f64).sum::<f64>();
         start += LANES;
     }
@@ -273,6 +278,75 @@ fn binomial(n: usize, k: usize) -> usize {
     (0..k).fold(1usize, |acc, i| acc.saturating_mul(n - i) / (i + 1))
 }
 
+/// Bit `i` of the result is set where more than `n` of the `inputs` words have bit `i` set: a
+/// bit-sliced counter (one bit plane per power of two) and a comparison with the constant `n`.
+fn more_than(inputs: &[u64], n: usize) -> u64 {
+    let mut planes = [0u64; 7];
+    for &x in inputs {
+        let mut carry = x;
+        for p in planes.iter_mut() {
+            let next = *p & carry;
+            *p ^= carry;
+            carry = next;
+            if carry == 0 {
+                break;
+            }
+        }
+    }
+    let (mut gt, mut eq) = (0u64, !0u64);
+    for (bit, &p) in planes.iter().enumerate().rev() {
+        if (n >> bit) & 1 == 0 {
+            gt |= eq & p;
+            eq &= !p;
+        } else {
+            eq &= p;
+        }
+    }
+    gt
+}
+
+/// Reusable buffers of [`best_split`].
+#[derive(Default)]
+struct Scratch {
+    /// Contested lines, chunk-major: chunk `q`, channel `k` is `chunks[q·2M + k]`.
+    chunks: Vec<[f32; LANES]>,
+    words: Vec<u64>,
+    lines: Vec<usize>,
+    sums: Vec<[f32; LANES]>,
+}
+
+/// Lane-wise maximum and minimum. Written as compare-selects (the magnitudes are finite) on
+/// arrays held by value, so it compiles to packed max/min.
+#[inline(always)]
+fn minmax(a: [f32; LANES], b: [f32; LANES]) -> ([f32; LANES], [f32; LANES]) {
+    let mut hi = [0.0f32; LANES];
+    let mut lo = [0.0f32; LANES];
+    for i in 0..LANES {
+        hi[i] = if a[i] > b[i] { a[i] } else { b[i] };
+        lo[i] = if a[i] > b[i] { b[i] } else { a[i] };
+    }
+    (hi, lo)
+}
+
+/// Sum of the `n` largest of `v[..m]`, lane by lane (a partial selection network).
+#[inline(always)]
+fn topn_lanes(v: &mut [[f32; LANES]], n: usize) -> [f32; LANES] {
+    let m = v.len();
+    let mut acc = [0.0f32; LANES];
+    for i in 0..n.min(m) {
+        let mut top = v[i];
+        for other in &mut v[i + 1..m] {
+            let (hi, lo) = minmax(top, *other);
+            top = hi;
+            *other = lo;
+        }
+        for (a, t) in acc.iter_mut().zip(top) {
+            *a += t;
+        }
+    }
+    acc
+}
+
 /// For two stripes, the best re-split: (gain, split index). The gain is computed only on lines
 /// where more than N of the 2M entries are nonzero — on all other lines every split keeps
 /// everything.
@@ -282,33 +356,67 @@ fn best_split(
     n: usize,
     split_list: &[Vec<usize>],
     complements: &[Vec<usize>],
+    scratch: &mut Scratch,
 ) -> (f64, usize) {
     let m2 = channels.len();
-    let cols: Vec<&[f32]> = channels.iter().map(|&c| scores.channel(c)).collect();
-    let mut contested: Vec<Vec<f32>> = vec![Vec::new(); m2];
-    for l in 0..scores.lines {
-        let nz = cols.iter().filter(|c| c[l] > 0.0).count();
-        if nz > n {
-            for (k, c) in cols.iter().enumerate() {
-                contested[k].push(c[l]);
+    let m = m2 / 2;
+    scratch.lines.clear();
+    for w in 0..scores.words {
+        scratch.words.clear();
+        scratch
+            .words
+            .extend(channels.iter().map(|&c| scores.nonzero_bits(c)[w]));
+        let mut hit = more_than(&scratch.words, n);
+        while hit != 0 {
+            scratch.lines.push(w * 64 + hit.trailing_zeros() as usize);
+            hit &= hit - 1;
+        }
+    }
+    if scratch.lines.is_empty() {
+        return (0.0, 0);
+    }
+    let chunks = scratch.lines.len().div_ceil(LANES);
+    scratch.chunks.clear();
+    scratch.chunks.resize(chunks * m2, [0.0; LANES]);
+    for (k, &c) in channels.iter().enumerate() {
+        let col = scores.channel(c);
+        for (i, &l) in scratch.lines.iter().enumerate() {
+            scratch.chunks[(i / LANES) * m2 + k][i % LANES] = col[l];
+        }
+    }
+    // One pass over the chunks accumulates every split's kept magnitude.
+    scratch.sums.clear();
+    scratch.sums.resize(split_list.len(), [0.0; LANES]);
+    let mut v = [[0.0f32; LANES]; 32];
+    for block in scratch.chunks.chunks_exact(m2) {
+        for ((s, t), sum) in split_list
+            .iter()
+            .zip(complements)
+            .zip(scratch.sums.iter_mut())
+        {
+            for (dst, &k) in v.iter_mut().zip(s) {
+                *dst = block[k];
+            }
+            let a = topn_lanes(&mut v[..m], n);
+            for (dst, &k) in v.iter_mut().zip(t) {
+                *dst = block[k];
+            }
+            let b = topn_lanes(&mut v[..m], n);
+            for ((x, a), b) in sum.iter_mut().zip(a).zip(b) {
+                *x += a + b;
             }
         }
     }
-    let len = contested[0].len();
-    if len == 0 {
-        return (0.0, 0);
-    }
-    let value = |set: &[usize]| {
-        let sel: Vec<&[f32]> = set.iter().map(|&k| contested[k].as_slice()).collect();
-        topn_sum(&sel, n, len)
-    };
+    let values: Vec<f64> = scratch
+        .sums
+        .iter()
+        .map(|s| s.iter().map(|&x| x as f64).sum())
+        .collect();
+    let base = values[0];
     let mut best = (0.0, 0);
-    let mut base = None;
-    for (i, (s, t)) in split_list.iter().zip(complements).enumerate() {
-        let v = value(s) + value(t);
-        let b = *base.get_or_insert(v);
-        let gain = v - b;
-        if gain > best.0 + 1e-7 * b.abs().max(1e-30) {
+    for (i, &v) in values.iter().enumerate() {
+        let gain = v - base;
+        if gain > best.0 + 1e-7 * base.abs().max(1e-30) {
             best = (gain, i);
         }
     }
@@ -362,22 +470,26 @@ pub fn nm_permute(
     let mut best = (start, perm.clone());
     let mut escapes = 0;
 
+    let mut evals = 0usize;
+    let mut rounds = 0usize;
     for _ in 0..cfg.max_rounds {
+        rounds += 1;
         let todo: Vec<usize> = (0..pairs.len())
             .filter(|&i| dirty[pairs[i].0] || dirty[pairs[i].1])
             .collect();
         let fresh: Vec<(f64, usize)> = todo
             .par_iter()
-            .map(|&i| {
+            .map_init(Scratch::default, |scratch, &i| {
                 let (g, h) = pairs[i];
                 let chans: Vec<usize> = perm[g * m..(g + 1) * m]
                     .iter()
                     .chain(&perm[h * m..(h + 1) * m])
                     .copied()
                     .collect();
-                best_split(scores, &chans, n, &split_list, &complements)
+                best_split(scores, &chans, n, &split_list, &complements, scratch)
             })
             .collect();
+        evals += todo.len();
         for (&i, g) in todo.iter().zip(fresh) {
             gains[i] = g;
         }
@@ -435,12 +547,31 @@ pub fn nm_permute(
             values[h] = stripe_value(&perm, h);
         }
     }
+    if std::env::var_os("NM_PROBE").is_some() {
+        eprintln!(
+            "rounds {rounds} evals {evals} escapes {escapes} pairs {}",
+            pairs.len()
+        );
+    }
     Ok(best.1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_than_counts_bits() {
+        let inputs = [0b1111u64, 0b0111, 0b0011, 0b0001, 0, 0, 0, 0];
+        // Counts per bit: bit0 = 4, bit1 = 3, bit2 = 2, bit3 = 1.
+        assert_eq!(more_than(&inputs, 2), 0b0011);
+        assert_eq!(more_than(&inputs, 0), 0b1111);
+        assert_eq!(more_than(&inputs, 3), 0b0001);
+        assert_eq!(more_than(&inputs, 4), 0);
+        let all = [!0u64; 40];
+        assert_eq!(more_than(&all, 39), !0);
+        assert_eq!(more_than(&all, 40), 0);
+    }
 
     #[test]
     fn splits_are_unique_and_balanced() {

@@ -11,13 +11,13 @@ use std::sync::Mutex;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::mask::{BitRows, Mask};
 
 /// Which partitioner splits the rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Partitioner {
     /// METIS 5 multilevel recursive bisection of the row graph (edge weight = shared columns).
@@ -80,12 +80,11 @@ pub fn random_partition(n: usize, parts: usize, seed: u64) -> Vec<usize> {
     part
 }
 
-/// METIS's `ufactor` (in thousandths) for recursive bisection that gives each bisection a
-/// (50 ± 100·imbalance)% split: METIS spreads its final tolerance evenly over the levels.
-fn metis_ufactor(parts: usize, imbalance: f64) -> i32 {
-    let levels = (parts as f64).log2().ceil().max(1.0);
-    let per_level = 1.0 + 2.0 * imbalance;
-    ((per_level.powf(levels) - 1.0) * 1000.0).round().max(1.0) as i32
+/// METIS's `ufactor` (in thousandths) for a (50 ± 100·imbalance)% split at every bisection.
+/// METIS's recursive bisection checks each bisection against `1 + ufactor/1000` times its target
+/// half, so hMETIS's UBfactor 10 (imbalance 0.10) is `ufactor` 200.
+fn metis_ufactor(imbalance: f64) -> i32 {
+    ((2.0 * imbalance) * 1000.0).round().max(1.0) as i32
 }
 
 /// The row graph in METIS's CSR form (xadj, adjncy, adjwgt).
@@ -166,7 +165,7 @@ fn metis_partition(
         .map_err(|e| fail(e.to_string()))?
         .set_adjwgt(&adjwgt)
         .set_option(metis::option::Seed((seed & 0x7fff_ffff) as metis::Idx))
-        .set_option(metis::option::UFactor(metis_ufactor(parts, imbalance)));
+        .set_option(metis::option::UFactor(metis_ufactor(imbalance)));
     {
         let _guard = METIS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         graph
@@ -230,9 +229,19 @@ mod tests {
     }
 
     #[test]
-    fn ufactor_matches_hmetis_balance() {
-        assert_eq!(metis_ufactor(8, 0.10), 728);
-        assert_eq!(metis_ufactor(2, 0.10), 200);
+    fn parts_respect_the_hmetis_balance() {
+        assert_eq!(metis_ufactor(0.10), 200);
+        // With 8 parts and UBfactor 10, a part holds at most 0.6³ = 21.6% of the rows.
+        for seed in 0..4 {
+            let m = Mask::from_fn(64, 300, |r, c| (r * 131 + c * 71 + seed * 7) % 9 < 4);
+            let rows: Vec<usize> = (0..64).collect();
+            let part =
+                partition_rows(&m, &rows, 8, 0.10, Partitioner::Metis, seed as u64, "t").unwrap();
+            let mut sizes = [0usize; 8];
+            part.iter().for_each(|&p| sizes[p] += 1);
+            let max = *sizes.iter().max().unwrap();
+            assert!(max <= 15, "seed {seed}: sizes {sizes:?}");
+        }
     }
 
     #[test]

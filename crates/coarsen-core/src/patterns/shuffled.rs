@@ -10,7 +10,7 @@
 //! Shapes that are not multiples of b are handled: the last group may have fewer than b rows and
 //! a group's last chunk fewer than b columns (a tile cut by the matrix edge).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::mask::{BitRows, Mask};
@@ -18,7 +18,7 @@ use crate::mask::{BitRows, Mask};
 use super::{argsort_desc, masked_magnitudes};
 
 /// Parameters of the shuffled-block extraction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShuffledConfig {
     /// Block size b (tiles are b×b; DSB uses 16).
     pub block: usize,

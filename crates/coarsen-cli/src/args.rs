@@ -1,0 +1,273 @@
+//! Command-line arguments (parsing only; no I/O happens here).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// coarsen turns unstructured sparse neural networks into structured sparse networks that
+/// kernels can run fast.
+///
+/// Weights and masks are safetensors files; a mask has the same tensor names and shapes as the
+/// weights, U8 0/1 (or BOOL). Every weight is seen as a matrix W[rows, cols]: a conv weight
+/// [Cout, Cin, kh, kw] is W[Cout, Cin·kh·kw].
+#[derive(Debug, Parser)]
+#[command(
+    name = "coarsen",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Print no progress bars.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Prune weights by magnitude to a target sparsity (unstructured; IMP's pruning step).
+    Prune(PruneArgs),
+    /// Convert an unstructured mask into a structured pattern.
+    Convert(Box<ConvertArgs>),
+    /// Show what a mask file holds, layer by layer; optionally draw each layer as a PNG.
+    Inspect(InspectArgs),
+    /// Write randomly initialised weights of a known CIFAR architecture.
+    Synth(SynthArgs),
+    /// Run the structuring pipeline on an example model and write a report directory.
+    Demo(DemoArgs),
+}
+
+/// Which tensors are layers.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Selection {
+    /// Only tensors whose name matches this regular expression (default: every tensor of rank ≥ 2).
+    #[arg(long, value_name = "REGEX")]
+    pub include: Option<String>,
+    /// Leave out tensors whose name matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    pub exclude: Option<String>,
+}
+
+/// Where one magnitude threshold applies.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ScopeArg {
+    /// One threshold over all selected layers.
+    Global,
+    /// Each layer pruned to the sparsity on its own.
+    Layer,
+}
+
+/// `coarsen prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Weights (safetensors; f32, f16, bf16 or f64).
+    #[arg(long, value_name = "FILE")]
+    pub weights: PathBuf,
+    /// Target sparsity, strictly between 0 and 1 (0.8 = 80% of the weights become zero).
+    #[arg(long, value_name = "S")]
+    pub sparsity: f64,
+    /// Prune globally (one threshold) or per layer.
+    #[arg(long, value_enum, default_value = "global")]
+    pub scope: ScopeArg,
+    /// An existing mask to prune further (weights it removed stay removed and count).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    /// Layer selection.
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Where to write the mask (safetensors, U8).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// The target pattern of `convert`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PatternArg {
+    /// Refill: whole output channels kept or removed.
+    Channel,
+    /// Refill+: Refill plus an extra fraction of channels (--extra).
+    #[value(name = "channel+")]
+    ChannelPlus,
+    /// Regroup: dense blocks of rows × columns found by graph partitioning.
+    Group,
+    /// DSB's shuffled blocks: rows clustered into groups of b, each owning b×b tiles.
+    ShuffledBlock,
+    /// Aligned H×W tiles.
+    Block,
+    /// N:M along input channels, optionally with a channel permutation.
+    Nm,
+}
+
+/// Row score of the channel patterns.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CriterionArg {
+    /// ℓ1 of the masked weights of the row (paper's choice).
+    L1,
+    /// Number of kept entries of the row (reference code's default).
+    Count,
+}
+
+/// Partitioner of the group pattern.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PartitionerArg {
+    /// METIS multilevel recursive bisection of the row graph.
+    Metis,
+    /// Balanced random parts (a baseline).
+    Random,
+}
+
+/// What a group layer without blocks becomes.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum FallbackArg {
+    /// Keep its unstructured mask (reported as unstructured, with the reason).
+    Keep,
+    /// Make it one dense block.
+    Dense,
+}
+
+/// `coarsen convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The unstructured mask (safetensors, U8/BOOL, same names and shapes as the weights).
+    #[arg(long, value_name = "FILE")]
+    pub mask: PathBuf,
+    /// The weights; without them, magnitude criteria see every kept entry as 1.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// The target pattern.
+    #[arg(long, value_enum)]
+    pub to: PatternArg,
+    /// Where to write the structured mask.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Also write the report as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Seed of the randomised steps (partitioning, permutation search).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Layer selection.
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Pattern options.
+    #[command(flatten)]
+    pub options: PatternOptions,
+}
+
+/// Options of the individual patterns. Each is refused with a pattern it does not apply to.
+#[derive(Debug, Args, Default, Clone)]
+pub struct PatternOptions {
+    /// Row score [default: l1].
+    #[arg(long, value_enum, help_heading = "channel, channel+")]
+    pub criterion: Option<CriterionArg>,
+    /// Per-row scores: one vector of `rows` values per layer, same names (overrides --criterion).
+    #[arg(long, value_name = "FILE", help_heading = "channel, channel+")]
+    pub scores: Option<PathBuf>,
+    /// Extra fraction ρ of the removed channels to keep [default: 0 for channel, 0.1 for channel+].
+    #[arg(long, value_name = "RHO", help_heading = "channel, channel+")]
+    pub extra: Option<f64>,
+
+    /// Number of parts, or `auto` to size it to each layer [default: 8].
+    #[arg(long, value_name = "K|auto", help_heading = "group")]
+    pub parts: Option<String>,
+    /// Balance: each bisection puts (50 ± 100·x)% of the rows on a side [default: 0.10].
+    #[arg(long, value_name = "X", help_heading = "group")]
+    pub imbalance: Option<f64>,
+    /// A part needs more than this many rows to become a block [default: 16].
+    #[arg(long, value_name = "N", help_heading = "group")]
+    pub min_rows: Option<usize>,
+    /// Row tile; larger parts split at a multiple of it [default: 32].
+    #[arg(long, value_name = "N", help_heading = "group")]
+    pub row_tile: Option<usize>,
+    /// Block widening ratio [default: 1.5].
+    #[arg(long, value_name = "R", help_heading = "group")]
+    pub width_ratio: Option<f64>,
+    /// Partitioner [default: metis].
+    #[arg(long, value_enum, help_heading = "group")]
+    pub partitioner: Option<PartitionerArg>,
+    /// What a layer without blocks becomes [default: keep].
+    #[arg(long, value_enum, help_heading = "group")]
+    pub fallback: Option<FallbackArg>,
+    /// Reproduce the widening bugs of the reference training code.
+    #[arg(long, help_heading = "group")]
+    pub legacy_regroup: bool,
+
+    /// Block size: `b` for shuffled-block [default: 16], `HxW` (or `b`) for block [default: 16x16].
+    #[arg(long, value_name = "b|HxW", help_heading = "shuffled-block, block")]
+    pub block: Option<String>,
+    /// Number of b×b tiles per layer [default: keeps each layer's density].
+    #[arg(long, value_name = "K", help_heading = "shuffled-block, block")]
+    pub blocks: Option<usize>,
+
+    /// Entries kept per group [default: 2].
+    #[arg(long, value_name = "N", help_heading = "nm")]
+    pub n: Option<usize>,
+    /// Group size [default: 4].
+    #[arg(long, value_name = "M", help_heading = "nm")]
+    pub m: Option<usize>,
+    /// Search an input-channel permutation that keeps more magnitude.
+    #[arg(long, help_heading = "nm")]
+    pub permute: bool,
+    /// Random escapes of the permutation search [default: 100].
+    #[arg(long, value_name = "N", help_heading = "nm")]
+    pub escape_attempts: Option<usize>,
+}
+
+/// `coarsen inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The mask file to inspect.
+    #[arg(value_name = "MASK")]
+    pub mask: PathBuf,
+    /// Weights, to report the magnitude each mask keeps.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Draw each layer's mask as a PNG in this directory (rows and columns reordered so the
+    /// structure shows).
+    #[arg(long, value_name = "DIR")]
+    pub png: Option<PathBuf>,
+    /// The mask before conversion, drawn beside each layer with the same reordering.
+    #[arg(long, value_name = "FILE")]
+    pub before: Option<PathBuf>,
+    /// Layer selection.
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+/// `coarsen synth`.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Architecture: resnet18, resnet20, vgg11 or vgg16 (CIFAR variants, 32×32 inputs).
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Seed of the initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the weights.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `coarsen demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Report directory.
+    #[arg(long, value_name = "DIR", default_value = "coarsen-demo")]
+    pub out: PathBuf,
+    /// Architecture of the example model.
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    /// Global magnitude sparsity of the unstructured mask.
+    #[arg(long, default_value_t = 0.8)]
+    pub sparsity: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}

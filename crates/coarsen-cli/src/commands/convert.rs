@@ -1,0 +1,72 @@
+//! `coarsen convert`: an unstructured mask into a structured pattern.
+
+use anyhow::Result;
+use coarsen_core::{Conversion, ConvertInputs, MaskFile, Pattern, Selector, WeightFile};
+
+use crate::args::ConvertArgs;
+use crate::commands::{ensure_parent, selector, write_json};
+use crate::{pattern, progress};
+
+/// Runs `coarsen convert`.
+pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
+    let pattern = pattern::build(args.to, &args.options)?;
+    ensure_parent(&args.out)?;
+    if let Some(r) = &args.report {
+        ensure_parent(r)?;
+    }
+    let sel = selector(&args.selection)?;
+    let masks = MaskFile::read(&args.mask)?;
+    let weights = args.weights.as_ref().map(WeightFile::read).transpose()?;
+    let scores = args
+        .options
+        .scores
+        .as_ref()
+        .map(WeightFile::read)
+        .transpose()?;
+    let conv = convert_with_progress(
+        &masks,
+        weights.as_ref(),
+        scores.as_ref(),
+        &sel,
+        &pattern,
+        args.seed,
+        quiet,
+    )?;
+    conv.masks.write(&args.out)?;
+    if let Some(r) = &args.report {
+        write_json(r, &conv.report)?;
+    }
+    print!("{}", conv.report.table());
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// [`coarsen_core::convert`] with a progress bar over the layers.
+pub fn convert_with_progress(
+    masks: &MaskFile,
+    weights: Option<&WeightFile>,
+    scores: Option<&WeightFile>,
+    sel: &Selector,
+    pattern: &Pattern,
+    seed: u64,
+    quiet: bool,
+) -> Result<Conversion> {
+    let layers = masks
+        .tensors()
+        .iter()
+        .filter(|t| sel.selects(&t.name, &t.shape))
+        .count();
+    let bar = progress::bar(layers as u64, pattern.name(), quiet);
+    let inputs = ConvertInputs {
+        masks,
+        weights,
+        scores,
+        selector: sel,
+    };
+    let result = coarsen_core::convert(&inputs, pattern, seed, &|r| {
+        bar.set_message(r.name.clone());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    Ok(result?)
+}

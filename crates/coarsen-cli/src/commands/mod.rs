@@ -1,0 +1,44 @@
+//! The subcommands, one file each, and what they share.
+
+pub mod convert;
+pub mod demo;
+pub mod inspect;
+pub mod prune;
+pub mod synth;
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use coarsen_core::Selector;
+
+use crate::args::Selection;
+
+/// The layer selector of `--include` / `--exclude`.
+pub fn selector(s: &Selection) -> Result<Selector> {
+    Ok(Selector::new(s.include.as_deref(), s.exclude.as_deref())?)
+}
+
+/// Fails early, before any work, when the directory an output goes to does not exist.
+pub fn ensure_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!(
+                "{}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    if path.is_dir() {
+        bail!("{}: is a directory; give a file name", path.display());
+    }
+    Ok(())
+}
+
+/// Writes a value as pretty JSON, atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    coarsen_core::io::write_atomic(path, &bytes)?;
+    Ok(())
+}

@@ -1,0 +1,602 @@
+//! Integration tests: the real `coarsen` binary on real safetensors files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use coarsen_core::patterns::check;
+use coarsen_core::{
+    LayerStatus, Mask, MaskFile, MaskTensor, MatrixView, Pattern, WeightFile, WeightTensor,
+};
+
+fn coarsen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coarsen"))
+        .args(args)
+        .output()
+        .expect("the coarsen binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = coarsen(args);
+    assert!(
+        out.status.success(),
+        "coarsen {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail: non-zero exit, a one-line error holding every `needle`, and no
+/// file at `out`.
+fn fails(args: &[&str], needles: &[&str], out: &Path) {
+    let res = coarsen(args);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "coarsen {args:?} should fail");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "error lacks {n:?}: {}", lines[0]);
+    }
+    assert!(
+        !out.exists(),
+        "{} must not exist after a failure",
+        out.display()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind");
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// A small network: two convs, a linear layer and a bias, plus a 70%-sparse mask.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fixture { dir };
+        let val = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        let tensors = vec![
+            WeightTensor::new(
+                "conv1.weight",
+                vec![32, 8, 3, 3],
+                (0..2304).map(val).collect(),
+            )
+            .unwrap(),
+            WeightTensor::new(
+                "conv2.weight",
+                vec![48, 32, 3, 3],
+                (0..13824).map(|i| val(i + 3)).collect(),
+            )
+            .unwrap(),
+            WeightTensor::new(
+                "fc.weight",
+                vec![10, 48],
+                (0..480).map(|i| val(i + 5)).collect(),
+            )
+            .unwrap(),
+            WeightTensor::new("fc.bias", vec![10], vec![0.1; 10]).unwrap(),
+        ];
+        WeightFile::write_f32(f.path("w.safetensors"), &tensors).unwrap();
+        ok(&[
+            "prune",
+            "--weights",
+            f.s("w.safetensors"),
+            "--sparsity",
+            "0.7",
+            "--out",
+            f.s("m.safetensors"),
+        ]);
+        f
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn s(&self, name: &str) -> &str {
+        // Leaked once per call in tests only: keeps the argument lists short.
+        Box::leak(
+            self.path(name)
+                .to_string_lossy()
+                .into_owned()
+                .into_boxed_str(),
+        )
+    }
+
+    fn write_masks(&self, name: &str, tensors: Vec<MaskTensor>) {
+        MaskFile::new(name, tensors).write(self.path(name)).unwrap();
+    }
+}
+
+fn verify(masks: &MaskFile) {
+    let meta = masks
+        .metadata
+        .as_ref()
+        .expect("structured masks carry metadata");
+    let pattern = Pattern::from_metadata(&meta.pattern, &meta.params).unwrap();
+    for t in masks.tensors() {
+        let Some(layer) = meta.layers.get(&t.name) else {
+            continue;
+        };
+        if layer.status == LayerStatus::Unstructured {
+            assert!(layer.reason.is_some());
+            continue;
+        }
+        let v = MatrixView::of(&t.shape).unwrap();
+        let m = Mask::from_bytes(v.rows, v.cols, t.data.clone()).unwrap();
+        check(
+            &pattern,
+            &m,
+            v,
+            pattern.max_row_patterns(v.rows),
+            layer.col_perm.as_deref(),
+        )
+        .unwrap_or_else(|e| panic!("{} violates {}: {e}", t.name, meta.pattern));
+    }
+}
+
+#[test]
+fn prune_writes_the_target_sparsity() {
+    let f = Fixture::new();
+    let m = MaskFile::read(f.path("m.safetensors")).unwrap();
+    assert_eq!(m.tensors().len(), 3, "the rank-1 bias is not a layer");
+    let (ones, all) = m.tensors().iter().fold((0, 0), |(o, a), t| {
+        (
+            o + t.data.iter().filter(|&&b| b == 1).count(),
+            a + t.data.len(),
+        )
+    });
+    assert_eq!(all - ones, (0.7 * all as f64).round() as usize);
+    // Pruning further from that mask.
+    ok(&[
+        "prune",
+        "--weights",
+        f.s("w.safetensors"),
+        "--mask",
+        f.s("m.safetensors"),
+        "--sparsity",
+        "0.8",
+        "--scope",
+        "layer",
+        "--out",
+        f.s("m2.safetensors"),
+    ]);
+    let m2 = MaskFile::read(f.path("m2.safetensors")).unwrap();
+    for (a, b) in m.tensors().iter().zip(m2.tensors()) {
+        assert!(
+            a.data.iter().zip(&b.data).all(|(&x, &y)| y <= x),
+            "pruned weights stay pruned"
+        );
+    }
+}
+
+#[test]
+fn every_pattern_converts_verifies_and_inspects() {
+    let f = Fixture::new();
+    let cases: &[(&str, &[&str])] = &[
+        ("channel", &[]),
+        ("channel+", &["--extra", "0.2"]),
+        ("channel", &["--criterion", "count"]),
+        (
+            "group",
+            &["--parts", "auto", "--min-rows", "4", "--row-tile", "8"],
+        ),
+        ("group", &["--partitioner", "random", "--fallback", "dense"]),
+        ("group", &["--legacy-regroup"]),
+        ("shuffled-block", &["--block", "8"]),
+        ("block", &["--block", "4x8"]),
+        ("nm", &["--permute"]),
+        ("nm", &["--n", "1", "--m", "3"]),
+    ];
+    for (i, (to, extra)) in cases.iter().enumerate() {
+        let out = f.s(&format!("out{i}.safetensors"));
+        let report = f.s(&format!("out{i}.json"));
+        let mut args = vec![
+            "convert",
+            "--weights",
+            f.s("w.safetensors"),
+            "--mask",
+            f.s("m.safetensors"),
+            "--to",
+            to,
+            "--out",
+            out,
+            "--report",
+            report,
+            "--seed",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        let table = ok(&args);
+        assert!(table.contains("total"), "{table}");
+        let masks = MaskFile::read(out).unwrap();
+        assert_eq!(masks.metadata.as_ref().unwrap().pattern, *to);
+        verify(&masks);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+        assert_eq!(json["layers"].as_array().unwrap().len(), 3);
+        assert!(json["total"]["recall"].as_f64().unwrap() > 0.0);
+        assert!(json["total"]["retained_magnitude"].as_f64().is_some());
+        let pngs = f.path(&format!("png{i}"));
+        let listing = ok(&[
+            "inspect",
+            out,
+            "--weights",
+            f.s("w.safetensors"),
+            "--before",
+            f.s("m.safetensors"),
+            "--png",
+            pngs.to_str().unwrap(),
+        ]);
+        assert!(listing.contains("conv2.weight"), "{listing}");
+        assert!(!listing.contains("VIOLATED"), "{listing}");
+        assert!(pngs.join("conv2.weight.png").exists());
+    }
+}
+
+#[test]
+fn conversion_is_deterministic_for_a_seed() {
+    let f = Fixture::new();
+    for to in ["group", "shuffled-block", "nm"] {
+        let run = |name: &str| {
+            let mut args = vec![
+                "convert",
+                "--weights",
+                f.s("w.safetensors"),
+                "--mask",
+                f.s("m.safetensors"),
+                "--to",
+                to,
+                "--out",
+                f.s(name),
+                "--seed",
+                "11",
+            ];
+            if to == "nm" {
+                args.push("--permute");
+            }
+            ok(&args);
+            std::fs::read(f.path(name)).unwrap()
+        };
+        assert_eq!(run("a.safetensors"), run("b.safetensors"), "{to}");
+    }
+}
+
+#[test]
+fn inspect_catches_a_mask_that_breaks_its_pattern() {
+    let f = Fixture::new();
+    ok(&[
+        "convert",
+        "--mask",
+        f.s("m.safetensors"),
+        "--to",
+        "channel",
+        "--out",
+        f.s("c.safetensors"),
+    ]);
+    let mut masks = MaskFile::read(f.path("c.safetensors")).unwrap();
+    let mut tensors = masks.tensors().to_vec();
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.name == "conv2.weight")
+        .unwrap();
+    let row = t.data.iter().position(|&b| b == 1).unwrap() / 288;
+    t.data[row * 288] = 0;
+    let meta = masks.metadata.take();
+    let mut tampered = MaskFile::new("t", tensors);
+    tampered.metadata = meta;
+    tampered.write(f.path("t.safetensors")).unwrap();
+    let listing = ok(&["inspect", f.s("t.safetensors")]);
+    assert!(listing.contains("VIOLATED"), "{listing}");
+}
+
+#[test]
+fn missing_file() {
+    let f = Fixture::new();
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "convert",
+            "--mask",
+            f.s("nope.safetensors"),
+            "--to",
+            "group",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["nope.safetensors", "No such file"],
+        &out,
+    );
+}
+
+#[test]
+fn not_a_safetensors_file() {
+    let f = Fixture::new();
+    std::fs::write(
+        f.path("junk.safetensors"),
+        b"this is not a tensor file at all",
+    )
+    .unwrap();
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "prune",
+            "--weights",
+            f.s("junk.safetensors"),
+            "--sparsity",
+            "0.5",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["junk.safetensors", "not a valid safetensors file"],
+        &out,
+    );
+}
+
+#[test]
+fn truncated_file() {
+    let f = Fixture::new();
+    let bytes = std::fs::read(f.path("w.safetensors")).unwrap();
+    std::fs::write(f.path("cut.safetensors"), &bytes[..bytes.len() - 100]).unwrap();
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "convert",
+            "--weights",
+            f.s("cut.safetensors"),
+            "--mask",
+            f.s("m.safetensors"),
+            "--to",
+            "nm",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["cut.safetensors", "truncated"],
+        &out,
+    );
+}
+
+#[test]
+fn mask_names_must_match_the_weights() {
+    let f = Fixture::new();
+    f.write_masks(
+        "odd.safetensors",
+        vec![MaskTensor {
+            name: "conv9.weight".into(),
+            shape: vec![4, 4],
+            data: vec![1; 16],
+        }],
+    );
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "convert",
+            "--weights",
+            f.s("w.safetensors"),
+            "--mask",
+            f.s("odd.safetensors"),
+            "--to",
+            "channel",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["w.safetensors", "conv9.weight", "[4, 4]", "odd.safetensors"],
+        &out,
+    );
+}
+
+#[test]
+fn mask_shapes_must_match_the_weights() {
+    let f = Fixture::new();
+    f.write_masks(
+        "shape.safetensors",
+        vec![MaskTensor {
+            name: "fc.weight".into(),
+            shape: vec![48, 10],
+            data: vec![1; 480],
+        }],
+    );
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "convert",
+            "--weights",
+            f.s("w.safetensors"),
+            "--mask",
+            f.s("shape.safetensors"),
+            "--to",
+            "block",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["fc.weight", "[48, 10]", "[10, 48]"],
+        &out,
+    );
+}
+
+#[test]
+fn nan_and_inf_weights_are_refused() {
+    let f = Fixture::new();
+    for (name, bad) in [
+        ("nan.safetensors", f32::NAN),
+        ("inf.safetensors", f32::INFINITY),
+    ] {
+        let mut values = vec![0.5f32; 480];
+        values[123] = bad;
+        WeightFile::write_f32(
+            f.path(name),
+            &[WeightTensor::new("fc.weight", vec![10, 48], values).unwrap()],
+        )
+        .unwrap();
+        let out = f.path("o.safetensors");
+        fails(
+            &[
+                "prune",
+                "--weights",
+                f.s(name),
+                "--sparsity",
+                "0.5",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &[name, "fc.weight", "[10, 48]", "non-finite", "123"],
+            &out,
+        );
+    }
+}
+
+#[test]
+fn empty_selection() {
+    let f = Fixture::new();
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "convert",
+            "--mask",
+            f.s("m.safetensors"),
+            "--to",
+            "group",
+            "--include",
+            "^attention",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["m.safetensors", "no layer selected", "^attention"],
+        &out,
+    );
+}
+
+#[test]
+fn all_zero_mask() {
+    let f = Fixture::new();
+    f.write_masks(
+        "zero.safetensors",
+        vec![MaskTensor {
+            name: "fc.weight".into(),
+            shape: vec![10, 48],
+            data: vec![0; 480],
+        }],
+    );
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "convert",
+            "--weights",
+            f.s("w.safetensors"),
+            "--mask",
+            f.s("zero.safetensors"),
+            "--to",
+            "shuffled-block",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["zero.safetensors", "fc.weight", "[10, 48]", "all zeros"],
+        &out,
+    );
+}
+
+#[test]
+fn sparsity_zero_and_one() {
+    let f = Fixture::new();
+    let out = f.path("o.safetensors");
+    for s in ["0", "1", "1.5"] {
+        fails(
+            &[
+                "prune",
+                "--weights",
+                f.s("w.safetensors"),
+                "--sparsity",
+                s,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &["--sparsity", "strictly between 0 and 1"],
+            &out,
+        );
+    }
+}
+
+#[test]
+fn options_of_another_pattern_are_refused() {
+    let f = Fixture::new();
+    let out = f.path("o.safetensors");
+    fails(
+        &[
+            "convert",
+            "--mask",
+            f.s("m.safetensors"),
+            "--to",
+            "channel",
+            "--parts",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["--parts applies to --to group"],
+        &out,
+    );
+}
+
+#[test]
+fn output_directory_must_exist() {
+    let f = Fixture::new();
+    let out = f.path("no/such/dir/o.safetensors");
+    let res = coarsen(&[
+        "convert",
+        "--mask",
+        f.s("m.safetensors"),
+        "--to",
+        "group",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("does not exist"));
+}
+
+#[test]
+fn synth_and_demo_write_their_outputs() {
+    let f = Fixture::new();
+    let listing = ok(&[
+        "synth",
+        "--model",
+        "resnet20",
+        "--out",
+        f.s("r20.safetensors"),
+        "--seed",
+        "4",
+    ]);
+    assert!(listing.contains("resnet20"));
+    let w = WeightFile::read(f.path("r20.safetensors")).unwrap();
+    assert_eq!(
+        w.get("layer3.2.conv2.weight").unwrap().shape,
+        vec![64, 64, 3, 3]
+    );
+    let dir = f.path("demo");
+    let report = ok(&[
+        "demo",
+        "--model",
+        "resnet20",
+        "--out",
+        dir.to_str().unwrap(),
+        "--sparsity",
+        "0.7",
+    ]);
+    assert!(report.contains("| nm-permute |"), "{report}");
+    assert!(dir.join("report.md").exists());
+    assert!(dir.join("pictures/group.png").exists());
+    verify(&MaskFile::read(dir.join("shuffled-block.safetensors")).unwrap());
+}
+
+#[test]
+fn help_for_every_subcommand() {
+    for sub in ["prune", "convert", "inspect", "synth", "demo"] {
+        let text = ok(&[sub, "--help"]);
+        assert!(text.contains("Usage: coarsen"), "{sub}: {text}");
+    }
+    assert!(ok(&["convert", "--help"]).contains("--permute"));
+}

@@ -1,0 +1,233 @@
+//! Property tests: every pattern's output satisfies its defining property on random masks and
+//! shapes (1 row, primes, non-multiples of b and M, conv shapes), results are deterministic for a
+//! seed, and files round-trip. The property checkers here are written independently of
+//! `coarsen_core::patterns::check`, so a bug there cannot hide a bug in an algorithm.
+
+use std::collections::HashMap;
+
+use coarsen_core::patterns::{
+    BlockConfig, ChannelConfig, ChannelCriterion, GroupConfig, NmConfig, PartCount, Partitioner,
+    ShuffledConfig,
+};
+use coarsen_core::{
+    convert_layer, LayerInput, LayerStatus, Mask, MaskFile, MaskTensor, MatrixView, Pattern,
+    WeightFile, WeightTensor,
+};
+use proptest::prelude::*;
+
+/// A layer: shape (2-D or 4-D), mask with at least one 1, weights.
+fn layer() -> impl Strategy<Value = (Vec<usize>, Vec<u8>, Vec<f32>)> {
+    let shape = prop_oneof![
+        (1usize..40, 1usize..70).prop_map(|(r, c)| vec![r, c]),
+        (1usize..20, 1usize..12, 1usize..4).prop_map(|(o, i, k)| vec![o, i, k, k]),
+        Just(vec![1, 1]),
+        Just(vec![17, 31]),
+        Just(vec![37, 8, 3, 3]),
+    ];
+    (shape, 0.02f64..1.0).prop_flat_map(|(shape, density)| {
+        let n: usize = shape.iter().product();
+        (
+            Just(shape),
+            prop::collection::vec(prop::bool::weighted(density), n),
+            prop::collection::vec(-3.0f32..3.0, n),
+        )
+            .prop_map(|(shape, bits, w)| {
+                let mut mask: Vec<u8> = bits.into_iter().map(u8::from).collect();
+                if !mask.contains(&1) {
+                    mask[0] = 1;
+                }
+                (shape, mask, w)
+            })
+    })
+}
+
+fn run(
+    shape: &[usize],
+    mask: &[u8],
+    w: &[f32],
+    pattern: &Pattern,
+    seed: u64,
+) -> (Mask, coarsen_core::LayerOutcome) {
+    let v = MatrixView::of(shape).unwrap();
+    let m = Mask::from_bytes(v.rows, v.cols, mask.to_vec()).unwrap();
+    let out = convert_layer(
+        &LayerInput {
+            name: "layer",
+            shape,
+            mask: &m,
+            weights: Some(w),
+            scores: None,
+        },
+        pattern,
+        seed,
+    )
+    .expect("conversion succeeds on valid input");
+    (m, out)
+}
+
+/// Distinct non-empty row patterns with their row counts.
+fn patterns(m: &Mask) -> HashMap<Vec<u8>, usize> {
+    let mut h = HashMap::new();
+    for r in 0..m.rows() {
+        let row = m.row(r).to_vec();
+        if row.contains(&1) {
+            *h.entry(row).or_insert(0) += 1;
+        }
+    }
+    h
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn channel_rows_are_all_or_nothing((shape, mask, w) in layer(), extra in 0.0f64..0.5, count in any::<bool>()) {
+        let cfg = ChannelConfig {
+            criterion: if count { ChannelCriterion::Count } else { ChannelCriterion::L1 },
+            extra,
+        };
+        let (input, out) = run(&shape, &mask, &w, &Pattern::Channel(cfg), 0);
+        let m = &out.mask;
+        for r in 0..m.rows() {
+            let ones = m.row(r).iter().filter(|&&b| b == 1).count();
+            prop_assert!(ones == 0 || ones == m.cols());
+        }
+        // Refill keeps at least the input density (k = ceil(d·R + ...)).
+        prop_assert!(m.nnz() >= input.nnz());
+        prop_assert!(m.nnz() <= input.nnz() + m.cols() + ((m.rows() as f64 * extra).ceil() as usize) * m.cols());
+    }
+
+    #[test]
+    fn group_has_at_most_k_row_patterns((shape, mask, w) in layer(), parts in 1usize..6, auto in any::<bool>(), random in any::<bool>(), legacy in any::<bool>(), seed in 0u64..4) {
+        let cfg = GroupConfig {
+            parts: if auto { PartCount::Auto } else { PartCount::Fixed(parts) },
+            min_rows: 2,
+            row_tile: 4,
+            partitioner: if random { Partitioner::Random } else { Partitioner::Metis },
+            legacy,
+            ..Default::default()
+        };
+        let (input, out) = run(&shape, &mask, &w, &Pattern::Group(cfg), seed);
+        let k = out.stats.parts.unwrap();
+        prop_assert!(k >= 1);
+        if out.status == LayerStatus::Unstructured {
+            prop_assert_eq!(&out.mask, &input);
+            prop_assert!(out.reason.is_some());
+        } else {
+            prop_assert!(patterns(&out.mask).len() <= k);
+            prop_assert!(out.stats.blocks.unwrap() >= 1);
+        }
+    }
+
+    #[test]
+    fn shuffled_blocks_are_whole_tiles((shape, mask, w) in layer(), b in 1usize..9, k in proptest::option::of(1usize..20)) {
+        let cfg = ShuffledConfig { block: b, blocks: k };
+        let (input, out) = run(&shape, &mask, &w, &Pattern::ShuffledBlock(cfg), 0);
+        let m = &out.mask;
+        let (rr, cr) = (m.rows() % b, m.cols() % b);
+        let mut short = 0;
+        for (row, count) in patterns(m) {
+            let cols = row.iter().filter(|&&x| x == 1).count();
+            if count % b != 0 {
+                prop_assert_eq!(count % b, rr);
+                short += 1;
+            }
+            prop_assert!(cols % b == 0 || cols % b == cr, "cols {} b {}", cols, b);
+        }
+        prop_assert!(short <= 1);
+        // Tile count: K, or fewer when fewer candidates have any mass.
+        let want = k.unwrap_or_else(|| input.nnz().div_ceil(b * b));
+        prop_assert!(out.stats.blocks.unwrap() <= want);
+    }
+
+    #[test]
+    fn aligned_tiles_are_all_or_nothing((shape, mask, w) in layer(), h in 1usize..7, wd in 1usize..7) {
+        let (input, out) = run(&shape, &mask, &w, &Pattern::Block(BlockConfig { height: h, width: wd }), 0);
+        let m = &out.mask;
+        for i in (0..m.rows()).step_by(h) {
+            for j in (0..m.cols()).step_by(wd) {
+                let first = m.get(i, j);
+                for r in i..(i + h).min(m.rows()) {
+                    for c in j..(j + wd).min(m.cols()) {
+                        prop_assert_eq!(m.get(r, c), first);
+                    }
+                }
+            }
+        }
+        // Tiles are added until they cover as many entries as the input has ones, unless every
+        // tile holding a one is already kept.
+        prop_assert!(m.nnz() >= input.nnz() || m.overlap(&input) == input.nnz());
+    }
+
+    #[test]
+    fn nm_groups_hold_at_most_n((shape, mask, w) in layer(), n in 1usize..4, extra in 0usize..3, permute in any::<bool>(), seed in 0u64..3) {
+        let cfg = NmConfig { n, m: n + extra, permute, escape_attempts: 3, ..Default::default() };
+        let (input, out) = run(&shape, &mask, &w, &Pattern::Nm(cfg), seed);
+        let v = MatrixView::of(&shape).unwrap();
+        let perm: Vec<usize> = out.col_perm.clone().unwrap_or_else(|| (0..v.in_channels).collect());
+        let mut sorted = perm.clone();
+        sorted.sort_unstable();
+        prop_assert_eq!(sorted, (0..v.in_channels).collect::<Vec<_>>());
+        for r in 0..v.rows {
+            for s in 0..v.inner {
+                for group in perm.chunks(n + extra) {
+                    let ones = group.iter().filter(|&&c| out.mask.get(r, c * v.inner + s)).count();
+                    prop_assert!(ones <= n);
+                }
+            }
+        }
+        // N:M never keeps an entry the input mask removed.
+        prop_assert_eq!(out.mask.overlap(&input), out.mask.nnz());
+    }
+
+    #[test]
+    fn permutation_never_loses_magnitude((shape, mask, w) in layer(), seed in 0u64..3) {
+        let plain = run(&shape, &mask, &w, &Pattern::Nm(NmConfig::default()), seed).1;
+        let cfg = NmConfig { permute: true, escape_attempts: 5, ..Default::default() };
+        let permuted = run(&shape, &mask, &w, &Pattern::Nm(cfg), seed).1;
+        prop_assert!(permuted.mask.magnitude(&w) + 1e-3 >= plain.mask.magnitude(&w));
+    }
+
+    #[test]
+    fn conversions_are_deterministic((shape, mask, w) in layer(), seed in 0u64..1000) {
+        for p in [
+            Pattern::Group(GroupConfig { min_rows: 1, row_tile: 2, ..Default::default() }),
+            Pattern::ShuffledBlock(ShuffledConfig { block: 3, blocks: None }),
+            Pattern::Nm(NmConfig { permute: true, escape_attempts: 4, ..Default::default() }),
+        ] {
+            let a = run(&shape, &mask, &w, &p, seed).1;
+            let b = run(&shape, &mask, &w, &p, seed).1;
+            prop_assert_eq!(a.mask, b.mask);
+            prop_assert_eq!(a.col_perm, b.col_perm);
+        }
+    }
+
+    #[test]
+    fn mask_files_round_trip(tensors in prop::collection::vec((1usize..6, 1usize..9, any::<u64>()), 1..5)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let list: Vec<MaskTensor> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c, bits))| MaskTensor {
+                name: format!("layer{i}.weight"),
+                shape: vec![r, c],
+                data: (0..r * c).map(|k| ((bits >> (k % 64)) & 1) as u8).collect(),
+            })
+            .collect();
+        let f = MaskFile::new("mem", list);
+        f.write(&path).unwrap();
+        let back = MaskFile::read(&path).unwrap();
+        prop_assert_eq!(back.tensors(), f.tensors());
+    }
+
+    #[test]
+    fn weight_files_round_trip(values in prop::collection::vec(prop::num::f32::NORMAL | prop::num::f32::ZERO, 1..64)) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let t = WeightTensor::new("w", vec![values.len()], values.clone()).unwrap();
+        WeightFile::write_f32(&path, &[t]).unwrap();
+        let back = WeightFile::read(&path).unwrap();
+        prop_assert_eq!(back.get("w").unwrap().values().unwrap(), &values[..]);
+    }
+}
