@@ -1,0 +1,305 @@
+//! Plans: a packed format prepared for one instruction set, run many times.
+
+mod blocks;
+mod dense;
+mod micro;
+mod rows;
+
+pub use dense::Threading;
+
+use blocks::BlockEngine;
+use dense::DenseEngine;
+use rows::RowEngine;
+
+use crate::error::{check_len, KernelError, Result};
+use crate::formats::Packed;
+use crate::simd::Isa;
+
+/// A raw pointer that threads may share; each thread touches a disjoint part of the buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+
+impl SyncPtr {
+    /// The pointer (a method, so that closures capture the whole `SyncPtr`).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: used only to hand disjoint parts of one buffer to rayon tasks.
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SyncPtr {}
+
+/// Part `t` of `0..n` cut into `parts` pieces whose boundaries are multiples of `align`.
+pub(crate) fn split_range(n: usize, parts: usize, t: usize, align: usize) -> (usize, usize) {
+    let chunk = n.div_ceil(parts.max(1)).div_ceil(align.max(1)) * align.max(1);
+    ((t * chunk).min(n), ((t + 1) * chunk).min(n))
+}
+
+/// Register tile height of the block micro-kernel for an instruction set (= its `Simd::MR`).
+fn tile_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 8,
+        _ => 4,
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Engine {
+    Dense(DenseEngine),
+    Blocks(BlockEngine),
+    Rows(RowEngine),
+}
+
+/// A packed weight matrix `W` prepared to run `Y = W·X` and the two products training needs.
+///
+/// `X` has [`in_dim`](Self::in_dim) rows and `Y` [`out_dim`](Self::out_dim) rows, both
+/// row-major with `n` columns (the batch × spatial positions of an im2col convolution). For every
+/// format but channel-compact these are the columns and rows of `W`; channel-compact reads only
+/// the kept input columns and writes only the kept rows.
+///
+/// `Plan::new` validates and packs once; the run methods check buffer lengths and allocate
+/// nothing. They use the threads of the current rayon pool.
+///
+/// ```
+/// use coarsen_core::Mask;
+/// use coarsen_kernels::{GroupBlocks, Packed, Plan};
+///
+/// let mask = Mask::from_fn(8, 6, |r, c| (r < 4) == (c < 3));
+/// let w = vec![1.0f32; 48];
+/// let plan = Plan::new(&Packed::Group(GroupBlocks::pack(&mask, &w).unwrap())).unwrap();
+/// let x = vec![1.0f32; 6 * 5];
+/// let mut y = vec![0.0f32; 8 * 5];
+/// plan.forward(&x, &mut y, 5).unwrap();
+/// assert!(y.iter().all(|&v| v == 3.0));
+/// ```
+#[derive(Clone, Debug)]
+pub struct Plan {
+    isa: Isa,
+    format: &'static str,
+    engine: Engine,
+    /// Value positions no kernel writes (N:M padding, BSR past the edge): zeroed by
+    /// `backward_weight`.
+    padding: Vec<u32>,
+    /// Number of values of the format.
+    values_len: usize,
+}
+
+impl Plan {
+    /// A plan for the best instruction set of this CPU.
+    pub fn new(packed: &Packed) -> Result<Plan> {
+        Plan::with_isa(packed, Isa::detect())
+    }
+
+    /// A plan for a given instruction set (fails if this CPU lacks it).
+    pub fn with_isa(packed: &Packed, isa: Isa) -> Result<Plan> {
+        if !isa.is_available() {
+            return Err(KernelError::Isa(isa.as_str()));
+        }
+        let mr = tile_rows(isa);
+        let engine = match packed {
+            Packed::Dense(d) => Engine::Dense(DenseEngine::new(d.rows, d.cols, d.values.clone())),
+            Packed::Channel(f) => Engine::Dense(DenseEngine::new(
+                f.kept_rows.len(),
+                f.in_dim(),
+                f.values.clone(),
+            )),
+            Packed::Group(f) => Engine::Blocks(BlockEngine::from_group(f, mr)),
+            Packed::Shuffled(f) => Engine::Blocks(BlockEngine::from_shuffled(f, mr)),
+            Packed::Bsr(f) => Engine::Blocks(BlockEngine::from_bsr(f, mr)),
+            Packed::Csr(f) => Engine::Rows(RowEngine::from_csr(f)),
+            Packed::Nm(f) => Engine::Rows(RowEngine::from_nm(f)),
+        };
+        // Value positions no kernel touches: N:M padding slots, BSR entries past the edge.
+        let values_len = packed.values().len();
+        let mut written = vec![matches!(engine, Engine::Dense(_)); values_len];
+        match &engine {
+            Engine::Dense(_) => {}
+            Engine::Blocks(e) => e.mapped().for_each(|i| written[i as usize] = true),
+            Engine::Rows(e) => e.mapped().for_each(|i| written[i as usize] = true),
+        }
+        let padding = (0..values_len as u32)
+            .filter(|&i| !written[i as usize])
+            .collect();
+        Ok(Plan {
+            isa,
+            format: packed.name(),
+            engine,
+            padding,
+            values_len,
+        })
+    }
+
+    /// The instruction set the plan runs on.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The format's name.
+    pub fn format(&self) -> &'static str {
+        self.format
+    }
+
+    /// Rows of `Y` (and of `dY`).
+    pub fn out_dim(&self) -> usize {
+        match &self.engine {
+            Engine::Dense(e) => e.rows(),
+            Engine::Blocks(e) => e.rows(),
+            Engine::Rows(e) => e.rows(),
+        }
+    }
+
+    /// Rows of `X` (and of `dX`).
+    pub fn in_dim(&self) -> usize {
+        match &self.engine {
+            Engine::Dense(e) => e.cols(),
+            Engine::Blocks(e) => e.cols(),
+            Engine::Rows(e) => e.cols(),
+        }
+    }
+
+    /// Number of values of the format (the length of `dvalues` in
+    /// [`backward_weight`](Self::backward_weight)).
+    pub fn value_count(&self) -> usize {
+        self.values_len
+    }
+
+    /// How a dense or channel-compact plan spreads over threads (ignored by the others).
+    pub fn set_threading(&mut self, threading: Threading) {
+        if let Engine::Dense(e) = &mut self.engine {
+            e.threading = threading;
+        }
+    }
+
+    /// The threading of a dense or channel-compact plan.
+    pub fn threading(&self) -> Option<Threading> {
+        match &self.engine {
+            Engine::Dense(e) => Some(e.threading),
+            _ => None,
+        }
+    }
+
+    fn check(
+        &self,
+        op: &'static str,
+        a: (&'static str, usize, usize),
+        b: (&'static str, usize, usize),
+        n: usize,
+    ) -> Result<()> {
+        for (what, got, rows) in [a, b] {
+            check_len(op, what, got, rows * n, || {
+                format!("{rows} rows × {n} columns")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `Y = W·X`: `x` is `in_dim × n`, `y` is `out_dim × n`, both row-major.
+    pub fn forward(&self, x: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        self.check(
+            "forward",
+            ("x", x.len(), self.in_dim()),
+            ("y", y.len(), self.out_dim()),
+            n,
+        )?;
+        match &self.engine {
+            Engine::Dense(e) => e.forward(x, y, n),
+            Engine::Blocks(e) => e.forward(self.isa, x, y, n),
+            Engine::Rows(e) => e.forward(self.isa, x, y, n),
+        }
+        Ok(())
+    }
+
+    /// `dX = Wᵀ·dY`: `dy` is `out_dim × n`, `dx` is `in_dim × n`.
+    pub fn backward_input(&self, dy: &[f32], dx: &mut [f32], n: usize) -> Result<()> {
+        self.check(
+            "backward_input",
+            ("dy", dy.len(), self.out_dim()),
+            ("dx", dx.len(), self.in_dim()),
+            n,
+        )?;
+        match &self.engine {
+            Engine::Dense(e) => e.backward_input(dy, dx, n),
+            Engine::Blocks(e) => e.backward_input(self.isa, dy, dx, n),
+            Engine::Rows(e) => e.backward_input(self.isa, dy, dx, n),
+        }
+        Ok(())
+    }
+
+    /// The weight gradient on the pattern, `dY·Xᵀ` at the stored entries only, written in the
+    /// format's own value layout (`dvalues` has [`value_count`](Self::value_count) values;
+    /// padding slots get 0).
+    pub fn backward_weight(
+        &self,
+        dy: &[f32],
+        x: &[f32],
+        n: usize,
+        dvalues: &mut [f32],
+    ) -> Result<()> {
+        self.check(
+            "backward_weight",
+            ("dy", dy.len(), self.out_dim()),
+            ("x", x.len(), self.in_dim()),
+            n,
+        )?;
+        check_len(
+            "backward_weight",
+            "dvalues",
+            dvalues.len(),
+            self.value_count(),
+            || format!("the {} format's values", self.format),
+        )?;
+        if n == 0 {
+            // An empty batch has a zero gradient (the kernels' loops would not run at all).
+            dvalues.fill(0.0);
+            return Ok(());
+        }
+        match &self.engine {
+            Engine::Dense(e) => e.backward_weight(dy, x, n, dvalues),
+            Engine::Blocks(e) => e.backward_weight(self.isa, dy, x, n, dvalues),
+            Engine::Rows(e) => e.backward_weight(self.isa, dy, x, n, dvalues),
+        }
+        for &p in &self.padding {
+            dvalues[p as usize] = 0.0;
+        }
+        Ok(())
+    }
+
+    /// New values for the same structure (after a weight update), in the format's layout.
+    pub fn update_values(&mut self, values: &[f32]) -> Result<()> {
+        check_len(
+            "update_values",
+            "values",
+            values.len(),
+            self.value_count(),
+            || format!("the {} format's values", self.format),
+        )?;
+        match &mut self.engine {
+            Engine::Dense(e) => e.set_values(values),
+            Engine::Blocks(e) => e.set_values(values),
+            Engine::Rows(e) => e.set_values(values),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_and_align() {
+        for n in [0, 1, 7, 8, 9, 100, 1024] {
+            let mut next = 0;
+            for t in 0..3 {
+                let (a, b) = split_range(n, 3, t, 8);
+                assert_eq!(a, next.min(n));
+                assert!(a % 8 == 0 || a == n);
+                next = b;
+            }
+            assert_eq!(next, n);
+        }
+    }
+}

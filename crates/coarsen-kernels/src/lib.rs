@@ -1,0 +1,34 @@
+//! # coarsen-kernels
+//!
+//! Packed structured-sparse formats and CPU kernels that turn structure into speed, next to the
+//! strong dense GEMM (faer) they are measured against.
+//!
+//! - [`formats`]: channel-compact, group blocks, shuffled blocks, BSR, N:M compressed and CSR,
+//!   each packed from a [`coarsen_core::Mask`] plus weights and unpacked back.
+//! - [`Plan`]: a packed matrix prepared once for an instruction set ([`Isa`]: AVX2/FMA,
+//!   AVX-512, NEON or portable, chosen at run time), then run for `Y = W·X`, `dX = Wᵀ·dY` and
+//!   the weight gradient restricted to the pattern, multi-threaded with rayon, without
+//!   allocating.
+//! - [`reference`]: the naive products every kernel is tested against.
+//! - [`timing`]: interleaved, repeated timing against the dense baseline.
+//!
+//! Group blocks, shuffled blocks and BSR run on one gather-GEMM engine (rows of a block share
+//! their columns, so each loaded column of `X` feeds a whole register tile of rows); CSR and N:M
+//! run row by row on cache-sized column chunks; dense and channel-compact run on faer.
+
+#![warn(missing_docs)]
+
+mod engine;
+mod error;
+pub mod formats;
+pub mod reference;
+pub mod simd;
+pub mod timing;
+
+pub use engine::{Plan, Threading};
+pub use error::{KernelError, Result};
+pub use formats::{
+    Block, Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, RowGroup,
+    ShuffledBlocks, Tile,
+};
+pub use simd::Isa;

@@ -1,0 +1,259 @@
+//! Every format × every product × every available instruction set × 1 and 3 threads, against
+//! the naive references, over awkward shapes: 0, 1, primes, sizes that are not multiples of the
+//! register tiles.
+
+use coarsen_core::{Mask, MatrixView};
+use coarsen_kernels::reference::{self, close};
+use coarsen_kernels::{
+    Bsr, ChannelCompact, Csr, Dense, GroupBlocks, Isa, NmCompressed, Packed, Plan, ShuffledBlocks,
+    Threading,
+};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn values(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn random_mask(rng: &mut ChaCha8Rng, rows: usize, cols: usize, density: f64) -> Mask {
+    Mask::from_fn(rows, cols, |_, _| rng.random_bool(density))
+}
+
+/// A mask with planted row classes, so that block formats get real multi-row blocks.
+fn class_mask(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Mask {
+    let classes = 1 + rows / 6;
+    let class_of: Vec<usize> = (0..rows).map(|_| rng.random_range(0..classes)).collect();
+    let col_sets: Vec<Vec<bool>> = (0..classes)
+        .map(|_| (0..cols).map(|_| rng.random_bool(0.4)).collect())
+        .collect();
+    Mask::from_fn(rows, cols, |r, c| col_sets[class_of[r]][c])
+}
+
+/// An N:M mask (under a random channel permutation) for a `[rows, channels, k, k]` weight.
+fn nm_mask(rng: &mut ChaCha8Rng, view: MatrixView, n: usize, m: usize) -> (Mask, Vec<usize>) {
+    let mut perm: Vec<usize> = (0..view.in_channels).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, rng.random_range(0..=i));
+    }
+    let mut mask = Mask::zeros(view.rows, view.cols);
+    for r in 0..view.rows {
+        for s in 0..view.inner {
+            for group in perm.chunks(m) {
+                let keep = rng.random_range(0..=n.min(group.len()));
+                let mut pos: Vec<usize> = (0..group.len()).collect();
+                for i in (1..pos.len()).rev() {
+                    pos.swap(i, rng.random_range(0..=i));
+                }
+                for &p in &pos[..keep] {
+                    mask.set(r, view.col(group[p], s), true);
+                }
+            }
+        }
+    }
+    (mask, perm)
+}
+
+/// Every format packed from masks suited to it, for a `rows × cols` layer.
+fn formats(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Vec<Packed> {
+    let w = values(rng, rows * cols);
+    let mut out = vec![Packed::Dense(Dense::new(rows, cols, w.clone()).unwrap())];
+    let kept: Vec<bool> = (0..rows).map(|_| rng.random_bool(0.5)).collect();
+    let channel = Mask::from_fn(rows, cols, |r, _| kept[r]);
+    out.push(Packed::Channel(
+        ChannelCompact::pack(&channel, &w, None).unwrap(),
+    ));
+    if cols >= 2 {
+        let ch: Vec<u32> = (0..cols as u32).filter(|c| c % 3 != 1).collect();
+        out.push(Packed::Channel(
+            ChannelCompact::pack(&channel, &w, Some((&ch, 1))).unwrap(),
+        ));
+    }
+    let classes = class_mask(rng, rows, cols);
+    out.push(Packed::Group(GroupBlocks::pack(&classes, &w).unwrap()));
+    let unstructured = random_mask(rng, rows, cols, 0.3);
+    out.push(Packed::Group(GroupBlocks::pack(&unstructured, &w).unwrap()));
+    out.push(Packed::Shuffled(
+        ShuffledBlocks::pack(&classes, &w, 4).unwrap(),
+    ));
+    out.push(Packed::Shuffled(
+        ShuffledBlocks::pack(&unstructured, &w, 3).unwrap(),
+    ));
+    out.push(Packed::Bsr(
+        Bsr::pack(&random_mask(rng, rows, cols, 0.2), &w, 3, 5).unwrap(),
+    ));
+    out.push(Packed::Bsr(Bsr::pack(&classes, &w, 4, 4).unwrap()));
+    out.push(Packed::Csr(Csr::pack(&unstructured, &w).unwrap()));
+    let view = MatrixView::matrix(rows, cols);
+    let (nm, perm) = nm_mask(rng, view, 2, 4);
+    out.push(Packed::Nm(
+        NmCompressed::pack(&nm, &w, view, 2, 4, Some(&perm)).unwrap(),
+    ));
+    out
+}
+
+/// The dense weight of the plan's own dimensions (compact for channel-compact).
+fn plan_weight(p: &Packed) -> (Vec<f32>, usize, usize, Mask) {
+    match p {
+        Packed::Channel(f) => {
+            let (r, c) = (f.kept_rows.len(), f.in_dim());
+            (f.values.clone(), r, c, Mask::ones(r, c))
+        }
+        other => {
+            let (r, c) = other.shape();
+            (other.unpack(), r, c, other.mask())
+        }
+    }
+}
+
+/// The weight gradient in dense form, from the plan's value layout.
+fn dense_grad(p: &Packed, dvalues: &[f32]) -> Vec<f32> {
+    let mut q = p.clone();
+    q.values_mut().copy_from_slice(dvalues);
+    match &q {
+        Packed::Channel(f) => f.values.clone(),
+        other => other.unpack(),
+    }
+}
+
+fn check_all(packed: &Packed, n: usize, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (w, rows, cols, mask) = plan_weight(packed);
+    let x = values(&mut rng, cols * n);
+    let dy = values(&mut rng, rows * n);
+    let want_y = reference::forward(&w, rows, cols, &x, n);
+    let want_dx = reference::backward_input(&w, rows, cols, &dy, n);
+    let want_dw = reference::backward_weight(&dy, &x, n, &mask);
+    for isa in Isa::available() {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut plan = Plan::with_isa(packed, isa).unwrap();
+            for threading in [Threading::Faer, Threading::SplitColumns] {
+                plan.set_threading(threading);
+                let ctx = format!(
+                    "{} {rows}x{cols} n={n} {isa:?} threads={threads} {threading:?}",
+                    packed.name()
+                );
+                pool.install(|| {
+                    let mut y = vec![f32::NAN; rows * n];
+                    plan.forward(&x, &mut y, n).unwrap();
+                    close(&y, &want_y, cols, 1.0).unwrap_or_else(|e| panic!("forward {ctx}: {e}"));
+                    let mut dx = vec![f32::NAN; cols * n];
+                    plan.backward_input(&dy, &mut dx, n).unwrap();
+                    close(&dx, &want_dx, rows, 1.0)
+                        .unwrap_or_else(|e| panic!("backward_input {ctx}: {e}"));
+                    let mut dv = vec![f32::NAN; plan.value_count()];
+                    plan.backward_weight(&dy, &x, n, &mut dv).unwrap();
+                    close(&dense_grad(packed, &dv), &want_dw, n, 1.0)
+                        .unwrap_or_else(|e| panic!("backward_weight {ctx}: {e}"));
+                });
+                if plan.threading().is_none() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_format_on_awkward_shapes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for &(rows, cols) in &[
+        (1, 1),
+        (1, 9),
+        (7, 1),
+        (13, 37),
+        (16, 64),
+        (33, 29),
+        (64, 48),
+    ] {
+        for p in formats(&mut rng, rows, cols) {
+            for n in [0, 1, 7, 17, 33, 100] {
+                check_all(&p, n, (rows * 1000 + cols * 10 + n) as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_sized_matrices() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for &(rows, cols) in &[(0, 5), (5, 0), (0, 0)] {
+        let w = values(&mut rng, rows * cols);
+        let m = Mask::zeros(rows, cols);
+        for p in [
+            Packed::Dense(Dense::new(rows, cols, w.clone()).unwrap()),
+            Packed::Group(GroupBlocks::pack(&m, &w).unwrap()),
+            Packed::Csr(Csr::pack(&m, &w).unwrap()),
+            Packed::Bsr(Bsr::pack(&m, &w, 2, 2).unwrap()),
+        ] {
+            check_all(&p, 4, 0);
+        }
+    }
+}
+
+#[test]
+fn conv_shaped_nm_with_permutation() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for shape in [[8usize, 12, 3, 3], [5, 7, 1, 1], [16, 8, 3, 3]] {
+        let view = MatrixView::of(&shape).unwrap();
+        for (n, m) in [(2, 4), (1, 3), (4, 8)] {
+            let w = values(&mut rng, view.len());
+            let (mask, perm) = nm_mask(&mut rng, view, n, m);
+            let p = Packed::Nm(NmCompressed::pack(&mask, &w, view, n, m, Some(&perm)).unwrap());
+            check_all(&p, 37, 5);
+        }
+    }
+}
+
+#[test]
+fn length_errors_name_the_buffer() {
+    let m = Mask::ones(4, 3);
+    let p = Plan::new(&Packed::Csr(Csr::pack(&m, &[1.0; 12]).unwrap())).unwrap();
+    let err = p
+        .forward(&[0.0; 5], &mut [0.0; 8], 2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("x holds 5 values") && err.contains("6 are needed"),
+        "{err}"
+    );
+    let err = p
+        .backward_weight(&[0.0; 8], &[0.0; 6], 2, &mut [0.0; 3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dvalues"), "{err}");
+}
+
+#[test]
+fn update_values_changes_the_result() {
+    let mask = Mask::from_fn(6, 5, |r, c| (r + c) % 2 == 0);
+    let w = vec![1.0f32; 30];
+    let packed = Packed::Shuffled(ShuffledBlocks::pack(&mask, &w, 2).unwrap());
+    let mut plan = Plan::new(&packed).unwrap();
+    let x = vec![1.0f32; 5 * 3];
+    let mut y1 = vec![0.0; 18];
+    plan.forward(&x, &mut y1, 3).unwrap();
+    let doubled: Vec<f32> = packed.values().iter().map(|v| v * 2.0).collect();
+    plan.update_values(&doubled).unwrap();
+    let mut y2 = vec![0.0; 18];
+    plan.forward(&x, &mut y2, 3).unwrap();
+    for (a, b) in y1.iter().zip(&y2) {
+        assert_eq!(*b, 2.0 * a);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn random_shapes(rows in 1usize..40, cols in 1usize..40, n in 0usize..70, seed in any::<u64>()) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for p in formats(&mut rng, rows, cols) {
+            check_all(&p, n, seed);
+        }
+    }
+}
