@@ -11,6 +11,7 @@
 //!   allocating.
 //! - [`reference`]: the naive products every kernel is tested against.
 //! - [`timing`]: interleaved, repeated timing against the dense baseline.
+//! - [`bench`]: the benchmark shapes, random structured masks per format, and measurements.
 //!
 //! Group blocks, shuffled blocks and BSR run on one gather-GEMM engine (rows of a block share
 //! their columns, so each loaded column of `X` feeds a whole register tile of rows); CSR and N:M
@@ -18,7 +19,9 @@
 
 #![warn(missing_docs)]
 
-mod engine;
+pub mod bench;
+#[doc(hidden)]
+pub mod engine;
 mod error;
 pub mod formats;
 pub mod reference;

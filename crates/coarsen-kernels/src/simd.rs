@@ -119,6 +119,9 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn bcast(p: *const f32) -> Self::V {
         Self::splat(*p)
     }
+    /// Hints that the cache line holding `p` will be read soon (no effect where unsupported).
+    #[inline(always)]
+    unsafe fn prefetch(_p: *const f32) {}
 }
 
 /// Portable 4-lane arrays.
@@ -182,7 +185,7 @@ mod x86 {
     impl Simd for Avx2 {
         const LANES: usize = 8;
         const MR: usize = 4;
-        const NV: usize = 3;
+        const NV: usize = 2;
         type V = __m256;
 
         #[inline(always)]
@@ -220,6 +223,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn bcast(p: *const f32) -> __m256 {
             _mm256_broadcast_ss(&*p)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         }
     }
 
@@ -260,6 +267,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn sum(v: __m512) -> f32 {
             _mm512_reduce_add_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         }
     }
 }

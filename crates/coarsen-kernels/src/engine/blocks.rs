@@ -4,13 +4,26 @@
 
 use rayon::prelude::*;
 
-use super::micro::{dot_tile, gather_columns, gather_tile};
+use super::micro::{dot_tile, gather_columns, gather_tile, pack_rows, packed_tile};
 use super::{split_range, SyncPtr};
 use crate::formats::{Bsr, GroupBlocks, ShuffledBlocks};
 use crate::simd::{run_task, Isa, Simd, SimdTask};
 
-/// Columns of `X` handled together: one chunk of `X` serves every block.
-const NC: usize = 384;
+/// Columns of `X` per chunk when many rows use each column: the chunk is copied once, so that
+/// blocks gather from a compact, cache-resident buffer instead of from scattered pages.
+const REUSED_NC: usize = 64;
+/// Columns of `X` per chunk when few rows use each column: rows of `X` are streamed in long
+/// runs the hardware prefetchers follow.
+const STREAMED_NC: usize = 512;
+/// Rows that use a column of `X`, on average, above which the chunk copy pays off.
+const CHUNK_REUSE: usize = 48;
+/// Columns of a block packed at once: with one register tile of `X` they fill a few KiB of L1.
+const KC: usize = 64;
+
+thread_local! {
+    /// Per-thread buffer for packed rows of `X`; it grows to the largest need and is reused.
+    static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A dense block ready to run.
 #[derive(Clone, Debug)]
@@ -34,6 +47,8 @@ pub(crate) struct BlockEngine {
     blocks: Vec<ExecBlock>,
     /// Rows of `Y` no block writes (zeroed by `forward`).
     uncovered: Vec<u32>,
+    /// Copy whole chunks of `X` (many rows use each column) rather than pack per block.
+    chunked: bool,
 }
 
 impl BlockEngine {
@@ -60,12 +75,15 @@ impl BlockEngine {
             })
             .collect();
         let uncovered = (0..rows as u32).filter(|&r| !covered[r as usize]).collect();
+        let entries: usize = blocks.iter().map(|b| b.rows.len() * b.cols.len()).sum();
+        let chunked = entries >= CHUNK_REUSE * cols.max(1);
         let mut e = BlockEngine {
             rows,
             cols,
             mr,
             blocks,
             uncovered,
+            chunked,
         };
         e.set_values(values);
         e
@@ -166,48 +184,70 @@ impl BlockEngine {
 
     /// `Y = W·X`.
     pub(crate) fn forward(&self, isa: Isa, x: &[f32], y: &mut [f32], n: usize) {
-        let (xp, yp) = (SyncPtr(x.as_ptr() as *mut f32), SyncPtr(y.as_mut_ptr()));
-        let parts = rayon::current_num_threads();
-        (0..parts).into_par_iter().for_each(|t| {
-            let (n0, n1) = split_range(n, parts, t, isa.lanes());
-            if n0 < n1 {
-                run_task(
-                    isa,
-                    Pass {
-                        e: self,
-                        x: xp,
-                        y: yp,
-                        n,
-                        n0,
-                        n1,
-                        transpose: false,
-                    },
-                );
-            }
-        });
+        self.run_pass(isa, x, y, n, false);
     }
 
     /// `dX = Wᵀ·dY`.
     pub(crate) fn backward_input(&self, isa: Isa, dy: &[f32], dx: &mut [f32], n: usize) {
-        let (xp, yp) = (SyncPtr(dy.as_ptr() as *mut f32), SyncPtr(dx.as_mut_ptr()));
+        self.run_pass(isa, dy, dx, n, true);
+    }
+
+    fn run_pass(&self, isa: Isa, x: &[f32], y: &mut [f32], n: usize, transpose: bool) {
+        let (x, y) = (SyncPtr(x.as_ptr() as *mut f32), SyncPtr(y.as_mut_ptr()));
         let parts = rayon::current_num_threads();
+        let need = if transpose {
+            0
+        } else {
+            self.pack_floats(super::tile_width(isa))
+        };
         (0..parts).into_par_iter().for_each(|t| {
             let (n0, n1) = split_range(n, parts, t, isa.lanes());
             if n0 < n1 {
-                run_task(
-                    isa,
-                    Pass {
-                        e: self,
-                        x: xp,
-                        y: yp,
-                        n,
-                        n0,
-                        n1,
-                        transpose: true,
-                    },
-                );
+                PACK.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    if buf.len() < need {
+                        buf.resize(need, 0.0);
+                    }
+                    let pack = SyncPtr(buf.as_mut_ptr());
+                    let pack_len = buf.len();
+                    let e = self;
+                    run_task(
+                        isa,
+                        Pass {
+                            e,
+                            x,
+                            y,
+                            n,
+                            n0,
+                            n1,
+                            transpose,
+                            pack,
+                            pack_len,
+                        },
+                    );
+                });
             }
         });
+    }
+
+    /// Columns of `X` per chunk (rounded down to whole register tiles by the pass).
+    fn chunk_width(&self) -> usize {
+        if self.chunked {
+            REUSED_NC
+        } else {
+            STREAMED_NC
+        }
+    }
+
+    /// Floats of scratch a forward pass with register tiles `nr` wide needs: the copy of a chunk
+    /// (chunk-copy strategy) or the block packing buffer of `KC` rows of a chunk.
+    fn pack_floats(&self, nr: usize) -> usize {
+        let nc = self.chunk_width().div_ceil(nr) * nr;
+        if self.chunked {
+            self.cols * nc
+        } else {
+            KC * nc
+        }
     }
 
     /// `dV = dY[rows]·X[cols]ᵀ` for every block, written to the format's value positions.
@@ -271,6 +311,9 @@ struct Pass<'a> {
     n0: usize,
     n1: usize,
     transpose: bool,
+    /// Packing buffer (forward only) of `pack_len` values.
+    pack: SyncPtr,
+    pack_len: usize,
 }
 
 impl SimdTask for Pass<'_> {
@@ -302,7 +345,7 @@ macro_rules! with_tile {
 #[inline(always)]
 unsafe fn pass<S: Simd>(p: &Pass<'_>) {
     let e = p.e;
-    let (x, y, ld) = (p.x.0 as *const f32, p.y.0, p.n);
+    let (x, y, ld) = (p.x.get() as *const f32, p.y.get(), p.n);
     let width = p.n1 - p.n0;
     // Rows of the output that no block writes (forward), or every row (backward accumulates).
     if p.transpose {
@@ -317,9 +360,19 @@ unsafe fn pass<S: Simd>(p: &Pass<'_>) {
     let mr = S::MR;
     debug_assert_eq!(mr, e.mr);
     let nr = S::NV * S::LANES;
+    let nc = e.chunk_width().div_ceil(nr) * nr;
+    assert!(
+        p.transpose || e.pack_floats(nr) <= p.pack_len,
+        "packing buffer too small"
+    );
     let mut c0 = p.n0;
     while c0 < p.n1 {
-        let c1 = (c0 + NC).min(p.n1);
+        let c1 = (c0 + nc).min(p.n1);
+        let full = (c1 - c0) / nr * nr;
+        if !p.transpose && full > 0 {
+            forward_chunk::<S>(e, p.pack.get(), x.add(c0), ld, y.add(c0), full);
+        }
+        let start = if p.transpose { c0 } else { c0 + full };
         for b in &e.blocks {
             // Forward: out = block rows, in = block columns; backward: the other way round.
             let (out, inp, vals) = if p.transpose {
@@ -329,7 +382,7 @@ unsafe fn pass<S: Simd>(p: &Pass<'_>) {
             };
             let k = inp.len();
             let panels = out.len().div_ceil(mr);
-            let mut t = c0;
+            let mut t = start;
             while t + nr <= c1 {
                 for q in 0..panels {
                     let rows = &out[q * mr..((q + 1) * mr).min(out.len())];
@@ -397,6 +450,91 @@ unsafe fn pass<S: Simd>(p: &Pass<'_>) {
             }
         }
         c0 = c1;
+    }
+}
+
+/// `Y[:, 0..full] = W·X[:, 0..full]` for one chunk of whole register tiles (`x`, `y` point at
+/// the chunk's first column; row stride `ld`).
+///
+/// Many rows per column (`chunked`): the chunk of every row of `X` is copied once, tile-major
+/// (`[tile][row][NR]`, one aligned register tile per row), and blocks gather from that compact
+/// buffer. Few rows per column: each block's columns of `X` are packed `KC` at a time into an
+/// L1-sized buffer, streaming `X` in long runs, and every panel of rows runs on it.
+#[inline(always)]
+unsafe fn forward_chunk<S: Simd>(
+    e: &BlockEngine,
+    scratch: *mut f32,
+    x: *const f32,
+    ld: usize,
+    y: *mut f32,
+    full: usize,
+) {
+    let (mr, nr) = (S::MR, S::NV * S::LANES);
+    let tiles = full / nr;
+    if e.chunked {
+        let cols = e.cols;
+        for c in 0..cols {
+            let src = x.add(c * ld);
+            for t in 0..tiles {
+                let dst = scratch.add(t * cols * nr + c * nr);
+                for j in 0..S::NV {
+                    S::store(
+                        dst.add(j * S::LANES),
+                        S::load(src.add(t * nr + j * S::LANES)),
+                    );
+                }
+            }
+        }
+        for b in &e.blocks {
+            let k = b.cols.len();
+            let panels = b.rows.len().div_ceil(mr);
+            for t in 0..tiles {
+                let base = scratch.add(t * cols * nr) as *const f32;
+                for q in 0..panels {
+                    let rows = &b.rows[q * mr..((q + 1) * mr).min(b.rows.len())];
+                    let v = b.fwd.as_ptr().add(q * k * mr);
+                    with_tile!(
+                        S,
+                        mr,
+                        S::NV,
+                        gather_tile(
+                            k,
+                            v,
+                            b.cols.as_ptr(),
+                            base,
+                            nr,
+                            rows,
+                            y.add(t * nr),
+                            ld,
+                            false
+                        )
+                    );
+                }
+            }
+        }
+        return;
+    }
+    let pack = scratch;
+    for b in &e.blocks {
+        let k = b.cols.len();
+        let panels = b.rows.len().div_ceil(mr);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            pack_rows::<S>(kc, b.cols.as_ptr().add(k0), x, ld, tiles, pack);
+            for t in 0..tiles {
+                let xp = pack.add(t * kc * nr) as *const f32;
+                for q in 0..panels {
+                    let rows = &b.rows[q * mr..((q + 1) * mr).min(b.rows.len())];
+                    let v = b.fwd.as_ptr().add(q * k * mr + k0 * mr);
+                    with_tile!(
+                        S,
+                        mr,
+                        S::NV,
+                        packed_tile(kc, v, xp, rows, y.add(t * nr), ld, k0 > 0)
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -479,4 +617,54 @@ unsafe fn weight_grad<S: Simd>(w: &WeightGrad<'_>) {
         first = false;
         n0 += len;
     }
+}
+
+/// Useful GFLOP/s of the packed micro-kernel alone on L1-resident data (`rows` rows, `k` columns
+/// per pass), single-threaded: the ceiling of the block engine. For tuning, not for users.
+#[doc(hidden)]
+pub fn micro_ceiling(isa: Isa, rows: usize, k: usize, reps: usize) -> f64 {
+    struct Probe {
+        rows: usize,
+        k: usize,
+        reps: usize,
+    }
+    impl SimdTask for Probe {
+        type Output = f64;
+        #[inline(always)]
+        fn run<S: Simd>(self) -> f64 {
+            let (mr, nr) = (S::MR, S::NV * S::LANES);
+            let panels = self.rows.div_ceil(mr);
+            let vals = vec![0.5f32; panels * mr * self.k];
+            let xp = vec![0.25f32; self.k * nr];
+            let out: Vec<u32> = (0..self.rows as u32).collect();
+            let mut y = vec![0.0f32; self.rows * nr];
+            let t = std::time::Instant::now();
+            for _ in 0..self.reps {
+                for q in 0..panels {
+                    let rows = &out[q * mr..((q + 1) * mr).min(self.rows)];
+                    // SAFETY: the buffers hold what the tile reads and writes.
+                    unsafe {
+                        with_tile!(
+                            S,
+                            mr,
+                            S::NV,
+                            packed_tile(
+                                self.k,
+                                vals.as_ptr().add(q * self.k * mr),
+                                xp.as_ptr(),
+                                rows,
+                                y.as_mut_ptr(),
+                                nr,
+                                true
+                            )
+                        );
+                    }
+                }
+            }
+            let s = t.elapsed().as_secs_f64();
+            std::hint::black_box(&y);
+            2.0 * (self.rows * self.k * nr * self.reps) as f64 / s / 1e9
+        }
+    }
+    run_task(isa, Probe { rows, k, reps })
 }

@@ -22,8 +22,16 @@ pub(crate) unsafe fn gather_tile<S: Simd, const MR: usize, const NV: usize>(
     ldy: usize,
     accumulate: bool,
 ) {
+    /// Rows of `X` fetched ahead: they come from arbitrary columns, so the hardware prefetcher
+    /// cannot guess them.
+    const AHEAD: usize = 8;
     let mut acc = [[S::zero(); NV]; MR];
     for kk in 0..k {
+        if kk + AHEAD < k {
+            let pf = x.add(*cols.add(kk + AHEAD) as usize * ldx);
+            S::prefetch(pf);
+            S::prefetch(pf.add(NV * S::LANES - 1));
+        }
         let xp = x.add(*cols.add(kk) as usize * ldx);
         let mut xv = [S::zero(); NV];
         for (j, v) in xv.iter_mut().enumerate() {
@@ -41,6 +49,80 @@ pub(crate) unsafe fn gather_tile<S: Simd, const MR: usize, const NV: usize>(
         if i < out_rows.len() {
             let yp = y.add(*out_rows.get_unchecked(i) as usize * ldy);
             for (j, &a) in row.iter().enumerate() {
+                let p = yp.add(j * S::LANES);
+                let v = if accumulate { S::add(a, S::load(p)) } else { a };
+                S::store(p, v);
+            }
+        }
+    }
+}
+
+/// Copies `X[cols[kk], t·NR .. (t+1)·NR]` (`NR = NV·L`) for `t < tiles` into `buf` laid out
+/// tile by tile, `buf[t·k·NR + kk·NR + j]`, so that a micro-kernel reads it sequentially.
+/// Vector loads and stores of a width known at compile time (not `memcpy` calls).
+///
+/// # Safety
+/// `x` must hold every `cols[kk]·ldx + tiles·NR` values and `buf` `tiles·k·NR` values.
+#[inline(always)]
+pub(crate) unsafe fn pack_rows<S: Simd>(
+    k: usize,
+    cols: *const u32,
+    x: *const f32,
+    ldx: usize,
+    tiles: usize,
+    buf: *mut f32,
+) {
+    let nr = S::NV * S::LANES;
+    for kk in 0..k {
+        let src = x.add(*cols.add(kk) as usize * ldx);
+        let mut dst = buf.add(kk * nr);
+        for t in 0..tiles {
+            let s = src.add(t * nr);
+            for j in 0..S::NV {
+                S::store(dst.add(j * S::LANES), S::load(s.add(j * S::LANES)));
+            }
+            dst = dst.add(k * nr);
+        }
+    }
+}
+
+/// [`gather_tile`] on packed rows: row `kk` of the tile's `X` is at `xp + kk·NV·L`; the values
+/// of row `kk` are at `vals + kk·MR`.
+///
+/// # Safety
+/// `xp` must hold `k·NV·L` values, `vals` `k·MR`, and every `out_rows[i]·ldy + NV·L` must lie
+/// inside `y`'s allocation.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn packed_tile<S: Simd, const MR: usize, const NV: usize>(
+    k: usize,
+    vals: *const f32,
+    xp: *const f32,
+    out_rows: &[u32],
+    y: *mut f32,
+    ldy: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[S::zero(); NV]; MR];
+    let step = NV * S::LANES;
+    for kk in 0..k {
+        let row = xp.add(kk * step);
+        let mut xv = [S::zero(); NV];
+        for (j, v) in xv.iter_mut().enumerate() {
+            *v = S::load(row.add(j * S::LANES));
+        }
+        let vp = vals.add(kk * MR);
+        for (i, accs) in acc.iter_mut().enumerate() {
+            let w = S::bcast(vp.add(i));
+            for (a, &xj) in accs.iter_mut().zip(&xv) {
+                *a = S::fma(w, xj, *a);
+            }
+        }
+    }
+    for (i, accs) in acc.iter().enumerate() {
+        if i < out_rows.len() {
+            let yp = y.add(*out_rows.get_unchecked(i) as usize * ldy);
+            for (j, &a) in accs.iter().enumerate() {
                 let p = yp.add(j * S::LANES);
                 let v = if accumulate { S::add(a, S::load(p)) } else { a };
                 S::store(p, v);

@@ -1,6 +1,6 @@
 //! Plans: a packed format prepared for one instruction set, run many times.
 
-mod blocks;
+pub mod blocks;
 mod dense;
 mod micro;
 mod rows;
@@ -42,7 +42,18 @@ pub(crate) fn split_range(n: usize, parts: usize, t: usize, align: usize) -> (us
 fn tile_rows(isa: Isa) -> usize {
     match isa {
         Isa::Avx512 => 8,
+        Isa::Avx2 => 4,
         _ => 4,
+    }
+}
+
+/// Width in floats of the block micro-kernel's register tile (= `Simd::NV · Simd::LANES`).
+pub(crate) fn tile_width(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 3 * 16,
+        Isa::Avx2 => 2 * 8,
+        Isa::Neon => 4 * 4,
+        Isa::Scalar => 2 * 4,
     }
 }
 
@@ -109,8 +120,8 @@ impl Plan {
             Packed::Group(f) => Engine::Blocks(BlockEngine::from_group(f, mr)),
             Packed::Shuffled(f) => Engine::Blocks(BlockEngine::from_shuffled(f, mr)),
             Packed::Bsr(f) => Engine::Blocks(BlockEngine::from_bsr(f, mr)),
-            Packed::Csr(f) => Engine::Rows(RowEngine::from_csr(f)),
-            Packed::Nm(f) => Engine::Rows(RowEngine::from_nm(f)),
+            Packed::Csr(f) => Engine::Rows(RowEngine::from_csr(f, rows::chunk_cols(isa.lanes()))),
+            Packed::Nm(f) => Engine::Rows(RowEngine::from_nm(f, rows::chunk_cols(isa.lanes()))),
         };
         // Value positions no kernel touches: N:M padding slots, BSR entries past the edge.
         let values_len = packed.values().len();
