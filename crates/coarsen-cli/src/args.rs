@@ -35,6 +35,8 @@ pub enum Command {
     Convert(Box<ConvertArgs>),
     /// Show what a mask file holds, layer by layer; optionally draw each layer as a PNG.
     Inspect(InspectArgs),
+    /// Time structured-sparse kernels against the dense GEMM baseline, in the same run.
+    Bench(BenchArgs),
     /// Write randomly initialised weights of a known CIFAR architecture.
     Synth(SynthArgs),
     /// Run the structuring pipeline on an example model and write a report directory.
@@ -270,4 +272,50 @@ pub struct DemoArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// `coarsen bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A GEMM shape `R,C,N` (W is R×C, X is C×N); repeat for several. Default: CIFAR ResNet-18
+    /// and VGG-16 conv layers as im2col GEMMs at --batch, and transformer MLP shapes.
+    #[arg(long, value_name = "R,C,N")]
+    pub shape: Vec<String>,
+    /// Density of the random structured masks.
+    #[arg(long, default_value_t = 0.25)]
+    pub density: f64,
+    /// Formats: channel, group[:rows], shuffled-block[:b], bsr[:HxW], nm[:N:M], csr
+    /// [default: group:32,shuffled-block:16,shuffled-block:32,bsr:16x16,bsr:32x32,channel,nm:2:4,csr].
+    #[arg(long, value_name = "LIST")]
+    pub formats: Option<String>,
+    /// Batch size of the default conv shapes.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Benchmark every layer of this (structured) mask file at its real shape instead.
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    /// Weights for --mask (random values otherwise).
+    #[arg(long, value_name = "FILE", requires = "mask")]
+    pub weights: Option<PathBuf>,
+    /// Columns of X for --mask layers (batch × output positions of a conv).
+    #[arg(long, default_value_t = 4096)]
+    pub n: usize,
+    /// Layer selection for --mask.
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Instruction set: scalar, avx2, avx512, neon [default: the best available].
+    #[arg(long)]
+    pub isa: Option<String>,
+    /// Seconds of repetitions per measurement (at least 5 repetitions).
+    #[arg(long, default_value_t = 0.3)]
+    pub budget: f64,
+    /// Seed of the random masks and weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the records as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }

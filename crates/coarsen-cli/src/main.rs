@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Prune(a) => commands::prune::run(a, cli.quiet),
         Command::Convert(a) => commands::convert::run(a, cli.quiet),
         Command::Inspect(a) => commands::inspect::run(a, cli.quiet),
+        Command::Bench(a) => commands::bench::run(a, cli.quiet),
         Command::Synth(a) => commands::synth::run(a),
         Command::Demo(a) => commands::demo::run(a, cli.quiet),
     };

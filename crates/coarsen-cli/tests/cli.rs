@@ -593,8 +593,89 @@ fn synth_and_demo_write_their_outputs() {
 }
 
 #[test]
+fn bench_shapes_and_mask_layers_with_json() {
+    let f = Fixture::new();
+    let json = f.path("bench.json");
+    let table = ok(&[
+        "bench",
+        "--shape",
+        "64,96,200",
+        "--shape",
+        "33,40,17",
+        "--formats",
+        "group,shuffled-block:8,bsr:8x8,channel,nm,csr",
+        "--density",
+        "0.5",
+        "--budget",
+        "0.01",
+        "--threads",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(
+        table.contains("measured FMA peak") && table.contains("per format"),
+        "{table}"
+    );
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let list = records.as_array().unwrap();
+    assert_eq!(list.len(), 12);
+    for r in list {
+        for key in [
+            "format",
+            "shape",
+            "density",
+            "dense_ms",
+            "sparse_ms",
+            "speedup",
+            "ideal",
+            "fraction_of_ideal",
+        ] {
+            assert!(r.get(key).is_some(), "{key} missing in {r}");
+        }
+        let ratio = r["speedup"].as_f64().unwrap() / r["ideal"].as_f64().unwrap();
+        assert!((ratio - r["fraction_of_ideal"].as_f64().unwrap()).abs() < 1e-9);
+    }
+    // Every layer of a structured mask file, at its real shape, beside CSR.
+    ok(&[
+        "convert",
+        "--weights",
+        f.s("w.safetensors"),
+        "--mask",
+        f.s("m.safetensors"),
+        "--to",
+        "shuffled-block",
+        "--block",
+        "8",
+        "--out",
+        f.s("sb.safetensors"),
+    ]);
+    let table = ok(&[
+        "bench",
+        "--mask",
+        f.s("sb.safetensors"),
+        "--weights",
+        f.s("w.safetensors"),
+        "--n",
+        "64",
+        "--budget",
+        "0.01",
+        "-q",
+    ]);
+    assert!(
+        table.contains("shuffled-block:8") && table.contains("conv2") && table.contains("csr"),
+        "{table}"
+    );
+    let res = coarsen(&["bench", "--shape", "4,4", "-q"]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("expected three positive sizes"));
+}
+
+#[test]
 fn help_for_every_subcommand() {
-    for sub in ["prune", "convert", "inspect", "synth", "demo"] {
+    for sub in ["prune", "convert", "inspect", "bench", "synth", "demo"] {
         let text = ok(&[sub, "--help"]);
         assert!(text.contains("Usage: coarsen"), "{sub}: {text}");
     }

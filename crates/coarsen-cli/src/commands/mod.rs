@@ -1,5 +1,6 @@
 //! The subcommands, one file each, and what they share.
 
+pub mod bench;
 pub mod convert;
 pub mod demo;
 pub mod inspect;

@@ -1,0 +1,337 @@
+//! `coarsen bench`: structured-sparse kernels against the dense baseline, same run.
+
+use anyhow::{bail, Context, Result};
+use coarsen_core::{Mask, MaskFile, MatrixView, Pattern, WeightFile};
+use coarsen_kernels::bench::{
+    default_cases, measure, random_packed, tuned_dense, BenchFormat, Case, Record,
+};
+use coarsen_kernels::timing::peak_gflops;
+use coarsen_kernels::{
+    Bsr, ChannelCompact, Csr, GroupBlocks, Isa, NmCompressed, Packed, Plan, ShuffledBlocks,
+};
+use serde_json::json;
+
+use crate::args::BenchArgs;
+use crate::commands::{ensure_parent, selector, write_json};
+use crate::progress;
+
+/// One thing to time: a shape, a format label and the packed weights.
+struct Job {
+    case: Case,
+    format: String,
+    packed: Packed,
+}
+
+/// Runs `coarsen bench`.
+pub fn run(args: &BenchArgs, quiet: bool) -> Result<()> {
+    if let Some(j) = &args.json {
+        ensure_parent(j)?;
+    }
+    let isa = match &args.isa {
+        None => Isa::detect(),
+        Some(s) => {
+            let isa = Isa::parse(s)
+                .with_context(|| format!("--isa {s}: expected scalar, avx2, avx512 or neon"))?;
+            if !isa.is_available() {
+                bail!(
+                    "--isa {s}: this CPU does not support it (available: {})",
+                    available()
+                );
+            }
+            isa
+        }
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(rayon::current_num_threads)
+        .max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    pool.install(|| bench(args, isa, threads, quiet))
+}
+
+fn available() -> String {
+    Isa::available()
+        .iter()
+        .map(|i| i.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> {
+    let spin = progress::spinner("peak", quiet);
+    spin.set_message(format!(
+        "measuring the {} FMA peak on {threads} threads",
+        isa.as_str()
+    ));
+    let peak = peak_gflops(isa, 0.3);
+    spin.finish_and_clear();
+    println!(
+        "machine: {} on {threads} thread(s), measured FMA peak {peak:.1} GFLOP/s; dense baseline: faer",
+        isa.as_str()
+    );
+    let jobs = jobs(args)?;
+    let bar = progress::bar(jobs.len() as u64, "bench", quiet);
+    let mut records: Vec<Record> = Vec::with_capacity(jobs.len());
+    let mut dense_cache: Option<((usize, usize, usize), Plan)> = None;
+    for job in &jobs {
+        let c = &job.case;
+        bar.set_message(format!(
+            "{} {} {}x{}x{}",
+            c.label, job.format, c.rows, c.cols, c.n
+        ));
+        let key = (c.rows, c.cols, c.n);
+        if dense_cache.as_ref().is_none_or(|(k, _)| *k != key) {
+            dense_cache = Some((key, tuned_dense(c.rows, c.cols, c.n, args.seed)?));
+        }
+        let dense = &dense_cache.as_ref().map(|(_, p)| p).context("dense plan")?;
+        let sparse = Plan::with_isa(&job.packed, isa)?;
+        records.push(measure(
+            c,
+            &job.format,
+            &job.packed,
+            dense,
+            &sparse,
+            args.budget,
+        )?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    print!("{}", table(&records, peak));
+    if let Some(path) = &args.json {
+        let list: Vec<_> = records
+            .iter()
+            .map(|r| {
+                json!({
+                    "format": r.format,
+                    "shape": r.shape,
+                    "density": r.density,
+                    "dense_ms": r.dense_ms,
+                    "sparse_ms": r.sparse_ms,
+                    "speedup": r.speedup,
+                    "ideal": r.ideal,
+                    "fraction_of_ideal": r.fraction_of_ideal,
+                    "label": r.label,
+                    "dense_gflops": r.dense_gflops,
+                    "sparse_gflops": r.sparse_gflops,
+                    "dense_fraction_of_peak": r.dense_gflops / peak,
+                    "isa": isa.as_str(),
+                    "threads": threads,
+                    "peak_gflops": peak,
+                })
+            })
+            .collect();
+        write_json(path, &list)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The jobs: a mask file's layers, or shapes × formats with random masks.
+fn jobs(args: &BenchArgs) -> Result<Vec<Job>> {
+    if let Some(path) = &args.mask {
+        return mask_jobs(args, path);
+    }
+    let formats: Vec<BenchFormat> = match &args.formats {
+        None => BenchFormat::defaults(),
+        Some(list) => list
+            .split(',')
+            .map(|f| f.trim().parse::<BenchFormat>())
+            .collect::<Result<_, _>>()?,
+    };
+    if !(args.density > 0.0 && args.density <= 1.0) {
+        bail!("--density {}: must lie in (0, 1]", args.density);
+    }
+    let cases = if args.shape.is_empty() {
+        default_cases(args.batch)
+    } else {
+        args.shape
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let mut jobs = Vec::new();
+    for case in cases {
+        for (i, f) in formats.iter().enumerate() {
+            let seed = args.seed ^ (i as u64).wrapping_mul(0x9e37_79b9);
+            jobs.push(Job {
+                packed: random_packed(*f, case.rows, case.cols, args.density, seed)?,
+                format: f.label(),
+                case: case.clone(),
+            });
+        }
+    }
+    Ok(jobs)
+}
+
+/// `R,C,N` (also `RxCxN`).
+fn parse_shape(s: &str) -> Result<Case> {
+    let parts: Vec<usize> = s
+        .split([',', 'x'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--shape {s}: expected R,C,N"))?;
+    match parts[..] {
+        [rows, cols, n] if rows > 0 && cols > 0 && n > 0 => Ok(Case {
+            label: format!("{rows}x{cols}x{n}"),
+            rows,
+            cols,
+            n,
+        }),
+        _ => bail!("--shape {s}: expected three positive sizes R,C,N"),
+    }
+}
+
+/// Every selected layer of a mask file at its real shape, in the format its pattern runs in,
+/// and as CSR beside it.
+fn mask_jobs(args: &BenchArgs, path: &std::path::Path) -> Result<Vec<Job>> {
+    let masks = MaskFile::read(path)?;
+    let weights = args.weights.as_ref().map(WeightFile::read).transpose()?;
+    let sel = selector(&args.selection)?;
+    let pattern = match &masks.metadata {
+        Some(m) => Some(Pattern::from_metadata(&m.pattern, &m.params)?),
+        None => None,
+    };
+    let mut jobs = Vec::new();
+    for t in masks
+        .tensors()
+        .iter()
+        .filter(|t| sel.selects(&t.name, &t.shape))
+    {
+        let view = MatrixView::of(&t.shape).context("rank >= 2")?;
+        let mask = Mask::from_bytes(view.rows, view.cols, t.data.clone())?;
+        if mask.nnz() == 0 {
+            continue;
+        }
+        let values: Vec<f32> = match &weights {
+            Some(w) => coarsen_core::matching_values(w, t, masks.path())?.to_vec(),
+            None => (0..mask.len())
+                .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+                .collect(),
+        };
+        let meta = masks.metadata.as_ref().and_then(|m| m.layers.get(&t.name));
+        let structured = meta.is_some_and(|m| m.status == coarsen_core::LayerStatus::Structured);
+        let case = Case {
+            label: t.name.trim_end_matches(".weight").to_string(),
+            rows: view.rows,
+            cols: view.cols,
+            n: args.n,
+        };
+        let (label, packed) = match (&pattern, structured) {
+            (Some(Pattern::Channel(_)), true) => (
+                "channel".to_string(),
+                Packed::Channel(ChannelCompact::pack(&mask, &values, None)?),
+            ),
+            (Some(Pattern::Group(_)), true) => (
+                "group".to_string(),
+                Packed::Group(GroupBlocks::pack(&mask, &values)?),
+            ),
+            (Some(Pattern::ShuffledBlock(c)), true) => (
+                format!("shuffled-block:{}", c.block),
+                Packed::Shuffled(ShuffledBlocks::pack(&mask, &values, c.block)?),
+            ),
+            (Some(Pattern::Block(c)), true) => (
+                format!("bsr:{}x{}", c.height, c.width),
+                Packed::Bsr(Bsr::pack(&mask, &values, c.height, c.width)?),
+            ),
+            (Some(Pattern::Nm(c)), true) => {
+                let perm = meta.and_then(|m| m.col_perm.clone());
+                (
+                    format!("nm:{}:{}", c.n, c.m),
+                    Packed::Nm(NmCompressed::pack(
+                        &mask,
+                        &values,
+                        view,
+                        c.n,
+                        c.m,
+                        perm.as_deref(),
+                    )?),
+                )
+            }
+            _ => ("csr".to_string(), Packed::Csr(Csr::pack(&mask, &values)?)),
+        };
+        let is_csr = label == "csr";
+        jobs.push(Job {
+            case: case.clone(),
+            format: label,
+            packed,
+        });
+        if !is_csr {
+            jobs.push(Job {
+                case,
+                format: "csr".into(),
+                packed: Packed::Csr(Csr::pack(&mask, &values)?),
+            });
+        }
+    }
+    if jobs.is_empty() {
+        bail!(
+            "{}: no non-empty layer selected ({})",
+            path.display(),
+            sel.describe()
+        );
+    }
+    Ok(jobs)
+}
+
+fn table(records: &[Record], peak: f64) -> String {
+    let w = records
+        .iter()
+        .map(|r| r.label.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let mut s = format!(
+        "{:<w$}  {:>18}  {:>18}  {:>7}  {:>9}  {:>9}  {:>7}  {:>6}  {:>8}  {:>10}  {:>11}\n",
+        "layer",
+        "shape R,C,N",
+        "format",
+        "density",
+        "dense ms",
+        "sparse ms",
+        "speedup",
+        "ideal",
+        "of ideal",
+        "dense GF/s",
+        "sparse GF/s"
+    );
+    for r in records {
+        s += &format!(
+            "{:<w$}  {:>18}  {:>18}  {:>7.3}  {:>9.3}  {:>9.3}  {:>6.2}x  {:>5.2}x  {:>8.2}  {:>10.1}  {:>11.1}\n",
+            r.label,
+            format!("{},{},{}", r.shape[0], r.shape[1], r.shape[2]),
+            r.format,
+            r.density,
+            r.dense_ms,
+            r.sparse_ms,
+            r.speedup,
+            r.ideal,
+            r.fraction_of_ideal,
+            r.dense_gflops,
+            r.sparse_gflops
+        );
+    }
+    // Per format: median speedup and fraction of ideal over the shapes.
+    let mut formats: Vec<&str> = records.iter().map(|r| r.format.as_str()).collect();
+    formats.sort_unstable();
+    formats.dedup();
+    s += "\nper format (median over shapes):\n";
+    for f in formats {
+        let of: Vec<&Record> = records.iter().filter(|r| r.format == f).collect();
+        let med = |v: Vec<f64>| coarsen_kernels::timing::median(v);
+        s += &format!(
+            "  {:<18} speedup {:>5.2}x  of ideal {:>4.2}  ({} shapes)\n",
+            f,
+            med(of.iter().map(|r| r.speedup).collect()),
+            med(of.iter().map(|r| r.fraction_of_ideal).collect()),
+            of.len()
+        );
+    }
+    let dense = coarsen_kernels::timing::median(records.iter().map(|r| r.dense_gflops).collect());
+    s += &format!(
+        "dense baseline: median {dense:.1} GFLOP/s = {:.0}% of the measured peak {peak:.1}\n",
+        100.0 * dense / peak
+    );
+    s
+}
