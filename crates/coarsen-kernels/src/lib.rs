@@ -20,8 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
-#[doc(hidden)]
-pub mod engine;
+mod engine;
 mod error;
 pub mod formats;
 pub mod reference;

@@ -1,6 +1,6 @@
 //! Plans: a packed format prepared for one instruction set, run many times.
 
-pub mod blocks;
+mod blocks;
 mod dense;
 mod micro;
 mod rows;
