@@ -205,11 +205,8 @@ impl BlockEngine {
             if n0 < n1 {
                 PACK.with(|buf| {
                     let mut buf = buf.borrow_mut();
-                    if buf.len() < need {
-                        buf.resize(need, 0.0);
-                    }
-                    let pack = SyncPtr(buf.as_mut_ptr());
-                    let pack_len = buf.len();
+                    let pack = SyncPtr(super::aligned(&mut buf, need));
+                    let pack_len = need;
                     let e = self;
                     run_task(
                         isa,

@@ -32,6 +32,18 @@ unsafe impl Send for SyncPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SyncPtr {}
 
+/// A pointer into `buf` aligned to 64 bytes (a cache line), with at least `len` floats after
+/// it; grows `buf` as needed. Vector loads from packed buffers then never straddle lines.
+pub(crate) fn aligned(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
+    if buf.len() < len + 16 {
+        buf.resize(len + 16, 0.0);
+    }
+    let p = buf.as_mut_ptr();
+    let offset = p.align_offset(64);
+    // SAFETY: `offset` < 16 floats, and `buf` holds `len + 16`.
+    unsafe { p.add(offset.min(15)) }
+}
+
 /// Part `t` of `0..n` cut into `parts` pieces whose boundaries are multiples of `align`.
 pub(crate) fn split_range(n: usize, parts: usize, t: usize, align: usize) -> (usize, usize) {
     let chunk = n.div_ceil(parts.max(1)).div_ceil(align.max(1)) * align.max(1);

@@ -221,10 +221,7 @@ fn run_rows(e: &Entries, in_rows: usize, isa: Isa, x: &[f32], y: &mut [f32], n: 
         if r0 < r1 && n > 0 {
             TILE.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                if buf.len() < need {
-                    buf.resize(need, 0.0);
-                }
-                let tile = SyncPtr(buf.as_mut_ptr());
+                let tile = SyncPtr(super::aligned(&mut buf, need));
                 let (x, y) = (xp, yp);
                 run_task(
                     isa,
