@@ -284,8 +284,9 @@ pub struct BenchArgs {
     /// Density of the random structured masks.
     #[arg(long, default_value_t = 0.25)]
     pub density: f64,
-    /// Formats: channel, group[:rows], shuffled-block[:b], bsr[:HxW], nm[:N:M], csr
-    /// [default: group:32,shuffled-block:16,shuffled-block:32,bsr:16x16,bsr:32x32,channel,nm:2:4,csr].
+    /// Formats, comma-separated: channel, group or group:ROWS, shuffled-block or shuffled-block:B,
+    /// bsr or bsr:HxW, nm or nm:N:M, csr
+    /// (default: group:32,shuffled-block:16,shuffled-block:32,bsr:16x16,bsr:32x32,channel,nm:2:4,csr).
     #[arg(long, value_name = "LIST")]
     pub formats: Option<String>,
     /// Batch size of the default conv shapes.

@@ -9,9 +9,9 @@
 //!   AVX-512, NEON or portable, chosen at run time), then run for `Y = W·X`, `dX = Wᵀ·dY` and
 //!   the weight gradient restricted to the pattern, multi-threaded with rayon, without
 //!   allocating.
-//! - [`reference`]: the naive products every kernel is tested against.
-//! - [`timing`]: interleaved, repeated timing against the dense baseline.
-//! - [`bench`]: the benchmark shapes, random structured masks per format, and measurements.
+//! - [`mod@reference`]: the naive products every kernel is tested against.
+//! - [`mod@timing`]: interleaved, repeated timing against the dense baseline.
+//! - [`mod@bench`]: the benchmark shapes, random structured masks per format, and measurements.
 //!
 //! Group blocks, shuffled blocks and BSR run on one gather-GEMM engine (rows of a block share
 //! their columns, so each loaded column of `X` feeds a whole register tile of rows); CSR and N:M

@@ -12,7 +12,7 @@ pub(crate) mod nm;
 pub use blocks::{Block, Bsr, GroupBlocks, RowGroup, ShuffledBlocks, Tile};
 pub use channel::ChannelCompact;
 pub use csr::Csr;
-pub use nm::NmCompressed;
+pub use nm::{NmCompressed, PAD as NM_PAD};
 
 use coarsen_core::Mask;
 

@@ -10,7 +10,7 @@ pub const PAD: u8 = u8::MAX;
 
 /// N:M compressed weights. A group is M consecutive input channels (after `col_perm`) at one
 /// (row, kernel position); it stores exactly N value slots with the position (0..M) of each
-/// value inside the group. Slots of groups with fewer than N ones hold 0 with position [`PAD`].
+/// value inside the group. Slots of groups with fewer than N ones hold 0 with position `u8::MAX` ([`NM_PAD`](crate::formats::NM_PAD)).
 /// The last group is shorter when the input channels are not a multiple of M.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NmCompressed {
