@@ -9,6 +9,7 @@
 //!   AVX-512, NEON or portable, chosen at run time), then run for `Y = W·X`, `dX = Wᵀ·dY` and
 //!   the weight gradient restricted to the pattern, multi-threaded with rayon, without
 //!   allocating.
+//! - [`gemm`]: dense GEMM with transposed operands (faer), for dense layers.
 //! - [`mod@reference`]: the naive products every kernel is tested against.
 //! - [`mod@timing`]: interleaved, repeated timing against the dense baseline.
 //! - [`mod@bench`]: the benchmark shapes, random structured masks per format, and measurements.
@@ -23,6 +24,7 @@ pub mod bench;
 mod engine;
 mod error;
 pub mod formats;
+pub mod gemm;
 pub mod reference;
 pub mod simd;
 pub mod timing;

@@ -179,6 +179,31 @@ fn every_format_on_awkward_shapes() {
 }
 
 #[test]
+fn positions_locate_every_value() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for p in formats(&mut rng, 13, 22) {
+        let dense = p.unpack();
+        let (rows, cols) = p.shape();
+        let mut seen = Mask::zeros(rows, cols);
+        for (v, pos) in p.values().iter().zip(p.positions()) {
+            match pos {
+                Some((r, c)) => {
+                    let want = match &p {
+                        Packed::Channel(f) if f.kept_cols.is_some() => *v,
+                        _ => dense[r * cols + c],
+                    };
+                    assert_eq!(*v, want, "{}", p.name());
+                    assert!(!seen.get(r, c), "{}: ({r}, {c}) twice", p.name());
+                    seen.set(r, c, true);
+                }
+                None => assert_eq!(*v, 0.0, "{}: padding holds a value", p.name()),
+            }
+        }
+        assert_eq!(seen, p.mask(), "{}", p.name());
+    }
+}
+
+#[test]
 fn zero_sized_matrices() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for &(rows, cols) in &[(0, 5), (5, 0), (0, 0)] {

@@ -139,6 +139,60 @@ impl Packed {
         self.mask().nnz()
     }
 
+    /// For every stored value, in the format's value order, the (row, column) of the full
+    /// matrix it holds; `None` for padding (N:M slots of short groups, BSR entries past the edge).
+    pub fn positions(&self) -> Vec<Option<(usize, usize)>> {
+        let mut out = vec![None; self.values().len()];
+        match self {
+            Packed::Dense(d) => {
+                for (i, p) in out.iter_mut().enumerate() {
+                    *p = Some((i / d.cols.max(1), i % d.cols.max(1)));
+                }
+            }
+            Packed::Channel(f) => {
+                let d = f.in_dim();
+                for (i, &r) in f.kept_rows.iter().enumerate() {
+                    for k in 0..d {
+                        let c = f.kept_cols.as_ref().map_or(k, |kc| kc[k] as usize);
+                        out[i * d + k] = Some((r as usize, c));
+                    }
+                }
+            }
+            Packed::Group(f) => {
+                for b in &f.blocks {
+                    let w = b.cols.len();
+                    for (i, &r) in b.rows.iter().enumerate() {
+                        for (k, &c) in b.cols.iter().enumerate() {
+                            out[b.offset + i * w + k] = Some((r as usize, c as usize));
+                        }
+                    }
+                }
+            }
+            Packed::Shuffled(f) => {
+                for g in &f.groups {
+                    for t in &g.tiles {
+                        let w = t.cols.len();
+                        for (i, &r) in g.rows.iter().enumerate() {
+                            for (k, &c) in t.cols.iter().enumerate() {
+                                out[t.offset + i * w + k] = Some((r as usize, c as usize));
+                            }
+                        }
+                    }
+                }
+            }
+            Packed::Bsr(f) => f.for_each_entry(|r, c, i| out[i] = Some((r, c))),
+            Packed::Nm(f) => f.for_each_entry(|r, c, i| out[i] = Some((r, c))),
+            Packed::Csr(f) => {
+                for r in 0..f.rows {
+                    for k in f.row_ptr[r] as usize..f.row_ptr[r + 1] as usize {
+                        out[k] = Some((r, f.col_idx[k] as usize));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The pattern as a mask of the full matrix.
     pub fn mask(&self) -> Mask {
         let (rows, cols) = self.shape();
