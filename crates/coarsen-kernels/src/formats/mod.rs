@@ -184,8 +184,9 @@ impl Packed {
             Packed::Nm(f) => f.for_each_entry(|r, c, i| out[i] = Some((r, c))),
             Packed::Csr(f) => {
                 for r in 0..f.rows {
-                    for k in f.row_ptr[r] as usize..f.row_ptr[r + 1] as usize {
-                        out[k] = Some((r, f.col_idx[k] as usize));
+                    let span = f.row_ptr[r] as usize..f.row_ptr[r + 1] as usize;
+                    for (slot, &c) in out[span.clone()].iter_mut().zip(&f.col_idx[span]) {
+                        *slot = Some((r, c as usize));
                     }
                 }
             }

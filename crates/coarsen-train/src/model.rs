@@ -1,0 +1,685 @@
+//! Models: MLP, a small VGG-style CNN with BatchNorm, CIFAR VGG-11/16 and ResNet-20/18, with
+//! configurable width and input shape. A model is a small program of nodes run over
+//! channel-major tensors; parameters carry torchvision-style names, so checkpoints work with
+//! `coarsen prune / convert / inspect`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal, Uniform};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+use crate::ops::{BatchNorm, BatchStats, ConvGeometry, Im2Col, LayerKernel, WeightMatmul};
+
+/// The architectures.
+/// A named tensor: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// A tensor's shape and values.
+pub type ShapedValues = (Vec<usize>, Vec<f32>);
+
+pub const MODELS: &[&str] = &["mlp", "cnn", "vgg11", "vgg16", "resnet20", "resnet18"];
+
+/// Which network, how wide, for which inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Architecture: `mlp`, `cnn`, `vgg11`, `vgg16`, `resnet20`, `resnet18`.
+    pub name: String,
+    /// Width multiplier of every hidden layer (1.0 = the standard widths).
+    pub width: f64,
+    /// Input channels, height, width.
+    pub input: [usize; 3],
+    /// Output classes.
+    pub classes: usize,
+}
+
+/// What a parameter is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A convolution weight `[Cout, Cin, k, k]`.
+    Conv,
+    /// A linear weight `[out, in]`.
+    Linear,
+    /// A bias or BatchNorm scale/shift (never pruned).
+    Other,
+}
+
+/// A trainable tensor.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// torchvision-style name, e.g. `layer1.0.conv1.weight`.
+    pub name: String,
+    /// The variable.
+    pub var: Var,
+    /// What it is.
+    pub kind: ParamKind,
+    /// For conv and linear weights: how the layer multiplies (dense or structured-sparse).
+    pub kernel: Option<Arc<LayerKernel>>,
+}
+
+impl Param {
+    /// Its shape.
+    pub fn shape(&self) -> Vec<usize> {
+        self.var.as_tensor().dims().to_vec()
+    }
+
+    /// Its values.
+    pub fn values(&self) -> Result<Vec<f32>> {
+        Ok(self.var.as_tensor().flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Replaces its values.
+    pub fn set_values(&self, v: Vec<f32>) -> Result<()> {
+        let t = Tensor::from_vec(v, self.shape(), &Device::Cpu)?;
+        self.var.set(&t)?;
+        Ok(())
+    }
+}
+
+/// A non-trained tensor saved with the model (BatchNorm running statistics).
+#[derive(Debug)]
+pub struct Buffer {
+    /// Name, e.g. `bn1.running_mean`.
+    pub name: String,
+    /// Values.
+    pub values: Mutex<Vec<f32>>,
+}
+
+#[derive(Debug)]
+enum Node {
+    Conv {
+        w: usize,
+        g: ConvGeometry,
+        cout: usize,
+    },
+    Bn {
+        w: usize,
+        b: usize,
+        mean: usize,
+        var: usize,
+        stats: Arc<Mutex<BatchStats>>,
+    },
+    Relu,
+    MaxPool2,
+    GlobalAvgPool,
+    Flatten,
+    Linear {
+        w: usize,
+        b: usize,
+    },
+    Residual {
+        body: Vec<Node>,
+        shortcut: Vec<Node>,
+    },
+}
+
+/// A network.
+#[derive(Debug)]
+pub struct Model {
+    /// What it is.
+    pub spec: ModelSpec,
+    /// Trainable parameters, in order of creation.
+    pub params: Vec<Param>,
+    /// BatchNorm running statistics.
+    pub buffers: Vec<Buffer>,
+    nodes: Vec<Node>,
+}
+
+const BN_EPS: f32 = 1e-5;
+const BN_MOMENTUM: f32 = 0.1;
+
+struct Builder {
+    params: Vec<Param>,
+    buffers: Vec<Buffer>,
+    rng: ChaCha8Rng,
+}
+
+impl Builder {
+    fn param(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        values: Vec<f32>,
+        kind: ParamKind,
+    ) -> Result<usize> {
+        let var = Var::from_vec(values, shape, &Device::Cpu)?;
+        let kernel = matches!(kind, ParamKind::Conv | ParamKind::Linear).then(LayerKernel::dense);
+        self.params.push(Param {
+            name,
+            var,
+            kind,
+            kernel,
+        });
+        Ok(self.params.len() - 1)
+    }
+
+    fn conv(
+        &mut self,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Node> {
+        // Kaiming normal, fan-out (torchvision's ResNet/VGG initialisation).
+        let std = (2.0 / (cout * k * k) as f32).sqrt();
+        let normal = Normal::new(0.0f32, std)
+            .map_err(|e| TrainError::config("init", name, e.to_string()))?;
+        let vals = (0..cout * cin * k * k)
+            .map(|_| normal.sample(&mut self.rng))
+            .collect();
+        let w = self.param(
+            format!("{name}.weight"),
+            vec![cout, cin, k, k],
+            vals,
+            ParamKind::Conv,
+        )?;
+        Ok(Node::Conv {
+            w,
+            g: ConvGeometry {
+                k,
+                stride,
+                pad: k / 2,
+            },
+            cout,
+        })
+    }
+
+    fn bn(&mut self, name: &str, c: usize) -> Result<Node> {
+        let w = self.param(
+            format!("{name}.weight"),
+            vec![c],
+            vec![1.0; c],
+            ParamKind::Other,
+        )?;
+        let b = self.param(
+            format!("{name}.bias"),
+            vec![c],
+            vec![0.0; c],
+            ParamKind::Other,
+        )?;
+        self.buffers.push(Buffer {
+            name: format!("{name}.running_mean"),
+            values: Mutex::new(vec![0.0; c]),
+        });
+        self.buffers.push(Buffer {
+            name: format!("{name}.running_var"),
+            values: Mutex::new(vec![1.0; c]),
+        });
+        let mean = self.buffers.len() - 2;
+        Ok(Node::Bn {
+            w,
+            b,
+            mean,
+            var: mean + 1,
+            stats: Default::default(),
+        })
+    }
+
+    fn linear(&mut self, name: &str, fin: usize, fout: usize) -> Result<Node> {
+        // PyTorch's default: uniform in ±1/√fan-in for weight and bias.
+        let bound = 1.0 / (fin.max(1) as f32).sqrt();
+        let uni = Uniform::new_inclusive(-bound, bound)
+            .map_err(|e| TrainError::config("init", name, e.to_string()))?;
+        let wv = (0..fout * fin).map(|_| uni.sample(&mut self.rng)).collect();
+        let bv = (0..fout).map(|_| uni.sample(&mut self.rng)).collect();
+        let w = self.param(
+            format!("{name}.weight"),
+            vec![fout, fin],
+            wv,
+            ParamKind::Linear,
+        )?;
+        let b = self.param(format!("{name}.bias"), vec![fout], bv, ParamKind::Other)?;
+        Ok(Node::Linear { w, b })
+    }
+}
+
+fn scaled(c: usize, width: f64) -> usize {
+    ((c as f64 * width).round() as usize).max(1)
+}
+
+impl Model {
+    /// Builds a model with seeded random initial weights.
+    pub fn new(spec: &ModelSpec, seed: u64) -> Result<Model> {
+        if !(spec.width > 0.0 && spec.width.is_finite()) {
+            return Err(TrainError::config("width", spec.width, "must be positive"));
+        }
+        let mut b = Builder {
+            params: Vec::new(),
+            buffers: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        };
+        let [cin, h, w] = spec.input;
+        let wd = spec.width;
+        let nodes = match spec.name.as_str() {
+            "mlp" => {
+                let (h1, h2) = (scaled(300, wd), scaled(100, wd));
+                vec![
+                    Node::Flatten,
+                    b.linear("fc1", cin * h * w, h1)?,
+                    Node::Relu,
+                    b.linear("fc2", h1, h2)?,
+                    Node::Relu,
+                    b.linear("fc3", h2, spec.classes)?,
+                ]
+            }
+            "cnn" => {
+                let (c1, c2, c3, f) = (
+                    scaled(16, wd),
+                    scaled(32, wd),
+                    scaled(64, wd),
+                    scaled(128, wd),
+                );
+                let (ho, wo) = (h / 4, w / 4);
+                vec![
+                    b.conv("conv1", cin, c1, 3, 1)?,
+                    b.bn("bn1", c1)?,
+                    Node::Relu,
+                    b.conv("conv2", c1, c2, 3, 1)?,
+                    b.bn("bn2", c2)?,
+                    Node::Relu,
+                    Node::MaxPool2,
+                    b.conv("conv3", c2, c3, 3, 1)?,
+                    b.bn("bn3", c3)?,
+                    Node::Relu,
+                    Node::MaxPool2,
+                    Node::Flatten,
+                    b.linear("fc1", c3 * ho * wo, f)?,
+                    Node::Relu,
+                    b.linear("fc2", f, spec.classes)?,
+                ]
+            }
+            "vgg11" | "vgg16" => {
+                const M: usize = 0;
+                let cfg: &[usize] = if spec.name == "vgg11" {
+                    &[64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M]
+                } else {
+                    &[
+                        64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512,
+                        M,
+                    ]
+                };
+                let (mut nodes, mut c, mut idx, mut side) = (Vec::new(), cin, 0, h.min(w));
+                for &v in cfg {
+                    if v == M {
+                        // Pooling stops once the feature map is down to 1×1 (small inputs).
+                        if side >= 2 {
+                            nodes.push(Node::MaxPool2);
+                            side /= 2;
+                        }
+                        idx += 1;
+                        continue;
+                    }
+                    let out = scaled(v, wd);
+                    nodes.push(b.conv(&format!("features.{idx}"), c, out, 3, 1)?);
+                    nodes.push(b.bn(&format!("features.{}", idx + 1), out)?);
+                    nodes.push(Node::Relu);
+                    idx += 3;
+                    c = out;
+                }
+                nodes.push(Node::GlobalAvgPool);
+                nodes.push(b.linear("classifier", c, spec.classes)?);
+                nodes
+            }
+            "resnet20" | "resnet18" => {
+                let (widths, blocks): (&[usize], &[usize]) = if spec.name == "resnet20" {
+                    (&[16, 32, 64], &[3, 3, 3])
+                } else {
+                    (&[64, 128, 256, 512], &[2, 2, 2, 2])
+                };
+                let w0 = scaled(widths[0], wd);
+                let mut nodes = vec![
+                    b.conv("conv1", cin, w0, 3, 1)?,
+                    b.bn("bn1", w0)?,
+                    Node::Relu,
+                ];
+                let mut c = w0;
+                for (l, (&wl, &nb)) in widths.iter().zip(blocks).enumerate() {
+                    let out = scaled(wl, wd);
+                    for bi in 0..nb {
+                        let stride = if l > 0 && bi == 0 { 2 } else { 1 };
+                        let p = format!("layer{}.{}", l + 1, bi);
+                        let body = vec![
+                            b.conv(&format!("{p}.conv1"), c, out, 3, stride)?,
+                            b.bn(&format!("{p}.bn1"), out)?,
+                            Node::Relu,
+                            b.conv(&format!("{p}.conv2"), out, out, 3, 1)?,
+                            b.bn(&format!("{p}.bn2"), out)?,
+                        ];
+                        let shortcut = if stride != 1 || c != out {
+                            vec![
+                                b.conv(&format!("{p}.downsample.0"), c, out, 1, stride)?,
+                                b.bn(&format!("{p}.downsample.1"), out)?,
+                            ]
+                        } else {
+                            Vec::new()
+                        };
+                        nodes.push(Node::Residual { body, shortcut });
+                        nodes.push(Node::Relu);
+                        c = out;
+                    }
+                }
+                nodes.push(Node::GlobalAvgPool);
+                nodes.push(b.linear("fc", c, spec.classes)?);
+                nodes
+            }
+            other => {
+                return Err(TrainError::config(
+                    "model",
+                    other,
+                    format!("unknown architecture; known: {}", MODELS.join(", ")),
+                ))
+            }
+        };
+        Ok(Model {
+            spec: spec.clone(),
+            params: b.params,
+            buffers: b.buffers,
+            nodes,
+        })
+    }
+
+    /// The parameter of that name.
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Conv and linear weights, in forward order.
+    pub fn weights(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter().filter(|p| p.kind != ParamKind::Other)
+    }
+
+    /// The weights pruned by default (Structure-LTH): every conv but the first, every linear
+    /// layer but the classifier (a model without convs keeps all its linear layers but the last).
+    pub fn default_prunable(&self) -> Vec<String> {
+        let w: Vec<&Param> = self.weights().collect();
+        let first_conv = w.iter().position(|p| p.kind == ParamKind::Conv);
+        let last = w.len().saturating_sub(1);
+        w.iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i) != first_conv && i != last)
+            .map(|(_, p)| p.name.clone())
+            .collect()
+    }
+
+    /// Logits `[batch, classes]` of a channel-major batch `[C, B, H, W]`. In training mode,
+    /// BatchNorm uses batch statistics and updates its running averages.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.run(&self.nodes, x.clone(), train)?;
+        Ok(y.t()?.contiguous()?)
+    }
+
+    fn run(&self, nodes: &[Node], mut x: Tensor, train: bool) -> Result<Tensor> {
+        for node in nodes {
+            x = match node {
+                Node::Conv { w, g, cout } => {
+                    let &[c, b, h, wd] = x.dims() else {
+                        return Err(TrainError::config(
+                            "input",
+                            format!("{:?}", x.dims()),
+                            "a conv needs [C, B, H, W]",
+                        ));
+                    };
+                    let col = if g.k == 1 && g.stride == 1 && g.pad == 0 {
+                        x.reshape((c, b * h * wd))?
+                    } else {
+                        x.contiguous()?.apply_op1(Im2Col(*g))?
+                    };
+                    let p = &self.params[*w];
+                    let kernel = p.kernel.clone().unwrap_or_else(LayerKernel::dense);
+                    let y = p.var.as_tensor().apply_op2(&col, WeightMatmul(kernel))?;
+                    y.reshape((*cout, b, g.out(h), g.out(wd)))?
+                }
+                Node::Bn {
+                    w,
+                    b,
+                    mean,
+                    var,
+                    stats,
+                } => self.batch_norm(&x, *w, *b, *mean, *var, stats, train)?,
+                Node::Relu => x.relu()?,
+                Node::MaxPool2 => x.max_pool2d(2)?,
+                Node::GlobalAvgPool => x.mean((2, 3))?,
+                Node::Flatten => match x.dims().len() {
+                    4 => {
+                        let &[c, b, h, w] = x.dims() else {
+                            unreachable!()
+                        };
+                        x.permute((0, 2, 3, 1))?
+                            .contiguous()?
+                            .reshape((c * h * w, b))?
+                    }
+                    _ => x,
+                },
+                Node::Linear { w, b } => {
+                    let p = &self.params[*w];
+                    let kernel = p.kernel.clone().unwrap_or_else(LayerKernel::dense);
+                    let y = p
+                        .var
+                        .as_tensor()
+                        .apply_op2(&x.contiguous()?, WeightMatmul(kernel))?;
+                    let bias = self.params[*b].var.as_tensor();
+                    y.broadcast_add(&bias.reshape((bias.dims()[0], 1))?)?
+                }
+                Node::Residual { body, shortcut } => {
+                    let main = self.run(body, x.clone(), train)?;
+                    let side = if shortcut.is_empty() {
+                        x
+                    } else {
+                        self.run(shortcut, x, train)?
+                    };
+                    (main + side)?
+                }
+            };
+        }
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm(
+        &self,
+        x: &Tensor,
+        w: usize,
+        b: usize,
+        mean: usize,
+        var: usize,
+        stats: &Arc<Mutex<BatchStats>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let c = x.dims()[0];
+        let m = x.elem_count() / c.max(1);
+        let flat = x.contiguous()?.reshape((c, m))?;
+        let (gamma, beta) = (
+            self.params[w].var.as_tensor(),
+            self.params[b].var.as_tensor(),
+        );
+        let y = if train {
+            let op = BatchNorm {
+                eps: BN_EPS,
+                stats: stats.clone(),
+            };
+            let y = flat.apply_op3(gamma, beta, op)?;
+            let st = stats.lock().unwrap_or_else(|p| p.into_inner());
+            let unbias = if m > 1 {
+                m as f32 / (m - 1) as f32
+            } else {
+                1.0
+            };
+            let mut rm = self.buffers[mean]
+                .values
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let mut rv = self.buffers[var]
+                .values
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for ch in 0..c {
+                rm[ch] = (1.0 - BN_MOMENTUM) * rm[ch] + BN_MOMENTUM * st.mean[ch];
+                rv[ch] = (1.0 - BN_MOMENTUM) * rv[ch] + BN_MOMENTUM * st.var[ch] * unbias;
+            }
+            y
+        } else {
+            let rm = self.buffers[mean]
+                .values
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let rv = self.buffers[var]
+                .values
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let g = gamma.to_vec1::<f32>()?;
+            let bb = beta.to_vec1::<f32>()?;
+            let scale: Vec<f32> = (0..c).map(|i| g[i] / (rv[i] + BN_EPS).sqrt()).collect();
+            let shift: Vec<f32> = (0..c).map(|i| bb[i] - rm[i] * scale[i]).collect();
+            let s = Tensor::from_vec(scale, (c, 1), &Device::Cpu)?;
+            let t = Tensor::from_vec(shift, (c, 1), &Device::Cpu)?;
+            flat.broadcast_mul(&s)?.broadcast_add(&t)?
+        };
+        Ok(y.reshape(x.dims())?)
+    }
+
+    /// Every parameter and buffer as (name, shape, values), for saving.
+    pub fn state(&self) -> Result<Vec<NamedTensor>> {
+        let mut out = Vec::with_capacity(self.params.len() + self.buffers.len());
+        for p in &self.params {
+            out.push((p.name.clone(), p.shape(), p.values()?));
+        }
+        for bf in &self.buffers {
+            let v = bf.values.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            out.push((bf.name.clone(), vec![v.len()], v));
+        }
+        Ok(out)
+    }
+
+    /// Loads parameters and buffers by name; every one of the model's must be present with its
+    /// shape.
+    pub fn load_state(
+        &self,
+        lookup: &dyn Fn(&str) -> Option<ShapedValues>,
+        source: &std::path::Path,
+    ) -> Result<()> {
+        for p in &self.params {
+            let (shape, v) = lookup(&p.name).ok_or_else(|| TrainError::Checkpoint {
+                path: source.to_path_buf(),
+                reason: format!("no tensor '{}' for the {} model", p.name, self.spec.name),
+            })?;
+            if shape != p.shape() {
+                return Err(TrainError::Checkpoint {
+                    path: source.to_path_buf(),
+                    reason: format!(
+                        "tensor '{}' has shape {:?}, the model needs {:?}",
+                        p.name,
+                        shape,
+                        p.shape()
+                    ),
+                });
+            }
+            p.set_values(v)?;
+        }
+        for bf in &self.buffers {
+            let (_, v) = lookup(&bf.name).ok_or_else(|| TrainError::Checkpoint {
+                path: source.to_path_buf(),
+                reason: format!("no tensor '{}' for the {} model", bf.name, self.spec.name),
+            })?;
+            *bf.values.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        }
+        Ok(())
+    }
+
+    /// Number of conv and linear weights.
+    pub fn weight_count(&self) -> usize {
+        self.weights()
+            .map(|p| p.shape().iter().product::<usize>())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, input: [usize; 3]) -> ModelSpec {
+        ModelSpec {
+            name: name.into(),
+            width: 0.25,
+            input,
+            classes: 10,
+        }
+    }
+
+    #[test]
+    fn every_model_runs_forward_and_backward() {
+        for (name, input) in [
+            ("mlp", [1, 28, 28]),
+            ("cnn", [1, 28, 28]),
+            ("vgg11", [3, 32, 32]),
+            ("vgg16", [1, 28, 28]),
+            ("resnet20", [3, 32, 32]),
+            ("resnet18", [1, 28, 28]),
+        ] {
+            let m = Model::new(&spec(name, input), 1).unwrap();
+            let b = 3;
+            let x = Tensor::from_vec(
+                (0..input[0] * b * input[1] * input[2])
+                    .map(|i| (i % 7) as f32 * 0.1)
+                    .collect(),
+                (input[0], b, input[1], input[2]),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let logits = m.forward(&x, true).unwrap();
+            assert_eq!(logits.dims(), &[b, 10], "{name}");
+            let loss = logits.sqr().unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            for p in &m.params {
+                assert!(
+                    grads.get(p.var.as_tensor()).is_some(),
+                    "{name}: no gradient for {}",
+                    p.name
+                );
+            }
+            let eval = m.forward(&x, false).unwrap();
+            assert_eq!(eval.dims(), &[b, 10]);
+            assert!(!m.default_prunable().is_empty());
+        }
+    }
+
+    #[test]
+    fn names_follow_torchvision_and_state_round_trips() {
+        let m = Model::new(&spec("resnet18", [3, 32, 32]), 2).unwrap();
+        assert!(m.param("layer2.0.downsample.0.weight").is_some());
+        assert!(m.param("fc.weight").is_some());
+        let prunable = m.default_prunable();
+        assert!(!prunable.contains(&"conv1.weight".to_string()));
+        assert!(!prunable.contains(&"fc.weight".to_string()));
+        let state = m.state().unwrap();
+        let other = Model::new(&spec("resnet18", [3, 32, 32]), 3).unwrap();
+        let lookup = |n: &str| {
+            state
+                .iter()
+                .find(|s| s.0 == n)
+                .map(|s| (s.1.clone(), s.2.clone()))
+        };
+        other
+            .load_state(&lookup, std::path::Path::new("mem"))
+            .unwrap();
+        assert_eq!(
+            other.param("fc.weight").unwrap().values().unwrap(),
+            m.param("fc.weight").unwrap().values().unwrap()
+        );
+        let bad = |n: &str| {
+            if n == "fc.weight" {
+                Some((vec![1], vec![0.0]))
+            } else {
+                lookup(n)
+            }
+        };
+        assert!(other.load_state(&bad, std::path::Path::new("mem")).is_err());
+        assert!(Model::new(&spec("alexnet", [3, 32, 32]), 0).is_err());
+    }
+}
