@@ -20,6 +20,45 @@ pub fn matmul(
     trans_b: bool,
     accumulate: bool,
 ) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        Par::rayon(threads)
+    } else {
+        Par::Seq
+    };
+    run(c, m, n, k, a, trans_a, b, trans_b, accumulate, par)
+}
+
+/// [`matmul`] on the calling thread alone, for callers that parallelise over many small
+/// products themselves.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<()> {
+    run(c, m, n, k, a, trans_a, b, trans_b, accumulate, Par::Seq)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    accumulate: bool,
+    par: Par,
+) -> Result<()> {
     check_len("matmul", "a", a.len(), m * k, || format!("{m}x{k}"))?;
     check_len("matmul", "b", b.len(), k * n, || format!("{k}x{n}"))?;
     check_len("matmul", "c", c.len(), m * n, || format!("{m}x{n}"))?;
@@ -34,12 +73,6 @@ pub fn matmul(
         MatRef::from_row_major_slice(b, k, n)
     };
     let c = MatMut::from_row_major_slice_mut(c, m, n);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        Par::rayon(threads)
-    } else {
-        Par::Seq
-    };
     let accum = if accumulate {
         Accum::Add
     } else {
@@ -76,6 +109,8 @@ mod tests {
             assert_eq!(c, want, "{ta} {tb}");
             matmul(&mut c, m, n, k, &aa, ta, &bb, tb, true).unwrap();
             assert!(c.iter().zip(&want).all(|(x, w)| (x - 2.0 * w).abs() < 1e-4));
+            matmul_serial(&mut c, m, n, k, &aa, ta, &bb, tb, false).unwrap();
+            assert_eq!(c, want, "serial {ta} {tb}");
         }
         assert!(matmul(
             &mut [0.0; 3],
