@@ -71,6 +71,25 @@ pub struct DataSplits {
     pub std: Vec<f32>,
 }
 
+impl DataSplits {
+    /// The same splits with only the first `n` training images.
+    pub fn with_train_subset(&self, n: usize) -> DataSplits {
+        DataSplits {
+            train: self.train.take(0..n.min(self.train.n)),
+            ..self.clone()
+        }
+    }
+}
+
+/// Whether `dir` holds CIFAR-10 binary batches (directly or in `cifar-10-batches-bin/`).
+pub fn is_cifar(dir: &Path) -> bool {
+    dir.join("data_batch_1.bin").exists()
+        || dir
+            .join("cifar-10-batches-bin")
+            .join("data_batch_1.bin")
+            .exists()
+}
+
 /// Loads a data set from `dir`: CIFAR-10 binary files (`data_batch_1.bin` ... `test_batch.bin`,
 /// also inside `cifar-10-batches-bin/`) or MNIST-format IDX files (`train-images-idx3-ubyte`,
 /// `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each raw or
@@ -333,6 +352,7 @@ fn normalise(im: &mut Images, mean: &[f32], std: &[f32]) {
 
 /// Data augmentation of training batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Augment {
     /// Random crop after zero-padding every side by this many pixels (0 = off).
     pub crop_pad: usize,

@@ -88,7 +88,8 @@ fn top_k(candidates: &[usize], score: impl Fn(usize) -> f32, k: usize) -> Vec<us
 
 /// Drops the `drop` smallest active weights (ties by index) and grows as many of the inactive
 /// entries (just-dropped ones included) with the largest `grow_score`; grown weights are set to
-/// zero and their momentum reset. Returns the grown entries.
+/// zero and (`reset_momentum`) their momentum reset. Returns the grown entries.
+#[allow(clippy::too_many_arguments)]
 fn drop_and_grow(
     model: &Model,
     name: &str,
@@ -97,6 +98,7 @@ fn drop_and_grow(
     drop: &[usize],
     grow_score: &dyn Fn(usize) -> f32,
     opt: &mut Sgd,
+    reset_momentum: bool,
 ) -> Result<Vec<usize>> {
     for &i in drop {
         mask[i] = 0;
@@ -107,7 +109,9 @@ fn drop_and_grow(
         mask[i] = 1;
         weights[i] = 0.0;
     }
-    opt.reset_momentum(name, &grown);
+    if reset_momentum {
+        opt.reset_momentum(name, &grown);
+    }
     for (w, &m) in weights.iter_mut().zip(mask.iter()) {
         if m == 0 {
             *w = 0.0;
@@ -172,7 +176,16 @@ impl Dynamics for Rigl {
                 continue;
             }
             let drop = top_k(&active, |i| -w[i].abs(), k);
-            drop_and_grow(model, &l.name, mask, &mut w, &drop, &|i| g[i].abs(), opt)?;
+            drop_and_grow(
+                model,
+                &l.name,
+                mask,
+                &mut w,
+                &drop,
+                &|i| g[i].abs(),
+                opt,
+                true,
+            )?;
         }
         Ok(())
     }
@@ -423,7 +436,8 @@ impl Dynamics for Dsb {
                     Box::new(move |i: usize| row[i / c] * col[i % c])
                 }
             };
-            let grown = drop_and_grow(model, &l.name, bytes, &mut w, &drop, &*score, opt)?;
+            // DSB's code keeps the momentum of grown weights (RigL resets it).
+            let grown = drop_and_grow(model, &l.name, bytes, &mut w, &drop, &*score, opt, false)?;
             if l.blocks > 0 {
                 let mask = Mask::from_bytes(l.rows, l.cols, bytes.clone())?;
                 let grown_mask = {

@@ -12,15 +12,28 @@ use rand_distr::{Distribution, Normal, Uniform};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
-use crate::ops::{BatchNorm, BatchStats, ConvGeometry, Im2Col, LayerKernel, WeightMatmul};
+use crate::ops::{
+    BatchNorm, BatchStats, Conv2d, ConvGeometry, LayerKernel, MaxPool2, WeightMatmul,
+};
 
-/// The architectures.
+/// A layer output captured by [`Model::forward_tapped`].
+#[derive(Debug)]
+pub struct Tap {
+    /// The weight's name.
+    pub name: String,
+    /// The layer's output `[out, ...]`.
+    pub output: Tensor,
+    /// A zero variable added to the output; its gradient is the output's.
+    pub probe: Var,
+}
+
 /// A named tensor: name, shape, values.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
 /// A tensor's shape and values.
 pub type ShapedValues = (Vec<usize>, Vec<f32>);
 
+/// The architectures.
 pub const MODELS: &[&str] = &["mlp", "cnn", "vgg11", "vgg16", "resnet20", "resnet18"];
 
 /// Which network, how wide, for which inputs.
@@ -93,7 +106,6 @@ enum Node {
     Conv {
         w: usize,
         g: ConvGeometry,
-        cout: usize,
     },
     Bn {
         w: usize,
@@ -101,6 +113,8 @@ enum Node {
         mean: usize,
         var: usize,
         stats: Arc<Mutex<BatchStats>>,
+        /// A ReLU follows, fused into the normalisation.
+        relu: bool,
     },
     Relu,
     MaxPool2,
@@ -184,7 +198,6 @@ impl Builder {
                 stride,
                 pad: k / 2,
             },
-            cout,
         })
     }
 
@@ -216,6 +229,7 @@ impl Builder {
             mean,
             var: mean + 1,
             stats: Default::default(),
+            relu: false,
         })
     }
 
@@ -239,6 +253,22 @@ impl Builder {
 
 fn scaled(c: usize, width: f64) -> usize {
     ((c as f64 * width).round() as usize).max(1)
+}
+
+/// Merges every BatchNorm directly followed by a ReLU into one node.
+fn fuse(nodes: Vec<Node>) -> Vec<Node> {
+    let mut out: Vec<Node> = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        match (node, out.last_mut()) {
+            (Node::Relu, Some(Node::Bn { relu, .. })) if !*relu => *relu = true,
+            (Node::Residual { body, shortcut }, _) => out.push(Node::Residual {
+                body: fuse(body),
+                shortcut: fuse(shortcut),
+            }),
+            (n, _) => out.push(n),
+        }
+    }
+    out
 }
 
 impl Model {
@@ -378,7 +408,7 @@ impl Model {
             spec: spec.clone(),
             params: b.params,
             buffers: b.buffers,
-            nodes,
+            nodes: fuse(nodes),
         })
     }
 
@@ -408,30 +438,55 @@ impl Model {
     /// Logits `[batch, classes]` of a channel-major batch `[C, B, H, W]`. In training mode,
     /// BatchNorm uses batch statistics and updates its running averages.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.run(&self.nodes, x.clone(), train)?;
+        let y = self.run(&self.nodes, x.clone(), train, &mut None)?;
         Ok(y.t()?.contiguous()?)
     }
 
-    fn run(&self, nodes: &[Node], mut x: Tensor, train: bool) -> Result<Tensor> {
+    /// Logits and, for every conv and linear layer, a zero probe added to its output
+    /// (pre-normalisation, channel-major `[out, ...]`), by weight name: feature and saliency
+    /// scores of channels are computed from the layer output and the probe's gradient.
+    /// The output passes through `+ probe` with a zero variable of its shape, so that
+    /// `grads.get(probe)` after a backward pass is the gradient at the layer output (candle keeps
+    /// gradients of variables only). Returned: (name, layer output, probe).
+    pub fn forward_tapped(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<Tap>)> {
+        let mut taps = Some(Vec::new());
+        let y = self.run(&self.nodes, x.clone(), train, &mut taps)?;
+        Ok((y.t()?.contiguous()?, taps.unwrap_or_default()))
+    }
+
+    fn run(
+        &self,
+        nodes: &[Node],
+        mut x: Tensor,
+        train: bool,
+        taps: &mut Option<Vec<Tap>>,
+    ) -> Result<Tensor> {
         for node in nodes {
             x = match node {
-                Node::Conv { w, g, cout } => {
-                    let &[c, b, h, wd] = x.dims() else {
-                        return Err(TrainError::config(
-                            "input",
-                            format!("{:?}", x.dims()),
-                            "a conv needs [C, B, H, W]",
-                        ));
-                    };
-                    let col = if g.k == 1 && g.stride == 1 && g.pad == 0 {
-                        x.reshape((c, b * h * wd))?
-                    } else {
-                        x.contiguous()?.apply_op1(Im2Col(*g))?
-                    };
+                Node::Conv { w, g } => {
                     let p = &self.params[*w];
                     let kernel = p.kernel.clone().unwrap_or_else(LayerKernel::dense);
-                    let y = p.var.as_tensor().apply_op2(&col, WeightMatmul(kernel))?;
-                    y.reshape((*cout, b, g.out(h), g.out(wd)))?
+                    let y = p.var.as_tensor().apply_op2(
+                        &x.contiguous()?,
+                        Conv2d {
+                            geometry: *g,
+                            kernel,
+                            relu: false,
+                        },
+                    )?;
+                    match taps.as_mut() {
+                        Some(t) => {
+                            let probe = Var::zeros(y.shape(), y.dtype(), y.device())?;
+                            let out = (&y + probe.as_tensor())?;
+                            t.push(Tap {
+                                name: p.name.clone(),
+                                output: y,
+                                probe,
+                            });
+                            out
+                        }
+                        None => y,
+                    }
                 }
                 Node::Bn {
                     w,
@@ -439,9 +494,10 @@ impl Model {
                     mean,
                     var,
                     stats,
-                } => self.batch_norm(&x, *w, *b, *mean, *var, stats, train)?,
+                    relu,
+                } => self.batch_norm(&x, (*w, *b, *mean, *var), stats, *relu, train)?,
                 Node::Relu => x.relu()?,
-                Node::MaxPool2 => x.max_pool2d(2)?,
+                Node::MaxPool2 => x.contiguous()?.apply_op1(MaxPool2)?,
                 Node::GlobalAvgPool => x.mean((2, 3))?,
                 Node::Flatten => match x.dims().len() {
                     4 => {
@@ -462,14 +518,27 @@ impl Model {
                         .as_tensor()
                         .apply_op2(&x.contiguous()?, WeightMatmul(kernel))?;
                     let bias = self.params[*b].var.as_tensor();
-                    y.broadcast_add(&bias.reshape((bias.dims()[0], 1))?)?
+                    let y = y.broadcast_add(&bias.reshape((bias.dims()[0], 1))?)?;
+                    match taps.as_mut() {
+                        Some(t) => {
+                            let probe = Var::zeros(y.shape(), y.dtype(), y.device())?;
+                            let out = (&y + probe.as_tensor())?;
+                            t.push(Tap {
+                                name: p.name.clone(),
+                                output: y,
+                                probe,
+                            });
+                            out
+                        }
+                        None => y,
+                    }
                 }
                 Node::Residual { body, shortcut } => {
-                    let main = self.run(body, x.clone(), train)?;
+                    let main = self.run(body, x.clone(), train, taps)?;
                     let side = if shortcut.is_empty() {
                         x
                     } else {
-                        self.run(shortcut, x, train)?
+                        self.run(shortcut, x, train, taps)?
                     };
                     (main + side)?
                 }
@@ -478,17 +547,16 @@ impl Model {
         Ok(x)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `at` holds the indices of γ, β (parameters), running mean and variance (buffers).
     fn batch_norm(
         &self,
         x: &Tensor,
-        w: usize,
-        b: usize,
-        mean: usize,
-        var: usize,
+        at: (usize, usize, usize, usize),
         stats: &Arc<Mutex<BatchStats>>,
+        relu: bool,
         train: bool,
     ) -> Result<Tensor> {
+        let (w, b, mean, var) = at;
         let c = x.dims()[0];
         let m = x.elem_count() / c.max(1);
         let flat = x.contiguous()?.reshape((c, m))?;
@@ -500,6 +568,7 @@ impl Model {
             let op = BatchNorm {
                 eps: BN_EPS,
                 stats: stats.clone(),
+                relu,
             };
             let y = flat.apply_op3(gamma, beta, op)?;
             let st = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -538,7 +607,12 @@ impl Model {
             let shift: Vec<f32> = (0..c).map(|i| bb[i] - rm[i] * scale[i]).collect();
             let s = Tensor::from_vec(scale, (c, 1), &Device::Cpu)?;
             let t = Tensor::from_vec(shift, (c, 1), &Device::Cpu)?;
-            flat.broadcast_mul(&s)?.broadcast_add(&t)?
+            let y = flat.broadcast_mul(&s)?.broadcast_add(&t)?;
+            if relu {
+                y.relu()?
+            } else {
+                y
+            }
         };
         Ok(y.reshape(x.dims())?)
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Storage, Tensor,
 };
-use coarsen_kernels::gemm::matmul;
+use coarsen_kernels::gemm::{matmul, matmul_serial};
 use coarsen_kernels::{Packed, Plan};
 use rayon::prelude::*;
 
@@ -175,6 +175,23 @@ impl SparseWeight {
             values,
         })
     }
+
+    /// Loads the current weight values (row-major `rows × cols`) into the plan.
+    fn load(&mut self, w: &[f32]) -> coarsen_kernels::Result<()> {
+        for (v, &i) in self.values.iter_mut().zip(&self.index) {
+            *v = if i == NO_WEIGHT { 0.0 } else { w[i as usize] };
+        }
+        self.plan.update_values(&self.values)
+    }
+
+    /// Writes a gradient in the plan's value layout into the dense weight gradient.
+    fn scatter_grad(&self, dv: &[f32], dw: &mut [f32]) {
+        for (&g, &i) in dv.iter().zip(&self.index) {
+            if i != NO_WEIGHT {
+                dw[i as usize] = g;
+            }
+        }
+    }
 }
 
 /// How a layer multiplies: dense GEMM or a structured-sparse plan.
@@ -255,10 +272,7 @@ impl CustomOp2 for WeightMatmul {
         match sparse.as_mut() {
             None => matmul(&mut y, r, n, c, w, false, x, false, false).map_err(kerr)?,
             Some(s) => {
-                for (v, &i) in s.values.iter_mut().zip(&s.index) {
-                    *v = if i == NO_WEIGHT { 0.0 } else { w[i as usize] };
-                }
-                s.plan.update_values(&s.values).map_err(kerr)?;
+                s.load(w).map_err(kerr)?;
                 s.plan.forward(x, &mut y, n).map_err(kerr)?;
             }
         }
@@ -293,11 +307,7 @@ impl CustomOp2 for WeightMatmul {
                             Some(s) if !dense_grad => {
                                 let mut dv = vec![0.0f32; s.plan.value_count()];
                                 s.plan.backward_weight(dyv, xv, n, &mut dv).map_err(kerr)?;
-                                for (&g, &i) in dv.iter().zip(&s.index) {
-                                    if i != NO_WEIGHT {
-                                        dw[i as usize] = g;
-                                    }
-                                }
+                                s.scatter_grad(&dv, &mut dw);
                             }
                             _ => matmul(&mut dw, r, c, n, dyv, false, xv, true, false)
                                 .map_err(kerr)?,
@@ -314,6 +324,550 @@ impl CustomOp2 for WeightMatmul {
     }
 }
 
+/// A pointer through which rayon tasks write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+
+// SAFETY: every use hands each task a range no other task touches (its images, or its rows of
+// its column chunk), and the buffer outlives the parallel loop.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// # Safety
+    /// `[at, at + len)` lies inside the buffer and no other live slice overlaps it.
+    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}
+
+/// Sizes of a convolution over a channel-major batch `[C, B, H, W]`.
+#[derive(Clone, Copy, Debug)]
+struct ConvDims {
+    c: usize,
+    b: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    g: ConvGeometry,
+}
+
+impl ConvDims {
+    fn new(dims: &[usize], g: ConvGeometry) -> CResult<ConvDims> {
+        let &[c, b, h, w] = dims else {
+            return Err(kerr(format!("conv2d needs [C, B, H, W], got {dims:?}")));
+        };
+        if h + 2 * g.pad < g.k || w + 2 * g.pad < g.k || g.stride == 0 {
+            return Err(kerr(format!(
+                "conv2d: a {}x{} kernel (stride {}, pad {}) does not fit a {h}x{w} input",
+                g.k, g.k, g.stride, g.pad
+            )));
+        }
+        Ok(ConvDims {
+            c,
+            b,
+            h,
+            w,
+            ho: g.out(h),
+            wo: g.out(w),
+            g,
+        })
+    }
+
+    /// Rows of the im2col matrix.
+    fn rows(&self) -> usize {
+        self.c * self.g.k * self.g.k
+    }
+
+    fn hw(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// Columns of the whole batch.
+    fn n(&self) -> usize {
+        self.b * self.hw()
+    }
+
+    /// Images per chunk: about `floats` values of im2col matrix, at least `min_cols` columns.
+    fn images_per_chunk(&self, floats: usize, min_cols: usize, min_chunks: usize) -> usize {
+        let cols = (floats / self.rows().max(1)).max(min_cols);
+        let per = cols.div_ceil(self.hw().max(1));
+        per.min(self.b.div_ceil(min_chunks.max(1)))
+            .clamp(1, self.b.max(1))
+    }
+
+    /// The input range `[lo, hi)` of output columns `ox` whose input column `ox·s + kx − pad`
+    /// lies inside the image.
+    fn valid(&self, kx: usize, len_in: usize, len_out: usize) -> (usize, usize) {
+        let (s, p) = (self.g.stride, self.g.pad);
+        let lo = p.saturating_sub(kx).div_ceil(s).min(len_out);
+        // ox·s + kx − p ≤ len_in − 1  ⇔  ox ≤ (len_in − 1 + p − kx) / s
+        let hi = if len_in + p > kx {
+            ((len_in - 1 + p - kx) / s + 1).min(len_out)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// Row `row` of the im2col matrix of images `b0 .. b0 + nb` into `dst` (`nb·Ho·Wo` values,
+    /// every one written).
+    fn im2col_row(&self, x: &[f32], b0: usize, nb: usize, row: usize, dst: &mut [f32]) {
+        let g = self.g;
+        let (ch, ky, kx) = (row / (g.k * g.k), (row / g.k) % g.k, row % g.k);
+        let (lo, hi) = self.valid(kx, self.w, self.wo);
+        for bl in 0..nb {
+            for oy in 0..self.ho {
+                let out = &mut dst[(bl * self.ho + oy) * self.wo..][..self.wo];
+                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                if iy < 0 || iy >= self.h as isize {
+                    out.fill(0.0);
+                    continue;
+                }
+                let src = &x[((ch * self.b + b0 + bl) * self.h + iy as usize) * self.w..][..self.w];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                if g.stride == 1 {
+                    let from = lo + kx - g.pad;
+                    out[lo..hi].copy_from_slice(&src[from..from + hi - lo]);
+                } else {
+                    for (ox, o) in out[lo..hi].iter_mut().enumerate() {
+                        *o = src[(lo + ox) * g.stride + kx - g.pad];
+                    }
+                }
+            }
+        }
+    }
+
+    /// The im2col matrix `[C·k·k, nb·Ho·Wo]` of images `b0 .. b0 + nb`.
+    fn im2col(&self, x: &[f32], b0: usize, nb: usize, col: &mut [f32], parallel: bool) {
+        let nc = nb * self.hw();
+        if parallel {
+            col.par_chunks_mut(nc.max(1))
+                .enumerate()
+                .for_each(|(row, dst)| self.im2col_row(x, b0, nb, row, dst));
+        } else {
+            for (row, dst) in col.chunks_mut(nc.max(1)).enumerate() {
+                self.im2col_row(x, b0, nb, row, dst);
+            }
+        }
+    }
+
+    /// Adds channel `ch`'s rows of `dcol` (images `b0 .. b0 + nb`) into `plane`, that channel's
+    /// `nb·H·W` input gradient.
+    fn col2im_channel(&self, dcol: &[f32], b0: usize, nb: usize, ch: usize, plane: &mut [f32]) {
+        let _ = b0;
+        let g = self.g;
+        let nc = nb * self.hw();
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let (lo, hi) = self.valid(kx, self.w, self.wo);
+                let row = &dcol[((ch * g.k + ky) * g.k + kx) * nc..][..nc];
+                for bl in 0..nb {
+                    for oy in 0..self.ho {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let dst = &mut plane[(bl * self.h + iy as usize) * self.w..][..self.w];
+                        let src = &row[(bl * self.ho + oy) * self.wo..][..self.wo];
+                        if g.stride == 1 {
+                            let from = lo + kx - g.pad;
+                            for (d, &v) in dst[from..from + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                                *d += v;
+                            }
+                        } else {
+                            for (ox, &v) in src[lo..hi].iter().enumerate() {
+                                dst[(lo + ox) * g.stride + kx - g.pad] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds `dcol` of images `b0 .. b0 + nb` into the input gradient behind `dx`.
+    ///
+    /// # Safety
+    /// `dx` points to a `[C, B, H, W]` buffer whose images `b0 .. b0 + nb` nothing else
+    /// accesses meanwhile.
+    unsafe fn col2im(&self, dcol: &[f32], b0: usize, nb: usize, dx: Shared, parallel: bool) {
+        let plane = nb * self.h * self.w;
+        let at = |ch: usize| (ch * self.b + b0) * self.h * self.w;
+        if parallel {
+            (0..self.c).into_par_iter().for_each(|ch| {
+                let p = unsafe { dx.slice(at(ch), plane) };
+                self.col2im_channel(dcol, b0, nb, ch, p);
+            });
+        } else {
+            for ch in 0..self.c {
+                let p = unsafe { dx.slice(at(ch), plane) };
+                self.col2im_channel(dcol, b0, nb, ch, p);
+            }
+        }
+    }
+
+    /// Copies columns `b0·Ho·Wo ..` of the `[rows, N]` matrix `full` into `[rows, nc]`.
+    fn gather(&self, full: &[f32], rows: usize, b0: usize, nc: usize, out: &mut [f32]) {
+        let (n, off) = (self.n(), b0 * self.hw());
+        for r in 0..rows {
+            out[r * nc..(r + 1) * nc].copy_from_slice(&full[r * n + off..][..nc]);
+        }
+    }
+
+    /// Copies `[rows, nc]` into columns `b0·Ho·Wo ..` of the `[rows, N]` matrix behind `full`.
+    ///
+    /// # Safety
+    /// Those columns of `full` are accessed by nothing else meanwhile.
+    unsafe fn scatter(&self, part: &[f32], rows: usize, b0: usize, nc: usize, full: Shared) {
+        let (n, off) = (self.n(), b0 * self.hw());
+        for r in 0..rows {
+            unsafe { full.slice(r * n + off, nc) }.copy_from_slice(&part[r * nc..(r + 1) * nc]);
+        }
+    }
+}
+
+/// Convolution of a channel-major batch `[C, B, H, W]` by a weight `[Cout, C, k, k]` into
+/// `[Cout, B, Ho, Wo]`, forward and backward, as im2col + GEMM over chunks of images: each
+/// chunk's im2col matrix stays cache-sized and is never stored for the backward pass (it is
+/// rebuilt there). Dense layers run one single-threaded GEMM per chunk on every thread; a
+/// structured-sparse layer runs its packed plan chunk after chunk.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// Geometry.
+    pub geometry: ConvGeometry,
+    /// How the weight multiplies.
+    pub kernel: Arc<LayerKernel>,
+    /// Apply ReLU to the output (fused: no separate pass, no separate node).
+    pub relu: bool,
+}
+
+/// `dy ⊙ [y > 0]`, the gradient through a ReLU with output `y`.
+fn relu_grad(y: &Tensor, dy: &Tensor) -> CResult<Tensor> {
+    let g = with_data(y, "relu backward", |yv| {
+        with_data(dy, "relu backward", |dv| {
+            let mut g = vec![0.0f32; dv.len()];
+            g.par_chunks_mut(1 << 14)
+                .zip(yv.par_chunks(1 << 14).zip(dv.par_chunks(1 << 14)))
+                .for_each(|(o, (yc, dc))| {
+                    for ((o, &y), &d) in o.iter_mut().zip(yc).zip(dc) {
+                        *o = if y > 0.0 { d } else { 0.0 };
+                    }
+                });
+            g
+        })
+    })??;
+    tensor(g, dy.shape().clone())
+}
+
+fn relu_in_place(v: &mut [f32]) {
+    for x in v {
+        *x = x.max(0.0);
+    }
+}
+
+/// im2col values per chunk of the dense path (512 KiB: the chunk stays in L2).
+const DENSE_CHUNK_FLOATS: usize = 1 << 17;
+/// im2col values per chunk of the sparse path (16 MiB: long rows for the packed kernels).
+#[cfg(not(test))]
+const SPARSE_CHUNK_FLOATS: usize = 1 << 22;
+/// Least columns of a sparse-path chunk.
+#[cfg(not(test))]
+const SPARSE_MIN_COLS: usize = 512;
+// Tests run the sparse path over many small chunks.
+#[cfg(test)]
+const SPARSE_CHUNK_FLOATS: usize = 1;
+#[cfg(test)]
+const SPARSE_MIN_COLS: usize = 1;
+
+fn chunks(d: &ConvDims, per: usize) -> Vec<(usize, usize)> {
+    (0..d.b.div_ceil(per.max(1)))
+        .map(|i| (i * per, per.min(d.b - i * per)))
+        .collect()
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "coarsen-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ws: &CpuStorage,
+        wl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (w, x) = (data(ws, wl, "conv2d")?, data(xs, xl, "conv2d")?);
+        let d = ConvDims::new(xl.dims(), self.geometry)?;
+        let (r, kk) = matrix_dims(wl.dims());
+        if kk != d.rows() {
+            return Err(kerr(format!(
+                "conv2d: weight {:?} does not match {} input channels with a {}x{} kernel",
+                wl.dims(),
+                d.c,
+                d.g.k,
+                d.g.k
+            )));
+        }
+        let n = d.n();
+        let mut y = vec![0.0f32; r * n];
+        let yp = Shared(y.as_mut_ptr());
+        let mut sparse = self.kernel.sparse.lock().unwrap_or_else(|p| p.into_inner());
+        match sparse.as_mut() {
+            None => {
+                let threads = rayon::current_num_threads();
+                let per = d.images_per_chunk(DENSE_CHUNK_FLOATS, 256, 2 * threads);
+                chunks(&d, per)
+                    .into_par_iter()
+                    .try_for_each(|(b0, nb)| -> CResult<()> {
+                        let nc = nb * d.hw();
+                        let mut col = vec![0.0f32; kk * nc];
+                        d.im2col(x, b0, nb, &mut col, false);
+                        let mut part = vec![0.0f32; r * nc];
+                        matmul_serial(&mut part, r, nc, kk, w, false, &col, false, false)
+                            .map_err(kerr)?;
+                        if self.relu {
+                            relu_in_place(&mut part);
+                        }
+                        // SAFETY: chunks cover disjoint images, hence disjoint columns of y.
+                        unsafe { d.scatter(&part, r, b0, nc, yp) };
+                        Ok(())
+                    })?;
+            }
+            Some(s) => {
+                s.load(w).map_err(kerr)?;
+                let per = d.images_per_chunk(SPARSE_CHUNK_FLOATS, SPARSE_MIN_COLS, 1);
+                for (b0, nb) in chunks(&d, per) {
+                    let nc = nb * d.hw();
+                    let mut col = vec![0.0f32; kk * nc];
+                    d.im2col(x, b0, nb, &mut col, true);
+                    let mut part = vec![0.0f32; r * nc];
+                    s.plan.forward(&col, &mut part, nc).map_err(kerr)?;
+                    if self.relu {
+                        relu_in_place(&mut part);
+                    }
+                    // SAFETY: one chunk at a time.
+                    unsafe { d.scatter(&part, r, b0, nc, yp) };
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((r, d.b, d.ho, d.wo))))
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        x: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let d = ConvDims::new(x.dims(), self.geometry)?;
+        // Behind a fused ReLU the gradient passes where the output is positive.
+        let dy = if self.relu {
+            relu_grad(res, dy)?
+        } else {
+            dy.clone()
+        };
+        let dy = &dy;
+        // The data batch needs no gradient.
+        let need_dx = x.track_op();
+        let (r, kk) = matrix_dims(w.dims());
+        let sparse = self.kernel.sparse.lock().unwrap_or_else(|p| p.into_inner());
+        let dense_grad = self
+            .kernel
+            .dense_grad
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (dx, dw) = with_data(dy, "conv2d backward", |dyv| {
+            with_data(x, "conv2d backward", |xv| {
+                with_data(
+                    w,
+                    "conv2d backward",
+                    |wv| -> CResult<(Vec<f32>, Vec<f32>)> {
+                        let mut dx = vec![0.0f32; xv.len()];
+                        let dxp = Shared(dx.as_mut_ptr());
+                        let dw = match sparse.as_ref() {
+                            None => {
+                                let threads = rayon::current_num_threads().max(1);
+                                let per = d.images_per_chunk(DENSE_CHUNK_FLOATS, 256, 2 * threads);
+                                let all = chunks(&d, per);
+                                let parts: Vec<Vec<f32>> = (0..threads.min(all.len()))
+                                    .into_par_iter()
+                                    .map(|t| -> CResult<Vec<f32>> {
+                                        let mut acc = vec![0.0f32; r * kk];
+                                        let lo = t * all.len() / threads.min(all.len());
+                                        let hi = (t + 1) * all.len() / threads.min(all.len());
+                                        for &(b0, nb) in &all[lo..hi] {
+                                            let nc = nb * d.hw();
+                                            let mut col = vec![0.0f32; kk * nc];
+                                            d.im2col(xv, b0, nb, &mut col, false);
+                                            let mut dyc = vec![0.0f32; r * nc];
+                                            d.gather(dyv, r, b0, nc, &mut dyc);
+                                            matmul_serial(
+                                                &mut acc, r, kk, nc, &dyc, false, &col, true, true,
+                                            )
+                                            .map_err(kerr)?;
+                                            if need_dx {
+                                                // The chunk's im2col buffer now takes its
+                                                // gradient.
+                                                matmul_serial(
+                                                    &mut col, kk, nc, r, wv, true, &dyc, false,
+                                                    false,
+                                                )
+                                                .map_err(kerr)?;
+                                                // SAFETY: chunks cover disjoint images of dx.
+                                                unsafe { d.col2im(&col, b0, nb, dxp, false) };
+                                            }
+                                        }
+                                        Ok(acc)
+                                    })
+                                    .collect::<CResult<_>>()?;
+                                let mut dw = vec![0.0f32; r * kk];
+                                for p in parts {
+                                    for (a, v) in dw.iter_mut().zip(p) {
+                                        *a += v;
+                                    }
+                                }
+                                dw
+                            }
+                            Some(s) => {
+                                let per =
+                                    d.images_per_chunk(SPARSE_CHUNK_FLOATS, SPARSE_MIN_COLS, 1);
+                                let mut dw = vec![0.0f32; r * kk];
+                                let mut dv = vec![0.0f32; s.plan.value_count()];
+                                let mut dv_sum = vec![0.0f32; s.plan.value_count()];
+                                for (b0, nb) in chunks(&d, per) {
+                                    let nc = nb * d.hw();
+                                    let mut col = vec![0.0f32; kk * nc];
+                                    d.im2col(xv, b0, nb, &mut col, true);
+                                    let mut dyc = vec![0.0f32; r * nc];
+                                    d.gather(dyv, r, b0, nc, &mut dyc);
+                                    if dense_grad {
+                                        matmul(&mut dw, r, kk, nc, &dyc, false, &col, true, true)
+                                            .map_err(kerr)?;
+                                    } else {
+                                        s.plan
+                                            .backward_weight(&dyc, &col, nc, &mut dv)
+                                            .map_err(kerr)?;
+                                        for (a, v) in dv_sum.iter_mut().zip(&dv) {
+                                            *a += v;
+                                        }
+                                    }
+                                    if need_dx {
+                                        s.plan.backward_input(&dyc, &mut col, nc).map_err(kerr)?;
+                                        // SAFETY: one chunk at a time; channels are disjoint planes.
+                                        unsafe { d.col2im(&col, b0, nb, dxp, true) };
+                                    }
+                                }
+                                if !dense_grad {
+                                    s.scatter_grad(&dv_sum, &mut dw);
+                                }
+                                dw
+                            }
+                        };
+                        Ok((dx, dw))
+                    },
+                )
+            })
+        })????;
+        let dx = if need_dx {
+            Some(tensor(dx, x.shape().clone())?)
+        } else {
+            None
+        };
+        Ok((Some(tensor(dw, w.shape().clone())?), dx))
+    }
+}
+
+#[inline]
+fn max4(a: f32, b: f32, c: f32, d: f32) -> f32 {
+    let ab = if a >= b { a } else { b };
+    let cd = if c >= d { c } else { d };
+    if ab >= cd {
+        ab
+    } else {
+        cd
+    }
+}
+
+/// 2×2 max pooling with stride 2 over the last two dimensions of `[C, B, H, W]` (odd edges
+/// dropped). The gradient goes to the first maximum of each window. (candle 0.11's
+/// `max_pool2d` backward multiplies the gradient by the window's count of maxima over 4 — a
+/// quarter of the true gradient for a unique maximum — and takes five passes over the map.)
+#[derive(Clone, Copy, Debug)]
+pub struct MaxPool2;
+
+impl CustomOp1 for MaxPool2 {
+    fn name(&self) -> &'static str {
+        "coarsen-maxpool2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = data(s, l, "maxpool2")?;
+        let &[c, b, h, w] = l.dims() else {
+            return Err(kerr(format!(
+                "maxpool2 needs [C, B, H, W], got {:?}",
+                l.dims()
+            )));
+        };
+        let (ho, wo) = (h / 2, w / 2);
+        let mut y = vec![0.0f32; c * b * ho * wo];
+        y.par_chunks_mut((ho * wo).max(1))
+            .zip(x.par_chunks((h * w).max(1)))
+            .for_each(|(yo, xi)| {
+                for oy in 0..ho {
+                    let (r0, r1) = (&xi[2 * oy * w..][..w], &xi[(2 * oy + 1) * w..][..w]);
+                    for (ox, o) in yo[oy * wo..(oy + 1) * wo].iter_mut().enumerate() {
+                        *o = max4(r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((c, b, ho, wo))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let &[c, b, h, w] = arg.dims() else {
+            return Err(kerr("maxpool2 backward: bad input shape"));
+        };
+        let (ho, wo) = (h / 2, w / 2);
+        let dx = with_data(arg, "maxpool2 backward", |x| {
+            with_data(res, "maxpool2 backward", |y| {
+                with_data(grad, "maxpool2 backward", |g| {
+                    let mut dx = vec![0.0f32; c * b * h * w];
+                    dx.par_chunks_mut((h * w).max(1))
+                        .zip(x.par_chunks((h * w).max(1)))
+                        .zip(
+                            y.par_chunks((ho * wo).max(1))
+                                .zip(g.par_chunks((ho * wo).max(1))),
+                        )
+                        .for_each(|((dxo, xi), (yi, gi))| {
+                            for oy in 0..ho {
+                                for ox in 0..wo {
+                                    let (m, gv) = (yi[oy * wo + ox], gi[oy * wo + ox]);
+                                    let top = 2 * oy * w + 2 * ox;
+                                    let i = if xi[top] == m {
+                                        top
+                                    } else if xi[top + 1] == m {
+                                        top + 1
+                                    } else if xi[top + w] == m {
+                                        top + w
+                                    } else {
+                                        top + w + 1
+                                    };
+                                    dxo[i] = gv;
+                                }
+                            }
+                        });
+                    dx
+                })
+            })
+        })???;
+        Ok(Some(tensor(dx, (c, b, h, w))?))
+    }
+}
+
 /// Batch statistics of the last training forward of a [`BatchNorm`] op.
 #[derive(Clone, Debug, Default)]
 pub struct BatchStats {
@@ -321,6 +875,29 @@ pub struct BatchStats {
     pub mean: Vec<f32>,
     /// Per-channel biased variance.
     pub var: Vec<f32>,
+}
+
+/// `Σ f(aᵢ, bᵢ)`: sixteen f32 lanes over blocks of 512 values (so the sum vectorises and
+/// no long dependency chain forms), the blocks added in f64.
+#[inline]
+fn sum_by(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    const LANES: usize = 16;
+    let mut total = 0.0f64;
+    for (ca, cb) in a.chunks(512).zip(b.chunks(512)) {
+        let mut acc = [0.0f32; LANES];
+        let (mut ia, mut ib) = (ca.chunks_exact(LANES), cb.chunks_exact(LANES));
+        for (xa, xb) in (&mut ia).zip(&mut ib) {
+            for l in 0..LANES {
+                acc[l] += f(xa[l], xb[l]);
+            }
+        }
+        let mut block: f64 = acc.iter().map(|&v| v as f64).sum();
+        for (&x, &y) in ia.remainder().iter().zip(ib.remainder()) {
+            block += f(x, y) as f64;
+        }
+        total += block;
+    }
+    total
 }
 
 /// Training-mode batch normalisation over a channel-major tensor `[C, ...]`:
@@ -331,6 +908,8 @@ pub struct BatchNorm {
     pub eps: f32,
     /// The batch statistics of the forward pass (read to update running averages).
     pub stats: Arc<Mutex<BatchStats>>,
+    /// Apply ReLU to the output (fused).
+    pub relu: bool,
 }
 
 impl CustomOp3 for BatchNorm {
@@ -360,12 +939,19 @@ impl CustomOp3 for BatchNorm {
             .zip(x.par_chunks(m.max(1)))
             .enumerate()
             .map(|(ch, (yo, xi))| {
-                let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
-                let var = xi.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m as f64;
+                let mean = sum_by(xi, xi, |v, _| v) / m as f64;
+                let mu = mean as f32;
+                let var = sum_by(xi, xi, |v, _| (v - mu) * (v - mu)) / m as f64;
                 let inv = 1.0 / (var as f32 + self.eps).sqrt();
                 let (scale, shift) = (g[ch] * inv, b[ch] - g[ch] * inv * mean as f32);
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = v * scale + shift;
+                if self.relu {
+                    for (o, &v) in yo.iter_mut().zip(xi) {
+                        *o = (v * scale + shift).max(0.0);
+                    }
+                } else {
+                    for (o, &v) in yo.iter_mut().zip(xi) {
+                        *o = v * scale + shift;
+                    }
                 }
                 (mean as f32, var as f32)
             })
@@ -381,10 +967,16 @@ impl CustomOp3 for BatchNorm {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = x.dims()[0];
+        let dy = if self.relu {
+            relu_grad(res, dy)?
+        } else {
+            dy.clone()
+        };
+        let dy = &dy;
         let st = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let (dx, dg, db) = with_data(x, "batchnorm backward", |xv| {
             with_data(dy, "batchnorm backward", |dyv| {
@@ -398,11 +990,8 @@ impl CustomOp3 for BatchNorm {
                         .map(|(ch, (dxo, (xi, dyi)))| {
                             let inv = 1.0 / (st.var[ch] + self.eps).sqrt();
                             let mean = st.mean[ch];
-                            let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-                            for (&d, &v) in dyi.iter().zip(xi) {
-                                sdy += d as f64;
-                                sdyx += d as f64 * ((v - mean) * inv) as f64;
-                            }
+                            let sdy = sum_by(dyi, dyi, |d, _| d);
+                            let sdyx = sum_by(dyi, xi, |d, v| d * (v - mean)) * inv as f64;
                             let k = g[ch] * inv / m as f32;
                             let (sdy32, sdyx32) = (sdy as f32, sdyx as f32);
                             for ((o, &d), &v) in dxo.iter_mut().zip(dyi).zip(xi) {
@@ -453,86 +1042,215 @@ mod tests {
     /// backward. (Odd sizes: candle's conv2d backward mis-sizes stride-2 gradients of even inputs.)
     #[test]
     fn conv_matches_candle_forward_and_backward() {
-        let (b, ci, h, w, co) = (3, 4, 7, 5, 5);
-        for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (5, 1, 2)] {
+        let (b, ci, h, w, co) = (5, 4, 7, 5, 8);
+        for (k, stride, pad) in [
+            (3, 1, 1),
+            (3, 2, 1),
+            (1, 1, 0),
+            (1, 2, 0),
+            (5, 1, 2),
+            (3, 2, 0),
+        ] {
             let g = ConvGeometry { k, stride, pad };
             let xn = vals(b * ci * h * w, 1);
             let wn = vals(co * ci * k * k, 2);
-            // candle reference on NCHW.
-            let xr = Var::from_vec(xn.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
-            let wr = Var::from_vec(wn.clone(), (co, ci, k, k), &Device::Cpu).unwrap();
-            let yr = xr.conv2d(&wr, pad, stride, 1, 1).unwrap();
-            let lr = (yr.sqr().unwrap().sum_all().unwrap())
-                .affine(0.5, 0.0)
+            // Every second group of 4 output channels pruned (for the sparse plan).
+            let cols = ci * k * k;
+            let mask = coarsen_core::Mask::from_fn(co, cols, |i, _| (i / 4) % 2 == 0);
+            for way in ["im2col", "conv2d", "conv2d-sparse"] {
+                let sparse = way == "conv2d-sparse";
+                let wv: Vec<f32> = wn
+                    .iter()
+                    .zip(mask.as_bytes())
+                    .map(|(&v, &m)| if m != 0 || !sparse { v } else { 0.0 })
+                    .collect();
+                // candle reference on NCHW.
+                let xr = Var::from_vec(xn.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
+                let wr = Var::from_vec(wv.clone(), (co, ci, k, k), &Device::Cpu).unwrap();
+                let yr = xr.conv2d(&wr, pad, stride, 1, 1).unwrap();
+                let gr = yr
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .affine(0.5, 0.0)
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                // coarsen: channel-major.
+                let xc = Var::from_tensor(
+                    &xr.as_tensor()
+                        .permute((1, 0, 2, 3))
+                        .unwrap()
+                        .contiguous()
+                        .unwrap(),
+                )
                 .unwrap();
-            let gr = lr.backward().unwrap();
-            // coarsen: channel-major.
-            let xc = Var::from_tensor(
-                &xr.as_tensor()
+                let wc = Var::from_vec(wv.clone(), (co, ci, k, k), &Device::Cpu).unwrap();
+                let (ho, wo) = (g.out(h), g.out(w));
+                let y4 = match way {
+                    "im2col" => {
+                        let col = xc.as_tensor().apply_op1(Im2Col(g)).unwrap();
+                        let y = wc
+                            .as_tensor()
+                            .apply_op2(&col, WeightMatmul(LayerKernel::dense()))
+                            .unwrap();
+                        y.reshape((co, b, ho, wo)).unwrap()
+                    }
+                    _ => {
+                        let kernel = LayerKernel::dense();
+                        if sparse {
+                            let packed = Packed::Shuffled(
+                                coarsen_kernels::ShuffledBlocks::pack(&mask, &wv, 4).unwrap(),
+                            );
+                            kernel.set_sparse(Some(SparseWeight::new(&packed).unwrap()));
+                        }
+                        wc.as_tensor()
+                            .apply_op2(
+                                xc.as_tensor(),
+                                Conv2d {
+                                    geometry: g,
+                                    kernel,
+                                    relu: false,
+                                },
+                            )
+                            .unwrap()
+                    }
+                };
+                assert_eq!(y4.dims(), &[co, b, ho, wo], "{way}");
+                let want = yr
                     .permute((1, 0, 2, 3))
                     .unwrap()
-                    .contiguous()
-                    .unwrap(),
-            )
-            .unwrap();
-            let wc = Var::from_vec(wn.clone(), (co, ci, k, k), &Device::Cpu).unwrap();
-            let col = xc.as_tensor().apply_op1(Im2Col(g)).unwrap();
-            let y = wc
-                .as_tensor()
-                .apply_op2(&col, WeightMatmul(LayerKernel::dense()))
-                .unwrap();
-            let (ho, wo) = (g.out(h), g.out(w));
-            let y4 = y.reshape((co, b, ho, wo)).unwrap();
-            let want = yr
-                .permute((1, 0, 2, 3))
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            close(
-                &y4.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                &want,
-                1e-5,
-            );
-            let l = (y4.sqr().unwrap().sum_all().unwrap())
-                .affine(0.5, 0.0)
-                .unwrap();
-            let gs = l.backward().unwrap();
-            let dw = gs
-                .get(wc.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            close(
-                &dw,
-                &gr.get(wr.as_tensor())
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                close(
+                    &y4.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    &want,
+                    1e-5,
+                );
+                let gs = y4
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .affine(0.5, 0.0)
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let dw = gs
+                    .get(wc.as_tensor())
                     .unwrap()
                     .flatten_all()
                     .unwrap()
                     .to_vec1::<f32>()
-                    .unwrap(),
-                1e-4,
-            );
-            let dx = gs
-                .get(xc.as_tensor())
-                .unwrap()
-                .permute((1, 0, 2, 3))
-                .unwrap();
-            let dx = dx.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            close(
-                &dx,
-                &gr.get(xr.as_tensor())
+                    .unwrap();
+                let dw_want: Vec<f32> = gr
+                    .get(wr.as_tensor())
                     .unwrap()
                     .flatten_all()
                     .unwrap()
                     .to_vec1::<f32>()
-                    .unwrap(),
-                1e-4,
-            );
+                    .unwrap()
+                    .iter()
+                    .zip(mask.as_bytes())
+                    .map(|(&v, &m)| if m != 0 || !sparse { v } else { 0.0 })
+                    .collect();
+                close(&dw, &dw_want, 1e-4);
+                let dx = gs
+                    .get(xc.as_tensor())
+                    .unwrap()
+                    .permute((1, 0, 2, 3))
+                    .unwrap();
+                let dx = dx.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                close(
+                    &dx,
+                    &gr.get(xr.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    1e-4,
+                );
+            }
         }
+    }
+
+    /// Fused ReLU (in the convolution) and 2×2 max pooling equal candle's relu and max_pool2d,
+    /// forward and backward.
+    #[test]
+    fn fused_relu_and_maxpool_match_candle() {
+        let (b, ci, h, w, co) = (3, 2, 6, 8, 4);
+        let g = ConvGeometry {
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let xn = vals(b * ci * h * w, 5);
+        let wn = vals(co * ci * 9, 6);
+        let xr = Var::from_vec(xn.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
+        let wr = Var::from_vec(wn.clone(), (co, ci, 3, 3), &Device::Cpu).unwrap();
+        // Pooling as a max over reshaped windows: candle 0.11's own max_pool2d backward scales
+        // the gradient by (maxima in the window)/4, a quarter for a unique maximum.
+        let yr = xr
+            .conv2d(&wr, 1, 1, 1, 1)
+            .unwrap()
+            .relu()
+            .unwrap()
+            .reshape((b, co, h / 2, 2, w / 2, 2))
+            .unwrap()
+            .max(5)
+            .unwrap()
+            .max(3)
+            .unwrap();
+        let gr = yr.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let xc = Var::from_tensor(
+            &xr.as_tensor()
+                .permute((1, 0, 2, 3))
+                .unwrap()
+                .contiguous()
+                .unwrap(),
+        )
+        .unwrap();
+        let wc = Var::from_vec(wn, (co, ci, 3, 3), &Device::Cpu).unwrap();
+        let conv = Conv2d {
+            geometry: g,
+            kernel: LayerKernel::dense(),
+            relu: true,
+        };
+        let y = wc
+            .as_tensor()
+            .apply_op2(xc.as_tensor(), conv)
+            .unwrap()
+            .apply_op1(MaxPool2)
+            .unwrap();
+        let want = yr
+            .permute((1, 0, 2, 3))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        close(
+            &y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &want,
+            1e-5,
+        );
+        let gs = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        close(
+            &flat(gs.get(wc.as_tensor()).unwrap()),
+            &flat(gr.get(wr.as_tensor()).unwrap()),
+            1e-4,
+        );
+        let dx = gs
+            .get(xc.as_tensor())
+            .unwrap()
+            .permute((1, 0, 2, 3))
+            .unwrap();
+        close(&flat(&dx), &flat(gr.get(xr.as_tensor()).unwrap()), 1e-4);
     }
 
     /// A sparse plan gives the same output and gradients as the dense product of the masked
@@ -607,65 +1325,64 @@ mod tests {
     #[test]
     fn batchnorm_matches_composed_ops() {
         let (c, m) = (3, 40);
-        let xv = vals(c * m, 5);
-        let x = Var::from_vec(xv.clone(), (c, m), &Device::Cpu).unwrap();
-        let g = Var::from_vec(vec![1.5f32, 0.5, -1.0], c, &Device::Cpu).unwrap();
-        let b = Var::from_vec(vec![0.1f32, -0.2, 0.3], c, &Device::Cpu).unwrap();
-        let op = BatchNorm {
-            eps: 1e-5,
-            stats: Default::default(),
-        };
-        let y = x
-            .as_tensor()
-            .apply_op3(g.as_tensor(), b.as_tensor(), op.clone())
-            .unwrap();
-        let weights = Tensor::from_vec(vals(c * m, 6), (c, m), &Device::Cpu).unwrap();
-        let gr = (y.clone() * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        // Composed.
-        let x2 = Var::from_vec(xv, (c, m), &Device::Cpu).unwrap();
-        let mean = x2.as_tensor().mean_keepdim(1).unwrap();
-        let xc = x2.as_tensor().broadcast_sub(&mean).unwrap();
-        let var = xc.sqr().unwrap().mean_keepdim(1).unwrap();
-        let xhat = xc
-            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-            .unwrap();
-        let y2 = xhat
-            .broadcast_mul(&g.as_tensor().reshape((c, 1)).unwrap())
-            .unwrap()
-            .broadcast_add(&b.as_tensor().reshape((c, 1)).unwrap())
-            .unwrap();
-        close(
-            &y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &y2.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            1e-5,
-        );
-        let gr2 = (y2 * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(
-            &gr.get(x.as_tensor())
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for relu in [false, true] {
+            let xv = vals(c * m, 5);
+            let x = Var::from_vec(xv.clone(), (c, m), &Device::Cpu).unwrap();
+            let g = Var::from_vec(vec![1.5f32, 0.5, -1.0], c, &Device::Cpu).unwrap();
+            let b = Var::from_vec(vec![0.1f32, -0.2, 0.3], c, &Device::Cpu).unwrap();
+            let op = BatchNorm {
+                eps: 1e-5,
+                stats: Default::default(),
+                relu,
+            };
+            let y = x
+                .as_tensor()
+                .apply_op3(g.as_tensor(), b.as_tensor(), op.clone())
+                .unwrap();
+            let weights = Tensor::from_vec(vals(c * m, 6), (c, m), &Device::Cpu).unwrap();
+            let gr = (y.clone() * &weights)
                 .unwrap()
-                .flatten_all()
+                .sum_all()
                 .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            &gr2.get(x2.as_tensor())
+                .backward()
+                .unwrap();
+            // Composed.
+            let x2 = Var::from_vec(xv, (c, m), &Device::Cpu).unwrap();
+            let g2 = Var::from_vec(vec![1.5f32, 0.5, -1.0], c, &Device::Cpu).unwrap();
+            let mean = x2.as_tensor().mean_keepdim(1).unwrap();
+            let xc = x2.as_tensor().broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(1).unwrap();
+            let xhat = xc
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap();
+            let mut y2 = xhat
+                .broadcast_mul(&g2.as_tensor().reshape((c, 1)).unwrap())
                 .unwrap()
-                .flatten_all()
+                .broadcast_add(&b.as_tensor().reshape((c, 1)).unwrap())
+                .unwrap();
+            if relu {
+                y2 = y2.relu().unwrap();
+            }
+            close(&flat(&y), &flat(&y2), 1e-5);
+            let gr2 = (y2 * &weights)
                 .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            1e-4,
-        );
-        let st = op.stats.lock().unwrap();
-        assert_eq!(st.mean.len(), c);
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            close(
+                &flat(gr.get(x.as_tensor()).unwrap()),
+                &flat(gr2.get(x2.as_tensor()).unwrap()),
+                1e-4,
+            );
+            close(
+                &flat(gr.get(g.as_tensor()).unwrap()),
+                &flat(gr2.get(g2.as_tensor()).unwrap()),
+                1e-4,
+            );
+            let st = op.stats.lock().unwrap();
+            assert_eq!(st.mean.len(), c);
+        }
     }
 }

@@ -22,6 +22,7 @@ use crate::optim::{apply_masks, LrSchedule, Masks, Schedule, Sgd};
 
 /// How to train: epochs, batch, optimiser, schedule, augmentation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Recipe {
     /// Epochs per training run (per IMP round).
     pub epochs: usize,
@@ -47,18 +48,26 @@ pub struct Recipe {
     pub eval_batch: usize,
     /// Stop an epoch after this many batches (quick runs and tests); all when absent.
     pub max_batches: Option<usize>,
+    /// Train on the first this many training images only (quick runs, the demo); all when
+    /// absent.
+    #[serde(default)]
+    pub train_subset: Option<usize>,
+    /// Evaluate validation and test accuracy after every epoch (otherwise after the last epoch
+    /// of each stage only).
+    #[serde(default = "yes")]
+    pub eval_every_epoch: bool,
     /// IMP rewinds to the weights at the start of this epoch of the dense run (the paper: 5% of
     /// training).
     pub rewind_epoch: usize,
 }
 
 impl Recipe {
-    /// The recipe for Fashion-MNIST and the small CNN: 15 epochs, batch 128, SGD 0.05 with
+    /// The recipe for Fashion-MNIST and the small CNN: 8 epochs, batch 128, SGD 0.05 with
     /// momentum 0.9 and Nesterov, weight decay 5e-4, cosine decay after a one-epoch warm-up,
     /// random crop (pad 2) and flips, 5000 validation images, rewind to epoch 1.
     pub fn fashion_mnist() -> Recipe {
         Recipe {
-            epochs: 15,
+            epochs: 8,
             batch_size: 128,
             lr: 0.05,
             momentum: 0.9,
@@ -73,6 +82,8 @@ impl Recipe {
             val_split: 5000,
             eval_batch: 1000,
             max_batches: None,
+            train_subset: None,
+            eval_every_epoch: true,
             rewind_epoch: 1,
         }
     }
@@ -100,6 +111,8 @@ impl Recipe {
             val_split: 5000,
             eval_batch: 500,
             max_batches: None,
+            train_subset: None,
+            eval_every_epoch: true,
             rewind_epoch: 8,
         }
     }
@@ -115,6 +128,9 @@ impl Recipe {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(TrainError::config("lr", self.lr, "must be positive"));
         }
+        if self.train_subset == Some(0) {
+            return Err(TrainError::config("train subset", 0, "must be at least 1"));
+        }
         if self.rewind_epoch >= self.epochs {
             return Err(TrainError::config(
                 "rewind epoch",
@@ -125,10 +141,15 @@ impl Recipe {
         Ok(())
     }
 
-    fn steps_per_epoch(&self, n: usize) -> usize {
+    /// Optimiser steps per epoch over `n` training images.
+    pub fn steps_per_epoch(&self, n: usize) -> usize {
         let all = n.div_ceil(self.batch_size);
         self.max_batches.map_or(all, |m| m.min(all))
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Metrics of one epoch (one line of `metrics.jsonl`).
@@ -142,10 +163,10 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Training accuracy (on augmented batches).
     pub train_acc: f64,
-    /// Validation accuracy.
-    pub val_acc: f64,
-    /// Test accuracy.
-    pub test_acc: f64,
+    /// Validation accuracy (absent when not evaluated this epoch).
+    pub val_acc: Option<f64>,
+    /// Test accuracy (absent when not evaluated this epoch).
+    pub test_acc: Option<f64>,
     /// Learning rate at the end of the epoch.
     pub lr: f64,
     /// Training throughput.
@@ -236,9 +257,10 @@ pub struct Trainer<'a> {
     pub state: RunState,
     /// Reports.
     pub progress: &'a dyn Progress,
-    /// Stop (as if killed) after this many epochs of this process — for resume tests.
-    pub stop_after_epochs: Option<usize>,
-    epochs_this_process: usize,
+    /// Stop (as if killed, mid-epoch) after this many optimiser steps of this process — for
+    /// resume tests.
+    pub stop_after_steps: Option<usize>,
+    steps_this_process: usize,
 }
 
 /// The checkpoint directory of a run.
@@ -273,8 +295,8 @@ impl<'a> Trainer<'a> {
             opt,
             state: RunState::default(),
             progress,
-            stop_after_epochs: None,
-            epochs_this_process: 0,
+            stop_after_steps: None,
+            steps_this_process: 0,
         })
     }
 
@@ -292,7 +314,7 @@ impl<'a> Trainer<'a> {
     /// Trains stage `stage` to the end of the recipe's epochs, resuming from the checkpointed
     /// epoch when the run stopped inside it. `on_epoch_start(epoch, model)` runs before each
     /// epoch (IMP saves its rewind weights there). Returns false when the run was stopped early
-    /// (`stop_after_epochs`).
+    /// (`stop_after_steps`).
     pub fn train_stage(
         &mut self,
         stage: usize,
@@ -383,6 +405,14 @@ impl<'a> Trainer<'a> {
                 seen += batch.size;
                 loss_sum += lv as f64 * batch.size as f64;
                 self.state.step += 1;
+                self.steps_this_process += 1;
+                if self
+                    .stop_after_steps
+                    .is_some_and(|n| self.steps_this_process >= n)
+                {
+                    // As if killed: nothing of the unfinished epoch is saved.
+                    return Ok(false);
+                }
                 let sps = seen as f64 / t0.elapsed().as_secs_f64().max(1e-9);
                 self.progress.batch(
                     epoch,
@@ -393,13 +423,18 @@ impl<'a> Trainer<'a> {
                 );
             }
             let secs = t0.elapsed().as_secs_f64();
+            let evaluate = r.eval_every_epoch || epoch + 1 == r.epochs;
             let m = EpochMetrics {
                 stage,
                 epoch,
                 train_loss: loss_sum / seen.max(1) as f64,
                 train_acc: correct as f64 / seen.max(1) as f64,
-                val_acc: accuracy(&self.model, &self.data.val, r.eval_batch)?,
-                test_acc: accuracy(&self.model, &self.data.test, r.eval_batch)?,
+                val_acc: evaluate
+                    .then(|| accuracy(&self.model, &self.data.val, r.eval_batch))
+                    .transpose()?,
+                test_acc: evaluate
+                    .then(|| accuracy(&self.model, &self.data.test, r.eval_batch))
+                    .transpose()?,
                 lr: sched.lr(self.state.step.saturating_sub(1)),
                 samples_per_s: seen as f64 / secs.max(1e-9),
                 density: mask_density(&self.masks),
@@ -410,19 +445,14 @@ impl<'a> Trainer<'a> {
             self.state.dynamics = dynamics.save();
             self.write_metrics()?;
             self.save_checkpoint()?;
-            self.epochs_this_process += 1;
-            if self
-                .stop_after_epochs
-                .is_some_and(|n| self.epochs_this_process >= n)
-            {
-                return Ok(false);
-            }
         }
         Ok(true)
     }
 
     /// Moves the state past the current (finished) stage.
     pub fn finish_stage(&mut self) -> Result<()> {
+        // Each stage starts its optimiser afresh (the reference code restarts it after a rewind).
+        self.opt.buffers.clear();
         self.state.stage += 1;
         self.state.epoch = 0;
         self.state.step = 0;
