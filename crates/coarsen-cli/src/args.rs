@@ -41,6 +41,10 @@ pub enum Command {
     Synth(SynthArgs),
     /// Run the structuring pipeline on an example model and write a report directory.
     Demo(DemoArgs),
+    /// Train a network: dense, IMP with rewinding, IMP-Refill/Refill+/Regroup, RigL, DSB, SSB.
+    Train(Box<TrainArgs>),
+    /// Accuracy, per-layer density and pattern of a trained network.
+    Eval(EvalArgs),
 }
 
 /// Which tensors are layers.
@@ -317,6 +321,131 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also write the records as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Instead of kernels: time a masked SGD step of conv3x3(1→32)-conv3x3(32→64)-pool-fc
+    /// (batch 128) with stock candle against coarsen's operations, and the training throughput
+    /// of the small CNN dense, masked and structured-sparse.
+    #[arg(long, conflicts_with_all = ["mask", "shape"])]
+    pub training: bool,
+    /// Timed steps per measurement of --training.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+}
+
+/// `coarsen train`.
+///
+/// Settings come from the defaults of the data set's recipe, then the `--config` TOML file,
+/// then the flags. The output directory receives `experiment.json`, `metrics.jsonl`, a
+/// checkpoint after every epoch, `stage-{s}/` (weights, masks, summary) and `results.json`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Method: dense, one-shot, naive-channel, imp, imp-refill, imp-refill+, imp-regroup, rigl,
+    /// dsb, ssb [default: dense].
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Architecture: mlp, cnn, vgg11, vgg16, resnet20, resnet18 [default: cnn].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Width multiplier of the hidden layers [default: 1].
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// Epochs per training run (per IMP round) [default: the recipe's, 8 on Fashion-MNIST].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Output directory.
+    #[arg(long, value_name = "DIR", required_unless_present = "summary")]
+    pub out: Option<PathBuf>,
+    /// Seed of initialisation, data order and augmentation [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Data set directory: MNIST-format IDX files or CIFAR-10 binary batches.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/usr/share/datasets/fashion-mnist"
+    )]
+    pub data: PathBuf,
+    /// An experiment file (TOML): any field of `experiment.json`, tables `recipe`, `imp`,
+    /// `refill`, `regroup`, `dynamic` taking only the fields to change.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Reuse the finished stages of another run of the same model, seed and recipe (its dense
+    /// stage; IMP rounds of the same rate).
+    #[arg(long, value_name = "DIR")]
+    pub reuse: Option<PathBuf>,
+    /// Target sparsity of one-shot, rigl, dsb, ssb; channel sparsity of naive-channel [default: 0.8].
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// IMP rounds [default: 7].
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Fraction of the remaining weights IMP prunes per round [default: 0.2].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// IMP round whose mask imp-refill/-refill+/-regroup post-process [default: the last].
+    #[arg(long)]
+    pub post_round: Option<usize>,
+    /// Post-process inside every IMP round instead of once.
+    #[arg(long)]
+    pub every_round: bool,
+    /// Refill's channel score: l1, count, feature-l1, feature-l2, saliency [default: l1].
+    #[arg(long)]
+    pub criterion: Option<String>,
+    /// Refill+'s extra fraction ρ [default: 0.1].
+    #[arg(long)]
+    pub extra: Option<f64>,
+    /// Regroup's part count: a number or `auto` (rows / 32) [default: 8].
+    #[arg(long)]
+    pub parts: Option<String>,
+    /// DSB/SSB block size b [default: 16].
+    #[arg(long)]
+    pub block: Option<usize>,
+    /// DSB growth: gradient (dense gradient) or estimate (‖dY_i‖·‖X_j‖) [default: gradient].
+    #[arg(long)]
+    pub grow: Option<String>,
+    /// Steps between mask updates of rigl/dsb [default: 100].
+    #[arg(long)]
+    pub delta_t: Option<usize>,
+    /// Batch size [default: the recipe's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default: the recipe's].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Train on the first N training images only.
+    #[arg(long, value_name = "N")]
+    pub train_subset: Option<usize>,
+    /// Stop every epoch after N batches (quick checks).
+    #[arg(long, value_name = "N")]
+    pub max_batches: Option<usize>,
+    /// Stop (as if killed) after N optimiser steps of this process; for testing --resume.
+    #[arg(long, value_name = "N", hide = true)]
+    pub stop_after_steps: Option<usize>,
+    /// Instead of training, tabulate the results of these run directories.
+    #[arg(long, value_name = "DIR", num_args = 1.., conflicts_with_all = ["out", "resume"])]
+    pub summary: Vec<PathBuf>,
+    /// With --summary: also write the table as JSON here.
+    #[arg(long, value_name = "FILE", requires = "summary")]
+    pub json: Option<PathBuf>,
+}
+
+/// `coarsen eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run directory (its final stage, or its checkpoint while unfinished), a `stage-{s}`
+    /// directory or a checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Data set directory [default: the one the run used].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Evaluation batch size.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }

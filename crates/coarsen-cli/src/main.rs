@@ -12,6 +12,11 @@ use clap::Parser;
 
 use args::{Cli, Command};
 
+// Training allocates and frees many large activation buffers per step; mimalloc keeps them
+// mapped, where the system allocator returns them to the kernel and faults them in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -21,6 +26,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::run(a, cli.quiet),
         Command::Synth(a) => commands::synth::run(a),
         Command::Demo(a) => commands::demo::run(a, cli.quiet),
+        Command::Train(a) => commands::train::run(a, cli.quiet),
+        Command::Eval(a) => commands::eval::run(a, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,7 +59,58 @@ fn available() -> String {
         .join(", ")
 }
 
+/// `--training`: the training step against stock candle, and training throughput.
+fn training(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
+    let spin = progress::spinner("training", quiet);
+    spin.set_message("masked SGD step, stock candle vs coarsen");
+    let step = coarsen_train::bench::step_benchmark(128, args.steps.max(1), args.seed)?;
+    println!(
+        "masked SGD step of conv3x3(1→32)-conv3x3(32→64)-pool-fc, batch 128, {threads} thread(s), median of {}:",
+        step.reps
+    );
+    println!(
+        "  stock candle 0.11 (conv2d, matmul)  {:>9.1} ms",
+        step.candle_ms
+    );
+    println!(
+        "  coarsen's operations               {:>9.1} ms   {:.3} of candle's (target ≤ 0.333)",
+        step.coarsen_ms,
+        step.coarsen_ms / step.candle_ms
+    );
+    spin.set_message("training throughput of the small CNN");
+    let spec = coarsen_train::model::ModelSpec {
+        name: "cnn".into(),
+        width: 1.0,
+        input: [1, 28, 28],
+        classes: 10,
+    };
+    let tp = coarsen_train::bench::throughput(&spec, 128, args.steps.max(1), args.seed)?;
+    spin.finish_and_clear();
+    println!("training throughput of the small CNN (28×28, batch 128, median step):");
+    for t in &tp {
+        println!(
+            "  {:<11} {:>8.0} samples/s   {}",
+            t.mode, t.samples_per_s, t.detail
+        );
+    }
+    if let Some(j) = &args.json {
+        write_json(
+            j,
+            &json!({
+                "threads": threads,
+                "step": step,
+                "ratio": step.coarsen_ms / step.candle_ms,
+                "throughput": tp,
+            }),
+        )?;
+    }
+    Ok(())
+}
+
 fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> {
+    if args.training {
+        return training(args, threads, quiet);
+    }
     let spin = progress::spinner("peak", quiet);
     spin.set_message(format!(
         "measuring the {} FMA peak on {threads} threads",

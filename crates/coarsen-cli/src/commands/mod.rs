@@ -3,9 +3,11 @@
 pub mod bench;
 pub mod convert;
 pub mod demo;
+pub mod eval;
 pub mod inspect;
 pub mod prune;
 pub mod synth;
+pub mod train;
 
 use std::path::Path;
 

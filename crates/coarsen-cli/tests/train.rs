@@ -1,0 +1,242 @@
+//! Integration tests of `coarsen train` and `coarsen eval`: the real binary on a small data set
+//! written as real MNIST-format IDX files.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn coarsen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coarsen"))
+        .args(args)
+        .output()
+        .expect("the coarsen binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = coarsen(args);
+    assert!(
+        out.status.success(),
+        "coarsen {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(args: &[&str]) -> String {
+    let out = coarsen(args);
+    assert!(!out.status.success(), "coarsen {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// An IDX file: magic (type 0x08 = u8, rank), big-endian dimensions, data.
+fn idx(path: &Path, dims: &[u32], data: &[u8]) {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    b.extend_from_slice(data);
+    std::fs::write(path, b).unwrap();
+}
+
+/// 8×8 images of 4 classes whose class is a bright band, with noise.
+fn dataset(dir: &Path) {
+    for (prefix, n) in [("train", 160u32), ("t10k", 48)] {
+        let mut pixels = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let class = (i * 5 + 1) % 4;
+            labels.push(class as u8);
+            for p in 0..64u32 {
+                let noise = (i * 64 + p).wrapping_mul(2_654_435_761) % 90;
+                pixels.push(if p / 16 == class {
+                    160 + noise as u8
+                } else {
+                    noise as u8
+                });
+            }
+        }
+        idx(
+            &dir.join(format!("{prefix}-images-idx3-ubyte")),
+            &[n, 8, 8],
+            &pixels,
+        );
+        idx(
+            &dir.join(format!("{prefix}-labels-idx1-ubyte")),
+            &[n],
+            &labels,
+        );
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        dataset(&dir.path().join("data"));
+        std::fs::write(
+            dir.path().join("exp.toml"),
+            "model = \"cnn\"\nwidth = 0.5\n[recipe]\nval_split = 32\nbatch_size = 16\n[imp]\nrounds = 1\n",
+        )
+        .unwrap();
+        Setup { dir }
+    }
+
+    fn p(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn train(&self, out: &str, extra: &[&str]) -> Output {
+        let (data, cfg, out) = (self.p("data"), self.p("exp.toml"), self.p(out));
+        let mut args = vec![
+            "train", "-q", "--data", &data, "--config", &cfg, "--epochs", "2", "--out", &out,
+        ];
+        args.extend_from_slice(extra);
+        coarsen(&args)
+    }
+}
+
+fn succeeded(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights() {
+    let s = Setup::new();
+    let full = succeeded(&s.train("a", &["--method", "imp"]));
+    assert!(full.contains("test accuracy"), "{full}");
+    // 8 steps per epoch: stop in the middle of the second epoch of stage 0, then of stage 1.
+    let stopped = s.train("b", &["--method", "imp", "--stop-after-steps", "13"]);
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
+    assert!(!s.dir.path().join("b/results.json").exists());
+    let again = s.train("b", &["--method", "imp", "--stop-after-steps", "17"]);
+    assert!(!again.status.success(), "an existing run needs --resume");
+    let out = s.p("b");
+    let data = s.p("data");
+    // Resuming needs only the directory: the settings come from its experiment.json.
+    ok(&[
+        "train",
+        "-q",
+        "--out",
+        &out,
+        "--data",
+        &data,
+        "--resume",
+        "--stop-after-steps",
+        "17",
+    ]);
+    ok(&["train", "-q", "--out", &out, "--data", &data, "--resume"]);
+    for f in ["stage-1/weights.safetensors", "stage-1/masks.safetensors"] {
+        let a = std::fs::read(s.dir.path().join("a").join(f)).unwrap();
+        let b = std::fs::read(s.dir.path().join("b").join(f)).unwrap();
+        assert!(a == b, "{f} differs after resuming");
+    }
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("a/results.json")).unwrap())
+            .unwrap();
+    for key in [
+        "method",
+        "model",
+        "test_accuracy",
+        "sparsity",
+        "layers",
+        "experiment",
+    ] {
+        assert!(results.get(key).is_some(), "results.json lacks {key}");
+    }
+    assert_eq!(results["method"], "imp");
+    assert!((results["sparsity"].as_f64().unwrap() - 0.2).abs() < 1e-3);
+    assert!(results["experiment"]["recipe"]["epochs"] == 2);
+    // The summary tabulates both runs.
+    let table = ok(&["train", "--summary", &s.p("a"), &s.p("b")]);
+    assert_eq!(
+        table.lines().filter(|l| l.contains("| imp |")).count(),
+        2,
+        "{table}"
+    );
+}
+
+#[test]
+fn eval_reports_accuracy_density_and_pattern() {
+    let s = Setup::new();
+    succeeded(&s.train("r", &["--method", "imp-refill", "--criterion", "saliency"]));
+    let json = s.p("eval.json");
+    let out = ok(&["eval", "-q", &s.p("r"), "--json", &json]);
+    assert!(out.contains("test accuracy"), "{out}");
+    assert!(
+        out.contains("conv2.weight") && out.contains("channel"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let layers = v["layers"].as_array().unwrap();
+    let conv2 = layers.iter().find(|l| l["name"] == "conv2.weight").unwrap();
+    assert_eq!(conv2["pattern"], "channel");
+    assert!(conv2["density"].as_f64().unwrap() < 1.0);
+    // A stage directory works too, and gives the same accuracy.
+    let stage = ok(&["eval", "-q", &s.p("r/stage-2")]);
+    let acc = |t: &str| {
+        t.split("test accuracy ")
+            .nth(1)
+            .unwrap()
+            .split('%')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(acc(&out), acc(&stage));
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let s = Setup::new();
+    let e = String::from_utf8_lossy(&s.train("x", &["--method", "lottery"]).stderr).into_owned();
+    assert!(e.contains("unknown") && e.contains("imp-refill"), "{e}");
+    let e = err(&["train", "-q", "--data", &s.p("nowhere"), "--out", &s.p("y")]);
+    assert!(e.contains("nowhere"), "{e}");
+    let e = err(&["eval", &s.p("data")]);
+    assert!(e.contains("experiment.json"), "{e}");
+    let bad = s.p("bad.toml");
+    std::fs::write(&bad, "[recipe]\nepochz = 3\n").unwrap();
+    let e = err(&[
+        "train",
+        "-q",
+        "--data",
+        &s.p("data"),
+        "--config",
+        &bad,
+        "--out",
+        &s.p("z"),
+    ]);
+    assert!(e.contains("epochz"), "{e}");
+}
+
+/// The default data set: Fashion-MNIST from Debian's `dataset-fashion-mnist` (installed by
+/// `.ci/run`). A short run learns far beyond chance (10%).
+#[test]
+fn trains_on_the_installed_fashion_mnist() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let text = ok(&[
+        "train",
+        "-q",
+        "--method",
+        "dense",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "4096",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["dataset"], "fashion-mnist", "{text}");
+    assert!(r["test_accuracy"].as_f64().unwrap() > 0.6, "{text}");
+}
