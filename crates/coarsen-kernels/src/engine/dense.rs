@@ -15,6 +15,9 @@ pub enum Threading {
     /// Columns of `X` split across threads, each running a sequential GEMM (better for few rows
     /// and very many columns).
     SplitColumns,
+    /// One sequential GEMM on the calling thread, for callers that run many products in
+    /// parallel themselves (e.g. one chunk of a convolution per thread).
+    Serial,
 }
 
 /// A dense `rows × cols` weight matrix ready to run.
@@ -94,7 +97,12 @@ impl DenseEngine {
         } else {
             let xb = MatRef::from_row_major_slice(x, k, n);
             let yb = MatMut::from_row_major_slice_mut(y, m, n);
-            matmul(yb, Accum::Replace, w, xb, 1.0f32, par(threads));
+            let p = if self.threading == Threading::Serial {
+                Par::Seq
+            } else {
+                par(threads)
+            };
+            matmul(yb, Accum::Replace, w, xb, 1.0f32, p);
         }
     }
 
