@@ -3,6 +3,7 @@
 //! the training throughput of a model with dense, masked and structured-sparse (packed) layers.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor, Var};
 use coarsen_kernels::timing::{interleaved, median};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dynamic::{DsbConfig, DynamicConfig, Grow};
 use crate::error::{Result, TrainError};
+use crate::infer::{layer_formats, random_masks, InferenceNet, LayerFormat, Path};
 use crate::model::{Model, ModelSpec};
 use crate::ops::{Conv2d, ConvGeometry, LayerKernel, MaxPool2, WeightMatmul};
 use crate::optim::{Masks, Sgd};
@@ -307,4 +309,180 @@ mod tests {
         );
         assert!(t[2].detail.contains("conv2"), "{}", t[2].detail);
     }
+}
+
+/// Result of [`model_benchmark`]: end-to-end inference time of a CIFAR-shaped network with
+/// structured masks, packed against dense, interleaved in the same run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelBench {
+    /// Architecture.
+    pub model: String,
+    /// Pattern of the prunable layers.
+    pub pattern: String,
+    /// Sparsity of the prunable layers (N:M: 1 − N/M).
+    pub sparsity: f64,
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Median milliseconds of the dense path.
+    pub dense_ms: f64,
+    /// Median milliseconds of the packed path.
+    pub sparse_ms: f64,
+    /// `1 − sparse_ms / dense_ms`.
+    pub time_saving: f64,
+    /// `1 − packed multiply-adds / dense multiply-adds`: the saving a perfect kernel would give.
+    pub ideal_time_saving: f64,
+    /// `time_saving / ideal_time_saving`.
+    pub fraction_of_ideal: f64,
+    /// Timed repetitions of each path.
+    pub reps: usize,
+    /// Threads of the rayon pool.
+    pub threads: usize,
+    /// Largest |logit difference| between the two paths (they compute the same function).
+    pub max_abs_diff: f32,
+}
+
+/// The patterns [`model_benchmark`] accepts.
+pub const BENCH_PATTERNS: &[&str] = &[
+    "channel",
+    "group",
+    "shuffled-block",
+    "block",
+    "nm",
+    "unstructured",
+];
+
+/// The layer format of a pattern name of [`BENCH_PATTERNS`] (`None` for `unstructured`, whose
+/// layers run CSR or dense by density).
+pub fn bench_format(pattern: &str) -> Result<Option<LayerFormat>> {
+    Ok(Some(match pattern {
+        "channel" => LayerFormat::Channel,
+        "group" => LayerFormat::Group,
+        "shuffled-block" => LayerFormat::ShuffledBlock { block: 16 },
+        "block" => LayerFormat::Bsr {
+            height: 16,
+            width: 16,
+        },
+        "nm" => LayerFormat::Nm {
+            n: 2,
+            m: 4,
+            col_perm: None,
+        },
+        "unstructured" => return Ok(None),
+        other => {
+            return Err(TrainError::config(
+                "pattern",
+                other,
+                format!("expected one of {}", BENCH_PATTERNS.join(", ")),
+            ))
+        }
+    }))
+}
+
+/// Times the forward pass of a CIFAR-shaped `model` (10 classes, 3×32×32, standard width) whose
+/// prunable layers (every conv but the first, every linear layer but the classifier) carry
+/// random masks of `pattern` at `sparsity`, on the packed path against the dense path, `reps`
+/// times each, interleaved; batch `batch`.
+pub fn model_benchmark(
+    model: &str,
+    pattern: &str,
+    sparsity: f64,
+    batch: usize,
+    reps: usize,
+    seed: u64,
+) -> Result<ModelBench> {
+    if !(0.0..1.0).contains(&sparsity) {
+        return Err(TrainError::config(
+            "sparsity",
+            sparsity,
+            "must lie in [0, 1)",
+        ));
+    }
+    if batch == 0 {
+        return Err(TrainError::config("batch", batch, "must be positive"));
+    }
+    let spec = ModelSpec {
+        name: model.to_string(),
+        width: 1.0,
+        input: [3, 32, 32],
+        classes: 10,
+    };
+    let net = Model::new(&spec, seed)?;
+    let names = net.default_prunable();
+    let fmt = bench_format(pattern)?;
+    let density = 1.0 - sparsity;
+    let masks = random_masks(
+        &net,
+        &names,
+        fmt.as_ref().unwrap_or(&LayerFormat::Csr),
+        density,
+        seed,
+    )?;
+    let formats: BTreeMap<String, LayerFormat> = match &fmt {
+        None => layer_formats(&net, &masks, None)?,
+        Some(f) => net
+            .weights()
+            .map(|p| {
+                let f = if masks.contains_key(&p.name) {
+                    f.clone()
+                } else {
+                    LayerFormat::Dense
+                };
+                (p.name.clone(), f)
+            })
+            .collect(),
+    };
+    let packed = InferenceNet::with_formats(&net, &masks, &formats, Path::Packed)?;
+    let dense = InferenceNet::with_formats(&net, &masks, &formats, Path::Dense)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let uni =
+        Uniform::new(-1.0f32, 1.0).map_err(|e| TrainError::config("input", 0, e.to_string()))?;
+    let x: Vec<f32> = (0..3 * 32 * 32 * batch)
+        .map(|_| uni.sample(&mut rng))
+        .collect();
+    let a = packed.forward(&x, batch)?;
+    let b = dense.forward(&x, batch)?;
+    let max_abs_diff = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+    let errors = RefCell::new(Vec::new());
+    let (sparse_ms, dense_ms) = interleaved(
+        reps.max(1),
+        || {
+            if let Err(e) = packed.forward(&x, batch) {
+                errors.borrow_mut().push(e);
+            }
+        },
+        || {
+            if let Err(e) = dense.forward(&x, batch) {
+                errors.borrow_mut().push(e);
+            }
+        },
+    );
+    if let Some(e) = errors.into_inner().into_iter().next() {
+        return Err(e);
+    }
+    let ideal = 1.0 - packed.macs_per_image() as f64 / dense.macs_per_image().max(1) as f64;
+    let time_saving = 1.0 - sparse_ms / dense_ms;
+    Ok(ModelBench {
+        model: model.to_string(),
+        pattern: pattern.to_string(),
+        sparsity: match fmt {
+            Some(LayerFormat::Nm { n, m, .. }) => 1.0 - n as f64 / m as f64,
+            _ => sparsity,
+        },
+        batch,
+        dense_ms,
+        sparse_ms,
+        time_saving,
+        ideal_time_saving: ideal,
+        fraction_of_ideal: if ideal > 0.0 {
+            time_saving / ideal
+        } else {
+            0.0
+        },
+        reps: reps.max(1),
+        threads: rayon::current_num_threads(),
+        max_abs_diff,
+    })
 }

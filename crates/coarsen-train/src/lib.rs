@@ -31,6 +31,7 @@ pub mod bench;
 pub mod data;
 pub mod dynamic;
 pub mod error;
+pub mod infer;
 pub mod methods;
 pub mod model;
 pub mod ops;

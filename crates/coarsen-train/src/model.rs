@@ -102,7 +102,7 @@ pub struct Buffer {
 }
 
 #[derive(Debug)]
-enum Node {
+pub(crate) enum Node {
     Conv {
         w: usize,
         g: ConvGeometry,
@@ -139,7 +139,7 @@ pub struct Model {
     pub params: Vec<Param>,
     /// BatchNorm running statistics.
     pub buffers: Vec<Buffer>,
-    nodes: Vec<Node>,
+    pub(crate) nodes: Vec<Node>,
 }
 
 const BN_EPS: f32 = 1e-5;

@@ -326,7 +326,7 @@ impl CustomOp2 for WeightMatmul {
 
 /// A pointer through which rayon tasks write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub(crate) *mut f32);
 
 // SAFETY: every use hands each task a range no other task touches (its images, or its rows of
 // its column chunk), and the buffer outlives the parallel loop.
@@ -336,25 +336,25 @@ unsafe impl Sync for Shared {}
 impl Shared {
     /// # Safety
     /// `[at, at + len)` lies inside the buffer and no other live slice overlaps it.
-    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+    pub(crate) unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(at), len)
     }
 }
 
 /// Sizes of a convolution over a channel-major batch `[C, B, H, W]`.
 #[derive(Clone, Copy, Debug)]
-struct ConvDims {
-    c: usize,
-    b: usize,
-    h: usize,
-    w: usize,
-    ho: usize,
-    wo: usize,
-    g: ConvGeometry,
+pub(crate) struct ConvDims {
+    pub(crate) c: usize,
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
+    pub(crate) g: ConvGeometry,
 }
 
 impl ConvDims {
-    fn new(dims: &[usize], g: ConvGeometry) -> CResult<ConvDims> {
+    pub(crate) fn new(dims: &[usize], g: ConvGeometry) -> CResult<ConvDims> {
         let &[c, b, h, w] = dims else {
             return Err(kerr(format!("conv2d needs [C, B, H, W], got {dims:?}")));
         };
@@ -376,21 +376,26 @@ impl ConvDims {
     }
 
     /// Rows of the im2col matrix.
-    fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.c * self.g.k * self.g.k
     }
 
-    fn hw(&self) -> usize {
+    pub(crate) fn hw(&self) -> usize {
         self.ho * self.wo
     }
 
     /// Columns of the whole batch.
-    fn n(&self) -> usize {
+    pub(crate) fn n(&self) -> usize {
         self.b * self.hw()
     }
 
     /// Images per chunk: about `floats` values of im2col matrix, at least `min_cols` columns.
-    fn images_per_chunk(&self, floats: usize, min_cols: usize, min_chunks: usize) -> usize {
+    pub(crate) fn images_per_chunk(
+        &self,
+        floats: usize,
+        min_cols: usize,
+        min_chunks: usize,
+    ) -> usize {
         let cols = (floats / self.rows().max(1)).max(min_cols);
         let per = cols.div_ceil(self.hw().max(1));
         per.min(self.b.div_ceil(min_chunks.max(1)))
@@ -399,7 +404,7 @@ impl ConvDims {
 
     /// The input range `[lo, hi)` of output columns `ox` whose input column `ox·s + kx − pad`
     /// lies inside the image.
-    fn valid(&self, kx: usize, len_in: usize, len_out: usize) -> (usize, usize) {
+    pub(crate) fn valid(&self, kx: usize, len_in: usize, len_out: usize) -> (usize, usize) {
         let (s, p) = (self.g.stride, self.g.pad);
         let lo = p.saturating_sub(kx).div_ceil(s).min(len_out);
         // ox·s + kx − p ≤ len_in − 1  ⇔  ox ≤ (len_in − 1 + p − kx) / s
@@ -413,7 +418,7 @@ impl ConvDims {
 
     /// Row `row` of the im2col matrix of images `b0 .. b0 + nb` into `dst` (`nb·Ho·Wo` values,
     /// every one written).
-    fn im2col_row(&self, x: &[f32], b0: usize, nb: usize, row: usize, dst: &mut [f32]) {
+    pub(crate) fn im2col_row(&self, x: &[f32], b0: usize, nb: usize, row: usize, dst: &mut [f32]) {
         let g = self.g;
         let (ch, ky, kx) = (row / (g.k * g.k), (row / g.k) % g.k, row % g.k);
         let (lo, hi) = self.valid(kx, self.w, self.wo);
@@ -441,7 +446,7 @@ impl ConvDims {
     }
 
     /// The im2col matrix `[C·k·k, nb·Ho·Wo]` of images `b0 .. b0 + nb`.
-    fn im2col(&self, x: &[f32], b0: usize, nb: usize, col: &mut [f32], parallel: bool) {
+    pub(crate) fn im2col(&self, x: &[f32], b0: usize, nb: usize, col: &mut [f32], parallel: bool) {
         let nc = nb * self.hw();
         if parallel {
             col.par_chunks_mut(nc.max(1))
@@ -456,7 +461,14 @@ impl ConvDims {
 
     /// Adds channel `ch`'s rows of `dcol` (images `b0 .. b0 + nb`) into `plane`, that channel's
     /// `nb·H·W` input gradient.
-    fn col2im_channel(&self, dcol: &[f32], b0: usize, nb: usize, ch: usize, plane: &mut [f32]) {
+    pub(crate) fn col2im_channel(
+        &self,
+        dcol: &[f32],
+        b0: usize,
+        nb: usize,
+        ch: usize,
+        plane: &mut [f32],
+    ) {
         let _ = b0;
         let g = self.g;
         let nc = nb * self.hw();
@@ -493,7 +505,14 @@ impl ConvDims {
     /// # Safety
     /// `dx` points to a `[C, B, H, W]` buffer whose images `b0 .. b0 + nb` nothing else
     /// accesses meanwhile.
-    unsafe fn col2im(&self, dcol: &[f32], b0: usize, nb: usize, dx: Shared, parallel: bool) {
+    pub(crate) unsafe fn col2im(
+        &self,
+        dcol: &[f32],
+        b0: usize,
+        nb: usize,
+        dx: Shared,
+        parallel: bool,
+    ) {
         let plane = nb * self.h * self.w;
         let at = |ch: usize| (ch * self.b + b0) * self.h * self.w;
         if parallel {
@@ -510,7 +529,7 @@ impl ConvDims {
     }
 
     /// Copies columns `b0·Ho·Wo ..` of the `[rows, N]` matrix `full` into `[rows, nc]`.
-    fn gather(&self, full: &[f32], rows: usize, b0: usize, nc: usize, out: &mut [f32]) {
+    pub(crate) fn gather(&self, full: &[f32], rows: usize, b0: usize, nc: usize, out: &mut [f32]) {
         let (n, off) = (self.n(), b0 * self.hw());
         for r in 0..rows {
             out[r * nc..(r + 1) * nc].copy_from_slice(&full[r * n + off..][..nc]);
@@ -521,7 +540,14 @@ impl ConvDims {
     ///
     /// # Safety
     /// Those columns of `full` are accessed by nothing else meanwhile.
-    unsafe fn scatter(&self, part: &[f32], rows: usize, b0: usize, nc: usize, full: Shared) {
+    pub(crate) unsafe fn scatter(
+        &self,
+        part: &[f32],
+        rows: usize,
+        b0: usize,
+        nc: usize,
+        full: Shared,
+    ) {
         let (n, off) = (self.n(), b0 * self.hw());
         for r in 0..rows {
             unsafe { full.slice(r * n + off, nc) }.copy_from_slice(&part[r * nc..(r + 1) * nc]);
