@@ -261,21 +261,53 @@ pub struct SynthArgs {
     pub out: PathBuf,
 }
 
-/// `coarsen demo`.
+/// `coarsen demo`: dense training, IMP rounds, Refill, Regroup, N:M and DSB on Fashion-MNIST,
+/// each result run on the packed kernels and timed against the dense network; writes
+/// `report.md`, `report.html`, PNG plots and `results.json` to --out.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Report directory.
+    /// Report directory (runs are kept under DIR/runs; an interrupted demo continues there).
     #[arg(long, value_name = "DIR", default_value = "coarsen-demo")]
     pub out: PathBuf,
-    /// Architecture of the example model.
-    #[arg(long, default_value = "resnet18")]
-    pub model: String,
-    /// Global magnitude sparsity of the unstructured mask.
-    #[arg(long, default_value_t = 0.8)]
-    pub sparsity: f64,
+    /// Data set directory: MNIST-format IDX files or CIFAR-10 binary.
+    #[arg(long, value_name = "DIR", default_value = coarsen_train::data::DEFAULT_DATA_DIR)]
+    pub data: PathBuf,
+    /// The full recipe of `coarsen train` (8 epochs per run on every training image, 7 IMP
+    /// rounds of 20%): about two hours on two cores instead of minutes.
+    #[arg(long)]
+    pub full: bool,
+    /// Epochs per training run [default: 2, or the recipe's with --full].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Training images used [default: 12000, or all with --full].
+    #[arg(long)]
+    pub train_subset: Option<usize>,
+    /// Images per timed forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Timed forward passes of each path (median reported).
+    #[arg(long, default_value_t = 7)]
+    pub reps: usize,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A TOML experiment file (as for `coarsen train --config`) applied to every run: model,
+    /// width, recipe, IMP rounds and rate, ... (each run keeps its own method).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Instead: the structuring-only demo on a synthetic CIFAR network (no data, no
+    /// training): magnitude pruning, then every pattern, verified and drawn.
+    #[arg(long)]
+    pub synthetic: bool,
+    /// With --synthetic: the architecture.
+    #[arg(long, default_value = "resnet18", requires = "synthetic")]
+    pub model: String,
+    /// With --synthetic: global magnitude sparsity of the unstructured mask.
+    #[arg(long, default_value_t = 0.8, requires = "synthetic")]
+    pub sparsity: f64,
+    /// Stop every epoch after this many batches (quick checks).
+    #[arg(long, hide = true)]
+    pub max_batches: Option<usize>,
 }
 
 /// `coarsen bench`.
@@ -331,6 +363,22 @@ pub struct BenchArgs {
     /// Timed steps per measurement of --training.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Instead of kernels: the end-to-end inference time of a CIFAR-shaped network (resnet18,
+    /// vgg16, resnet20, vgg11; batch --batch) with random structured masks on its prunable
+    /// layers, packed against dense, same run. Repeat for several.
+    #[arg(long, conflicts_with_all = ["mask", "shape", "training"])]
+    pub model: Vec<String>,
+    /// Patterns of --model, comma-separated: channel, group, shuffled-block, block, nm,
+    /// unstructured [default: group,channel,nm].
+    #[arg(long, value_name = "LIST", requires = "model")]
+    pub pattern: Option<String>,
+    /// Sparsities of --model's prunable layers, comma-separated (N:M is always 1 − N/M)
+    /// [default: 0.78 for group, 0.5 for channel].
+    #[arg(long, value_name = "LIST", requires = "model")]
+    pub sparsity: Option<String>,
+    /// Timed forward passes of each path per --model measurement.
+    #[arg(long, default_value_t = 7, requires = "model")]
+    pub reps: usize,
 }
 
 /// `coarsen train`.
@@ -442,9 +490,16 @@ pub struct EvalArgs {
     /// Data set directory [default: the one the run used].
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Evaluation batch size.
+    /// Evaluation batch size (with --sparse, also the batch of the latency measurement).
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Also run the network on the packed kernels (BatchNorm folded, channel sparsity shrinking
+    /// the next layer): its accuracy, and its latency against the dense path, same run.
+    #[arg(long)]
+    pub sparse: bool,
+    /// Timed forward passes of each path with --sparse (median reported).
+    #[arg(long, default_value_t = 7)]
+    pub reps: usize,
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -1,6 +1,7 @@
 //! The `coarsen` command-line tool. Run `coarsen --help` for the subcommands.
 
 mod args;
+mod chart;
 mod commands;
 mod pattern;
 mod picture;

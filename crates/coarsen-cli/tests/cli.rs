@@ -579,6 +579,7 @@ fn synth_and_demo_write_their_outputs() {
     let dir = f.path("demo");
     let report = ok(&[
         "demo",
+        "--synthetic",
         "--model",
         "resnet20",
         "--out",

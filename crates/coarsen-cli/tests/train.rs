@@ -240,3 +240,46 @@ fn trains_on_the_installed_fashion_mnist() {
     assert_eq!(r["dataset"], "fashion-mnist", "{text}");
     assert!(r["test_accuracy"].as_f64().unwrap() > 0.6, "{text}");
 }
+
+#[test]
+fn demo_writes_the_report_with_plots() {
+    let s = Setup::new();
+    let (data, cfg, o) = (s.p("data"), s.p("exp.toml"), s.p("demo"));
+    let out = s.dir.path().join("demo");
+    let args = [
+        "demo", "-q", "--data", &data, "--config", &cfg, "--out", &o, "--epochs", "1", "--batch",
+        "32", "--reps", "1",
+    ];
+    let table = ok(&args);
+    for method in ["dense", "imp", "imp-refill", "imp-regroup", "nm", "dsb"] {
+        assert!(table.contains(&format!("| {method} |")), "{table}");
+    }
+    for f in [
+        "report.md",
+        "report.html",
+        "results.json",
+        "accuracy_vs_sparsity.png",
+        "time_saving.png",
+        "mask_imp-regroup.png",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6);
+    let regroup = rows.iter().find(|x| x["method"] == "imp-regroup").unwrap();
+    assert_eq!(regroup["structure"], "group");
+    // The packed network computes what training evaluated.
+    for row in rows {
+        let (a, b) = (
+            row["test_accuracy"].as_f64().unwrap(),
+            row["train_test_accuracy"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() <= 0.002, "{row}");
+        assert!(row["inference"]["packed_ms"].as_f64().unwrap() > 0.0);
+    }
+    // A second run keeps the finished runs and rewrites the report.
+    let again = ok(&args);
+    assert_eq!(again.lines().count(), table.lines().count());
+}

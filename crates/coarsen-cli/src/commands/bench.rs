@@ -107,9 +107,94 @@ fn training(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--model`: end-to-end inference, packed against dense, same run.
+fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
+    let patterns: Vec<String> = match &args.pattern {
+        Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
+        None => vec!["group".into(), "channel".into(), "nm".into()],
+    };
+    for p in &patterns {
+        coarsen_train::bench::bench_format(p)?;
+    }
+    let sparsities: Option<Vec<f64>> = match &args.sparsity {
+        None => None,
+        Some(s) => Some(
+            s.split(',')
+                .map(|v| {
+                    let x: f64 = v
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("--sparsity {v}: not a number"))?;
+                    if !(0.0..1.0).contains(&x) {
+                        bail!("--sparsity {x}: must lie in [0, 1)");
+                    }
+                    Ok(x)
+                })
+                .collect::<Result<_>>()?,
+        ),
+    };
+    for m in &args.model {
+        if !["resnet18", "resnet20", "vgg16", "vgg11"].contains(&m.as_str()) {
+            bail!("--model {m}: expected resnet18, vgg16, resnet20 or vgg11");
+        }
+    }
+    let mut runs = Vec::new();
+    for m in &args.model {
+        for p in &patterns {
+            let list = match (&sparsities, p.as_str()) {
+                (_, "nm") => vec![0.5],
+                (Some(s), _) => s.clone(),
+                (None, "channel") => vec![0.5],
+                (None, _) => vec![0.78],
+            };
+            for s in list {
+                runs.push((m.clone(), p.clone(), s));
+            }
+        }
+    }
+    let bar = progress::bar(runs.len() as u64, "bench", quiet);
+    let mut records = Vec::new();
+    for (m, p, s) in &runs {
+        bar.set_message(format!("{m} {p} {s}"));
+        records.push(coarsen_train::bench::model_benchmark(
+            m, p, *s, args.batch, args.reps, args.seed,
+        )?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "end-to-end inference, CIFAR 3×32×32, batch {}, {threads} thread(s), median of {} interleaved runs; dense path: faer GEMM",
+        args.batch, args.reps
+    );
+    println!(
+        "{:<9} {:<15} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "model", "pattern", "sparsity", "dense ms", "packed ms", "saving", "ideal", "of ideal"
+    );
+    for r in &records {
+        println!(
+            "{:<9} {:<15} {:>8.2} {:>10.1} {:>10.1} {:>7.1}% {:>7.1}% {:>8.2}",
+            r.model,
+            r.pattern,
+            r.sparsity,
+            r.dense_ms,
+            r.sparse_ms,
+            100.0 * r.time_saving,
+            100.0 * r.ideal_time_saving,
+            r.fraction_of_ideal
+        );
+    }
+    if let Some(j) = &args.json {
+        write_json(j, &records)?;
+    }
+    Ok(())
+}
+
 fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> {
     if args.training {
         return training(args, threads, quiet);
+    }
+    if !args.model.is_empty() {
+        return models(args, threads, quiet);
     }
     let spin = progress::spinner("peak", quiet);
     spin.set_message(format!(

@@ -1,4 +1,4 @@
-//! `coarsen demo`: the structuring pipeline on an example model, written to a report directory.
+//! `coarsen demo --synthetic`: the structuring pipeline on an example model, written to a report directory.
 //!
 //! An example CIFAR network (random initial weights) is pruned by global magnitude, and its mask
 //! is converted into every pattern. Each result is verified, reported and drawn.

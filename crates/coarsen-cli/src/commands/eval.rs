@@ -24,6 +24,8 @@ struct EvalReport {
     val_accuracy: f64,
     sparsity: f64,
     layers: Vec<LayerResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sparse: Option<SparseEval>,
 }
 
 /// The run directory's experiment and the directory holding `weights.safetensors` and
@@ -73,14 +75,22 @@ pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
     Ok((exp, weights_dir))
 }
 
-/// Runs `coarsen eval`.
-pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
-    let (exp, dir) = locate(&a.checkpoint)?;
-    let data_dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
-    let sp = progress::spinner("evaluating", quiet);
-    sp.set_message(format!("loading {}", data_dir.display()));
-    let data = data::load(&data_dir, exp.recipe.val_split)?;
-    let model = Model::new(&exp.model_spec(&data), exp.seed)?;
+/// A trained network loaded back from a `coarsen train` output.
+pub struct Loaded {
+    /// The directory of the weights and masks.
+    pub dir: PathBuf,
+    /// The network, masks applied.
+    pub model: Model,
+    /// The masks.
+    pub masks: coarsen_train::optim::Masks,
+    /// The masks' coarsen metadata.
+    pub meta: Option<coarsen_core::CoarsenMetadata>,
+}
+
+/// Loads the network of a run, stage or checkpoint directory for `data`.
+pub fn load_network(checkpoint: &Path, data: &data::DataSplits) -> Result<Loaded> {
+    let (exp, dir) = locate(checkpoint)?;
+    let model = Model::new(&exp.model_spec(data), exp.seed)?;
     let wpath = dir.join("weights.safetensors");
     let weights = load_tensors(&wpath)?;
     model.load_state(&|n| weights.get(n).cloned(), &wpath)?;
@@ -92,12 +102,96 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
         (Default::default(), None)
     };
     apply_masks(&model, &masks)?;
+    Ok(Loaded {
+        dir,
+        model,
+        masks,
+        meta,
+    })
+}
+
+/// Packed against dense inference of one network.
+#[derive(Serialize)]
+pub struct SparseEval {
+    /// Test accuracy on the packed path.
+    pub packed_test_accuracy: f64,
+    /// Images per timed pass.
+    pub batch: usize,
+    /// Median milliseconds of the dense path.
+    pub dense_ms: f64,
+    /// Median milliseconds of the packed path.
+    pub packed_ms: f64,
+    /// `1 − packed_ms / dense_ms`.
+    pub time_saving: f64,
+    /// `1 − packed multiply-adds / dense multiply-adds`.
+    pub ideal_time_saving: f64,
+    /// Per layer: format, matrix multiplied, values stored.
+    pub layers: Vec<coarsen_train::infer::LayerInfo>,
+}
+
+/// Runs `net` packed and dense: packed test accuracy, and latency of both at `batch`
+/// (test images, interleaved, median of `reps`).
+pub fn sparse_eval(
+    l: &Loaded,
+    data: &data::DataSplits,
+    batch: usize,
+    reps: usize,
+) -> Result<SparseEval> {
+    use coarsen_train::infer::{InferenceNet, Path as InferPath};
+    let packed = InferenceNet::new(&l.model, &l.masks, l.meta.as_ref(), InferPath::Packed)?;
+    let dense = InferenceNet::new(&l.model, &l.masks, l.meta.as_ref(), InferPath::Dense)?;
+    let acc = packed.accuracy(&data.test, 1000)?;
+    let n = batch.clamp(1, data.test.n.max(1));
+    let idx: Vec<usize> = (0..n).map(|i| i % data.test.n.max(1)).collect();
+    let b = coarsen_train::data::make_batch(&data.test, &idx, None, (0, 0, 0));
+    let mut err = None;
+    let (packed_ms, dense_ms) = coarsen_kernels::timing::interleaved(
+        reps.max(1),
+        || {
+            if let Err(e) = packed.forward(&b.pixels, b.size) {
+                err = Some(e);
+            }
+        },
+        || {
+            let _ = dense.forward(&b.pixels, b.size);
+        },
+    );
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    Ok(SparseEval {
+        packed_test_accuracy: acc,
+        batch: b.size,
+        dense_ms,
+        packed_ms,
+        time_saving: 1.0 - packed_ms / dense_ms,
+        ideal_time_saving: 1.0
+            - packed.macs_per_image() as f64 / dense.macs_per_image().max(1) as f64,
+        layers: packed.layers().to_vec(),
+    })
+}
+
+/// Runs `coarsen eval`.
+pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
+    let (exp, _) = locate(&a.checkpoint)?;
+    let data_dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
+    let sp = progress::spinner("evaluating", quiet);
+    sp.set_message(format!("loading {}", data_dir.display()));
+    let data = data::load(&data_dir, exp.recipe.val_split)?;
+    let loaded = load_network(&a.checkpoint, &data)?;
+    let (model, masks, meta, dir) = (&loaded.model, &loaded.masks, &loaded.meta, &loaded.dir);
     sp.set_message("test set");
-    let test = accuracy(&model, &data.test, a.batch)?;
+    let test = accuracy(model, &data.test, a.batch)?;
     sp.set_message("validation set");
-    let val = accuracy(&model, &data.val, a.batch)?;
+    let val = accuracy(model, &data.val, a.batch)?;
+    let sparse = if a.sparse {
+        sp.set_message("packed inference: accuracy and latency against the dense path");
+        Some(sparse_eval(&loaded, &data, a.batch, a.reps)?)
+    } else {
+        None
+    };
     sp.finish_and_clear();
-    let layers = methods::describe_layers(&model, &masks, meta.as_ref())?;
+    let layers = methods::describe_layers(model, masks, meta.as_ref())?;
     let (kept, all) = layers.iter().fold((0.0, 0.0), |(k, n), l| {
         let len = l.shape.iter().product::<usize>() as f64;
         (k + l.density * len, n + len)
@@ -131,17 +225,35 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
                 .map_or(String::new(), |r| format!(" ({r})"))
         );
     }
+    if let Some(s) = &sparse {
+        println!(
+            "packed inference: test accuracy {:.2}%; batch {}: dense {:.2} ms, packed {:.2} ms, time saving {:.1}% (ideal {:.1}%)",
+            100.0 * s.packed_test_accuracy,
+            s.batch,
+            s.dense_ms,
+            s.packed_ms,
+            100.0 * s.time_saving,
+            100.0 * s.ideal_time_saving
+        );
+        for l in &s.layers {
+            println!(
+                "  {:<28} {:<15} {:>6}×{:<6} {:>9} values",
+                l.name, l.format, l.matrix[0], l.matrix[1], l.stored
+            );
+        }
+    }
     if let Some(p) = &a.json {
         write_json(
             p,
             &EvalReport {
-                checkpoint: dir,
+                checkpoint: dir.clone(),
                 model: exp.model.clone(),
                 dataset: data.name.clone(),
                 test_accuracy: test,
                 val_accuracy: val,
                 sparsity,
                 layers,
+                sparse,
             },
         )?;
     }

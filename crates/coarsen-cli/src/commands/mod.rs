@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod demo;
+pub mod demo_synthetic;
 pub mod eval;
 pub mod inspect;
 pub mod prune;
