@@ -276,7 +276,7 @@ pub struct DemoArgs {
     /// rounds of 20%): about two hours on two cores instead of minutes.
     #[arg(long)]
     pub full: bool,
-    /// Epochs per training run [default: 2, or the recipe's with --full].
+    /// Epochs per training run [default: 3, or the recipe's with --full].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Training images used [default: 12000, or all with --full].
@@ -286,7 +286,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
     /// Timed forward passes of each path (median reported).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 25)]
     pub reps: usize,
     /// Seed.
     #[arg(long, default_value_t = 0)]

@@ -75,7 +75,7 @@ fn plans(args: &DemoArgs, data_dir: &Path) -> Result<Vec<RunPlan>> {
         (3, 0.4, 2, 3)
     };
     if !args.full {
-        recipe.epochs = 2;
+        recipe.epochs = 3;
         recipe.train_subset = Some(12_000);
         recipe.eval_every_epoch = false;
     }
