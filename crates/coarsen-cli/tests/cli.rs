@@ -1,29 +1,14 @@
 //! Integration tests: the real `coarsen` binary on real safetensors files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use coarsen_core::patterns::check;
 use coarsen_core::{
     LayerStatus, Mask, MaskFile, MaskTensor, MatrixView, Pattern, WeightFile, WeightTensor,
 };
 
-fn coarsen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coarsen"))
-        .args(args)
-        .output()
-        .expect("the coarsen binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = coarsen(args);
-    assert!(
-        out.status.success(),
-        "coarsen {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{coarsen, ok};
 
 /// Runs a command that must fail: non-zero exit, a one-line error holding every `needle`, and no
 /// file at `out`.

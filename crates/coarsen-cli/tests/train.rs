@@ -2,24 +2,10 @@
 //! written as real MNIST-format IDX files.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn coarsen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coarsen"))
-        .args(args)
-        .output()
-        .expect("the coarsen binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = coarsen(args);
-    assert!(
-        out.status.success(),
-        "coarsen {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{coarsen, ok};
 
 fn err(args: &[&str]) -> String {
     let out = coarsen(args);

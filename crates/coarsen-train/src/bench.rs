@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dynamic::{DsbConfig, DynamicConfig, Grow};
 use crate::error::{Result, TrainError};
-use crate::infer::{layer_formats, random_masks, InferenceNet, LayerFormat, Path};
+use crate::infer::{layer_formats, random_masks, time_paths, InferenceNet, LayerFormat, Path};
 use crate::model::{Model, ModelSpec};
 use crate::ops::{Conv2d, ConvGeometry, LayerKernel, MaxPool2, WeightMatmul};
 use crate::optim::{Masks, Sgd};
@@ -445,25 +445,7 @@ pub fn model_benchmark(
         .iter()
         .zip(&b)
         .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-    let errors = RefCell::new(Vec::new());
-    let (sparse_ms, dense_ms) = interleaved(
-        reps.max(1),
-        || {
-            if let Err(e) = packed.forward(&x, batch) {
-                errors.borrow_mut().push(e);
-            }
-        },
-        || {
-            if let Err(e) = dense.forward(&x, batch) {
-                errors.borrow_mut().push(e);
-            }
-        },
-    );
-    if let Some(e) = errors.into_inner().into_iter().next() {
-        return Err(e);
-    }
-    let ideal = 1.0 - packed.macs_per_image() as f64 / dense.macs_per_image().max(1) as f64;
-    let time_saving = 1.0 - sparse_ms / dense_ms;
+    let t = time_paths(&packed, &dense, &x, batch, reps)?;
     Ok(ModelBench {
         model: model.to_string(),
         pattern: pattern.to_string(),
@@ -472,12 +454,12 @@ pub fn model_benchmark(
             _ => sparsity,
         },
         batch,
-        dense_ms,
-        sparse_ms,
-        time_saving,
-        ideal_time_saving: ideal,
-        fraction_of_ideal: if ideal > 0.0 {
-            time_saving / ideal
+        dense_ms: t.dense_ms,
+        sparse_ms: t.packed_ms,
+        time_saving: t.time_saving,
+        ideal_time_saving: t.ideal_time_saving,
+        fraction_of_ideal: if t.ideal_time_saving > 0.0 {
+            t.time_saving / t.ideal_time_saving
         } else {
             0.0
         },

@@ -440,6 +440,48 @@ impl InferenceNet {
     }
 }
 
+/// Latency of a packed network against its dense path on the same batch.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PathTiming {
+    /// Median milliseconds of the packed path.
+    pub packed_ms: f64,
+    /// Median milliseconds of the dense path.
+    pub dense_ms: f64,
+    /// `1 − packed_ms / dense_ms`.
+    pub time_saving: f64,
+    /// `1 − packed multiply-adds / dense multiply-adds`: what a perfect kernel would save.
+    pub ideal_time_saving: f64,
+}
+
+/// Times `packed` against `dense` on the channel-major batch `x` of `batch` images, `reps`
+/// times each (at least once), interleaved; medians.
+pub fn time_paths(
+    packed: &InferenceNet,
+    dense: &InferenceNet,
+    x: &[f32],
+    batch: usize,
+    reps: usize,
+) -> Result<PathTiming> {
+    let error = std::cell::RefCell::new(None);
+    let run = |net: &InferenceNet| {
+        if let Err(e) = net.forward(x, batch) {
+            error.borrow_mut().get_or_insert(e);
+        }
+    };
+    let (packed_ms, dense_ms) =
+        coarsen_kernels::timing::interleaved(reps.max(1), || run(packed), || run(dense));
+    if let Some(e) = error.into_inner() {
+        return Err(e);
+    }
+    Ok(PathTiming {
+        packed_ms,
+        dense_ms,
+        time_saving: 1.0 - packed_ms / dense_ms,
+        ideal_time_saving: 1.0
+            - packed.macs_per_image() as f64 / dense.macs_per_image().max(1) as f64,
+    })
+}
+
 fn materialize(flow: &Flow, hw: usize) -> Op {
     Op::Materialize {
         from: flow.live.clone(),
@@ -672,15 +714,12 @@ impl Ctx<'_> {
                 .cloned()
                 .unwrap_or(LayerFormat::Dense),
         };
-        let mask = Mask::from_fn(cout, cols, |r, c| w[r * cols + c] != 0.0);
-        // Mask ones where weights happen to be exactly zero still count as kept: use the mask
-        // file when there is one.
+        // The mask file decides what is kept (weights may be exactly zero under a one); a layer
+        // without one is dense, or keeps its non-zero weights when given a sparse format.
         let mask = match self.masks.get(name) {
             Some(m) => Mask::from_bytes(cout, cols, m.clone())?,
-            None if self.path == Path::Dense || format == LayerFormat::Dense => {
-                Mask::from_fn(cout, cols, |_, _| true)
-            }
-            None => mask,
+            None if format == LayerFormat::Dense => Mask::ones(cout, cols),
+            None => Mask::from_fn(cout, cols, |r, c| w[r * cols + c] != 0.0),
         };
         // Input channels the kernel reads.
         let shrink = !flow.all_live() && format.shrinks_input();
@@ -1082,24 +1121,7 @@ pub fn random_masks(
                     TrainError::config("layer", name, format!("shape {shape:?} is not a matrix"))
                 })?;
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
-                let (cin, inner) = (view.cols / view.inner.max(1), view.inner);
-                let mut mk = vec![0u8; len];
-                for r in 0..rows {
-                    for k in 0..inner {
-                        for g0 in (0..cin).step_by((*m).max(1)) {
-                            let gl = (*m).min(cin - g0);
-                            let mut picks: Vec<usize> = (0..gl).collect();
-                            for a in 0..gl {
-                                let b = rng.random_range(a..gl);
-                                picks.swap(a, b);
-                            }
-                            for &q in picks.iter().take(*n) {
-                                mk[r * cols + view.col(g0 + q, k)] = 1;
-                            }
-                        }
-                    }
-                }
-                mk
+                random_nm_mask(&mut rng, view, *n, *m, None)
             }
             _ => {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
@@ -1111,6 +1133,38 @@ pub fn random_masks(
         masks.insert(name.clone(), m);
     }
     Ok(masks)
+}
+
+/// A random N:M mask of `view`: in every group of `m` input channels (after `perm`,
+/// `perm[new] = old`; identity when `None`) at every kernel position, `n` channels drawn at
+/// random.
+fn random_nm_mask(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    view: MatrixView,
+    n: usize,
+    m: usize,
+    perm: Option<&[usize]>,
+) -> Vec<u8> {
+    use rand::Rng;
+    let (cin, inner) = (view.in_channels, view.inner);
+    let mut mk = vec![0u8; view.len()];
+    for r in 0..view.rows {
+        for k in 0..inner {
+            for g0 in (0..cin).step_by(m.max(1)) {
+                let gl = m.min(cin - g0);
+                let mut picks: Vec<usize> = (0..gl).collect();
+                for a in 0..gl {
+                    let b = rng.random_range(a..gl);
+                    picks.swap(a, b);
+                }
+                for &q in picks.iter().take(n) {
+                    let c = perm.map_or(g0 + q, |p| p[g0 + q]);
+                    mk[r * view.cols + view.col(c, k)] = 1;
+                }
+            }
+        }
+    }
+    mk
 }
 
 #[cfg(test)]
@@ -1199,28 +1253,8 @@ mod tests {
                         .collect()
                 }
                 LayerFormat::Nm { n, m, col_perm } => {
-                    let perm = col_perm
-                        .clone()
-                        .filter(|p| p.len() == cin)
-                        .unwrap_or_else(|| (0..cin).collect());
-                    let mut mk = vec![0u8; len];
-                    for r in 0..rows {
-                        for s in 0..inner {
-                            for g0 in (0..cin).step_by(*m) {
-                                let gl = (*m).min(cin - g0);
-                                let mut picks: Vec<usize> = (0..gl).collect();
-                                for i in 0..gl {
-                                    let j = rng.random_range(i..gl);
-                                    picks.swap(i, j);
-                                }
-                                for &p in picks.iter().take(*n) {
-                                    let c = perm[g0 + p];
-                                    mk[r * cols + c * inner + s] = 1;
-                                }
-                            }
-                        }
-                    }
-                    mk
+                    let perm = col_perm.as_deref().filter(|p| p.len() == cin);
+                    random_nm_mask(&mut rng, MatrixView::of(&shape).unwrap(), *n, *m, perm)
                 }
                 LayerFormat::Csr => (0..len).map(|_| u8::from(rng.random_bool(0.08))).collect(),
                 LayerFormat::Dense => (0..len).map(|_| u8::from(rng.random_bool(0.4))).collect(),

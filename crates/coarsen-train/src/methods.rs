@@ -449,6 +449,13 @@ pub struct RunResults {
     pub final_stage: String,
 }
 
+impl RunResults {
+    /// Reads `results.json` of the run directory `run`.
+    pub fn read(run: &Path) -> Result<RunResults> {
+        read_json(&run.join("results.json"))
+    }
+}
+
 /// The directory of stage `s`.
 pub fn stage_dir(out: &Path, s: usize) -> PathBuf {
     out.join(format!("stage-{s}"))

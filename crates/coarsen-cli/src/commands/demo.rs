@@ -145,12 +145,6 @@ fn plans(args: &DemoArgs, data_dir: &Path) -> Result<Vec<RunPlan>> {
     ])
 }
 
-fn read_results(dir: &Path) -> Result<RunResults> {
-    let p = dir.join("results.json");
-    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))
-}
-
 /// Runs `coarsen demo`.
 pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     if args.synthetic {
@@ -200,7 +194,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     );
     let threads = rayon::current_num_threads();
     let mut rows = Vec::new();
-    let imp = read_results(&runs_dir.join("imp"))?;
+    let imp = RunResults::read(&runs_dir.join("imp"))?;
     // The dense network: IMP's first stage.
     let dense_dir = methods::stage_dir(&runs_dir.join("imp"), 0);
     rows.push(evaluate(
@@ -214,7 +208,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     )?);
     for p in &plans {
         let dir = runs_dir.join(p.name);
-        let r = read_results(&dir)?;
+        let r = RunResults::read(&dir)?;
         rows.push(evaluate(
             p.name,
             &r.pattern,
@@ -339,7 +333,7 @@ fn draw_pictures(
             continue;
         };
         let before = methods::stage_dir(&runs.join("imp"), round).join("masks.safetensors");
-        let r = read_results(&runs.join(name))?;
+        let r = RunResults::read(&runs.join(name))?;
         let after = runs
             .join(name)
             .join(&r.final_stage)

@@ -54,12 +54,7 @@ pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
     let weights_dir = if checkpoint.join("weights.safetensors").exists() {
         checkpoint.to_path_buf()
     } else if checkpoint.join("results.json").exists() {
-        let p = checkpoint.join("results.json");
-        let r: RunResults = serde_json::from_slice(
-            &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-        )
-        .with_context(|| format!("reading {}", p.display()))?;
-        checkpoint.join(r.final_stage)
+        checkpoint.join(RunResults::read(checkpoint)?.final_stage)
     } else if checkpoint
         .join("checkpoint")
         .join("weights.safetensors")
@@ -144,29 +139,14 @@ pub fn sparse_eval(
     let n = batch.clamp(1, data.test.n.max(1));
     let idx: Vec<usize> = (0..n).map(|i| i % data.test.n.max(1)).collect();
     let b = coarsen_train::data::make_batch(&data.test, &idx, None, (0, 0, 0));
-    let mut err = None;
-    let (packed_ms, dense_ms) = coarsen_kernels::timing::interleaved(
-        reps.max(1),
-        || {
-            if let Err(e) = packed.forward(&b.pixels, b.size) {
-                err = Some(e);
-            }
-        },
-        || {
-            let _ = dense.forward(&b.pixels, b.size);
-        },
-    );
-    if let Some(e) = err {
-        return Err(e.into());
-    }
+    let t = coarsen_train::infer::time_paths(&packed, &dense, &b.pixels, b.size, reps)?;
     Ok(SparseEval {
         packed_test_accuracy: acc,
         batch: b.size,
-        dense_ms,
-        packed_ms,
-        time_saving: 1.0 - packed_ms / dense_ms,
-        ideal_time_saving: 1.0
-            - packed.macs_per_image() as f64 / dense.macs_per_image().max(1) as f64,
+        dense_ms: t.dense_ms,
+        packed_ms: t.packed_ms,
+        time_saving: t.time_saving,
+        ideal_time_saving: t.ideal_time_saving,
         layers: packed.layers().to_vec(),
     })
 }

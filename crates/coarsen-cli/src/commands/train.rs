@@ -282,11 +282,10 @@ struct Row {
 fn summary(dirs: &[PathBuf], json: Option<&Path>) -> Result<()> {
     let mut results = Vec::new();
     for d in dirs {
-        let p = d.join("results.json");
-        let bytes = std::fs::read(&p)
-            .with_context(|| format!("{}: no results (unfinished run?)", d.display()))?;
-        let r: RunResults =
-            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", p.display()))?;
+        if !d.join("results.json").exists() {
+            bail!("{}: no results (unfinished run?)", d.display());
+        }
+        let r = RunResults::read(d)?;
         results.push((d.display().to_string(), r));
     }
     // A run's own dense stage is its reference; runs without one use a dense run of the same
