@@ -45,6 +45,9 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Accuracy, per-layer density and pattern of a trained network.
     Eval(EvalArgs),
+    /// Write a trained sparse network as safetensors (mask bits + kept values) and a JSON
+    /// architecture file, loadable by `coarsen eval` and the inference engine.
+    Export(ExportArgs),
 }
 
 /// Which tensors are layers.
@@ -481,11 +484,29 @@ pub struct TrainArgs {
     pub json: Option<PathBuf>,
 }
 
+/// `coarsen export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A run directory (its final stage, or its checkpoint while unfinished), a `stage-{s}`
+    /// directory or a checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// The export directory (created if missing): model.safetensors and model.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Data set directory [default: the one the run used]; gives the input shape, the
+    /// normalisation recorded in model.json and the images the export is verified on.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Test images the exported network is checked on against the checkpoint (0: no check).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub verify: usize,
+}
+
 /// `coarsen eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A run directory (its final stage, or its checkpoint while unfinished), a `stage-{s}`
-    /// directory or a checkpoint directory.
+    /// directory, a checkpoint directory or a `coarsen export` directory.
     pub checkpoint: PathBuf,
     /// Data set directory [default: the one the run used].
     #[arg(long, value_name = "DIR")]

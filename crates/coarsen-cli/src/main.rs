@@ -19,6 +19,13 @@ use args::{Cli, Command};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`| head`) instead
+    // of panicking on a failed print.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE at start-up, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Prune(a) => commands::prune::run(a, cli.quiet),
@@ -29,6 +36,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => commands::demo::run(a, cli.quiet),
         Command::Train(a) => commands::train::run(a, cli.quiet),
         Command::Eval(a) => commands::eval::run(a, cli.quiet),
+        Command::Export(a) => commands::export::run(a, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

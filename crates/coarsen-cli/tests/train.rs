@@ -1,4 +1,4 @@
-//! Integration tests of `coarsen train` and `coarsen eval`: the real binary on a small data set
+//! Integration tests of `coarsen train`, `coarsen eval` and `coarsen export`: the real binary on a small data set
 //! written as real MNIST-format IDX files.
 
 use std::path::Path;
@@ -177,6 +177,48 @@ fn eval_reports_accuracy_density_and_pattern() {
             .to_string()
     };
     assert_eq!(acc(&out), acc(&stage));
+
+    // Export: safetensors + model.json, loaded back by eval with the same accuracy, and its
+    // packed path agrees with the dense path.
+    let exp = s.p("export");
+    let text = ok(&["export", "-q", &s.p("r"), "--out", &exp]);
+    assert!(text.contains("verified"), "{text}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("export/model.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["format"], "coarsen-export");
+    assert_eq!(m["model"]["name"], "cnn");
+    let conv2 = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "conv2.weight")
+        .unwrap();
+    assert_eq!(conv2["format"], "channel");
+    assert!(m["file_bytes"].as_u64().unwrap() < m["dense_bytes"].as_u64().unwrap());
+    let ejson = s.p("eval-export.json");
+    let back = ok(&[
+        "eval", "-q", &exp, "--sparse", "--reps", "1", "--json", &ejson,
+    ]);
+    assert_eq!(acc(&back), acc(&out), "{back}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&ejson).unwrap()).unwrap();
+    assert_eq!(
+        v["sparse"]["packed_test_accuracy"], v["test_accuracy"],
+        "{v}"
+    );
+    let conv2 = v["sparse"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "conv2.weight")
+        .unwrap();
+    assert_eq!(conv2["format"], "channel");
+    // An export is not exported again; a damaged one is a clear error.
+    let e = err(&["export", &exp, "--out", &s.p("again")]);
+    assert!(e.contains("already an export"), "{e}");
+    std::fs::write(s.dir.path().join("export/model.safetensors"), b"junk").unwrap();
+    let e = err(&["eval", &exp]);
+    assert!(e.contains("model.safetensors"), "{e}");
 }
 
 #[test]

@@ -1168,7 +1168,7 @@ fn random_nm_mask(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::ModelSpec;
     use candle_core::{Device, Tensor};
@@ -1177,7 +1177,7 @@ mod tests {
 
     /// A model of `name` with random BatchNorm statistics (so removed channels are non-zero
     /// constants) and masks of `format` on every prunable layer.
-    fn setup(name: &str, input: [usize; 3], width: f64, seed: u64) -> Model {
+    pub(crate) fn setup(name: &str, input: [usize; 3], width: f64, seed: u64) -> Model {
         let spec = ModelSpec {
             name: name.into(),
             width,
@@ -1313,22 +1313,31 @@ mod tests {
             .unwrap()
     }
 
-    fn check(name: &str, input: [usize; 3], width: f64, fmt: LayerFormat) {
-        let model = setup(name, input, width, 7);
-        let base = random_masks(&model, &fmt, 3);
-        // N:M masks follow each layer's permutation.
-        let formats = formats_for(&model, &base, &fmt);
+    /// Random masks of `fmt` on every prunable layer of `model` and every layer's format (N:M
+    /// masks follow each layer's own permutation).
+    pub(crate) fn masks_and_formats(
+        model: &Model,
+        fmt: &LayerFormat,
+        seed: u64,
+    ) -> (Masks, BTreeMap<String, LayerFormat>) {
+        let base = random_masks(model, fmt, seed);
+        let formats = formats_for(model, &base, fmt);
         let masks: Masks = if let LayerFormat::Nm { .. } = fmt {
             base.keys()
                 .map(|n| {
-                    let f = &formats[n];
-                    let one = random_masks(&model, f, 3);
+                    let one = random_masks(model, &formats[n], seed);
                     (n.clone(), one[n].clone())
                 })
                 .collect()
         } else {
             base
         };
+        (masks, formats)
+    }
+
+    fn check(name: &str, input: [usize; 3], width: f64, fmt: LayerFormat) {
+        let model = setup(name, input, width, 7);
+        let (masks, formats) = masks_and_formats(&model, &fmt, 3);
         let batch = 5;
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let x: Vec<f32> = (0..input.iter().product::<usize>() * batch)
@@ -1350,7 +1359,7 @@ mod tests {
         }
     }
 
-    const FORMATS: fn() -> Vec<LayerFormat> = || {
+    pub(crate) const FORMATS: fn() -> Vec<LayerFormat> = || {
         vec![
             LayerFormat::Dense,
             LayerFormat::Csr,

@@ -12,6 +12,7 @@
 //! - [`optim`]: SGD with momentum, weight decay, schedules, masks.
 //! - [`train`]: the recipe, the resumable trainer, checkpoints and metrics.
 //! - [`sparsity`], [`dynamic`]: IMP's pruning, post-processing, RigL and DSB/SSB.
+//! - [`infer`], [`export`]: sparse inference on packed kernels; exported models.
 //! - [`methods`]: experiments and their stages, `results.json`.
 //! - [`bench`](mod@bench): training-step and throughput measurements.
 //!
@@ -31,6 +32,7 @@ pub mod bench;
 pub mod data;
 pub mod dynamic;
 pub mod error;
+pub mod export;
 pub mod infer;
 pub mod methods;
 pub mod model;

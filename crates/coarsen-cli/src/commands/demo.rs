@@ -253,7 +253,7 @@ fn evaluate(
     data: &DataSplits,
     args: &DemoArgs,
 ) -> Result<Row> {
-    let loaded = load_network(dir, data)?;
+    let loaded = load_network(dir, Some(data))?;
     let inference = sparse_eval(&loaded, data, args.batch, args.reps)?;
     Ok(Row {
         method: method.to_string(),

@@ -1,9 +1,12 @@
 //! `coarsen eval`: accuracy, per-layer density and pattern of a trained network.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use coarsen_train::data;
+use coarsen_train::export;
+use coarsen_train::infer::{layer_formats, LayerFormat};
 use coarsen_train::methods::{self, Experiment, LayerResult, RunResults};
 use coarsen_train::model::Model;
 use coarsen_train::optim::apply_masks;
@@ -29,20 +32,29 @@ struct EvalReport {
 }
 
 /// The run directory's experiment and the directory holding `weights.safetensors` and
-/// `masks.safetensors`.
+/// `masks.safetensors`; for an export directory, the experiment it records and the directory.
 pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
     if !checkpoint.is_dir() {
         bail!(
-            "{}: not a directory (give a run, stage-N or checkpoint directory)",
+            "{}: not a directory (give a run, stage-N, checkpoint or export directory)",
             checkpoint.display()
         );
+    }
+    if export::is_export(checkpoint) {
+        let m = export::read_manifest(checkpoint)?;
+        let exp = m.experiment.unwrap_or_else(|| Experiment {
+            model: m.model.name.clone(),
+            width: m.model.width,
+            ..Experiment::default()
+        });
+        return Ok((exp, checkpoint.to_path_buf()));
     }
     let run_dir = [checkpoint.to_path_buf(), checkpoint.join("..")]
         .into_iter()
         .find(|d| d.join("experiment.json").exists())
         .with_context(|| {
             format!(
-                "{}: no experiment.json here or in the parent directory; is this a `coarsen train` output?",
+                "{}: no experiment.json here or in the parent directory, and no model.json; is this a `coarsen train` or `coarsen export` output?",
                 checkpoint.display()
             )
         })?;
@@ -70,21 +82,59 @@ pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
     Ok((exp, weights_dir))
 }
 
-/// A trained network loaded back from a `coarsen train` output.
+/// A trained network loaded back from a `coarsen train` or `coarsen export` output.
 pub struct Loaded {
-    /// The directory of the weights and masks.
+    /// The directory of the weights and masks (or of the export).
     pub dir: PathBuf,
+    /// The experiment that trained it (defaults where an export does not record one).
+    pub experiment: Experiment,
     /// The network, masks applied.
     pub model: Model,
     /// The masks.
     pub masks: coarsen_train::optim::Masks,
     /// The masks' coarsen metadata.
     pub meta: Option<coarsen_core::CoarsenMetadata>,
+    /// Every conv and linear weight's packed format.
+    pub formats: BTreeMap<String, LayerFormat>,
 }
 
-/// Loads the network of a run, stage or checkpoint directory for `data`.
-pub fn load_network(checkpoint: &Path, data: &data::DataSplits) -> Result<Loaded> {
+/// Loads the network of a run, stage, checkpoint or export directory. `data` gives the input
+/// shape and classes of a run's network; an export records its own and must agree with it.
+pub fn load_network(checkpoint: &Path, data: Option<&data::DataSplits>) -> Result<Loaded> {
     let (exp, dir) = locate(checkpoint)?;
+    if export::is_export(checkpoint) {
+        let e = export::load(checkpoint)?;
+        if let Some(d) = data {
+            let want = exp.model_spec(d);
+            let have = &e.manifest.model;
+            if (want.input, want.classes) != (have.input, have.classes) {
+                bail!(
+                    "{}: the exported {} takes {:?} images and {} classes; {} has {:?} and {}",
+                    checkpoint.display(),
+                    have.name,
+                    have.input,
+                    have.classes,
+                    d.source.display(),
+                    want.input,
+                    want.classes
+                );
+            }
+        }
+        return Ok(Loaded {
+            dir,
+            experiment: exp,
+            model: e.model,
+            masks: e.masks,
+            meta: e.manifest.coarsen,
+            formats: e.formats,
+        });
+    }
+    let Some(data) = data else {
+        bail!(
+            "{}: a training run's network needs its data set for its input shape",
+            checkpoint.display()
+        );
+    };
     let model = Model::new(&exp.model_spec(data), exp.seed)?;
     let wpath = dir.join("weights.safetensors");
     let weights = load_tensors(&wpath)?;
@@ -97,11 +147,14 @@ pub fn load_network(checkpoint: &Path, data: &data::DataSplits) -> Result<Loaded
         (Default::default(), None)
     };
     apply_masks(&model, &masks)?;
+    let formats = layer_formats(&model, &masks, meta.as_ref())?;
     Ok(Loaded {
         dir,
+        experiment: exp,
         model,
         masks,
         meta,
+        formats,
     })
 }
 
@@ -133,8 +186,8 @@ pub fn sparse_eval(
     reps: usize,
 ) -> Result<SparseEval> {
     use coarsen_train::infer::{InferenceNet, Path as InferPath};
-    let packed = InferenceNet::new(&l.model, &l.masks, l.meta.as_ref(), InferPath::Packed)?;
-    let dense = InferenceNet::new(&l.model, &l.masks, l.meta.as_ref(), InferPath::Dense)?;
+    let packed = InferenceNet::with_formats(&l.model, &l.masks, &l.formats, InferPath::Packed)?;
+    let dense = InferenceNet::with_formats(&l.model, &l.masks, &l.formats, InferPath::Dense)?;
     let acc = packed.accuracy(&data.test, 1000)?;
     let n = batch.clamp(1, data.test.n.max(1));
     let idx: Vec<usize> = (0..n).map(|i| i % data.test.n.max(1)).collect();
@@ -158,7 +211,7 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
     let sp = progress::spinner("evaluating", quiet);
     sp.set_message(format!("loading {}", data_dir.display()));
     let data = data::load(&data_dir, exp.recipe.val_split)?;
-    let loaded = load_network(&a.checkpoint, &data)?;
+    let loaded = load_network(&a.checkpoint, Some(&data))?;
     let (model, masks, meta, dir) = (&loaded.model, &loaded.masks, &loaded.meta, &loaded.dir);
     sp.set_message("test set");
     let test = accuracy(model, &data.test, a.batch)?;

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod demo;
 pub mod demo_synthetic;
 pub mod eval;
+pub mod export;
 pub mod inspect;
 pub mod prune;
 pub mod synth;
