@@ -20,6 +20,7 @@
 //! strong dense GEMM (faer) through the same chunked im2col: the honest baseline that
 //! time savings are measured against.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use coarsen_core::patterns::Pattern;
@@ -396,7 +397,7 @@ impl InferenceNet {
                 ),
             ));
         }
-        let y = run_ops(&self.ops, x.to_vec(), batch, &self.options)?;
+        let y = run_ops(&self.ops, Cow::Borrowed(x), batch, &self.options)?;
         // [classes, B] → [B, classes].
         let k = self.classes;
         let mut out = vec![0.0f32; k * batch];
@@ -915,9 +916,11 @@ fn kernel_error(e: impl std::fmt::Display) -> TrainError {
     TrainError::config("inference", "kernel", e.to_string())
 }
 
-fn run_ops(ops: &[Op], mut x: Vec<f32>, batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
+/// Runs `ops` on `x`; a borrowed input is copied only by an op that works in place (ReLU).
+fn run_ops(ops: &[Op], x: Cow<'_, [f32]>, batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
+    let mut x = x;
     for op in ops {
-        x = match op {
+        x = Cow::Owned(match op {
             Op::Layer(l) => l.forward(&x, batch, o)?,
             Op::Materialize {
                 from,
@@ -936,9 +939,10 @@ fn run_ops(ops: &[Op], mut x: Vec<f32>, batch: usize, o: &InferOptions) -> Resul
                 out
             }
             Op::Relu => {
-                x.par_chunks_mut(4096)
+                let mut v = x.into_owned();
+                v.par_chunks_mut(4096)
                     .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
-                x
+                v
             }
             Op::MaxPool2 { h, w } => {
                 let (ho, wo) = (h / 2, w / 2);
@@ -987,11 +991,11 @@ fn run_ops(ops: &[Op], mut x: Vec<f32>, batch: usize, o: &InferOptions) -> Resul
                 sources,
                 hw,
             } => {
-                let a = run_ops(body, x.clone(), batch, o)?;
+                let a = run_ops(body, Cow::Borrowed(&x), batch, o)?;
                 let b = if shortcut.is_empty() {
                     x
                 } else {
-                    run_ops(shortcut, x, batch, o)?
+                    Cow::Owned(run_ops(shortcut, Cow::Borrowed(&x), batch, o)?)
                 };
                 let n = batch * hw;
                 let mut out = vec![0.0f32; sources.len() * n];
@@ -1018,65 +1022,134 @@ fn run_ops(ops: &[Op], mut x: Vec<f32>, batch: usize, o: &InferOptions) -> Resul
                     });
                 out
             }
-        };
+        });
     }
-    Ok(x)
+    Ok(x.into_owned())
+}
+
+thread_local! {
+    /// Per-thread scratch of [`Layer::forward`]: the im2col chunk and the kernel's output.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// `v` with at least `len` values (grown, never shrunk; contents unspecified).
+fn at_least(mut v: Vec<f32>, len: usize) -> Vec<f32> {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v
 }
 
 impl Layer {
     /// `[cin, B, h, w]` → `[cout, B, ho, wo]`.
+    ///
+    /// Images are cut into chunks, one task each: im2col of the chunk, the kernel, then bias,
+    /// the removed-channel correction and ReLU fused into the copy of the chunk's columns into
+    /// the output. Scratch buffers are per thread and reused across layers and calls.
     fn forward(&self, x: &[f32], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
         let d = ConvDims::new(&[self.cin, batch, self.h, self.w], self.g).map_err(kernel_error)?;
         let hw = self.ho * self.wo;
         let n = batch * hw;
         let kk = d.rows();
         let rows = self.cout;
-        let mut y = vec![0.0f32; rows * n];
+        let len = rows * n;
+        // Every value of `y` is written below (the chunks cover every column of every row)
+        // before its length is set; nothing reads it before.
+        let mut y: Vec<f32> = Vec::with_capacity(len);
         let yp = Shared(y.as_mut_ptr());
-        let threads = rayon::current_num_threads().max(1);
-        let per = d.images_per_chunk(o.chunk_floats, o.min_cols, 2 * threads);
-        let chunks: Vec<(usize, usize)> = (0..batch.div_ceil(per.max(1)))
-            .map(|i| (i * per, per.min(batch - i * per)))
-            .collect();
+        let chunks = column_chunks(n, self.wo, kk, o);
+        let direct = self.g.k == 1 && self.g.stride == 1 && self.g.pad == 0 && chunks.len() == 1;
         chunks
             .into_par_iter()
-            .try_for_each(|(b0, nb)| -> Result<()> {
-                let nc = nb * hw;
-                let direct = self.g.k == 1 && self.g.stride == 1 && self.g.pad == 0 && nb == batch;
-                let col_buf;
+            .try_for_each(|(c0, c1)| -> Result<()> {
+                let (nc, out) = (c1 - c0, yp);
+                // Taken out of the thread's slot, not borrowed: a kernel's nested parallelism
+                // may run another chunk on this thread meanwhile (which then allocates its own).
+                let (col_buf, part_buf) = SCRATCH.take();
+                let mut col_buf = if direct {
+                    col_buf
+                } else {
+                    at_least(col_buf, kk * nc)
+                };
+                let mut part_buf = at_least(part_buf, rows * nc);
                 let col: &[f32] = if direct {
                     x
                 } else {
-                    let mut c = vec![0.0f32; kk * nc];
-                    d.im2col(x, b0, nb, &mut c, false);
-                    col_buf = c;
-                    &col_buf
+                    let c = &mut col_buf[..kk * nc];
+                    d.im2col_range(x, c0, c1, c);
+                    c
                 };
-                let mut part = vec![0.0f32; rows * nc];
+                let part = &mut part_buf[..rows * nc];
                 self.plan
-                    .forward(col, &mut part, nc)
+                    .forward(col, part, nc)
                     .map_err(|e| TrainError::config("inference", &self.name, e.to_string()))?;
-                for (r, row) in part.chunks_mut(nc.max(1)).enumerate() {
-                    let b = self.bias[r];
-                    match &self.corr {
-                        Some(c) => {
-                            let map = &c[r * hw..(r + 1) * hw];
-                            for img in row.chunks_mut(hw.max(1)) {
-                                img.iter_mut().zip(map).for_each(|(v, m)| *v += b + m);
-                            }
-                        }
-                        None => row.iter_mut().for_each(|v| *v += b),
-                    }
-                    if self.relu {
-                        row.iter_mut().for_each(|v| *v = v.max(0.0));
-                    }
+                for (r, row) in part.chunks(nc.max(1)).enumerate() {
+                    // SAFETY: chunks cover disjoint columns of `y`; `r·n + c1 ≤ len`, inside
+                    // the capacity; the values are written, never read, before `set_len`.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.0.add(r * n + c0).cast::<std::mem::MaybeUninit<f32>>(),
+                            nc,
+                        )
+                    };
+                    self.epilogue(r, c0, row, dst);
                 }
-                // SAFETY: chunks cover disjoint images, hence disjoint columns of y.
-                unsafe { d.scatter(&part, rows, b0, nc, yp) };
+                SCRATCH.set((col_buf, part_buf));
                 Ok(())
             })?;
+        // SAFETY: every one of the `len` values was written above.
+        unsafe { y.set_len(len) };
         Ok(y)
     }
+
+    /// Output row `r`, columns `c0 ..` of the batch: kernel result `src` plus bias and the
+    /// removed-channel correction, through ReLU when fused, into `dst`.
+    fn epilogue(&self, r: usize, c0: usize, src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
+        let b = self.bias[r];
+        let act = |v: f32| if self.relu { v.max(0.0) } else { v };
+        match &self.corr {
+            None if self.relu => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &v)| _ = d.write((v + b).max(0.0))),
+            None => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &v)| _ = d.write(v + b)),
+            Some(c) => {
+                let hw = self.ho * self.wo;
+                let map = &c[r * hw..(r + 1) * hw];
+                let mut j = 0;
+                while j < src.len() {
+                    let at = (c0 + j) % hw;
+                    let m = (hw - at).min(src.len() - j);
+                    for ((d, &v), &k) in dst[j..j + m]
+                        .iter_mut()
+                        .zip(&src[j..j + m])
+                        .zip(&map[at..at + m])
+                    {
+                        d.write(act(v + b + k));
+                    }
+                    j += m;
+                }
+            }
+        }
+    }
+}
+
+/// Column ranges `[c0, c1)` of an im2col matrix with `n` columns and `kk` rows, cut at whole
+/// output rows (`wo` columns): about `chunk_floats` values each (so a chunk stays in the cache
+/// between im2col and the kernel), at least `min_cols` columns, and at least two per thread.
+fn column_chunks(n: usize, wo: usize, kk: usize, o: &InferOptions) -> Vec<(usize, usize)> {
+    let wo = wo.max(1);
+    let threads = rayon::current_num_threads().max(1);
+    let want = (o.chunk_floats / kk.max(1)).max(o.min_cols);
+    let most = n.div_ceil(2 * threads);
+    let cols = (want.min(most).div_ceil(wo) * wo).max(wo);
+    (0..n.div_ceil(cols))
+        .map(|i| (i * cols, ((i + 1) * cols).min(n)))
+        .collect()
 }
 
 /// Random structured masks of `format` at `density` (N:M is always N/M) on the layers `names`

@@ -419,27 +419,155 @@ impl ConvDims {
     /// Row `row` of the im2col matrix of images `b0 .. b0 + nb` into `dst` (`nb·Ho·Wo` values,
     /// every one written).
     pub(crate) fn im2col_row(&self, x: &[f32], b0: usize, nb: usize, row: usize, dst: &mut [f32]) {
+        let hw = self.hw();
+        self.im2col_row_range(x, row, b0 * hw, (b0 + nb) * hw, dst);
+    }
+
+    /// Columns `c0 .. c1` of row `row` of the whole batch's im2col matrix `[C·k·k, B·Ho·Wo]`
+    /// into `dst` (`c1 − c0` values, every one written). `c0` and `c1` are multiples of `Wo`:
+    /// a range covers whole output rows, possibly of several images.
+    pub(crate) fn im2col_row_range(
+        &self,
+        x: &[f32],
+        row: usize,
+        c0: usize,
+        c1: usize,
+        dst: &mut [f32],
+    ) {
+        let (hw, wo) = (self.hw().max(1), self.wo.max(1));
+        let mut c = c0;
+        while c < c1 {
+            let img = c / hw;
+            let end = c1.min((img + 1) * hw);
+            let (oy0, oy1) = ((c - img * hw) / wo, (end - img * hw).div_ceil(wo));
+            self.im2col_image_rows(x, row, img, (oy0, oy1), &mut dst[c - c0..end - c0]);
+            c = end;
+        }
+    }
+
+    /// Columns `c0 .. c1` (multiples of `Wo`) of every row of the batch's im2col matrix into
+    /// `col` (`C·k·k` rows of `c1 − c0` values, every one written): what
+    /// [`im2col_row_range`](Self::im2col_row_range) gives row by row, with the per-tap
+    /// geometry of stride-1 "same" convolutions computed once instead of per row.
+    pub(crate) fn im2col_range(&self, x: &[f32], c0: usize, c1: usize, col: &mut [f32]) {
+        let nc = c1 - c0;
+        let g = self.g;
+        if !(g.stride == 1 && self.wo == self.w && self.ho == self.h) || nc == 0 {
+            for (r, dst) in col.chunks_mut(nc.max(1)).enumerate() {
+                self.im2col_row_range(x, r, c0, c1, dst);
+            }
+            return;
+        }
+        let (h, w, k, p) = (self.h, self.w, g.k, g.pad);
+        let hw = h * w;
+        // Per tap: valid output columns [lo, hi), valid output rows [ylo, yhi), source shift.
+        let taps: Vec<(usize, usize, usize, usize, isize)> = (0..k * k)
+            .map(|t| {
+                let (ky, kx) = (t / k, t % k);
+                let (lo, hi) = self.valid(kx, w, w);
+                let (ylo, yhi) = self.valid(ky, h, h);
+                let shift = (ky * w + kx) as isize - (p * w + p) as isize;
+                (lo, hi, ylo, yhi, shift)
+            })
+            .collect();
+        let mut c = c0;
+        while c < c1 {
+            let img = c / hw;
+            let end = c1.min((img + 1) * hw);
+            let (oy0, oy1) = ((c - img * hw) / w, (end - img * hw).div_ceil(w));
+            let (base, at) = (oy0 * w, c - c0);
+            for ch in 0..self.c {
+                let plane = &x[(ch * self.b + img) * hw..][..hw];
+                for (t, &(lo, hi, ylo, yhi, shift)) in taps.iter().enumerate() {
+                    let d = &mut col[(ch * k * k + t) * nc + at..][..end - c];
+                    let ra = ylo.max(oy0).min(oy1);
+                    let rb = yhi.min(oy1).max(ra);
+                    let (s, e) = (ra * w, rb * w);
+                    let s2 = (s as isize).max(-shift).min(e as isize) as usize;
+                    let e2 = (e as isize).min(hw as isize - shift).max(s2 as isize) as usize;
+                    d[..s2 - base].fill(0.0);
+                    d[e2 - base..].fill(0.0);
+                    if e2 > s2 {
+                        let from = (s2 as isize + shift) as usize;
+                        d[s2 - base..e2 - base].copy_from_slice(&plane[from..from + e2 - s2]);
+                    }
+                    if lo > 0 || hi < w {
+                        for r in d[s - base..e - base].chunks_exact_mut(w) {
+                            for v in &mut r[..lo] {
+                                *v = 0.0;
+                            }
+                            for v in &mut r[hi..] {
+                                *v = 0.0;
+                            }
+                        }
+                    }
+                }
+            }
+            c = end;
+        }
+    }
+
+    /// Output rows `oy0 .. oy1` of image `img` of im2col row `row` into `dst`.
+    fn im2col_image_rows(
+        &self,
+        x: &[f32],
+        row: usize,
+        img: usize,
+        (oy0, oy1): (usize, usize),
+        dst: &mut [f32],
+    ) {
         let g = self.g;
         let (ch, ky, kx) = (row / (g.k * g.k), (row / g.k) % g.k, row % g.k);
         let (lo, hi) = self.valid(kx, self.w, self.wo);
-        for bl in 0..nb {
-            for oy in 0..self.ho {
-                let out = &mut dst[(bl * self.ho + oy) * self.wo..][..self.wo];
-                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                if iy < 0 || iy >= self.h as isize {
-                    out.fill(0.0);
-                    continue;
+        let plane = &x[(ch * self.b + img) * self.h * self.w..][..self.h * self.w];
+        if g.stride == 1 && self.wo == self.w && self.ho == self.h {
+            // Stride-1 "same" convolution: the row is the plane shifted by (ky − p)·W + kx − p,
+            // one contiguous copy, then zeros where the tap falls into the padding (whole rows
+            // above and below; columns < lo and ≥ hi, which the shifted copy filled from the
+            // neighbouring image row).
+            let (w, p) = (self.w, g.pad);
+            let hw = self.h * w;
+            let (ylo, yhi) = self.valid(ky, self.h, self.h);
+            let ra = ylo.max(oy0).min(oy1);
+            let rb = yhi.min(oy1).max(ra);
+            let shift = (ky * w + kx) as isize - (p * w + p) as isize;
+            let (s, e) = (ra * w, rb * w);
+            // Clamp the copy to source indices inside the plane; what is cut off is padding.
+            let s2 = (s as isize).max(-shift).min(e as isize) as usize;
+            let e2 = (e as isize).min(hw as isize - shift).max(s2 as isize) as usize;
+            let base = oy0 * w;
+            let d = &mut dst[..(oy1 - oy0) * w];
+            d[..s2 - base].fill(0.0);
+            d[e2 - base..].fill(0.0);
+            if e2 > s2 {
+                d[s2 - base..e2 - base].copy_from_slice(
+                    &plane[(s2 as isize + shift) as usize..(e2 as isize + shift) as usize],
+                );
+            }
+            if lo > 0 || hi < w {
+                for r in d[s - base..e - base].chunks_exact_mut(w) {
+                    r[..lo].fill(0.0);
+                    r[hi..].fill(0.0);
                 }
-                let src = &x[((ch * self.b + b0 + bl) * self.h + iy as usize) * self.w..][..self.w];
-                out[..lo].fill(0.0);
-                out[hi..].fill(0.0);
-                if g.stride == 1 {
-                    let from = lo + kx - g.pad;
-                    out[lo..hi].copy_from_slice(&src[from..from + hi - lo]);
-                } else {
-                    for (ox, o) in out[lo..hi].iter_mut().enumerate() {
-                        *o = src[(lo + ox) * g.stride + kx - g.pad];
-                    }
+            }
+            return;
+        }
+        for oy in oy0..oy1 {
+            let out = &mut dst[(oy - oy0) * self.wo..][..self.wo];
+            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+            if iy < 0 || iy >= self.h as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let src = &plane[iy as usize * self.w..][..self.w];
+            out[..lo].fill(0.0);
+            out[hi..].fill(0.0);
+            if g.stride == 1 {
+                let from = lo + kx - g.pad;
+                out[lo..hi].copy_from_slice(&src[from..from + hi - lo]);
+            } else {
+                for (ox, o) in out[lo..hi].iter_mut().enumerate() {
+                    *o = src[(lo + ox) * g.stride + kx - g.pad];
                 }
             }
         }
@@ -453,9 +581,8 @@ impl ConvDims {
                 .enumerate()
                 .for_each(|(row, dst)| self.im2col_row(x, b0, nb, row, dst));
         } else {
-            for (row, dst) in col.chunks_mut(nc.max(1)).enumerate() {
-                self.im2col_row(x, b0, nb, row, dst);
-            }
+            let hw = self.hw();
+            self.im2col_range(x, b0 * hw, (b0 + nb) * hw, &mut col[..self.rows() * nc]);
         }
     }
 
@@ -1062,6 +1189,78 @@ mod tests {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
+    }
+
+    /// im2col (both the general path and the one-copy path of stride-1 "same" convolutions)
+    /// equals the definition, on every image of a chunk, for small, odd and 1-pixel sizes.
+    #[test]
+    fn im2col_matches_definition() {
+        for (k, stride, pad) in [
+            (3, 1, 1),
+            (5, 1, 2),
+            (1, 1, 0),
+            (3, 2, 1),
+            (3, 1, 0),
+            (2, 1, 1),
+        ] {
+            for (h, w) in [(1, 1), (1, 4), (4, 1), (2, 3), (5, 5), (7, 4)] {
+                let g = ConvGeometry { k, stride, pad };
+                let (c, b) = (2, 3);
+                let Ok(d) = ConvDims::new(&[c, b, h, w], g) else {
+                    continue;
+                };
+                let x = vals(c * b * h * w, (h * 31 + w) as u32);
+                let (b0, nb) = (1, 2);
+                let nc = nb * d.hw();
+                let mut col = vec![f32::NAN; d.rows() * nc];
+                d.im2col(&x, b0, nb, &mut col, false);
+                // The row-by-row fill (the parallel one) equals the all-rows one (the serial).
+                let mut by_row = vec![f32::NAN; d.rows() * nc];
+                d.im2col(&x, b0, nb, &mut by_row, true);
+                assert_eq!(by_row, col, "k {k} s {stride} p {pad} {h}x{w}: row by row");
+                // Any range of whole output rows equals the same columns of whole images.
+                for (r0, r1) in [(0, 1), (1, 3), (d.ho, 2 * d.ho), (1, 2 * d.ho - 1)] {
+                    if r1 <= r0 || r1 > nb * d.ho {
+                        continue;
+                    }
+                    for row in 0..d.rows() {
+                        let (a, z) = ((b0 * d.ho + r0) * d.wo, (b0 * d.ho + r1) * d.wo);
+                        let mut part = vec![f32::NAN; z - a];
+                        d.im2col_row_range(&x, row, a, z, &mut part);
+                        let mut every = vec![f32::NAN; d.rows() * (z - a)];
+                        d.im2col_range(&x, a, z, &mut every);
+                        assert_eq!(part[..], every[row * (z - a)..(row + 1) * (z - a)]);
+                        assert_eq!(
+                            part[..],
+                            col[row * nc + r0 * d.wo..row * nc + r1 * d.wo],
+                            "k {k} s {stride} p {pad} {h}x{w}: row {row}, output rows {r0}..{r1}"
+                        );
+                    }
+                }
+                for row in 0..d.rows() {
+                    let (ch, ky, kx) = (row / (k * k), (row / k) % k, row % k);
+                    for bl in 0..nb {
+                        for oy in 0..d.ho {
+                            for ox in 0..d.wo {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                let want =
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        0.0
+                                    } else {
+                                        x[((ch * b + b0 + bl) * h + iy as usize) * w + ix as usize]
+                                    };
+                                let got = col[row * nc + (bl * d.ho + oy) * d.wo + ox];
+                                assert_eq!(
+                                    got, want,
+                                    "k {k} s {stride} p {pad} {h}x{w}: row {row} image {bl} ({oy}, {ox})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Convolution through im2col + weight-matmul equals candle's own conv2d (NCHW), forward and
