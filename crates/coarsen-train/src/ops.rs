@@ -1185,6 +1185,17 @@ mod tests {
         }
     }
 
+    /// A tensor's values, flattened.
+    trait Flat {
+        fn flat(&self) -> Vec<f32>;
+    }
+
+    impl Flat for Tensor {
+        fn flat(&self) -> Vec<f32> {
+            self.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        }
+    }
+
     fn vals(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
@@ -1343,18 +1354,8 @@ mod tests {
                     }
                 };
                 assert_eq!(y4.dims(), &[co, b, ho, wo], "{way}");
-                let want = yr
-                    .permute((1, 0, 2, 3))
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                close(
-                    &y4.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    &want,
-                    1e-5,
-                );
+                let want = yr.permute((1, 0, 2, 3)).unwrap().flat();
+                close(&y4.flat(), &want, 1e-5);
                 let gs = y4
                     .sqr()
                     .unwrap()
@@ -1364,20 +1365,11 @@ mod tests {
                     .unwrap()
                     .backward()
                     .unwrap();
-                let dw = gs
-                    .get(wc.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
+                let dw = gs.get(wc.as_tensor()).unwrap().flat();
                 let dw_want: Vec<f32> = gr
                     .get(wr.as_tensor())
                     .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
+                    .flat()
                     .iter()
                     .zip(mask.as_bytes())
                     .map(|(&v, &m)| if m != 0 || !sparse { v } else { 0.0 })
@@ -1388,17 +1380,8 @@ mod tests {
                     .unwrap()
                     .permute((1, 0, 2, 3))
                     .unwrap();
-                let dx = dx.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                close(
-                    &dx,
-                    &gr.get(xr.as_tensor())
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                    1e-4,
-                );
+                let dx = dx.flat();
+                close(&dx, &gr.get(xr.as_tensor()).unwrap().flat(), 1e-4);
             }
         }
     }
@@ -1451,23 +1434,12 @@ mod tests {
             .unwrap()
             .apply_op1(MaxPool2)
             .unwrap();
-        let want = yr
-            .permute((1, 0, 2, 3))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        close(
-            &y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &want,
-            1e-5,
-        );
+        let want = yr.permute((1, 0, 2, 3)).unwrap().flat();
+        close(&y.flat(), &want, 1e-5);
         let gs = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         close(
-            &flat(gs.get(wc.as_tensor()).unwrap()),
-            &flat(gr.get(wr.as_tensor()).unwrap()),
+            &gs.get(wc.as_tensor()).unwrap().flat(),
+            &gr.get(wr.as_tensor()).unwrap().flat(),
             1e-4,
         );
         let dx = gs
@@ -1475,7 +1447,7 @@ mod tests {
             .unwrap()
             .permute((1, 0, 2, 3))
             .unwrap();
-        close(&flat(&dx), &flat(gr.get(xr.as_tensor()).unwrap()), 1e-4);
+        close(&dx.flat(), &gr.get(xr.as_tensor()).unwrap().flat(), 1e-4);
     }
 
     /// A sparse plan gives the same output and gradients as the dense product of the masked
@@ -1502,45 +1474,22 @@ mod tests {
             .unwrap();
         let wd = Var::from_vec(masked.clone(), (r, c), &Device::Cpu).unwrap();
         let yd = wd.as_tensor().matmul(x.as_tensor()).unwrap();
-        close(
-            &y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            &yd.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            1e-5,
-        );
+        close(&y.flat(), &yd.flat(), 1e-5);
         let g = y.sum_all().unwrap().backward().unwrap();
         let gd = yd.sum_all().unwrap().backward().unwrap();
-        let dw = g
-            .get(w.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let dw = g.get(w.as_tensor()).unwrap().flat();
         let dwd: Vec<f32> = gd
             .get(wd.as_tensor())
             .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
+            .flat()
             .iter()
             .zip(mask.as_bytes())
             .map(|(&g, &m)| if m != 0 { g } else { 0.0 })
             .collect();
         close(&dw, &dwd, 1e-5);
         close(
-            &g.get(x.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            &gd.get(x.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
+            &g.get(x.as_tensor()).unwrap().flat(),
+            &gd.get(x.as_tensor()).unwrap().flat(),
             1e-5,
         );
     }
@@ -1550,7 +1499,6 @@ mod tests {
     #[test]
     fn batchnorm_matches_composed_ops() {
         let (c, m) = (3, 40);
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for relu in [false, true] {
             let xv = vals(c * m, 5);
             let x = Var::from_vec(xv.clone(), (c, m), &Device::Cpu).unwrap();
@@ -1589,7 +1537,7 @@ mod tests {
             if relu {
                 y2 = y2.relu().unwrap();
             }
-            close(&flat(&y), &flat(&y2), 1e-5);
+            close(&y.flat(), &y2.flat(), 1e-5);
             let gr2 = (y2 * &weights)
                 .unwrap()
                 .sum_all()
@@ -1597,13 +1545,13 @@ mod tests {
                 .backward()
                 .unwrap();
             close(
-                &flat(gr.get(x.as_tensor()).unwrap()),
-                &flat(gr2.get(x2.as_tensor()).unwrap()),
+                &gr.get(x.as_tensor()).unwrap().flat(),
+                &gr2.get(x2.as_tensor()).unwrap().flat(),
                 1e-4,
             );
             close(
-                &flat(gr.get(g.as_tensor()).unwrap()),
-                &flat(gr2.get(g2.as_tensor()).unwrap()),
+                &gr.get(g.as_tensor()).unwrap().flat(),
+                &gr2.get(g2.as_tensor()).unwrap().flat(),
                 1e-4,
             );
             let st = op.stats.lock().unwrap();
