@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Acceptance runs of the training engine on Fashion-MNIST with the default recipe (small CNN,
-# 8 epochs per run): dense + IMP (7 rounds), IMP-Refill at round 3, naive channel pruning at
-# the same channel sparsity, IMP-Regroup at round 5, DSB (b = 16) and RigL at 80%, N:M 2:4.
+# 8 epochs per run): dense + IMP (7 rounds), IMP-Refill after rounds 3 and 4, each with naive
+# channel pruning at the same channel sparsity, IMP-Regroup at round 5, DSB (b = 16) and RigL at
+# 80%, N:M 2:4.
 # Runs share IMP's stages with --reuse; an interrupted script resumes where it stopped.
 # Usage: scripts/acceptance-training.sh [WORKDIR]   (prints the summary table at the end)
 set -euo pipefail
@@ -24,12 +25,16 @@ train() { # run directory, then train arguments
 channel_sparsity() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['channel_sparsity'])" "$1"; }
 
 train imp --method imp --rounds 7
-train imp-refill --method imp-refill --rounds 7 --post-round 3 --reuse "$work/imp"
-train naive-channel --method naive-channel --sparsity "$(channel_sparsity "$work/imp-refill/results.json")" --reuse "$work/imp"
+for r in 3 4; do
+    train "imp-refill-r$r" --method imp-refill --rounds 7 --post-round "$r" --reuse "$work/imp"
+    train "naive-channel-r$r" --method naive-channel --reuse "$work/imp" \
+        --sparsity "$(channel_sparsity "$work/imp-refill-r$r/results.json")"
+done
 train imp-regroup --method imp-regroup --rounds 7 --post-round 5 --parts auto --reuse "$work/imp"
 train dsb --method dsb --sparsity 0.8 --block 16
 train rigl --method rigl --sparsity 0.8
 train nm --method nm --reuse "$work/imp"
 
-"$c" train --summary "$work/imp" "$work/imp-refill" "$work/naive-channel" "$work/imp-regroup" \
-    "$work/dsb" "$work/rigl" "$work/nm" --json "$work/summary.json"
+"$c" train --summary "$work/imp" "$work/imp-refill-r3" "$work/naive-channel-r3" \
+    "$work/imp-refill-r4" "$work/naive-channel-r4" "$work/imp-regroup" "$work/dsb" "$work/rigl" \
+    "$work/nm" --json "$work/summary.json"
