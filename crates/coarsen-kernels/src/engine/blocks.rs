@@ -183,18 +183,34 @@ impl BlockEngine {
     }
 
     /// `Y = W·X`.
-    pub(crate) fn forward(&self, isa: Isa, x: &[f32], y: &mut [f32], n: usize) {
-        self.run_pass(isa, x, y, n, false);
+    pub(crate) fn forward(&self, isa: Isa, x: &[f32], y: &mut [f32], n: usize, parts: usize) {
+        self.run_pass(isa, x, y, n, false, parts);
     }
 
     /// `dX = Wᵀ·dY`.
-    pub(crate) fn backward_input(&self, isa: Isa, dy: &[f32], dx: &mut [f32], n: usize) {
-        self.run_pass(isa, dy, dx, n, true);
+    pub(crate) fn backward_input(
+        &self,
+        isa: Isa,
+        dy: &[f32],
+        dx: &mut [f32],
+        n: usize,
+        parts: usize,
+    ) {
+        self.run_pass(isa, dy, dx, n, true, parts);
     }
 
-    fn run_pass(&self, isa: Isa, x: &[f32], y: &mut [f32], n: usize, transpose: bool) {
+    /// One pass over the columns of `X`, split into `parts` column ranges run in parallel.
+    fn run_pass(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        y: &mut [f32],
+        n: usize,
+        transpose: bool,
+        parts: usize,
+    ) {
         let (x, y) = (SyncPtr(x.as_ptr() as *mut f32), SyncPtr(y.as_mut_ptr()));
-        let parts = rayon::current_num_threads();
+        let parts = parts.max(1);
         let need = if transpose {
             0
         } else {

@@ -108,6 +108,8 @@ pub struct Plan {
     padding: Vec<u32>,
     /// Number of values of the format.
     values_len: usize,
+    /// Run the sparse engines on the calling thread only ([`Threading::Serial`]).
+    serial: bool,
 }
 
 impl Plan {
@@ -152,6 +154,7 @@ impl Plan {
             engine,
             padding,
             values_len,
+            serial: false,
         })
     }
 
@@ -189,10 +192,23 @@ impl Plan {
         self.values_len
     }
 
-    /// How a dense or channel-compact plan spreads over threads (ignored by the others).
+    /// How the plan spreads over threads. Dense and channel-compact plans take every mode;
+    /// the sparse formats split their work over the rayon pool unless `threading` is
+    /// [`Threading::Serial`], which runs them on the calling thread (for callers that run many
+    /// products in parallel themselves).
     pub fn set_threading(&mut self, threading: Threading) {
+        self.serial = threading == Threading::Serial;
         if let Engine::Dense(e) = &mut self.engine {
             e.threading = threading;
+        }
+    }
+
+    /// Threads the sparse engines split a product over.
+    fn parts(&self) -> usize {
+        if self.serial {
+            1
+        } else {
+            rayon::current_num_threads().max(1)
         }
     }
 
@@ -229,8 +245,8 @@ impl Plan {
         )?;
         match &self.engine {
             Engine::Dense(e) => e.forward(x, y, n),
-            Engine::Blocks(e) => e.forward(self.isa, x, y, n),
-            Engine::Rows(e) => e.forward(self.isa, x, y, n),
+            Engine::Blocks(e) => e.forward(self.isa, x, y, n, self.parts()),
+            Engine::Rows(e) => e.forward(self.isa, x, y, n, self.parts()),
         }
         Ok(())
     }
@@ -245,8 +261,8 @@ impl Plan {
         )?;
         match &self.engine {
             Engine::Dense(e) => e.backward_input(dy, dx, n),
-            Engine::Blocks(e) => e.backward_input(self.isa, dy, dx, n),
-            Engine::Rows(e) => e.backward_input(self.isa, dy, dx, n),
+            Engine::Blocks(e) => e.backward_input(self.isa, dy, dx, n, self.parts()),
+            Engine::Rows(e) => e.backward_input(self.isa, dy, dx, n, self.parts()),
         }
         Ok(())
     }

@@ -165,13 +165,20 @@ impl RowEngine {
     }
 
     /// `Y = W·X`.
-    pub(crate) fn forward(&self, isa: Isa, x: &[f32], y: &mut [f32], n: usize) {
-        run_rows(&self.fwd, self.cols, isa, x, y, n);
+    pub(crate) fn forward(&self, isa: Isa, x: &[f32], y: &mut [f32], n: usize, parts: usize) {
+        run_rows(&self.fwd, self.cols, isa, (x, y, n), parts);
     }
 
     /// `dX = Wᵀ·dY`.
-    pub(crate) fn backward_input(&self, isa: Isa, dy: &[f32], dx: &mut [f32], n: usize) {
-        run_rows(&self.bwd, self.rows, isa, dy, dx, n);
+    pub(crate) fn backward_input(
+        &self,
+        isa: Isa,
+        dy: &[f32],
+        dx: &mut [f32],
+        n: usize,
+        parts: usize,
+    ) {
+        run_rows(&self.bwd, self.rows, isa, (dy, dx, n), parts);
     }
 
     /// `dW = dY·Xᵀ` on the entries, written to the format's value positions.
@@ -210,11 +217,17 @@ impl RowEngine {
     }
 }
 
-/// Runs rows of `e` on `X`: threads take disjoint row ranges (each streams only its own
-/// entries) over all columns of `X`.
-fn run_rows(e: &Entries, in_rows: usize, isa: Isa, x: &[f32], y: &mut [f32], n: usize) {
+/// Runs rows of `e` on `X`: up to `parts` threads take disjoint row ranges (each streams only
+/// its own entries) over all columns of `X`.
+fn run_rows(
+    e: &Entries,
+    in_rows: usize,
+    isa: Isa,
+    (x, y, n): (&[f32], &mut [f32], usize),
+    parts: usize,
+) {
     let (xp, yp) = (SyncPtr(x.as_ptr() as *mut f32), SyncPtr(y.as_mut_ptr()));
-    let parts = rayon::current_num_threads().min(e.rows.max(1));
+    let parts = parts.clamp(1, e.rows.max(1));
     let need = (e.kc + e.rows) * RNV * isa.lanes();
     (0..parts).into_par_iter().for_each(|t| {
         let (r0, r1) = split_range(e.rows, parts, t, 1);
