@@ -237,6 +237,9 @@ struct Layer {
     /// `[cout, ho·wo]`: the exact contribution of removed input channels.
     corr: Option<Vec<f32>>,
     relu: bool,
+    /// The rows of the im2col matrix the kernel reads, when it does not read them all (no
+    /// kept weight uses the others): only these are computed.
+    read: Option<Vec<u32>>,
 }
 
 #[derive(Debug)]
@@ -759,6 +762,32 @@ impl Ctx<'_> {
         } else {
             mask.clone()
         };
+        // Group and CSR kernels read only the columns some kept weight uses: the others are
+        // dropped from the matrix, and their im2col rows are never computed.
+        let read: Option<Vec<u32>> = if matches!(format, LayerFormat::Group | LayerFormat::Csr) {
+            let mut used = vec![false; ncols];
+            for r in 0..cout {
+                for (j, u) in used.iter_mut().enumerate() {
+                    *u |= sub_mask.get(r, j);
+                }
+            }
+            let kept: Vec<u32> = (0..ncols as u32).filter(|&j| used[j as usize]).collect();
+            (kept.len() < ncols).then_some(kept)
+        } else {
+            None
+        };
+        let (sub_mask, sub_w) = match &read {
+            Some(cols_read) => (
+                Mask::from_fn(cout, cols_read.len(), |r, j| {
+                    sub_mask.get(r, cols_read[j] as usize)
+                }),
+                (0..cout)
+                    .flat_map(|r| cols_read.iter().map(move |&j| (r, j as usize)))
+                    .map(|(r, j)| sub_w[r * ncols + j])
+                    .collect(),
+            ),
+            None => (sub_mask, sub_w),
+        };
         let (packed, out_rows): (Packed, Option<Vec<u32>>) = match &format {
             LayerFormat::Dense => (Packed::Dense(Dense::new(cout, ncols, sub_w)?), None),
             LayerFormat::Csr => (Packed::Csr(Csr::pack(&sub_mask, &sub_w)?), None),
@@ -854,6 +883,7 @@ impl Ctx<'_> {
             bias: bias_out,
             corr: corr_out,
             relu,
+            read,
         })));
         Ok(out_flow)
     }
@@ -1058,8 +1088,14 @@ impl Layer {
         // before its length is set; nothing reads it before.
         let mut y: Vec<f32> = Vec::with_capacity(len);
         let yp = Shared(y.as_mut_ptr());
+        // im2col rows computed: all, or those the kernel reads.
+        let kk = self.read.as_ref().map_or(kk, |r| r.len());
         let chunks = column_chunks(n, self.wo, kk, o);
-        let direct = self.g.k == 1 && self.g.stride == 1 && self.g.pad == 0 && chunks.len() == 1;
+        let direct = self.g.k == 1
+            && self.g.stride == 1
+            && self.g.pad == 0
+            && chunks.len() == 1
+            && self.read.is_none();
         chunks
             .into_par_iter()
             .try_for_each(|(c0, c1)| -> Result<()> {
@@ -1077,7 +1113,10 @@ impl Layer {
                     x
                 } else {
                     let c = &mut col_buf[..kk * nc];
-                    d.im2col_range(x, c0, c1, c);
+                    match &self.read {
+                        Some(rows) => d.im2col_rows(x, rows, c0, c1, c),
+                        None => d.im2col_range(x, c0, c1, c),
+                    }
                     c
                 };
                 let part = &mut part_buf[..rows * nc];

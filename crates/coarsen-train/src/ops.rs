@@ -450,11 +450,37 @@ impl ConvDims {
     /// [`im2col_row_range`](Self::im2col_row_range) gives row by row, with the per-tap
     /// geometry of stride-1 "same" convolutions computed once instead of per row.
     pub(crate) fn im2col_range(&self, x: &[f32], c0: usize, c1: usize, col: &mut [f32]) {
+        self.im2col_select(x, None, c0, c1, col);
+    }
+
+    /// [`im2col_range`](Self::im2col_range) of the listed im2col rows only, in their order
+    /// (`rows.len()` rows of `c1 − c0` values): the rows a sparse kernel actually reads.
+    pub(crate) fn im2col_rows(
+        &self,
+        x: &[f32],
+        rows: &[u32],
+        c0: usize,
+        c1: usize,
+        col: &mut [f32],
+    ) {
+        self.im2col_select(x, Some(rows), c0, c1, col);
+    }
+
+    fn im2col_select(
+        &self,
+        x: &[f32],
+        rows: Option<&[u32]>,
+        c0: usize,
+        c1: usize,
+        col: &mut [f32],
+    ) {
         let nc = c1 - c0;
         let g = self.g;
+        let count = rows.map_or(self.rows(), |r| r.len());
+        let row_at = |i: usize| rows.map_or(i, |r| r[i] as usize);
         if !(g.stride == 1 && self.wo == self.w && self.ho == self.h) || nc == 0 {
-            for (r, dst) in col.chunks_mut(nc.max(1)).enumerate() {
-                self.im2col_row_range(x, r, c0, c1, dst);
+            for (i, dst) in col.chunks_mut(nc.max(1)).take(count).enumerate() {
+                self.im2col_row_range(x, row_at(i), c0, c1, dst);
             }
             return;
         }
@@ -476,10 +502,13 @@ impl ConvDims {
             let end = c1.min((img + 1) * hw);
             let (oy0, oy1) = ((c - img * hw) / w, (end - img * hw).div_ceil(w));
             let (base, at) = (oy0 * w, c - c0);
-            for ch in 0..self.c {
+            for i in 0..count {
+                let row = row_at(i);
+                let (ch, t) = (row / (k * k), row % (k * k));
                 let plane = &x[(ch * self.b + img) * hw..][..hw];
-                for (t, &(lo, hi, ylo, yhi, shift)) in taps.iter().enumerate() {
-                    let d = &mut col[(ch * k * k + t) * nc + at..][..end - c];
+                {
+                    let (lo, hi, ylo, yhi, shift) = taps[t];
+                    let d = &mut col[i * nc + at..][..end - c];
                     let ra = ylo.max(oy0).min(oy1);
                     let rb = yhi.min(oy1).max(ra);
                     let (s, e) = (ra * w, rb * w);
@@ -1225,6 +1254,17 @@ mod tests {
                 let nc = nb * d.hw();
                 let mut col = vec![f32::NAN; d.rows() * nc];
                 d.im2col(&x, b0, nb, &mut col, false);
+                // A selection of rows, in any order, equals those rows of the whole matrix.
+                let pick: Vec<u32> = (0..d.rows() as u32).rev().step_by(2).collect();
+                let mut some = vec![f32::NAN; pick.len() * nc];
+                d.im2col_rows(&x, &pick, b0 * d.hw(), (b0 + nb) * d.hw(), &mut some);
+                for (i, &r) in pick.iter().enumerate() {
+                    assert_eq!(
+                        some[i * nc..(i + 1) * nc],
+                        col[r as usize * nc..(r as usize + 1) * nc],
+                        "k {k} s {stride} p {pad} {h}x{w}: selected row {r}"
+                    );
+                }
                 // The row-by-row fill (the parallel one) equals the all-rows one (the serial).
                 let mut by_row = vec![f32::NAN; d.rows() * nc];
                 d.im2col(&x, b0, nb, &mut by_row, true);
