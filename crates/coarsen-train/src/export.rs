@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError};
 use crate::infer::{layer_formats, LayerFormat};
 use crate::methods::Experiment;
-use crate::model::{Model, ModelSpec};
+use crate::model::{Model, ModelSpec, ParamKind};
 use crate::optim::Masks;
 
 /// `model.json`'s `format` value.
@@ -174,13 +174,12 @@ pub fn export_with_formats(
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut layers = Vec::new();
     let (mut kept_all, mut len_all, mut dense_bytes) = (0usize, 0usize, 0u64);
-    let weight_names: Vec<String> = model.weights().map(|p| p.name.clone()).collect();
     for p in &model.params {
         let shape = p.shape();
         let len: usize = shape.iter().product();
         let values = p.values()?;
         dense_bytes += 4 * len as u64;
-        let is_weight = weight_names.contains(&p.name);
+        let is_weight = p.kind != ParamKind::Other;
         match masks.get(&p.name).filter(|_| is_weight) {
             Some(m) => {
                 if m.len() != len {

@@ -32,7 +32,7 @@ use coarsen_kernels::{
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{make_batch, Images};
+use crate::data::Images;
 use crate::error::{Result, TrainError};
 use crate::model::{Model, Node};
 use crate::ops::{ConvDims, ConvGeometry, Shared};
@@ -414,33 +414,28 @@ impl InferenceNet {
 
     /// Top-1 accuracy on `images`, in batches of `batch`.
     pub fn accuracy(&self, images: &Images, batch: usize) -> Result<f64> {
-        if images.n == 0 {
-            return Ok(0.0);
-        }
-        let idx: Vec<usize> = (0..images.n).collect();
-        let mut correct = 0usize;
-        for chunk in idx.chunks(batch.max(1)) {
-            let b = make_batch(images, chunk, None, (0, 0, 0));
+        crate::train::top1(images, batch, |b| {
             let logits = self.forward(&b.pixels, b.size)?;
-            for (row, &label) in logits.chunks(self.classes.max(1)).zip(&b.labels) {
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |acc, (i, &v)| {
-                            if v > acc.1 {
-                                (i, v)
-                            } else {
-                                acc
-                            }
-                        },
-                    )
-                    .0;
-                correct += usize::from(best as u32 == label);
-            }
-        }
-        Ok(correct as f64 / images.n as f64)
+            Ok(logits
+                .chunks(self.classes.max(1))
+                .map(|row| {
+                    // The first of the largest logits.
+                    row.iter()
+                        .enumerate()
+                        .fold(
+                            (0, f32::NEG_INFINITY),
+                            |acc, (i, &v)| {
+                                if v > acc.1 {
+                                    (i, v)
+                                } else {
+                                    acc
+                                }
+                            },
+                        )
+                        .0 as u32
+                })
+                .collect())
+        })
     }
 }
 
@@ -732,9 +727,9 @@ impl Ctx<'_> {
             flow.live = (0..flow.full as u32).collect();
         }
         let in_ch: Vec<u32> = flow.live.clone();
-        let used_cols: Vec<usize> = in_ch
+        let used_cols: Vec<u32> = in_ch
             .iter()
-            .flat_map(|&c| (0..kk).map(move |s| c as usize * kk + s))
+            .flat_map(|&c| (0..kk as u32).map(move |s| c * kk as u32 + s))
             .collect();
         let (ho, wo) = (g.out(flow.h), g.out(flow.w));
         // Exact contribution of removed input channels (constants), per output position.
@@ -748,46 +743,32 @@ impl Ctx<'_> {
         } else {
             None
         };
-        let sub_w: Vec<f32> = if shrink {
-            (0..cout)
-                .flat_map(|r| used_cols.iter().map(move |&c| (r, c)))
-                .map(|(r, c)| w[r * cols + c])
-                .collect()
+        let (sub_mask, sub_w) = if shrink {
+            select_cols(&mask, &w, &used_cols)
         } else {
-            w.clone()
-        };
-        let ncols = used_cols.len();
-        let sub_mask = if shrink {
-            Mask::from_fn(cout, ncols, |r, j| mask.get(r, used_cols[j]))
-        } else {
-            mask.clone()
+            (mask.clone(), w.clone())
         };
         // Group and CSR kernels read only the columns some kept weight uses: the others are
         // dropped from the matrix, and their im2col rows are never computed.
         let read: Option<Vec<u32>> = if matches!(format, LayerFormat::Group | LayerFormat::Csr) {
-            let mut used = vec![false; ncols];
+            let mut used = vec![false; sub_mask.cols()];
             for r in 0..cout {
                 for (j, u) in used.iter_mut().enumerate() {
                     *u |= sub_mask.get(r, j);
                 }
             }
-            let kept: Vec<u32> = (0..ncols as u32).filter(|&j| used[j as usize]).collect();
-            (kept.len() < ncols).then_some(kept)
+            let kept: Vec<u32> = (0..used.len() as u32)
+                .filter(|&j| used[j as usize])
+                .collect();
+            (kept.len() < used.len()).then_some(kept)
         } else {
             None
         };
         let (sub_mask, sub_w) = match &read {
-            Some(cols_read) => (
-                Mask::from_fn(cout, cols_read.len(), |r, j| {
-                    sub_mask.get(r, cols_read[j] as usize)
-                }),
-                (0..cout)
-                    .flat_map(|r| cols_read.iter().map(move |&j| (r, j as usize)))
-                    .map(|(r, j)| sub_w[r * ncols + j])
-                    .collect(),
-            ),
+            Some(cols_read) => select_cols(&sub_mask, &sub_w, cols_read),
             None => (sub_mask, sub_w),
         };
+        let ncols = sub_mask.cols();
         let (packed, out_rows): (Packed, Option<Vec<u32>>) = match &format {
             LayerFormat::Dense => (Packed::Dense(Dense::new(cout, ncols, sub_w)?), None),
             LayerFormat::Csr => (Packed::Csr(Csr::pack(&sub_mask, &sub_w)?), None),
@@ -887,6 +868,18 @@ impl Ctx<'_> {
         })));
         Ok(out_flow)
     }
+}
+
+/// The columns `keep` of a mask and of its row-major weights.
+fn select_cols(mask: &Mask, w: &[f32], keep: &[u32]) -> (Mask, Vec<f32>) {
+    let cols = mask.cols();
+    let sub = Mask::from_fn(mask.rows(), keep.len(), |r, j| {
+        mask.get(r, keep[j] as usize)
+    });
+    let values = (0..mask.rows())
+        .flat_map(|r| keep.iter().map(move |&j| w[r * cols + j as usize]))
+        .collect();
+    (sub, values)
 }
 
 fn buffer(model: &Model, i: usize) -> Vec<f32> {
@@ -1100,8 +1093,9 @@ impl Layer {
             .into_par_iter()
             .try_for_each(|(c0, c1)| -> Result<()> {
                 let (nc, out) = (c1 - c0, yp);
-                // Taken out of the thread's slot, not borrowed: a kernel's nested parallelism
-                // may run another chunk on this thread meanwhile (which then allocates its own).
+                // Taken out of the thread's slot, not borrowed across the kernel call: should
+                // anything run another chunk on this thread meanwhile (a plan that is not
+                // serial, under rayon's work stealing), that chunk allocates its own.
                 let (col_buf, part_buf) = SCRATCH.take();
                 let mut col_buf = if direct {
                     col_buf

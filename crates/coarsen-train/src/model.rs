@@ -474,19 +474,7 @@ impl Model {
                             relu: false,
                         },
                     )?;
-                    match taps.as_mut() {
-                        Some(t) => {
-                            let probe = Var::zeros(y.shape(), y.dtype(), y.device())?;
-                            let out = (&y + probe.as_tensor())?;
-                            t.push(Tap {
-                                name: p.name.clone(),
-                                output: y,
-                                probe,
-                            });
-                            out
-                        }
-                        None => y,
-                    }
+                    tap(taps, &p.name, y)?
                 }
                 Node::Bn {
                     w,
@@ -519,19 +507,7 @@ impl Model {
                         .apply_op2(&x.contiguous()?, WeightMatmul(kernel))?;
                     let bias = self.params[*b].var.as_tensor();
                     let y = y.broadcast_add(&bias.reshape((bias.dims()[0], 1))?)?;
-                    match taps.as_mut() {
-                        Some(t) => {
-                            let probe = Var::zeros(y.shape(), y.dtype(), y.device())?;
-                            let out = (&y + probe.as_tensor())?;
-                            t.push(Tap {
-                                name: p.name.clone(),
-                                output: y,
-                                probe,
-                            });
-                            out
-                        }
-                        None => y,
-                    }
+                    tap(taps, &p.name, y)?
                 }
                 Node::Residual { body, shortcut } => {
                     let main = self.run(body, x.clone(), train, taps)?;
@@ -671,6 +647,22 @@ impl Model {
             .map(|p| p.shape().iter().product::<usize>())
             .sum()
     }
+}
+
+/// With `taps`, records a layer's output `y` and returns `y` plus a zero probe (whose gradient
+/// is the gradient of the output); without, returns `y`.
+fn tap(taps: &mut Option<Vec<Tap>>, name: &str, y: Tensor) -> Result<Tensor> {
+    let Some(t) = taps.as_mut() else {
+        return Ok(y);
+    };
+    let probe = Var::zeros(y.shape(), y.dtype(), y.device())?;
+    let out = (&y + probe.as_tensor())?;
+    t.push(Tap {
+        name: name.to_string(),
+        output: y,
+        probe,
+    });
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -73,12 +73,7 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = data(s, l, "im2col")?;
-        let &[c, b, h, w] = l.dims() else {
-            return Err(kerr(format!(
-                "im2col needs [C, B, H, W], got {:?}",
-                l.dims()
-            )));
-        };
+        let [c, b, h, w] = nchw(l.dims(), "im2col")?;
         let g = self.0;
         let (ho, wo) = (g.out(h), g.out(w));
         let n = b * ho * wo;
@@ -341,6 +336,14 @@ impl Shared {
     }
 }
 
+/// The four dimensions of a channel-major batch `[C, B, H, W]` taken by `op`.
+fn nchw(dims: &[usize], op: &str) -> CResult<[usize; 4]> {
+    match *dims {
+        [c, b, h, w] => Ok([c, b, h, w]),
+        _ => Err(kerr(format!("{op} needs [C, B, H, W], got {dims:?}"))),
+    }
+}
+
 /// Sizes of a convolution over a channel-major batch `[C, B, H, W]`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConvDims {
@@ -355,9 +358,7 @@ pub(crate) struct ConvDims {
 
 impl ConvDims {
     pub(crate) fn new(dims: &[usize], g: ConvGeometry) -> CResult<ConvDims> {
-        let &[c, b, h, w] = dims else {
-            return Err(kerr(format!("conv2d needs [C, B, H, W], got {dims:?}")));
-        };
+        let [c, b, h, w] = nchw(dims, "conv2d")?;
         if h + 2 * g.pad < g.k || w + 2 * g.pad < g.k || g.stride == 0 {
             return Err(kerr(format!(
                 "conv2d: a {}x{} kernel (stride {}, pad {}) does not fit a {h}x{w} input",
@@ -988,12 +989,7 @@ impl CustomOp1 for MaxPool2 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = data(s, l, "maxpool2")?;
-        let &[c, b, h, w] = l.dims() else {
-            return Err(kerr(format!(
-                "maxpool2 needs [C, B, H, W], got {:?}",
-                l.dims()
-            )));
-        };
+        let [c, b, h, w] = nchw(l.dims(), "maxpool2")?;
         let (ho, wo) = (h / 2, w / 2);
         let mut y = vec![0.0f32; c * b * ho * wo];
         y.par_chunks_mut((ho * wo).max(1))

@@ -15,7 +15,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{epoch_order, make_batch, Augment, DataSplits, Images};
+use crate::data::{epoch_order, make_batch, Augment, Batch, DataSplits, Images};
 use crate::error::{Result, TrainError};
 use crate::model::{Model, NamedTensor, ShapedValues};
 use crate::optim::{apply_masks, LrSchedule, Masks, Schedule, Sgd};
@@ -549,20 +549,33 @@ pub fn mask_density(masks: &Masks) -> f64 {
 
 /// Top-1 accuracy of `model` on `images`.
 pub fn accuracy(model: &Model, images: &Images, batch: usize) -> Result<f64> {
+    top1(images, batch, |b| {
+        let x = Tensor::from_vec(
+            b.pixels,
+            (images.channels, b.size, images.height, images.width),
+            &Device::Cpu,
+        )?;
+        Ok(model.forward(&x, false)?.argmax(1)?.to_vec1::<u32>()?)
+    })
+}
+
+/// Top-1 accuracy on `images` (unaugmented, in order, in batches of `batch`) of `predict`, which
+/// gives the predicted class of every image of a batch.
+pub(crate) fn top1(
+    images: &Images,
+    batch: usize,
+    mut predict: impl FnMut(Batch) -> Result<Vec<u32>>,
+) -> Result<f64> {
     if images.n == 0 {
         return Ok(0.0);
     }
     let idx: Vec<usize> = (0..images.n).collect();
     let mut correct = 0usize;
     for chunk in idx.chunks(batch.max(1)) {
-        let b = make_batch(images, chunk, None, (0, 0, 0));
-        let x = Tensor::from_vec(
-            b.pixels,
-            (images.channels, b.size, images.height, images.width),
-            &Device::Cpu,
-        )?;
-        let pred = model.forward(&x, false)?.argmax(1)?.to_vec1::<u32>()?;
-        correct += pred.iter().zip(&b.labels).filter(|(a, b)| a == b).count();
+        let mut b = make_batch(images, chunk, None, (0, 0, 0));
+        let labels = std::mem::take(&mut b.labels);
+        let pred = predict(b)?;
+        correct += pred.iter().zip(&labels).filter(|(a, b)| a == b).count();
     }
     Ok(correct as f64 / images.n as f64)
 }
