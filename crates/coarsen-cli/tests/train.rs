@@ -84,6 +84,15 @@ impl Setup {
     }
 }
 
+/// The entry named `name` of a JSON list of layers.
+fn layer<'a>(list: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no layer {name} in {list}"))
+}
+
 fn succeeded(o: &Output) -> String {
     assert!(
         o.status.success(),
@@ -161,8 +170,7 @@ fn eval_reports_accuracy_density_and_pattern() {
         "{out}"
     );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let layers = v["layers"].as_array().unwrap();
-    let conv2 = layers.iter().find(|l| l["name"] == "conv2.weight").unwrap();
+    let conv2 = layer(&v["layers"], "conv2.weight");
     assert_eq!(conv2["pattern"], "channel");
     assert!(conv2["density"].as_f64().unwrap() < 1.0);
     // A stage directory works too, and gives the same accuracy.
@@ -188,12 +196,7 @@ fn eval_reports_accuracy_density_and_pattern() {
             .unwrap();
     assert_eq!(m["format"], "coarsen-export");
     assert_eq!(m["model"]["name"], "cnn");
-    let conv2 = m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "conv2.weight")
-        .unwrap();
+    let conv2 = layer(&m["layers"], "conv2.weight");
     assert_eq!(conv2["format"], "channel");
     assert!(m["file_bytes"].as_u64().unwrap() < m["dense_bytes"].as_u64().unwrap());
     let ejson = s.p("eval-export.json");
@@ -206,12 +209,7 @@ fn eval_reports_accuracy_density_and_pattern() {
         v["sparse"]["packed_test_accuracy"], v["test_accuracy"],
         "{v}"
     );
-    let conv2 = v["sparse"]["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "conv2.weight")
-        .unwrap();
+    let conv2 = layer(&v["sparse"]["layers"], "conv2.weight");
     assert_eq!(conv2["format"], "channel");
     // An export is not exported again; a damaged one is a clear error.
     let e = err(&["export", &exp, "--out", &s.p("again")]);

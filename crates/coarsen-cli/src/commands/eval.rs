@@ -14,7 +14,7 @@ use coarsen_train::train::{accuracy, load_masks, load_tensors};
 use serde::Serialize;
 
 use crate::args::EvalArgs;
-use crate::commands::write_json;
+use crate::commands::{shape_text, write_json};
 use crate::progress;
 
 /// What `--json` writes.
@@ -241,12 +241,7 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
     );
     println!("{:<28} {:>18} {:>9}  pattern", "layer", "shape", "density");
     for l in &layers {
-        let shape = l
-            .shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join("×");
+        let shape = shape_text(&l.shape);
         println!(
             "{:<28} {:>18} {:>9.4}  {}{}",
             l.name,

@@ -7,6 +7,7 @@ use coarsen_train::infer::{InferenceNet, Path as InferPath};
 
 use crate::args::ExportArgs;
 use crate::commands::eval::{load_network, locate};
+use crate::commands::shape_text;
 use crate::progress;
 
 /// Runs `coarsen export`.
@@ -85,12 +86,7 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         "layer", "shape", "density", "values"
     );
     for layer in &manifest.layers {
-        let shape = layer
-            .shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join("×");
+        let shape = shape_text(&layer.shape);
         println!(
             "{:<28} {:>18} {:>9.4} {:>10}  {}",
             layer.name,
