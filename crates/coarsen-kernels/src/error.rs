@@ -38,6 +38,16 @@ pub enum KernelError {
         /// Why.
         reason: String,
     },
+    /// The parts given to a format's `from_parts` break one of the format's invariants.
+    #[error("invalid {format} parts: {field}: {detail}")]
+    Parts {
+        /// The format (`Csr`, `GroupBlocks`, ...).
+        format: &'static str,
+        /// The field at fault (`col_idx`, `blocks.rows`, `values`, ...).
+        field: &'static str,
+        /// What is wrong, with the offending index, value or shape.
+        detail: String,
+    },
     /// The requested instruction set is not available on this CPU.
     #[error("instruction set {0} is not available on this CPU")]
     Isa(&'static str),

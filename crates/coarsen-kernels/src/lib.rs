@@ -4,7 +4,9 @@
 //! strong dense GEMM (faer) they are measured against.
 //!
 //! - [`formats`]: channel-compact, group blocks, shuffled blocks, BSR, N:M compressed and CSR,
-//!   each packed from a [`coarsen_core::Mask`] plus weights and unpacked back.
+//!   each packed from a [`coarsen_core::Mask`] plus weights and unpacked back, or built from
+//!   its parts: `from_parts` checks every invariant, the `unsafe` `from_parts_unchecked` only
+//!   in debug builds. Fields are private, so formats are valid by construction.
 //! - [`Plan`]: a packed matrix prepared once for an instruction set ([`Isa`]: AVX2/FMA,
 //!   AVX-512, NEON or portable, chosen at run time), then run for `Y = W·X`, `dX = Wᵀ·dY` and
 //!   the weight gradient restricted to the pattern, multi-threaded with rayon, without

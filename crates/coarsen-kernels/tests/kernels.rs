@@ -96,8 +96,8 @@ fn formats(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Vec<Packed> {
 fn plan_weight(p: &Packed) -> (Vec<f32>, usize, usize, Mask) {
     match p {
         Packed::Channel(f) => {
-            let (r, c) = (f.kept_rows.len(), f.in_dim());
-            (f.values.clone(), r, c, Mask::ones(r, c))
+            let (r, c) = (f.kept_rows().len(), f.in_dim());
+            (f.values().to_vec(), r, c, Mask::ones(r, c))
         }
         other => {
             let (r, c) = other.shape();
@@ -111,7 +111,7 @@ fn dense_grad(p: &Packed, dvalues: &[f32]) -> Vec<f32> {
     let mut q = p.clone();
     q.values_mut().copy_from_slice(dvalues);
     match &q {
-        Packed::Channel(f) => f.values.clone(),
+        Packed::Channel(f) => f.values().to_vec(),
         other => other.unpack(),
     }
 }
@@ -187,7 +187,7 @@ fn positions_locate_every_value() {
             match pos {
                 Some((r, c)) => {
                     let want = match &p {
-                        Packed::Channel(f) if f.kept_cols.is_some() => *v,
+                        Packed::Channel(f) if f.kept_cols().is_some() => *v,
                         _ => dense[r * cols + c],
                     };
                     assert_eq!(*v, want, "{}", p.name());

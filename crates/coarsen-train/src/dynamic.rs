@@ -333,12 +333,12 @@ impl Dsb {
         let mut dropped = vec![false; mask.len()];
         drop.iter().for_each(|&i| dropped[i] = true);
         let mut keep = Vec::new();
-        for g in &packed.groups {
-            for t in &g.tiles {
-                let mut rc = vec![0usize; g.rows.len()];
-                let mut cc = vec![0usize; t.cols.len()];
-                for (i, &r) in g.rows.iter().enumerate() {
-                    for (j, &c) in t.cols.iter().enumerate() {
+        for g in packed.groups() {
+            for t in g.tiles() {
+                let mut rc = vec![0usize; g.rows().len()];
+                let mut cc = vec![0usize; t.cols().len()];
+                for (i, &r) in g.rows().iter().enumerate() {
+                    for (j, &c) in t.cols().iter().enumerate() {
                         if dropped[r as usize * cols + c as usize] {
                             rc[i] += 1;
                             cc[j] += 1;
@@ -346,8 +346,8 @@ impl Dsb {
                     }
                 }
                 let half = b.div_ceil(2);
-                for (i, &r) in g.rows.iter().enumerate() {
-                    for (j, &c) in t.cols.iter().enumerate() {
+                for (i, &r) in g.rows().iter().enumerate() {
+                    for (j, &c) in t.cols().iter().enumerate() {
                         let at = r as usize * cols + c as usize;
                         if dropped[at] && (rc[i] >= half || cc[j] >= half) {
                             keep.push(at);

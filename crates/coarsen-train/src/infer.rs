@@ -776,7 +776,7 @@ impl Ctx<'_> {
             LayerFormat::Channel => {
                 let input = shrink.then_some((in_ch.as_slice(), kk));
                 let f = ChannelCompact::pack(&mask, &w, input)?;
-                let rows = f.kept_rows.clone();
+                let rows = f.kept_rows().to_vec();
                 (Packed::Channel(f), Some(rows))
             }
             LayerFormat::ShuffledBlock { block } => (

@@ -92,60 +92,58 @@ impl BlockEngine {
     /// Group blocks as they are.
     pub(crate) fn from_group(f: &GroupBlocks, mr: usize) -> Self {
         let parts = f
-            .blocks
+            .blocks()
             .iter()
             .map(|b| {
-                let w = b.cols.len();
-                let map = (0..b.rows.len() * w)
-                    .map(|i| (b.offset + i) as u32)
-                    .collect();
-                (b.rows.clone(), b.cols.clone(), map)
+                let len = b.rows().len() * b.cols().len();
+                let map = (0..len).map(|i| (b.offset() + i) as u32).collect();
+                (b.rows().to_vec(), b.cols().to_vec(), map)
             })
             .collect();
-        Self::new(f.rows, f.cols, mr, parts, &f.values)
+        Self::new(f.rows(), f.cols(), mr, parts, f.values())
     }
 
     /// Each row group with all its tiles' columns.
     pub(crate) fn from_shuffled(f: &ShuffledBlocks, mr: usize) -> Self {
         let parts = f
-            .groups
+            .groups()
             .iter()
             .map(|g| {
                 let cols: Vec<u32> = g
-                    .tiles
+                    .tiles()
                     .iter()
-                    .flat_map(|t| t.cols.iter().copied())
+                    .flat_map(|t| t.cols().iter().copied())
                     .collect();
-                let mut map = Vec::with_capacity(g.rows.len() * cols.len());
-                for i in 0..g.rows.len() {
-                    for t in &g.tiles {
-                        let w = t.cols.len();
-                        map.extend((0..w).map(|k| (t.offset + i * w + k) as u32));
+                let mut map = Vec::with_capacity(g.rows().len() * cols.len());
+                for i in 0..g.rows().len() {
+                    for t in g.tiles() {
+                        let w = t.cols().len();
+                        map.extend((0..w).map(|k| (t.offset() + i * w + k) as u32));
                     }
                 }
-                (g.rows.clone(), cols, map)
+                (g.rows().to_vec(), cols, map)
             })
             .collect();
-        Self::new(f.rows, f.cols, mr, parts, &f.values)
+        Self::new(f.rows(), f.cols(), mr, parts, f.values())
     }
 
     /// Each block row with all its tiles' (in-matrix) columns.
     pub(crate) fn from_bsr(f: &Bsr, mr: usize) -> Self {
-        let (h, w) = (f.height, f.width);
+        let (h, w) = (f.height(), f.width());
         let mut parts = Vec::new();
-        for i in 0..f.row_ptr.len() - 1 {
-            let tiles = f.row_ptr[i] as usize..f.row_ptr[i + 1] as usize;
+        for (i, span) in f.row_ptr().windows(2).enumerate() {
+            let tiles = span[0] as usize..span[1] as usize;
             if tiles.is_empty() {
                 continue;
             }
-            let rows: Vec<u32> = (i * h..((i + 1) * h).min(f.rows))
+            let rows: Vec<u32> = (i * h..((i + 1) * h).min(f.rows()))
                 .map(|r| r as u32)
                 .collect();
             let mut cols = Vec::new();
             let mut spans = Vec::new();
             for t in tiles.clone() {
-                let j = f.col_idx[t] as usize;
-                let c1 = ((j + 1) * w).min(f.cols);
+                let j = f.col_idx()[t] as usize;
+                let c1 = ((j + 1) * w).min(f.cols());
                 spans.push((t, c1 - j * w));
                 cols.extend((j * w..c1).map(|c| c as u32));
             }
@@ -157,7 +155,7 @@ impl BlockEngine {
             }
             parts.push((rows, cols, map));
         }
-        Self::new(f.rows, f.cols, mr, parts, &f.values)
+        Self::new(f.rows(), f.cols(), mr, parts, f.values())
     }
 
     /// Repacks the panels from the format's values (same structure).

@@ -202,13 +202,16 @@ pub(crate) unsafe fn dot_tile<S: Simd, const WR: usize, const WC: usize>(
 }
 
 /// `acc[j] (+)= Σ_e w_e · X[col_e, j·L]` over a list of (column, weight) entries: one row of a
-/// row-wise sparse matrix times an `NV·L`-wide tile of `X`, stored to `y`.
+/// row-wise sparse matrix times an `NV·L`-wide tile of `X`, stored to `y`. `x` points at row
+/// `col0` of `X` (a chunk of rows packed on their own starts at its first column).
 ///
 /// # Safety
-/// Every `col·ldx + NV·L` must lie inside `x`'s allocation and `y` must be valid for `NV·L`.
+/// Every `col` must be at least `col0` with `(col - col0)·ldx + NV·L` inside `x`'s allocation,
+/// and `y` must be valid for `NV·L`.
 #[inline(always)]
 pub(crate) unsafe fn row_tile<S: Simd, const NV: usize>(
     entries: &[(u32, f32)],
+    col0: usize,
     x: *const f32,
     ldx: usize,
     y: *mut f32,
@@ -221,7 +224,7 @@ pub(crate) unsafe fn row_tile<S: Simd, const NV: usize>(
         }
     }
     for &(col, w) in entries {
-        let xp = x.add(col as usize * ldx);
+        let xp = x.add((col as usize - col0) * ldx);
         let wv = S::splat(w);
         for (j, a) in acc.iter_mut().enumerate() {
             *a = S::fma(wv, S::load(xp.add(j * S::LANES)), *a);

@@ -69,6 +69,16 @@ pub(crate) fn tile_width(isa: Isa) -> usize {
     }
 }
 
+/// The positions of `0..len` that `mapped` does not name.
+fn unwritten(len: usize, mapped: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut written = vec![false; len];
+    mapped.for_each(|i| written[i as usize] = true);
+    (0..len)
+        .filter(|&i| !written[i])
+        .map(|i| i as u32)
+        .collect()
+}
+
 #[derive(Clone, Debug)]
 enum Engine {
     Dense(DenseEngine),
@@ -83,8 +93,10 @@ enum Engine {
 /// format but channel-compact these are the columns and rows of `W`; channel-compact reads only
 /// the kept input columns and writes only the kept rows.
 ///
-/// `Plan::new` validates and packs once; the run methods check buffer lengths and allocate
-/// nothing. They use the threads of the current rayon pool.
+/// `Plan::new` validates and packs once; the run methods check buffer lengths (a size that
+/// overflows `usize` is an error) and allocate nothing. They use the threads of the current
+/// rayon pool. Formats uphold their invariants by construction (private fields, checked
+/// `from_parts`), so a plan built from safe code never reads or writes out of bounds.
 ///
 /// ```
 /// use coarsen_core::Mask;
@@ -125,11 +137,13 @@ impl Plan {
         }
         let mr = tile_rows(isa);
         let engine = match packed {
-            Packed::Dense(d) => Engine::Dense(DenseEngine::new(d.rows, d.cols, d.values.clone())),
+            Packed::Dense(d) => {
+                Engine::Dense(DenseEngine::new(d.rows(), d.cols(), d.values().to_vec()))
+            }
             Packed::Channel(f) => Engine::Dense(DenseEngine::new(
-                f.kept_rows.len(),
+                f.kept_rows().len(),
                 f.in_dim(),
-                f.values.clone(),
+                f.values().to_vec(),
             )),
             Packed::Group(f) => Engine::Blocks(BlockEngine::from_group(f, mr)),
             Packed::Shuffled(f) => Engine::Blocks(BlockEngine::from_shuffled(f, mr)),
@@ -137,17 +151,15 @@ impl Plan {
             Packed::Csr(f) => Engine::Rows(RowEngine::from_csr(f, rows::chunk_cols(isa.lanes()))),
             Packed::Nm(f) => Engine::Rows(RowEngine::from_nm(f, rows::chunk_cols(isa.lanes()))),
         };
-        // Value positions no kernel touches: N:M padding slots, BSR entries past the edge.
+        // Value positions no kernel touches: N:M padding slots, BSR entries past the edge. (The
+        // sparse formats hold at most u32::MAX values, so their positions fit u32; dense
+        // engines write every value.)
         let values_len = packed.values().len();
-        let mut written = vec![matches!(engine, Engine::Dense(_)); values_len];
-        match &engine {
-            Engine::Dense(_) => {}
-            Engine::Blocks(e) => e.mapped().for_each(|i| written[i as usize] = true),
-            Engine::Rows(e) => e.mapped().for_each(|i| written[i as usize] = true),
-        }
-        let padding = (0..values_len as u32)
-            .filter(|&i| !written[i as usize])
-            .collect();
+        let padding = match &engine {
+            Engine::Dense(_) => Vec::new(),
+            Engine::Blocks(e) => unwritten(values_len, e.mapped()),
+            Engine::Rows(e) => unwritten(values_len, e.mapped()),
+        };
         Ok(Plan {
             isa,
             format: packed.name(),
@@ -228,9 +240,16 @@ impl Plan {
         n: usize,
     ) -> Result<()> {
         for (what, got, rows) in [a, b] {
-            check_len(op, what, got, rows * n, || {
-                format!("{rows} rows × {n} columns")
-            })?;
+            // A product that overflows cannot be any buffer's length (and must not wrap around
+            // to one: the kernels trust `n`).
+            let Some(want) = rows.checked_mul(n) else {
+                return Err(KernelError::Param {
+                    name: "n",
+                    value: n.to_string(),
+                    reason: format!("{what} would need {rows} × {n} values, more than usize"),
+                });
+            };
+            check_len(op, what, got, want, || format!("{rows} rows × {n} columns"))?;
         }
         Ok(())
     }
@@ -243,6 +262,10 @@ impl Plan {
             ("y", y.len(), self.out_dim()),
             n,
         )?;
+        if y.is_empty() {
+            // Nothing to write; `n` is then bounded by no buffer when `x` is empty too.
+            return Ok(());
+        }
         match &self.engine {
             Engine::Dense(e) => e.forward(x, y, n),
             Engine::Blocks(e) => e.forward(self.isa, x, y, n, self.parts()),
@@ -259,6 +282,10 @@ impl Plan {
             ("dx", dx.len(), self.in_dim()),
             n,
         )?;
+        if dx.is_empty() {
+            // Nothing to write; `n` is then bounded by no buffer when `dy` is empty too.
+            return Ok(());
+        }
         match &self.engine {
             Engine::Dense(e) => e.backward_input(dy, dx, n),
             Engine::Blocks(e) => e.backward_input(self.isa, dy, dx, n, self.parts()),
@@ -290,6 +317,10 @@ impl Plan {
             self.value_count(),
             || format!("the {} format's values", self.format),
         )?;
+        if dvalues.is_empty() {
+            // Nothing to write; `n` is then bounded by no buffer when `dy` and `x` are empty.
+            return Ok(());
+        }
         if n == 0 {
             // An empty batch has a zero gradient (the kernels' loops would not run at all).
             dvalues.fill(0.0);

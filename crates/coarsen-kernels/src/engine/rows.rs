@@ -131,19 +131,19 @@ impl RowEngine {
     }
 
     pub(crate) fn from_csr(f: &Csr, kc: usize) -> Self {
-        let mut t = Vec::with_capacity(f.values.len());
-        for r in 0..f.rows {
-            for k in f.row_ptr[r] as usize..f.row_ptr[r + 1] as usize {
-                t.push((r as u32, f.col_idx[k], k as u32));
+        let mut t = Vec::with_capacity(f.values().len());
+        for (r, span) in f.row_ptr().windows(2).enumerate() {
+            for k in span[0] as usize..span[1] as usize {
+                t.push((r as u32, f.col_idx()[k], k as u32));
             }
         }
-        Self::new(f.rows, f.cols, kc, t, &f.values)
+        Self::new(f.rows(), f.cols(), kc, t, f.values())
     }
 
     pub(crate) fn from_nm(f: &NmCompressed, kc: usize) -> Self {
-        let mut t = Vec::with_capacity(f.values.len());
+        let mut t = Vec::with_capacity(f.values().len());
         f.for_each_entry(|r, c, slot| t.push((r as u32, c as u32, slot as u32)));
-        Self::new(f.rows, f.cols, kc, t, &f.values)
+        Self::new(f.rows(), f.cols(), kc, t, f.values())
     }
 
     pub(crate) fn set_values(&mut self, values: &[f32]) {
@@ -307,14 +307,14 @@ unsafe fn row_pass<S: Simd>(p: &RowPass<'_>) {
                     S::store(dst.add(j * S::LANES), S::load(src.add(j * S::LANES)));
                 }
             }
-            let base = buf.sub(c0 * nr) as *const f32;
             let acc = chunk > 0;
             for r in p.r0..p.r1 {
                 let entries = e.chunk(r, chunk);
                 if acc && entries.is_empty() {
                     continue;
                 }
-                row_tile::<S, RNV>(entries, base, nr, ybuf.add(r * nr), acc);
+                // The chunk's columns c0.. are rows 0.. of the packed tile.
+                row_tile::<S, RNV>(entries, c0, buf, nr, ybuf.add(r * nr), acc);
             }
         }
         for r in p.r0..p.r1 {
@@ -329,7 +329,7 @@ unsafe fn row_pass<S: Simd>(p: &RowPass<'_>) {
         for chunk in 0..e.chunks {
             for r in p.r0..p.r1 {
                 let entries = e.chunk(r, chunk);
-                row_tile::<S, 1>(entries, x.add(t), ld, y.add(r * ld + t), chunk > 0);
+                row_tile::<S, 1>(entries, 0, x.add(t), ld, y.add(r * ld + t), chunk > 0);
             }
         }
         t += S::LANES;

@@ -2,42 +2,47 @@
 //!
 //! Structure (which entries exist) is kept apart from values: every format has `pack` (from a
 //! mask and dense row-major weights), `unpack` (back to dense, zeros elsewhere), `mask`, and a
-//! flat `values` array that training updates in place.
+//! flat `values` array that training updates in place (`values_mut`: the values may change,
+//! their number never does).
+//!
+//! Fields are private, so that a [`Plan`](crate::Plan) built from safe code never reads or
+//! writes out of bounds. Each format lists its invariants in its doc and has two constructors
+//! from parts besides `pack`: `from_parts` checks every invariant and returns
+//! [`KernelError::Parts`](crate::KernelError::Parts) naming the format, the field and the
+//! offending index; the `unsafe` `from_parts_unchecked` only checks them in debug builds, for
+//! callers that already know them to hold. `into_parts` gives the parts back.
+//!
+//! ```
+//! use coarsen_kernels::{Csr, KernelError};
+//!
+//! // A 2×3 matrix with entries (0, 0), (0, 2) and (1, 1).
+//! let csr = Csr::from_parts(2, 3, vec![0, 2, 3], vec![0, 2, 1], vec![1.0, 2.0, 3.0]).unwrap();
+//! assert_eq!(csr.unpack(), [1.0, 0.0, 2.0, 0.0, 3.0, 0.0]);
+//! // Column 3 does not exist.
+//! let err = Csr::from_parts(2, 3, vec![0, 2, 3], vec![0, 3, 1], vec![1.0; 3]).unwrap_err();
+//! assert!(matches!(err, KernelError::Parts { format: "Csr", field: "col_idx", .. }));
+//! ```
 
-mod blocks;
+mod bsr;
 mod channel;
 mod csr;
+mod dense;
+mod group;
 pub(crate) mod nm;
+mod parts;
+mod shuffled;
 
-pub use blocks::{Block, Bsr, GroupBlocks, RowGroup, ShuffledBlocks, Tile};
+pub use bsr::Bsr;
 pub use channel::ChannelCompact;
 pub use csr::Csr;
+pub use dense::Dense;
+pub use group::{Block, GroupBlocks};
 pub use nm::{NmCompressed, PAD as NM_PAD};
+pub use shuffled::{RowGroup, ShuffledBlocks, Tile};
 
 use coarsen_core::Mask;
 
 use crate::error::{check_len, Result};
-
-/// A dense matrix `rows × cols`, row-major: the baseline "format".
-#[derive(Clone, Debug, PartialEq)]
-pub struct Dense {
-    /// Rows.
-    pub rows: usize,
-    /// Columns.
-    pub cols: usize,
-    /// Values, row-major.
-    pub values: Vec<f32>,
-}
-
-impl Dense {
-    /// A dense matrix from row-major values.
-    pub fn new(rows: usize, cols: usize, values: Vec<f32>) -> Result<Self> {
-        check_len("Dense::new", "values", values.len(), rows * cols, || {
-            format!("{rows}x{cols}")
-        })?;
-        Ok(Dense { rows, cols, values })
-    }
-}
 
 /// Any packed format.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,20 +80,20 @@ impl Packed {
     /// Rows and columns of the full matrix.
     pub fn shape(&self) -> (usize, usize) {
         match self {
-            Packed::Dense(d) => (d.rows, d.cols),
-            Packed::Channel(f) => (f.rows, f.cols),
-            Packed::Group(f) => (f.rows, f.cols),
-            Packed::Shuffled(f) => (f.rows, f.cols),
-            Packed::Bsr(f) => (f.rows, f.cols),
-            Packed::Nm(f) => (f.rows, f.cols),
-            Packed::Csr(f) => (f.rows, f.cols),
+            Packed::Dense(d) => (d.rows(), d.cols()),
+            Packed::Channel(f) => (f.rows(), f.cols()),
+            Packed::Group(f) => (f.rows(), f.cols()),
+            Packed::Shuffled(f) => (f.rows(), f.cols()),
+            Packed::Bsr(f) => (f.rows(), f.cols()),
+            Packed::Nm(f) => (f.rows(), f.cols()),
+            Packed::Csr(f) => (f.rows(), f.cols()),
         }
     }
 
     /// The dense matrix, zeros outside the pattern.
     pub fn unpack(&self) -> Vec<f32> {
         match self {
-            Packed::Dense(d) => d.values.clone(),
+            Packed::Dense(d) => d.values().to_vec(),
             Packed::Channel(f) => f.unpack(),
             Packed::Group(f) => f.unpack(),
             Packed::Shuffled(f) => f.unpack(),
@@ -101,26 +106,26 @@ impl Packed {
     /// The stored values (the layout is the format's own).
     pub fn values(&self) -> &[f32] {
         match self {
-            Packed::Dense(d) => &d.values,
-            Packed::Channel(f) => &f.values,
+            Packed::Dense(d) => d.values(),
+            Packed::Channel(f) => f.values(),
             Packed::Group(f) => f.values(),
             Packed::Shuffled(f) => f.values(),
-            Packed::Bsr(f) => &f.values,
-            Packed::Nm(f) => &f.values,
-            Packed::Csr(f) => &f.values,
+            Packed::Bsr(f) => f.values(),
+            Packed::Nm(f) => f.values(),
+            Packed::Csr(f) => f.values(),
         }
     }
 
-    /// Mutable stored values, for in-place weight updates.
+    /// Mutable stored values, for in-place weight updates (their number never changes).
     pub fn values_mut(&mut self) -> &mut [f32] {
         match self {
-            Packed::Dense(d) => &mut d.values,
-            Packed::Channel(f) => &mut f.values,
+            Packed::Dense(d) => d.values_mut(),
+            Packed::Channel(f) => f.values_mut(),
             Packed::Group(f) => f.values_mut(),
             Packed::Shuffled(f) => f.values_mut(),
-            Packed::Bsr(f) => &mut f.values,
-            Packed::Nm(f) => &mut f.values,
-            Packed::Csr(f) => &mut f.values,
+            Packed::Bsr(f) => f.values_mut(),
+            Packed::Nm(f) => f.values_mut(),
+            Packed::Csr(f) => f.values_mut(),
         }
     }
 
@@ -128,8 +133,8 @@ impl Packed {
     /// padding included for the formats that store it).
     pub fn stored(&self) -> usize {
         match self {
-            Packed::Channel(f) => f.kept_rows.len() * f.in_dim(),
-            Packed::Nm(f) => f.values.len(),
+            Packed::Channel(f) => f.kept_rows().len() * f.in_dim(),
+            Packed::Nm(f) => f.values().len(),
             other => other.values().len(),
         }
     }
@@ -146,35 +151,35 @@ impl Packed {
         match self {
             Packed::Dense(d) => {
                 for (i, p) in out.iter_mut().enumerate() {
-                    *p = Some((i / d.cols.max(1), i % d.cols.max(1)));
+                    *p = Some((i / d.cols().max(1), i % d.cols().max(1)));
                 }
             }
             Packed::Channel(f) => {
                 let d = f.in_dim();
-                for (i, &r) in f.kept_rows.iter().enumerate() {
+                for (i, &r) in f.kept_rows().iter().enumerate() {
                     for k in 0..d {
-                        let c = f.kept_cols.as_ref().map_or(k, |kc| kc[k] as usize);
+                        let c = f.kept_cols().map_or(k, |kc| kc[k] as usize);
                         out[i * d + k] = Some((r as usize, c));
                     }
                 }
             }
             Packed::Group(f) => {
-                for b in &f.blocks {
-                    let w = b.cols.len();
-                    for (i, &r) in b.rows.iter().enumerate() {
-                        for (k, &c) in b.cols.iter().enumerate() {
-                            out[b.offset + i * w + k] = Some((r as usize, c as usize));
+                for b in f.blocks() {
+                    let w = b.cols().len();
+                    for (i, &r) in b.rows().iter().enumerate() {
+                        for (k, &c) in b.cols().iter().enumerate() {
+                            out[b.offset() + i * w + k] = Some((r as usize, c as usize));
                         }
                     }
                 }
             }
             Packed::Shuffled(f) => {
-                for g in &f.groups {
-                    for t in &g.tiles {
-                        let w = t.cols.len();
-                        for (i, &r) in g.rows.iter().enumerate() {
-                            for (k, &c) in t.cols.iter().enumerate() {
-                                out[t.offset + i * w + k] = Some((r as usize, c as usize));
+                for g in f.groups() {
+                    for t in g.tiles() {
+                        let w = t.cols().len();
+                        for (i, &r) in g.rows().iter().enumerate() {
+                            for (k, &c) in t.cols().iter().enumerate() {
+                                out[t.offset() + i * w + k] = Some((r as usize, c as usize));
                             }
                         }
                     }
@@ -183,9 +188,10 @@ impl Packed {
             Packed::Bsr(f) => f.for_each_entry(|r, c, i| out[i] = Some((r, c))),
             Packed::Nm(f) => f.for_each_entry(|r, c, i| out[i] = Some((r, c))),
             Packed::Csr(f) => {
-                for r in 0..f.rows {
-                    let span = f.row_ptr[r] as usize..f.row_ptr[r + 1] as usize;
-                    for (slot, &c) in out[span.clone()].iter_mut().zip(&f.col_idx[span]) {
+                let (row_ptr, col_idx) = (f.row_ptr(), f.col_idx());
+                for (r, w) in row_ptr.windows(2).enumerate() {
+                    let span = w[0] as usize..w[1] as usize;
+                    for (slot, &c) in out[span.clone()].iter_mut().zip(&col_idx[span]) {
                         *slot = Some((r, c as usize));
                     }
                 }
@@ -214,4 +220,44 @@ pub(crate) fn check_weights(op: &'static str, mask: &Mask, weights: &[f32]) -> R
     check_len(op, "weights", weights.len(), mask.len(), || {
         format!("{}x{}", mask.rows(), mask.cols())
     })
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use coarsen_core::Mask;
+
+    use crate::error::{KernelError, Result};
+
+    /// `n` weights: a repeating ramp from -8 to 8.
+    pub(crate) fn weights(n: usize) -> Vec<f32> {
+        (0..n).map(|i| (i % 17) as f32 - 8.0).collect()
+    }
+
+    /// `w` with zeros outside `m`.
+    pub(crate) fn masked(m: &Mask, w: &[f32]) -> Vec<f32> {
+        w.iter()
+            .zip(m.as_bytes())
+            .map(|(&w, &b)| if b != 0 { w } else { 0.0 })
+            .collect()
+    }
+
+    /// `r` is a [`KernelError::Parts`] error on `field` whose message holds every one of
+    /// `needles`.
+    #[track_caller]
+    pub(crate) fn expect_parts_error<T: std::fmt::Debug>(
+        r: Result<T>,
+        field: &str,
+        needles: &[&str],
+    ) {
+        match r {
+            Err(e @ KernelError::Parts { field: f, .. }) => {
+                let msg = e.to_string();
+                assert_eq!(f, field, "wrong field in: {msg}");
+                for n in needles {
+                    assert!(msg.contains(n), "{msg:?} does not say {n:?}");
+                }
+            }
+            other => panic!("expected an invalid-parts error on {field}, got {other:?}"),
+        }
+    }
 }
