@@ -175,6 +175,16 @@ pub enum Error {
         /// The buffer length.
         len: usize,
     },
+    /// A mask does not fit the weight tensor it belongs to.
+    #[error("tensor '{tensor}' {shape:?}: {detail}")]
+    MaskShape {
+        /// The tensor.
+        tensor: String,
+        /// The weight's shape.
+        shape: Vec<usize>,
+        /// What does not fit.
+        detail: String,
+    },
     /// A structured result failed its own pattern check. This is a bug in coarsen; please report it.
     #[error("internal error: layer '{layer}' does not satisfy the {pattern} pattern: {violation}")]
     PatternViolated {

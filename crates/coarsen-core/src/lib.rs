@@ -29,6 +29,7 @@ mod convert;
 mod error;
 pub mod io;
 mod mask;
+mod mask_set;
 pub mod metadata;
 pub mod patterns;
 pub mod prune;
@@ -44,6 +45,7 @@ pub use convert::{
 pub use error::{Error, Result};
 pub use io::{MaskFile, MaskTensor, WeightFile, WeightTensor};
 pub use mask::{BitRows, Mask};
+pub use mask_set::{LayerMask, MaskSet};
 pub use metadata::{CoarsenMetadata, LayerMeta, LayerStatus};
 pub use patterns::Pattern;
 pub use prune::{magnitude_prune, PruneInput, Scope};
