@@ -45,8 +45,8 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Accuracy, per-layer density and pattern of a trained network.
     Eval(EvalArgs),
-    /// Write a trained sparse network as safetensors (mask bits + kept values) and a JSON
-    /// architecture file, loadable by `coarsen eval` and the inference engine.
+    /// Write a trained sparse network as safetensors (mask bits + kept values) plus a JSON file
+    /// holding its explicit graph, and/or as an ONNX model.
     Export(ExportArgs),
 }
 
@@ -484,20 +484,60 @@ pub struct TrainArgs {
     pub json: Option<PathBuf>,
 }
 
-/// `coarsen export`.
+/// What `coarsen export` writes.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// model.safetensors (mask bits + kept values) and model.json (the explicit graph).
+    Coarsen,
+    /// model.onnx (standard opset 17, dense f32 weights holding the zeros of the masks).
+    Onnx,
+    /// Both.
+    Both,
+}
+
+/// `coarsen export`: a trained run, an export, or a known architecture's weights file, written
+/// as coarsen's export format and/or ONNX.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// A run directory (its final stage, or its checkpoint while unfinished), a `stage-{s}`
-    /// directory or a checkpoint directory.
-    pub checkpoint: PathBuf,
-    /// The export directory (created if missing): model.safetensors and model.json.
+    /// directory, a checkpoint directory, or an export directory (to write its ONNX model).
+    #[arg(required_unless_present = "model", conflicts_with = "model")]
+    pub checkpoint: Option<PathBuf>,
+    /// Export a weights file of this architecture instead of a run: mlp, cnn, vgg11, vgg16,
+    /// resnet20 or resnet18 (torchvision names, as `coarsen synth` writes them).
+    #[arg(long, value_name = "NAME", requires = "weights")]
+    pub model: Option<String>,
+    /// With --model: the weights (safetensors, every parameter and BatchNorm statistic).
+    #[arg(long, value_name = "FILE", requires = "model")]
+    pub weights: Option<PathBuf>,
+    /// With --model: the masks (safetensors; structured masks carry their coarsen metadata).
+    #[arg(long, value_name = "FILE", requires = "model")]
+    pub mask: Option<PathBuf>,
+    /// With --model: the input image C,H,W [default: 3,32,32, or 1,28,28 for mlp and cnn].
+    #[arg(long, value_name = "C,H,W", requires = "model")]
+    pub input: Option<String>,
+    /// With --model: the width multiplier the weights were made with.
+    #[arg(long, default_value_t = 1.0, value_name = "X", requires = "model")]
+    pub width: f64,
+    /// The export directory (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// What to write [default: coarsen].
+    #[arg(long, value_enum)]
+    pub format: Option<ExportFormat>,
+    /// Also write model.onnx (--format both; from an export directory, --format onnx).
+    #[arg(long, conflicts_with = "format")]
+    pub onnx: bool,
+    /// In model.onnx, fold every BatchNorm that alone reads a convolution or linear layer into
+    /// its weights and bias (default: kept as BatchNormalization nodes).
+    #[arg(long)]
+    pub fold_bn: bool,
     /// Data set directory [default: the one the run used]; gives the input shape, the
     /// normalisation recorded in model.json and the images the export is verified on.
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Test images the exported network is checked on against the checkpoint (0: no check).
+    /// Images the exported network is checked on against its source (0: no check): test
+    /// images of a run's data set, random images with --model.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub verify: usize,
 }

@@ -11,6 +11,7 @@
 //!   AVX-512, NEON or portable, chosen at run time), then run for `Y = W·X`, `dX = Wᵀ·dY` and
 //!   the weight gradient restricted to the pattern, multi-threaded with rayon, without
 //!   allocating.
+//! - [`conv`]: convolution geometry, im2col and col2im over channel-major batches.
 //! - [`gemm`]: dense GEMM with transposed operands (faer), for dense layers.
 //! - [`mod@reference`]: the naive products every kernel is tested against.
 //! - [`mod@timing`]: interleaved, repeated timing against the dense baseline.
@@ -23,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod conv;
 mod engine;
 mod error;
 pub mod formats;

@@ -3,9 +3,12 @@
 //! the training throughput of a model with dense, masked and structured-sparse (packed) layers.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor, Var};
+use coarsen_core::MaskSet;
+use coarsen_infer::format::random_masks;
+use coarsen_infer::timing::time_paths;
+use coarsen_infer::{layer_formats, Formats, InferenceNet, LayerFormat, Network, Path};
 use coarsen_kernels::timing::{interleaved, median};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -14,10 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::dynamic::{DsbConfig, DynamicConfig, Grow};
 use crate::error::{Result, TrainError};
-use crate::infer::{layer_formats, random_masks, time_paths, InferenceNet, LayerFormat, Path};
 use crate::model::{Model, ModelSpec};
 use crate::ops::{Conv2d, ConvGeometry, LayerKernel, MaxPool2, WeightMatmul};
-use crate::optim::{Masks, Sgd};
+use crate::optim::Sgd;
 use crate::sparsity::prune_global;
 
 /// Result of [`step_benchmark`].
@@ -217,10 +219,10 @@ pub fn throughput(
     for mode in ["dense", "masked", "structured"] {
         let model = Model::new(spec, seed)?;
         let (masks, detail, density) = match mode {
-            "dense" => (Masks::new(), "dense GEMM".to_string(), 1.0),
+            "dense" => (MaskSet::new(), "dense GEMM".to_string(), 1.0),
             "masked" => {
                 let names = model.default_prunable();
-                let m = prune_global(&model, &names, &Masks::new(), 0.8)?;
+                let m = prune_global(&model, &names, &MaskSet::new(), 0.8)?;
                 (m, "80% unstructured masks, dense GEMM".to_string(), 0.2)
             }
             _ => {
@@ -397,9 +399,6 @@ pub fn model_benchmark(
             "must lie in [0, 1)",
         ));
     }
-    if batch == 0 {
-        return Err(TrainError::config("batch", batch, "must be positive"));
-    }
     let spec = ModelSpec {
         name: model.to_string(),
         width: 1.0,
@@ -407,36 +406,53 @@ pub fn model_benchmark(
         classes: 10,
     };
     let net = Model::new(&spec, seed)?;
-    let names = net.default_prunable();
+    let shapes: Vec<(String, Vec<usize>)> = net
+        .default_prunable()
+        .into_iter()
+        .filter_map(|n| net.param(&n).map(|p| (n.clone(), p.shape())))
+        .collect();
     let fmt = bench_format(pattern)?;
-    let density = 1.0 - sparsity;
     let masks = random_masks(
-        &net,
-        &names,
+        &shapes,
         fmt.as_ref().unwrap_or(&LayerFormat::Csr),
-        density,
+        1.0 - sparsity,
         seed,
     )?;
-    let formats: BTreeMap<String, LayerFormat> = match &fmt {
-        None => layer_formats(&net, &masks, None)?,
-        Some(f) => net
-            .weights()
-            .map(|p| {
-                let f = if masks.contains_key(&p.name) {
-                    f.clone()
-                } else {
-                    LayerFormat::Dense
-                };
-                (p.name.clone(), f)
-            })
-            .collect(),
+    let network = net.network(&masks)?;
+    let formats: Formats = match &fmt {
+        None => layer_formats(network.graph(), &masks, None)?,
+        Some(f) => masks.names().map(|n| (n.to_string(), f.clone())).collect(),
     };
-    let packed = InferenceNet::with_formats(&net, &masks, &formats, Path::Packed)?;
-    let dense = InferenceNet::with_formats(&net, &masks, &formats, Path::Dense)?;
+    let mut r = network_benchmark(&network, &formats, batch, reps, seed)?;
+    r.model = model.to_string();
+    r.pattern = pattern.to_string();
+    r.sparsity = match fmt {
+        Some(LayerFormat::Nm { n, m, .. }) => 1.0 - n as f64 / m as f64,
+        _ => sparsity,
+    };
+    Ok(r)
+}
+
+/// Times the forward pass of `network` with its layers in `formats` against its dense path,
+/// `reps` times each, interleaved, on a random batch of `batch` images (seeded by `seed`). The
+/// record's `model` and `pattern` are left for the caller; `sparsity` is the network's.
+pub fn network_benchmark(
+    network: &Network,
+    formats: &Formats,
+    batch: usize,
+    reps: usize,
+    seed: u64,
+) -> Result<ModelBench> {
+    if batch == 0 {
+        return Err(TrainError::config("batch", batch, "must be positive"));
+    }
+    let packed = InferenceNet::new(network, formats, Path::Packed)?;
+    let dense = InferenceNet::new(network, formats, Path::Dense)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let uni =
         Uniform::new(-1.0f32, 1.0).map_err(|e| TrainError::config("input", 0, e.to_string()))?;
-    let x: Vec<f32> = (0..3 * 32 * 32 * batch)
+    let [c, h, w] = network.input();
+    let x: Vec<f32> = (0..c * h * w * batch)
         .map(|_| uni.sample(&mut rng))
         .collect();
     let a = packed.forward(&x, batch)?;
@@ -447,12 +463,9 @@ pub fn model_benchmark(
         .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
     let t = time_paths(&packed, &dense, &x, batch, reps)?;
     Ok(ModelBench {
-        model: model.to_string(),
-        pattern: pattern.to_string(),
-        sparsity: match fmt {
-            Some(LayerFormat::Nm { n, m, .. }) => 1.0 - n as f64 / m as f64,
-            _ => sparsity,
-        },
+        model: String::new(),
+        pattern: String::new(),
+        sparsity: network.sparsity(),
         batch,
         dense_ms: t.dense_ms,
         sparse_ms: t.packed_ms,

@@ -12,14 +12,14 @@ use std::sync::atomic::Ordering;
 
 use candle_core::backprop::GradStore;
 use coarsen_core::patterns::{shuffled_blocks, ShuffledConfig};
-use coarsen_core::Mask;
+use coarsen_core::{Mask, MaskSet};
 use coarsen_kernels::{Packed, ShuffledBlocks};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::model::{Model, ParamKind};
 use crate::ops::SparseWeight;
-use crate::optim::{Masks, Sgd};
+use crate::optim::Sgd;
 use crate::sparsity::{erk_densities, layer_views, top_magnitude};
 use crate::train::Dynamics;
 
@@ -133,7 +133,7 @@ pub struct Rigl {
 
 impl Rigl {
     /// Initial masks (random initial weights, so magnitude selection is random) and the method.
-    pub fn new(model: &Model, cfg: DynamicConfig, total_steps: usize) -> Result<(Self, Masks)> {
+    pub fn new(model: &Model, cfg: DynamicConfig, total_steps: usize) -> Result<(Self, MaskSet)> {
         let first_conv = model.weights().position(|p| p.kind == ParamKind::Conv);
         let names: Vec<String> = model
             .weights()
@@ -153,7 +153,7 @@ impl Dynamics for Rigl {
         step: usize,
         model: &Model,
         grads: &GradStore,
-        masks: &mut Masks,
+        masks: &mut MaskSet,
         opt: &mut Sgd,
     ) -> Result<()> {
         if !self.cfg.updates_at(step, self.t_end) {
@@ -161,9 +161,10 @@ impl Dynamics for Rigl {
         }
         let f = self.cfg.fraction(step, self.t_end);
         for l in &self.layers {
-            let Some(mask) = masks.get_mut(&l.name) else {
+            let Some(lm) = masks.get_mut(&l.name) else {
                 continue;
             };
+            let mut mask = lm.as_bytes().to_vec();
             let mut w = model
                 .param(&l.name)
                 .map(|p| p.values())
@@ -179,13 +180,14 @@ impl Dynamics for Rigl {
             drop_and_grow(
                 model,
                 &l.name,
-                mask,
+                &mut mask,
                 &mut w,
                 &drop,
                 &|i| g[i].abs(),
                 opt,
                 true,
             )?;
+            lm.replace(&l.name, Mask::from_bytes(l.rows, l.cols, mask)?)?;
         }
         Ok(())
     }
@@ -198,7 +200,7 @@ fn init_layers(
     names: &[String],
     sparsity: f64,
     block: Option<usize>,
-) -> Result<(Vec<DynLayer>, Masks)> {
+) -> Result<(Vec<DynLayer>, MaskSet)> {
     if !(sparsity > 0.0 && sparsity < 1.0) {
         return Err(TrainError::config(
             "sparsity",
@@ -206,11 +208,11 @@ fn init_layers(
             "must lie strictly between 0 and 1",
         ));
     }
-    let views = layer_views(model, names, &Masks::new())?;
+    let views = layer_views(model, names, &MaskSet::new())?;
     let shapes: Vec<Vec<usize>> = views.iter().map(|v| v.shape.clone()).collect();
     let dens = erk_densities(&shapes, 1.0 - sparsity);
     let mut layers = Vec::new();
-    let mut masks = Masks::new();
+    let mut masks = MaskSet::new();
     for (v, d) in views.iter().zip(dens) {
         let n = v.weights.len();
         let target = ((n as f64 * d).floor() as usize).clamp(1, n);
@@ -246,7 +248,7 @@ fn init_layers(
             target,
             blocks,
         });
-        masks.insert(v.name.clone(), mask.into_bytes());
+        masks.insert(v.name.clone(), &v.shape, mask)?;
     }
     Ok((layers, masks))
 }
@@ -276,7 +278,7 @@ pub struct DsbConfig {
 
 impl Dsb {
     /// Initial masks and the method; blocked layers are switched to packed kernels.
-    pub fn new(model: &Model, cfg: DsbConfig, total_steps: usize) -> Result<(Self, Masks)> {
+    pub fn new(model: &Model, cfg: DsbConfig, total_steps: usize) -> Result<(Self, MaskSet)> {
         if cfg.block == 0 {
             return Err(TrainError::config("block", 0, "must be at least 1"));
         }
@@ -306,17 +308,16 @@ impl Dsb {
     }
 
     /// Switches every blocked layer's kernel to a packed shuffled-block plan of its mask.
-    fn attach_kernels(&self, model: &Model, masks: &Masks) -> Result<()> {
+    fn attach_kernels(&self, model: &Model, masks: &MaskSet) -> Result<()> {
         for l in self.layers.iter().filter(|l| l.blocks > 0) {
             let p = model
                 .param(&l.name)
                 .ok_or_else(|| TrainError::config("layer", &l.name, "no such parameter"))?;
-            let mask = Mask::from_bytes(
-                l.rows,
-                l.cols,
-                masks.get(&l.name).cloned().unwrap_or_default(),
-            )?;
-            let packed = Packed::Shuffled(ShuffledBlocks::pack(&mask, &p.values()?, self.block)?);
+            let mask = masks
+                .get(&l.name)
+                .ok_or_else(|| TrainError::config("layer", &l.name, "a blocked layer has no mask"))?
+                .mask();
+            let packed = Packed::Shuffled(ShuffledBlocks::pack(mask, &p.values()?, self.block)?);
             if let Some(k) = &p.kernel {
                 k.set_sparse(Some(SparseWeight::new(&packed)?));
             }
@@ -379,7 +380,7 @@ impl Dynamics for Dsb {
         step: usize,
         model: &Model,
         grads: &GradStore,
-        masks: &mut Masks,
+        masks: &mut MaskSet,
         opt: &mut Sgd,
     ) -> Result<()> {
         if self.static_blocks || !self.cfg.updates_at(step, self.t_end) {
@@ -387,9 +388,10 @@ impl Dynamics for Dsb {
         }
         let zeta = self.cfg.fraction(step, self.t_end);
         for l in &self.layers {
-            let Some(bytes) = masks.get_mut(&l.name) else {
+            let Some(lm) = masks.get_mut(&l.name) else {
                 continue;
             };
+            let mut bytes = lm.as_bytes().to_vec();
             let mut w = model
                 .param(&l.name)
                 .map(|p| p.values())
@@ -437,7 +439,9 @@ impl Dynamics for Dsb {
                 }
             };
             // DSB's code keeps the momentum of grown weights (RigL resets it).
-            let grown = drop_and_grow(model, &l.name, bytes, &mut w, &drop, &*score, opt, false)?;
+            let grown = drop_and_grow(
+                model, &l.name, &mut bytes, &mut w, &drop, &*score, opt, false,
+            )?;
             if l.blocks > 0 {
                 let mask = Mask::from_bytes(l.rows, l.cols, bytes.clone())?;
                 let grown_mask = {
@@ -458,8 +462,9 @@ impl Dynamics for Dsb {
                 if let Some(p) = model.param(&l.name) {
                     p.set_values(w)?;
                 }
-                *bytes = out.mask.into_bytes();
+                bytes = out.mask.into_bytes();
             }
+            lm.replace(&l.name, Mask::from_bytes(l.rows, l.cols, bytes)?)?;
         }
         self.attach_kernels(model, masks)?;
         Ok(())
@@ -472,7 +477,7 @@ impl Dynamics for Dsb {
 
 impl Dsb {
     /// Rebuilds the packed kernels from restored masks (after a resume).
-    pub fn restore(&self, model: &Model, masks: &Masks) -> Result<()> {
+    pub fn restore(&self, model: &Model, masks: &MaskSet) -> Result<()> {
         self.attach_kernels(model, masks)
     }
 }

@@ -49,6 +49,9 @@ pub enum TrainError {
     /// A kernel operation failed.
     #[error(transparent)]
     Kernel(#[from] coarsen_kernels::KernelError),
+    /// An inference, graph or export operation failed.
+    #[error(transparent)]
+    Infer(#[from] coarsen_infer::InferError),
     /// Training diverged (a non-finite loss).
     #[error("training diverged at epoch {epoch}, step {step}: loss is {loss}")]
     Diverged {

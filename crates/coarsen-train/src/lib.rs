@@ -12,7 +12,9 @@
 //! - [`optim`]: SGD with momentum, weight decay, schedules, masks.
 //! - [`train`]: the recipe, the resumable trainer, checkpoints and metrics.
 //! - [`sparsity`], [`dynamic`]: IMP's pruning, post-processing, RigL and DSB/SSB.
-//! - [`infer`], [`export`]: sparse inference on packed kernels; exported models.
+//! - [`export`], [`run_dir`]: exported models with what training knows of them; the run and
+//!   export directories `eval`, `export` and the demo read back. Inference itself is
+//!   coarsen-infer's: [`Model::graph`](model::Model::graph) describes a model to it.
 //! - [`methods`]: experiments and their stages, `results.json`.
 //! - [`bench`](mod@bench): training-step and throughput measurements.
 //!
@@ -33,10 +35,10 @@ pub mod data;
 pub mod dynamic;
 pub mod error;
 pub mod export;
-pub mod infer;
 pub mod methods;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod run_dir;
 pub mod sparsity;
 pub mod train;

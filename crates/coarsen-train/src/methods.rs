@@ -24,20 +24,20 @@ use coarsen_core::metadata::{CoarsenMetadata, LayerMeta, LayerStatus, METADATA_V
 use coarsen_core::patterns::{
     nm_prune, ChannelConfig, ChannelCriterion, GroupConfig, NmConfig, ShuffledConfig,
 };
-use coarsen_core::{Mask, Pattern};
+use coarsen_core::{Mask, MaskSet, Pattern};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_order, make_batch, DataSplits};
 use crate::dynamic::{Dsb, DsbConfig, DynamicConfig, Grow, Rigl};
 use crate::error::{Result, TrainError};
 use crate::model::{Model, ModelSpec, ParamKind};
-use crate::optim::{apply_masks, Masks};
+use crate::optim::apply_masks;
 use crate::sparsity::{
     channel_sparsity, naive_channel, post_process, prune_global, PostProcess, RefillCriterion,
 };
 use crate::train::{
-    accuracy, load_masks, load_tensors, mask_density, save_tensors, write_atomic, Dynamics,
-    EpochMetrics, Progress, Recipe, Static, Trainer,
+    accuracy, load_masks, load_tensors, save_tensors, write_atomic, Dynamics, EpochMetrics,
+    Progress, Recipe, Static, Trainer,
 };
 
 /// The method names `coarsen train --method` accepts.
@@ -615,11 +615,11 @@ fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[Strin
                 "stage {s}: {}:{} masks at sparsity {:.2}%, fine-tuning the trained weights",
                 exp.nm.n,
                 exp.nm.m,
-                100.0 * (1.0 - mask_density(&t.masks))
+                100.0 * (1.0 - t.masks.density())
             ));
             return Ok(());
         }
-        "one-shot" => prune_global(&t.model, names, &Masks::new(), exp.sparsity)?,
+        "one-shot" => prune_global(&t.model, names, &MaskSet::new(), exp.sparsity)?,
         "naive-channel" => naive_channel(&t.model, names, exp.sparsity)?,
         _ => {
             let post_now = exp
@@ -663,7 +663,7 @@ fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[Strin
     apply_masks(&t.model, &t.masks)?;
     t.progress.note(&format!(
         "stage {s}: masks at sparsity {:.2}%, weights rewound to epoch {}",
-        100.0 * (1.0 - mask_density(&t.masks)),
+        100.0 * (1.0 - t.masks.density()),
         t.recipe.rewind_epoch
     ));
     Ok(())
@@ -682,10 +682,10 @@ fn nm_masks(
     names: &[String],
     cfg: &NmConfig,
     seed: u64,
-) -> Result<(Masks, BTreeMap<String, Vec<usize>>)> {
-    let mut masks = Masks::new();
+) -> Result<(MaskSet, BTreeMap<String, Vec<usize>>)> {
+    let mut masks = MaskSet::new();
     let mut perms = BTreeMap::new();
-    for l in crate::sparsity::layer_views(model, names, &Masks::new())? {
+    for l in crate::sparsity::layer_views(model, names, &MaskSet::new())? {
         let out = nm_prune(
             &l.mask,
             Some(&l.weights),
@@ -696,7 +696,7 @@ fn nm_masks(
         if let Some(p) = out.col_perm {
             perms.insert(l.name.clone(), p);
         }
-        masks.insert(l.name, out.mask.into_bytes());
+        masks.insert(l.name, &l.shape, out.mask)?;
     }
     Ok((masks, perms))
 }
@@ -854,7 +854,6 @@ fn save_stage(
     write_mask_file(
         &dir.join("masks.safetensors"),
         exp,
-        &t.model,
         &t.masks,
         &layers,
         &perms,
@@ -878,12 +877,12 @@ fn save_stage(
 }
 
 /// Density over `names` (1 for layers without a mask).
-fn subset_density(masks: &Masks, names: &[String], model: &Model) -> f64 {
+fn subset_density(masks: &MaskSet, names: &[String], model: &Model) -> f64 {
     let (mut ones, mut all) = (0usize, 0usize);
     for n in names {
         match masks.get(n) {
             Some(m) => {
-                ones += m.iter().filter(|&&b| b != 0).count();
+                ones += m.nnz();
                 all += m.len();
             }
             None => {
@@ -905,7 +904,7 @@ fn subset_density(masks: &Masks, names: &[String], model: &Model) -> f64 {
 fn layer_results(
     exp: &Experiment,
     model: &Model,
-    masks: &Masks,
+    masks: &MaskSet,
     names: &[String],
     perms: &BTreeMap<String, Vec<usize>>,
     final_stage: bool,
@@ -929,9 +928,8 @@ fn layer_results(
             });
             continue;
         };
-        let density = m.iter().filter(|&&b| b != 0).count() as f64 / len.max(1) as f64;
-        let (rows, cols) = (shape[0], len / shape[0].max(1));
-        let mask = Mask::from_bytes(rows, cols, m.clone())?;
+        let density = m.nnz() as f64 / len.max(1) as f64;
+        let mask = m.mask();
         let (name, reason) = match &pattern {
             _ if density >= 1.0 => ("dense".to_string(), None),
             Some(Pattern::ShuffledBlock(c)) if !(shape.len() == 4 && shape[0] % c.block == 0 && shape[1] >= c.block) => (
@@ -941,7 +939,7 @@ fn layer_results(
                     c.block
                 )),
             ),
-            Some(pat) if names.contains(&p.name) => match check_pattern(pat, &mask, &shape, perms.get(&p.name)) {
+            Some(pat) if names.contains(&p.name) => match check_pattern(pat, mask, &shape, perms.get(&p.name)) {
                 Ok(()) => (pat.name().to_string(), None),
                 Err(e) => ("unstructured".to_string(), Some(e)),
             },
@@ -958,34 +956,30 @@ fn layer_results(
     Ok(out)
 }
 
-/// Every conv and linear weight of `model` with its density and pattern: from the mask file's
+/// Every conv and linear weight of `net` with its density and pattern: from the mask file's
 /// coarsen metadata where it has the layer, otherwise inferred (`dense`, `channel` when every row
 /// is full or empty, else `unstructured`).
 pub fn describe_layers(
-    model: &Model,
-    masks: &Masks,
+    net: &coarsen_infer::Network,
     meta: Option<&CoarsenMetadata>,
 ) -> Result<Vec<LayerResult>> {
     let mut out = Vec::new();
-    for p in model.weights() {
-        let shape = p.shape();
-        let len: usize = shape.iter().product();
-        let (density, inferred) = match masks.get(&p.name) {
+    for (name, shape) in net.weight_shapes() {
+        let (density, inferred) = match net.masks().get(&name) {
             None => (1.0, "dense".to_string()),
             Some(m) => {
-                let d = m.iter().filter(|&&b| b != 0).count() as f64 / len.max(1) as f64;
-                let mask = Mask::from_bytes(shape[0], len / shape[0].max(1), m.clone())?;
-                let name = if d >= 1.0 {
+                let d = m.nnz() as f64 / m.len().max(1) as f64;
+                let kind = if d >= 1.0 {
                     "dense"
-                } else if coarsen_core::patterns::check::check_channel(&mask).is_ok() {
+                } else if coarsen_core::patterns::check::check_channel(m.mask()).is_ok() {
                     "channel"
                 } else {
                     "unstructured"
                 };
-                (d, name.to_string())
+                (d, kind.to_string())
             }
         };
-        let (pattern, reason) = match meta.and_then(|m| m.layers.get(&p.name).map(|l| (m, l))) {
+        let (pattern, reason) = match meta.and_then(|m| m.layers.get(&name).map(|l| (m, l))) {
             Some((m, l)) => match l.status {
                 LayerStatus::Structured => (m.pattern.clone(), None),
                 LayerStatus::Dense => ("dense".to_string(), l.reason.clone()),
@@ -994,7 +988,7 @@ pub fn describe_layers(
             None => (inferred, None),
         };
         out.push(LayerResult {
-            name: p.name.clone(),
+            name,
             shape,
             density,
             pattern,
@@ -1024,28 +1018,16 @@ fn check_pattern(
 fn write_mask_file(
     path: &Path,
     exp: &Experiment,
-    model: &Model,
-    masks: &Masks,
+    masks: &MaskSet,
     layers: &[LayerResult],
     perms: &BTreeMap<String, Vec<usize>>,
     final_stage: bool,
 ) -> Result<()> {
-    let tensors = masks
-        .iter()
-        .map(|(n, m)| coarsen_core::MaskTensor {
-            name: n.clone(),
-            shape: model
-                .param(n)
-                .map(|p| p.shape())
-                .unwrap_or_else(|| vec![m.len()]),
-            data: m.clone(),
-        })
-        .collect();
-    let mut file = coarsen_core::MaskFile::new(path, tensors);
+    let mut file = masks.to_file(path, None);
     if let Some(pat) = exp.pattern().filter(|_| final_stage || exp.imp.every_round) {
         let meta_layers = layers
             .iter()
-            .filter(|l| masks.contains_key(&l.name))
+            .filter(|l| masks.contains(&l.name))
             .map(|l| {
                 let status = match l.pattern.as_str() {
                     "dense" => LayerStatus::Dense,
@@ -1200,7 +1182,7 @@ fn reuse_stages(exp: &Experiment, src: &Path, t: &mut Trainer<'_>) -> Result<()>
     )?;
     let last_dir = stage_dir(&t.out, last);
     load_weights(&t.model, &last_dir.join("weights.safetensors"))?;
-    t.masks = load_masks(&last_dir.join("masks.safetensors"))?;
+    t.masks = load_masks(&last_dir.join("masks.safetensors"), &t.model)?;
     let history: Vec<EpochMetrics> = std::fs::read_to_string(src.join("metrics.jsonl"))
         .map_err(|e| TrainError::io(src.join("metrics.jsonl"), e))?
         .lines()

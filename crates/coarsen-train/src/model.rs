@@ -11,6 +11,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 use serde::{Deserialize, Serialize};
 
+use coarsen_core::MaskSet;
+use coarsen_infer::graph::{self, GraphBuilder, Op};
+use coarsen_infer::{Graph, Network, TensorSet};
+
 use crate::error::{Result, TrainError};
 use crate::ops::{
     BatchNorm, BatchStats, Conv2d, ConvGeometry, LayerKernel, MaxPool2, WeightMatmul,
@@ -47,6 +51,28 @@ pub struct ModelSpec {
     pub input: [usize; 3],
     /// Output classes.
     pub classes: usize,
+}
+
+impl ModelSpec {
+    /// The same description as coarsen-infer's export records it.
+    pub fn info(&self) -> coarsen_infer::export::ModelInfo {
+        coarsen_infer::export::ModelInfo {
+            name: self.name.clone(),
+            width: self.width,
+            input: self.input,
+            classes: self.classes,
+        }
+    }
+
+    /// The description an export records.
+    pub fn from_info(m: &coarsen_infer::export::ModelInfo) -> Self {
+        ModelSpec {
+            name: m.name.clone(),
+            width: m.width,
+            input: m.input,
+            classes: m.classes,
+        }
+    }
 }
 
 /// What a parameter is.
@@ -639,6 +665,113 @@ impl Model {
             *bf.values.lock().unwrap_or_else(|p| p.into_inner()) = v;
         }
         Ok(())
+    }
+
+    /// The network as coarsen-infer's explicit graph: the same nodes, named after their
+    /// weights (`conv1`, `bn1`, `layer1.0.conv1`, …), reading tensors of the same names as the
+    /// parameters and buffers.
+    pub fn graph(&self) -> Graph {
+        let mut g = GraphBuilder::new(self.spec.input);
+        self.describe(&self.nodes, &mut g);
+        g.finish()
+    }
+
+    fn describe(&self, nodes: &[Node], g: &mut GraphBuilder) {
+        let stem = |i: usize| {
+            let n = &self.params[i].name;
+            n.strip_suffix(".weight").unwrap_or(n).to_string()
+        };
+        for node in nodes {
+            match node {
+                Node::Conv { w, g: geo } => {
+                    g.then(
+                        Some(stem(*w)),
+                        Op::Conv(graph::Conv {
+                            weight: self.params[*w].name.clone(),
+                            bias: None,
+                            kernel: [geo.k; 2],
+                            stride: [geo.stride; 2],
+                            padding: [geo.pad; 4],
+                            dilation: [1, 1],
+                            groups: 1,
+                        }),
+                    );
+                }
+                Node::Bn {
+                    w,
+                    b,
+                    mean,
+                    var,
+                    relu,
+                    ..
+                } => {
+                    g.then(
+                        Some(stem(*w)),
+                        Op::BatchNorm(graph::BatchNorm {
+                            scale: self.params[*w].name.clone(),
+                            bias: self.params[*b].name.clone(),
+                            mean: self.buffers[*mean].name.clone(),
+                            var: self.buffers[*var].name.clone(),
+                            epsilon: BN_EPS,
+                        }),
+                    );
+                    if *relu {
+                        g.then(None, Op::Relu);
+                    }
+                }
+                Node::Relu => {
+                    g.then(None, Op::Relu);
+                }
+                Node::MaxPool2 => {
+                    g.then(
+                        None,
+                        Op::MaxPool(graph::Pool {
+                            kernel: [2, 2],
+                            stride: [2, 2],
+                            padding: [0; 4],
+                        }),
+                    );
+                }
+                Node::GlobalAvgPool => {
+                    g.then(None, Op::GlobalAvgPool);
+                }
+                Node::Flatten => {
+                    g.then(None, Op::Flatten);
+                }
+                Node::Linear { w, b } => {
+                    g.then(
+                        Some(stem(*w)),
+                        Op::Linear(graph::Linear {
+                            weight: self.params[*w].name.clone(),
+                            bias: Some(self.params[*b].name.clone()),
+                        }),
+                    );
+                }
+                Node::Residual { body, shortcut } => {
+                    let x = g.current().to_string();
+                    self.describe(body, g);
+                    let a = g.current().to_string();
+                    g.set_current(x.clone());
+                    self.describe(shortcut, g);
+                    let b = g.current().to_string();
+                    g.push(None, vec![a, b], Op::Add);
+                }
+            }
+        }
+    }
+
+    /// Every parameter and buffer as named tensors.
+    pub fn tensors(&self) -> Result<TensorSet> {
+        let mut t = TensorSet::new();
+        for (name, shape, values) in self.state()? {
+            t.insert_values(name, shape, values)?;
+        }
+        Ok(t)
+    }
+
+    /// The network with its current weights under `masks`, for coarsen-infer.
+    pub fn network(&self, masks: &MaskSet) -> Result<Network> {
+        Ok(Network::new(self.graph(), self.tensors()?, masks.clone())?)
     }
 
     /// Number of conv and linear weights.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Storage, Tensor,
 };
+use coarsen_kernels::conv::ConvDims;
 use coarsen_kernels::gemm::{matmul, matmul_serial};
 use coarsen_kernels::{Packed, Plan};
 use rayon::prelude::*;
@@ -55,6 +56,11 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// The same geometry in coarsen-kernels' general form.
+    pub fn general(&self) -> coarsen_kernels::conv::ConvGeometry {
+        coarsen_kernels::conv::ConvGeometry::square(self.k, self.stride, self.pad)
+    }
+
     /// Output side for an input side `n`.
     pub fn out(&self, n: usize) -> usize {
         (n + 2 * self.pad).saturating_sub(self.k) / self.stride + 1
@@ -344,371 +350,78 @@ fn nchw(dims: &[usize], op: &str) -> CResult<[usize; 4]> {
     }
 }
 
-/// Sizes of a convolution over a channel-major batch `[C, B, H, W]`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ConvDims {
-    pub(crate) c: usize,
-    pub(crate) b: usize,
-    pub(crate) h: usize,
-    pub(crate) w: usize,
-    pub(crate) ho: usize,
-    pub(crate) wo: usize,
-    pub(crate) g: ConvGeometry,
+/// The sizes of convolving a `[C, B, H, W]` batch with `g`.
+pub(crate) fn conv_dims(dims: &[usize], g: ConvGeometry) -> CResult<ConvDims> {
+    nchw(dims, "conv2d")?;
+    ConvDims::new(dims, g.general()).map_err(kerr)
 }
 
-impl ConvDims {
-    pub(crate) fn new(dims: &[usize], g: ConvGeometry) -> CResult<ConvDims> {
-        let [c, b, h, w] = nchw(dims, "conv2d")?;
-        if h + 2 * g.pad < g.k || w + 2 * g.pad < g.k || g.stride == 0 {
-            return Err(kerr(format!(
-                "conv2d: a {}x{} kernel (stride {}, pad {}) does not fit a {h}x{w} input",
-                g.k, g.k, g.stride, g.pad
-            )));
-        }
-        Ok(ConvDims {
-            c,
-            b,
-            h,
-            w,
-            ho: g.out(h),
-            wo: g.out(w),
-            g,
-        })
+/// The im2col matrix `[C·k·k, nb·Ho·Wo]` of images `b0 .. b0 + nb`: row by row over the rayon
+/// pool (`parallel`), or every row on this thread.
+fn im2col(
+    d: &ConvDims,
+    x: &[f32],
+    b0: usize,
+    nb: usize,
+    col: &mut [f32],
+    parallel: bool,
+) -> CResult<()> {
+    let (hw, nc) = (d.hw(), nb * d.hw());
+    if parallel {
+        col.par_chunks_mut(nc.max(1))
+            .take(d.rows())
+            .enumerate()
+            .try_for_each(|(row, dst)| d.im2col_row_range(x, row, b0 * hw, (b0 + nb) * hw, dst))
+            .map_err(kerr)
+    } else {
+        d.im2col(x, b0, nb, col).map_err(kerr)
     }
+}
 
-    /// Rows of the im2col matrix.
-    pub(crate) fn rows(&self) -> usize {
-        self.c * self.g.k * self.g.k
+/// Adds `dcol` of images `b0 .. b0 + nb` into the input gradient behind `dx`.
+///
+/// # Safety
+/// `dx` points to a `[C, B, H, W]` buffer whose images `b0 .. b0 + nb` nothing else accesses
+/// meanwhile.
+unsafe fn col2im(
+    d: &ConvDims,
+    dcol: &[f32],
+    b0: usize,
+    nb: usize,
+    dx: Shared,
+    parallel: bool,
+) -> CResult<()> {
+    let plane = nb * d.h * d.w;
+    let at = |ch: usize| (ch * d.b + b0) * d.h * d.w;
+    let one = |ch: usize| {
+        // SAFETY: channel `ch`'s images `b0 .. b0 + nb` are one contiguous range of `dx` that
+        // only this call touches (the caller's promise), and channels are disjoint.
+        let p = unsafe { dx.slice(at(ch), plane) };
+        d.col2im_channel(dcol, nb, ch, p)
+    };
+    if parallel {
+        (0..d.c).into_par_iter().try_for_each(one).map_err(kerr)
+    } else {
+        (0..d.c).try_for_each(one).map_err(kerr)
     }
+}
 
-    pub(crate) fn hw(&self) -> usize {
-        self.ho * self.wo
+/// Copies columns `b0·Ho·Wo ..` of the `[rows, N]` matrix `full` into `[rows, nc]`.
+fn gather(d: &ConvDims, full: &[f32], rows: usize, b0: usize, nc: usize, out: &mut [f32]) {
+    let (n, off) = (d.n(), b0 * d.hw());
+    for r in 0..rows {
+        out[r * nc..(r + 1) * nc].copy_from_slice(&full[r * n + off..][..nc]);
     }
+}
 
-    /// Columns of the whole batch.
-    pub(crate) fn n(&self) -> usize {
-        self.b * self.hw()
-    }
-
-    /// Images per chunk: about `floats` values of im2col matrix, at least `min_cols` columns.
-    pub(crate) fn images_per_chunk(
-        &self,
-        floats: usize,
-        min_cols: usize,
-        min_chunks: usize,
-    ) -> usize {
-        let cols = (floats / self.rows().max(1)).max(min_cols);
-        let per = cols.div_ceil(self.hw().max(1));
-        per.min(self.b.div_ceil(min_chunks.max(1)))
-            .clamp(1, self.b.max(1))
-    }
-
-    /// The input range `[lo, hi)` of output columns `ox` whose input column `ox·s + kx − pad`
-    /// lies inside the image.
-    pub(crate) fn valid(&self, kx: usize, len_in: usize, len_out: usize) -> (usize, usize) {
-        let (s, p) = (self.g.stride, self.g.pad);
-        let lo = p.saturating_sub(kx).div_ceil(s).min(len_out);
-        // ox·s + kx − p ≤ len_in − 1  ⇔  ox ≤ (len_in − 1 + p − kx) / s
-        let hi = if len_in + p > kx {
-            ((len_in - 1 + p - kx) / s + 1).min(len_out)
-        } else {
-            0
-        };
-        (lo, hi.max(lo))
-    }
-
-    /// Row `row` of the im2col matrix of images `b0 .. b0 + nb` into `dst` (`nb·Ho·Wo` values,
-    /// every one written).
-    pub(crate) fn im2col_row(&self, x: &[f32], b0: usize, nb: usize, row: usize, dst: &mut [f32]) {
-        let hw = self.hw();
-        self.im2col_row_range(x, row, b0 * hw, (b0 + nb) * hw, dst);
-    }
-
-    /// Columns `c0 .. c1` of row `row` of the whole batch's im2col matrix `[C·k·k, B·Ho·Wo]`
-    /// into `dst` (`c1 − c0` values, every one written). `c0` and `c1` are multiples of `Wo`:
-    /// a range covers whole output rows, possibly of several images.
-    pub(crate) fn im2col_row_range(
-        &self,
-        x: &[f32],
-        row: usize,
-        c0: usize,
-        c1: usize,
-        dst: &mut [f32],
-    ) {
-        let (hw, wo) = (self.hw().max(1), self.wo.max(1));
-        let mut c = c0;
-        while c < c1 {
-            let img = c / hw;
-            let end = c1.min((img + 1) * hw);
-            let (oy0, oy1) = ((c - img * hw) / wo, (end - img * hw).div_ceil(wo));
-            self.im2col_image_rows(x, row, img, (oy0, oy1), &mut dst[c - c0..end - c0]);
-            c = end;
-        }
-    }
-
-    /// Columns `c0 .. c1` (multiples of `Wo`) of every row of the batch's im2col matrix into
-    /// `col` (`C·k·k` rows of `c1 − c0` values, every one written): what
-    /// [`im2col_row_range`](Self::im2col_row_range) gives row by row, with the per-tap
-    /// geometry of stride-1 "same" convolutions computed once instead of per row.
-    pub(crate) fn im2col_range(&self, x: &[f32], c0: usize, c1: usize, col: &mut [f32]) {
-        self.im2col_select(x, None, c0, c1, col);
-    }
-
-    /// [`im2col_range`](Self::im2col_range) of the listed im2col rows only, in their order
-    /// (`rows.len()` rows of `c1 − c0` values): the rows a sparse kernel actually reads.
-    pub(crate) fn im2col_rows(
-        &self,
-        x: &[f32],
-        rows: &[u32],
-        c0: usize,
-        c1: usize,
-        col: &mut [f32],
-    ) {
-        self.im2col_select(x, Some(rows), c0, c1, col);
-    }
-
-    fn im2col_select(
-        &self,
-        x: &[f32],
-        rows: Option<&[u32]>,
-        c0: usize,
-        c1: usize,
-        col: &mut [f32],
-    ) {
-        let nc = c1 - c0;
-        let g = self.g;
-        let count = rows.map_or(self.rows(), |r| r.len());
-        let row_at = |i: usize| rows.map_or(i, |r| r[i] as usize);
-        if !(g.stride == 1 && self.wo == self.w && self.ho == self.h) || nc == 0 {
-            for (i, dst) in col.chunks_mut(nc.max(1)).take(count).enumerate() {
-                self.im2col_row_range(x, row_at(i), c0, c1, dst);
-            }
-            return;
-        }
-        let (h, w, k, p) = (self.h, self.w, g.k, g.pad);
-        let hw = h * w;
-        // Per tap: valid output columns [lo, hi), valid output rows [ylo, yhi), source shift.
-        let taps: Vec<(usize, usize, usize, usize, isize)> = (0..k * k)
-            .map(|t| {
-                let (ky, kx) = (t / k, t % k);
-                let (lo, hi) = self.valid(kx, w, w);
-                let (ylo, yhi) = self.valid(ky, h, h);
-                let shift = (ky * w + kx) as isize - (p * w + p) as isize;
-                (lo, hi, ylo, yhi, shift)
-            })
-            .collect();
-        let mut c = c0;
-        while c < c1 {
-            let img = c / hw;
-            let end = c1.min((img + 1) * hw);
-            let (oy0, oy1) = ((c - img * hw) / w, (end - img * hw).div_ceil(w));
-            let (base, at) = (oy0 * w, c - c0);
-            for i in 0..count {
-                let row = row_at(i);
-                let (ch, t) = (row / (k * k), row % (k * k));
-                let plane = &x[(ch * self.b + img) * hw..][..hw];
-                {
-                    let (lo, hi, ylo, yhi, shift) = taps[t];
-                    let d = &mut col[i * nc + at..][..end - c];
-                    let ra = ylo.max(oy0).min(oy1);
-                    let rb = yhi.min(oy1).max(ra);
-                    let (s, e) = (ra * w, rb * w);
-                    let s2 = (s as isize).max(-shift).min(e as isize) as usize;
-                    let e2 = (e as isize).min(hw as isize - shift).max(s2 as isize) as usize;
-                    d[..s2 - base].fill(0.0);
-                    d[e2 - base..].fill(0.0);
-                    if e2 > s2 {
-                        let from = (s2 as isize + shift) as usize;
-                        d[s2 - base..e2 - base].copy_from_slice(&plane[from..from + e2 - s2]);
-                    }
-                    if lo > 0 || hi < w {
-                        for r in d[s - base..e - base].chunks_exact_mut(w) {
-                            for v in &mut r[..lo] {
-                                *v = 0.0;
-                            }
-                            for v in &mut r[hi..] {
-                                *v = 0.0;
-                            }
-                        }
-                    }
-                }
-            }
-            c = end;
-        }
-    }
-
-    /// Output rows `oy0 .. oy1` of image `img` of im2col row `row` into `dst`.
-    fn im2col_image_rows(
-        &self,
-        x: &[f32],
-        row: usize,
-        img: usize,
-        (oy0, oy1): (usize, usize),
-        dst: &mut [f32],
-    ) {
-        let g = self.g;
-        let (ch, ky, kx) = (row / (g.k * g.k), (row / g.k) % g.k, row % g.k);
-        let (lo, hi) = self.valid(kx, self.w, self.wo);
-        let plane = &x[(ch * self.b + img) * self.h * self.w..][..self.h * self.w];
-        if g.stride == 1 && self.wo == self.w && self.ho == self.h {
-            // Stride-1 "same" convolution: the row is the plane shifted by (ky − p)·W + kx − p,
-            // one contiguous copy, then zeros where the tap falls into the padding (whole rows
-            // above and below; columns < lo and ≥ hi, which the shifted copy filled from the
-            // neighbouring image row).
-            let (w, p) = (self.w, g.pad);
-            let hw = self.h * w;
-            let (ylo, yhi) = self.valid(ky, self.h, self.h);
-            let ra = ylo.max(oy0).min(oy1);
-            let rb = yhi.min(oy1).max(ra);
-            let shift = (ky * w + kx) as isize - (p * w + p) as isize;
-            let (s, e) = (ra * w, rb * w);
-            // Clamp the copy to source indices inside the plane; what is cut off is padding.
-            let s2 = (s as isize).max(-shift).min(e as isize) as usize;
-            let e2 = (e as isize).min(hw as isize - shift).max(s2 as isize) as usize;
-            let base = oy0 * w;
-            let d = &mut dst[..(oy1 - oy0) * w];
-            d[..s2 - base].fill(0.0);
-            d[e2 - base..].fill(0.0);
-            if e2 > s2 {
-                d[s2 - base..e2 - base].copy_from_slice(
-                    &plane[(s2 as isize + shift) as usize..(e2 as isize + shift) as usize],
-                );
-            }
-            if lo > 0 || hi < w {
-                for r in d[s - base..e - base].chunks_exact_mut(w) {
-                    r[..lo].fill(0.0);
-                    r[hi..].fill(0.0);
-                }
-            }
-            return;
-        }
-        for oy in oy0..oy1 {
-            let out = &mut dst[(oy - oy0) * self.wo..][..self.wo];
-            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-            if iy < 0 || iy >= self.h as isize {
-                out.fill(0.0);
-                continue;
-            }
-            let src = &plane[iy as usize * self.w..][..self.w];
-            out[..lo].fill(0.0);
-            out[hi..].fill(0.0);
-            if g.stride == 1 {
-                let from = lo + kx - g.pad;
-                out[lo..hi].copy_from_slice(&src[from..from + hi - lo]);
-            } else {
-                for (ox, o) in out[lo..hi].iter_mut().enumerate() {
-                    *o = src[(lo + ox) * g.stride + kx - g.pad];
-                }
-            }
-        }
-    }
-
-    /// The im2col matrix `[C·k·k, nb·Ho·Wo]` of images `b0 .. b0 + nb`.
-    pub(crate) fn im2col(&self, x: &[f32], b0: usize, nb: usize, col: &mut [f32], parallel: bool) {
-        let nc = nb * self.hw();
-        if parallel {
-            col.par_chunks_mut(nc.max(1))
-                .enumerate()
-                .for_each(|(row, dst)| self.im2col_row(x, b0, nb, row, dst));
-        } else {
-            let hw = self.hw();
-            self.im2col_range(x, b0 * hw, (b0 + nb) * hw, &mut col[..self.rows() * nc]);
-        }
-    }
-
-    /// Adds channel `ch`'s rows of `dcol` (images `b0 .. b0 + nb`) into `plane`, that channel's
-    /// `nb·H·W` input gradient.
-    pub(crate) fn col2im_channel(
-        &self,
-        dcol: &[f32],
-        b0: usize,
-        nb: usize,
-        ch: usize,
-        plane: &mut [f32],
-    ) {
-        let _ = b0;
-        let g = self.g;
-        let nc = nb * self.hw();
-        for ky in 0..g.k {
-            for kx in 0..g.k {
-                let (lo, hi) = self.valid(kx, self.w, self.wo);
-                let row = &dcol[((ch * g.k + ky) * g.k + kx) * nc..][..nc];
-                for bl in 0..nb {
-                    for oy in 0..self.ho {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= self.h as isize {
-                            continue;
-                        }
-                        let dst = &mut plane[(bl * self.h + iy as usize) * self.w..][..self.w];
-                        let src = &row[(bl * self.ho + oy) * self.wo..][..self.wo];
-                        if g.stride == 1 {
-                            let from = lo + kx - g.pad;
-                            for (d, &v) in dst[from..from + hi - lo].iter_mut().zip(&src[lo..hi]) {
-                                *d += v;
-                            }
-                        } else {
-                            for (ox, &v) in src[lo..hi].iter().enumerate() {
-                                dst[(lo + ox) * g.stride + kx - g.pad] += v;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adds `dcol` of images `b0 .. b0 + nb` into the input gradient behind `dx`.
-    ///
-    /// # Safety
-    /// `dx` points to a `[C, B, H, W]` buffer whose images `b0 .. b0 + nb` nothing else
-    /// accesses meanwhile.
-    pub(crate) unsafe fn col2im(
-        &self,
-        dcol: &[f32],
-        b0: usize,
-        nb: usize,
-        dx: Shared,
-        parallel: bool,
-    ) {
-        let plane = nb * self.h * self.w;
-        let at = |ch: usize| (ch * self.b + b0) * self.h * self.w;
-        if parallel {
-            (0..self.c).into_par_iter().for_each(|ch| {
-                let p = unsafe { dx.slice(at(ch), plane) };
-                self.col2im_channel(dcol, b0, nb, ch, p);
-            });
-        } else {
-            for ch in 0..self.c {
-                let p = unsafe { dx.slice(at(ch), plane) };
-                self.col2im_channel(dcol, b0, nb, ch, p);
-            }
-        }
-    }
-
-    /// Copies columns `b0·Ho·Wo ..` of the `[rows, N]` matrix `full` into `[rows, nc]`.
-    pub(crate) fn gather(&self, full: &[f32], rows: usize, b0: usize, nc: usize, out: &mut [f32]) {
-        let (n, off) = (self.n(), b0 * self.hw());
-        for r in 0..rows {
-            out[r * nc..(r + 1) * nc].copy_from_slice(&full[r * n + off..][..nc]);
-        }
-    }
-
-    /// Copies `[rows, nc]` into columns `b0·Ho·Wo ..` of the `[rows, N]` matrix behind `full`.
-    ///
-    /// # Safety
-    /// Those columns of `full` are accessed by nothing else meanwhile.
-    pub(crate) unsafe fn scatter(
-        &self,
-        part: &[f32],
-        rows: usize,
-        b0: usize,
-        nc: usize,
-        full: Shared,
-    ) {
-        let (n, off) = (self.n(), b0 * self.hw());
-        for r in 0..rows {
-            unsafe { full.slice(r * n + off, nc) }.copy_from_slice(&part[r * nc..(r + 1) * nc]);
-        }
+/// Copies `[rows, nc]` into columns `b0·Ho·Wo ..` of the `[rows, N]` matrix behind `full`.
+///
+/// # Safety
+/// Those columns of `full` are accessed by nothing else meanwhile.
+unsafe fn scatter(d: &ConvDims, part: &[f32], rows: usize, b0: usize, nc: usize, full: Shared) {
+    let (n, off) = (d.n(), b0 * d.hw());
+    for r in 0..rows {
+        unsafe { full.slice(r * n + off, nc) }.copy_from_slice(&part[r * nc..(r + 1) * nc]);
     }
 }
 
@@ -784,15 +497,15 @@ impl CustomOp2 for Conv2d {
         xl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let (w, x) = (data(ws, wl, "conv2d")?, data(xs, xl, "conv2d")?);
-        let d = ConvDims::new(xl.dims(), self.geometry)?;
+        let d = conv_dims(xl.dims(), self.geometry)?;
         let (r, kk) = matrix_dims(wl.dims());
         if kk != d.rows() {
             return Err(kerr(format!(
                 "conv2d: weight {:?} does not match {} input channels with a {}x{} kernel",
                 wl.dims(),
                 d.c,
-                d.g.k,
-                d.g.k
+                self.geometry.k,
+                self.geometry.k
             )));
         }
         let n = d.n();
@@ -808,7 +521,7 @@ impl CustomOp2 for Conv2d {
                     .try_for_each(|(b0, nb)| -> CResult<()> {
                         let nc = nb * d.hw();
                         let mut col = vec![0.0f32; kk * nc];
-                        d.im2col(x, b0, nb, &mut col, false);
+                        im2col(&d, x, b0, nb, &mut col, false)?;
                         let mut part = vec![0.0f32; r * nc];
                         matmul_serial(&mut part, r, nc, kk, w, false, &col, false, false)
                             .map_err(kerr)?;
@@ -816,7 +529,7 @@ impl CustomOp2 for Conv2d {
                             relu_in_place(&mut part);
                         }
                         // SAFETY: chunks cover disjoint images, hence disjoint columns of y.
-                        unsafe { d.scatter(&part, r, b0, nc, yp) };
+                        unsafe { scatter(&d, &part, r, b0, nc, yp) };
                         Ok(())
                     })?;
             }
@@ -826,14 +539,14 @@ impl CustomOp2 for Conv2d {
                 for (b0, nb) in chunks(&d, per) {
                     let nc = nb * d.hw();
                     let mut col = vec![0.0f32; kk * nc];
-                    d.im2col(x, b0, nb, &mut col, true);
+                    im2col(&d, x, b0, nb, &mut col, true)?;
                     let mut part = vec![0.0f32; r * nc];
                     s.plan.forward(&col, &mut part, nc).map_err(kerr)?;
                     if self.relu {
                         relu_in_place(&mut part);
                     }
                     // SAFETY: one chunk at a time.
-                    unsafe { d.scatter(&part, r, b0, nc, yp) };
+                    unsafe { scatter(&d, &part, r, b0, nc, yp) };
                 }
             }
         }
@@ -847,7 +560,7 @@ impl CustomOp2 for Conv2d {
         res: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let d = ConvDims::new(x.dims(), self.geometry)?;
+        let d = conv_dims(x.dims(), self.geometry)?;
         // Behind a fused ReLU the gradient passes where the output is positive.
         let dy = if self.relu {
             relu_grad(res, dy)?
@@ -885,9 +598,9 @@ impl CustomOp2 for Conv2d {
                                         for &(b0, nb) in &all[lo..hi] {
                                             let nc = nb * d.hw();
                                             let mut col = vec![0.0f32; kk * nc];
-                                            d.im2col(xv, b0, nb, &mut col, false);
+                                            im2col(&d, xv, b0, nb, &mut col, false)?;
                                             let mut dyc = vec![0.0f32; r * nc];
-                                            d.gather(dyv, r, b0, nc, &mut dyc);
+                                            gather(&d, dyv, r, b0, nc, &mut dyc);
                                             matmul_serial(
                                                 &mut acc, r, kk, nc, &dyc, false, &col, true, true,
                                             )
@@ -901,7 +614,7 @@ impl CustomOp2 for Conv2d {
                                                 )
                                                 .map_err(kerr)?;
                                                 // SAFETY: chunks cover disjoint images of dx.
-                                                unsafe { d.col2im(&col, b0, nb, dxp, false) };
+                                                unsafe { col2im(&d, &col, b0, nb, dxp, false)? };
                                             }
                                         }
                                         Ok(acc)
@@ -924,9 +637,9 @@ impl CustomOp2 for Conv2d {
                                 for (b0, nb) in chunks(&d, per) {
                                     let nc = nb * d.hw();
                                     let mut col = vec![0.0f32; kk * nc];
-                                    d.im2col(xv, b0, nb, &mut col, true);
+                                    im2col(&d, xv, b0, nb, &mut col, true)?;
                                     let mut dyc = vec![0.0f32; r * nc];
-                                    d.gather(dyv, r, b0, nc, &mut dyc);
+                                    gather(&d, dyv, r, b0, nc, &mut dyc);
                                     if dense_grad {
                                         matmul(&mut dw, r, kk, nc, &dyc, false, &col, true, true)
                                             .map_err(kerr)?;
@@ -941,7 +654,7 @@ impl CustomOp2 for Conv2d {
                                     if need_dx {
                                         s.plan.backward_input(&dyc, &mut col, nc).map_err(kerr)?;
                                         // SAFETY: one chunk at a time; channels are disjoint planes.
-                                        unsafe { d.col2im(&col, b0, nb, dxp, true) };
+                                        unsafe { col2im(&d, &col, b0, nb, dxp, true)? };
                                     }
                                 }
                                 if !dense_grad {
@@ -1225,89 +938,6 @@ mod tests {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
-    }
-
-    /// im2col (both the general path and the one-copy path of stride-1 "same" convolutions)
-    /// equals the definition, on every image of a chunk, for small, odd and 1-pixel sizes.
-    #[test]
-    fn im2col_matches_definition() {
-        for (k, stride, pad) in [
-            (3, 1, 1),
-            (5, 1, 2),
-            (1, 1, 0),
-            (3, 2, 1),
-            (3, 1, 0),
-            (2, 1, 1),
-        ] {
-            for (h, w) in [(1, 1), (1, 4), (4, 1), (2, 3), (5, 5), (7, 4)] {
-                let g = ConvGeometry { k, stride, pad };
-                let (c, b) = (2, 3);
-                let Ok(d) = ConvDims::new(&[c, b, h, w], g) else {
-                    continue;
-                };
-                let x = vals(c * b * h * w, (h * 31 + w) as u32);
-                let (b0, nb) = (1, 2);
-                let nc = nb * d.hw();
-                let mut col = vec![f32::NAN; d.rows() * nc];
-                d.im2col(&x, b0, nb, &mut col, false);
-                // A selection of rows, in any order, equals those rows of the whole matrix.
-                let pick: Vec<u32> = (0..d.rows() as u32).rev().step_by(2).collect();
-                let mut some = vec![f32::NAN; pick.len() * nc];
-                d.im2col_rows(&x, &pick, b0 * d.hw(), (b0 + nb) * d.hw(), &mut some);
-                for (i, &r) in pick.iter().enumerate() {
-                    assert_eq!(
-                        some[i * nc..(i + 1) * nc],
-                        col[r as usize * nc..(r as usize + 1) * nc],
-                        "k {k} s {stride} p {pad} {h}x{w}: selected row {r}"
-                    );
-                }
-                // The row-by-row fill (the parallel one) equals the all-rows one (the serial).
-                let mut by_row = vec![f32::NAN; d.rows() * nc];
-                d.im2col(&x, b0, nb, &mut by_row, true);
-                assert_eq!(by_row, col, "k {k} s {stride} p {pad} {h}x{w}: row by row");
-                // Any range of whole output rows equals the same columns of whole images.
-                for (r0, r1) in [(0, 1), (1, 3), (d.ho, 2 * d.ho), (1, 2 * d.ho - 1)] {
-                    if r1 <= r0 || r1 > nb * d.ho {
-                        continue;
-                    }
-                    for row in 0..d.rows() {
-                        let (a, z) = ((b0 * d.ho + r0) * d.wo, (b0 * d.ho + r1) * d.wo);
-                        let mut part = vec![f32::NAN; z - a];
-                        d.im2col_row_range(&x, row, a, z, &mut part);
-                        let mut every = vec![f32::NAN; d.rows() * (z - a)];
-                        d.im2col_range(&x, a, z, &mut every);
-                        assert_eq!(part[..], every[row * (z - a)..(row + 1) * (z - a)]);
-                        assert_eq!(
-                            part[..],
-                            col[row * nc + r0 * d.wo..row * nc + r1 * d.wo],
-                            "k {k} s {stride} p {pad} {h}x{w}: row {row}, output rows {r0}..{r1}"
-                        );
-                    }
-                }
-                for row in 0..d.rows() {
-                    let (ch, ky, kx) = (row / (k * k), (row / k) % k, row % k);
-                    for bl in 0..nb {
-                        for oy in 0..d.ho {
-                            for ox in 0..d.wo {
-                                let iy = (oy * stride + ky) as isize - pad as isize;
-                                let ix = (ox * stride + kx) as isize - pad as isize;
-                                let want =
-                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                        0.0
-                                    } else {
-                                        x[((ch * b + b0 + bl) * h + iy as usize) * w + ix as usize]
-                                    };
-                                let got = col[row * nc + (bl * d.ho + oy) * d.wo + ox];
-                                assert_eq!(
-                                    got, want,
-                                    "k {k} s {stride} p {pad} {h}x{w}: row {row} image {bl} ({oy}, {ox})"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
     }
 
     /// Convolution through im2col + weight-matmul equals candle's own conv2d (NCHW), forward and

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
+use coarsen_core::MaskSet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -61,9 +62,6 @@ impl LrSchedule {
     }
 }
 
-/// Binary masks of pruned layers, by parameter name (0/1 per weight).
-pub type Masks = BTreeMap<String, Vec<u8>>;
-
 /// SGD with momentum, weight decay and optional Nesterov momentum.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sgd {
@@ -90,7 +88,13 @@ impl Sgd {
     }
 
     /// One step: `g ← (∇ + wd·w)⊙m`, `buf ← μ·buf + g`, `w ← (w − lr·buf)⊙m`.
-    pub fn step(&mut self, model: &Model, grads: &GradStore, masks: &Masks, lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        model: &Model,
+        grads: &GradStore,
+        masks: &MaskSet,
+        lr: f64,
+    ) -> Result<()> {
         let lr = lr as f32;
         for p in &model.params {
             let Some(g) = grads.get(p.var.as_tensor()) else {
@@ -98,7 +102,7 @@ impl Sgd {
             };
             let mut g = g.flatten_all()?.to_vec1::<f32>()?;
             let mut w = p.values()?;
-            let mask = masks.get(&p.name);
+            let mask = masks.get(&p.name).map(|m| m.as_bytes());
             if let Some(m) = mask {
                 if m.len() != w.len() {
                     return Err(TrainError::config(
@@ -157,24 +161,13 @@ impl Sgd {
 }
 
 /// Sets masked-out weights to zero.
-pub fn apply_masks(model: &Model, masks: &Masks) -> Result<()> {
-    for (name, m) in masks {
+pub fn apply_masks(model: &Model, masks: &MaskSet) -> Result<()> {
+    for (name, m) in masks.iter() {
         let p = model
             .param(name)
             .ok_or_else(|| TrainError::config("mask", name, "the model has no such parameter"))?;
         let mut w = p.values()?;
-        if w.len() != m.len() {
-            return Err(TrainError::config(
-                "mask",
-                name,
-                format!("{} entries for a weight of {}", m.len(), w.len()),
-            ));
-        }
-        for (wi, &mi) in w.iter_mut().zip(m) {
-            if mi == 0 {
-                *wi = 0.0;
-            }
-        }
+        m.apply(name, &mut w)?;
         p.set_values(w)?;
     }
     Ok(())

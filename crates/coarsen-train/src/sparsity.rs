@@ -5,12 +5,11 @@
 use std::collections::BTreeMap;
 
 use coarsen_core::patterns::{refill, regroup, ChannelConfig, ChannelCriterion, GroupConfig};
-use coarsen_core::{magnitude_prune, Mask, MatrixView, PruneInput, Scope};
+use coarsen_core::{magnitude_prune, Mask, MaskSet, MatrixView, PruneInput, Scope};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::model::Model;
-use crate::optim::Masks;
 
 /// A layer's weights and current mask in matrix view.
 pub struct LayerView {
@@ -27,7 +26,7 @@ pub struct LayerView {
 }
 
 /// The views of `names` in `model`.
-pub fn layer_views(model: &Model, names: &[String], masks: &Masks) -> Result<Vec<LayerView>> {
+pub fn layer_views(model: &Model, names: &[String], masks: &MaskSet) -> Result<Vec<LayerView>> {
     names
         .iter()
         .map(|n| {
@@ -38,7 +37,14 @@ pub fn layer_views(model: &Model, names: &[String], masks: &Masks) -> Result<Vec
             let view = MatrixView::of(&shape)
                 .ok_or_else(|| TrainError::config("layer", n, "rank below 2"))?;
             let mask = match masks.get(n) {
-                Some(m) => Mask::from_bytes(view.rows, view.cols, m.clone())?,
+                Some(m) if m.shape() == shape.as_slice() => m.mask().clone(),
+                Some(m) => {
+                    return Err(TrainError::config(
+                        "mask",
+                        n,
+                        format!("has shape {:?}, the weight {shape:?}", m.shape()),
+                    ))
+                }
                 None => Mask::ones(view.rows, view.cols),
             };
             Ok(LayerView {
@@ -57,9 +63,9 @@ pub fn layer_views(model: &Model, names: &[String], masks: &Masks) -> Result<Vec
 pub fn prune_global(
     model: &Model,
     names: &[String],
-    masks: &Masks,
+    masks: &MaskSet,
     sparsity: f64,
-) -> Result<Masks> {
+) -> Result<MaskSet> {
     let layers = layer_views(model, names, masks)?;
     let inputs: Vec<PruneInput<'_>> = layers
         .iter()
@@ -74,7 +80,7 @@ pub fn prune_global(
     let out = magnitude_prune(&inputs, sparsity, Scope::Global)?;
     let mut next = masks.clone();
     for (l, m) in layers.iter().zip(out) {
-        next.insert(l.name.clone(), m.into_bytes());
+        next.insert(l.name.clone(), &l.shape, m)?;
     }
     Ok(next)
 }
@@ -205,11 +211,11 @@ impl PostProcess {
 pub fn post_process(
     model: &Model,
     names: &[String],
-    masks: &Masks,
+    masks: &MaskSet,
     how: &PostProcess,
     scores: Option<&BTreeMap<String, Vec<f32>>>,
     seed: u64,
-) -> Result<(Masks, BTreeMap<String, Option<String>>)> {
+) -> Result<(MaskSet, BTreeMap<String, Option<String>>)> {
     let layers = layer_views(model, names, masks)?;
     let mut next = masks.clone();
     let mut status = BTreeMap::new();
@@ -246,14 +252,14 @@ pub fn post_process(
             }
         };
         status.insert(l.name.clone(), reason);
-        next.insert(l.name.clone(), m.into_bytes());
+        next.insert(l.name.clone(), &l.shape, m)?;
     }
     Ok((next, status))
 }
 
 /// Naive structured pruning: in each of `names`, keep the `1 − sparsity` fraction of rows
 /// (channels) with the largest ℓ1 norm of the dense weights.
-pub fn naive_channel(model: &Model, names: &[String], sparsity: f64) -> Result<Masks> {
+pub fn naive_channel(model: &Model, names: &[String], sparsity: f64) -> Result<MaskSet> {
     if !(sparsity > 0.0 && sparsity < 1.0) {
         return Err(TrainError::config(
             "sparsity",
@@ -261,8 +267,8 @@ pub fn naive_channel(model: &Model, names: &[String], sparsity: f64) -> Result<M
             "must lie strictly between 0 and 1",
         ));
     }
-    let mut out = Masks::new();
-    for l in layer_views(model, names, &Masks::new())? {
+    let mut out = MaskSet::new();
+    for l in layer_views(model, names, &MaskSet::new())? {
         let (r, c) = (l.view.rows, l.view.cols);
         let keep = (((1.0 - sparsity) * r as f64).round() as usize).clamp(1, r);
         let norm: Vec<f64> = (0..r)
@@ -279,13 +285,13 @@ pub fn naive_channel(model: &Model, names: &[String], sparsity: f64) -> Result<M
         for &i in rows.iter().take(keep) {
             m.fill_row(i, true);
         }
-        out.insert(l.name, m.into_bytes());
+        out.insert(l.name, &l.shape, m)?;
     }
     Ok(out)
 }
 
 /// Fraction of rows that are entirely zero, over the masks of `names` (channel sparsity).
-pub fn channel_sparsity(model: &Model, names: &[String], masks: &Masks) -> Result<f64> {
+pub fn channel_sparsity(model: &Model, names: &[String], masks: &MaskSet) -> Result<f64> {
     let (mut empty, mut rows) = (0usize, 0usize);
     for l in layer_views(model, names, masks)? {
         rows += l.view.rows;

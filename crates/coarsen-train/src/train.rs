@@ -13,12 +13,13 @@ use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
+use coarsen_core::MaskSet;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_order, make_batch, Augment, Batch, DataSplits, Images};
 use crate::error::{Result, TrainError};
 use crate::model::{Model, NamedTensor, ShapedValues};
-use crate::optim::{apply_masks, LrSchedule, Masks, Schedule, Sgd};
+use crate::optim::{apply_masks, LrSchedule, Schedule, Sgd};
 
 /// How to train: epochs, batch, optimiser, schedule, augmentation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -203,7 +204,7 @@ pub trait Dynamics {
         _step: usize,
         _model: &Model,
         _grads: &GradStore,
-        _masks: &mut Masks,
+        _masks: &mut MaskSet,
         _opt: &mut Sgd,
     ) -> Result<()> {
         Ok(())
@@ -250,7 +251,7 @@ pub struct Trainer<'a> {
     /// The model.
     pub model: Model,
     /// Masks of pruned layers.
-    pub masks: Masks,
+    pub masks: MaskSet,
     /// The optimiser.
     pub opt: Sgd,
     /// Progress so far.
@@ -291,7 +292,7 @@ impl<'a> Trainer<'a> {
             recipe,
             seed,
             model,
-            masks: Masks::new(),
+            masks: MaskSet::new(),
             opt,
             state: RunState::default(),
             progress,
@@ -437,7 +438,7 @@ impl<'a> Trainer<'a> {
                     .transpose()?,
                 lr: sched.lr(self.state.step.saturating_sub(1)),
                 samples_per_s: seen as f64 / secs.max(1e-9),
-                density: mask_density(&self.masks),
+                density: self.masks.density(),
             };
             self.progress.epoch(&m);
             self.state.history.push(m);
@@ -479,7 +480,7 @@ impl<'a> Trainer<'a> {
         }
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         save_tensors(&tmp.join("weights.safetensors"), &self.model.state()?)?;
-        save_masks(&tmp.join("masks.safetensors"), &self.model, &self.masks)?;
+        save_masks(&tmp.join("masks.safetensors"), &self.masks)?;
         let bufs: Vec<(String, Vec<usize>, Vec<f32>)> = self
             .opt
             .buffers
@@ -526,24 +527,12 @@ impl<'a> Trainer<'a> {
             &|n| weights.get(n).cloned(),
             &dir.join("weights.safetensors"),
         )?;
-        self.masks = load_masks(&dir.join("masks.safetensors"))?;
+        self.masks = load_masks(&dir.join("masks.safetensors"), &self.model)?;
         self.opt.buffers = load_tensors(&dir.join("momentum.safetensors"))?
             .into_iter()
             .map(|(k, (_, v))| (k, v))
             .collect();
         Ok(true)
-    }
-}
-
-/// Fraction of ones over all masks (1 when there are none).
-pub fn mask_density(masks: &Masks) -> f64 {
-    let (ones, all) = masks.values().fold((0usize, 0usize), |(o, a), m| {
-        (o + m.iter().filter(|&&b| b != 0).count(), a + m.len())
-    });
-    if all == 0 {
-        1.0
-    } else {
-        ones as f64 / all as f64
     }
 }
 
@@ -557,6 +546,15 @@ pub fn accuracy(model: &Model, images: &Images, batch: usize) -> Result<f64> {
         )?;
         Ok(model.forward(&x, false)?.argmax(1)?.to_vec1::<u32>()?)
     })
+}
+
+/// Top-1 accuracy of the inference engine `net` on `images`, in batches of `batch`.
+pub fn engine_accuracy(
+    net: &coarsen_infer::InferenceNet,
+    images: &Images,
+    batch: usize,
+) -> Result<f64> {
+    top1(images, batch, |b| Ok(net.predict(&b.pixels, b.size)?))
 }
 
 /// Top-1 accuracy on `images` (unaugmented, in order, in batches of `batch`) of `predict`, which
@@ -608,32 +606,45 @@ pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, ShapedValues>> {
 }
 
 /// Saves masks as a U8 mask file with the weights' shapes (what `coarsen convert` reads).
-pub fn save_masks(path: &Path, model: &Model, masks: &Masks) -> Result<()> {
-    let tensors = masks
-        .iter()
-        .map(|(n, m)| {
-            let shape = model
-                .param(n)
-                .map(|p| p.shape())
-                .unwrap_or_else(|| vec![m.len()]);
-            coarsen_core::MaskTensor {
-                name: n.clone(),
-                shape,
-                data: m.clone(),
-            }
-        })
-        .collect();
-    coarsen_core::MaskFile::new(path, tensors).write(path)?;
+pub fn save_masks(path: &Path, masks: &MaskSet) -> Result<()> {
+    masks.write(path, None)?;
     Ok(())
 }
 
-/// Loads a mask file into [`Masks`].
-pub fn load_masks(path: &Path) -> Result<Masks> {
-    let f = coarsen_core::MaskFile::read(path)?;
-    Ok(f.tensors()
-        .iter()
-        .map(|t| (t.name.clone(), t.data.clone()))
-        .collect())
+/// Loads a mask file whose masks all belong to weights of `model`, with their shapes.
+pub fn load_masks(path: &Path, model: &Model) -> Result<MaskSet> {
+    let (masks, _) = MaskSet::read(path)?;
+    check_masks(&masks, model, path)?;
+    Ok(masks)
+}
+
+/// Fails unless every mask belongs to a conv or linear weight of `model` and has its shape.
+pub fn check_masks(masks: &MaskSet, model: &Model, source: &Path) -> Result<()> {
+    for (name, m) in masks.iter() {
+        match model.weights().find(|p| p.name == name) {
+            Some(p) if p.shape() == m.shape() => {}
+            Some(p) => {
+                return Err(TrainError::Checkpoint {
+                    path: source.to_path_buf(),
+                    reason: format!(
+                        "mask '{name}' has shape {:?}, the weight {:?}",
+                        m.shape(),
+                        p.shape()
+                    ),
+                })
+            }
+            None => {
+                return Err(TrainError::Checkpoint {
+                    path: source.to_path_buf(),
+                    reason: format!(
+                        "mask '{name}' names no conv or linear weight of the {} model",
+                        model.spec.name
+                    ),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Appends a line to a text file (creating it).

@@ -17,10 +17,11 @@ use serde::Serialize;
 
 use crate::args::DemoArgs;
 use crate::chart::{self, Series, PALETTE};
-use crate::commands::eval::{load_network, sparse_eval, SparseEval};
+use crate::commands::eval::{sparse_eval, SparseEval};
 use crate::commands::train::BarProgress;
 use crate::commands::write_json;
 use crate::picture;
+use coarsen_train::run_dir::load as load_network;
 
 /// One training run of the demo.
 struct RunPlan {

@@ -1,16 +1,13 @@
 //! `coarsen eval`: accuracy, per-layer density and pattern of a trained network.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
+use coarsen_infer::{InferenceNet, Path as InferPath};
 use coarsen_train::data;
-use coarsen_train::export;
-use coarsen_train::infer::{layer_formats, LayerFormat};
-use coarsen_train::methods::{self, Experiment, LayerResult, RunResults};
-use coarsen_train::model::Model;
-use coarsen_train::optim::apply_masks;
-use coarsen_train::train::{accuracy, load_masks, load_tensors};
+use coarsen_train::methods::{self, LayerResult};
+use coarsen_train::run_dir::{load, locate, Loaded};
+use coarsen_train::train::engine_accuracy;
 use serde::Serialize;
 
 use crate::args::EvalArgs;
@@ -31,133 +28,6 @@ struct EvalReport {
     sparse: Option<SparseEval>,
 }
 
-/// The run directory's experiment and the directory holding `weights.safetensors` and
-/// `masks.safetensors`; for an export directory, the experiment it records and the directory.
-pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
-    if !checkpoint.is_dir() {
-        bail!(
-            "{}: not a directory (give a run, stage-N, checkpoint or export directory)",
-            checkpoint.display()
-        );
-    }
-    if export::is_export(checkpoint) {
-        let m = export::read_manifest(checkpoint)?;
-        let exp = m.experiment.unwrap_or_else(|| Experiment {
-            model: m.model.name.clone(),
-            width: m.model.width,
-            ..Experiment::default()
-        });
-        return Ok((exp, checkpoint.to_path_buf()));
-    }
-    let run_dir = [checkpoint.to_path_buf(), checkpoint.join("..")]
-        .into_iter()
-        .find(|d| d.join("experiment.json").exists())
-        .with_context(|| {
-            format!(
-                "{}: no experiment.json here or in the parent directory, and no model.json; is this a `coarsen train` or `coarsen export` output?",
-                checkpoint.display()
-            )
-        })?;
-    let exp_path = run_dir.join("experiment.json");
-    let exp: Experiment = serde_json::from_slice(
-        &std::fs::read(&exp_path).with_context(|| format!("reading {}", exp_path.display()))?,
-    )
-    .with_context(|| format!("reading {}", exp_path.display()))?;
-    let weights_dir = if checkpoint.join("weights.safetensors").exists() {
-        checkpoint.to_path_buf()
-    } else if checkpoint.join("results.json").exists() {
-        checkpoint.join(RunResults::read(checkpoint)?.final_stage)
-    } else if checkpoint
-        .join("checkpoint")
-        .join("weights.safetensors")
-        .exists()
-    {
-        checkpoint.join("checkpoint")
-    } else {
-        bail!(
-            "{}: no weights.safetensors, results.json or checkpoint/ inside",
-            checkpoint.display()
-        );
-    };
-    Ok((exp, weights_dir))
-}
-
-/// A trained network loaded back from a `coarsen train` or `coarsen export` output.
-pub struct Loaded {
-    /// The directory of the weights and masks (or of the export).
-    pub dir: PathBuf,
-    /// The experiment that trained it (defaults where an export does not record one).
-    pub experiment: Experiment,
-    /// The network, masks applied.
-    pub model: Model,
-    /// The masks.
-    pub masks: coarsen_train::optim::Masks,
-    /// The masks' coarsen metadata.
-    pub meta: Option<coarsen_core::CoarsenMetadata>,
-    /// Every conv and linear weight's packed format.
-    pub formats: BTreeMap<String, LayerFormat>,
-}
-
-/// Loads the network of a run, stage, checkpoint or export directory. `data` gives the input
-/// shape and classes of a run's network; an export records its own and must agree with it.
-pub fn load_network(checkpoint: &Path, data: Option<&data::DataSplits>) -> Result<Loaded> {
-    let (exp, dir) = locate(checkpoint)?;
-    if export::is_export(checkpoint) {
-        let e = export::load(checkpoint)?;
-        if let Some(d) = data {
-            let want = exp.model_spec(d);
-            let have = &e.manifest.model;
-            if (want.input, want.classes) != (have.input, have.classes) {
-                bail!(
-                    "{}: the exported {} takes {:?} images and {} classes; {} has {:?} and {}",
-                    checkpoint.display(),
-                    have.name,
-                    have.input,
-                    have.classes,
-                    d.source.display(),
-                    want.input,
-                    want.classes
-                );
-            }
-        }
-        return Ok(Loaded {
-            dir,
-            experiment: exp,
-            model: e.model,
-            masks: e.masks,
-            meta: e.manifest.coarsen,
-            formats: e.formats,
-        });
-    }
-    let Some(data) = data else {
-        bail!(
-            "{}: a training run's network needs its data set for its input shape",
-            checkpoint.display()
-        );
-    };
-    let model = Model::new(&exp.model_spec(data), exp.seed)?;
-    let wpath = dir.join("weights.safetensors");
-    let weights = load_tensors(&wpath)?;
-    model.load_state(&|n| weights.get(n).cloned(), &wpath)?;
-    let mpath = dir.join("masks.safetensors");
-    let (masks, meta) = if mpath.exists() {
-        let file = coarsen_core::MaskFile::read(&mpath)?;
-        (load_masks(&mpath)?, file.metadata)
-    } else {
-        (Default::default(), None)
-    };
-    apply_masks(&model, &masks)?;
-    let formats = layer_formats(&model, &masks, meta.as_ref())?;
-    Ok(Loaded {
-        dir,
-        experiment: exp,
-        model,
-        masks,
-        meta,
-        formats,
-    })
-}
-
 /// Packed against dense inference of one network.
 #[derive(Serialize)]
 pub struct SparseEval {
@@ -174,7 +44,7 @@ pub struct SparseEval {
     /// `1 − packed multiply-adds / dense multiply-adds`.
     pub ideal_time_saving: f64,
     /// Per layer: format, matrix multiplied, values stored.
-    pub layers: Vec<coarsen_train::infer::LayerInfo>,
+    pub layers: Vec<coarsen_infer::LayerInfo>,
 }
 
 /// Runs `net` packed and dense: packed test accuracy, and latency of both at `batch`
@@ -185,14 +55,13 @@ pub fn sparse_eval(
     batch: usize,
     reps: usize,
 ) -> Result<SparseEval> {
-    use coarsen_train::infer::{InferenceNet, Path as InferPath};
-    let packed = InferenceNet::with_formats(&l.model, &l.masks, &l.formats, InferPath::Packed)?;
-    let dense = InferenceNet::with_formats(&l.model, &l.masks, &l.formats, InferPath::Dense)?;
-    let acc = packed.accuracy(&data.test, 1000)?;
+    let packed = InferenceNet::new(&l.network, &l.formats, InferPath::Packed)?;
+    let dense = InferenceNet::new(&l.network, &l.formats, InferPath::Dense)?;
+    let acc = engine_accuracy(&packed, &data.test, 1000)?;
     let n = batch.clamp(1, data.test.n.max(1));
     let idx: Vec<usize> = (0..n).map(|i| i % data.test.n.max(1)).collect();
     let b = coarsen_train::data::make_batch(&data.test, &idx, None, (0, 0, 0));
-    let t = coarsen_train::infer::time_paths(&packed, &dense, &b.pixels, b.size, reps)?;
+    let t = coarsen_infer::timing::time_paths(&packed, &dense, &b.pixels, b.size, reps)?;
     Ok(SparseEval {
         packed_test_accuracy: acc,
         batch: b.size,
@@ -211,12 +80,14 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
     let sp = progress::spinner("evaluating", quiet);
     sp.set_message(format!("loading {}", data_dir.display()));
     let data = data::load(&data_dir, exp.recipe.val_split)?;
-    let loaded = load_network(&a.checkpoint, Some(&data))?;
-    let (model, masks, meta, dir) = (&loaded.model, &loaded.masks, &loaded.meta, &loaded.dir);
+    let loaded = load(&a.checkpoint, Some(&data))?;
+    let (meta, dir) = (&loaded.meta, &loaded.dir);
+    // Accuracy of the network as stored, BatchNorm folded, on the dense path.
+    let net = InferenceNet::new(&loaded.network, &loaded.formats, InferPath::Dense)?;
     sp.set_message("test set");
-    let test = accuracy(model, &data.test, a.batch)?;
+    let test = engine_accuracy(&net, &data.test, a.batch)?;
     sp.set_message("validation set");
-    let val = accuracy(model, &data.val, a.batch)?;
+    let val = engine_accuracy(&net, &data.val, a.batch)?;
     let sparse = if a.sparse {
         sp.set_message("packed inference: accuracy and latency against the dense path");
         Some(sparse_eval(&loaded, &data, a.batch, a.reps)?)
@@ -224,7 +95,7 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
         None
     };
     sp.finish_and_clear();
-    let layers = methods::describe_layers(model, masks, meta.as_ref())?;
+    let layers = methods::describe_layers(&loaded.network, meta.as_ref())?;
     let (kept, all) = layers.iter().fold((0.0, 0.0), |(k, n), l| {
         let len = l.shape.iter().product::<usize>() as f64;
         (k + l.density * len, n + len)

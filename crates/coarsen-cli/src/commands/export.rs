@@ -1,105 +1,328 @@
-//! `coarsen export`: a trained sparse network as model.safetensors + model.json.
+//! `coarsen export`: a trained sparse network as model.safetensors + model.json (the explicit
+//! graph), and/or model.onnx; from a run, an export, or a weights file of a known architecture.
 
-use anyhow::{bail, Result};
-use coarsen_train::data;
-use coarsen_train::export::{self, ExportInfo, Preprocessing};
-use coarsen_train::infer::{InferenceNet, Path as InferPath};
+use std::path::{Path, PathBuf};
 
-use crate::args::ExportArgs;
-use crate::commands::eval::{load_network, locate};
+use anyhow::{bail, Context, Result};
+use coarsen_core::{MaskSet, WeightFile};
+use coarsen_infer::export::{ExportInfo, Manifest};
+use coarsen_infer::onnx::{to_onnx, OnnxOptions};
+use coarsen_infer::{layer_formats, Formats, InferenceNet, Network, Path as InferPath};
+use coarsen_train::data::{self, make_batch};
+use coarsen_train::export::{self, info};
+use coarsen_train::model::{Model, ModelSpec};
+use coarsen_train::run_dir::{load, locate};
+use coarsen_train::train::check_masks;
+use rand::{Rng, SeedableRng};
+
+use crate::args::{ExportArgs, ExportFormat};
 use crate::commands::shape_text;
 use crate::progress;
 
+/// The file `--format onnx` writes into the export directory.
+pub const ONNX_FILE: &str = "model.onnx";
+
+/// A network to export, its formats and where it came from.
+struct Source {
+    label: String,
+    network: Network,
+    formats: Formats,
+    meta: Option<coarsen_core::CoarsenMetadata>,
+    info: ExportInfo,
+    /// Channel-major images to verify the export on.
+    check: Option<(Vec<f32>, usize)>,
+    /// The directory (or file) read.
+    dir: PathBuf,
+}
+
 /// Runs `coarsen export`.
 pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
-    if export::is_export(&a.checkpoint) {
+    let from_export = a.checkpoint.as_deref().is_some_and(export::is_export);
+    let format = match (a.format, a.onnx) {
+        (Some(f), _) => f,
+        // An export directory holds coarsen's format already: --onnx adds the ONNX model.
+        (None, true) if from_export => ExportFormat::Onnx,
+        (None, true) => ExportFormat::Both,
+        (None, false) => ExportFormat::Coarsen,
+    };
+    if from_export && format != ExportFormat::Onnx {
         bail!(
-            "{}: already an export directory; give a training run or checkpoint",
-            a.checkpoint.display()
+            "{}: already an export directory; give a training run or checkpoint, or --onnx to write its ONNX model",
+            a.checkpoint.as_deref().unwrap_or(Path::new("")).display()
         );
     }
-    let (exp, _) = locate(&a.checkpoint)?;
-    let data_dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
     let sp = progress::spinner("exporting", quiet);
+    let src = match (&a.checkpoint, &a.model) {
+        (Some(c), _) if from_export => from_export_dir(c)?,
+        (Some(c), _) => from_run(c, a, &sp)?,
+        (None, Some(m)) => from_weights(m, a)?,
+        (None, None) => bail!("give a run or export directory, or --model with --weights"),
+    };
+    refuse_overwriting(&src.dir, &a.out, format)?;
+    let mut manifest = None;
+    if format != ExportFormat::Onnx {
+        sp.set_message(format!("writing {}", a.out.display()));
+        let m = coarsen_infer::export::write(
+            &src.network,
+            &src.formats,
+            src.meta.as_ref(),
+            src.info.clone(),
+            &a.out,
+        )?;
+        if let Some((x, n)) = &src.check {
+            sp.set_message("verifying the export against its source");
+            verify(&src, &a.out, x, *n)?;
+        }
+        manifest = Some(m);
+    }
+    if format != ExportFormat::Coarsen {
+        sp.set_message(format!("writing {}", a.out.join(ONNX_FILE).display()));
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        let opts = OnnxOptions {
+            fold_batch_norm: a.fold_bn,
+        };
+        let bytes = to_onnx(&src.network, &opts)?;
+        coarsen_core::io::write_atomic(&a.out.join(ONNX_FILE), &bytes)?;
+    }
+    sp.finish_and_clear();
+    report(&src, manifest.as_ref(), a, format);
+    Ok(())
+}
+
+/// Refuses an output directory that is the source itself (unless only model.onnx is added to
+/// an export directory).
+fn refuse_overwriting(src: &Path, out: &Path, format: ExportFormat) -> Result<()> {
+    let same = match (src.canonicalize(), out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same && format != ExportFormat::Onnx {
+        bail!(
+            "--out {}: is the directory being exported; give another directory",
+            out.display()
+        );
+    }
+    if out.join(ONNX_FILE).is_dir() || out.join(export::TENSORS_FILE).is_dir() {
+        bail!(
+            "--out {}: holds directories named like the export's files",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn from_run(c: &Path, a: &ExportArgs, sp: &indicatif::ProgressBar) -> Result<Source> {
+    let (exp, _) = locate(c)?;
+    let data_dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
     sp.set_message(format!("loading {}", data_dir.display()));
     let data = data::load(&data_dir, exp.recipe.val_split)?;
     sp.set_message("loading the network");
-    let l = load_network(&a.checkpoint, Some(&data))?;
-    sp.set_message(format!("writing {}", a.out.display()));
-    let info = ExportInfo {
-        preprocessing: Some(Preprocessing {
-            mean: data.mean.clone(),
-            std: data.std.clone(),
-        }),
-        experiment: Some(l.experiment.clone()),
-        source: Some(l.dir.clone()),
-    };
-    let manifest = export::export_with_formats(
-        &l.model,
-        &l.masks,
-        &l.formats,
-        l.meta.as_ref(),
-        info,
-        &a.out,
-    )?;
-    // Check: the exported network, loaded back, computes what the checkpoint computes.
-    let verified = if a.verify > 0 && data.test.n > 0 {
-        sp.set_message("verifying the export against the checkpoint");
-        let back = export::load(&a.out)?;
+    let l = load(c, Some(&data))?;
+    let spec = l.experiment.model_spec(&data);
+    let check = (a.verify > 0 && data.test.n > 0).then(|| {
         let n = a.verify.min(data.test.n);
         let idx: Vec<usize> = (0..n).collect();
-        let b = data::make_batch(&data.test, &idx, None, (0, 0, 0));
-        let run = |m, k, f| -> Result<Vec<f32>> {
-            Ok(InferenceNet::with_formats(m, k, f, InferPath::Packed)?
-                .forward(&b.pixels, b.size)?)
-        };
-        let want = run(&l.model, &l.masks, &l.formats)?;
-        let got = run(&back.model, &back.masks, &back.formats)?;
+        let b = make_batch(&data.test, &idx, None, (0, 0, 0));
+        (b.pixels, b.size)
+    });
+    Ok(Source {
+        label: format!("{} on {}", spec.name, data.name),
+        info: info(&l.experiment, &spec, &data, Some(l.dir.clone()))?,
+        network: l.network,
+        formats: l.formats,
+        meta: l.meta,
+        check,
+        dir: l.dir,
+    })
+}
+
+fn from_export_dir(c: &Path) -> Result<Source> {
+    let e = export::load(c)?;
+    Ok(Source {
+        label: e
+            .manifest
+            .model
+            .as_ref()
+            .map_or_else(|| "graph".to_string(), |m| m.name.clone()),
+        network: e.network,
+        formats: e.formats,
+        meta: e.manifest.coarsen.clone(),
+        info: ExportInfo::default(),
+        check: None,
+        dir: c.to_path_buf(),
+    })
+}
+
+/// `C,H,W`.
+fn parse_input(s: &str) -> Result<[usize; 3]> {
+    let v: Vec<usize> = s
+        .split([',', 'x'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--input {s}: expected C,H,W"))?;
+    match v[..] {
+        [c, h, w] if c > 0 && h > 0 && w > 0 => Ok([c, h, w]),
+        _ => bail!("--input {s}: expected three positive sizes C,H,W"),
+    }
+}
+
+fn from_weights(name: &str, a: &ExportArgs) -> Result<Source> {
+    let wpath = a.weights.as_deref().context("--model needs --weights")?;
+    let input = match &a.input {
+        Some(s) => parse_input(s)?,
+        None if matches!(name, "mlp" | "cnn") => [1, 28, 28],
+        None => [3, 32, 32],
+    };
+    let file = WeightFile::read(wpath)?;
+    // The classes are the rows of the last linear weight, whatever their number.
+    let probe = Model::new(
+        &ModelSpec {
+            name: name.into(),
+            width: a.width,
+            input,
+            classes: 10,
+        },
+        0,
+    )?;
+    let last = probe
+        .weights()
+        .last()
+        .map(|p| p.name.clone())
+        .context("the architecture has no weights")?;
+    let classes = file.get(&last).map(|t| t.shape[0]).with_context(|| {
+        format!(
+            "{}: no tensor '{last}' for the {name} model",
+            wpath.display()
+        )
+    })?;
+    let spec = ModelSpec {
+        name: name.into(),
+        width: a.width,
+        input,
+        classes,
+    };
+    let model = Model::new(&spec, 0)?;
+    for t in file.tensors() {
+        t.check_finite(wpath)?;
+    }
+    let lookup = |n: &str| {
+        file.get(n)
+            .and_then(|t| t.values().map(|v| (t.shape.clone(), v.to_vec())))
+    };
+    model.load_state(&lookup, wpath)?;
+    let (masks, meta) = match &a.mask {
+        Some(m) => {
+            let (masks, meta) = MaskSet::read(m)?;
+            check_masks(&masks, &model, m)?;
+            (masks, meta)
+        }
+        None => (MaskSet::new(), None),
+    };
+    let network = model.network(&masks)?;
+    let formats = layer_formats(network.graph(), &masks, meta.as_ref())?;
+    let check = (a.verify > 0).then(|| {
+        let n = a.verify.min(64);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let len = n * input.iter().product::<usize>();
+        (
+            (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+            n,
+        )
+    });
+    Ok(Source {
+        label: format!("{name} from {}", wpath.display()),
+        network,
+        formats,
+        meta,
+        info: ExportInfo {
+            model: Some(spec.info()),
+            source: Some(wpath.to_path_buf()),
+            ..ExportInfo::default()
+        },
+        check,
+        dir: wpath.to_path_buf(),
+    })
+}
+
+/// The exported network, loaded back, computes exactly what its source computes.
+fn verify(src: &Source, out: &Path, x: &[f32], n: usize) -> Result<()> {
+    let back = export::load(out)?;
+    let run = |net, formats| -> Result<Vec<f32>> {
+        Ok(InferenceNet::new(net, formats, InferPath::Packed)?.forward(x, n)?)
+    };
+    let want = run(&src.network, &src.formats)?;
+    let got = run(&back.network, &back.formats)?;
+    // NaN-aware: any NaN on either side counts as a difference.
+    if want.len() != got.len()
+        || want
+            .iter()
+            .zip(&got)
+            .any(|(x, y)| x.to_bits() != y.to_bits())
+    {
         let diff = want
             .iter()
             .zip(&got)
-            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
-        if diff != 0.0 {
-            bail!(
-                "{}: the exported network's logits differ from the checkpoint's by up to {diff} on {n} test images",
-                a.out.display()
-            );
-        }
-        Some(n)
-    } else {
-        None
-    };
-    sp.finish_and_clear();
-    println!(
-        "{} → {} ({} on {}): sparsity {:.2}%, model.safetensors {:.1} KiB ({:.1}% of dense F32 {:.1} KiB)",
-        l.dir.display(),
-        a.out.display(),
-        manifest.model.name,
-        data.name,
-        100.0 * manifest.sparsity,
-        manifest.file_bytes as f64 / 1024.0,
-        100.0 * manifest.file_bytes as f64 / manifest.dense_bytes.max(1) as f64,
-        manifest.dense_bytes as f64 / 1024.0
-    );
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
+        bail!(
+            "{}: the exported network's logits differ from its source's by up to {diff} on {n} images",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn report(src: &Source, manifest: Option<&Manifest>, a: &ExportArgs, format: ExportFormat) {
+    let net = &src.network;
+    match manifest {
+        Some(m) => println!(
+            "{} → {} ({}): sparsity {:.2}%, model.safetensors {:.1} KiB ({:.1}% of dense F32 {:.1} KiB)",
+            src.dir.display(),
+            a.out.display(),
+            src.label,
+            100.0 * m.sparsity,
+            m.file_bytes as f64 / 1024.0,
+            100.0 * m.file_bytes as f64 / m.dense_bytes.max(1) as f64,
+            m.dense_bytes as f64 / 1024.0
+        ),
+        None => println!(
+            "{} → {} ({}): sparsity {:.2}%",
+            src.dir.display(),
+            a.out.join(ONNX_FILE).display(),
+            src.label,
+            100.0 * net.sparsity()
+        ),
+    }
     println!(
         "{:<28} {:>18} {:>9} {:>10}  format",
         "layer", "shape", "density", "values"
     );
-    for layer in &manifest.layers {
-        let shape = shape_text(&layer.shape);
+    for (name, shape) in net.weight_shapes() {
+        let (density, kept) = net
+            .masks()
+            .get(&name)
+            .map_or((1.0, shape.iter().product()), |m| (m.density(), m.nnz()));
+        let format = src.formats.get(&name).map_or("dense", |f| f.name());
         println!(
             "{:<28} {:>18} {:>9.4} {:>10}  {}",
-            layer.name,
-            shape,
-            layer.density,
-            layer.stored,
-            layer.format.name()
+            name,
+            shape_text(&shape),
+            density,
+            kept,
+            format
         );
     }
-    if let Some(n) = verified {
+    if manifest.is_some() {
+        if let Some((_, n)) = &src.check {
+            println!("verified: loaded back, it gives its source's logits exactly on {n} images");
+        }
+    }
+    if format != ExportFormat::Coarsen {
         println!(
-            "verified: loaded back, it gives the checkpoint's logits exactly on {n} test images"
+            "wrote {} (opset {}, BatchNorm {}; masked weights hold their zeros)",
+            a.out.join(ONNX_FILE).display(),
+            coarsen_infer::onnx::OPSET,
+            if a.fold_bn { "folded" } else { "kept" }
         );
     }
-    Ok(())
 }

@@ -1,0 +1,701 @@
+//! Compiling a [`Network`] into steps: fusion, BatchNorm folding, channel-flow tracking and the
+//! packing of every layer.
+
+use std::collections::{HashMap, HashSet};
+
+use coarsen_core::{Mask, MatrixView};
+use coarsen_kernels::conv::ConvGeometry;
+use coarsen_kernels::{
+    Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, Plan, ShuffledBlocks,
+    Threading,
+};
+use rayon::prelude::*;
+
+use super::run::{Kind, Layer, Source, Step};
+use super::{LayerInfo, Path};
+use crate::error::{InferError, Result};
+use crate::format::{Formats, LayerFormat};
+use crate::graph::{Node, Op, INPUT};
+use crate::network::Network;
+
+/// Activation flow of one value, known when compiling: which channels are computed (`live`,
+/// ascending) and the constant value of every other channel.
+#[derive(Clone, Debug)]
+struct Flow {
+    full: usize,
+    live: Vec<u32>,
+    consts: Vec<f32>,
+    h: usize,
+    w: usize,
+}
+
+impl Flow {
+    fn all(c: usize, h: usize, w: usize) -> Flow {
+        Flow {
+            full: c,
+            live: (0..c as u32).collect(),
+            consts: vec![0.0; c],
+            h,
+            w,
+        }
+    }
+
+    fn all_live(&self) -> bool {
+        self.live.len() == self.full
+    }
+
+    fn map_consts(&mut self, f: impl Fn(usize, f32) -> f32) {
+        self.consts
+            .iter_mut()
+            .enumerate()
+            .for_each(|(c, v)| *v = f(c, *v));
+    }
+
+    fn pos(&self, c: u32) -> Option<usize> {
+        self.live.binary_search(&c).ok()
+    }
+}
+
+/// The result of compiling.
+pub(super) struct Compiled {
+    pub(super) steps: Vec<Step>,
+    pub(super) reads: Vec<usize>,
+    pub(super) output: usize,
+    pub(super) layers: Vec<LayerInfo>,
+}
+
+/// A conv or linear layer about to be packed: its weight folded and masked, in the full
+/// (ungrouped) `[Cout, Cin, kh, kw]` shape.
+struct Weighted {
+    /// The conv or linear node.
+    node: String,
+    /// The last node fused into it (its output is the layer's).
+    out: String,
+    weight: String,
+    shape: Vec<usize>,
+    values: Vec<f32>,
+    mask: Option<Mask>,
+    bias: Vec<f32>,
+    relu: bool,
+    geometry: ConvGeometry,
+    grouped: bool,
+}
+
+pub(super) struct Compiler<'a> {
+    net: &'a Network,
+    formats: &'a Formats,
+    path: Path,
+    steps: Vec<Step>,
+    flows: Vec<Flow>,
+    slot_of: HashMap<String, usize>,
+    layers: Vec<LayerInfo>,
+    consumers: HashMap<&'a str, usize>,
+    fused: HashSet<usize>,
+}
+
+impl<'a> Compiler<'a> {
+    pub(super) fn new(net: &'a Network, formats: &'a Formats, path: Path) -> Self {
+        Compiler {
+            net,
+            formats,
+            path,
+            steps: Vec::new(),
+            flows: Vec::new(),
+            slot_of: HashMap::new(),
+            layers: Vec::new(),
+            consumers: net.graph().consumers(),
+            fused: HashSet::new(),
+        }
+    }
+
+    pub(super) fn compile(mut self) -> Result<Compiled> {
+        let [c, h, w] = self.net.input();
+        self.flows.push(Flow::all(c, h, w));
+        self.slot_of.insert(INPUT.to_string(), 0);
+        let graph = self.net.graph();
+        for (i, node) in graph.nodes.iter().enumerate() {
+            if self.fused.contains(&i) {
+                continue;
+            }
+            let ins = node
+                .inputs
+                .iter()
+                .map(|n| {
+                    self.slot_of.get(n).copied().ok_or_else(|| {
+                        InferError::graph(
+                            &node.name,
+                            node.op.name(),
+                            format!("reads unknown '{n}'"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<usize>>>()?;
+            self.node(i, node, &ins)?;
+        }
+        let mut output = *self
+            .slot_of
+            .get(&graph.output)
+            .ok_or_else(|| InferError::graph(&graph.output, "output", "no node of that name"))?;
+        if !self.flows[output].all_live() {
+            output = self.materialize(output);
+        }
+        let mut reads = vec![0usize; self.flows.len()];
+        for s in &self.steps {
+            for &i in &s.inputs {
+                reads[i] += 1;
+            }
+        }
+        reads[output] += 1;
+        Ok(Compiled {
+            steps: self.steps,
+            reads,
+            output,
+            layers: self.layers,
+        })
+    }
+
+    /// A new slot holding the output of `step`, whose flow is `flow`.
+    fn push(&mut self, inputs: Vec<usize>, kind: Kind, flow: Flow) -> usize {
+        let output = self.flows.len();
+        self.flows.push(flow);
+        self.steps.push(Step {
+            inputs,
+            output,
+            kind,
+        });
+        output
+    }
+
+    /// Rebuilds every channel of `slot` (removed ones from their constants); the new slot.
+    fn materialize(&mut self, slot: usize) -> usize {
+        let f = self.flows[slot].clone();
+        let kind = Kind::Materialize {
+            from: f.live.clone(),
+            to: (0..f.full as u32).collect(),
+            consts: f.consts.clone(),
+            hw: f.h * f.w,
+        };
+        self.push(vec![slot], kind, Flow::all(f.full, f.h, f.w))
+    }
+
+    /// The node that alone reads `value`, unless `value` is the graph's output.
+    fn sole_reader(&self, value: &str) -> Option<usize> {
+        self.net.graph().sole_reader(value, &self.consumers)
+    }
+
+    fn node(&mut self, i: usize, node: &Node, ins: &[usize]) -> Result<()> {
+        let slot = ins[0];
+        let flow = self.flows[slot].clone();
+        let out = match &node.op {
+            Op::Conv(cv) => {
+                let lw =
+                    self.weighted(i, &cv.weight, cv.bias.as_deref(), cv.geometry(), cv.groups)?;
+                return self.layer(lw, slot);
+            }
+            Op::Linear(l) => {
+                let g = ConvGeometry::square(1, 1, 0);
+                let lw = self.weighted(i, &l.weight, l.bias.as_deref(), g, 1)?;
+                return self.layer(lw, slot);
+            }
+            Op::BatchNorm(b) => {
+                let (scale, shift) = self.net.batch_norm_affine(b)?;
+                let mut f = flow.clone();
+                f.map_consts(|c, v| v * scale[c] + shift[c]);
+                let kind = Kind::Affine {
+                    scale: flow.live.iter().map(|&c| scale[c as usize]).collect(),
+                    shift: flow.live.iter().map(|&c| shift[c as usize]).collect(),
+                    hw: flow.h * flow.w,
+                };
+                self.push(vec![slot], kind, f)
+            }
+            Op::Relu => {
+                let mut f = flow;
+                f.map_consts(|_, v| v.max(0.0));
+                self.push(vec![slot], Kind::Relu, f)
+            }
+            Op::MaxPool(p) => {
+                let g = p.geometry();
+                let (ho, wo) = output_hw(node, g, flow.h, flow.w)?;
+                let kind = Kind::MaxPool {
+                    g,
+                    h: flow.h,
+                    w: flow.w,
+                    ho,
+                    wo,
+                };
+                self.push(
+                    vec![slot],
+                    kind,
+                    Flow {
+                        h: ho,
+                        w: wo,
+                        ..flow
+                    },
+                )
+            }
+            Op::AvgPool(a) => {
+                let g = a.window.geometry();
+                let (ho, wo) = output_hw(node, g, flow.h, flow.w)?;
+                // Counting the padding makes a removed channel's average vary at the borders:
+                // such a channel is rebuilt first.
+                let (slot, flow) = if a.count_include_pad && g.padding != [0; 4] && !flow.all_live()
+                {
+                    let s = self.materialize(slot);
+                    (s, self.flows[s].clone())
+                } else {
+                    (slot, flow)
+                };
+                let kind = Kind::AvgPool {
+                    g,
+                    include_pad: a.count_include_pad,
+                    h: flow.h,
+                    w: flow.w,
+                    ho,
+                    wo,
+                };
+                self.push(
+                    vec![slot],
+                    kind,
+                    Flow {
+                        h: ho,
+                        w: wo,
+                        ..flow
+                    },
+                )
+            }
+            Op::GlobalAvgPool => {
+                let kind = Kind::GlobalAvgPool {
+                    hw: flow.h * flow.w,
+                };
+                self.push(vec![slot], kind, Flow { h: 1, w: 1, ..flow })
+            }
+            Op::Flatten => {
+                let hw = flow.h * flow.w;
+                if hw == 1 {
+                    // Nothing moves: the flattened value is the same buffer.
+                    slot
+                } else {
+                    let h = hw as u32;
+                    let live = flow
+                        .live
+                        .iter()
+                        .flat_map(|&c| (0..h).map(move |s| c * h + s))
+                        .collect();
+                    let consts = flow
+                        .consts
+                        .iter()
+                        .flat_map(|&v| std::iter::repeat_n(v, hw))
+                        .collect();
+                    let f = Flow {
+                        full: flow.full * hw,
+                        live,
+                        consts,
+                        h: 1,
+                        w: 1,
+                    };
+                    self.push(vec![slot], Kind::Flatten { hw }, f)
+                }
+            }
+            Op::Add => {
+                let (fa, fb) = (flow, self.flows[ins[1]].clone());
+                let mut live = Vec::new();
+                let mut consts = vec![0.0f32; fa.full];
+                let mut sources = Vec::new();
+                for c in 0..fa.full as u32 {
+                    let (a, b) = (fa.pos(c), fb.pos(c));
+                    if a.is_none() && b.is_none() {
+                        consts[c as usize] = fa.consts[c as usize] + fb.consts[c as usize];
+                        continue;
+                    }
+                    let src = |p: Option<usize>, f: &Flow| match p {
+                        Some(r) => Source::Row(r),
+                        None => Source::Const(f.consts[c as usize]),
+                    };
+                    sources.push((src(a, &fa), src(b, &fb)));
+                    live.push(c);
+                }
+                let f = Flow {
+                    full: fa.full,
+                    live,
+                    consts,
+                    h: fa.h,
+                    w: fa.w,
+                };
+                let hw = fa.h * fa.w;
+                self.push(ins.to_vec(), Kind::Add { sources, hw }, f)
+            }
+        };
+        self.slot_of.insert(node.name.clone(), out);
+        Ok(())
+    }
+
+    /// The layer of node `i` (weight `weight`), with a BatchNorm that alone reads it folded in
+    /// and a ReLU that alone reads the result fused; grouped weights expanded to the full
+    /// block-diagonal matrix.
+    fn weighted(
+        &mut self,
+        i: usize,
+        weight: &str,
+        bias: Option<&str>,
+        geometry: ConvGeometry,
+        groups: usize,
+    ) -> Result<Weighted> {
+        let graph = self.net.graph();
+        let t = self.net.tensors();
+        let shape = t.require(weight)?.shape().to_vec();
+        let rows = shape[0];
+        let mut values = self.net.masked_values(weight)?;
+        let per = values.len() / rows.max(1);
+        let mut bias = match bias {
+            Some(b) => t.require(b)?.values().to_vec(),
+            None => vec![0.0; rows],
+        };
+        let mut out = graph.nodes[i].name.clone();
+        if let Some(j) = self.sole_reader(&out) {
+            if let Op::BatchNorm(b) = &graph.nodes[j].op {
+                let (scale, shift) = self.net.batch_norm_affine(b)?;
+                for r in 0..rows {
+                    values[r * per..(r + 1) * per]
+                        .iter_mut()
+                        .for_each(|v| *v *= scale[r]);
+                    bias[r] = bias[r] * scale[r] + shift[r];
+                }
+                self.fused.insert(j);
+                out = graph.nodes[j].name.clone();
+            }
+        }
+        let mut relu = false;
+        if let Some(j) = self.sole_reader(&out) {
+            if graph.nodes[j].op == Op::Relu {
+                relu = true;
+                self.fused.insert(j);
+                out = graph.nodes[j].name.clone();
+            }
+        }
+        let mask = self.net.masks().get(weight).map(|m| m.mask().clone());
+        let (shape, values, mask) = if groups > 1 {
+            expand_groups(&shape, groups, values, mask)
+        } else {
+            (shape, values, mask)
+        };
+        Ok(Weighted {
+            node: graph.nodes[i].name.clone(),
+            out,
+            weight: weight.to_string(),
+            shape,
+            values,
+            mask,
+            bias,
+            relu,
+            geometry,
+            grouped: groups > 1,
+        })
+    }
+
+    /// Packs one layer reading `slot` and records its output under the names of the nodes it
+    /// stands for.
+    fn layer(&mut self, lw: Weighted, slot: usize) -> Result<()> {
+        let Weighted {
+            node: names,
+            out: out_name,
+            weight,
+            shape,
+            values: w,
+            mask,
+            bias,
+            relu,
+            geometry: g,
+            grouped,
+        } = lw;
+        let (cout, cin_full) = (shape[0], shape[1]);
+        let kk: usize = shape[2..].iter().product();
+        let mut flow = self.flows[slot].clone();
+        let mut slot = slot;
+        if cin_full != flow.full {
+            return Err(InferError::graph(
+                &names,
+                "layer",
+                format!(
+                    "weight {shape:?} reads {cin_full} channels, the input has {}",
+                    flow.full
+                ),
+            ));
+        }
+        let cols = cin_full * kk;
+        let mut format = match self.path {
+            Path::Dense => LayerFormat::Dense,
+            Path::Packed => self
+                .formats
+                .get(&weight)
+                .cloned()
+                .unwrap_or(LayerFormat::Dense),
+        };
+        if grouped
+            && self.path == Path::Packed
+            && matches!(format, LayerFormat::Dense | LayerFormat::Channel)
+        {
+            // A block-diagonal matrix: one dense block per group.
+            format = LayerFormat::Group;
+        }
+        // The mask decides what is kept (weights may be exactly zero under a one); a layer
+        // without one is dense, or keeps its non-zero weights when given a sparse format.
+        let mask = match mask {
+            Some(m) => m,
+            None if format == LayerFormat::Dense => Mask::ones(cout, cols),
+            None => Mask::from_fn(cout, cols, |r, c| w[r * cols + c] != 0.0),
+        };
+        // Input channels the kernel reads.
+        let shrink = !flow.all_live() && format.shrinks_input();
+        if !flow.all_live() && !shrink {
+            slot = self.materialize(slot);
+            flow = self.flows[slot].clone();
+        }
+        let in_ch: Vec<u32> = flow.live.clone();
+        let used_cols: Vec<u32> = in_ch
+            .iter()
+            .flat_map(|&c| (0..kk as u32).map(move |s| c * kk as u32 + s))
+            .collect();
+        let (ho, wo) = g.output(flow.h, flow.w).ok_or_else(|| {
+            InferError::graph(
+                &names,
+                "layer",
+                format!("the kernel does not fit a {}x{} input", flow.h, flow.w),
+            )
+        })?;
+        // Exact contribution of removed input channels (constants), per output position.
+        let corr = if shrink {
+            let dead: Vec<(usize, f32)> = (0..cin_full)
+                .filter(|c| in_ch.binary_search(&(*c as u32)).is_err())
+                .map(|c| (c, flow.consts[c]))
+                .filter(|&(_, v)| v != 0.0)
+                .collect();
+            (!dead.is_empty()).then(|| constant_map(&w, cout, cols, g, &dead, flow.h, flow.w))
+        } else {
+            None
+        };
+        let (sub_mask, sub_w) = if shrink {
+            select_cols(&mask, &w, &used_cols)
+        } else {
+            (mask.clone(), w.clone())
+        };
+        // Group and CSR kernels read only the columns some kept weight uses: the others are
+        // dropped from the matrix, and their im2col rows are never computed.
+        let read: Option<Vec<u32>> = if matches!(format, LayerFormat::Group | LayerFormat::Csr) {
+            let mut used = vec![false; sub_mask.cols()];
+            for r in 0..cout {
+                for (j, u) in used.iter_mut().enumerate() {
+                    *u |= sub_mask.get(r, j);
+                }
+            }
+            let kept: Vec<u32> = (0..used.len() as u32)
+                .filter(|&j| used[j as usize])
+                .collect();
+            (kept.len() < used.len()).then_some(kept)
+        } else {
+            None
+        };
+        let (sub_mask, sub_w) = match &read {
+            Some(cols_read) => select_cols(&sub_mask, &sub_w, cols_read),
+            None => (sub_mask, sub_w),
+        };
+        let ncols = sub_mask.cols();
+        let kerr = |e| InferError::kernel(&weight, e);
+        let (packed, out_rows): (Packed, Option<Vec<u32>>) = match &format {
+            LayerFormat::Dense => (
+                Packed::Dense(Dense::new(cout, ncols, sub_w).map_err(kerr)?),
+                None,
+            ),
+            LayerFormat::Csr => (
+                Packed::Csr(Csr::pack(&sub_mask, &sub_w).map_err(kerr)?),
+                None,
+            ),
+            LayerFormat::Group => (
+                Packed::Group(GroupBlocks::pack(&sub_mask, &sub_w).map_err(kerr)?),
+                None,
+            ),
+            LayerFormat::Channel => {
+                let input = shrink.then_some((in_ch.as_slice(), kk));
+                let f = ChannelCompact::pack(&mask, &w, input).map_err(kerr)?;
+                let rows = f.kept_rows().to_vec();
+                (Packed::Channel(f), Some(rows))
+            }
+            LayerFormat::ShuffledBlock { block } => (
+                Packed::Shuffled(ShuffledBlocks::pack(&mask, &w, *block).map_err(kerr)?),
+                None,
+            ),
+            LayerFormat::Bsr { height, width } => (
+                Packed::Bsr(Bsr::pack(&mask, &w, *height, *width).map_err(kerr)?),
+                None,
+            ),
+            LayerFormat::Nm { n, m, col_perm } => {
+                let view = MatrixView::of(&shape)
+                    .ok_or_else(|| InferError::tensor(&weight, &shape, "is not a matrix"))?;
+                let p = NmCompressed::pack(&mask, &w, view, *n, *m, col_perm.as_deref())
+                    .map_err(kerr)?;
+                (Packed::Nm(p), None)
+            }
+        };
+        let stored = packed.stored();
+        let mut plan = Plan::new(&packed).map_err(kerr)?;
+        plan.set_threading(Threading::Serial);
+        let rows_out = plan.out_dim();
+        let hw = ho * wo;
+        let (bias_out, corr_out) = match &out_rows {
+            Some(rows) => {
+                let b = rows.iter().map(|&r| bias[r as usize]).collect();
+                let c = corr.map(|c| {
+                    rows.iter()
+                        .flat_map(|&r| c[r as usize * hw..(r as usize + 1) * hw].to_vec())
+                        .collect()
+                });
+                (b, c)
+            }
+            None => (bias.clone(), corr),
+        };
+        let macs = hw
+            * match format {
+                LayerFormat::Dense => rows_out * ncols,
+                _ => sub_mask.nnz(),
+            };
+        // The weight's own shape (grouped and linear weights included).
+        let shape_info = self.net.tensors().require(&weight)?.shape().to_vec();
+        self.layers.push(LayerInfo {
+            name: weight.clone(),
+            shape: shape_info,
+            format: format.name().to_string(),
+            matrix: [rows_out, plan.in_dim()],
+            stored,
+            macs_per_image: macs,
+        });
+        let act = |v: f32| if relu { v.max(0.0) } else { v };
+        let out_flow = match out_rows {
+            Some(rows) => Flow {
+                full: cout,
+                live: rows,
+                consts: bias.iter().map(|&b| act(b)).collect(),
+                h: ho,
+                w: wo,
+            },
+            None => Flow::all(cout, ho, wo),
+        };
+        let layer = Layer {
+            name: weight,
+            plan,
+            g,
+            cin: in_ch.len(),
+            cout: rows_out,
+            h: flow.h,
+            w: flow.w,
+            ho,
+            wo,
+            bias: bias_out,
+            corr: corr_out,
+            relu,
+            read,
+        };
+        let out = self.push(vec![slot], Kind::Layer(Box::new(layer)), out_flow);
+        self.slot_of.insert(names, out);
+        self.slot_of.insert(out_name, out);
+        Ok(())
+    }
+}
+
+/// Output size of a pooling node.
+fn output_hw(node: &Node, g: ConvGeometry, h: usize, w: usize) -> Result<(usize, usize)> {
+    g.output(h, w).ok_or_else(|| {
+        InferError::graph(
+            &node.name,
+            node.op.name(),
+            format!("the window does not fit a {h}x{w} input"),
+        )
+    })
+}
+
+/// A grouped weight `[Cout, Cin/G, kh, kw]` (and its mask) as the block-diagonal full weight
+/// `[Cout, Cin, kh, kw]`: output channel `o` of group `o / (Cout/G)` reads input channels
+/// `g·Cin/G ..`; every other entry is a zero outside the mask.
+fn expand_groups(
+    shape: &[usize],
+    groups: usize,
+    values: Vec<f32>,
+    mask: Option<Mask>,
+) -> (Vec<usize>, Vec<f32>, Option<Mask>) {
+    let (cout, cin_g) = (shape[0], shape[1]);
+    let kk: usize = shape[2..].iter().product();
+    let cin = cin_g * groups;
+    let (per_out, cols_g, cols) = (cout / groups, cin_g * kk, cin * kk);
+    let mut full = vec![0.0f32; cout * cols];
+    let mut keep = Mask::zeros(cout, cols);
+    for o in 0..cout {
+        let g = o / per_out.max(1);
+        for j in 0..cols_g {
+            let on = mask.as_ref().is_none_or(|m| m.get(o, j));
+            full[o * cols + g * cols_g + j] = values[o * cols_g + j];
+            keep.set(o, g * cols_g + j, on);
+        }
+    }
+    let mut s = shape.to_vec();
+    s[1] = cin;
+    (s, full, Some(keep))
+}
+
+/// The columns `keep` of a mask and of its row-major weights.
+fn select_cols(mask: &Mask, w: &[f32], keep: &[u32]) -> (Mask, Vec<f32>) {
+    let cols = mask.cols();
+    let sub = Mask::from_fn(mask.rows(), keep.len(), |r, j| {
+        mask.get(r, keep[j] as usize)
+    });
+    let values = (0..mask.rows())
+        .flat_map(|r| keep.iter().map(move |&j| w[r * cols + j as usize]))
+        .collect();
+    (sub, values)
+}
+
+/// `[cout, ho·wo]`: Σ over removed channels c (constant v) of v · Σ of the kernel taps of row r
+/// that land inside the image at each output position.
+fn constant_map(
+    w: &[f32],
+    cout: usize,
+    cols: usize,
+    g: ConvGeometry,
+    dead: &[(usize, f32)],
+    h: usize,
+    wd: usize,
+) -> Vec<f32> {
+    let (ho, wo) = g.output(h, wd).unwrap_or((0, 0));
+    let [kh, kw] = g.kernel;
+    let kk = kh * kw;
+    let mut out = vec![0.0f32; cout * ho * wo];
+    out.par_chunks_mut((ho * wo).max(1))
+        .enumerate()
+        .for_each(|(r, map)| {
+            // Per tap, the weighted sum of the constants.
+            let mut tap = vec![0.0f32; kk];
+            for &(c, v) in dead {
+                for (t, s) in tap.iter_mut().enumerate() {
+                    *s += v * w[r * cols + c * kk + t];
+                }
+            }
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut s = 0.0f32;
+                    for ky in 0..kh {
+                        let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
+                            - g.padding[0] as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                                - g.padding[1] as isize;
+                            if ix >= 0 && ix < wd as isize {
+                                s += tap[ky * kw + kx];
+                            }
+                        }
+                    }
+                    map[oy * wo + ox] = s;
+                }
+            }
+        });
+    out
+}

@@ -1,0 +1,254 @@
+//! The inference engine: a [`Network`] compiled once into steps over packed kernels, then run
+//! forward on batches.
+//!
+//! An [`InferenceNet`] is built from a network and the format of each layer:
+//!
+//! - a BatchNorm that is the only reader of a convolution is folded into it
+//!   (`W ← γ/σ·W`, bias `β + (b − μ)·γ/σ`) and a ReLU that is the only reader of either is
+//!   fused into the layer's epilogue;
+//! - every conv and linear weight is packed in its [`LayerFormat`]: channel-compact, group
+//!   blocks, shuffled blocks, BSR, N:M, CSR for very sparse unstructured layers, dense
+//!   otherwise;
+//! - **channel sparsity physically shrinks the network**: a channel-sparse layer computes only
+//!   its kept output channels, and the next layer reads only those input channels. A removed
+//!   channel is not zero after BatchNorm: it is the constant `act(β − μ·γ/σ)`. Its contribution
+//!   to the next layer is precomputed exactly, as a per-output-position bias map (the map varies
+//!   only at the borders, where zero padding cuts the kernel), so the shrunk network computes
+//!   the same function as the masked one;
+//! - convolutions run as im2col + SpMM over cache-sized chunks of whole output rows, one chunk
+//!   per task; grouped convolutions run as one block-diagonal matrix.
+//!
+//! The dense path ([`Path::Dense`]) runs the same folded network with every layer dense on the
+//! dense GEMM (faer) through the same chunked im2col.
+
+mod build;
+mod run;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InferError, Result};
+use crate::format::LayerFormat;
+use crate::network::Network;
+
+use build::Compiler;
+use run::Step;
+
+/// Which kernels an [`InferenceNet`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Path {
+    /// Every layer in its packed format; channel sparsity shrinks the network.
+    Packed,
+    /// Every layer dense (masked weights, zeros included) on the dense GEMM: the baseline.
+    Dense,
+}
+
+/// What one conv or linear layer became.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// The weight's name.
+    pub name: String,
+    /// The weight's shape.
+    pub shape: Vec<usize>,
+    /// The format it runs in.
+    pub format: String,
+    /// Rows and columns of the matrix the kernel multiplies (after channel shrinking).
+    pub matrix: [usize; 2],
+    /// Values stored by the format.
+    pub stored: usize,
+    /// Multiply-adds per image.
+    pub macs_per_image: usize,
+}
+
+/// Performance settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InferOptions {
+    /// im2col values per chunk of columns (a chunk is one task's work).
+    pub chunk_floats: usize,
+    /// Least columns of a chunk.
+    pub min_cols: usize,
+}
+
+impl Default for InferOptions {
+    fn default() -> Self {
+        InferOptions {
+            chunk_floats: 1 << 17,
+            min_cols: 256,
+        }
+    }
+}
+
+/// A network compiled to run forward on packed (or dense) kernels. See the [module](self) docs.
+///
+/// ```
+/// use coarsen_core::MaskSet;
+/// use coarsen_infer::graph::{GraphBuilder, Linear, Op};
+/// use coarsen_infer::{Formats, InferenceNet, Network, Path, TensorSet};
+///
+/// // logits = W · flatten(x) + b for 1×2×2 images and 3 classes.
+/// let mut g = GraphBuilder::new([1, 2, 2]);
+/// g.then(None, Op::Flatten);
+/// g.then(Some("fc".into()), Op::Linear(Linear { weight: "fc.weight".into(), bias: Some("fc.bias".into()) }));
+/// let mut t = TensorSet::new();
+/// t.insert_values("fc.weight", vec![3, 4], (0..12).map(|i| i as f32).collect())?;
+/// t.insert_values("fc.bias", vec![3], vec![0.5; 3])?;
+/// let net = Network::new(g.finish(), t, MaskSet::new())?;
+/// let engine = InferenceNet::new(&net, &Formats::new(), Path::Packed)?;
+/// let logits = engine.forward_nchw(&[1.0, 0.0, 0.0, 1.0], 1)?;
+/// assert_eq!(logits, vec![3.5, 11.5, 19.5]);
+/// # Ok::<(), coarsen_infer::InferError>(())
+/// ```
+#[derive(Debug)]
+pub struct InferenceNet {
+    input: [usize; 3],
+    classes: usize,
+    steps: Vec<Step>,
+    /// How many steps read each slot (+1 for the output slot).
+    reads: Vec<usize>,
+    output: usize,
+    layers: Vec<LayerInfo>,
+    path: Path,
+    options: InferOptions,
+}
+
+impl InferenceNet {
+    /// Compiles `net` on `path`, each conv and linear weight in its format in `formats`
+    /// (weights missing from it are dense).
+    pub fn new(
+        net: &Network,
+        formats: &BTreeMap<String, LayerFormat>,
+        path: Path,
+    ) -> Result<InferenceNet> {
+        let c = Compiler::new(net, formats, path).compile()?;
+        Ok(InferenceNet {
+            input: net.input(),
+            classes: net.classes(),
+            steps: c.steps,
+            reads: c.reads,
+            output: c.output,
+            layers: c.layers,
+            path,
+            options: InferOptions::default(),
+        })
+    }
+
+    /// Sets the performance options.
+    pub fn set_options(&mut self, options: InferOptions) {
+        self.options = options;
+    }
+
+    /// What every conv and linear layer became, in evaluation order.
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    /// The path it runs on.
+    pub fn path(&self) -> Path {
+        self.path
+    }
+
+    /// Images: channels, height, width.
+    pub fn input(&self) -> [usize; 3] {
+        self.input
+    }
+
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Multiply-adds per image over all conv and linear layers.
+    pub fn macs_per_image(&self) -> usize {
+        self.layers.iter().map(|l| l.macs_per_image).sum()
+    }
+
+    fn check_input(&self, len: usize, batch: usize) -> Result<()> {
+        let [c, h, w] = self.input;
+        let want = [c, batch, h, w]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
+        if want != Some(len) {
+            return Err(InferError::param(
+                "input",
+                format!("{len} values"),
+                format!("a batch of {batch} images of [{c}, {h}, {w}] needs {want:?} values"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Logits `[batch, classes]` (row-major) of a channel-major batch `x = [C, B, H, W]`.
+    pub fn forward(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+        self.check_input(x.len(), batch)?;
+        let y = run::run(self, x, batch)?;
+        // [classes, B] → [B, classes].
+        let k = self.classes;
+        let mut out = vec![0.0f32; k * batch];
+        for (j, row) in y.chunks(batch.max(1)).enumerate().take(k) {
+            for (b, &v) in row.iter().enumerate() {
+                out[b * k + j] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logits `[batch, classes]` (row-major) of an image-major batch `x = [N, C, H, W]`
+    /// (PyTorch's and ONNX's layout).
+    pub fn forward_nchw(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+        self.check_input(x.len(), batch)?;
+        self.forward(&nchw_to_cbhw(x, batch, self.input), batch)
+    }
+
+    /// The predicted class of every image of a channel-major batch (the first of the largest
+    /// logits).
+    pub fn predict(&self, x: &[f32], batch: usize) -> Result<Vec<u32>> {
+        let logits = self.forward(x, batch)?;
+        Ok(argmax_rows(&logits, self.classes))
+    }
+}
+
+/// `[N, C, H, W]` → `[C, N, H, W]`.
+pub fn nchw_to_cbhw(x: &[f32], batch: usize, [c, h, w]: [usize; 3]) -> Vec<f32> {
+    let hw = h * w;
+    let mut out = vec![0.0f32; x.len()];
+    for ch in 0..c {
+        for b in 0..batch {
+            let src = &x[(b * c + ch) * hw..][..hw];
+            out[(ch * batch + b) * hw..][..hw].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// The index of the first largest value of every row of `k` values.
+pub fn argmax_rows(values: &[f32], k: usize) -> Vec<u32> {
+    values
+        .chunks(k.max(1))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| {
+                    if v > acc.1 {
+                        (i, v)
+                    } else {
+                        acc
+                    }
+                })
+                .0 as u32
+        })
+        .collect()
+}
+
+/// Softmax of every row of `k` logits, computed stably.
+pub fn softmax_rows(logits: &[f32], k: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(k.max(1)) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = row.iter().map(|&v| (v - m).exp()).collect();
+        let s: f32 = e.iter().sum();
+        out.extend(e.iter().map(|v| v / s));
+    }
+    out
+}

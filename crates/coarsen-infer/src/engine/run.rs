@@ -1,0 +1,452 @@
+//! Running compiled steps: every value is a channel-major batch `[C, B, H, W]` (or `[F, B]`).
+
+use std::borrow::Cow;
+use std::mem::MaybeUninit;
+
+use coarsen_kernels::conv::{ConvDims, ConvGeometry};
+use coarsen_kernels::Plan;
+use rayon::prelude::*;
+
+use super::{InferOptions, InferenceNet};
+use crate::error::{InferError, Result};
+
+/// One step: reads slots, writes a new one.
+#[derive(Debug)]
+pub(super) struct Step {
+    pub(super) inputs: Vec<usize>,
+    pub(super) output: usize,
+    pub(super) kind: Kind,
+}
+
+/// Where a channel of a sum comes from.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Source {
+    /// Row of the input value.
+    Row(usize),
+    /// A constant (a removed channel).
+    Const(f32),
+}
+
+#[derive(Debug)]
+pub(super) enum Kind {
+    Layer(Box<Layer>),
+    /// Rebuilds `to` channels (ascending, a superset of `from`), removed ones from constants.
+    Materialize {
+        from: Vec<u32>,
+        to: Vec<u32>,
+        consts: Vec<f32>,
+        hw: usize,
+    },
+    /// `x·scale[c] + shift[c]` per (live) channel row.
+    Affine {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        hw: usize,
+    },
+    Relu,
+    MaxPool {
+        g: ConvGeometry,
+        h: usize,
+        w: usize,
+        ho: usize,
+        wo: usize,
+    },
+    AvgPool {
+        g: ConvGeometry,
+        include_pad: bool,
+        h: usize,
+        w: usize,
+        ho: usize,
+        wo: usize,
+    },
+    GlobalAvgPool {
+        hw: usize,
+    },
+    /// `[C, B, HW]` → `[C·HW, B]`.
+    Flatten {
+        hw: usize,
+    },
+    /// Output channels (the union of both inputs' live ones), each a sum of two sources.
+    Add {
+        sources: Vec<(Source, Source)>,
+        hw: usize,
+    },
+}
+
+/// A conv or linear layer (a linear layer is a 1×1 convolution on a 1×1 image).
+#[derive(Debug)]
+pub(super) struct Layer {
+    pub(super) name: String,
+    pub(super) plan: Plan,
+    pub(super) g: ConvGeometry,
+    /// Input channels read and output rows.
+    pub(super) cin: usize,
+    pub(super) cout: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) ho: usize,
+    pub(super) wo: usize,
+    pub(super) bias: Vec<f32>,
+    /// `[cout, ho·wo]`: the exact contribution of removed input channels.
+    pub(super) corr: Option<Vec<f32>>,
+    pub(super) relu: bool,
+    /// The rows of the im2col matrix the kernel reads, when it does not read them all (no
+    /// kept weight uses the others): only these are computed.
+    pub(super) read: Option<Vec<u32>>,
+}
+
+/// Runs the steps of `net` on the channel-major batch `x`; the output slot's values.
+pub(super) fn run(net: &InferenceNet, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+    let mut vals: Vec<Option<Cow<'_, [f32]>>> = (0..net.reads.len()).map(|_| None).collect();
+    vals[0] = Some(Cow::Borrowed(x));
+    let mut left = net.reads.clone();
+    let o = &net.options;
+    for step in &net.steps {
+        let out = {
+            // A step that works in place takes its input when nothing else reads it later.
+            let in_place =
+                matches!(step.kind, Kind::Relu | Kind::Affine { .. }) && left[step.inputs[0]] == 1;
+            if in_place {
+                let v = vals[step.inputs[0]].take().map(Cow::into_owned);
+                let mut v = v.ok_or_else(|| missing(step))?;
+                apply_in_place(&step.kind, &mut v, batch);
+                v
+            } else {
+                let ins = step
+                    .inputs
+                    .iter()
+                    .map(|&i| vals[i].as_deref().ok_or_else(|| missing(step)))
+                    .collect::<Result<Vec<&[f32]>>>()?;
+                apply(&step.kind, &ins, batch, o)?
+            }
+        };
+        for &i in &step.inputs {
+            left[i] -= 1;
+            if left[i] == 0 {
+                vals[i] = None;
+            }
+        }
+        vals[step.output] = Some(Cow::Owned(out));
+    }
+    vals[net.output]
+        .take()
+        .map(Cow::into_owned)
+        .ok_or_else(|| InferError::graph("graph", "output", "the output was never computed"))
+}
+
+fn missing(step: &Step) -> InferError {
+    InferError::graph(
+        format!("step {}", step.output),
+        "run",
+        "an input was freed before it was read (a bug in coarsen)",
+    )
+}
+
+fn apply_in_place(kind: &Kind, v: &mut [f32], batch: usize) {
+    match kind {
+        Kind::Relu => v
+            .par_chunks_mut(4096)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0))),
+        Kind::Affine { scale, shift, hw } => {
+            let n = (batch * hw).max(1);
+            v.par_chunks_mut(n)
+                .zip(scale.par_iter().zip(shift.par_iter()))
+                .for_each(|(row, (&s, &t))| row.iter_mut().for_each(|v| *v = *v * s + t));
+        }
+        _ => {}
+    }
+}
+
+fn apply(kind: &Kind, ins: &[&[f32]], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
+    let x = ins[0];
+    Ok(match kind {
+        Kind::Layer(l) => l.forward(x, batch, o)?,
+        Kind::Relu | Kind::Affine { .. } => {
+            let mut v = x.to_vec();
+            apply_in_place(kind, &mut v, batch);
+            v
+        }
+        Kind::Materialize {
+            from,
+            to,
+            consts,
+            hw,
+        } => {
+            let n = batch * hw;
+            let mut out = vec![0.0f32; to.len() * n];
+            out.par_chunks_mut(n.max(1))
+                .zip(to.par_iter())
+                .for_each(|(dst, c)| match from.binary_search(c) {
+                    Ok(i) => dst.copy_from_slice(&x[i * n..(i + 1) * n]),
+                    Err(_) => dst.fill(consts[*c as usize]),
+                });
+            out
+        }
+        Kind::MaxPool { g, h, w, ho, wo } => pool(x, *g, (*h, *w), (*ho, *wo), None),
+        Kind::AvgPool {
+            g,
+            include_pad,
+            h,
+            w,
+            ho,
+            wo,
+        } => pool(x, *g, (*h, *w), (*ho, *wo), Some(*include_pad)),
+        Kind::GlobalAvgPool { hw } => {
+            let hw = (*hw).max(1);
+            x.par_chunks(hw)
+                .map(|p| p.iter().sum::<f32>() / hw as f32)
+                .collect()
+        }
+        Kind::Flatten { hw } => {
+            // [C, B, HW] → [C·HW, B].
+            let c = x.len() / (batch * hw).max(1);
+            let mut y = vec![0.0f32; x.len()];
+            y.par_chunks_mut((batch * hw).max(1))
+                .enumerate()
+                .take(c)
+                .for_each(|(ch, out)| {
+                    let src = &x[ch * batch * hw..(ch + 1) * batch * hw];
+                    for b in 0..batch {
+                        for s in 0..*hw {
+                            out[s * batch + b] = src[b * hw + s];
+                        }
+                    }
+                });
+            y
+        }
+        Kind::Add { sources, hw } => {
+            let (a, b) = (ins[0], ins[1]);
+            let n = batch * hw;
+            let mut out = vec![0.0f32; sources.len() * n];
+            out.par_chunks_mut(n.max(1))
+                .zip(sources.par_iter())
+                .for_each(|(dst, (sa, sb))| match (*sa, *sb) {
+                    (Source::Row(i), Source::Row(j)) => {
+                        let (p, q) = (&a[i * n..(i + 1) * n], &b[j * n..(j + 1) * n]);
+                        dst.iter_mut()
+                            .zip(p.iter().zip(q))
+                            .for_each(|(d, (u, v))| *d = u + v);
+                    }
+                    (Source::Row(i), Source::Const(c)) => dst
+                        .iter_mut()
+                        .zip(&a[i * n..(i + 1) * n])
+                        .for_each(|(d, u)| *d = u + c),
+                    (Source::Const(c), Source::Row(j)) => dst
+                        .iter_mut()
+                        .zip(&b[j * n..(j + 1) * n])
+                        .for_each(|(d, v)| *d = v + c),
+                    (Source::Const(c), Source::Const(e)) => dst.fill(c + e),
+                });
+            out
+        }
+    })
+}
+
+/// Max pooling (`avg = None`) or average pooling (`avg = Some(count the padding)`) of every
+/// plane of `x` (`h × w` each).
+fn pool(
+    x: &[f32],
+    g: ConvGeometry,
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    avg: Option<bool>,
+) -> Vec<f32> {
+    let planes = x.len() / (h * w).max(1);
+    let mut y = vec![0.0f32; planes * ho * wo];
+    let fast2 = avg.is_none() && g.kernel == [2, 2] && g.stride == [2, 2] && g.padding == [0; 4];
+    let [kh, kw] = g.kernel;
+    let (sh, sw) = (g.stride[0], g.stride[1]);
+    let (pt, pl) = (g.padding[0], g.padding[1]);
+    y.par_chunks_mut((ho * wo).max(1))
+        .enumerate()
+        .for_each(|(p, out)| {
+            let src = &x[p * h * w..(p + 1) * h * w];
+            if fast2 {
+                for oy in 0..ho {
+                    let (r0, r1) = (&src[2 * oy * w..], &src[(2 * oy + 1) * w..]);
+                    for ox in 0..wo {
+                        out[oy * wo + ox] = r0[2 * ox]
+                            .max(r0[2 * ox + 1])
+                            .max(r1[2 * ox])
+                            .max(r1[2 * ox + 1]);
+                    }
+                }
+                return;
+            }
+            for oy in 0..ho {
+                let y0 = (oy * sh) as isize - pt as isize;
+                let (ya, yb) = (
+                    y0.max(0) as usize,
+                    ((y0 + kh as isize).min(h as isize)) as usize,
+                );
+                for ox in 0..wo {
+                    let x0 = (ox * sw) as isize - pl as isize;
+                    let (xa, xb) = (
+                        x0.max(0) as usize,
+                        ((x0 + kw as isize).min(w as isize)) as usize,
+                    );
+                    let rows = (ya..yb).map(|iy| &src[iy * w + xa..iy * w + xb]);
+                    out[oy * wo + ox] = match avg {
+                        None => rows.flatten().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
+                        Some(include_pad) => {
+                            let s: f32 = rows.flatten().sum();
+                            let count = if include_pad {
+                                // The window inside the padded input.
+                                let ye = (y0 + kh as isize).min((h + g.padding[2]) as isize);
+                                let xe = (x0 + kw as isize).min((w + g.padding[3]) as isize);
+                                ((ye - y0) * (xe - x0)) as usize
+                            } else {
+                                (yb - ya) * (xb - xa)
+                            };
+                            s / count.max(1) as f32
+                        }
+                    };
+                }
+            }
+        });
+    y
+}
+
+thread_local! {
+    /// Per-thread scratch of [`Layer::forward`]: the im2col chunk and the kernel's output.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// `v` with at least `len` values (grown, never shrunk; contents unspecified).
+fn at_least(mut v: Vec<f32>, len: usize) -> Vec<f32> {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+/// A pointer through which tasks write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every task writes a disjoint range (its columns of each row), and the buffer outlives
+// the parallel loop.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Layer {
+    /// `[cin, B, h, w]` → `[cout, B, ho, wo]`.
+    ///
+    /// Columns are cut into chunks of whole output rows, one task each: im2col of the chunk,
+    /// the kernel, then bias, the removed-channel correction and ReLU fused into the copy of
+    /// the chunk's columns into the output. Scratch buffers are per thread and reused across
+    /// layers and calls.
+    fn forward(&self, x: &[f32], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
+        let kerr = |e| InferError::kernel(&self.name, e);
+        let d = ConvDims::new(&[self.cin, batch, self.h, self.w], self.g).map_err(kerr)?;
+        let hw = self.ho * self.wo;
+        let n = batch * hw;
+        let rows = self.cout;
+        let len = rows * n;
+        // Every value of `y` is written below (the chunks cover every column of every row)
+        // before its length is set; nothing reads it before.
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let yp = Shared(y.as_mut_ptr());
+        // im2col rows computed: all, or those the kernel reads.
+        let kk = self.read.as_ref().map_or(d.rows(), |r| r.len());
+        let chunks = column_chunks(n, self.wo, kk, o);
+        let direct = self.g.kernel == [1, 1]
+            && self.g.stride == [1, 1]
+            && self.g.padding == [0; 4]
+            && chunks.len() == 1
+            && self.read.is_none();
+        chunks
+            .into_par_iter()
+            .try_for_each(|(c0, c1)| -> Result<()> {
+                let (nc, out) = (c1 - c0, yp);
+                // Taken out of the thread's slot, not borrowed across the kernel call: should
+                // anything run another chunk on this thread meanwhile (rayon's work stealing),
+                // that chunk allocates its own.
+                let (col_buf, part_buf) = SCRATCH.take();
+                let mut col_buf = if direct {
+                    col_buf
+                } else {
+                    at_least(col_buf, kk * nc)
+                };
+                let mut part_buf = at_least(part_buf, rows * nc);
+                let col: &[f32] = if direct {
+                    x
+                } else {
+                    let c = &mut col_buf[..kk * nc];
+                    match &self.read {
+                        Some(r) => d.im2col_rows(x, r, c0, c1, c),
+                        None => d.im2col_range(x, c0, c1, c),
+                    }
+                    .map_err(kerr)?;
+                    c
+                };
+                let part = &mut part_buf[..rows * nc];
+                self.plan.forward(col, part, nc).map_err(kerr)?;
+                for (r, row) in part.chunks(nc.max(1)).enumerate() {
+                    // SAFETY: chunks cover disjoint columns of `y`; `r·n + c1 ≤ len`, inside
+                    // the capacity; the values are written, never read, before `set_len`.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.0.add(r * n + c0).cast::<MaybeUninit<f32>>(),
+                            nc,
+                        )
+                    };
+                    self.epilogue(r, c0, row, dst);
+                }
+                SCRATCH.set((col_buf, part_buf));
+                Ok(())
+            })?;
+        // SAFETY: every one of the `len` values was written above (the chunks cover 0..n).
+        unsafe { y.set_len(len) };
+        Ok(y)
+    }
+
+    /// Output row `r`, columns `c0 ..` of the batch: kernel result `src` plus bias and the
+    /// removed-channel correction, through ReLU when fused, into `dst`.
+    fn epilogue(&self, r: usize, c0: usize, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+        let b = self.bias[r];
+        let act = |v: f32| if self.relu { v.max(0.0) } else { v };
+        match &self.corr {
+            None if self.relu => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &v)| _ = d.write((v + b).max(0.0))),
+            None => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &v)| _ = d.write(v + b)),
+            Some(c) => {
+                let hw = self.ho * self.wo;
+                let map = &c[r * hw..(r + 1) * hw];
+                let mut j = 0;
+                while j < src.len() {
+                    let at = (c0 + j) % hw;
+                    let m = (hw - at).min(src.len() - j);
+                    for ((d, &v), &k) in dst[j..j + m]
+                        .iter_mut()
+                        .zip(&src[j..j + m])
+                        .zip(&map[at..at + m])
+                    {
+                        d.write(act(v + b + k));
+                    }
+                    j += m;
+                }
+            }
+        }
+    }
+}
+
+/// Column ranges `[c0, c1)` of an im2col matrix with `n` columns and `kk` rows, cut at whole
+/// output rows (`wo` columns): about `chunk_floats` values each (so a chunk stays in the cache
+/// between im2col and the kernel), at least `min_cols` columns, and at least two per thread.
+fn column_chunks(n: usize, wo: usize, kk: usize, o: &InferOptions) -> Vec<(usize, usize)> {
+    let wo = wo.max(1);
+    let threads = rayon::current_num_threads().max(1);
+    let want = (o.chunk_floats / kk.max(1)).max(o.min_cols);
+    let most = n.div_ceil(2 * threads);
+    let cols = (want.min(most).div_ceil(wo) * wo).max(wo);
+    (0..n.div_ceil(cols))
+        .map(|i| (i * cols, ((i + 1) * cols).min(n)))
+        .collect()
+}

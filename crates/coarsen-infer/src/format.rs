@@ -1,0 +1,213 @@
+//! How each layer is stored and run: the packed format of every conv and linear weight, chosen
+//! from its mask and the mask file's coarsen metadata.
+
+use std::collections::BTreeMap;
+
+use coarsen_core::patterns::check::check_channel;
+use coarsen_core::patterns::Pattern;
+use coarsen_core::{CoarsenMetadata, LayerStatus, MaskSet, MatrixView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{InferError, Result};
+use crate::graph::Graph;
+
+/// Unstructured layers at or below this density run as CSR; denser ones run dense (CSR does not
+/// beat a strong dense GEMM above it on CPUs).
+pub const CSR_MAX_DENSITY: f64 = 0.1;
+
+/// How one layer is stored and run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "format", rename_all = "kebab-case")]
+pub enum LayerFormat {
+    /// Dense (on the dense GEMM).
+    Dense,
+    /// Compressed sparse rows (unstructured and very sparse).
+    Csr,
+    /// Kept output channels, dense; reads only the input channels its producer kept.
+    Channel,
+    /// Group blocks (Regroup).
+    Group,
+    /// Shuffled blocks of `block` rows (DSB).
+    ShuffledBlock {
+        /// Rows per block.
+        block: usize,
+    },
+    /// Aligned `height × width` tiles.
+    Bsr {
+        /// Tile height.
+        height: usize,
+        /// Tile width.
+        width: usize,
+    },
+    /// N:M along input channels, after the input-channel permutation `col_perm`.
+    Nm {
+        /// Kept per group.
+        n: usize,
+        /// Group size.
+        m: usize,
+        /// `perm[new] = old`, when one was searched.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        col_perm: Option<Vec<usize>>,
+    },
+}
+
+/// The format of every conv and linear weight, by weight name (a weight missing is dense).
+pub type Formats = BTreeMap<String, LayerFormat>;
+
+impl LayerFormat {
+    /// Short name for tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LayerFormat::Dense => "dense",
+            LayerFormat::Csr => "csr",
+            LayerFormat::Channel => "channel",
+            LayerFormat::Group => "group",
+            LayerFormat::ShuffledBlock { .. } => "shuffled-block",
+            LayerFormat::Bsr { .. } => "bsr",
+            LayerFormat::Nm { .. } => "nm",
+        }
+    }
+
+    /// Whether the format can read a subset of the input channels (the others were removed by
+    /// a channel-sparse producer); the other formats read every input channel.
+    pub fn shrinks_input(&self) -> bool {
+        matches!(
+            self,
+            LayerFormat::Dense | LayerFormat::Csr | LayerFormat::Channel | LayerFormat::Group
+        )
+    }
+
+    /// The format a pattern of `coarsen convert` runs in (`layer` is the layer's metadata, for
+    /// N:M's permutation).
+    pub fn of_pattern(pattern: &Pattern, col_perm: Option<&[usize]>) -> LayerFormat {
+        match pattern {
+            Pattern::Channel(_) => LayerFormat::Channel,
+            Pattern::Group(_) => LayerFormat::Group,
+            Pattern::ShuffledBlock(c) => LayerFormat::ShuffledBlock { block: c.block },
+            Pattern::Block(c) => LayerFormat::Bsr {
+                height: c.height,
+                width: c.width,
+            },
+            Pattern::Nm(c) => LayerFormat::Nm {
+                n: c.n,
+                m: c.m,
+                col_perm: col_perm.map(<[usize]>::to_vec),
+            },
+        }
+    }
+}
+
+/// The format of every conv and linear weight of `graph`: from the mask file's coarsen metadata
+/// `meta` where a layer is structured; otherwise channel-compact when every row is full or
+/// empty, CSR at density ≤ [`CSR_MAX_DENSITY`], dense above. Weights without a mask, or with
+/// an all-ones mask, are dense.
+pub fn layer_formats(
+    graph: &Graph,
+    masks: &MaskSet,
+    meta: Option<&CoarsenMetadata>,
+) -> Result<Formats> {
+    let pattern = match meta {
+        Some(m) => Some(Pattern::from_metadata(&m.pattern, &m.params)?),
+        None => None,
+    };
+    let mut out = Formats::new();
+    for (_, weight) in graph.weights() {
+        let Some(m) = masks.get(weight) else {
+            out.insert(weight.to_string(), LayerFormat::Dense);
+            continue;
+        };
+        if m.nnz() == m.len() {
+            out.insert(weight.to_string(), LayerFormat::Dense);
+            continue;
+        }
+        let layer = meta.and_then(|mm| mm.layers.get(weight));
+        let structured = layer.is_some_and(|l| l.status == LayerStatus::Structured);
+        let fmt = match (&pattern, structured) {
+            (Some(p), true) => {
+                LayerFormat::of_pattern(p, layer.and_then(|l| l.col_perm.as_deref()))
+            }
+            _ if check_channel(m.mask()).is_ok() => LayerFormat::Channel,
+            _ if m.density() <= CSR_MAX_DENSITY => LayerFormat::Csr,
+            _ => LayerFormat::Dense,
+        };
+        out.insert(weight.to_string(), fmt);
+    }
+    Ok(out)
+}
+
+/// Random structured masks of `format` at `density` (N:M is always N/M) on the weights
+/// `shapes` (name, shape), for speed measurements: channel (rows kept at random), group (blocks
+/// of 32 rows on random column sets), shuffled blocks, BSR, N:M along input channels, CSR
+/// (Bernoulli). Deterministic in `seed`.
+pub fn random_masks(
+    shapes: &[(String, Vec<usize>)],
+    format: &LayerFormat,
+    density: f64,
+    seed: u64,
+) -> Result<MaskSet> {
+    use coarsen_kernels::bench::{random_packed, BenchFormat};
+    use rand::{Rng, SeedableRng};
+    let mut masks = MaskSet::new();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let view = MatrixView::of(shape).ok_or_else(|| {
+            InferError::tensor(name, shape, "a mask needs a weight of rank 2 or more")
+        })?;
+        let s = seed.wrapping_add(i as u64);
+        let bench = match format {
+            LayerFormat::Channel => Some(BenchFormat::Channel),
+            LayerFormat::Group => Some(BenchFormat::Group { rows: 32 }),
+            LayerFormat::ShuffledBlock { block } => Some(BenchFormat::Shuffled { b: *block }),
+            LayerFormat::Bsr { height, width } => Some(BenchFormat::Bsr {
+                h: *height,
+                w: *width,
+            }),
+            LayerFormat::Csr => Some(BenchFormat::Csr),
+            LayerFormat::Dense | LayerFormat::Nm { .. } => None,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
+        let bytes = match (bench, format) {
+            (Some(b), _) => random_packed(b, view.rows, view.cols, density, s)
+                .map_err(|e| InferError::kernel(name, e))?
+                .mask()
+                .into_bytes(),
+            (None, LayerFormat::Nm { n, m, .. }) => random_nm_mask(&mut rng, view, *n, *m, None),
+            _ => (0..view.len())
+                .map(|_| u8::from(rng.random_bool(density.clamp(0.0, 1.0))))
+                .collect(),
+        };
+        masks.insert_bytes(name.clone(), shape, bytes)?;
+    }
+    Ok(masks)
+}
+
+/// A random N:M mask of `view`: in every group of `m` input channels (after `perm`,
+/// `perm[new] = old`; identity when `None`) at every kernel position, `n` channels drawn at
+/// random.
+pub fn random_nm_mask(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    view: MatrixView,
+    n: usize,
+    m: usize,
+    perm: Option<&[usize]>,
+) -> Vec<u8> {
+    use rand::Rng;
+    let (cin, inner) = (view.in_channels, view.inner);
+    let mut mk = vec![0u8; view.len()];
+    for r in 0..view.rows {
+        for k in 0..inner {
+            for g0 in (0..cin).step_by(m.max(1)) {
+                let gl = m.min(cin - g0);
+                let mut picks: Vec<usize> = (0..gl).collect();
+                for a in 0..gl {
+                    let b = rng.random_range(a..gl);
+                    picks.swap(a, b);
+                }
+                for &q in picks.iter().take(n) {
+                    let c = perm.map_or(g0 + q, |p| p[g0 + q]);
+                    mk[r * view.cols + view.col(c, k)] = 1;
+                }
+            }
+        }
+    }
+    mk
+}
