@@ -36,7 +36,7 @@ pub enum Command {
     /// Show what a mask file holds, layer by layer; optionally draw each layer as a PNG.
     Inspect(InspectArgs),
     /// Time structured-sparse kernels against the dense GEMM baseline, in the same run.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Write randomly initialised weights of a known CIFAR architecture.
     Synth(SynthArgs),
     /// Run the structuring pipeline on an example model and write a report directory.
@@ -48,6 +48,8 @@ pub enum Command {
     /// Write a trained sparse network as safetensors (mask bits + kept values) plus a JSON file
     /// holding its explicit graph, and/or as an ONNX model.
     Export(ExportArgs),
+    /// Class probabilities (top-k) of your own images: .npy, PNG, IDX or CIFAR-10 binary.
+    Predict(PredictArgs),
 }
 
 /// Which tensors are layers.
@@ -331,10 +333,11 @@ pub struct BenchArgs {
     /// Batch size of the default conv shapes.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// Benchmark every layer of this (structured) mask file at its real shape instead.
+    /// Benchmark every layer of this (structured) mask file at its real shape instead; with
+    /// --model NAME, the whole network under these masks.
     #[arg(long, value_name = "FILE")]
     pub mask: Option<PathBuf>,
-    /// Weights for --mask (random values otherwise).
+    /// Weights for --mask (seeded random values otherwise).
     #[arg(long, value_name = "FILE", requires = "mask")]
     pub weights: Option<PathBuf>,
     /// Columns of X for --mask layers (batch × output positions of a conv).
@@ -366,10 +369,11 @@ pub struct BenchArgs {
     /// Timed steps per measurement of --training.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
-    /// Instead of kernels: the end-to-end inference time of a CIFAR-shaped network (resnet18,
-    /// vgg16, resnet20, vgg11; batch --batch) with random structured masks on its prunable
-    /// layers, packed against dense, same run. Repeat for several.
-    #[arg(long, conflicts_with_all = ["mask", "shape", "training"])]
+    /// Instead of kernels: the end-to-end inference time of a network, packed against dense,
+    /// same run, batch --batch: an export directory, or a CIFAR-shaped architecture (resnet18,
+    /// vgg16, resnet20, vgg11) with random structured masks on its prunable layers (or the
+    /// masks of --mask, on the weights of --weights). Repeat for several.
+    #[arg(long, conflicts_with_all = ["shape", "training"])]
     pub model: Vec<String>,
     /// Patterns of --model, comma-separated: channel, group, shuffled-block, block, nm,
     /// unstructured [default: group,channel,nm].
@@ -382,6 +386,76 @@ pub struct BenchArgs {
     /// Timed forward passes of each path per --model measurement.
     #[arg(long, default_value_t = 7, requires = "model")]
     pub reps: usize,
+    /// Timing worker for scripts/bench-peers: load this export directory, run it once on
+    /// --input and write the logits to --logits-out, print a JSON `ready` line, then answer
+    /// `run K` lines on stdin with the milliseconds of K forward passes (`quit` ends).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "mask", "shape", "training"], requires_all = ["input", "logits_out"])]
+    pub serve: Option<PathBuf>,
+    /// With --serve: the kernels, packed or dense.
+    #[arg(long, value_enum, default_value_t = PathArg::Packed, requires = "serve")]
+    pub path: PathArg,
+    /// With --serve: the input batch, a float32 .npy array [N, C, H, W] of network inputs.
+    #[arg(long, value_name = "FILE", requires = "serve")]
+    pub input: Option<PathBuf>,
+    /// With --serve: where to write the logits of the input batch (.npy, [N, classes]).
+    #[arg(long, value_name = "FILE", requires = "serve")]
+    pub logits_out: Option<PathBuf>,
+}
+
+/// Which kernels run a network.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum PathArg {
+    /// Every layer in its packed format.
+    Packed,
+    /// Every layer dense on the dense GEMM.
+    Dense,
+}
+
+impl PathArg {
+    /// The engine's path.
+    pub fn path(self) -> coarsen_infer::Path {
+        match self {
+            PathArg::Packed => coarsen_infer::Path::Packed,
+            PathArg::Dense => coarsen_infer::Path::Dense,
+        }
+    }
+}
+
+/// `coarsen predict`: class probabilities of the user's own images.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// An export directory, or a run, stage or checkpoint directory.
+    pub model: PathBuf,
+    /// Images: a .npy array, PNG images, an IDX images file (idx3-ubyte, gzip or raw) or a
+    /// CIFAR-10 binary batch (.bin); give several files in one --input or repeat it.
+    #[arg(long, short, value_name = "FILE", required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// IDX labels of the images (CIFAR-10 batches carry theirs): also report the accuracy.
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// Classes shown per image.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    pub top: usize,
+    /// Float .npy arrays hold network inputs already (normalised); by default floats are pixels
+    /// in [0, 1] and uint8 pixels in 0..255, normalised as the network was trained.
+    #[arg(long)]
+    pub normalized: bool,
+    /// The kernels: packed (default) or dense.
+    #[arg(long, value_enum, default_value_t = PathArg::Packed)]
+    pub path: PathArg,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Images listed in the table (--json gets them all).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub show: usize,
+    /// Data set directory of a run [default: the one it used]: its input shape and
+    /// normalisation.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Write every image's class probabilities as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// `coarsen train`.

@@ -3,6 +3,7 @@
 mod args;
 mod chart;
 mod commands;
+mod inputs;
 mod pattern;
 mod picture;
 mod progress;
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         Command::Train(a) => commands::train::run(a, cli.quiet),
         Command::Eval(a) => commands::eval::run(a, cli.quiet),
         Command::Export(a) => commands::export::run(a, cli.quiet),
+        Command::Predict(a) => commands::predict::run(a, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

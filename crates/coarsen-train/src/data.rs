@@ -164,7 +164,8 @@ pub fn load(dir: &Path, val: usize) -> Result<DataSplits> {
     })
 }
 
-fn read_all(path: &Path) -> Result<Vec<u8>> {
+/// The bytes of a file, gunzipped when it is gzip data.
+pub fn read_all(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
@@ -247,7 +248,10 @@ pub fn parse_idx(path: &Path, bytes: &[u8], rank: usize) -> Result<(Vec<usize>, 
             ]) as usize
         })
         .collect();
-    let len: usize = dims.iter().product();
+    let len = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
     let body = &bytes[4 + 4 * rank..];
     if body.len() != len {
         return Err(bad(format!(

@@ -1,6 +1,8 @@
 //! `coarsen bench`: structured-sparse kernels against the dense baseline, same run.
 
 use anyhow::{bail, Context, Result};
+use std::path::Path;
+
 use coarsen_core::{Mask, MaskFile, MatrixView, Pattern, WeightFile};
 use coarsen_kernels::bench::{
     default_cases, measure, random_packed, tuned_dense, BenchFormat, Case, Record,
@@ -57,6 +59,109 @@ fn available() -> String {
         .map(|i| i.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// An export directory, or an architecture under the masks of `--mask` (weights of
+/// `--weights`, or seeded random ones), timed packed against dense.
+fn given_network(args: &BenchArgs, m: &str) -> Result<coarsen_train::bench::ModelBench> {
+    let (network, formats, meta) = if coarsen_train::export::is_export(Path::new(m)) {
+        let e = coarsen_train::export::load(Path::new(m))?;
+        let meta = e.manifest.coarsen.clone();
+        (e.network, e.formats, meta)
+    } else {
+        let spec = coarsen_train::model::ModelSpec {
+            name: m.to_string(),
+            width: 1.0,
+            input: [3, 32, 32],
+            classes: 10,
+        };
+        let model = coarsen_train::model::Model::new(&spec, args.seed)?;
+        if let Some(w) = &args.weights {
+            let file = WeightFile::read(w)?;
+            let lookup = |n: &str| {
+                file.get(n)
+                    .and_then(|t| t.values().map(|v| (t.shape.clone(), v.to_vec())))
+            };
+            model.load_state(&lookup, w)?;
+        }
+        let path = args.mask.as_deref().context("--mask")?;
+        let (masks, meta) = coarsen_core::MaskSet::read(path)?;
+        coarsen_train::train::check_masks(&masks, &model, path)?;
+        let network = model.network(&masks)?;
+        let formats = coarsen_infer::layer_formats(network.graph(), &masks, meta.as_ref())?;
+        (network, formats, meta)
+    };
+    let mut r = coarsen_train::bench::network_benchmark(
+        &network, &formats, args.batch, args.reps, args.seed,
+    )?;
+    r.model = m.to_string();
+    r.pattern = meta.map_or_else(|| "as given".to_string(), |m| m.pattern);
+    Ok(r)
+}
+
+/// `--serve`: the timing worker of scripts/bench-peers (see the flag's help).
+fn serve(args: &BenchArgs, dir: &Path) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let e = coarsen_train::export::load(dir)?;
+    let input = args.input.as_deref().context("--serve needs --input")?;
+    let out = args
+        .logits_out
+        .as_deref()
+        .context("--serve needs --logits-out")?;
+    ensure_parent(out)?;
+    let net = &e.network;
+    let scaling = crate::inputs::Scaling {
+        preprocessing: None,
+        normalized: true,
+    };
+    let x = crate::inputs::read(
+        &[input.to_path_buf()],
+        None,
+        net.input(),
+        net.classes(),
+        scaling,
+    )?;
+    let engine = coarsen_infer::InferenceNet::new(net, &e.formats, args.path.path())?;
+    let logits = engine.forward(&x.pixels, x.n)?;
+    crate::inputs::write_npy(out, &[x.n, net.classes()], &logits)?;
+    let ready = json!({
+        "ready": true,
+        "engine": format!("coarsen-{}", format!("{:?}", args.path).to_lowercase()),
+        "detail": format!(
+            "{} thread(s); formats: {}",
+            rayon::current_num_threads(),
+            engine
+                .layers()
+                .iter()
+                .map(|l| l.format.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    });
+    let stdout = std::io::stdout();
+    writeln!(stdout.lock(), "{ready}")?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let cmd: Vec<&str> = line.split_whitespace().collect();
+        match cmd[..] {
+            ["run", k] => {
+                let k: usize = k
+                    .parse()
+                    .with_context(|| format!("`{line}`: expected `run K`"))?;
+                let mut times = Vec::with_capacity(k);
+                for _ in 0..k {
+                    let t0 = std::time::Instant::now();
+                    engine.forward(&x.pixels, x.n)?;
+                    times.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                writeln!(stdout.lock(), "{}", json!({ "times_ms": times }))?;
+            }
+            ["quit"] => break,
+            [] => {}
+            _ => bail!("`{line}`: expected `run K` or `quit`"),
+        }
+    }
+    Ok(())
 }
 
 /// `--training`: the training step against stock candle, and training throughput.
@@ -134,12 +239,20 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
         ),
     };
     for m in &args.model {
-        if !["resnet18", "resnet20", "vgg16", "vgg11"].contains(&m.as_str()) {
-            bail!("--model {m}: expected resnet18, vgg16, resnet20 or vgg11");
+        let known = ["resnet18", "resnet20", "vgg16", "vgg11"].contains(&m.as_str());
+        if !known && !coarsen_train::export::is_export(Path::new(m)) {
+            bail!("--model {m}: expected an export directory, resnet18, vgg16, resnet20 or vgg11");
         }
+    }
+    if args.mask.is_some() && args.model.len() != 1 {
+        bail!("--mask goes with one --model architecture");
     }
     let mut runs = Vec::new();
     for m in &args.model {
+        if coarsen_train::export::is_export(Path::new(m)) || args.mask.is_some() {
+            runs.push((m.clone(), String::new(), 0.0));
+            continue;
+        }
         for p in &patterns {
             let list = match (&sparsities, p.as_str()) {
                 (_, "nm") => vec![0.5],
@@ -156,23 +269,32 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
     let mut records = Vec::new();
     for (m, p, s) in &runs {
         bar.set_message(format!("{m} {p} {s}"));
-        records.push(coarsen_train::bench::model_benchmark(
-            m, p, *s, args.batch, args.reps, args.seed,
-        )?);
+        let record = if p.is_empty() {
+            given_network(args, m)?
+        } else {
+            coarsen_train::bench::model_benchmark(m, p, *s, args.batch, args.reps, args.seed)?
+        };
+        records.push(record);
         bar.inc(1);
     }
     bar.finish_and_clear();
     println!(
-        "end-to-end inference, CIFAR 3×32×32, batch {}, {threads} thread(s), median of {} interleaved runs; dense path: faer GEMM",
+        "end-to-end inference, batch {}, {threads} thread(s), median of {} interleaved runs; dense path: faer GEMM",
         args.batch, args.reps
     );
+    let w = records
+        .iter()
+        .map(|r| r.model.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!(
-        "{:<9} {:<15} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "{:<w$} {:<15} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
         "model", "pattern", "sparsity", "dense ms", "packed ms", "saving", "ideal", "of ideal"
     );
     for r in &records {
         println!(
-            "{:<9} {:<15} {:>8.2} {:>10.1} {:>10.1} {:>7.1}% {:>7.1}% {:>8.2}",
+            "{:<w$} {:<15} {:>8.2} {:>10.1} {:>10.1} {:>7.1}% {:>7.1}% {:>8.2}",
             r.model,
             r.pattern,
             r.sparsity,
@@ -190,6 +312,9 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
 }
 
 fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> {
+    if let Some(dir) = &args.serve {
+        return serve(args, dir);
+    }
     if args.training {
         return training(args, threads, quiet);
     }

@@ -7,6 +7,7 @@ pub mod demo_synthetic;
 pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod predict;
 pub mod prune;
 pub mod synth;
 pub mod train;
