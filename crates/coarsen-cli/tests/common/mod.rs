@@ -20,3 +20,21 @@ pub fn ok(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The Python interpreter of the peer checks, with numpy and onnxruntime: `$COARSEN_PYTHON`
+/// (`scripts/test` makes a virtual environment and sets it), else `python3`. Fails with the way
+/// to get one when it lacks them: these checks are part of the tests, not optional.
+#[allow(dead_code)]
+pub fn python() -> String {
+    let py = std::env::var("COARSEN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import numpy, onnxruntime"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{py} lacks numpy or onnxruntime: run the tests with scripts/test (which makes a virtual \
+         environment with both), or set COARSEN_PYTHON to a Python that has them"
+    );
+    py
+}
