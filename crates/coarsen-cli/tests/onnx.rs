@@ -30,7 +30,10 @@ const PATTERNS: [(&str, Option<&[&str]>); 7] = [
     ("unstructured", Some(&[])),
     ("channel", Some(&["--to", "channel"])),
     ("group", Some(&["--to", "group", "--parts", "auto"])),
-    ("shuffled-block", Some(&["--to", "shuffled-block", "--block", "4"])),
+    (
+        "shuffled-block",
+        Some(&["--to", "shuffled-block", "--block", "4"]),
+    ),
     ("block", Some(&["--to", "block", "--block", "4x4"])),
     ("nm", Some(&["--to", "nm"])),
 ];
@@ -78,11 +81,8 @@ fn weights(family: &str, width: f64, path: &Path) -> Model {
 
 /// The first test images of the installed Fashion-MNIST, normalised, as an NCHW `.npy`.
 fn images(path: &Path) {
-    let data = coarsen_train::data::load(
-        Path::new(coarsen_train::data::DEFAULT_DATA_DIR),
-        0,
-    )
-    .expect("Fashion-MNIST is installed (scripts/test and .ci/run install it)");
+    let data = coarsen_train::data::load(Path::new(coarsen_train::data::DEFAULT_DATA_DIR), 0)
+        .expect("Fashion-MNIST is installed (scripts/test and .ci/run install it)");
     // One channel: channel-major [1, N, 28, 28] is NCHW already.
     let x = &data.test.pixels[..IMAGES * 28 * 28];
     let mut buf = Vec::new();
@@ -163,8 +163,18 @@ fn onnx_runtime_computes_what_coarsen_computes_for_every_family_and_pattern() {
         );
         let pruned = fdir.join("pruned.safetensors");
         ok(&[
-            "prune", "-q", "--weights", &p(&w), "--sparsity", "0.75", "--scope", "layer",
-            "--include", &include, "--out", &p(&pruned),
+            "prune",
+            "-q",
+            "--weights",
+            &p(&w),
+            "--sparsity",
+            "0.75",
+            "--scope",
+            "layer",
+            "--include",
+            &include,
+            "--out",
+            &p(&pruned),
         ]);
         for (k, (pattern, convert)) in PATTERNS.iter().enumerate() {
             let mask: Option<PathBuf> = match convert {
@@ -183,8 +193,19 @@ fn onnx_runtime_computes_what_coarsen_computes_for_every_family_and_pattern() {
             let out = fdir.join(pattern);
             let (ws, os, width) = (p(&w), p(&out), width.to_string());
             let mut a = vec![
-                "export", "-q", "--model", family, "--weights", &ws, "--input", "1,28,28",
-                "--width", &width, "--out", &os, "--onnx",
+                "export",
+                "-q",
+                "--model",
+                family,
+                "--weights",
+                &ws,
+                "--input",
+                "1,28,28",
+                "--width",
+                &width,
+                "--out",
+                &os,
+                "--onnx",
             ];
             let ms = mask.as_deref().map(p);
             if let Some(m) = &ms {
@@ -208,11 +229,7 @@ fn onnx_runtime_computes_what_coarsen_computes_for_every_family_and_pattern() {
     let list = dir.path().join("cases.json");
     std::fs::write(&list, serde_json::to_vec(&cases).unwrap()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_check.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .arg(&list)
-        .output()
-        .unwrap();
+    let out = Command::new(&py).arg(&script).arg(&list).output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -220,5 +237,9 @@ fn onnx_runtime_computes_what_coarsen_computes_for_every_family_and_pattern() {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("{report}");
-    assert_eq!(report.lines().count(), FAMILIES.len() * PATTERNS.len(), "{report}");
+    assert_eq!(
+        report.lines().count(),
+        FAMILIES.len() * PATTERNS.len(),
+        "{report}"
+    );
 }

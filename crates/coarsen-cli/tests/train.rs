@@ -309,3 +309,147 @@ fn demo_writes_the_report_with_plots() {
     let again = ok(&args);
     assert_eq!(again.lines().count(), table.lines().count());
 }
+
+/// Writes a greyscale PNG.
+fn png_gray(path: &Path, w: u32, h: u32, pixels: &[u8]) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut e = png::Encoder::new(std::io::BufWriter::new(f), w, h);
+    e.set_color(png::ColorType::Grayscale);
+    e.set_depth(png::BitDepth::Eight);
+    e.write_header().unwrap().write_image_data(pixels).unwrap();
+}
+
+/// Writes a `.npy` array.
+fn npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], values: &[T]) {
+    use npyz::WriterBuilder;
+    let mut buf = Vec::new();
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(&mut buf)
+        .begin_nd()
+        .unwrap();
+    w.extend(values.iter().copied()).unwrap();
+    w.finish().unwrap();
+    std::fs::write(path, buf).unwrap();
+}
+
+fn probabilities(v: &serde_json::Value) -> Vec<Vec<f64>> {
+    v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["probabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// `coarsen predict` on an export: IDX images with their labels reproduce `eval`'s accuracy;
+/// the same images as PNG and as a uint8 or normalised float `.npy` give the same
+/// probabilities; bad inputs are clear errors.
+#[test]
+fn predict_reads_every_input_kind() {
+    let s = Setup::new();
+    succeeded(&s.train("r", &["--method", "dense"]));
+    let exp = s.p("export");
+    ok(&["export", "-q", &s.p("r"), "--out", &exp]);
+    let eval = ok(&["eval", "-q", &exp]);
+    let acc = eval
+        .split("test accuracy ")
+        .nth(1)
+        .unwrap()
+        .split('%')
+        .next()
+        .unwrap()
+        .to_string();
+    let (images, labels) = (
+        s.p("data/t10k-images-idx3-ubyte"),
+        s.p("data/t10k-labels-idx1-ubyte"),
+    );
+    let json = s.p("idx.json");
+    let text = ok(&[
+        "predict", "-q", &exp, "--input", &images, "--labels", &labels, "--path", "dense",
+        "--json", &json,
+    ]);
+    assert!(
+        text.contains(&format!("top-1 accuracy {acc}% on 48 labelled images")),
+        "{text}\n{eval}"
+    );
+    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let idx_p = probabilities(&idx);
+    assert_eq!(idx_p.len(), 48);
+    assert!(idx_p
+        .iter()
+        .all(|p| (p.iter().sum::<f64>() - 1.0).abs() < 1e-5 && p.len() == 4));
+    // The same pixels as PNG images and as arrays.
+    let raw = std::fs::read(s.dir.path().join("data/t10k-images-idx3-ubyte")).unwrap();
+    let pixels = &raw[16..];
+    png_gray(&s.dir.path().join("a.png"), 8, 8, &pixels[..64]);
+    png_gray(&s.dir.path().join("b.png"), 8, 8, &pixels[64..128]);
+    npy(&s.dir.path().join("u8.npy"), &[48, 8, 8], pixels);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("export/model.json")).unwrap())
+            .unwrap();
+    let (mean, std) = (
+        m["preprocessing"]["mean"][0].as_f64().unwrap() as f32,
+        m["preprocessing"]["std"][0].as_f64().unwrap() as f32,
+    );
+    let normalised: Vec<f32> = pixels
+        .iter()
+        .map(|&v| (v as f32 / 255.0 - mean) / std)
+        .collect();
+    npy(&s.dir.path().join("f32.npy"), &[48, 1, 8, 8], &normalised);
+    for (inputs, normalized) in [
+        (vec![s.p("a.png"), s.p("b.png")], false),
+        (vec![s.p("u8.npy")], false),
+        (vec![s.p("f32.npy")], true),
+    ] {
+        let json = s.p("other.json");
+        let mut args = vec!["predict", "-q", &exp, "--path", "dense", "--json", &json];
+        args.push("--input");
+        args.extend(inputs.iter().map(String::as_str));
+        if normalized {
+            args.push("--normalized");
+        }
+        ok(&args);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let got = probabilities(&v);
+        for (i, (a, b)) in got.iter().zip(&idx_p).enumerate() {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-5, "{inputs:?} image {i}: {a:?} vs {b:?}");
+            }
+        }
+    }
+    // The packed path gives the same top-1 classes.
+    let packed = ok(&[
+        "predict", "-q", &exp, "--input", &images, "--labels", &labels,
+    ]);
+    assert!(packed.contains("top-1 accuracy"), "{packed}");
+    // Bad inputs.
+    png_gray(&s.dir.path().join("big.png"), 9, 8, &[0; 72]);
+    let e = err(&["predict", &exp, "--input", &s.p("big.png")]);
+    assert!(e.contains("9x8") && e.contains("8x8"), "{e}");
+    npy(&s.dir.path().join("bad.npy"), &[2, 3, 8, 8], &[0.5f32; 384]);
+    let e = err(&["predict", &exp, "--input", &s.p("bad.npy")]);
+    assert!(e.contains("[2, 3, 8, 8]"), "{e}");
+    npy(&s.dir.path().join("nan.npy"), &[1, 8, 8], &[f32::NAN; 64]);
+    let e = err(&["predict", &exp, "--input", &s.p("nan.npy")]);
+    assert!(e.contains("non-finite"), "{e}");
+    let e = err(&[
+        "predict",
+        &exp,
+        "--input",
+        &images,
+        "--labels",
+        &s.p("a.png"),
+    ]);
+    assert!(e.contains("a.png"), "{e}");
+    let e = err(&["predict", &exp, "--input", &s.p("nowhere.npy")]);
+    assert!(e.contains("nowhere.npy"), "{e}");
+}

@@ -46,8 +46,14 @@ fn round_trip_every_format() {
         for (k, fmt) in formats().iter().enumerate() {
             let (network, formats) = build(net, fmt, 5 + k as u64);
             let dir = tempfile::tempdir().unwrap();
-            let m = export::write(&network, &formats, None, info(network.input()[0]), dir.path())
-                .unwrap();
+            let m = export::write(
+                &network,
+                &formats,
+                None,
+                info(network.input()[0]),
+                dir.path(),
+            )
+            .unwrap();
             let back = export::load(dir.path()).unwrap();
             assert_eq!(back.manifest, m, "{label} {fmt:?}");
             assert_eq!(back.network.graph(), network.graph());
@@ -100,7 +106,10 @@ fn damaged_exports_are_clear_errors() {
     let mpath = dir.path().join(MANIFEST_FILE);
     let good = std::fs::read_to_string(&mpath).unwrap();
     let has = |e: String, want: &str| assert!(e.contains(want), "{e} (wanted {want})");
-    has(load_error(dir.path(), &good, |v| v["version"] = 9.into()), "version 9");
+    has(
+        load_error(dir.path(), &good, |v| v["version"] = 9.into()),
+        "version 9",
+    );
     has(
         load_error(dir.path(), &good, |v| v["format"] = "other".into()),
         "format other",
@@ -137,9 +146,15 @@ fn damaged_exports_are_clear_errors() {
     let tpath = dir.path().join(TENSORS_FILE);
     let bytes = std::fs::read(&tpath).unwrap();
     std::fs::write(&tpath, &bytes[..bytes.len() - 4]).unwrap();
-    has(export::load(dir.path()).unwrap_err().to_string(), "model.safetensors");
+    has(
+        export::load(dir.path()).unwrap_err().to_string(),
+        "model.safetensors",
+    );
     std::fs::write(&tpath, b"junk").unwrap();
-    has(export::load(dir.path()).unwrap_err().to_string(), "model.safetensors");
+    has(
+        export::load(dir.path()).unwrap_err().to_string(),
+        "model.safetensors",
+    );
     std::fs::remove_file(&tpath).unwrap();
     assert!(!export::is_export(dir.path()));
     assert!(export::load(dir.path()).is_err());
@@ -222,7 +237,11 @@ fn inconsistent_masks_are_refused() {
     let (graph, tensors, _) = n.finish(1);
     let mut masks = MaskSet::new();
     masks
-        .insert_bytes("fc.weight", &[5, 27], (0..135).map(|i| u8::from(i % 2 == 0)).collect())
+        .insert_bytes(
+            "fc.weight",
+            &[5, 27],
+            (0..135).map(|i| u8::from(i % 2 == 0)).collect(),
+        )
         .unwrap();
     let small = Network::new(graph, tensors, masks).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -259,7 +278,11 @@ fn version_1_files_load_with_their_architecture() {
         "model".into(),
         serde_json::json!({"name": "plain", "width": 1.0, "input": [2, 12, 12], "classes": 5}),
     );
-    std::fs::write(dir.path().join(MANIFEST_FILE), serde_json::to_vec(&v).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join(MANIFEST_FILE),
+        serde_json::to_vec(&v).unwrap(),
+    )
+    .unwrap();
     let e = export::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("version-1") && e.contains("plain"), "{e}");
     let graph = network.graph().clone();

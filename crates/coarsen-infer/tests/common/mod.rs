@@ -236,7 +236,11 @@ pub fn exotic() -> Net {
     n
 }
 
-pub fn masks_for(weights: &[(String, Vec<usize>)], fmt: &LayerFormat, seed: u64) -> (MaskSet, Formats) {
+pub fn masks_for(
+    weights: &[(String, Vec<usize>)],
+    fmt: &LayerFormat,
+    seed: u64,
+) -> (MaskSet, Formats) {
     let mut masks = MaskSet::new();
     let mut formats = Formats::new();
     // The first weight stays dense, like the first convolution of a pruned network.
@@ -312,4 +316,3 @@ pub fn formats() -> Vec<LayerFormat> {
         },
     ]
 }
-
