@@ -265,6 +265,64 @@ fn trains_on_the_installed_fashion_mnist() {
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(r["dataset"], "fashion-mnist", "{text}");
     assert!(r["test_accuracy"].as_f64().unwrap() > 0.6, "{text}");
+    // Exported, it is read by the numpy reference loader alone, with the accuracy `coarsen
+    // eval` gives on the 10,000 test images.
+    let exp = dir.path().join("export");
+    let exp_s = exp.display().to_string();
+    ok(&["export", "-q", &out.display().to_string(), "--out", &exp_s]);
+    let eval = ok(&["eval", "-q", &exp_s]);
+    let numpy = numpy_reference(&exp, None);
+    assert_eq!(accuracy_of(&numpy), accuracy_of(&eval), "{numpy}\n{eval}");
+    assert!(numpy.contains("(10000 images)"), "{numpy}");
+}
+
+/// `examples/numpy_reference.py` on an export (its test images from `data`, or Fashion-MNIST).
+fn numpy_reference(export: &Path, data: Option<&str>) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy_reference.py");
+    let mut cmd = std::process::Command::new(common::python());
+    cmd.arg(script).arg(export);
+    if let Some(d) = data {
+        cmd.args(["--data", d]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "numpy_reference.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `XX.XX` of `test accuracy XX.XX%`.
+fn accuracy_of(text: &str) -> String {
+    text.split("test accuracy ")
+        .nth(1)
+        .and_then(|t| t.split('%').next())
+        .unwrap_or_else(|| panic!("no test accuracy in {text}"))
+        .to_string()
+}
+
+/// The numpy reference loader reads a masked, channel-sparse export of a trained run and
+/// computes `coarsen eval`'s accuracy; a damaged export stops it with a one-line error.
+#[test]
+fn numpy_reference_loader_reproduces_eval() {
+    let s = Setup::new();
+    succeeded(&s.train("r", &["--method", "imp-refill"]));
+    let exp = s.p("export");
+    ok(&["export", "-q", &s.p("r"), "--out", &exp]);
+    let eval = ok(&["eval", "-q", &exp, "--data", &s.p("data")]);
+    let numpy = numpy_reference(Path::new(&exp), Some(&s.p("data")));
+    assert_eq!(accuracy_of(&numpy), accuracy_of(&eval), "{numpy}\n{eval}");
+    std::fs::write(s.dir.path().join("export/model.safetensors"), b"junk").unwrap();
+    let out = std::process::Command::new(common::python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy_reference.py"))
+        .arg(&exp)
+        .args(["--data", &s.p("data")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.starts_with("error:") && e.lines().count() == 1, "{e}");
 }
 
 #[test]
