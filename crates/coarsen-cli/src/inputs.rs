@@ -132,7 +132,7 @@ fn decode(path: &Path, input: [usize; 3], normalized: bool) -> Result<Decoded> {
     } else if bytes.starts_with(&[0, 0, 0x08, 3]) {
         idx_images(path, &bytes, input)
     } else if ext == "bin" {
-        cifar(&bytes, input)
+        cifar(path, &bytes, input)
     } else {
         bail!("not a .npy, PNG, IDX (idx3-ubyte) or CIFAR-10 binary (.bin) file");
     }
@@ -320,26 +320,13 @@ fn idx_labels(path: &Path) -> Result<Vec<u32>> {
 }
 
 /// A CIFAR-10 binary batch: records of one label byte and 3×32×32 pixel bytes.
-fn cifar(bytes: &[u8], input: [usize; 3]) -> Result<Decoded> {
-    const REC: usize = 1 + 3 * 32 * 32;
+fn cifar(path: &Path, bytes: &[u8], input: [usize; 3]) -> Result<Decoded> {
     fits("CIFAR-10 images", [3, 32, 32], input)?;
-    if bytes.is_empty() || !bytes.len().is_multiple_of(REC) {
-        bail!(
-            "{} bytes is not a whole number of 3073-byte CIFAR-10 records",
-            bytes.len()
-        );
-    }
-    let n = bytes.len() / REC;
-    let mut values = Vec::with_capacity(n * 3072);
-    let mut labels = Vec::with_capacity(n);
-    for rec in bytes.chunks_exact(REC) {
-        labels.push(rec[0] as u32);
-        values.extend(rec[1..].iter().map(|&p| p as f32 / 255.0));
-    }
+    let im = coarsen_train::data::parse_cifar(path, bytes)?;
     Ok(Decoded {
-        n,
-        values,
-        labels: Some(labels),
+        n: im.n,
+        values: im.pixels,
+        labels: Some(im.labels),
         pixels: true,
     })
 }

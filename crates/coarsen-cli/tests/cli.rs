@@ -661,7 +661,10 @@ fn bench_shapes_and_mask_layers_with_json() {
 
 #[test]
 fn help_for_every_subcommand() {
-    for sub in ["prune", "convert", "inspect", "bench", "synth", "demo"] {
+    for sub in [
+        "prune", "convert", "inspect", "bench", "synth", "demo", "train", "eval", "export",
+        "predict",
+    ] {
         let text = ok(&[sub, "--help"]);
         assert!(text.contains("Usage: coarsen"), "{sub}: {text}");
     }

@@ -509,20 +509,7 @@ impl GraphBuilder {
 
     /// Appends a node named `name` (generated from the op when `None`) reading `inputs`.
     pub fn push(&mut self, name: Option<String>, inputs: Vec<String>, op: Op) -> String {
-        let name = name.unwrap_or_else(|| {
-            let base = match &op {
-                Op::Relu => "relu",
-                Op::MaxPool(_) => "max_pool",
-                Op::AvgPool(_) => "avg_pool",
-                Op::GlobalAvgPool => "global_avg_pool",
-                Op::Flatten => "flatten",
-                Op::Add => "add",
-                Op::Conv(_) => "conv",
-                Op::Linear(_) => "linear",
-                Op::BatchNorm(_) => "batch_norm",
-            };
-            self.fresh(base)
-        });
+        let name = name.unwrap_or_else(|| self.fresh(op.name()));
         self.graph.nodes.push(Node {
             name: name.clone(),
             inputs,

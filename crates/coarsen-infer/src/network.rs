@@ -133,6 +133,26 @@ impl Network {
         Ok((scale, shift))
     }
 
+    /// Folds the BatchNorm `b` that reads a layer into the layer's row-major `weights` (one row
+    /// per output channel) and `bias`: `W ← W·scale`, `bias ← bias·scale + shift`.
+    pub fn fold_batch_norm(
+        &self,
+        b: &BatchNorm,
+        weights: &mut [f32],
+        bias: &mut [f32],
+    ) -> Result<()> {
+        let (scale, shift) = self.batch_norm_affine(b)?;
+        let rows = bias.len();
+        let per = weights.len() / rows.max(1);
+        for r in 0..rows {
+            weights[r * per..(r + 1) * per]
+                .iter_mut()
+                .for_each(|v| *v *= scale[r]);
+            bias[r] = bias[r] * scale[r] + shift[r];
+        }
+        Ok(())
+    }
+
     /// Sparsity over all conv and linear weights: the fraction of entries masked out.
     pub fn sparsity(&self) -> f64 {
         let (kept, all) =

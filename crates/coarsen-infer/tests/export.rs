@@ -160,8 +160,11 @@ fn damaged_exports_are_clear_errors() {
     assert!(export::load(dir.path()).is_err());
 }
 
+/// The tensors of a safetensors file: (name, dtype, shape, bytes).
+type Raw = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
 /// Writes a safetensors file of (name, dtype, shape, bytes), in order.
-fn write_tensors(path: &Path, tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+fn write_tensors(path: &Path, tensors: &Raw) {
     let views: Vec<_> = tensors
         .iter()
         .map(|(n, d, s, b)| {
@@ -183,12 +186,12 @@ fn inconsistent_masks_are_refused() {
     let tpath = dir.path().join(TENSORS_FILE);
     let original = std::fs::read(&tpath).unwrap();
     let st = safetensors::SafeTensors::deserialize(&original).unwrap();
-    let all: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+    let all: Raw = st
         .tensors()
         .into_iter()
         .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
         .collect();
-    let edit = |f: &dyn Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)| {
+    let edit = |f: &dyn Fn(&mut Raw)| {
         let mut t = all.clone();
         f(&mut t);
         write_tensors(&tpath, &t);
@@ -196,9 +199,7 @@ fn inconsistent_masks_are_refused() {
         std::fs::write(&tpath, &original).unwrap();
         e
     };
-    let pos = |t: &Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>, n: &str| {
-        t.iter().position(|x| x.0 == n).unwrap()
-    };
+    let pos = |t: &Raw, n: &str| t.iter().position(|x| x.0 == n).unwrap();
     // One mask bit more than values.
     let e = edit(&|t| {
         let i = pos(t, "conv2.weight.mask_bits");
@@ -250,7 +251,7 @@ fn inconsistent_masks_are_refused() {
     let tpath = dir.path().join(TENSORS_FILE);
     let st_bytes = std::fs::read(&tpath).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
-    let mut t: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+    let mut t: Raw = st
         .tensors()
         .into_iter()
         .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
@@ -310,7 +311,7 @@ proptest! {
             }
             let n: usize = shape.iter().product();
             let bytes = (0..n)
-                .map(|j| u8::from(((j as u64 * 2654435761 ^ seed) % 1000) as f64 / 1000.0 < density))
+                .map(|j| u8::from((((j as u64 * 2654435761) ^ seed) % 1000) as f64 / 1000.0 < density))
                 .collect();
             masks.insert_bytes(name.clone(), shape, bytes).unwrap();
         }

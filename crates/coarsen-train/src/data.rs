@@ -271,8 +271,14 @@ fn read_cifar(path: &Path) -> Result<Images> {
         },
         other => other,
     })?;
+    parse_cifar(path, &bytes)
+}
+
+/// Parses a CIFAR-10 binary batch (`path` names it in errors): records of 1 label byte (0..10)
+/// and 3×32×32 pixel bytes; pixels scaled to [0, 1].
+pub fn parse_cifar(path: &Path, bytes: &[u8]) -> Result<Images> {
     const REC: usize = 1 + 3 * 32 * 32;
-    if bytes.is_empty() || bytes.len() % REC != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(REC) {
         return Err(TrainError::Data {
             path: path.to_path_buf(),
             reason: format!(

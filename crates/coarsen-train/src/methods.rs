@@ -36,8 +36,8 @@ use crate::sparsity::{
     channel_sparsity, naive_channel, post_process, prune_global, PostProcess, RefillCriterion,
 };
 use crate::train::{
-    accuracy, load_masks, load_tensors, save_tensors, write_atomic, Dynamics, EpochMetrics,
-    Progress, Recipe, Static, Trainer,
+    accuracy, load_masks, save_tensors, write_atomic, Dynamics, EpochMetrics, Progress, Recipe,
+    Static, Trainer,
 };
 
 /// The method names `coarsen train --method` accepts.
@@ -592,8 +592,7 @@ fn read_stage_seconds(out: &Path) -> BTreeMap<usize, f64> {
 
 /// Loads the weights (all parameters and buffers) of a saved state file into the model.
 fn load_weights(model: &Model, path: &Path) -> Result<()> {
-    let w = load_tensors(path)?;
-    model.load_state(&|n| w.get(n).cloned(), path)
+    model.load_weights(&coarsen_core::WeightFile::read(path)?)
 }
 
 /// Before stage `s > 0` (fresh): new masks from the model's weights (the trained weights of

@@ -774,6 +774,19 @@ impl Model {
         Ok(Network::new(self.graph(), self.tensors()?, masks.clone())?)
     }
 
+    /// Loads every parameter and buffer from a weights file (torchvision names, every tensor
+    /// of the model present with its shape, every value finite; other tensors are ignored).
+    pub fn load_weights(&self, file: &coarsen_core::WeightFile) -> Result<()> {
+        for t in file.tensors() {
+            t.check_finite(file.path())?;
+        }
+        let lookup = |n: &str| {
+            file.get(n)
+                .and_then(|t| t.values().map(|v| (t.shape.clone(), v.to_vec())))
+        };
+        self.load_state(&lookup, file.path())
+    }
+
     /// Number of conv and linear weights.
     pub fn weight_count(&self) -> usize {
         self.weights()

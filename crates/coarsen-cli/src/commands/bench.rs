@@ -14,7 +14,7 @@ use coarsen_kernels::{
 use serde_json::json;
 
 use crate::args::BenchArgs;
-use crate::commands::{ensure_parent, selector, write_json};
+use crate::commands::{ensure_parent, parse_sizes, selector, write_json};
 use crate::progress;
 
 /// One thing to time: a shape, a format label and the packed weights.
@@ -77,12 +77,7 @@ fn given_network(args: &BenchArgs, m: &str) -> Result<coarsen_train::bench::Mode
         };
         let model = coarsen_train::model::Model::new(&spec, args.seed)?;
         if let Some(w) = &args.weights {
-            let file = WeightFile::read(w)?;
-            let lookup = |n: &str| {
-                file.get(n)
-                    .and_then(|t| t.values().map(|v| (t.shape.clone(), v.to_vec())))
-            };
-            model.load_state(&lookup, w)?;
+            model.load_weights(&WeightFile::read(w)?)?;
         }
         let path = args.mask.as_deref().context("--mask")?;
         let (masks, meta) = coarsen_core::MaskSet::read(path)?;
@@ -428,20 +423,13 @@ fn jobs(args: &BenchArgs) -> Result<Vec<Job>> {
 
 /// `R,C,N` (also `RxCxN`).
 fn parse_shape(s: &str) -> Result<Case> {
-    let parts: Vec<usize> = s
-        .split([',', 'x'])
-        .map(|p| p.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--shape {s}: expected R,C,N"))?;
-    match parts[..] {
-        [rows, cols, n] if rows > 0 && cols > 0 && n > 0 => Ok(Case {
-            label: format!("{rows}x{cols}x{n}"),
-            rows,
-            cols,
-            n,
-        }),
-        _ => bail!("--shape {s}: expected three positive sizes R,C,N"),
-    }
+    let [rows, cols, n] = parse_sizes("--shape", s, "R,C,N")?;
+    Ok(Case {
+        label: format!("{rows}x{cols}x{n}"),
+        rows,
+        cols,
+        n,
+    })
 }
 
 /// Every selected layer of a mask file at its real shape, in the format its pattern runs in,

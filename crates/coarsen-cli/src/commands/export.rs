@@ -16,7 +16,7 @@ use coarsen_train::train::check_masks;
 use rand::{Rng, SeedableRng};
 
 use crate::args::{ExportArgs, ExportFormat};
-use crate::commands::shape_text;
+use crate::commands::{parse_sizes, shape_text};
 use crate::progress;
 
 /// The file `--format onnx` writes into the export directory.
@@ -153,23 +153,10 @@ fn from_export_dir(c: &Path) -> Result<Source> {
     })
 }
 
-/// `C,H,W`.
-fn parse_input(s: &str) -> Result<[usize; 3]> {
-    let v: Vec<usize> = s
-        .split([',', 'x'])
-        .map(|p| p.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--input {s}: expected C,H,W"))?;
-    match v[..] {
-        [c, h, w] if c > 0 && h > 0 && w > 0 => Ok([c, h, w]),
-        _ => bail!("--input {s}: expected three positive sizes C,H,W"),
-    }
-}
-
 fn from_weights(name: &str, a: &ExportArgs) -> Result<Source> {
     let wpath = a.weights.as_deref().context("--model needs --weights")?;
     let input = match &a.input {
-        Some(s) => parse_input(s)?,
+        Some(s) => parse_sizes("--input", s, "C,H,W")?,
         None if matches!(name, "mlp" | "cnn") => [1, 28, 28],
         None => [3, 32, 32],
     };
@@ -202,14 +189,7 @@ fn from_weights(name: &str, a: &ExportArgs) -> Result<Source> {
         classes,
     };
     let model = Model::new(&spec, 0)?;
-    for t in file.tensors() {
-        t.check_finite(wpath)?;
-    }
-    let lookup = |n: &str| {
-        file.get(n)
-            .and_then(|t| t.values().map(|v| (t.shape.clone(), v.to_vec())))
-    };
-    model.load_state(&lookup, wpath)?;
+    model.load_weights(&file)?;
     let (masks, meta) = match &a.mask {
         Some(m) => {
             let (masks, meta) = MaskSet::read(m)?;

@@ -41,6 +41,27 @@ pub fn ensure_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `N` positive sizes separated by `,` or `x` (`R,C,N`, `3x32x32`); `flag` and `names` (e.g.
+/// `--input`, `C,H,W`) make the error message.
+pub fn parse_sizes<const N: usize>(flag: &str, s: &str, names: &str) -> Result<[usize; N]> {
+    let v: Vec<usize> = s
+        .split([',', 'x'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("{flag} {s}: expected {names}"))?;
+    match <[usize; N]>::try_from(v) {
+        Ok(a) if a.iter().all(|&d| d > 0) => Ok(a),
+        _ => {
+            let count = match N {
+                2 => "two".to_string(),
+                3 => "three".to_string(),
+                n => n.to_string(),
+            };
+            bail!("{flag} {s}: expected {count} positive sizes {names}")
+        }
+    }
+}
+
 /// A shape for tables: `64×32×3×3`.
 pub fn shape_text(shape: &[usize]) -> String {
     shape

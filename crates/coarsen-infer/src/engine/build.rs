@@ -345,7 +345,6 @@ impl<'a> Compiler<'a> {
         let shape = t.require(weight)?.shape().to_vec();
         let rows = shape[0];
         let mut values = self.net.masked_values(weight)?;
-        let per = values.len() / rows.max(1);
         let mut bias = match bias {
             Some(b) => t.require(b)?.values().to_vec(),
             None => vec![0.0; rows],
@@ -353,13 +352,7 @@ impl<'a> Compiler<'a> {
         let mut out = graph.nodes[i].name.clone();
         if let Some(j) = self.sole_reader(&out) {
             if let Op::BatchNorm(b) = &graph.nodes[j].op {
-                let (scale, shift) = self.net.batch_norm_affine(b)?;
-                for r in 0..rows {
-                    values[r * per..(r + 1) * per]
-                        .iter_mut()
-                        .for_each(|v| *v *= scale[r]);
-                    bias[r] = bias[r] * scale[r] + shift[r];
-                }
+                self.net.fold_batch_norm(b, &mut values, &mut bias)?;
                 self.fused.insert(j);
                 out = graph.nodes[j].name.clone();
             }

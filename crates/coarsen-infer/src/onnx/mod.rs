@@ -295,19 +295,12 @@ impl Writer<'_> {
             let b = bias.map(|b| self.tensor(b)).transpose()?;
             return Ok((w, b, node.name.clone()));
         };
-        let (scale, shift) = self.net.batch_norm_affine(bn)?;
         let rows = shape[0];
-        let per = values.len() / rows.max(1);
         let mut b = match bias {
             Some(b) => self.net.tensors().require(b)?.values().to_vec(),
             None => vec![0.0; rows],
         };
-        for r in 0..rows {
-            values[r * per..(r + 1) * per]
-                .iter_mut()
-                .for_each(|v| *v *= scale[r]);
-            b[r] = b[r] * scale[r] + shift[r];
-        }
+        self.net.fold_batch_norm(bn, &mut values, &mut b)?;
         self.fused.insert(j);
         let w = self.init(&format!("{}.folded_weight", node.name), &shape, &values);
         let bb = self.init(&format!("{}.folded_bias", node.name), &[rows], &b);
