@@ -406,6 +406,15 @@ pub fn load(dir: &Path) -> Result<Exported> {
 /// Loads an export directory of either version; `v1_graph` gives the graph of a version-1
 /// file's architecture (its tensors carry the architecture's parameter names).
 pub fn load_with(dir: &Path, v1_graph: &dyn Fn(&ModelInfo) -> Result<Graph>) -> Result<Exported> {
+    load_tensors(dir, read_manifest_with(dir, v1_graph)?)
+}
+
+/// Reads `dir/model.json` of either version in version 2's form; `v1_graph` gives the graph
+/// of a version-1 file's architecture.
+pub fn read_manifest_with(
+    dir: &Path,
+    v1_graph: &dyn Fn(&ModelInfo) -> Result<Graph>,
+) -> Result<Manifest> {
     let manifest = match read_manifest(dir)? {
         AnyManifest::V2(m) => *m,
         AnyManifest::V1(m) => {
@@ -428,11 +437,17 @@ pub fn load_with(dir: &Path, v1_graph: &dyn Fn(&ModelInfo) -> Result<Graph>) -> 
             }
         }
     };
-    let mpath = dir.join(MANIFEST_FILE);
     if let Some(p) = &manifest.preprocessing {
         p.check(manifest.graph.input[0])
-            .map_err(|e| InferError::file(&mpath, e.to_string()))?;
+            .map_err(|e| InferError::file(dir.join(MANIFEST_FILE), e.to_string()))?;
     }
+    Ok(manifest)
+}
+
+/// Loads the tensors of the export directory `dir` described by `manifest` (read from its
+/// `model.json`) and checks the network they make.
+pub fn load_tensors(dir: &Path, manifest: Manifest) -> Result<Exported> {
+    let mpath = dir.join(MANIFEST_FILE);
     let tpath = dir.join(TENSORS_FILE);
     let raw = std::fs::read(&tpath).map_err(|e| InferError::io(&tpath, e))?;
     let st = SafeTensors::deserialize(&raw)

@@ -67,15 +67,32 @@ pub fn info(
     })
 }
 
-/// Loads an export directory of either version: version 2 holds its graph; a version-1 file
-/// names one of coarsen's architectures, whose graph [`Model`] builds.
+/// The graph of a version-1 export's architecture, from [`Model`]'s table.
+fn v1_graph(
+    dir: &Path,
+    m: &infer_export::ModelInfo,
+) -> coarsen_infer::Result<coarsen_infer::Graph> {
+    Model::new(&ModelSpec::from_info(m), 0)
+        .map(|model| model.graph())
+        .map_err(|e| InferError::file(dir.join(MANIFEST_FILE), e.to_string()))
+}
+
+/// Reads `model.json` of either version, as version 2 (a version-1 file names one of coarsen's
+/// architectures, whose graph [`Model`] builds).
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    Ok(infer_export::read_manifest_with(dir, &|m| {
+        v1_graph(dir, m)
+    })?)
+}
+
+/// Loads an export directory of either version.
 pub fn load(dir: &Path) -> Result<Exported> {
-    let v1 = |m: &infer_export::ModelInfo| {
-        Model::new(&ModelSpec::from_info(m), 0)
-            .map(|model| model.graph())
-            .map_err(|e| InferError::file(dir.join(MANIFEST_FILE), e.to_string()))
-    };
-    Ok(infer_export::load_with(dir, &v1)?)
+    load_manifest(dir, read_manifest(dir)?)
+}
+
+/// Loads the tensors of an export directory whose `model.json` was read already.
+pub fn load_manifest(dir: &Path, manifest: Manifest) -> Result<Exported> {
+    Ok(infer_export::load_tensors(dir, manifest)?)
 }
 
 /// The experiment an export records, when it records one coarsen-train can read.

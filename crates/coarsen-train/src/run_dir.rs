@@ -14,7 +14,7 @@ use crate::export::{self, Manifest};
 use crate::methods::{Experiment, RunResults};
 use crate::model::Model;
 use crate::optim::apply_masks;
-use crate::train::{check_masks, load_tensors};
+use crate::train::check_masks;
 
 /// The file of a run that records its experiment.
 pub const EXPERIMENT_FILE: &str = "experiment.json";
@@ -43,9 +43,24 @@ fn not_found(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
-/// The experiment of a run, stage, checkpoint or export directory, and the directory holding
-/// its `weights.safetensors` and `masks.safetensors` (for an export: the directory itself).
-pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
+/// Where a network lives: what [`locate`] finds in a run, stage, checkpoint or export
+/// directory, before anything large is read.
+#[derive(Debug)]
+pub struct Located {
+    /// The directory given.
+    pub checkpoint: PathBuf,
+    /// The experiment that trained it (defaults where an export does not record one).
+    pub experiment: Experiment,
+    /// The directory of `weights.safetensors` and `masks.safetensors`, or the export.
+    pub dir: PathBuf,
+    /// `model.json`, when it is an export.
+    pub manifest: Option<Manifest>,
+}
+
+/// Finds the experiment of a run, stage, checkpoint or export directory, and the directory
+/// holding its `weights.safetensors` and `masks.safetensors` (for an export: the directory
+/// itself, with its `model.json`).
+pub fn locate(checkpoint: &Path) -> Result<Located> {
     if !checkpoint.is_dir() {
         return Err(not_found(
             checkpoint,
@@ -53,27 +68,24 @@ pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
         ));
     }
     if export::is_export(checkpoint) {
-        let m = match coarsen_infer::export::read_manifest(checkpoint)? {
-            coarsen_infer::export::AnyManifest::V2(m) => (
-                export::experiment(&m),
-                m.model.as_ref().map(|i| (i.name.clone(), i.width)),
-            ),
-            coarsen_infer::export::AnyManifest::V1(m) => (
-                m.experiment
-                    .as_ref()
-                    .and_then(|v| serde_json::from_value(v.clone()).ok()),
-                Some((m.model.name.clone(), m.model.width)),
-            ),
-        };
-        let exp = m.0.unwrap_or_else(|| {
-            let (model, width) = m.1.unwrap_or_else(|| ("graph".into(), 1.0));
+        let manifest = export::read_manifest(checkpoint)?;
+        let experiment = export::experiment(&manifest).unwrap_or_else(|| {
+            let (model, width) = manifest
+                .model
+                .as_ref()
+                .map_or_else(|| ("graph".into(), 1.0), |m| (m.name.clone(), m.width));
             Experiment {
                 model,
                 width,
                 ..Experiment::default()
             }
         });
-        return Ok((exp, checkpoint.to_path_buf()));
+        return Ok(Located {
+            checkpoint: checkpoint.to_path_buf(),
+            experiment,
+            dir: checkpoint.to_path_buf(),
+            manifest: Some(manifest),
+        });
     }
     let run_dir = [checkpoint.to_path_buf(), checkpoint.join("..")]
         .into_iter()
@@ -86,9 +98,9 @@ pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
         })?;
     let exp_path = run_dir.join(EXPERIMENT_FILE);
     let raw = std::fs::read(&exp_path).map_err(|e| TrainError::io(&exp_path, e))?;
-    let exp: Experiment = serde_json::from_slice(&raw)
+    let experiment: Experiment = serde_json::from_slice(&raw)
         .map_err(|e| not_found(&exp_path, format!("not a coarsen experiment: {e}")))?;
-    let weights_dir = if checkpoint.join("weights.safetensors").exists() {
+    let dir = if checkpoint.join("weights.safetensors").exists() {
         checkpoint.to_path_buf()
     } else if checkpoint.join("results.json").exists() {
         checkpoint.join(RunResults::read(checkpoint)?.final_stage)
@@ -104,68 +116,91 @@ pub fn locate(checkpoint: &Path) -> Result<(Experiment, PathBuf)> {
             "no weights.safetensors, results.json or checkpoint/ inside",
         ));
     };
-    Ok((exp, weights_dir))
-}
-
-/// Loads the network of a run, stage, checkpoint or export directory. `data` gives the input
-/// shape and classes of a run's network; an export records its own and must agree with it.
-pub fn load(checkpoint: &Path, data: Option<&DataSplits>) -> Result<Loaded> {
-    let (experiment, dir) = locate(checkpoint)?;
-    if export::is_export(checkpoint) {
-        let e = export::load(checkpoint)?;
-        if let Some(d) = data {
-            let have = (e.network.input(), e.network.classes());
-            let want = ([d.test.channels, d.test.height, d.test.width], d.classes);
-            if have != want {
-                return Err(not_found(
-                    checkpoint,
-                    format!(
-                        "the export takes {:?} images and {} classes; {} has {:?} and {}",
-                        have.0,
-                        have.1,
-                        d.source.display(),
-                        want.0,
-                        want.1
-                    ),
-                ));
-            }
-        }
-        return Ok(Loaded {
-            dir,
-            experiment,
-            meta: e.manifest.coarsen.clone(),
-            network: e.network,
-            formats: e.formats,
-            manifest: Some(e.manifest),
-        });
-    }
-    let Some(data) = data else {
-        return Err(not_found(
-            checkpoint,
-            "a training run's network needs its data set for its input shape",
-        ));
-    };
-    let model = Model::new(&experiment.model_spec(data), experiment.seed)?;
-    let wpath = dir.join("weights.safetensors");
-    let weights = load_tensors(&wpath)?;
-    model.load_state(&|n| weights.get(n).cloned(), &wpath)?;
-    let mpath = dir.join("masks.safetensors");
-    let (masks, meta) = if mpath.exists() {
-        let (masks, meta) = MaskSet::read(&mpath)?;
-        check_masks(&masks, &model, &mpath)?;
-        (masks, meta)
-    } else {
-        (MaskSet::new(), None)
-    };
-    apply_masks(&model, &masks)?;
-    let network = model.network(&masks)?;
-    let formats = layer_formats(network.graph(), &masks, meta.as_ref())?;
-    Ok(Loaded {
-        dir,
+    Ok(Located {
+        checkpoint: checkpoint.to_path_buf(),
         experiment,
-        network,
-        formats,
-        meta,
+        dir,
         manifest: None,
     })
+}
+
+/// Loads the network of a run, stage, checkpoint or export directory ([`locate`] then
+/// [`Located::load`]).
+pub fn load(checkpoint: &Path, data: Option<&DataSplits>) -> Result<Loaded> {
+    locate(checkpoint)?.load(data)
+}
+
+impl Located {
+    /// Whether it is an export directory.
+    pub fn is_export(&self) -> bool {
+        self.manifest.is_some()
+    }
+
+    /// Loads the network. `data` gives the input shape and classes of a run's network; an
+    /// export records its own and must agree with it.
+    pub fn load(self, data: Option<&DataSplits>) -> Result<Loaded> {
+        let Located {
+            checkpoint,
+            experiment,
+            dir,
+            manifest,
+        } = self;
+        if let Some(manifest) = manifest {
+            let e = export::load_manifest(&checkpoint, manifest)?;
+            if let Some(d) = data {
+                let have = (e.network.input(), e.network.classes());
+                let want = ([d.test.channels, d.test.height, d.test.width], d.classes);
+                if have != want {
+                    return Err(not_found(
+                        &checkpoint,
+                        format!(
+                            "the export takes {:?} images and {} classes; {} has {:?} and {}",
+                            have.0,
+                            have.1,
+                            d.source.display(),
+                            want.0,
+                            want.1
+                        ),
+                    ));
+                }
+            }
+            return Ok(Loaded {
+                dir,
+                experiment,
+                meta: e.manifest.coarsen.clone(),
+                network: e.network,
+                formats: e.formats,
+                manifest: Some(e.manifest),
+            });
+        }
+        let Some(data) = data else {
+            return Err(not_found(
+                &checkpoint,
+                "a training run's network needs its data set for its input shape",
+            ));
+        };
+        let model = Model::new(&experiment.model_spec(data), experiment.seed)?;
+        model.load_weights(&coarsen_core::WeightFile::read(
+            dir.join("weights.safetensors"),
+        )?)?;
+        let mpath = dir.join("masks.safetensors");
+        let (masks, meta) = if mpath.exists() {
+            let (masks, meta) = MaskSet::read(&mpath)?;
+            check_masks(&masks, &model, &mpath)?;
+            (masks, meta)
+        } else {
+            (MaskSet::new(), None)
+        };
+        apply_masks(&model, &masks)?;
+        let network = model.network(&masks)?;
+        let formats = layer_formats(network.graph(), &masks, meta.as_ref())?;
+        Ok(Loaded {
+            dir,
+            experiment,
+            network,
+            formats,
+            meta,
+            manifest: None,
+        })
+    }
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use coarsen_infer::{InferenceNet, Path as InferPath};
 use coarsen_train::data;
 use coarsen_train::methods::{self, LayerResult};
-use coarsen_train::run_dir::{load, locate, Loaded};
+use coarsen_train::run_dir::{locate, Loaded};
 use coarsen_train::train::engine_accuracy;
 use serde::Serialize;
 
@@ -75,12 +75,13 @@ pub fn sparse_eval(
 
 /// Runs `coarsen eval`.
 pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
-    let (exp, _) = locate(&a.checkpoint)?;
+    let at = locate(&a.checkpoint)?;
+    let exp = at.experiment.clone();
     let data_dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
     let sp = progress::spinner("evaluating", quiet);
     sp.set_message(format!("loading {}", data_dir.display()));
     let data = data::load(&data_dir, exp.recipe.val_split)?;
-    let loaded = load(&a.checkpoint, Some(&data))?;
+    let loaded = at.load(Some(&data))?;
     let (meta, dir) = (&loaded.meta, &loaded.dir);
     // Accuracy of the network as stored, BatchNorm folded, on the dense path.
     let net = InferenceNet::new(&loaded.network, &loaded.formats, InferPath::Dense)?;

@@ -11,7 +11,7 @@ use coarsen_infer::{layer_formats, Formats, InferenceNet, Network, Path as Infer
 use coarsen_train::data::{self, make_batch};
 use coarsen_train::export::{self, info};
 use coarsen_train::model::{Model, ModelSpec};
-use coarsen_train::run_dir::{load, locate};
+use coarsen_train::run_dir::locate;
 use coarsen_train::train::check_masks;
 use rand::{Rng, SeedableRng};
 
@@ -112,12 +112,13 @@ fn refuse_overwriting(src: &Path, out: &Path, format: ExportFormat) -> Result<()
 }
 
 fn from_run(c: &Path, a: &ExportArgs, sp: &indicatif::ProgressBar) -> Result<Source> {
-    let (exp, _) = locate(c)?;
+    let at = locate(c)?;
+    let exp = &at.experiment;
     let data_dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
     sp.set_message(format!("loading {}", data_dir.display()));
     let data = data::load(&data_dir, exp.recipe.val_split)?;
     sp.set_message("loading the network");
-    let l = load(c, Some(&data))?;
+    let l = at.load(Some(&data))?;
     let spec = l.experiment.model_spec(&data);
     let check = (a.verify > 0 && data.test.n > 0).then(|| {
         let n = a.verify.min(data.test.n);

@@ -7,8 +7,8 @@ use anyhow::{bail, Result};
 use coarsen_infer::export::Preprocessing;
 use coarsen_infer::{softmax_rows, InferenceNet};
 use coarsen_train::data;
-use coarsen_train::export::{class_names, is_export};
-use coarsen_train::run_dir::{load, locate};
+use coarsen_train::export::class_names;
+use coarsen_train::run_dir::locate;
 use serde::Serialize;
 
 use crate::args::PredictArgs;
@@ -58,17 +58,17 @@ pub fn run(a: &PredictArgs, quiet: bool) -> Result<()> {
     sp.set_message(format!("loading {}", a.model.display()));
     // The network, its normalisation and class names: an export records them; a run's come
     // from its data set.
-    let (loaded, preprocessing, names) = if is_export(&a.model) {
-        let l = load(&a.model, None)?;
-        let m = l.manifest.clone();
-        let pre = m.as_ref().and_then(|m| m.preprocessing.clone());
-        let names = m.and_then(|m| m.labels);
+    let at = locate(&a.model)?;
+    let (loaded, preprocessing, names) = if at.is_export() {
+        let l = at.load(None)?;
+        let m = l.manifest.as_ref();
+        let pre = m.and_then(|m| m.preprocessing.clone());
+        let names = m.and_then(|m| m.labels.clone());
         (l, pre, names)
     } else {
-        let (exp, _) = locate(&a.model)?;
-        let dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
-        let d = data::load(&dir, exp.recipe.val_split)?;
-        let l = load(&a.model, Some(&d))?;
+        let dir = a.data.clone().unwrap_or_else(|| at.experiment.data.clone());
+        let d = data::load(&dir, at.experiment.recipe.val_split)?;
+        let l = at.load(Some(&d))?;
         let pre = Preprocessing {
             mean: d.mean.clone(),
             std: d.std.clone(),
