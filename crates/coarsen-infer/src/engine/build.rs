@@ -15,7 +15,7 @@ use super::run::{Kind, Layer, Source, Step};
 use super::{LayerInfo, Path};
 use crate::error::{InferError, Result};
 use crate::format::{Formats, LayerFormat};
-use crate::graph::{Node, Op, INPUT};
+use crate::graph::{Node, Op, Pool, INPUT};
 use crate::network::Network;
 
 /// Activation flow of one value, known when compiling: which channels are computed (`live`,
@@ -213,56 +213,8 @@ impl<'a> Compiler<'a> {
                 f.map_consts(|_, v| v.max(0.0));
                 self.push(vec![slot], Kind::Relu, f)
             }
-            Op::MaxPool(p) => {
-                let g = p.geometry();
-                let (ho, wo) = output_hw(node, g, flow.h, flow.w)?;
-                let kind = Kind::MaxPool {
-                    g,
-                    h: flow.h,
-                    w: flow.w,
-                    ho,
-                    wo,
-                };
-                self.push(
-                    vec![slot],
-                    kind,
-                    Flow {
-                        h: ho,
-                        w: wo,
-                        ..flow
-                    },
-                )
-            }
-            Op::AvgPool(a) => {
-                let g = a.window.geometry();
-                let (ho, wo) = output_hw(node, g, flow.h, flow.w)?;
-                // Counting the padding makes a removed channel's average vary at the borders:
-                // such a channel is rebuilt first.
-                let (slot, flow) = if a.count_include_pad && g.padding != [0; 4] && !flow.all_live()
-                {
-                    let s = self.materialize(slot);
-                    (s, self.flows[s].clone())
-                } else {
-                    (slot, flow)
-                };
-                let kind = Kind::AvgPool {
-                    g,
-                    include_pad: a.count_include_pad,
-                    h: flow.h,
-                    w: flow.w,
-                    ho,
-                    wo,
-                };
-                self.push(
-                    vec![slot],
-                    kind,
-                    Flow {
-                        h: ho,
-                        w: wo,
-                        ..flow
-                    },
-                )
-            }
+            Op::MaxPool(p) => self.pool(node, slot, flow, p, None)?,
+            Op::AvgPool(a) => self.pool(node, slot, flow, &a.window, Some(a.count_include_pad))?,
             Op::GlobalAvgPool => {
                 let kind = Kind::GlobalAvgPool {
                     hw: flow.h * flow.w,
@@ -327,6 +279,42 @@ impl<'a> Compiler<'a> {
         };
         self.slot_of.insert(node.name.clone(), out);
         Ok(())
+    }
+
+    /// Max pooling (`avg` is `None`) or average pooling (`avg` = whether the padding counts)
+    /// of `slot`; the new slot.
+    fn pool(
+        &mut self,
+        node: &Node,
+        slot: usize,
+        flow: Flow,
+        p: &Pool,
+        avg: Option<bool>,
+    ) -> Result<usize> {
+        let g = p.geometry();
+        let (ho, wo) = output_hw(node, g, flow.h, flow.w)?;
+        // Counting the padding makes a removed channel's average vary at the borders: such a
+        // channel is rebuilt first.
+        let (slot, flow) = if avg == Some(true) && g.padding != [0; 4] && !flow.all_live() {
+            let s = self.materialize(slot);
+            (s, self.flows[s].clone())
+        } else {
+            (slot, flow)
+        };
+        let kind = Kind::Pool {
+            g,
+            avg,
+            h: flow.h,
+            w: flow.w,
+            ho,
+            wo,
+        };
+        let f = Flow {
+            h: ho,
+            w: wo,
+            ..flow
+        };
+        Ok(self.push(vec![slot], kind, f))
     }
 
     /// The layer of node `i` (weight `weight`), with a BatchNorm that alone reads it folded in

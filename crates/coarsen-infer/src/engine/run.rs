@@ -44,16 +44,10 @@ pub(super) enum Kind {
         hw: usize,
     },
     Relu,
-    MaxPool {
+    /// Max pooling (`avg` is `None`) or average pooling (`avg` = whether the padding counts).
+    Pool {
         g: ConvGeometry,
-        h: usize,
-        w: usize,
-        ho: usize,
-        wo: usize,
-    },
-    AvgPool {
-        g: ConvGeometry,
-        include_pad: bool,
+        avg: Option<bool>,
         h: usize,
         w: usize,
         ho: usize,
@@ -182,15 +176,14 @@ fn apply(kind: &Kind, ins: &[&[f32]], batch: usize, o: &InferOptions) -> Result<
                 });
             out
         }
-        Kind::MaxPool { g, h, w, ho, wo } => pool(x, *g, (*h, *w), (*ho, *wo), None),
-        Kind::AvgPool {
+        Kind::Pool {
             g,
-            include_pad,
+            avg,
             h,
             w,
             ho,
             wo,
-        } => pool(x, *g, (*h, *w), (*ho, *wo), Some(*include_pad)),
+        } => pool(x, *g, (*h, *w), (*ho, *wo), *avg),
         Kind::GlobalAvgPool { hw } => {
             let hw = (*hw).max(1);
             x.par_chunks(hw)
