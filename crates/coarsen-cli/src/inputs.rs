@@ -246,16 +246,19 @@ fn png_image(bytes: &[u8], input: [usize; 3]) -> Result<Decoded> {
     let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().context("not a readable PNG image")?;
-    let size = reader
-        .output_buffer_size()
-        .context("the image's size overflows")?;
     let (w, h) = {
         let info = reader.info();
         (info.width as usize, info.height as usize)
     };
-    if numel(&[w, h, 4]).is_none_or(|n| n < size) {
-        bail!("implausible PNG size");
+    let [c, hh, ww] = input;
+    // The size is checked before anything as large as the image is allocated.
+    if (h, w) != (hh, ww) {
+        bail!("the image is {w}x{h} pixels; the network takes {ww}x{hh}");
     }
+    let size = reader
+        .output_buffer_size()
+        .filter(|&n| numel(&[w, h, 4]).is_some_and(|most| n <= most))
+        .context("implausible PNG size")?;
     let mut buf = vec![0u8; size];
     let frame = reader.next_frame(&mut buf).context("corrupt PNG data")?;
     let src_channels = match frame.color_type {
@@ -265,10 +268,6 @@ fn png_image(bytes: &[u8], input: [usize; 3]) -> Result<Decoded> {
         png::ColorType::Rgba => 4,
         png::ColorType::Indexed => bail!("palette image left unexpanded"),
     };
-    let [c, hh, ww] = input;
-    if (h, w) != (hh, ww) {
-        bail!("the image is {w}x{h} pixels; the network takes {ww}x{hh}");
-    }
     if !matches!(c, 1 | 3) {
         bail!("the network takes {c} channels; PNG images give 1 or 3");
     }

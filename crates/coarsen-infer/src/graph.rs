@@ -31,6 +31,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{InferError, Result};
 use crate::tensors::numel;
 
+/// The most values one image's value (the input or a node's output) may hold: 2³¹, 8 GiB of
+/// f32 — a bound that keeps a hostile description from making the engine allocate without
+/// limit.
+pub const MAX_VALUE: usize = 1 << 31;
+
 /// The name of the graph's input value.
 pub const INPUT: &str = "input";
 
@@ -278,7 +283,7 @@ impl Graph {
         shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
     ) -> Result<BTreeMap<String, Shape>> {
         let [c, h, w] = self.input;
-        if c == 0 || h == 0 || w == 0 || numel(&self.input).is_none() {
+        if c == 0 || h == 0 || w == 0 || numel(&self.input).is_none_or(|n| n > MAX_VALUE) {
             return Err(InferError::graph(
                 INPUT,
                 "input",
@@ -319,8 +324,10 @@ impl Graph {
                 shape_of(name).ok_or_else(|| err(format!("its {role} tensor '{name}' is missing")))
             };
             let out = node_shape(&node.op, &ins, &tensor, &err)?;
-            if numel(&out).is_none() {
-                return Err(err(format!("its output {out:?} overflows")));
+            if numel(&out).is_none_or(|n| n > MAX_VALUE) {
+                return Err(err(format!(
+                    "its output {out:?} per image is larger than {MAX_VALUE} values"
+                )));
             }
             shapes.insert(node.name.clone(), out);
         }
@@ -629,5 +636,14 @@ mod tests {
         let mut bad = g.clone();
         bad.nodes[3].inputs.pop();
         check(&bad, &t, "reads 1 values, the op takes 2");
+        // A description that would need absurd memory is refused before anything is allocated.
+        let mut bad = g.clone();
+        bad.input = [1, 1 << 16, 1 << 16];
+        check(&bad, &t, "not a valid image shape");
+        let mut t2 = t.clone();
+        t2.insert("c1.weight".into(), vec![1 << 20, 1, 3, 3]);
+        let mut bad = g.clone();
+        bad.input = [1, 1 << 6, 1 << 6];
+        check(&bad, &t2, "larger than");
     }
 }
