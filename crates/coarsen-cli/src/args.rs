@@ -606,12 +606,13 @@ pub struct ExportArgs {
     /// its weights and bias (default: kept as BatchNormalization nodes).
     #[arg(long)]
     pub fold_bn: bool,
-    /// Data set directory [default: the one the run used]; gives the input shape, the
-    /// normalisation recorded in model.json and the images the export is verified on.
+    /// Data set directory [default: the one a run used; none with --model]; gives the input
+    /// shape, the normalisation and class names recorded in model.json and the images the
+    /// export is verified on.
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
     /// Images the exported network is checked on against its source (0: no check): test
-    /// images of a run's data set, random images with --model.
+    /// images of the data set, or random images with --model and no --data.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub verify: usize,
 }

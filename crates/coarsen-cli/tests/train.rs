@@ -313,6 +313,38 @@ fn numpy_reference_loader_reproduces_eval() {
     let eval = ok(&["eval", "-q", &exp, "--data", &s.p("data")]);
     let numpy = numpy_reference(Path::new(&exp), Some(&s.p("data")));
     assert_eq!(accuracy_of(&numpy), accuracy_of(&eval), "{numpy}\n{eval}");
+    // The same network from its weights and masks files, with the data set's normalisation.
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("r/results.json")).unwrap())
+            .unwrap();
+    let stage = s
+        .dir
+        .path()
+        .join("r")
+        .join(r["final_stage"].as_str().unwrap());
+    let (w, m) = (
+        stage.join("weights.safetensors").display().to_string(),
+        stage.join("masks.safetensors").display().to_string(),
+    );
+    let exp2 = s.p("from-files");
+    ok(&[
+        "export",
+        "-q",
+        "--model",
+        "cnn",
+        "--width",
+        "0.5",
+        "--weights",
+        &w,
+        "--mask",
+        &m,
+        "--data",
+        &s.p("data"),
+        "--out",
+        &exp2,
+    ]);
+    let again = numpy_reference(Path::new(&exp2), Some(&s.p("data")));
+    assert_eq!(accuracy_of(&again), accuracy_of(&eval), "{again}\n{eval}");
     std::fs::write(s.dir.path().join("export/model.safetensors"), b"junk").unwrap();
     let out = std::process::Command::new(common::python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy_reference.py"))

@@ -49,9 +49,9 @@ pub enum TrainError {
     /// A kernel operation failed.
     #[error(transparent)]
     Kernel(#[from] coarsen_kernels::KernelError),
-    /// An inference, graph or export operation failed.
+    /// An inference, graph or export operation failed (boxed: it is a large error).
     #[error(transparent)]
-    Infer(#[from] coarsen_infer::InferError),
+    Infer(Box<coarsen_infer::InferError>),
     /// Training diverged (a non-finite loss).
     #[error("training diverged at epoch {epoch}, step {step}: loss is {loss}")]
     Diverged {
@@ -62,6 +62,12 @@ pub enum TrainError {
         /// The loss.
         loss: f32,
     },
+}
+
+impl From<coarsen_infer::InferError> for TrainError {
+    fn from(e: coarsen_infer::InferError) -> Self {
+        TrainError::Infer(Box::new(e))
+    }
 }
 
 /// `Result` with [`TrainError`].

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use coarsen_core::{MaskSet, WeightFile};
-use coarsen_infer::export::{ExportInfo, Manifest};
+use coarsen_infer::export::{ExportInfo, Manifest, Preprocessing};
 use coarsen_infer::onnx::{to_onnx, OnnxOptions};
 use coarsen_infer::{layer_formats, Formats, InferenceNet, Network, Path as InferPath};
 use coarsen_train::data::{self, make_batch};
-use coarsen_train::export::{self, info};
+use coarsen_train::export::{self, class_names, info};
 use coarsen_train::model::{Model, ModelSpec};
 use coarsen_train::run_dir::locate;
 use coarsen_train::train::check_masks;
@@ -156,10 +156,16 @@ fn from_export_dir(c: &Path) -> Result<Source> {
 
 fn from_weights(name: &str, a: &ExportArgs) -> Result<Source> {
     let wpath = a.weights.as_deref().context("--model needs --weights")?;
-    let input = match &a.input {
-        Some(s) => parse_sizes("--input", s, "C,H,W")?,
-        None if matches!(name, "mlp" | "cnn") => [1, 28, 28],
-        None => [3, 32, 32],
+    // With a data set: its image shape, normalisation, class names and test images.
+    let data = match a.data.as_deref() {
+        Some(d) => Some(data::load(d, 0)?),
+        None => None,
+    };
+    let input = match (&a.input, &data) {
+        (Some(s), _) => parse_sizes("--input", s, "C,H,W")?,
+        (None, Some(d)) => [d.test.channels, d.test.height, d.test.width],
+        (None, None) if matches!(name, "mlp" | "cnn") => [1, 28, 28],
+        (None, None) => [3, 32, 32],
     };
     let file = WeightFile::read(wpath)?;
     // The classes are the rows of the last linear weight, whatever their number.
@@ -177,12 +183,26 @@ fn from_weights(name: &str, a: &ExportArgs) -> Result<Source> {
         .last()
         .map(|p| p.name.clone())
         .context("the architecture has no weights")?;
-    let classes = file.get(&last).map(|t| t.shape[0]).with_context(|| {
-        format!(
-            "{}: no tensor '{last}' for the {name} model",
-            wpath.display()
-        )
-    })?;
+    let classes = file
+        .get(&last)
+        .and_then(|t| t.shape.first().copied())
+        .with_context(|| {
+            format!(
+                "{}: no tensor '{last}' [classes, features] for the {name} model",
+                wpath.display()
+            )
+        })?;
+    if let Some(d) = &data {
+        let have = [d.test.channels, d.test.height, d.test.width];
+        if (have, d.classes) != (input, classes) {
+            bail!(
+                "{}: {have:?} images of {} classes; the {name} weights of {} take {input:?} and {classes}",
+                d.source.display(),
+                d.classes,
+                wpath.display()
+            );
+        }
+    }
     let spec = ModelSpec {
         name: name.into(),
         width: a.width,
@@ -201,14 +221,21 @@ fn from_weights(name: &str, a: &ExportArgs) -> Result<Source> {
     };
     let network = model.network(&masks)?;
     let formats = layer_formats(network.graph(), &masks, meta.as_ref())?;
-    let check = (a.verify > 0).then(|| {
-        let n = a.verify.min(64);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let len = n * input.iter().product::<usize>();
-        (
-            (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
-            n,
-        )
+    let check = (a.verify > 0).then(|| match &data {
+        Some(d) if d.test.n > 0 => {
+            let idx: Vec<usize> = (0..a.verify.min(d.test.n)).collect();
+            let b = make_batch(&d.test, &idx, None, (0, 0, 0));
+            (b.pixels, b.size)
+        }
+        _ => {
+            let n = a.verify.min(64);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+            let len = n * input.iter().product::<usize>();
+            (
+                (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+                n,
+            )
+        }
     });
     Ok(Source {
         label: format!("{name} from {}", wpath.display()),
@@ -217,6 +244,11 @@ fn from_weights(name: &str, a: &ExportArgs) -> Result<Source> {
         meta,
         info: ExportInfo {
             model: Some(spec.info()),
+            labels: data.as_ref().and_then(|d| class_names(&d.name)),
+            preprocessing: data.as_ref().map(|d| Preprocessing {
+                mean: d.mean.clone(),
+                std: d.std.clone(),
+            }),
             source: Some(wpath.to_path_buf()),
             ..ExportInfo::default()
         },
