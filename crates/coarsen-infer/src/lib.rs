@@ -40,7 +40,8 @@ pub mod timing;
 
 pub use coarsen_core::{LayerMask, MaskSet};
 pub use engine::{
-    argmax_rows, nchw_to_cbhw, softmax_rows, InferOptions, InferenceNet, LayerInfo, Path,
+    argmax_rows, nchw_to_cbhw, softmax_rows, DenseKernel, InferOptions, InferenceNet, LayerInfo,
+    Path,
 };
 pub use error::{InferError, Result};
 pub use format::{layer_formats, Formats, LayerFormat, CSR_MAX_DENSITY};

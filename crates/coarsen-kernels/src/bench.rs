@@ -13,7 +13,7 @@ use crate::formats::{
     Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, ShuffledBlocks,
 };
 use crate::timing::{interleaved, repetitions};
-use crate::{Plan, Threading};
+use crate::{DenseKernel, Plan, Threading};
 
 /// A GEMM shape `Y[rows × n] = W[rows × cols]·X[cols × n]` with a label.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +73,9 @@ pub fn default_cases(batch: usize) -> Vec<Case> {
 /// A format to benchmark, with its structure parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchFormat {
+    /// coarsen's own tiled dense GEMM on the whole matrix (density 1 whatever the requested
+    /// density), against the faer baseline.
+    Dense,
     /// Kept rows, dense.
     Channel,
     /// Dense blocks of `rows` rows on random column sets (Regroup's row tile is 32).
@@ -107,6 +110,7 @@ impl BenchFormat {
     /// The formats of a default run.
     pub fn defaults() -> Vec<BenchFormat> {
         vec![
+            BenchFormat::Dense,
             BenchFormat::Group { rows: 32 },
             BenchFormat::Shuffled { b: 16 },
             BenchFormat::Shuffled { b: 32 },
@@ -121,6 +125,7 @@ impl BenchFormat {
     /// The name as `FromStr` reads it, e.g. `shuffled-block:16`, `bsr:32x32`, `nm:2:4`.
     pub fn label(&self) -> String {
         match self {
+            BenchFormat::Dense => "dense".into(),
             BenchFormat::Channel => "channel".into(),
             BenchFormat::Group { rows } => format!("group:{rows}"),
             BenchFormat::Shuffled { b } => format!("shuffled-block:{b}"),
@@ -149,6 +154,7 @@ impl FromStr for BenchFormat {
         };
         let (name, arg) = s.split_once(':').map_or((s, None), |(a, b)| (a, Some(b)));
         Ok(match (name, arg) {
+            ("dense", None) => BenchFormat::Dense,
             ("channel", None) => BenchFormat::Channel,
             ("csr", None) => BenchFormat::Csr,
             ("group", a) => BenchFormat::Group {
@@ -175,7 +181,7 @@ impl FromStr for BenchFormat {
                 BenchFormat::Nm { n, m }
             }
             _ => return Err(bad(
-                "expected channel, group[:rows], shuffled-block[:b], bsr[:HxW], nm[:N:M] or csr",
+                "expected dense, channel, group[:rows], shuffled-block[:b], bsr[:HxW], nm[:N:M] or csr",
             )),
         })
     }
@@ -212,6 +218,7 @@ pub fn random_packed(
         .collect();
     let keep = |total: usize| ((density * total as f64).round() as usize).clamp(1, total.max(1));
     Ok(match format {
+        BenchFormat::Dense => Packed::Dense(Dense::new(rows, cols, weights)?),
         BenchFormat::Channel => {
             let kept = choose(&mut rng, rows, keep(rows));
             let mut on = vec![false; rows];
@@ -307,14 +314,15 @@ pub struct Record {
     pub sparse_gflops: f64,
 }
 
-/// A dense baseline plan for `rows × cols`, with the faster of the two threadings at this shape
-/// (each timed a few times).
+/// The faer baseline plan for `rows × cols`, with the faster of its two threadings at this
+/// shape (each timed a few times).
 pub fn tuned_dense(rows: usize, cols: usize, n: usize, seed: u64) -> Result<Plan> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w: Vec<f32> = (0..rows * cols)
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
     let mut plan = Plan::new(&Packed::Dense(Dense::new(rows, cols, w)?))?;
+    plan.set_dense_kernel(DenseKernel::Faer);
     if rayon::current_num_threads() > 1 {
         let x = vec![0.5f32; cols * n];
         let mut y = vec![0.0f32; rows * n];
@@ -403,10 +411,10 @@ mod tests {
         for f in BenchFormat::defaults() {
             let p = random_packed(f, 128, 256, 0.25, 1).unwrap();
             let d = p.nnz() as f64 / (128.0 * 256.0);
-            let want = if let BenchFormat::Nm { n, m } = f {
-                n as f64 / m as f64
-            } else {
-                0.25
+            let want = match f {
+                BenchFormat::Nm { n, m } => n as f64 / m as f64,
+                BenchFormat::Dense => 1.0,
+                _ => 0.25,
             };
             assert!((d - want).abs() < 0.03, "{f:?}: {d}");
         }

@@ -280,6 +280,85 @@ impl ConvDims {
         Ok(())
     }
 
+    /// Columns `c0 .. c1` (multiples of `Wo`) of the listed rows (all rows when `rows` is
+    /// `None`) of the batch's im2col matrix, written tile by tile for
+    /// [`Plan::forward_tiles`](crate::Plan::forward_tiles): `ceil((c1 − c0)/nr)` tiles of
+    /// `count × nr` values, value `(i, t·nr + j)` at `out[t·count·nr + i·nr + j]`, zero past
+    /// the last column. `tmp` is scratch (grown to `c1 − c0` values).
+    #[allow(clippy::too_many_arguments)]
+    pub fn im2col_tiles(
+        &self,
+        x: &[f32],
+        rows: Option<&[u32]>,
+        c0: usize,
+        c1: usize,
+        nr: usize,
+        out: &mut [f32],
+        tmp: &mut Vec<f32>,
+    ) -> Result<()> {
+        let count = rows.map_or(self.rows(), |r| r.len());
+        self.check(x.len(), c0, c1, 0, 0)?;
+        if let Some(&r) = rows.and_then(|rs| rs.iter().find(|&&r| r as usize >= self.rows())) {
+            return Err(KernelError::Param {
+                name: "rows",
+                value: r.to_string(),
+                reason: format!("the im2col matrix has {} rows", self.rows()),
+            });
+        }
+        if nr == 0 {
+            return Err(KernelError::Param {
+                name: "nr",
+                value: "0".into(),
+                reason: "the tile width must be positive".into(),
+            });
+        }
+        let nc = c1 - c0;
+        let tiles = nc.div_ceil(nr);
+        let want = tiles
+            .checked_mul(nr)
+            .and_then(|v| v.checked_mul(count))
+            .unwrap_or(usize::MAX);
+        if out.len() != want {
+            return Err(KernelError::Length {
+                op: "im2col_tiles",
+                what: "out",
+                got: out.len(),
+                expected: want,
+                shape: format!("{count} rows × {nc} columns in tiles of {nr}"),
+            });
+        }
+        // Blocks of rows go row-major into `tmp` (small enough to stay in L1), then out to
+        // their tiles.
+        const BLOCK: usize = 16;
+        if tmp.len() < BLOCK * nc {
+            tmp.resize(BLOCK * nc, 0.0);
+        }
+        let mut ids = [0u32; BLOCK];
+        for i0 in (0..count).step_by(BLOCK) {
+            let i1 = (i0 + BLOCK).min(count);
+            let block: &[u32] = match rows {
+                Some(r) => &r[i0..i1],
+                None => {
+                    for (j, id) in ids.iter_mut().enumerate().take(i1 - i0) {
+                        *id = (i0 + j) as u32;
+                    }
+                    &ids[..i1 - i0]
+                }
+            };
+            let buf = &mut tmp[..(i1 - i0) * nc];
+            self.select(x, Some(block), c0, c1, buf);
+            for (j, src) in buf.chunks_exact(nc.max(1)).enumerate() {
+                for t in 0..tiles {
+                    let w = nr.min(nc - t * nr);
+                    let dst = &mut out[(t * count + i0 + j) * nr..][..nr];
+                    dst[..w].copy_from_slice(&src[t * nr..t * nr + w]);
+                    dst[w..].fill(0.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The im2col matrix `[C·kh·kw, nb·Ho·Wo]` of images `b0 .. b0 + nb` into `col`.
     pub fn im2col(&self, x: &[f32], b0: usize, nb: usize, col: &mut [f32]) -> Result<()> {
         let hw = self.hw();
@@ -575,6 +654,29 @@ mod tests {
                             let mut one = vec![f32::NAN; nc];
                             d.im2col_row_range(&x, r, c0, c1, &mut one).unwrap();
                             assert_eq!(&one[..], &want[r * n + c0..r * n + c1]);
+                        }
+                        // Tile by tile, all rows and the selected ones, tiles of 1, 3 and 16.
+                        for nr in [1, 3, 16] {
+                            let mut tmp = Vec::new();
+                            for sel in [None, Some(&rows[..])] {
+                                let count = sel.map_or(d.rows(), |r| r.len());
+                                let tiles = nc.div_ceil(nr);
+                                let mut out = vec![f32::NAN; tiles * nr * count];
+                                d.im2col_tiles(&x, sel, c0, c1, nr, &mut out, &mut tmp)
+                                    .unwrap();
+                                for i in 0..count {
+                                    let r = sel.map_or(i, |s| s[i] as usize);
+                                    for j in 0..tiles * nr {
+                                        let got = out[(j / nr * count + i) * nr + j % nr];
+                                        let exp = if j < nc { want[r * n + c0 + j] } else { 0.0 };
+                                        assert_eq!(got, exp, "{g:?} tiles {nr} row {r} col {j}");
+                                    }
+                                }
+                                out.push(0.0);
+                                assert!(d
+                                    .im2col_tiles(&x, sel, c0, c1, nr, &mut out, &mut tmp)
+                                    .is_err());
+                            }
                         }
                     }
                 }

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use coarsen_core::{Mask, MatrixView};
 use coarsen_kernels::conv::ConvGeometry;
 use coarsen_kernels::{
-    Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, Plan, ShuffledBlocks,
-    Threading,
+    Bsr, ChannelCompact, Csr, Dense, DirectConv, GroupBlocks, NmCompressed, Packed, Plan,
+    ShuffledBlocks, Threading,
 };
 use rayon::prelude::*;
 
@@ -517,6 +517,18 @@ impl<'a> Compiler<'a> {
             }
         };
         let stored = packed.stored();
+        // Stride-1 "same" convolutions on a dense matrix run as implicit GEMMs (no im2col)
+        // where the CPU has the instructions for it.
+        let spatial = ho == flow.h && wo == flow.w && ho * wo > 1 && read.is_none();
+        let direct = match &packed {
+            Packed::Dense(d) if spatial => {
+                DirectConv::new(g, d.rows(), in_ch.len(), d.values()).map_err(kerr)?
+            }
+            Packed::Channel(f) if spatial && f.in_dim() == in_ch.len() * kk => {
+                DirectConv::new(g, f.kept_rows().len(), in_ch.len(), f.values()).map_err(kerr)?
+            }
+            _ => None,
+        };
         let mut plan = Plan::new(&packed).map_err(kerr)?;
         plan.set_threading(Threading::Serial);
         let rows_out = plan.out_dim();
@@ -573,6 +585,8 @@ impl<'a> Compiler<'a> {
             corr: corr_out,
             relu,
             read,
+            direct,
+            direct_on: true,
         };
         let out = self.push(vec![slot], Kind::Layer(Box::new(layer)), out_flow);
         self.slot_of.insert(names, out);

@@ -26,6 +26,7 @@ mod run;
 
 use std::collections::BTreeMap;
 
+pub use coarsen_kernels::DenseKernel;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{InferError, Result};
@@ -137,6 +138,17 @@ impl InferenceNet {
     /// Sets the performance options.
     pub fn set_options(&mut self, options: InferOptions) {
         self.options = options;
+    }
+
+    /// Chooses the GEMM of every dense and channel-compact layer (the default is coarsen's
+    /// tiled kernel; [`DenseKernel::Faer`] runs faer's general GEMM instead).
+    pub fn set_dense_kernel(&mut self, kernel: DenseKernel) {
+        for step in &mut self.steps {
+            if let run::Kind::Layer(l) = &mut step.kind {
+                l.plan.set_dense_kernel(kernel);
+                l.direct_on = kernel == DenseKernel::Tiled;
+            }
+        }
     }
 
     /// What every conv and linear layer became, in evaluation order.

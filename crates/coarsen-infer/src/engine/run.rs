@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
-use coarsen_kernels::Plan;
+use coarsen_kernels::{DirectConv, Plan};
 use rayon::prelude::*;
 
 use super::{InferOptions, InferenceNet};
@@ -87,6 +87,11 @@ pub(super) struct Layer {
     /// The rows of the im2col matrix the kernel reads, when it does not read them all (no
     /// kept weight uses the others): only these are computed.
     pub(super) read: Option<Vec<u32>>,
+    /// The implicit-GEMM kernel of a dense stride-1 "same" convolution, which reads the input
+    /// in place (the plan then serves only to describe the layer).
+    pub(super) direct: Option<DirectConv>,
+    /// Whether `direct` runs (off with faer as the dense kernel).
+    pub(super) direct_on: bool,
 }
 
 /// Runs the steps of `net` on the channel-major batch `x`; the output slot's values.
@@ -301,9 +306,10 @@ fn pool(
 }
 
 thread_local! {
-    /// Per-thread scratch of [`Layer::forward`]: the im2col chunk and the kernel's output.
-    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// Per-thread scratch of [`Layer::forward`]: the im2col chunk, the kernel's output and one
+    /// im2col row.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// `v` with at least `len` values (grown, never shrunk; contents unspecified).
@@ -343,7 +349,8 @@ impl Layer {
         let yp = Shared(y.as_mut_ptr());
         // im2col rows computed: all, or those the kernel reads.
         let kk = self.read.as_ref().map_or(d.rows(), |r| r.len());
-        let chunks = column_chunks(n, self.wo, kk, o);
+        let tiles = self.plan.tile_width();
+        let chunks = column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o);
         let direct = self.g.kernel == [1, 1]
             && self.g.stride == [1, 1]
             && self.g.padding == [0; 4]
@@ -356,13 +363,32 @@ impl Layer {
                 // Taken out of the thread's slot, not borrowed across the kernel call: should
                 // anything run another chunk on this thread meanwhile (rayon's work stealing),
                 // that chunk allocates its own.
-                let (col_buf, part_buf) = SCRATCH.take();
+                let (col_buf, part_buf, mut tmp) = SCRATCH.take();
+                let mut part_buf = at_least(part_buf, rows * nc);
+                let part = &mut part_buf[..rows * nc];
+                if let Some(dc) = self.direct.as_ref().filter(|_| self.direct_on) {
+                    dc.forward(x, &d, c0, c1, part).map_err(kerr)?;
+                    self.store(part, out, c0, nc, n);
+                    SCRATCH.set((col_buf, part_buf, tmp));
+                    return Ok(());
+                }
+                if let Some(nr) = tiles {
+                    // The tiled dense kernel reads im2col tiles in place: no packing copy.
+                    let len = nc.div_ceil(nr) * nr * kk;
+                    let mut col_buf = at_least(col_buf, len);
+                    let c = &mut col_buf[..len];
+                    d.im2col_tiles(x, self.read.as_deref(), c0, c1, nr, c, &mut tmp)
+                        .map_err(kerr)?;
+                    self.plan.forward_tiles(c, part, nc).map_err(kerr)?;
+                    self.store(part, out, c0, nc, n);
+                    SCRATCH.set((col_buf, part_buf, tmp));
+                    return Ok(());
+                }
                 let mut col_buf = if direct {
                     col_buf
                 } else {
                     at_least(col_buf, kk * nc)
                 };
-                let mut part_buf = at_least(part_buf, rows * nc);
                 let col: &[f32] = if direct {
                     x
                 } else {
@@ -374,25 +400,27 @@ impl Layer {
                     .map_err(kerr)?;
                     c
                 };
-                let part = &mut part_buf[..rows * nc];
                 self.plan.forward(col, part, nc).map_err(kerr)?;
-                for (r, row) in part.chunks(nc.max(1)).enumerate() {
-                    // SAFETY: chunks cover disjoint columns of `y`; `r·n + c1 ≤ len`, inside
-                    // the capacity; the values are written, never read, before `set_len`.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out.0.add(r * n + c0).cast::<MaybeUninit<f32>>(),
-                            nc,
-                        )
-                    };
-                    self.epilogue(r, c0, row, dst);
-                }
-                SCRATCH.set((col_buf, part_buf));
+                self.store(part, out, c0, nc, n);
+                SCRATCH.set((col_buf, part_buf, tmp));
                 Ok(())
             })?;
         // SAFETY: every one of the `len` values was written above (the chunks cover 0..n).
         unsafe { y.set_len(len) };
         Ok(y)
+    }
+
+    /// Every row of the kernel's result `part` (`rows × nc`) into columns `c0 .. c0 + nc` of
+    /// the output `out` (`rows × n`), through the epilogue.
+    fn store(&self, part: &[f32], out: Shared, c0: usize, nc: usize, n: usize) {
+        for (r, row) in part.chunks(nc.max(1)).enumerate() {
+            // SAFETY: chunks cover disjoint columns of `y`; `r·n + c0 + nc ≤ len`, inside the
+            // capacity; the values are written, never read, before `set_len`.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out.0.add(r * n + c0).cast::<MaybeUninit<f32>>(), nc)
+            };
+            self.epilogue(r, c0, row, dst);
+        }
     }
 
     /// Output row `r`, columns `c0 ..` of the batch: kernel result `src` plus bias and the
@@ -430,11 +458,28 @@ impl Layer {
     }
 }
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// Column ranges `[c0, c1)` of an im2col matrix with `n` columns and `kk` rows, cut at whole
-/// output rows (`wo` columns): about `chunk_floats` values each (so a chunk stays in the cache
+/// output rows (`wo` columns) and, where cheap, whole tiles of `nr` columns: about `chunk_floats` values each (so a chunk stays in the cache
 /// between im2col and the kernel), at least `min_cols` columns, and at least two per thread.
-fn column_chunks(n: usize, wo: usize, kk: usize, o: &InferOptions) -> Vec<(usize, usize)> {
-    let wo = wo.max(1);
+fn column_chunks(
+    n: usize,
+    wo: usize,
+    nr: usize,
+    kk: usize,
+    o: &InferOptions,
+) -> Vec<(usize, usize)> {
+    // Whole output rows, and whole kernel tiles where that costs at most a few rows.
+    let (wo, nr) = (wo.max(1), nr.max(1));
+    let lcm = wo / gcd(wo, nr) * nr;
+    let wo = if lcm <= 4 * wo.max(nr) { lcm } else { wo };
     let threads = rayon::current_num_threads().max(1);
     let want = (o.chunk_floats / kk.max(1)).max(o.min_cols);
     let most = n.div_ceil(2 * threads);

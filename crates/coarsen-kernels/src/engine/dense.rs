@@ -5,7 +5,9 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use super::tiled::Tiled;
 use super::{split_range, SyncPtr};
+use crate::simd::Isa;
 
 /// How the dense GEMM uses several threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,6 +22,15 @@ pub enum Threading {
     Serial,
 }
 
+/// Which GEMM runs the forward product `Y = W·X` of a dense plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseKernel {
+    /// faer's general GEMM (the baseline of `coarsen bench`'s kernel tables).
+    Faer,
+    /// coarsen's register-tiled GEMM for a fixed `W` and a wide `X` (the default).
+    Tiled,
+}
+
 /// A dense `rows × cols` weight matrix ready to run.
 #[derive(Clone, Debug)]
 pub(crate) struct DenseEngine {
@@ -27,13 +38,16 @@ pub(crate) struct DenseEngine {
     cols: usize,
     values: Vec<f32>,
     pub(crate) threading: Threading,
+    /// The packed copy of `values` the tiled forward product runs on (`None`: faer).
+    tiled: Option<Tiled>,
 }
 
 impl DenseEngine {
-    pub(crate) fn new(rows: usize, cols: usize, values: Vec<f32>) -> Self {
+    pub(crate) fn new(isa: Isa, rows: usize, cols: usize, values: Vec<f32>) -> Self {
         DenseEngine {
             rows,
             cols,
+            tiled: Some(Tiled::new(isa, rows, cols, &values)),
             values,
             threading: Threading::Faer,
         }
@@ -41,6 +55,31 @@ impl DenseEngine {
 
     pub(crate) fn set_values(&mut self, values: &[f32]) {
         self.values.copy_from_slice(values);
+        if let Some(t) = &mut self.tiled {
+            t.set_values(values);
+        }
+    }
+
+    /// Chooses the forward GEMM.
+    pub(crate) fn set_kernel(&mut self, isa: Isa, kernel: DenseKernel) {
+        self.tiled = match kernel {
+            DenseKernel::Faer => None,
+            DenseKernel::Tiled => Some(Tiled::new(isa, self.rows, self.cols, &self.values)),
+        };
+    }
+
+    /// The tiled kernel, when it runs the forward product.
+    pub(crate) fn tiled(&self) -> Option<&Tiled> {
+        self.tiled.as_ref()
+    }
+
+    /// The forward GEMM.
+    pub(crate) fn kernel(&self) -> DenseKernel {
+        if self.tiled.is_some() {
+            DenseKernel::Tiled
+        } else {
+            DenseKernel::Faer
+        }
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -57,6 +96,14 @@ impl DenseEngine {
 
     /// `Y = W·X`.
     pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], n: usize) {
+        if let Some(t) = &self.tiled {
+            let parts = match self.threading {
+                Threading::Serial => 1,
+                _ => rayon::current_num_threads(),
+            };
+            t.forward(x, y, n, parts);
+            return;
+        }
         self.product(false, x, y, n);
     }
 

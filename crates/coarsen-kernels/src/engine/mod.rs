@@ -2,10 +2,13 @@
 
 mod blocks;
 mod dense;
+mod direct;
 mod micro;
 mod rows;
+mod tiled;
 
-pub use dense::Threading;
+pub use dense::{DenseKernel, Threading};
+pub use direct::DirectConv;
 
 use blocks::BlockEngine;
 use dense::DenseEngine;
@@ -137,10 +140,14 @@ impl Plan {
         }
         let mr = tile_rows(isa);
         let engine = match packed {
-            Packed::Dense(d) => {
-                Engine::Dense(DenseEngine::new(d.rows(), d.cols(), d.values().to_vec()))
-            }
+            Packed::Dense(d) => Engine::Dense(DenseEngine::new(
+                isa,
+                d.rows(),
+                d.cols(),
+                d.values().to_vec(),
+            )),
             Packed::Channel(f) => Engine::Dense(DenseEngine::new(
+                isa,
                 f.kept_rows().len(),
                 f.in_dim(),
                 f.values().to_vec(),
@@ -224,6 +231,23 @@ impl Plan {
         }
     }
 
+    /// Chooses the GEMM of a dense or channel-compact plan's forward product (no effect on
+    /// the sparse formats). Plans start with [`DenseKernel::Tiled`].
+    pub fn set_dense_kernel(&mut self, kernel: DenseKernel) {
+        let isa = self.isa;
+        if let Engine::Dense(e) = &mut self.engine {
+            e.set_kernel(isa, kernel);
+        }
+    }
+
+    /// The forward GEMM of a dense or channel-compact plan.
+    pub fn dense_kernel(&self) -> Option<DenseKernel> {
+        match &self.engine {
+            Engine::Dense(e) => Some(e.kernel()),
+            _ => None,
+        }
+    }
+
     /// The threading of a dense or channel-compact plan.
     pub fn threading(&self) -> Option<Threading> {
         match &self.engine {
@@ -270,6 +294,56 @@ impl Plan {
             Engine::Dense(e) => e.forward(x, y, n),
             Engine::Blocks(e) => e.forward(self.isa, x, y, n, self.parts()),
             Engine::Rows(e) => e.forward(self.isa, x, y, n, self.parts()),
+        }
+        Ok(())
+    }
+
+    /// The tile width `NR` of [`forward_tiles`](Self::forward_tiles): `Some` for dense and
+    /// channel-compact plans on the tiled kernel.
+    pub fn tile_width(&self) -> Option<usize> {
+        match &self.engine {
+            Engine::Dense(e) => e.tiled().map(|t| t.tile_width()),
+            _ => None,
+        }
+    }
+
+    /// `Y = W·X` on the calling thread, with `X` given tile by tile: `ceil(n/NR)` tiles of
+    /// `in_dim × NR` values, `NR` = [`tile_width`](Self::tile_width) (value `(k, t·NR + j)` of
+    /// `X` at `xt[t·in_dim·NR + k·NR + j]`, zero past column `n`), as
+    /// [`ConvDims::im2col_tiles`](crate::conv::ConvDims::im2col_tiles) writes them. The kernel
+    /// then reads `X` in place, with no packing copy. `y` is `out_dim × n`, row-major.
+    pub fn forward_tiles(&self, xt: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        let Engine::Dense(e) = &self.engine else {
+            return Err(KernelError::Param {
+                name: "plan",
+                value: self.format.to_string(),
+                reason: "only dense and channel-compact plans take tiled input".into(),
+            });
+        };
+        let Some(t) = e.tiled() else {
+            return Err(KernelError::Param {
+                name: "plan",
+                value: "faer".into(),
+                reason: "the faer kernel takes row-major input; see tile_width".into(),
+            });
+        };
+        let nr = t.tile_width();
+        let overflow = || KernelError::Param {
+            name: "n",
+            value: n.to_string(),
+            reason: "the buffers would need more values than usize holds".into(),
+        };
+        let padded = n.checked_next_multiple_of(nr).ok_or_else(overflow)?;
+        let want_x = self.in_dim().checked_mul(padded).ok_or_else(overflow)?;
+        let want_y = self.out_dim().checked_mul(n).ok_or_else(overflow)?;
+        check_len("forward_tiles", "xt", xt.len(), want_x, || {
+            format!("{} rows × {n} columns in tiles of {nr}", self.in_dim())
+        })?;
+        check_len("forward_tiles", "y", y.len(), want_y, || {
+            format!("{} rows × {n} columns", self.out_dim())
+        })?;
+        if !y.is_empty() {
+            t.forward_tiles(xt, y, n);
         }
         Ok(())
     }

@@ -1,0 +1,476 @@
+//! coarsen's own dense GEMM for `Y = W·X` (`W` fixed, `X` and `Y` row-major with many columns),
+//! the shape of every convolution and linear layer at inference.
+//!
+//! `W` is packed once into panels of `MR` rows, `k`-major (`panel[k·MR + i]`), so the
+//! micro-kernel broadcasts `MR` consecutive weights per step. `X` is cut into column chunks of
+//! [`NC`] columns and `k`-blocks of [`KC`] rows; each `KC × NR` tile of a chunk is copied once
+//! into a contiguous buffer that stays in L1 while every panel of `W` runs over it, the `MR × NR`
+//! tile of `Y` held in registers. A `k`-block of all panels (`KC × M`) stays in L2 across the
+//! tiles of a chunk. General-purpose GEMMs (faer) tune for square products; here `M` is often
+//! small (64 output channels) and `N` large (batch × positions), where this layout keeps the
+//! FMA units busy.
+
+use super::{split_range, SyncPtr};
+use crate::simd::{run_task, Isa, Simd, SimdTask};
+
+/// Most rows of `X` per `k`-block: a `KC × NR` tile of packed `X` (30 KiB at AVX-512's
+/// NR = 48) and a `KC × MR` panel of `W` stay in L1. `k` is cut into equal blocks.
+const KC: usize = 160;
+/// Columns per chunk: the chunk's `Y` rows (`M × NC`) and a `k`-block of `W` stay in L2.
+const NC: usize = 240;
+/// The widest register tile in floats (AVX-512: 3 vectors of 16).
+const NR_MAX: usize = 64;
+
+/// Register tile `(MR, NV)` of this engine for an instruction set: `MR` rows of `Y` by `NV`
+/// vectors of columns.
+fn tile(isa: Isa) -> (usize, usize) {
+    match isa {
+        Isa::Avx512 => (8, 3),
+        Isa::Avx2 => (6, 2),
+        Isa::Neon => (8, 2),
+        Isa::Scalar => (4, 2),
+    }
+}
+
+/// A dense `rows × cols` matrix packed into register-tile panels for one instruction set.
+#[derive(Clone, Debug)]
+pub(crate) struct Tiled {
+    isa: Isa,
+    rows: usize,
+    cols: usize,
+    mr: usize,
+    /// `ceil(rows/mr)` panels of `cols × mr` values, rows past the end zero.
+    panels: Vec<f32>,
+}
+
+/// A 64-byte aligned buffer of one packed `KC × NR` tile of `X`.
+#[repr(C, align(64))]
+struct PackBuf([f32; KC * NR_MAX]);
+
+impl Tiled {
+    /// Packs the row-major `rows × cols` matrix `values`.
+    pub(crate) fn new(isa: Isa, rows: usize, cols: usize, values: &[f32]) -> Self {
+        let (mr, _) = tile(isa);
+        let mut t = Tiled {
+            isa,
+            rows,
+            cols,
+            mr,
+            panels: vec![0.0; rows.div_ceil(mr) * mr * cols],
+        };
+        t.set_values(values);
+        t
+    }
+
+    /// Repacks from new row-major values of the same shape.
+    pub(crate) fn set_values(&mut self, values: &[f32]) {
+        let (mr, cols) = (self.mr, self.cols);
+        for (r, row) in values.chunks(cols.max(1)).take(self.rows).enumerate() {
+            let panel = &mut self.panels[(r / mr) * cols * mr..];
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * mr + r % mr] = v;
+            }
+        }
+    }
+
+    /// `Y = W·X` over columns `0..n` (`x` is `cols × n`, `y` is `rows × n`, row-major), split into
+    /// `parts` column ranges run in parallel (1: on the calling thread).
+    pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], n: usize, parts: usize) {
+        let (mr, nv) = tile(self.isa);
+        let nr = nv * self.isa.lanes();
+        let (xp, yp) = (SyncPtr(x.as_ptr() as *mut f32), SyncPtr(y.as_mut_ptr()));
+        let run = |t: usize, parts: usize| {
+            let (n0, n1) = split_range(n, parts, t, nr);
+            if n0 < n1 {
+                run_task(
+                    self.isa,
+                    Pass {
+                        w: self,
+                        x: xp,
+                        y: yp,
+                        ld: n,
+                        n0,
+                        n1,
+                        mr,
+                        nv,
+                    },
+                );
+            }
+        };
+        let parts = parts.clamp(1, n.div_ceil(nr).max(1));
+        if parts == 1 {
+            run(0, 1);
+        } else {
+            use rayon::prelude::*;
+            (0..parts).into_par_iter().for_each(|t| run(t, parts));
+        }
+    }
+}
+
+impl Tiled {
+    /// Width in floats of a column tile of `X` ([`forward_tiles`](Self::forward_tiles)).
+    pub(crate) fn tile_width(&self) -> usize {
+        let (_, nv) = tile(self.isa);
+        nv * self.isa.lanes()
+    }
+
+    /// `Y = W·X` on the calling thread, `X` given tile by tile: `ceil(n/NR)` tiles of
+    /// `cols × NR` values (`xt[t·cols·NR + k·NR + j]` = `X[k, t·NR + j]`, zero past `n`), as
+    /// [`crate::conv::ConvDims::im2col_tiles`] writes them; `y` is `rows × n`, row-major.
+    pub(crate) fn forward_tiles(&self, xt: &[f32], y: &mut [f32], n: usize) {
+        let (mr, nv) = tile(self.isa);
+        run_task(
+            self.isa,
+            TilePass {
+                w: self,
+                xt,
+                y: SyncPtr(y.as_mut_ptr()),
+                n,
+                mr,
+                nv,
+            },
+        );
+    }
+}
+
+/// [`Tiled::forward_tiles`].
+struct TilePass<'a> {
+    w: &'a Tiled,
+    xt: &'a [f32],
+    y: SyncPtr,
+    n: usize,
+    mr: usize,
+    nv: usize,
+}
+
+impl SimdTask for TilePass<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        // SAFETY: the plan checked that `xt` holds every tile and `y` `rows × n` values.
+        unsafe {
+            match (self.mr, self.nv) {
+                (8, 3) => tile_pass::<S, 8, 3>(&self),
+                (6, 2) => tile_pass::<S, 6, 2>(&self),
+                (8, 2) => tile_pass::<S, 8, 2>(&self),
+                _ => tile_pass::<S, 4, 2>(&self),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn tile_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>) {
+    let w = p.w;
+    let nr = NV * S::LANES;
+    let (m, k, n) = (w.rows, w.cols, p.n);
+    let (xt, y) = (p.xt.as_ptr(), p.y.get());
+    if k == 0 {
+        std::ptr::write_bytes(y, 0, m * n);
+        return;
+    }
+    let panels = m.div_ceil(MR);
+    let tiles = n.div_ceil(nr);
+    let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(8) * 8;
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = kb.min(k - k0);
+        for t in 0..tiles {
+            let width = nr.min(n - t * nr);
+            let bp = xt.add(t * k * nr + k0 * nr);
+            for q in 0..panels {
+                let rows = MR.min(m - q * MR);
+                let wp = w.panels.as_ptr().add(q * k * MR + k0 * MR);
+                let yq = y.add(q * MR * n + t * nr);
+                if rows == MR && width == nr {
+                    tile_full::<S, MR, NV>(kc, wp, bp, yq, n, k0 > 0);
+                } else {
+                    tile_part::<S, MR, NV>(kc, wp, bp, yq, n, k0 > 0, rows, width);
+                }
+            }
+        }
+        k0 += kc;
+    }
+}
+
+/// One thread's columns `n0..n1` of `Y = W·X`.
+struct Pass<'a> {
+    w: &'a Tiled,
+    x: SyncPtr,
+    y: SyncPtr,
+    /// Row stride of `X` and `Y`.
+    ld: usize,
+    n0: usize,
+    n1: usize,
+    mr: usize,
+    nv: usize,
+}
+
+impl SimdTask for Pass<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        // SAFETY: the plan checked that `x` holds `cols × ld` and `y` `rows × ld` values; the
+        // pass touches columns n0..n1 < ld only, disjoint from every other pass.
+        unsafe {
+            match (self.mr, self.nv) {
+                (8, 3) => pass::<S, 8, 3>(&self),
+                (6, 2) => pass::<S, 6, 2>(&self),
+                (8, 2) => pass::<S, 8, 2>(&self),
+                _ => pass::<S, 4, 2>(&self),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn pass<S: Simd, const MR: usize, const NV: usize>(p: &Pass<'_>) {
+    let w = p.w;
+    let nr = NV * S::LANES;
+    debug_assert!(nr <= NR_MAX && MR == w.mr);
+    let (x, y, ld) = (p.x.get() as *const f32, p.y.get(), p.ld);
+    let (m, k) = (w.rows, w.cols);
+    let panels = m.div_ceil(MR);
+    let mut buf = PackBuf([0.0; KC * NR_MAX]);
+    let bp = buf.0.as_mut_ptr();
+    if k == 0 {
+        for r in 0..m {
+            std::ptr::write_bytes(y.add(r * ld + p.n0), 0, p.n1 - p.n0);
+        }
+        return;
+    }
+    // Equal k-blocks (a multiple of 8 rows but the last), no short tail block.
+    let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(8) * 8;
+    let mut c0 = p.n0;
+    while c0 < p.n1 {
+        let c1 = (c0 + NC).min(p.n1);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = kb.min(k - k0);
+            let mut t = c0;
+            while t < c1 {
+                let width = nr.min(c1 - t);
+                pack::<S, NV>(kc, x.add(k0 * ld + t), ld, width, bp);
+                for q in 0..panels {
+                    let rows = MR.min(m - q * MR);
+                    let wp = w.panels.as_ptr().add(q * k * MR + k0 * MR);
+                    let yq = y.add(q * MR * ld + t);
+                    if rows == MR && width == nr {
+                        tile_full::<S, MR, NV>(kc, wp, bp, yq, ld, k0 > 0);
+                    } else {
+                        tile_part::<S, MR, NV>(kc, wp, bp, yq, ld, k0 > 0, rows, width);
+                    }
+                }
+                t += width;
+            }
+            k0 += kc;
+        }
+        c0 = c1;
+    }
+}
+
+/// Copies `X[0..kc, 0..width]` (row stride `ld`) into `buf[kk·NR + j]`, zero past `width`.
+#[inline(always)]
+unsafe fn pack<S: Simd, const NV: usize>(
+    kc: usize,
+    x: *const f32,
+    ld: usize,
+    width: usize,
+    buf: *mut f32,
+) {
+    let nr = NV * S::LANES;
+    if width == nr {
+        for kk in 0..kc {
+            let (s, d) = (x.add(kk * ld), buf.add(kk * nr));
+            for j in 0..NV {
+                S::store(d.add(j * S::LANES), S::load(s.add(j * S::LANES)));
+            }
+        }
+    } else {
+        for kk in 0..kc {
+            let (s, d) = (x.add(kk * ld), buf.add(kk * nr));
+            std::ptr::copy_nonoverlapping(s, d, width);
+            std::ptr::write_bytes(d.add(width), 0, nr - width);
+        }
+    }
+}
+
+/// The register tile: `acc[i][j] = Σ_kk w[kk·MR + i] · b[kk·NR + j·L ..]`.
+#[inline(always)]
+unsafe fn accumulate<S: Simd, const MR: usize, const NV: usize>(
+    kc: usize,
+    w: *const f32,
+    b: *const f32,
+) -> [[S::V; NV]; MR] {
+    let mut acc = [[S::zero(); NV]; MR];
+    let nr = NV * S::LANES;
+    for kk in 0..kc {
+        let row = b.add(kk * nr);
+        let mut xv = [S::zero(); NV];
+        for (j, v) in xv.iter_mut().enumerate() {
+            *v = S::load(row.add(j * S::LANES));
+        }
+        let wp = w.add(kk * MR);
+        for (i, accs) in acc.iter_mut().enumerate() {
+            let wv = S::bcast(wp.add(i));
+            for (a, &xj) in accs.iter_mut().zip(&xv) {
+                *a = S::fma(wv, xj, *a);
+            }
+        }
+    }
+    acc
+}
+
+/// A whole `MR × NR` tile of `Y` (row stride `ld`): stored, or added to what is there.
+#[inline(always)]
+unsafe fn tile_full<S: Simd, const MR: usize, const NV: usize>(
+    kc: usize,
+    w: *const f32,
+    b: *const f32,
+    y: *mut f32,
+    ld: usize,
+    add: bool,
+) {
+    let acc = accumulate::<S, MR, NV>(kc, w, b);
+    for (i, accs) in acc.iter().enumerate() {
+        let yp = y.add(i * ld);
+        for (j, &a) in accs.iter().enumerate() {
+            let p = yp.add(j * S::LANES);
+            S::store(p, if add { S::add(a, S::load(p)) } else { a });
+        }
+    }
+}
+
+/// The first `rows` rows and `width` columns of a tile (the ragged edges of `Y`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile_part<S: Simd, const MR: usize, const NV: usize>(
+    kc: usize,
+    w: *const f32,
+    b: *const f32,
+    y: *mut f32,
+    ld: usize,
+    add: bool,
+    rows: usize,
+    width: usize,
+) {
+    let acc = accumulate::<S, MR, NV>(kc, w, b);
+    let mut tmp = [0.0f32; NR_MAX];
+    for (i, accs) in acc.iter().enumerate().take(rows) {
+        for (j, &a) in accs.iter().enumerate() {
+            S::store(tmp.as_mut_ptr().add(j * S::LANES), a);
+        }
+        let yp = y.add(i * ld);
+        for (j, &v) in tmp.iter().enumerate().take(width) {
+            let p = yp.add(j);
+            *p = if add { *p + v } else { v };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::forward as dense_matmul;
+
+    #[test]
+    fn matches_the_reference_on_awkward_shapes() {
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for isa in Isa::available() {
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (3, 5, 7),
+                (8, 128, 48),
+                (9, 129, 49),
+                (17, 300, 97),
+                (64, 27, 250),
+                (10, 512, 1),
+                (5, 0, 9),
+                (0, 4, 4),
+            ] {
+                let w: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+                let x: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+                let want = dense_matmul(&w, m, k, &x, n);
+                let t = Tiled::new(isa, m, k, &w);
+                let nr = t.tile_width();
+                let tiles = n.div_ceil(nr);
+                let mut xt = vec![0.0f32; tiles * nr * k];
+                for kk in 0..k {
+                    for j in 0..n {
+                        xt[(j / nr * k + kk) * nr + j % nr] = x[kk * n + j];
+                    }
+                }
+                let mut y = vec![f32::NAN; m * n];
+                t.forward_tiles(&xt, &mut y, n);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{isa:?} {m}x{k}x{n} tiles: y[{i}] = {a}, want {b}"
+                    );
+                }
+                for parts in [1, 2, 3] {
+                    let mut y = vec![f32::NAN; m * n];
+                    t.forward(&x, &mut y, n, parts);
+                    for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{isa:?} {m}x{k}x{n} parts {parts}: y[{i}] = {a}, want {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    struct Micro<const MR: usize, const NV: usize>(usize);
+    impl<const MR: usize, const NV: usize> SimdTask for Micro<MR, NV> {
+        type Output = f64;
+        #[inline(always)]
+        fn run<S: Simd>(self) -> f64 {
+            let kc = self.0;
+            let nr = NV * S::LANES;
+            let w = vec![0.5f32; kc * MR];
+            let b = vec![0.25f32; kc * nr];
+            let mut y = vec![0.0f32; MR * nr];
+            let reps = 20_000_000 / kc;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                unsafe {
+                    tile_full::<S, MR, NV>(kc, w.as_ptr(), b.as_ptr(), y.as_mut_ptr(), nr, true)
+                };
+            }
+            let s = t.elapsed().as_secs_f64();
+            std::hint::black_box(&y);
+            2.0 * (MR * nr * kc * reps) as f64 / s / 1e9
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn micro_kernel_gflops() {
+        if !Isa::Avx512.is_available() {
+            return;
+        }
+        for kc in [64, 128, 192] {
+            println!(
+                "kc {kc}: 8x3 {:.1}  6x4 {:.1}  12x2 {:.1}  14x2 {:.1}  4x6 {:.1}  GFLOP/s",
+                run_task(Isa::Avx512, Micro::<8, 3>(kc)),
+                run_task(Isa::Avx512, Micro::<6, 4>(kc)),
+                run_task(Isa::Avx512, Micro::<12, 2>(kc)),
+                run_task(Isa::Avx512, Micro::<14, 2>(kc)),
+                run_task(Isa::Avx512, Micro::<4, 6>(kc)),
+            );
+        }
+    }
+}
