@@ -394,6 +394,12 @@ pub struct BenchArgs {
     /// With --serve: the kernels, packed or dense.
     #[arg(long, value_enum, default_value_t = PathArg::Packed, requires = "serve")]
     pub path: PathArg,
+    /// Per sparse layer of the packed path: run its packed format or the dense kernels.
+    /// `measure` runs whichever this machine runs faster at this batch size (timed once per
+    /// layer, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE), `remeasure` times
+    /// again, `packed` and `dense` force one side.
+    #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
+    pub tuning: TuningArg,
     /// With --serve: the input batch, a float32 .npy array [N, C, H, W] of network inputs.
     #[arg(long, value_name = "FILE", requires = "serve")]
     pub input: Option<PathBuf>,
@@ -421,6 +427,31 @@ impl PathArg {
     }
 }
 
+/// How sparse layers choose between their packed format and the dense kernels.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TuningArg {
+    /// The faster on this machine, measured once and cached.
+    Measure,
+    /// Measure again, replacing the cached times.
+    Remeasure,
+    /// Always the packed format.
+    Packed,
+    /// Always the dense kernels.
+    Dense,
+}
+
+impl TuningArg {
+    /// The engine's tuning.
+    pub fn tuning(self) -> coarsen_infer::Tuning {
+        match self {
+            TuningArg::Measure => coarsen_infer::Tuning::Measure,
+            TuningArg::Remeasure => coarsen_infer::Tuning::Remeasure,
+            TuningArg::Packed => coarsen_infer::Tuning::Packed,
+            TuningArg::Dense => coarsen_infer::Tuning::Dense,
+        }
+    }
+}
+
 /// `coarsen predict`: class probabilities of the user's own images.
 #[derive(Debug, Args)]
 pub struct PredictArgs {
@@ -443,6 +474,12 @@ pub struct PredictArgs {
     /// The kernels: packed (default) or dense.
     #[arg(long, value_enum, default_value_t = PathArg::Packed)]
     pub path: PathArg,
+    /// Per sparse layer of the packed path: run its packed format or the dense kernels.
+    /// `measure` runs whichever this machine runs faster at this batch size (timed once per
+    /// layer, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE), `remeasure` times
+    /// again, `packed` and `dense` force one side.
+    #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
+    pub tuning: TuningArg,
     /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
@@ -636,6 +673,12 @@ pub struct EvalArgs {
     /// Timed forward passes of each path with --sparse (median reported).
     #[arg(long, default_value_t = 7)]
     pub reps: usize,
+    /// Per sparse layer of the packed path (--sparse): run its packed format or the dense kernels.
+    /// `measure` runs whichever this machine runs faster at this batch size (timed once per
+    /// layer, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE), `remeasure` times
+    /// again, `packed` and `dense` force one side.
+    #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
+    pub tuning: TuningArg,
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

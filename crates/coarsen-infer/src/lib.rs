@@ -40,8 +40,8 @@ pub mod timing;
 
 pub use coarsen_core::{LayerMask, MaskSet};
 pub use engine::{
-    argmax_rows, nchw_to_cbhw, softmax_rows, DenseKernel, InferOptions, InferenceNet, LayerInfo,
-    Path,
+    argmax_rows, describe_choices, nchw_to_cbhw, softmax_rows, DenseKernel, InferOptions,
+    InferenceNet, LayerChoice, LayerInfo, Path, TuneCache, Tuning,
 };
 pub use error::{InferError, Result};
 pub use format::{layer_formats, Formats, LayerFormat, CSR_MAX_DENSITY};

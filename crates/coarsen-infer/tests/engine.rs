@@ -3,7 +3,9 @@
 mod common;
 
 use coarsen_core::MaskSet;
-use coarsen_infer::{reference, Formats, InferenceNet, LayerFormat, Network, Path};
+use coarsen_infer::{
+    reference, Formats, InferenceNet, LayerFormat, Network, Path, TuneCache, Tuning,
+};
 use common::{exotic, formats, masks_for, plain, residual, Net};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,8 +23,38 @@ fn check(label: &str, net: fn() -> Net) {
             .collect();
         let want = reference::forward_nchw(&network, &x, batch).unwrap();
         let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        for path in [Path::Packed, Path::Dense] {
-            let engine = InferenceNet::new(&network, &formats, path).unwrap();
+        let tunings = [
+            None,
+            Some(Tuning::Dense),
+            Some(Tuning::Measure),
+            Some(Tuning::Packed),
+        ];
+        for (path, tuning) in tunings
+            .iter()
+            .map(|&t| (Path::Packed, t))
+            .chain([(Path::Dense, None), (Path::Dense, Some(Tuning::Dense))])
+        {
+            let mut engine = InferenceNet::new(&network, &formats, path).unwrap();
+            if let Some(t) = tuning {
+                let choices = engine.tune(batch, &mut TuneCache::in_memory(), t).unwrap();
+                // Every sparse layer of the packed path has a choice; dense ones have none.
+                let sparse = engine
+                    .layers()
+                    .iter()
+                    .filter(|l| !matches!(l.format.as_str(), "dense" | "channel"));
+                if path == Path::Packed {
+                    assert_eq!(choices.len(), sparse.count(), "{label} {fmt:?}");
+                } else {
+                    assert!(choices.is_empty());
+                }
+                for c in &choices {
+                    assert_eq!(
+                        c.dense,
+                        t == Tuning::Dense || (t == Tuning::Measure && c.dense_ms < c.packed_ms)
+                    );
+                    assert_eq!(c.packed_ms.is_some(), t == Tuning::Measure);
+                }
+            }
             let got = engine.forward_nchw(&x, batch).unwrap();
             assert_eq!(got.len(), want.len());
             let err = got
@@ -31,7 +63,7 @@ fn check(label: &str, net: fn() -> Net) {
                 .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 err <= 1e-4 * scale,
-                "{label} {fmt:?} {path:?}: max error {err} (scale {scale})"
+                "{label} {fmt:?} {path:?} {tuning:?}: max error {err} (scale {scale})"
             );
         }
     }
@@ -97,4 +129,53 @@ fn bad_inputs_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("bn2.running_var") && e.contains("NaN"), "{e}");
+}
+
+#[test]
+fn tuning_is_cached_per_layer_and_batch() {
+    let (graph, tensors, weights) = residual().finish(5);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::Csr, 9);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sub").join("tune.json");
+    let mut cache = TuneCache::open(&file);
+    let mut a = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    let first = a.tune(2, &mut cache, Tuning::Measure).unwrap();
+    assert!(!first.is_empty() && first.iter().all(|c| !c.cached));
+    cache.save().unwrap();
+    // Read back: the same choices, from the file; another batch size is measured anew.
+    let mut cache = TuneCache::open(&file);
+    let mut b = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    let again = b.tune(2, &mut cache, Tuning::Measure).unwrap();
+    assert!(again.iter().all(|c| c.cached));
+    for (x, y) in first.iter().zip(&again) {
+        assert_eq!(
+            (x.dense, x.packed_ms, x.dense_ms),
+            (y.dense, y.packed_ms, y.dense_ms)
+        );
+    }
+    let mut c = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    assert!(c
+        .tune(3, &mut cache, Tuning::Measure)
+        .unwrap()
+        .iter()
+        .all(|c| !c.cached));
+    let mut d = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    assert!(d
+        .tune(2, &mut cache, Tuning::Remeasure)
+        .unwrap()
+        .iter()
+        .all(|c| !c.cached));
+    // A damaged cache file is ignored, then replaced.
+    std::fs::write(&file, b"{ not json").unwrap();
+    let mut cache = TuneCache::open(&file);
+    let mut e = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    assert!(e
+        .tune(2, &mut cache, Tuning::Measure)
+        .unwrap()
+        .iter()
+        .all(|c| !c.cached));
+    cache.save().unwrap();
+    assert!(TuneCache::open(&file).save().is_ok());
+    assert!(e.tune(0, &mut cache, Tuning::Measure).is_err());
 }

@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor, Var};
 use coarsen_core::MaskSet;
 use coarsen_infer::format::random_masks;
 use coarsen_infer::timing::time_paths;
-use coarsen_infer::{layer_formats, Formats, InferenceNet, LayerFormat, Network, Path};
+use coarsen_infer::{
+    layer_formats, Formats, InferenceNet, LayerChoice, LayerFormat, Network, Path, Tuning,
+};
 use coarsen_kernels::timing::{interleaved, median};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -341,6 +343,9 @@ pub struct ModelBench {
     pub threads: usize,
     /// Largest |logit difference| between the two paths (they compute the same function).
     pub max_abs_diff: f32,
+    /// Per sparse layer of the packed path: packed or dense kernels, as tuning chose.
+    #[serde(default)]
+    pub tuned: Vec<LayerChoice>,
 }
 
 /// The patterns [`model_benchmark`] accepts.
@@ -391,6 +396,7 @@ pub fn model_benchmark(
     batch: usize,
     reps: usize,
     seed: u64,
+    tuning: Tuning,
 ) -> Result<ModelBench> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(TrainError::config(
@@ -423,7 +429,7 @@ pub fn model_benchmark(
         None => layer_formats(network.graph(), &masks, None)?,
         Some(f) => masks.names().map(|n| (n.to_string(), f.clone())).collect(),
     };
-    let mut r = network_benchmark(&network, &formats, batch, reps, seed)?;
+    let mut r = network_benchmark(&network, &formats, batch, reps, seed, tuning)?;
     r.model = model.to_string();
     r.pattern = pattern.to_string();
     r.sparsity = match fmt {
@@ -434,7 +440,8 @@ pub fn model_benchmark(
 }
 
 /// Times the forward pass of `network` with its layers in `formats` against its dense path,
-/// `reps` times each, interleaved, on a random batch of `batch` images (seeded by `seed`). The
+/// `reps` times each, interleaved, on a random batch of `batch` images (seeded by `seed`), after
+/// tuning the packed path's layers as `tuning` says (cached per machine). The
 /// record's `model` and `pattern` are left for the caller; `sparsity` is the network's.
 pub fn network_benchmark(
     network: &Network,
@@ -442,11 +449,13 @@ pub fn network_benchmark(
     batch: usize,
     reps: usize,
     seed: u64,
+    tuning: Tuning,
 ) -> Result<ModelBench> {
     if batch == 0 {
         return Err(TrainError::config("batch", batch, "must be positive"));
     }
-    let packed = InferenceNet::new(network, formats, Path::Packed)?;
+    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
+    let tuned = packed.tune_cached(batch, tuning)?;
     let dense = InferenceNet::new(network, formats, Path::Dense)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let uni =
@@ -479,5 +488,6 @@ pub fn network_benchmark(
         reps: reps.max(1),
         threads: rayon::current_num_threads(),
         max_abs_diff,
+        tuned,
     })
 }

@@ -87,7 +87,12 @@ fn given_network(args: &BenchArgs, m: &str) -> Result<coarsen_train::bench::Mode
         (network, formats, meta)
     };
     let mut r = coarsen_train::bench::network_benchmark(
-        &network, &formats, args.batch, args.reps, args.seed,
+        &network,
+        &formats,
+        args.batch,
+        args.reps,
+        args.seed,
+        args.tuning.tuning(),
     )?;
     r.model = m.to_string();
     r.pattern = meta.map_or_else(|| "as given".to_string(), |m| m.pattern);
@@ -116,15 +121,17 @@ fn serve(args: &BenchArgs, dir: &Path) -> Result<()> {
         net.classes(),
         scaling,
     )?;
-    let engine = coarsen_infer::InferenceNet::new(net, &e.formats, args.path.path())?;
+    let mut engine = coarsen_infer::InferenceNet::new(net, &e.formats, args.path.path())?;
+    let tuned = engine.tune_cached(x.n, args.tuning.tuning())?;
     let logits = engine.forward(&x.pixels, x.n)?;
     crate::inputs::write_npy(out, &[x.n, net.classes()], &logits)?;
     let ready = json!({
         "ready": true,
         "engine": format!("coarsen-{}", format!("{:?}", args.path).to_lowercase()),
         "detail": format!(
-            "{} thread(s); formats: {}",
+            "{} thread(s); {}; formats: {}",
             rayon::current_num_threads(),
+            coarsen_infer::describe_choices(&tuned),
             engine
                 .layers()
                 .iter()
@@ -267,15 +274,23 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
         let record = if p.is_empty() {
             given_network(args, m)?
         } else {
-            coarsen_train::bench::model_benchmark(m, p, *s, args.batch, args.reps, args.seed)?
+            coarsen_train::bench::model_benchmark(
+                m,
+                p,
+                *s,
+                args.batch,
+                args.reps,
+                args.seed,
+                args.tuning.tuning(),
+            )?
         };
         records.push(record);
         bar.inc(1);
     }
     bar.finish_and_clear();
     println!(
-        "end-to-end inference, batch {}, {threads} thread(s), median of {} interleaved runs; dense path: faer GEMM",
-        args.batch, args.reps
+        "end-to-end inference, batch {}, {threads} thread(s), median of {} interleaved runs; dense path: coarsen's tiled GEMM and implicit-GEMM convolution; packed path: sparse layers tuned ({:?})",
+        args.batch, args.reps, args.tuning
     );
     let w = records
         .iter()
@@ -298,6 +313,14 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
             100.0 * r.time_saving,
             100.0 * r.ideal_time_saving,
             r.fraction_of_ideal
+        );
+    }
+    for r in &records {
+        println!(
+            "  {} {}: {}",
+            r.model,
+            r.pattern,
+            coarsen_infer::describe_choices(&r.tuned)
         );
     }
     if let Some(j) = &args.json {

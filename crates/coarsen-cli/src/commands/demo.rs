@@ -255,7 +255,13 @@ fn evaluate(
     args: &DemoArgs,
 ) -> Result<Row> {
     let loaded = load_network(dir, Some(data))?;
-    let inference = sparse_eval(&loaded, data, args.batch, args.reps)?;
+    let inference = sparse_eval(
+        &loaded,
+        data,
+        args.batch,
+        args.reps,
+        coarsen_infer::Tuning::Measure,
+    )?;
     Ok(Row {
         method: method.to_string(),
         structure: structure.to_string(),

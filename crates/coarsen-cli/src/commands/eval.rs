@@ -45,6 +45,8 @@ pub struct SparseEval {
     pub ideal_time_saving: f64,
     /// Per layer: format, matrix multiplied, values stored.
     pub layers: Vec<coarsen_infer::LayerInfo>,
+    /// Per sparse layer: packed or on the dense kernels, as tuning chose.
+    pub tuned: Vec<coarsen_infer::LayerChoice>,
 }
 
 /// Runs `net` packed and dense: packed test accuracy, and latency of both at `batch`
@@ -54,13 +56,15 @@ pub fn sparse_eval(
     data: &data::DataSplits,
     batch: usize,
     reps: usize,
+    tuning: coarsen_infer::Tuning,
 ) -> Result<SparseEval> {
-    let packed = InferenceNet::new(&l.network, &l.formats, InferPath::Packed)?;
+    let mut packed = InferenceNet::new(&l.network, &l.formats, InferPath::Packed)?;
     let dense = InferenceNet::new(&l.network, &l.formats, InferPath::Dense)?;
     let acc = engine_accuracy(&packed, &data.test, 1000)?;
     let n = batch.clamp(1, data.test.n.max(1));
     let idx: Vec<usize> = (0..n).map(|i| i % data.test.n.max(1)).collect();
     let b = coarsen_train::data::make_batch(&data.test, &idx, None, (0, 0, 0));
+    let tuned = packed.tune_cached(b.size, tuning)?;
     let t = coarsen_infer::timing::time_paths(&packed, &dense, &b.pixels, b.size, reps)?;
     Ok(SparseEval {
         packed_test_accuracy: acc,
@@ -70,6 +74,7 @@ pub fn sparse_eval(
         time_saving: t.time_saving,
         ideal_time_saving: t.ideal_time_saving,
         layers: packed.layers().to_vec(),
+        tuned,
     })
 }
 
@@ -91,7 +96,13 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
     let val = engine_accuracy(&net, &data.val, a.batch)?;
     let sparse = if a.sparse {
         sp.set_message("packed inference: accuracy and latency against the dense path");
-        Some(sparse_eval(&loaded, &data, a.batch, a.reps)?)
+        Some(sparse_eval(
+            &loaded,
+            &data,
+            a.batch,
+            a.reps,
+            a.tuning.tuning(),
+        )?)
     } else {
         None
     };
@@ -135,6 +146,7 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
             100.0 * s.time_saving,
             100.0 * s.ideal_time_saving
         );
+        println!("  {}", coarsen_infer::describe_choices(&s.tuned));
         for l in &s.layers {
             println!(
                 "  {:<28} {:<15} {:>6}×{:<6} {:>9} values",

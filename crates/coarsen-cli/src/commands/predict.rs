@@ -84,7 +84,11 @@ pub fn run(a: &PredictArgs, quiet: bool) -> Result<()> {
         normalized: a.normalized,
     };
     let images = inputs::read(&a.input, a.labels.as_deref(), input, classes, scaling)?;
-    let engine = InferenceNet::new(net, &loaded.formats, a.path.path())?;
+    let mut engine = InferenceNet::new(net, &loaded.formats, a.path.path())?;
+    if a.path == crate::args::PathArg::Packed {
+        sp.set_message("choosing each sparse layer's kernels");
+        engine.tune_cached(a.batch.clamp(1, images.n.max(1)), a.tuning.tuning())?;
+    }
     sp.set_message(format!("{} images", images.n));
     let probs = probabilities(&engine, &images.pixels, images.n, a.batch)?;
     sp.finish_and_clear();

@@ -481,6 +481,11 @@ impl<'a> Compiler<'a> {
         };
         let ncols = sub_mask.cols();
         let kerr = |e| InferError::kernel(&weight, e);
+        // A sparse layer also gets a dense twin (the same masked matrix on the dense kernels),
+        // so that tuning can run whichever is faster at the batch size it is used at.
+        let twin_values = (self.path == Path::Packed
+            && !matches!(format, LayerFormat::Dense | LayerFormat::Channel))
+        .then(|| sub_w.clone());
         let (packed, out_rows): (Packed, Option<Vec<u32>>) = match &format {
             LayerFormat::Dense => (
                 Packed::Dense(Dense::new(cout, ncols, sub_w).map_err(kerr)?),
@@ -571,6 +576,38 @@ impl<'a> Compiler<'a> {
             },
             None => Flow::all(cout, ho, wo),
         };
+        let dense_twin = match twin_values {
+            Some(v) => {
+                let direct = if spatial {
+                    DirectConv::new(g, cout, in_ch.len(), &v).map_err(kerr)?
+                } else {
+                    None
+                };
+                let mut plan = Plan::new(&Packed::Dense(Dense::new(cout, ncols, v).map_err(kerr)?))
+                    .map_err(kerr)?;
+                plan.set_threading(Threading::Serial);
+                Some(Box::new(Layer {
+                    name: weight.clone(),
+                    plan,
+                    g,
+                    cin: in_ch.len(),
+                    cout: rows_out,
+                    h: flow.h,
+                    w: flow.w,
+                    ho,
+                    wo,
+                    bias: bias_out.clone(),
+                    corr: corr_out.clone(),
+                    relu,
+                    read: read.clone(),
+                    direct,
+                    direct_on: true,
+                    dense_twin: None,
+                    run_dense: false,
+                }))
+            }
+            None => None,
+        };
         let layer = Layer {
             name: weight,
             plan,
@@ -587,6 +624,8 @@ impl<'a> Compiler<'a> {
             read,
             direct,
             direct_on: true,
+            dense_twin,
+            run_dense: false,
         };
         let out = self.push(vec![slot], Kind::Layer(Box::new(layer)), out_flow);
         self.slot_of.insert(names, out);

@@ -23,6 +23,9 @@
 
 mod build;
 mod run;
+mod tune;
+
+pub use tune::{describe_choices, LayerChoice, TuneCache, Tuning};
 
 use std::collections::BTreeMap;
 

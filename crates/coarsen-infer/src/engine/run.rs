@@ -92,6 +92,10 @@ pub(super) struct Layer {
     pub(super) direct: Option<DirectConv>,
     /// Whether `direct` runs (off with faer as the dense kernel).
     pub(super) direct_on: bool,
+    /// The same layer on the dense kernels (sparse formats on the packed path), for tuning.
+    pub(super) dense_twin: Option<Box<Layer>>,
+    /// Run `dense_twin` instead (tuning found it faster).
+    pub(super) run_dense: bool,
 }
 
 /// Runs the steps of `net` on the channel-major batch `x`; the output slot's values.
@@ -336,7 +340,12 @@ impl Layer {
     /// the kernel, then bias, the removed-channel correction and ReLU fused into the copy of
     /// the chunk's columns into the output. Scratch buffers are per thread and reused across
     /// layers and calls.
-    fn forward(&self, x: &[f32], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
+    pub(super) fn forward(&self, x: &[f32], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
+        if self.run_dense {
+            if let Some(t) = &self.dense_twin {
+                return t.forward(x, batch, o);
+            }
+        }
         let kerr = |e| InferError::kernel(&self.name, e);
         let d = ConvDims::new(&[self.cin, batch, self.h, self.w], self.g).map_err(kerr)?;
         let hw = self.ho * self.wo;
@@ -356,19 +365,42 @@ impl Layer {
             && self.g.padding == [0; 4]
             && chunks.len() == 1
             && self.read.is_none();
-        chunks
+        let dc = self.direct.as_ref().filter(|_| self.direct_on);
+        // Too few columns to keep every thread busy (small batches, deep layers): the dense
+        // kernels also split the output rows.
+        let align = match (dc, self.plan.tile_rows()) {
+            (Some(_), _) => Some(DirectConv::ROW_ALIGN),
+            (None, Some(r)) if tiles.is_some() => Some(r),
+            _ => None,
+        };
+        let want = 2 * rayon::current_num_threads();
+        let row_blocks: Vec<(usize, usize)> = match align {
+            Some(a) if chunks.len() < want && rows >= 2 * a => {
+                let parts = want.div_ceil(chunks.len()).min(rows / a);
+                let per = rows.div_ceil(parts).div_ceil(a) * a;
+                (0..rows.div_ceil(per))
+                    .map(|i| (i * per, ((i + 1) * per).min(rows)))
+                    .collect()
+            }
+            _ => vec![(0, rows)],
+        };
+        let tasks: Vec<((usize, usize), (usize, usize))> = chunks
+            .iter()
+            .flat_map(|&c| row_blocks.iter().map(move |&r| (c, r)))
+            .collect();
+        tasks
             .into_par_iter()
-            .try_for_each(|(c0, c1)| -> Result<()> {
+            .try_for_each(|((c0, c1), (r0, r1))| -> Result<()> {
                 let (nc, out) = (c1 - c0, yp);
                 // Taken out of the thread's slot, not borrowed across the kernel call: should
                 // anything run another chunk on this thread meanwhile (rayon's work stealing),
                 // that chunk allocates its own.
                 let (col_buf, part_buf, mut tmp) = SCRATCH.take();
-                let mut part_buf = at_least(part_buf, rows * nc);
-                let part = &mut part_buf[..rows * nc];
-                if let Some(dc) = self.direct.as_ref().filter(|_| self.direct_on) {
-                    dc.forward(x, &d, c0, c1, part).map_err(kerr)?;
-                    self.store(part, out, c0, nc, n);
+                let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
+                let part = &mut part_buf[..(r1 - r0) * nc];
+                if let Some(dc) = dc {
+                    dc.forward_rows(x, &d, c0, c1, r0, r1, part).map_err(kerr)?;
+                    self.store(part, out, (r0, c0), nc, n);
                     SCRATCH.set((col_buf, part_buf, tmp));
                     return Ok(());
                 }
@@ -379,8 +411,10 @@ impl Layer {
                     let c = &mut col_buf[..len];
                     d.im2col_tiles(x, self.read.as_deref(), c0, c1, nr, c, &mut tmp)
                         .map_err(kerr)?;
-                    self.plan.forward_tiles(c, part, nc).map_err(kerr)?;
-                    self.store(part, out, c0, nc, n);
+                    self.plan
+                        .forward_tiles_rows(c, part, nc, r0, r1)
+                        .map_err(kerr)?;
+                    self.store(part, out, (r0, c0), nc, n);
                     SCRATCH.set((col_buf, part_buf, tmp));
                     return Ok(());
                 }
@@ -401,21 +435,23 @@ impl Layer {
                     c
                 };
                 self.plan.forward(col, part, nc).map_err(kerr)?;
-                self.store(part, out, c0, nc, n);
+                self.store(part, out, (0, c0), nc, n);
                 SCRATCH.set((col_buf, part_buf, tmp));
                 Ok(())
             })?;
-        // SAFETY: every one of the `len` values was written above (the chunks cover 0..n).
+        // SAFETY: every one of the `len` values was written above (the tasks cover every row
+        // of every column chunk, and the chunks cover 0..n).
         unsafe { y.set_len(len) };
         Ok(y)
     }
 
-    /// Every row of the kernel's result `part` (`rows × nc`) into columns `c0 .. c0 + nc` of
-    /// the output `out` (`rows × n`), through the epilogue.
-    fn store(&self, part: &[f32], out: Shared, c0: usize, nc: usize, n: usize) {
-        for (r, row) in part.chunks(nc.max(1)).enumerate() {
-            // SAFETY: chunks cover disjoint columns of `y`; `r·n + c0 + nc ≤ len`, inside the
-            // capacity; the values are written, never read, before `set_len`.
+    /// The kernel's result `part` (rows `r0 ..`, `nc` columns each) into columns
+    /// `c0 .. c0 + nc` of those rows of the output `out` (`rows × n`), through the epilogue.
+    fn store(&self, part: &[f32], out: Shared, (r0, c0): (usize, usize), nc: usize, n: usize) {
+        for (i, row) in part.chunks(nc.max(1)).enumerate() {
+            let r = r0 + i;
+            // SAFETY: tasks cover disjoint blocks (rows × columns) of `y`; `r·n + c0 + nc ≤
+            // len`, inside the capacity; the values are written, never read, before `set_len`.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(out.0.add(r * n + c0).cast::<MaybeUninit<f32>>(), nc)
             };

@@ -99,6 +99,37 @@ impl DirectConv {
         c1: usize,
         y: &mut [f32],
     ) -> Result<()> {
+        self.forward_rows(x, d, c0, c1, 0, self.cout, y)
+    }
+
+    /// Rows of the register tile: [`forward_rows`](Self::forward_rows) splits rows at
+    /// multiples of it.
+    pub const ROW_ALIGN: usize = MR;
+
+    /// Output channels `r0 .. r1` (`r0` a multiple of [`ROW_ALIGN`](Self::ROW_ALIGN)) of
+    /// columns `c0 .. c1` into `y` (`(r1 − r0) × (c1 − c0)`): a share of the work when there
+    /// are too few columns to split.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_rows(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        c0: usize,
+        c1: usize,
+        r0: usize,
+        r1: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        if r0 > r1 || r1 > self.cout || !r0.is_multiple_of(MR) {
+            return Err(KernelError::Param {
+                name: "rows",
+                value: format!("{r0}..{r1}"),
+                reason: format!(
+                    "must lie within the {} output channels and start at a multiple of {MR}",
+                    self.cout
+                ),
+            });
+        }
         if !self.accepts(d) {
             return Err(KernelError::Param {
                 name: "dims",
@@ -124,8 +155,8 @@ impl DirectConv {
             "DirectConv::forward",
             "y",
             y.len(),
-            self.cout * (c1 - c0),
-            || format!("{} rows × {} columns", self.cout, c1 - c0),
+            (r1 - r0) * (c1 - c0),
+            || format!("{} rows × {} columns", r1 - r0, c1 - c0),
         )?;
         if y.is_empty() {
             return Ok(());
@@ -134,7 +165,7 @@ impl DirectConv {
         // SAFETY: `new` returned `Some` only on a CPU with AVX-512; the lengths were checked
         // above.
         unsafe {
-            avx512::forward(self, x, d, c0, c1, y)
+            avx512::forward(self, x, d, (c0, c1), (r0, r1), y)
         };
         Ok(())
     }
@@ -156,8 +187,8 @@ mod avx512 {
         k: &DirectConv,
         x: &[f32],
         d: &ConvDims,
-        c0: usize,
-        c1: usize,
+        (c0, c1): (usize, usize),
+        (r0, r1): (usize, usize),
         y: &mut [f32],
     ) {
         let (h, w) = (d.h as isize, d.w as isize);
@@ -174,7 +205,7 @@ mod avx512 {
         let nc = c1 - c0;
         let ldy = nc;
         let yp = y.as_mut_ptr();
-        let panels = k.cout.div_ceil(MR);
+        let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
         // Each tile's input rows (the tile's positions and the halo the taps reach) are copied
         // per block of channels into `halo`, rows `stride` apart: an odd number of cache lines,
         // so the rows spread over L1's sets (the input's own row stride, B·H·W floats, is often
@@ -224,8 +255,8 @@ mod avx512 {
                     let dst = hp.add(c * stride + (a as isize - first) as usize);
                     std::ptr::copy_nonoverlapping(src, dst, b - a);
                 }
-                for q in 0..panels {
-                    let rows = MR.min(k.cout - q * MR);
+                for q in q0..q1 {
+                    let rows = MR.min(r1 - q * MR);
                     let panel = k.panels.as_ptr().add(q * ktot * MR);
                     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
                     for tap in 0..taps {
@@ -263,7 +294,7 @@ mod avx512 {
                         f
                     };
                     for (i, a) in acc.iter().enumerate().take(rows) {
-                        let out = yp.add((q * MR + i) * ldy + (t0 - c0));
+                        let out = yp.add((q * MR + i - r0) * ldy + (t0 - c0));
                         for (j, &v) in a.iter().enumerate() {
                             let o = out.add(j * 16);
                             let v = if cb0 > 0 {
@@ -342,6 +373,23 @@ mod tests {
                         }
                     }
                 }
+                // Row shares.
+                let mut r0 = 0;
+                while r0 < cout {
+                    let r1 = (r0 + 2 * DirectConv::ROW_ALIGN).min(cout);
+                    let mut y = vec![f32::NAN; (r1 - r0) * n];
+                    dc.forward_rows(&x, &d, 0, n, r0, r1, &mut y).unwrap();
+                    for r in r0..r1 {
+                        for j in 0..n {
+                            let (a, e) = (y[(r - r0) * n + j], want[r * n + j]);
+                            assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "rows {r0}..{r1}");
+                        }
+                    }
+                    r0 = r1;
+                }
+                assert!(dc
+                    .forward_rows(&x, &d, 0, n, 1, cout, &mut vec![0.0; (cout - 1) * n])
+                    .is_err());
                 let mut y = vec![0.0; cout * n + 1];
                 assert!(dc.forward(&x, &d, 0, n, &mut y).is_err());
                 assert!(dc.forward(&x[1..], &d, 0, n, &mut y[1..]).is_err());

@@ -313,6 +313,29 @@ impl Plan {
     /// [`ConvDims::im2col_tiles`](crate::conv::ConvDims::im2col_tiles) writes them. The kernel
     /// then reads `X` in place, with no packing copy. `y` is `out_dim × n`, row-major.
     pub fn forward_tiles(&self, xt: &[f32], y: &mut [f32], n: usize) -> Result<()> {
+        self.forward_tiles_rows(xt, y, n, 0, self.out_dim())
+    }
+
+    /// Rows of a panel of the tiled kernel: [`forward_tiles_rows`](Self::forward_tiles_rows)
+    /// splits rows at multiples of it (`None` for plans without tiled input).
+    pub fn tile_rows(&self) -> Option<usize> {
+        match &self.engine {
+            Engine::Dense(e) => e.tiled().map(|t| t.panel_rows()),
+            _ => None,
+        }
+    }
+
+    /// [`forward_tiles`](Self::forward_tiles) for output rows `r0 .. r1` only (`r0` a multiple
+    /// of [`tile_rows`](Self::tile_rows)); `y` is `(r1 − r0) × n`: a share of the work when
+    /// there are too few columns to split.
+    pub fn forward_tiles_rows(
+        &self,
+        xt: &[f32],
+        y: &mut [f32],
+        n: usize,
+        r0: usize,
+        r1: usize,
+    ) -> Result<()> {
         let Engine::Dense(e) = &self.engine else {
             return Err(KernelError::Param {
                 name: "plan",
@@ -335,15 +358,26 @@ impl Plan {
         };
         let padded = n.checked_next_multiple_of(nr).ok_or_else(overflow)?;
         let want_x = self.in_dim().checked_mul(padded).ok_or_else(overflow)?;
-        let want_y = self.out_dim().checked_mul(n).ok_or_else(overflow)?;
+        if r0 > r1 || r1 > self.out_dim() || !r0.is_multiple_of(t.panel_rows()) {
+            return Err(KernelError::Param {
+                name: "rows",
+                value: format!("{r0}..{r1}"),
+                reason: format!(
+                    "must lie within the {} rows and start at a multiple of {}",
+                    self.out_dim(),
+                    t.panel_rows()
+                ),
+            });
+        }
+        let want_y = (r1 - r0).checked_mul(n).ok_or_else(overflow)?;
         check_len("forward_tiles", "xt", xt.len(), want_x, || {
             format!("{} rows × {n} columns in tiles of {nr}", self.in_dim())
         })?;
         check_len("forward_tiles", "y", y.len(), want_y, || {
-            format!("{} rows × {n} columns", self.out_dim())
+            format!("{} rows × {n} columns", r1 - r0)
         })?;
         if !y.is_empty() {
-            t.forward_tiles(xt, y, n);
+            t.forward_tiles(xt, y, n, (r0, r1));
         }
         Ok(())
     }

@@ -117,7 +117,7 @@ impl Tiled {
     /// `Y = W·X` on the calling thread, `X` given tile by tile: `ceil(n/NR)` tiles of
     /// `cols × NR` values (`xt[t·cols·NR + k·NR + j]` = `X[k, t·NR + j]`, zero past `n`), as
     /// [`crate::conv::ConvDims::im2col_tiles`] writes them; `y` is `rows × n`, row-major.
-    pub(crate) fn forward_tiles(&self, xt: &[f32], y: &mut [f32], n: usize) {
+    pub(crate) fn forward_tiles(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
         let (mr, nv) = tile(self.isa);
         run_task(
             self.isa,
@@ -126,10 +126,16 @@ impl Tiled {
                 xt,
                 y: SyncPtr(y.as_mut_ptr()),
                 n,
+                rows,
                 mr,
                 nv,
             },
         );
+    }
+
+    /// Rows of a panel.
+    pub(crate) fn panel_rows(&self) -> usize {
+        self.mr
     }
 }
 
@@ -139,6 +145,8 @@ struct TilePass<'a> {
     xt: &'a [f32],
     y: SyncPtr,
     n: usize,
+    /// Output rows `r0 .. r1` (`r0` a multiple of `MR`); `y` holds just these.
+    rows: (usize, usize),
     mr: usize,
     nv: usize,
 }
@@ -163,13 +171,14 @@ impl SimdTask for TilePass<'_> {
 unsafe fn tile_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>) {
     let w = p.w;
     let nr = NV * S::LANES;
-    let (m, k, n) = (w.rows, w.cols, p.n);
+    let (k, n) = (w.cols, p.n);
+    let (r0, r1) = p.rows;
     let (xt, y) = (p.xt.as_ptr(), p.y.get());
     if k == 0 {
-        std::ptr::write_bytes(y, 0, m * n);
+        std::ptr::write_bytes(y, 0, (r1 - r0) * n);
         return;
     }
-    let panels = m.div_ceil(MR);
+    let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
     let tiles = n.div_ceil(nr);
     let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(8) * 8;
     let mut k0 = 0;
@@ -178,10 +187,10 @@ unsafe fn tile_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>)
         for t in 0..tiles {
             let width = nr.min(n - t * nr);
             let bp = xt.add(t * k * nr + k0 * nr);
-            for q in 0..panels {
-                let rows = MR.min(m - q * MR);
+            for q in q0..q1 {
+                let rows = MR.min(r1 - q * MR);
                 let wp = w.panels.as_ptr().add(q * k * MR + k0 * MR);
-                let yq = y.add(q * MR * n + t * nr);
+                let yq = y.add((q * MR - r0) * n + t * nr);
                 if rows == MR && width == nr {
                     tile_full::<S, MR, NV>(kc, wp, bp, yq, n, k0 > 0);
                 } else {
@@ -407,7 +416,7 @@ mod tests {
                     }
                 }
                 let mut y = vec![f32::NAN; m * n];
-                t.forward_tiles(&xt, &mut y, n);
+                t.forward_tiles(&xt, &mut y, n, (0, m));
                 for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),

@@ -1,0 +1,311 @@
+//! Measured per-layer kernel choice: a sparse layer runs packed or on the dense kernels,
+//! whichever this machine runs faster at the batch size in use.
+//!
+//! Structure pays only where the kernel beats the dense GEMM on that shape, and that depends
+//! on the layer's size, its density, the batch and the CPU: N:M at batch 1, or a small layer
+//! at 50% density, can run slower packed than dense. [`InferenceNet::tune`] times both
+//! variants of every sparse layer once, on a random input of the layer's own shape, and keeps
+//! the faster. Results are cached per machine (CPU model, instruction set, threads) in a JSON
+//! file, so later runs reuse them; [`Tuning`] forces either side or re-measures.
+
+use std::collections::BTreeMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::run::Kind;
+use super::InferenceNet;
+use crate::error::{InferError, Result};
+
+/// How [`InferenceNet::tune`] chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Tuning {
+    /// Measure each sparse layer once (or reuse the cached measurement) and run the faster.
+    #[default]
+    Measure,
+    /// Measure again, replacing cached measurements.
+    Remeasure,
+    /// Run every layer in its packed format, unmeasured.
+    Packed,
+    /// Run every sparse layer on the dense kernels, unmeasured.
+    Dense,
+}
+
+/// What tuning decided for one sparse layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerChoice {
+    /// The weight's name.
+    pub name: String,
+    /// Its packed format.
+    pub format: String,
+    /// Median time of the packed variant, ms (`None` when not measured).
+    pub packed_ms: Option<f64>,
+    /// Median time of the dense variant, ms (`None` when not measured).
+    pub dense_ms: Option<f64>,
+    /// Whether the layer runs on the dense kernels.
+    pub dense: bool,
+    /// Whether the times came from the cache.
+    pub cached: bool,
+}
+
+/// Cached measurements, keyed by machine, batch size and layer.
+#[derive(Debug, Default)]
+pub struct TuneCache {
+    path: Option<PathBuf>,
+    entries: BTreeMap<String, Entry>,
+    dirty: bool,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct Entry {
+    packed_ms: f64,
+    dense_ms: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    entries: BTreeMap<String, Entry>,
+}
+
+const CACHE_VERSION: u32 = 1;
+
+impl TuneCache {
+    /// A cache that lives only in memory.
+    pub fn in_memory() -> Self {
+        TuneCache::default()
+    }
+
+    /// The cache in `path`: its measurements if the file exists and is readable, else empty (a
+    /// damaged or foreign file is ignored and replaced on [`save`](Self::save)).
+    pub fn open(path: &FsPath) -> Self {
+        let entries = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CacheFile>(&b).ok())
+            .filter(|f| f.version == CACHE_VERSION)
+            .map(|f| {
+                f.entries
+                    .into_iter()
+                    .filter(|(_, e)| e.packed_ms.is_finite() && e.dense_ms.is_finite())
+                    .collect()
+            })
+            .unwrap_or_default();
+        TuneCache {
+            path: Some(path.to_path_buf()),
+            entries,
+            dirty: false,
+        }
+    }
+
+    /// The default cache file: `$COARSEN_TUNE_CACHE`, else `tune.json` in
+    /// `$XDG_CACHE_HOME/coarsen` or `~/.cache/coarsen`.
+    pub fn default_path() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("COARSEN_TUNE_CACHE") {
+            return Some(PathBuf::from(p));
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(base.join("coarsen").join("tune.json"))
+    }
+
+    /// Writes new measurements back to the file (atomically), if any were made.
+    pub fn save(&mut self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !self.dirty {
+            return Ok(());
+        }
+        let err = |e: std::io::Error| InferError::io(path, e);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = CacheFile {
+            version: CACHE_VERSION,
+            entries: self.entries.clone(),
+        };
+        let text =
+            serde_json::to_vec_pretty(&file).map_err(|e| InferError::file(path, e.to_string()))?;
+        let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, text).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// This machine as a cache key: CPU model, instruction set and threads.
+fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!(
+        "{model}|{}|{} threads",
+        coarsen_kernels::Isa::detect().as_str(),
+        rayon::current_num_threads()
+    )
+}
+
+impl InferenceNet {
+    /// Chooses, for every sparse layer, its packed format or the dense kernels (see the
+    /// [module](self) docs) for batches of `batch` images, and reports the choices in
+    /// evaluation order. Measurements come from and go to `cache` (call
+    /// [`TuneCache::save`] afterwards to keep them). Only the packed path has sparse layers.
+    pub fn tune(
+        &mut self,
+        batch: usize,
+        cache: &mut TuneCache,
+        tuning: Tuning,
+    ) -> Result<Vec<LayerChoice>> {
+        if batch == 0 {
+            return Err(InferError::param("batch", "0", "must be positive"));
+        }
+        let machine = machine();
+        let options = self.options;
+        let mut rng = ChaCha8Rng::seed_from_u64(0x7u64);
+        let mut choices = Vec::new();
+        for step in &mut self.steps {
+            let Kind::Layer(l) = &mut step.kind else {
+                continue;
+            };
+            let Some(twin) = l.dense_twin.take() else {
+                continue;
+            };
+            let key = format!(
+                "{machine}|batch {batch}|{}|{}|{}x{}|{} stored|in {}x{}x{}|{:?}",
+                l.name,
+                l.plan.format(),
+                l.plan.out_dim(),
+                l.plan.in_dim(),
+                l.plan.value_count(),
+                l.cin,
+                l.h,
+                l.w,
+                l.g
+            );
+            let (times, cached) = match tuning {
+                Tuning::Packed | Tuning::Dense => (None, false),
+                Tuning::Measure if cache.entries.contains_key(&key) => {
+                    (cache.entries.get(&key).copied(), true)
+                }
+                Tuning::Measure | Tuning::Remeasure => {
+                    let len = l.cin * batch * l.h * l.w;
+                    let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let (packed_ms, dense_ms) = measure(
+                        || l.forward(&x, batch, &options).map(|_| ()),
+                        || twin.forward(&x, batch, &options).map(|_| ()),
+                    )?;
+                    let e = Entry {
+                        packed_ms,
+                        dense_ms,
+                    };
+                    cache.entries.insert(key, e);
+                    cache.dirty = true;
+                    (Some(e), false)
+                }
+            };
+            let dense = match (tuning, times) {
+                (Tuning::Dense, _) => true,
+                (_, Some(e)) => e.dense_ms < e.packed_ms,
+                _ => false,
+            };
+            choices.push(LayerChoice {
+                name: l.name.clone(),
+                format: l.plan.format().to_string(),
+                packed_ms: times.map(|e| e.packed_ms),
+                dense_ms: times.map(|e| e.dense_ms),
+                dense,
+                cached,
+            });
+            // The variant that does not run is dropped.
+            if dense {
+                l.dense_twin = Some(twin);
+                l.run_dense = true;
+            }
+        }
+        Ok(choices)
+    }
+}
+
+impl InferenceNet {
+    /// [`tune`](Self::tune) with the cache in [`TuneCache::default_path`], saving new
+    /// measurements there. The cache is best effort: one that cannot be read is re-measured,
+    /// one that cannot be written is left as it was.
+    pub fn tune_cached(&mut self, batch: usize, tuning: Tuning) -> Result<Vec<LayerChoice>> {
+        let mut cache = TuneCache::default_path()
+            .map(|p| TuneCache::open(&p))
+            .unwrap_or_default();
+        let choices = self.tune(batch, &mut cache, tuning)?;
+        let _ = cache.save();
+        Ok(choices)
+    }
+}
+
+/// One line on what tuning chose: how many sparse layers run packed and which run dense.
+pub fn describe_choices(choices: &[LayerChoice]) -> String {
+    if choices.is_empty() {
+        return "no sparse layer to tune".into();
+    }
+    let dense: Vec<&str> = choices
+        .iter()
+        .filter(|c| c.dense)
+        .map(|c| c.name.as_str())
+        .collect();
+    let measured = choices.iter().any(|c| c.packed_ms.is_some());
+    let how = if measured { "measured" } else { "as forced" };
+    if dense.is_empty() {
+        format!("all {} sparse layers run packed ({how})", choices.len())
+    } else {
+        let shown = dense.len().min(4);
+        let more = if dense.len() > shown {
+            format!(" and {} more", dense.len() - shown)
+        } else {
+            String::new()
+        };
+        format!(
+            "{} of {} sparse layers run packed, {} on the dense kernels ({how}): {}{more}",
+            choices.len() - dense.len(),
+            choices.len(),
+            dense.len(),
+            dense[..shown].join(", ")
+        )
+    }
+}
+
+/// Medians of `a` and `b`, ms: one warm-up each, then interleaved repetitions for about a tenth
+/// of a second (3 to 15 each).
+fn measure(
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    a()?;
+    b()?;
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while ta.len() < 15 && (ta.len() < 3 || start.elapsed().as_secs_f64() < 0.1) {
+        let t = Instant::now();
+        a()?;
+        ta.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        b()?;
+        tb.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((med(&mut ta), med(&mut tb)))
+}
