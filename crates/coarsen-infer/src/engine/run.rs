@@ -365,17 +365,31 @@ impl Layer {
             && self.g.padding == [0; 4]
             && chunks.len() == 1
             && self.read.is_none();
-        let dc = self.direct.as_ref().filter(|_| self.direct_on);
+        // Few columns (small batches, deep layers): the dense kernel vectorises over rows.
+        let small = self
+            .plan
+            .small_tiles()
+            .filter(|_| n <= SMALL_COLS && self.direct_on);
+        let chunks = if small.is_some() {
+            vec![(0, n)]
+        } else {
+            chunks
+        };
+        let dc = self
+            .direct
+            .as_ref()
+            .filter(|_| self.direct_on && small.is_none());
         // Too few columns to keep every thread busy (small batches, deep layers): the dense
         // kernels also split the output rows.
         let align = match (dc, self.plan.tile_rows()) {
+            _ if small.is_some() => small.map(|(_, a)| a),
             (Some(_), _) => Some(DirectConv::ROW_ALIGN),
             (None, Some(r)) if tiles.is_some() => Some(r),
             _ => None,
         };
         let want = 2 * rayon::current_num_threads();
         let row_blocks: Vec<(usize, usize)> = match align {
-            Some(a) if chunks.len() < want && rows >= 2 * a => {
+            Some(a) if chunks.len() < want && rows > a => {
                 let parts = want.div_ceil(chunks.len()).min(rows / a);
                 let per = rows.div_ceil(parts).div_ceil(a) * a;
                 (0..rows.div_ceil(per))
@@ -398,6 +412,19 @@ impl Layer {
                 let (col_buf, part_buf, mut tmp) = SCRATCH.take();
                 let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
                 let part = &mut part_buf[..(r1 - r0) * nc];
+                if let Some((mr, _)) = small {
+                    let len = nc.div_ceil(mr) * mr * kk;
+                    let mut col_buf = at_least(col_buf, len);
+                    let c = &mut col_buf[..len];
+                    d.im2col_tiles(x, self.read.as_deref(), c0, c1, mr, c, &mut tmp)
+                        .map_err(kerr)?;
+                    self.plan
+                        .forward_small_rows(c, part, nc, r0, r1)
+                        .map_err(kerr)?;
+                    self.store(part, out, (r0, c0), nc, n);
+                    SCRATCH.set((col_buf, part_buf, tmp));
+                    return Ok(());
+                }
                 if let Some(dc) = dc {
                     dc.forward_rows(x, &d, c0, c1, r0, r1, part).map_err(kerr)?;
                     self.store(part, out, (r0, c0), nc, n);
@@ -493,6 +520,9 @@ impl Layer {
         }
     }
 }
+
+/// Columns up to which a dense layer runs the kernel that vectorises over output rows.
+const SMALL_COLS: usize = 64;
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {

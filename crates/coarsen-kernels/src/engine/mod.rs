@@ -382,6 +382,71 @@ impl Plan {
         Ok(())
     }
 
+    /// Columns per panel of [`forward_small_rows`](Self::forward_small_rows) (`Some` for dense
+    /// and channel-compact plans on the tiled kernel) and the row alignment of its shares.
+    pub fn small_tiles(&self) -> Option<(usize, usize)> {
+        match &self.engine {
+            Engine::Dense(e) => e.tiled().map(|t| (t.panel_rows(), t.tile_width())),
+            _ => None,
+        }
+    }
+
+    /// `Y = W·X` for products with few columns (small batches, deep layers), on the calling
+    /// thread, output rows `r0 .. r1` (`r0` a multiple of the alignment of
+    /// [`small_tiles`](Self::small_tiles)); `X` in panels of `MR` columns
+    /// (`ceil(n/MR)` panels of `in_dim × MR` values, as
+    /// [`ConvDims::im2col_tiles`](crate::conv::ConvDims::im2col_tiles) writes tiles of `MR`);
+    /// `y` is `(r1 − r0) × n`. The kernel vectorises over rows of `W` instead of columns of
+    /// `X`, so no lane is spent on columns that do not exist.
+    pub fn forward_small_rows(
+        &self,
+        xt: &[f32],
+        y: &mut [f32],
+        n: usize,
+        r0: usize,
+        r1: usize,
+    ) -> Result<()> {
+        let Some((mr, align)) = self.small_tiles() else {
+            return Err(KernelError::Param {
+                name: "plan",
+                value: self.format.to_string(),
+                reason: "only dense and channel-compact plans on the tiled kernel".into(),
+            });
+        };
+        let overflow = || KernelError::Param {
+            name: "n",
+            value: n.to_string(),
+            reason: "the buffers would need more values than usize holds".into(),
+        };
+        if r0 > r1 || r1 > self.out_dim() || !r0.is_multiple_of(align) {
+            return Err(KernelError::Param {
+                name: "rows",
+                value: format!("{r0}..{r1}"),
+                reason: format!(
+                    "must lie within the {} rows and start at a multiple of {align}",
+                    self.out_dim()
+                ),
+            });
+        }
+        let padded = n.checked_next_multiple_of(mr).ok_or_else(overflow)?;
+        let want_x = self.in_dim().checked_mul(padded).ok_or_else(overflow)?;
+        let want_y = (r1 - r0).checked_mul(n).ok_or_else(overflow)?;
+        check_len("forward_small_rows", "xt", xt.len(), want_x, || {
+            format!("{} rows × {n} columns in panels of {mr}", self.in_dim())
+        })?;
+        check_len("forward_small_rows", "y", y.len(), want_y, || {
+            format!("{} rows × {n} columns", r1 - r0)
+        })?;
+        if let Engine::Dense(e) = &self.engine {
+            if let Some(t) = e.tiled() {
+                if !y.is_empty() {
+                    t.forward_small(xt, y, n, (r0, r1));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `dX = Wᵀ·dY`: `dy` is `out_dim × n`, `dx` is `in_dim × n`.
     pub fn backward_input(&self, dy: &[f32], dx: &mut [f32], n: usize) -> Result<()> {
         self.check(

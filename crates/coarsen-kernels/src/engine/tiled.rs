@@ -41,6 +41,9 @@ pub(crate) struct Tiled {
     mr: usize,
     /// `ceil(rows/mr)` panels of `cols × mr` values, rows past the end zero.
     panels: Vec<f32>,
+    /// `Wᵀ` in tiles of `NR` rows of `W`: `ceil(rows/NR)` tiles of `cols × NR` values, for
+    /// products with few columns ([`forward_small`](Self::forward_small)).
+    tiles_t: Vec<f32>,
 }
 
 /// A 64-byte aligned buffer of one packed `KC × NR` tile of `X`.
@@ -50,13 +53,15 @@ struct PackBuf([f32; KC * NR_MAX]);
 impl Tiled {
     /// Packs the row-major `rows × cols` matrix `values`.
     pub(crate) fn new(isa: Isa, rows: usize, cols: usize, values: &[f32]) -> Self {
-        let (mr, _) = tile(isa);
+        let (mr, nv) = tile(isa);
+        let nr = nv * isa.lanes();
         let mut t = Tiled {
             isa,
             rows,
             cols,
             mr,
             panels: vec![0.0; rows.div_ceil(mr) * mr * cols],
+            tiles_t: vec![0.0; rows.div_ceil(nr) * nr * cols],
         };
         t.set_values(values);
         t
@@ -65,12 +70,38 @@ impl Tiled {
     /// Repacks from new row-major values of the same shape.
     pub(crate) fn set_values(&mut self, values: &[f32]) {
         let (mr, cols) = (self.mr, self.cols);
+        let nr = self.tile_width();
         for (r, row) in values.chunks(cols.max(1)).take(self.rows).enumerate() {
             let panel = &mut self.panels[(r / mr) * cols * mr..];
             for (k, &v) in row.iter().enumerate() {
                 panel[k * mr + r % mr] = v;
             }
+            let tile = &mut self.tiles_t[(r / nr) * cols * nr..];
+            for (k, &v) in row.iter().enumerate() {
+                tile[k * nr + r % nr] = v;
+            }
         }
+    }
+
+    /// `Y = W·X` for few columns, on the calling thread, output rows `r0 .. r1` (`r0` a
+    /// multiple of `NR`; `y` is `(r1 − r0) × n`): the roles swap, `X` given in panels of `MR`
+    /// columns (`xt[q·cols·MR + k·MR + i]` = `X[k, q·MR + i]`, zero past `n`, as
+    /// [`crate::conv::ConvDims::im2col_tiles`] writes tiles of `MR`) is broadcast, and `Wᵀ` is
+    /// loaded `NR` rows of `W` at a time, so no lane is wasted on missing columns.
+    pub(crate) fn forward_small(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
+        let (mr, nv) = tile(self.isa);
+        run_task(
+            self.isa,
+            SmallPass {
+                w: self,
+                xt,
+                y: SyncPtr(y.as_mut_ptr()),
+                n,
+                rows,
+                mr,
+                nv,
+            },
+        );
     }
 
     /// `Y = W·X` over columns `0..n` (`x` is `cols × n`, `y` is `rows × n`, row-major), split into
@@ -195,6 +226,73 @@ unsafe fn tile_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>)
                     tile_full::<S, MR, NV>(kc, wp, bp, yq, n, k0 > 0);
                 } else {
                     tile_part::<S, MR, NV>(kc, wp, bp, yq, n, k0 > 0, rows, width);
+                }
+            }
+        }
+        k0 += kc;
+    }
+}
+
+/// [`Tiled::forward_small`].
+struct SmallPass<'a> {
+    w: &'a Tiled,
+    xt: &'a [f32],
+    y: SyncPtr,
+    n: usize,
+    rows: (usize, usize),
+    mr: usize,
+    nv: usize,
+}
+
+impl SimdTask for SmallPass<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        // SAFETY: the plan checked that `xt` holds every panel and `y` `(r1 − r0) × n` values.
+        unsafe {
+            match (self.mr, self.nv) {
+                (8, 3) => small_pass::<S, 8, 3>(&self),
+                (6, 2) => small_pass::<S, 6, 2>(&self),
+                (8, 2) => small_pass::<S, 8, 2>(&self),
+                _ => small_pass::<S, 4, 2>(&self),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &SmallPass<'_>) {
+    let w = p.w;
+    let nr = NV * S::LANES;
+    let (k, n) = (w.cols, p.n);
+    let (r0, r1) = p.rows;
+    let (xt, y) = (p.xt.as_ptr(), p.y.get());
+    std::ptr::write_bytes(y, 0, (r1 - r0) * n);
+    if k == 0 {
+        return;
+    }
+    let panels = n.div_ceil(MR);
+    let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(8) * 8;
+    let mut tmp = [0.0f32; NR_MAX];
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = kb.min(k - k0);
+        for t in r0 / nr..r1.div_ceil(nr) {
+            let chans = nr.min(r1 - t * nr);
+            let b = w.tiles_t.as_ptr().add(t * k * nr + k0 * nr);
+            for q in 0..panels {
+                let cols = MR.min(n - q * MR);
+                let a = xt.add(q * k * MR + k0 * MR);
+                let acc = accumulate::<S, MR, NV>(kc, a, b);
+                // acc[i] holds column q·MR + i of rows t·NR ..: added to Y transposed.
+                for (i, accs) in acc.iter().enumerate().take(cols) {
+                    for (j, &v) in accs.iter().enumerate() {
+                        S::store(tmp.as_mut_ptr().add(j * S::LANES), v);
+                    }
+                    let col = q * MR + i;
+                    for (c, &v) in tmp.iter().enumerate().take(chans) {
+                        *y.add((t * nr + c - r0) * n + col) += v;
+                    }
                 }
             }
         }
@@ -422,6 +520,28 @@ mod tests {
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                         "{isa:?} {m}x{k}x{n} tiles: y[{i}] = {a}, want {b}"
                     );
+                }
+                // Few columns: panels of MR columns, Wᵀ in tiles of NR rows, all rows and a share.
+                let mr = t.panel_rows();
+                let mut xs = vec![0.0f32; n.div_ceil(mr) * mr * k];
+                for kk in 0..k {
+                    for j in 0..n {
+                        xs[(j / mr * k + kk) * mr + j % mr] = x[kk * n + j];
+                    }
+                }
+                for (r0, r1) in [(0, m), (nr.min(m), m), (0, (2 * nr).min(m))] {
+                    let r0 = r0 / nr * nr;
+                    let mut y = vec![f32::NAN; (r1 - r0) * n];
+                    t.forward_small(&xs, &mut y, n, (r0, r1));
+                    for r in r0..r1 {
+                        for j in 0..n {
+                            let (a, b) = (y[(r - r0) * n + j], want[r * n + j]);
+                            assert!(
+                                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{isa:?} {m}x{k}x{n} small rows {r0}..{r1}: ({r}, {j}) = {a}, want {b}"
+                            );
+                        }
+                    }
                 }
                 for parts in [1, 2, 3] {
                     let mut y = vec![f32::NAN; m * n];
