@@ -1,11 +1,12 @@
-//! Developer tool: times an export's network with faer's GEMM and with coarsen's tiled GEMM as
-//! the dense kernel, interleaved in one process (the machine's noise hits both alike).
+//! Developer tool: times an export's network on the dense path with faer's GEMM, with coarsen's
+//! kernels, and with coarsen's kernels plus Winograd F(2×2, 3×3), interleaved in one process
+//! (the machine's noise hits all alike).
 //!
 //! `cargo run --release -p coarsen-infer --example ab_dense -- EXPORT_DIR [BATCH] [ROUNDS]`
 
 use std::time::Instant;
 
-use coarsen_infer::{export, DenseKernel, InferenceNet, Path};
+use coarsen_infer::{export, DenseKernel, InferOptions, InferenceNet, Path};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -18,6 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut faer = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
     faer.set_dense_kernel(DenseKernel::Faer);
     let tiled = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
+    let options = InferOptions {
+        winograd: true,
+        ..InferOptions::default()
+    };
+    let wino = InferenceNet::with_options(&e.network, &e.formats, Path::Dense, options)?;
     let [c, h, w] = tiled.input();
     let x: Vec<f32> = (0..c * h * w * batch)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
@@ -29,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .zip(&b)
         .map(|(p, q)| (p - q).abs())
         .fold(0.0, f32::max);
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    let (mut ta, mut tb, mut tc) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
         faer.forward(&x, batch)?;
@@ -37,18 +43,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         tiled.forward(&x, batch)?;
         tb.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        wino.forward(&x, batch)?;
+        tc.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (ma, mb) = (med(&mut ta), med(&mut tb));
+    let (ma, mb, mc) = (med(&mut ta), med(&mut tb), med(&mut tc));
     let gf = 2.0 * (tiled.macs_per_image() * batch) as f64 / 1e6;
     println!(
-        "{dir} batch {batch}: faer {ma:.1} ms ({:.0} GF/s), tiled {mb:.1} ms ({:.0} GF/s), tiled/faer {:.3}, max |diff| {diff:.2e}",
+        "{dir} batch {batch}: faer {ma:.1} ms ({:.0} GF/s), coarsen {mb:.1} ms ({:.0} GF/s), with Winograd {mc:.1} ms; coarsen/faer {:.3}, with Winograd/faer {:.3}, max |diff| {diff:.2e}",
         gf / ma,
         gf / mb,
-        mb / ma
+        mb / ma,
+        mc / ma
     );
     Ok(())
 }

@@ -4,7 +4,7 @@ mod common;
 
 use coarsen_core::MaskSet;
 use coarsen_infer::{
-    reference, Formats, InferenceNet, LayerFormat, Network, Path, TuneCache, Tuning,
+    reference, Formats, InferOptions, InferenceNet, LayerFormat, Network, Path, TuneCache, Tuning,
 };
 use common::{exotic, formats, masks_for, plain, residual, Net};
 use rand::{Rng, SeedableRng};
@@ -35,6 +35,21 @@ fn check(label: &str, net: fn() -> Net) {
             .chain([(Path::Dense, None), (Path::Dense, Some(Tuning::Dense))])
         {
             let mut engine = InferenceNet::new(&network, &formats, path).unwrap();
+            // With Winograd for the 3×3 convolutions it allows, the same function.
+            let options = InferOptions {
+                winograd: true,
+                ..InferOptions::default()
+            };
+            let wino = InferenceNet::with_options(&network, &formats, path, options).unwrap();
+            let got = wino.forward_nchw(&x, batch).unwrap();
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= 1e-4 * scale,
+                "{label} {fmt:?} {path:?} Winograd: {err}"
+            );
             if let Some(t) = tuning {
                 let choices = engine.tune(batch, &mut TuneCache::in_memory(), t).unwrap();
                 // Every sparse layer of the packed path has a choice; dense ones have none.

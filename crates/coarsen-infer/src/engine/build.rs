@@ -7,7 +7,7 @@ use coarsen_core::{Mask, MatrixView};
 use coarsen_kernels::conv::ConvGeometry;
 use coarsen_kernels::{
     Bsr, ChannelCompact, Csr, Dense, DirectConv, GroupBlocks, NmCompressed, Packed, Plan,
-    ShuffledBlocks, Threading,
+    ShuffledBlocks, Threading, Winograd,
 };
 use rayon::prelude::*;
 
@@ -91,6 +91,8 @@ pub(super) struct Compiler<'a> {
     layers: Vec<LayerInfo>,
     consumers: HashMap<&'a str, usize>,
     fused: HashSet<usize>,
+    /// Make Winograd kernels for the layers that allow them.
+    pub(super) winograd: bool,
 }
 
 impl<'a> Compiler<'a> {
@@ -105,6 +107,7 @@ impl<'a> Compiler<'a> {
             layers: Vec::new(),
             consumers: net.graph().consumers(),
             fused: HashSet::new(),
+            winograd: false,
         }
     }
 
@@ -525,14 +528,19 @@ impl<'a> Compiler<'a> {
         // Stride-1 "same" convolutions on a dense matrix run as implicit GEMMs (no im2col)
         // where the CPU has the instructions for it.
         let spatial = ho == flow.h && wo == flow.w && ho * wo > 1 && read.is_none();
-        let direct = match &packed {
-            Packed::Dense(d) if spatial => {
-                DirectConv::new(g, d.rows(), in_ch.len(), d.values()).map_err(kerr)?
-            }
+        let dense_values = match &packed {
+            Packed::Dense(d) if spatial => Some((d.rows(), d.values())),
             Packed::Channel(f) if spatial && f.in_dim() == in_ch.len() * kk => {
-                DirectConv::new(g, f.kept_rows().len(), in_ch.len(), f.values()).map_err(kerr)?
+                Some((f.kept_rows().len(), f.values()))
             }
             _ => None,
+        };
+        let (direct, wino) = match dense_values {
+            Some((rows, v)) => (
+                DirectConv::new(g, rows, in_ch.len(), v).map_err(kerr)?,
+                winograd(self.winograd, g, rows, in_ch.len(), v, (flow.h, flow.w)).map_err(kerr)?,
+            ),
+            None => (None, None),
         };
         let mut plan = Plan::new(&packed).map_err(kerr)?;
         plan.set_threading(Threading::Serial);
@@ -578,10 +586,14 @@ impl<'a> Compiler<'a> {
         };
         let dense_twin = match twin_values {
             Some(v) => {
-                let direct = if spatial {
-                    DirectConv::new(g, cout, in_ch.len(), &v).map_err(kerr)?
+                let (direct, wino) = if spatial {
+                    (
+                        DirectConv::new(g, cout, in_ch.len(), &v).map_err(kerr)?,
+                        winograd(self.winograd, g, cout, in_ch.len(), &v, (flow.h, flow.w))
+                            .map_err(kerr)?,
+                    )
                 } else {
-                    None
+                    (None, None)
                 };
                 let mut plan = Plan::new(&Packed::Dense(Dense::new(cout, ncols, v).map_err(kerr)?))
                     .map_err(kerr)?;
@@ -601,6 +613,7 @@ impl<'a> Compiler<'a> {
                     relu,
                     read: read.clone(),
                     direct,
+                    wino,
                     direct_on: true,
                     dense_twin: None,
                     run_dense: false,
@@ -623,6 +636,7 @@ impl<'a> Compiler<'a> {
             relu,
             read,
             direct,
+            wino,
             direct_on: true,
             dense_twin,
             run_dense: false,
@@ -632,6 +646,22 @@ impl<'a> Compiler<'a> {
         self.slot_of.insert(out_name, out);
         Ok(())
     }
+}
+
+/// The Winograd F(2×2, 3×3) kernel of a dense 3×3 stride-1 padding-1 convolution of even
+/// `h × w` inputs, when `wanted` (`None` for any other).
+fn winograd(
+    wanted: bool,
+    g: ConvGeometry,
+    rows: usize,
+    cin: usize,
+    values: &[f32],
+    (h, w): (usize, usize),
+) -> std::result::Result<Option<Winograd>, coarsen_kernels::KernelError> {
+    if !wanted || !h.is_multiple_of(2) || !w.is_multiple_of(2) {
+        return Ok(None);
+    }
+    Winograd::new(g, rows, cin, values)
 }
 
 /// Output size of a pooling node.

@@ -73,6 +73,10 @@ pub struct InferOptions {
     pub chunk_floats: usize,
     /// Least columns of a chunk.
     pub min_cols: usize,
+    /// Run dense 3×3 stride-1 convolutions of even sizes as Winograd F(2×2, 3×3) instead of
+    /// implicit GEMMs. Off by default: on CIFAR ResNet-18 and VGG-16 it does not yet beat the
+    /// implicit GEMM (`examples/ab_dense` compares them).
+    pub winograd: bool,
 }
 
 impl Default for InferOptions {
@@ -80,6 +84,7 @@ impl Default for InferOptions {
         InferOptions {
             chunk_floats: 1 << 17,
             min_cols: 256,
+            winograd: false,
         }
     }
 }
@@ -125,7 +130,20 @@ impl InferenceNet {
         formats: &BTreeMap<String, LayerFormat>,
         path: Path,
     ) -> Result<InferenceNet> {
-        let c = Compiler::new(net, formats, path).compile()?;
+        Self::with_options(net, formats, path, InferOptions::default())
+    }
+
+    /// [`new`](Self::new) with performance options (`winograd` takes effect only here: the
+    /// transformed weights are made while compiling).
+    pub fn with_options(
+        net: &Network,
+        formats: &BTreeMap<String, LayerFormat>,
+        path: Path,
+        options: InferOptions,
+    ) -> Result<InferenceNet> {
+        let mut compiler = Compiler::new(net, formats, path);
+        compiler.winograd = options.winograd;
+        let c = compiler.compile()?;
         Ok(InferenceNet {
             input: net.input(),
             classes: net.classes(),
@@ -134,11 +152,12 @@ impl InferenceNet {
             output: c.output,
             layers: c.layers,
             path,
-            options: InferOptions::default(),
+            options,
         })
     }
 
-    /// Sets the performance options.
+    /// Sets the performance options (except `winograd`, see
+    /// [`with_options`](Self::with_options)).
     pub fn set_options(&mut self, options: InferOptions) {
         self.options = options;
     }

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
-use coarsen_kernels::{DirectConv, Plan};
+use coarsen_kernels::{DirectConv, Plan, Winograd};
 use rayon::prelude::*;
 
 use super::{InferOptions, InferenceNet};
@@ -90,7 +90,10 @@ pub(super) struct Layer {
     /// The implicit-GEMM kernel of a dense stride-1 "same" convolution, which reads the input
     /// in place (the plan then serves only to describe the layer).
     pub(super) direct: Option<DirectConv>,
-    /// Whether `direct` runs (off with faer as the dense kernel).
+    /// Winograd F(2×2, 3×3) for a dense 3×3 stride-1 convolution of even sizes (preferred to
+    /// `direct`).
+    pub(super) wino: Option<Winograd>,
+    /// Whether `direct` and `wino` run (off with faer as the dense kernel).
     pub(super) direct_on: bool,
     /// The same layer on the dense kernels (sparse formats on the packed path), for tuning.
     pub(super) dense_twin: Option<Box<Layer>>,
@@ -359,7 +362,15 @@ impl Layer {
         // im2col rows computed: all, or those the kernel reads.
         let kk = self.read.as_ref().map_or(d.rows(), |r| r.len());
         let tiles = self.plan.tile_width();
-        let chunks = column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o);
+        let wino = self
+            .wino
+            .as_ref()
+            .filter(|_| self.direct_on && o.winograd && n > SMALL_COLS);
+        let chunks = match wino {
+            // Whole pairs of output rows; about 4·cin values of transformed input per column.
+            Some(_) => column_chunks(n, 2 * self.wo, 1, 4 * self.cin, o),
+            None => column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o),
+        };
         let direct = self.g.kernel == [1, 1]
             && self.g.stride == [1, 1]
             && self.g.padding == [0; 4]
@@ -378,11 +389,12 @@ impl Layer {
         let dc = self
             .direct
             .as_ref()
-            .filter(|_| self.direct_on && small.is_none());
+            .filter(|_| self.direct_on && small.is_none() && wino.is_none());
         // Too few columns to keep every thread busy (small batches, deep layers): the dense
         // kernels also split the output rows.
         let align = match (dc, self.plan.tile_rows()) {
             _ if small.is_some() => small.map(|(_, a)| a),
+            _ if wino.is_some() => wino.map(|k| k.row_align()),
             (Some(_), _) => Some(DirectConv::ROW_ALIGN),
             (None, Some(r)) if tiles.is_some() => Some(r),
             _ => None,
@@ -421,6 +433,12 @@ impl Layer {
                     self.plan
                         .forward_small_rows(c, part, nc, r0, r1)
                         .map_err(kerr)?;
+                    self.store(part, out, (r0, c0), nc, n);
+                    SCRATCH.set((col_buf, part_buf, tmp));
+                    return Ok(());
+                }
+                if let Some(k) = wino {
+                    k.forward_rows(x, &d, c0, c1, r0, r1, part).map_err(kerr)?;
                     self.store(part, out, (r0, c0), nc, n);
                     SCRATCH.set((col_buf, part_buf, tmp));
                     return Ok(());

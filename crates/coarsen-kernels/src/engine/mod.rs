@@ -6,9 +6,11 @@ mod direct;
 mod micro;
 mod rows;
 mod tiled;
+mod winograd;
 
 pub use dense::{DenseKernel, Threading};
 pub use direct::DirectConv;
+pub use winograd::Winograd;
 
 use blocks::BlockEngine;
 use dense::DenseEngine;
