@@ -5,6 +5,7 @@ mod chart;
 mod commands;
 mod inputs;
 mod pattern;
+mod peer;
 mod picture;
 mod progress;
 

@@ -346,6 +346,10 @@ pub struct ModelBench {
     /// Per sparse layer of the packed path: packed or dense kernels, as tuning chose.
     #[serde(default)]
     pub tuned: Vec<LayerChoice>,
+    /// Median milliseconds of ONNX Runtime on the same network (BatchNorm folded), when the
+    /// caller timed it.
+    #[serde(default)]
+    pub ort_ms: Option<f64>,
 }
 
 /// The patterns [`model_benchmark`] accepts.
@@ -388,7 +392,7 @@ pub fn bench_format(pattern: &str) -> Result<Option<LayerFormat>> {
 /// Times the forward pass of a CIFAR-shaped `model` (10 classes, 3×32×32, standard width) whose
 /// prunable layers (every conv but the first, every linear layer but the classifier) carry
 /// random masks of `pattern` at `sparsity`, on the packed path against the dense path, `reps`
-/// times each, interleaved; batch `batch`.
+/// times each, interleaved; batch `batch`. Also returns the network (for peers to time).
 pub fn model_benchmark(
     model: &str,
     pattern: &str,
@@ -397,7 +401,7 @@ pub fn model_benchmark(
     reps: usize,
     seed: u64,
     tuning: Tuning,
-) -> Result<ModelBench> {
+) -> Result<(ModelBench, Network)> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(TrainError::config(
             "sparsity",
@@ -436,7 +440,7 @@ pub fn model_benchmark(
         Some(LayerFormat::Nm { n, m, .. }) => 1.0 - n as f64 / m as f64,
         _ => sparsity,
     };
-    Ok(r)
+    Ok((r, network))
 }
 
 /// Times the forward pass of `network` with its layers in `formats` against its dense path,
@@ -489,5 +493,6 @@ pub fn network_benchmark(
         threads: rayon::current_num_threads(),
         max_abs_diff,
         tuned,
+        ort_ms: None,
     })
 }

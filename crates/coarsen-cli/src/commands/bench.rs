@@ -63,7 +63,10 @@ fn available() -> String {
 
 /// An export directory, or an architecture under the masks of `--mask` (weights of
 /// `--weights`, or seeded random ones), timed packed against dense.
-fn given_network(args: &BenchArgs, m: &str) -> Result<coarsen_train::bench::ModelBench> {
+fn given_network(
+    args: &BenchArgs,
+    m: &str,
+) -> Result<(coarsen_train::bench::ModelBench, coarsen_infer::Network)> {
     let (network, formats, meta) = if coarsen_train::export::is_export(Path::new(m)) {
         let e = coarsen_train::export::load(Path::new(m))?;
         let meta = e.manifest.coarsen.clone();
@@ -96,7 +99,7 @@ fn given_network(args: &BenchArgs, m: &str) -> Result<coarsen_train::bench::Mode
     )?;
     r.model = m.to_string();
     r.pattern = meta.map_or_else(|| "as given".to_string(), |m| m.pattern);
-    Ok(r)
+    Ok((r, network))
 }
 
 /// `--serve`: the timing worker of scripts/bench-peers (see the flag's help).
@@ -267,11 +270,12 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
             }
         }
     }
+    let peer = crate::peer::OrtPeer::find();
     let bar = progress::bar(runs.len() as u64, "bench", quiet);
     let mut records = Vec::new();
     for (m, p, s) in &runs {
         bar.set_message(format!("{m} {p} {s}"));
-        let record = if p.is_empty() {
+        let (mut record, network) = if p.is_empty() {
             given_network(args, m)?
         } else {
             coarsen_train::bench::model_benchmark(
@@ -284,6 +288,10 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
                 args.tuning.tuning(),
             )?
         };
+        if let Ok(peer) = &peer {
+            bar.set_message(format!("{m} {p} {s}: ONNX Runtime"));
+            record.ort_ms = Some(peer.time(&network, args.batch, args.reps, threads)?);
+        }
         records.push(record);
         bar.inc(1);
     }
@@ -299,12 +307,25 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
         .unwrap_or(5)
         .max(5);
     println!(
-        "{:<w$} {:<15} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8}",
-        "model", "pattern", "sparsity", "dense ms", "packed ms", "saving", "ideal", "of ideal"
+        "{:<w$} {:<15} {:>8} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>11}",
+        "model",
+        "pattern",
+        "sparsity",
+        "dense ms",
+        "packed ms",
+        "saving",
+        "ideal",
+        "of ideal",
+        "ORT ms",
+        "packed/ORT"
     );
     for r in &records {
+        let (ort, ratio) = match r.ort_ms {
+            Some(o) => (format!("{o:.1}"), format!("{:.2}", r.sparse_ms / o)),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<w$} {:<15} {:>8.2} {:>10.1} {:>10.1} {:>7.1}% {:>7.1}% {:>8.2}",
+            "{:<w$} {:<15} {:>8.2} {:>10.1} {:>10.1} {:>7.1}% {:>7.1}% {:>8.2} {:>9} {:>11}",
             r.model,
             r.pattern,
             r.sparsity,
@@ -312,8 +333,16 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
             r.sparse_ms,
             100.0 * r.time_saving,
             100.0 * r.ideal_time_saving,
-            r.fraction_of_ideal
+            r.fraction_of_ideal,
+            ort,
+            ratio
         );
+    }
+    match &peer {
+        Ok(_) => println!(
+            "ORT ms: ONNX Runtime (scripts/bench-peers' environment) on the same network exported as ONNX (dense weights with the mask's zeros, BatchNorm folded), same batch and threads, timed after coarsen's paths"
+        ),
+        Err(note) => println!("{note}"),
     }
     for r in &records {
         println!(

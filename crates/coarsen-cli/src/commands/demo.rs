@@ -255,12 +255,14 @@ fn evaluate(
     args: &DemoArgs,
 ) -> Result<Row> {
     let loaded = load_network(dir, Some(data))?;
+    let peer = crate::peer::OrtPeer::find().ok();
     let inference = sparse_eval(
         &loaded,
         data,
         args.batch,
         args.reps,
         coarsen_infer::Tuning::Measure,
+        peer.as_ref(),
     )?;
     Ok(Row {
         method: method.to_string(),
@@ -390,9 +392,9 @@ fn table(r: &DemoResults) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| method | structure | sparsity | channels removed | test accuracy | dense ms | packed ms | time saving | ideal saving | fraction of ideal |"
+        "| method | structure | sparsity | channels removed | test accuracy | dense ms | packed ms | time saving | ideal saving | fraction of ideal | ORT ms |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &r.rows {
         let i = &row.inference;
         let frac = if i.ideal_time_saving > 0.0 {
@@ -402,7 +404,7 @@ fn table(r: &DemoResults) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.2}% | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.2}% | {:.2} | {:.2} | {} | {} | {} | {} |",
             row.method,
             row.structure,
             pct(row.sparsity),
@@ -412,7 +414,8 @@ fn table(r: &DemoResults) -> String {
             i.packed_ms,
             pct(i.time_saving),
             pct(i.ideal_time_saving),
-            frac
+            frac,
+            i.ort_ms.map_or("-".to_string(), |o| format!("{o:.2}"))
         );
     }
     s
@@ -442,8 +445,11 @@ const EXPLAIN: &str = "Each row is a network trained by `coarsen train` (its run
 convolutions, every layer in the format its pattern allows (channel-compact, group blocks, \
 shuffled blocks, N:M; unstructured layers run dense or CSR), removed channels physically \
 shrinking the next layer. *test accuracy* is that packed network's; *dense ms* is the same \
-network on the dense path (faer GEMM, same chunked im2col), timed interleaved with the packed \
-path in the same run; *time saving* is 1 − packed/dense; *ideal saving* is 1 − packed \
+network on the dense path (coarsen's tiled GEMM and implicit-GEMM convolutions), timed \
+interleaved with the packed path in the same run (each sparse layer runs packed or dense, \
+whichever measured faster on this machine); *ORT ms* is ONNX Runtime on the same network \
+(exported as ONNX, BatchNorm folded, same batch and threads), timed after them when the \
+environment of `scripts/bench-peers` is present (- otherwise); *time saving* is 1 − packed/dense; *ideal saving* is 1 − packed \
 multiply-adds / dense multiply-adds, what a perfect kernel would save; *fraction of ideal* is \
 their ratio. `dense` is IMP's first stage; `imp` its last round (unstructured: runs dense, so no \
 saving is expected — the point of the papers); `imp-refill` / `imp-regroup` post-process an IMP \

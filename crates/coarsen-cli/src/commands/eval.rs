@@ -47,6 +47,9 @@ pub struct SparseEval {
     pub layers: Vec<coarsen_infer::LayerInfo>,
     /// Per sparse layer: packed or on the dense kernels, as tuning chose.
     pub tuned: Vec<coarsen_infer::LayerChoice>,
+    /// Median milliseconds of ONNX Runtime on the same network at the same batch, when its
+    /// environment is present (see `crate::peer`).
+    pub ort_ms: Option<f64>,
 }
 
 /// Runs `net` packed and dense: packed test accuracy, and latency of both at `batch`
@@ -57,6 +60,7 @@ pub fn sparse_eval(
     batch: usize,
     reps: usize,
     tuning: coarsen_infer::Tuning,
+    peer: Option<&crate::peer::OrtPeer>,
 ) -> Result<SparseEval> {
     let mut packed = InferenceNet::new(&l.network, &l.formats, InferPath::Packed)?;
     let dense = InferenceNet::new(&l.network, &l.formats, InferPath::Dense)?;
@@ -66,6 +70,10 @@ pub fn sparse_eval(
     let b = coarsen_train::data::make_batch(&data.test, &idx, None, (0, 0, 0));
     let tuned = packed.tune_cached(b.size, tuning)?;
     let t = coarsen_infer::timing::time_paths(&packed, &dense, &b.pixels, b.size, reps)?;
+    let ort_ms = match peer {
+        Some(p) => Some(p.time(&l.network, b.size, reps, rayon::current_num_threads())?),
+        None => None,
+    };
     Ok(SparseEval {
         packed_test_accuracy: acc,
         batch: b.size,
@@ -75,6 +83,7 @@ pub fn sparse_eval(
         ideal_time_saving: t.ideal_time_saving,
         layers: packed.layers().to_vec(),
         tuned,
+        ort_ms,
     })
 }
 
@@ -102,6 +111,7 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
             a.batch,
             a.reps,
             a.tuning.tuning(),
+            None,
         )?)
     } else {
         None
