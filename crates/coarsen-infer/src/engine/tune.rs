@@ -160,9 +160,12 @@ fn machine() -> String {
 }
 
 impl InferenceNet {
-    /// Chooses, for every sparse layer, its packed format or the dense kernels (see the
-    /// [module](self) docs) for batches of `batch` images, and reports the choices in
-    /// evaluation order. Measurements come from and go to `cache` (call
+    /// Chooses, for every sparse layer, its packed format or the dense kernels for batches of
+    /// `batch` images, and reports the choices in evaluation order. Structure pays only where
+    /// the kernel beats the dense GEMM at that shape, density and batch (N:M at batch 1 does
+    /// not), so each such layer is timed once in both variants on a random input of its own
+    /// shape (medians of 3 to 15 interleaved runs) and keeps the faster; the times are cached
+    /// per machine (CPU model, instruction set, threads), batch size and layer. Measurements come from and go to `cache` (call
     /// [`TuneCache::save`] afterwards to keep them). Only the packed path has sparse layers.
     pub fn tune(
         &mut self,
