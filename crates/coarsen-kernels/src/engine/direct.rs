@@ -120,43 +120,19 @@ impl DirectConv {
         r1: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        if r0 > r1 || r1 > self.cout || !r0.is_multiple_of(MR) {
-            return Err(KernelError::Param {
-                name: "rows",
-                value: format!("{r0}..{r1}"),
-                reason: format!(
-                    "must lie within the {} output channels and start at a multiple of {MR}",
-                    self.cout
-                ),
-            });
-        }
-        if !self.accepts(d) {
-            return Err(KernelError::Param {
-                name: "dims",
-                value: format!("[{}, {}, {}, {}] {:?}", d.c, d.b, d.h, d.w, d.g),
-                reason: format!(
+        check_call(
+            "DirectConv::forward",
+            d,
+            (self.accepts(d), &|| {
+                format!(
                     "the kernel was packed for {} input channels and {:?}, output as large as the input",
                     self.cin, self.g
-                ),
-            });
-        }
-        let p = d.n();
-        check_len("DirectConv::forward", "x", x.len(), d.c * p, || {
-            format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
-        })?;
-        if c0 > c1 || c1 > p {
-            return Err(KernelError::Param {
-                name: "columns",
-                value: format!("{c0}..{c1}"),
-                reason: format!("must lie within the {p} output positions"),
-            });
-        }
-        check_len(
-            "DirectConv::forward",
-            "y",
+                )
+            }),
+            x.len(),
+            ((c0, c1), 1),
+            ((r0, r1), MR, self.cout),
             y.len(),
-            (r1 - r0) * (c1 - c0),
-            || format!("{} rows × {} columns", r1 - r0, c1 - c0),
         )?;
         if y.is_empty() {
             return Ok(());
@@ -169,6 +145,52 @@ impl DirectConv {
         };
         Ok(())
     }
+}
+
+/// Checks a call of a convolution kernel that reads the input in place: `accepts` (else the
+/// message says what the kernel runs), the input's length, the output columns `c0 .. c1`
+/// (multiples of `unit` within `B·H·W`), the output rows `r0 .. r1` (within `cout`, `r0` a
+/// multiple of `align`) and the output's length `(r1 − r0) × (c1 − c0)`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn check_call(
+    op: &'static str,
+    d: &ConvDims,
+    (accepts, runs): (bool, &dyn Fn() -> String),
+    x: usize,
+    ((c0, c1), unit): ((usize, usize), usize),
+    ((r0, r1), align, cout): ((usize, usize), usize, usize),
+    y: usize,
+) -> Result<()> {
+    if !accepts {
+        return Err(KernelError::Param {
+            name: "dims",
+            value: format!("[{}, {}, {}, {}] {:?}", d.c, d.b, d.h, d.w, d.g),
+            reason: runs(),
+        });
+    }
+    let p = d.n();
+    check_len(op, "x", x, d.c * p, || {
+        format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
+    })?;
+    if c0 > c1 || c1 > p || !c0.is_multiple_of(unit) || !c1.is_multiple_of(unit) {
+        return Err(KernelError::Param {
+            name: "columns",
+            value: format!("{c0}..{c1}"),
+            reason: format!("must be multiples of {unit} within the {p} output positions"),
+        });
+    }
+    if r0 > r1 || r1 > cout || !r0.is_multiple_of(align) {
+        return Err(KernelError::Param {
+            name: "rows",
+            value: format!("{r0}..{r1}"),
+            reason: format!(
+                "must lie within the {cout} output channels and start at a multiple of {align}"
+            ),
+        });
+    }
+    check_len(op, "y", y, (r1 - r0) * (c1 - c0), || {
+        format!("{} rows × {} columns", r1 - r0, c1 - c0)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -338,6 +338,25 @@ impl Plan {
         r0: usize,
         r1: usize,
     ) -> Result<()> {
+        let t = self.tiled_call("forward_tiles", (xt.len(), y.len()), n, (r0, r1), false)?;
+        if !y.is_empty() {
+            t.forward_tiles(xt, y, n, (r0, r1));
+        }
+        Ok(())
+    }
+
+    /// The tiled kernel of a dense or channel-compact plan, after checking a call's buffers:
+    /// `xt` (lengths `(xt, y)`) holds `in_dim` rows of `n` columns padded to whole tiles (or, when
+    /// `small`, whole panels), `y` rows `r0 .. r1` of `n` columns, and `r0` is aligned (to a
+    /// panel, or when `small` to a tile of rows).
+    fn tiled_call(
+        &self,
+        op: &'static str,
+        (xt, y): (usize, usize),
+        n: usize,
+        (r0, r1): (usize, usize),
+        small: bool,
+    ) -> Result<&tiled::Tiled> {
         let Engine::Dense(e) = &self.engine else {
             return Err(KernelError::Param {
                 name: "plan",
@@ -352,36 +371,36 @@ impl Plan {
                 reason: "the faer kernel takes row-major input; see tile_width".into(),
             });
         };
-        let nr = t.tile_width();
+        let (cols, align) = if small {
+            (t.panel_rows(), t.tile_width())
+        } else {
+            (t.tile_width(), t.panel_rows())
+        };
         let overflow = || KernelError::Param {
             name: "n",
             value: n.to_string(),
             reason: "the buffers would need more values than usize holds".into(),
         };
-        let padded = n.checked_next_multiple_of(nr).ok_or_else(overflow)?;
-        let want_x = self.in_dim().checked_mul(padded).ok_or_else(overflow)?;
-        if r0 > r1 || r1 > self.out_dim() || !r0.is_multiple_of(t.panel_rows()) {
+        if r0 > r1 || r1 > self.out_dim() || !r0.is_multiple_of(align) {
             return Err(KernelError::Param {
                 name: "rows",
                 value: format!("{r0}..{r1}"),
                 reason: format!(
-                    "must lie within the {} rows and start at a multiple of {}",
-                    self.out_dim(),
-                    t.panel_rows()
+                    "must lie within the {} rows and start at a multiple of {align}",
+                    self.out_dim()
                 ),
             });
         }
+        let padded = n.checked_next_multiple_of(cols).ok_or_else(overflow)?;
+        let want_x = self.in_dim().checked_mul(padded).ok_or_else(overflow)?;
         let want_y = (r1 - r0).checked_mul(n).ok_or_else(overflow)?;
-        check_len("forward_tiles", "xt", xt.len(), want_x, || {
-            format!("{} rows × {n} columns in tiles of {nr}", self.in_dim())
+        check_len(op, "xt", xt, want_x, || {
+            format!("{} rows × {n} columns in groups of {cols}", self.in_dim())
         })?;
-        check_len("forward_tiles", "y", y.len(), want_y, || {
+        check_len(op, "y", y, want_y, || {
             format!("{} rows × {n} columns", r1 - r0)
         })?;
-        if !y.is_empty() {
-            t.forward_tiles(xt, y, n, (r0, r1));
-        }
-        Ok(())
+        Ok(t)
     }
 
     /// Columns per panel of [`forward_small_rows`](Self::forward_small_rows) (`Some` for dense
@@ -408,43 +427,9 @@ impl Plan {
         r0: usize,
         r1: usize,
     ) -> Result<()> {
-        let Some((mr, align)) = self.small_tiles() else {
-            return Err(KernelError::Param {
-                name: "plan",
-                value: self.format.to_string(),
-                reason: "only dense and channel-compact plans on the tiled kernel".into(),
-            });
-        };
-        let overflow = || KernelError::Param {
-            name: "n",
-            value: n.to_string(),
-            reason: "the buffers would need more values than usize holds".into(),
-        };
-        if r0 > r1 || r1 > self.out_dim() || !r0.is_multiple_of(align) {
-            return Err(KernelError::Param {
-                name: "rows",
-                value: format!("{r0}..{r1}"),
-                reason: format!(
-                    "must lie within the {} rows and start at a multiple of {align}",
-                    self.out_dim()
-                ),
-            });
-        }
-        let padded = n.checked_next_multiple_of(mr).ok_or_else(overflow)?;
-        let want_x = self.in_dim().checked_mul(padded).ok_or_else(overflow)?;
-        let want_y = (r1 - r0).checked_mul(n).ok_or_else(overflow)?;
-        check_len("forward_small_rows", "xt", xt.len(), want_x, || {
-            format!("{} rows × {n} columns in panels of {mr}", self.in_dim())
-        })?;
-        check_len("forward_small_rows", "y", y.len(), want_y, || {
-            format!("{} rows × {n} columns", r1 - r0)
-        })?;
-        if let Engine::Dense(e) = &self.engine {
-            if let Some(t) = e.tiled() {
-                if !y.is_empty() {
-                    t.forward_small(xt, y, n, (r0, r1));
-                }
-            }
+        let t = self.tiled_call("forward_small_rows", (xt.len(), y.len()), n, (r0, r1), true)?;
+        if !y.is_empty() {
+            t.forward_small(xt, y, n, (r0, r1));
         }
         Ok(())
     }

@@ -89,19 +89,7 @@ impl Tiled {
     /// [`crate::conv::ConvDims::im2col_tiles`] writes tiles of `MR`) is broadcast, and `Wᵀ` is
     /// loaded `NR` rows of `W` at a time, so no lane is wasted on missing columns.
     pub(crate) fn forward_small(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
-        let (mr, nv) = tile(self.isa);
-        run_task(
-            self.isa,
-            SmallPass {
-                w: self,
-                xt,
-                y: SyncPtr(y.as_mut_ptr()),
-                n,
-                rows,
-                mr,
-                nv,
-            },
-        );
+        self.tile_task(xt, y, n, rows, true);
     }
 
     /// `Y = W·X` over columns `0..n` (`x` is `cols × n`, `y` is `rows × n`, row-major), split into
@@ -149,6 +137,10 @@ impl Tiled {
     /// `cols × NR` values (`xt[t·cols·NR + k·NR + j]` = `X[k, t·NR + j]`, zero past `n`), as
     /// [`crate::conv::ConvDims::im2col_tiles`] writes them; `y` is `rows × n`, row-major.
     pub(crate) fn forward_tiles(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
+        self.tile_task(xt, y, n, rows, false);
+    }
+
+    fn tile_task(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize), small: bool) {
         let (mr, nv) = tile(self.isa);
         run_task(
             self.isa,
@@ -160,6 +152,7 @@ impl Tiled {
                 rows,
                 mr,
                 nv,
+                small,
             },
         );
     }
@@ -170,29 +163,36 @@ impl Tiled {
     }
 }
 
-/// [`Tiled::forward_tiles`].
+/// [`Tiled::forward_tiles`] or, when `small`, [`Tiled::forward_small`].
 struct TilePass<'a> {
     w: &'a Tiled,
     xt: &'a [f32],
     y: SyncPtr,
     n: usize,
-    /// Output rows `r0 .. r1` (`r0` a multiple of `MR`); `y` holds just these.
+    /// Output rows `r0 .. r1` (`r0` a multiple of `MR`, or of `NR` when `small`); `y` holds
+    /// just these.
     rows: (usize, usize),
     mr: usize,
     nv: usize,
+    small: bool,
 }
 
 impl SimdTask for TilePass<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        // SAFETY: the plan checked that `xt` holds every tile and `y` `rows × n` values.
+        // SAFETY: the plan checked that `xt` holds every tile (or panel) and `y`
+        // `(r1 − r0) × n` values.
         unsafe {
-            match (self.mr, self.nv) {
-                (8, 3) => tile_pass::<S, 8, 3>(&self),
-                (6, 2) => tile_pass::<S, 6, 2>(&self),
-                (8, 2) => tile_pass::<S, 8, 2>(&self),
-                _ => tile_pass::<S, 4, 2>(&self),
+            match (self.mr, self.nv, self.small) {
+                (8, 3, false) => tile_pass::<S, 8, 3>(&self),
+                (6, 2, false) => tile_pass::<S, 6, 2>(&self),
+                (8, 2, false) => tile_pass::<S, 8, 2>(&self),
+                (_, _, false) => tile_pass::<S, 4, 2>(&self),
+                (8, 3, true) => small_pass::<S, 8, 3>(&self),
+                (6, 2, true) => small_pass::<S, 6, 2>(&self),
+                (8, 2, true) => small_pass::<S, 8, 2>(&self),
+                (_, _, true) => small_pass::<S, 4, 2>(&self),
             }
         }
     }
@@ -233,35 +233,8 @@ unsafe fn tile_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>)
     }
 }
 
-/// [`Tiled::forward_small`].
-struct SmallPass<'a> {
-    w: &'a Tiled,
-    xt: &'a [f32],
-    y: SyncPtr,
-    n: usize,
-    rows: (usize, usize),
-    mr: usize,
-    nv: usize,
-}
-
-impl SimdTask for SmallPass<'_> {
-    type Output = ();
-    #[inline(always)]
-    fn run<S: Simd>(self) {
-        // SAFETY: the plan checked that `xt` holds every panel and `y` `(r1 − r0) × n` values.
-        unsafe {
-            match (self.mr, self.nv) {
-                (8, 3) => small_pass::<S, 8, 3>(&self),
-                (6, 2) => small_pass::<S, 6, 2>(&self),
-                (8, 2) => small_pass::<S, 8, 2>(&self),
-                _ => small_pass::<S, 4, 2>(&self),
-            }
-        }
-    }
-}
-
 #[inline(always)]
-unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &SmallPass<'_>) {
+unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>) {
     let w = p.w;
     let nr = NV * S::LANES;
     let (k, n) = (w.cols, p.n);

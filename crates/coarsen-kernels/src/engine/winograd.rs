@@ -113,51 +113,22 @@ impl Winograd {
         r1: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        if !self.accepts(d) {
-            return Err(KernelError::Param {
-                name: "dims",
-                value: format!("[{}, {}, {}, {}] {:?}", d.c, d.b, d.h, d.w, d.g),
-                reason: format!(
+        let w = d.w;
+        super::direct::check_call(
+            "Winograd::forward_rows",
+            d,
+            (self.accepts(d), &|| {
+                format!(
                     "Winograd F(2x2, 3x3) runs 3x3 stride-1 padding-1 convolutions of {} channels on even sizes",
                     self.cin
-                ),
-            });
-        }
-        let w = d.w;
-        let p = d.n();
-        check_len("Winograd::forward_rows", "x", x.len(), d.c * p, || {
-            format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
-        })?;
-        if c0 > c1 || c1 > p || !c0.is_multiple_of(2 * w) || !c1.is_multiple_of(2 * w) {
-            return Err(KernelError::Param {
-                name: "columns",
-                value: format!("{c0}..{c1}"),
-                reason: format!(
-                    "must be whole pairs of output rows ({} columns) within {p}",
-                    2 * w
-                ),
-            });
-        }
-        if r0 > r1 || r1 > self.cout || !r0.is_multiple_of(self.row_align()) {
-            return Err(KernelError::Param {
-                name: "rows",
-                value: format!("{r0}..{r1}"),
-                reason: format!(
-                    "must lie within the {} output channels and start at a multiple of {}",
-                    self.cout,
-                    self.row_align()
-                ),
-            });
-        }
-        let nc = c1 - c0;
-        check_len(
-            "Winograd::forward_rows",
-            "y",
+                )
+            }),
+            x.len(),
+            ((c0, c1), 2 * w),
+            ((r0, r1), self.row_align(), self.cout),
             y.len(),
-            (r1 - r0) * nc,
-            || format!("{} rows × {nc} columns", r1 - r0),
         )?;
-        if nc == 0 || r0 == r1 {
+        if c0 == c1 || r0 == r1 {
             return Ok(());
         }
         run_task(
