@@ -240,7 +240,12 @@ mod avx512 {
             lines += 1;
         }
         let stride = lines * 16;
-        let mut halo = vec![0.0f32; CB * stride + 16];
+        // Reused per thread and never cleared: lanes that would read what an earlier tile left
+        // there are masked off.
+        let mut halo = HALO.take();
+        if halo.len() < CB * stride + 16 {
+            halo.resize(CB * stride + 16, 0.0);
+        }
         let hp = halo.as_mut_ptr();
         let mut masks = [[0u16; NV]; MAX_TAPS];
         let mut t0 = c0;
@@ -332,6 +337,13 @@ mod avx512 {
             }
             t0 += width;
         }
+        HALO.set(halo);
+    }
+
+    thread_local! {
+        /// Per-thread halo buffer of [`forward`] (taken out for a call, so a nested call on the
+        /// same thread makes its own).
+        static HALO: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
 }
 
