@@ -313,6 +313,8 @@ fn pool(
 }
 
 thread_local! {
+    /// The calling thread's buffer of inputs that [`Layer::forward`]'s tasks share.
+    static SHARED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// Per-thread scratch of [`Layer::forward`]: the im2col chunk, the kernel's output and one
     /// im2col row.
     static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
@@ -414,7 +416,19 @@ impl Layer {
             .iter()
             .flat_map(|&c| row_blocks.iter().map(move |&r| (c, r)))
             .collect();
-        tasks
+        // The few-column kernel's input panels are made once and shared by the row shares
+        // (each share making its own repeated the im2col once per share).
+        let mut shared = SHARED.take();
+        if let Some((mr, _)) = small {
+            let len = n.div_ceil(mr) * mr * kk;
+            shared = at_least(shared, len);
+            let mut tmp = Vec::new();
+            let c = &mut shared[..len];
+            d.im2col_tiles(x, self.read.as_deref(), 0, n, mr, c, &mut tmp)
+                .map_err(kerr)?;
+        }
+        let panels = &shared;
+        let result = tasks
             .into_par_iter()
             .try_for_each(|((c0, c1), (r0, r1))| -> Result<()> {
                 let (nc, out) = (c1 - c0, yp);
@@ -425,11 +439,8 @@ impl Layer {
                 let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
                 let part = &mut part_buf[..(r1 - r0) * nc];
                 if let Some((mr, _)) = small {
-                    let len = nc.div_ceil(mr) * mr * kk;
-                    let mut col_buf = at_least(col_buf, len);
-                    let c = &mut col_buf[..len];
-                    d.im2col_tiles(x, self.read.as_deref(), c0, c1, mr, c, &mut tmp)
-                        .map_err(kerr)?;
+                    // One chunk, all of 0..n (see above).
+                    let c = &panels[..nc.div_ceil(mr) * mr * kk];
                     self.plan
                         .forward_small_rows(c, part, nc, r0, r1)
                         .map_err(kerr)?;
@@ -483,7 +494,9 @@ impl Layer {
                 self.store(part, out, (0, c0), nc, n);
                 SCRATCH.set((col_buf, part_buf, tmp));
                 Ok(())
-            })?;
+            });
+        SHARED.set(shared);
+        result?;
         // SAFETY: every one of the `len` values was written above (the tasks cover every row
         // of every column chunk, and the chunks cover 0..n).
         unsafe { y.set_len(len) };
