@@ -42,8 +42,9 @@ pub(crate) struct Tiled {
     /// `ceil(rows/mr)` panels of `cols × mr` values, rows past the end zero.
     panels: Vec<f32>,
     /// `Wᵀ` in tiles of `NR` rows of `W`: `ceil(rows/NR)` tiles of `cols × NR` values, for
-    /// products with few columns ([`forward_small`](Self::forward_small)).
-    tiles_t: Vec<f32>,
+    /// products with few columns ([`forward_small`](Self::forward_small)); made from `panels`
+    /// on the first such product (training and wide products never need it).
+    tiles_t: std::sync::OnceLock<Vec<f32>>,
 }
 
 /// A 64-byte aligned buffer of one packed `KC × NR` tile of `X`.
@@ -53,15 +54,14 @@ struct PackBuf([f32; KC * NR_MAX]);
 impl Tiled {
     /// Packs the row-major `rows × cols` matrix `values`.
     pub(crate) fn new(isa: Isa, rows: usize, cols: usize, values: &[f32]) -> Self {
-        let (mr, nv) = tile(isa);
-        let nr = nv * isa.lanes();
+        let (mr, _) = tile(isa);
         let mut t = Tiled {
             isa,
             rows,
             cols,
             mr,
             panels: vec![0.0; rows.div_ceil(mr) * mr * cols],
-            tiles_t: vec![0.0; rows.div_ceil(nr) * nr * cols],
+            tiles_t: std::sync::OnceLock::new(),
         };
         t.set_values(values);
         t
@@ -70,17 +70,30 @@ impl Tiled {
     /// Repacks from new row-major values of the same shape.
     pub(crate) fn set_values(&mut self, values: &[f32]) {
         let (mr, cols) = (self.mr, self.cols);
-        let nr = self.tile_width();
         for (r, row) in values.chunks(cols.max(1)).take(self.rows).enumerate() {
             let panel = &mut self.panels[(r / mr) * cols * mr..];
             for (k, &v) in row.iter().enumerate() {
                 panel[k * mr + r % mr] = v;
             }
-            let tile = &mut self.tiles_t[(r / nr) * cols * nr..];
-            for (k, &v) in row.iter().enumerate() {
-                tile[k * nr + r % nr] = v;
-            }
         }
+        self.tiles_t.take();
+    }
+
+    /// `Wᵀ` in tiles of `NR` rows of `W` (see the field), made from the panels when first
+    /// asked for.
+    fn tiles_t(&self) -> &[f32] {
+        self.tiles_t.get_or_init(|| {
+            let (mr, cols, nr) = (self.mr, self.cols, self.tile_width());
+            let mut t = vec![0.0f32; self.rows.div_ceil(nr) * nr * cols];
+            for r in 0..self.rows {
+                let panel = &self.panels[(r / mr) * cols * mr..];
+                let tile = &mut t[(r / nr) * cols * nr..];
+                for k in 0..cols {
+                    tile[k * nr + r % nr] = panel[k * mr + r % mr];
+                }
+            }
+            t
+        })
     }
 
     /// `Y = W·X` for few columns, on the calling thread, output rows `r0 .. r1` (`r0` a
@@ -124,9 +137,7 @@ impl Tiled {
             (0..parts).into_par_iter().for_each(|t| run(t, parts));
         }
     }
-}
 
-impl Tiled {
     /// Width in floats of a column tile of `X` ([`forward_tiles`](Self::forward_tiles)).
     pub(crate) fn tile_width(&self) -> usize {
         let (_, nv) = tile(self.isa);
@@ -244,6 +255,7 @@ unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>
     if k == 0 {
         return;
     }
+    let tiles_t = w.tiles_t();
     let panels = n.div_ceil(MR);
     let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(8) * 8;
     let mut tmp = [0.0f32; NR_MAX];
@@ -252,7 +264,7 @@ unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>
         let kc = kb.min(k - k0);
         for t in r0 / nr..r1.div_ceil(nr) {
             let chans = nr.min(r1 - t * nr);
-            let b = w.tiles_t.as_ptr().add(t * k * nr + k0 * nr);
+            let b = tiles_t.as_ptr().add(t * k * nr + k0 * nr);
             for q in 0..panels {
                 let cols = MR.min(n - q * MR);
                 let a = xt.add(q * k * MR + k0 * MR);
@@ -477,7 +489,7 @@ mod tests {
                 let w: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
                 let x: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
                 let want = dense_matmul(&w, m, k, &x, n);
-                let t = Tiled::new(isa, m, k, &w);
+                let mut t = Tiled::new(isa, m, k, &w);
                 let nr = t.tile_width();
                 let tiles = n.div_ceil(nr);
                 let mut xt = vec![0.0f32; tiles * nr * k];
@@ -516,6 +528,19 @@ mod tests {
                         }
                     }
                 }
+                // New values replace what the few-column product made from the old ones.
+                let doubled: Vec<f32> = w.iter().map(|v| 2.0 * v).collect();
+                t.set_values(&doubled);
+                let mut y = vec![f32::NAN; m * n];
+                t.forward_small(&xs, &mut y, n, (0, m));
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - 2.0 * b).abs() <= 2e-4 * (1.0 + b.abs()),
+                        "{isa:?} {m}x{k}x{n} small after set_values: y[{i}] = {a}, want {}",
+                        2.0 * b
+                    );
+                }
+                t.set_values(&w);
                 for parts in [1, 2, 3] {
                     let mut y = vec![f32::NAN; m * n];
                     t.forward(&x, &mut y, n, parts);
