@@ -376,6 +376,26 @@ impl<'a> Compiler<'a> {
         })
     }
 
+    /// The kernels that read a dense stride-1 "same" convolution's input in place: the implicit
+    /// GEMM, and Winograd F(2×2, 3×3) when it was asked for and the layer is a 3×3 padding-1
+    /// convolution of even `h × w` inputs (`rows × cin·kh·kw` weight `values`).
+    fn in_place_kernels(
+        &self,
+        g: ConvGeometry,
+        rows: usize,
+        cin: usize,
+        values: &[f32],
+        (h, w): (usize, usize),
+    ) -> std::result::Result<(Option<DirectConv>, Option<Winograd>), coarsen_kernels::KernelError>
+    {
+        let wino = if self.winograd && h.is_multiple_of(2) && w.is_multiple_of(2) {
+            Winograd::new(g, rows, cin, values)?
+        } else {
+            None
+        };
+        Ok((DirectConv::new(g, rows, cin, values)?, wino))
+    }
+
     /// Packs one layer reading `slot` and records its output under the names of the nodes it
     /// stands for.
     fn layer(&mut self, lw: Weighted, slot: usize) -> Result<()> {
@@ -536,10 +556,9 @@ impl<'a> Compiler<'a> {
             _ => None,
         };
         let (direct, wino) = match dense_values {
-            Some((rows, v)) => (
-                DirectConv::new(g, rows, in_ch.len(), v).map_err(kerr)?,
-                winograd(self.winograd, g, rows, in_ch.len(), v, (flow.h, flow.w)).map_err(kerr)?,
-            ),
+            Some((rows, v)) => self
+                .in_place_kernels(g, rows, in_ch.len(), v, (flow.h, flow.w))
+                .map_err(kerr)?,
             None => (None, None),
         };
         let mut plan = Plan::new(&packed).map_err(kerr)?;
@@ -584,45 +603,8 @@ impl<'a> Compiler<'a> {
             },
             None => Flow::all(cout, ho, wo),
         };
-        let dense_twin = match twin_values {
-            Some(v) => {
-                let (direct, wino) = if spatial {
-                    (
-                        DirectConv::new(g, cout, in_ch.len(), &v).map_err(kerr)?,
-                        winograd(self.winograd, g, cout, in_ch.len(), &v, (flow.h, flow.w))
-                            .map_err(kerr)?,
-                    )
-                } else {
-                    (None, None)
-                };
-                let mut plan = Plan::new(&Packed::Dense(Dense::new(cout, ncols, v).map_err(kerr)?))
-                    .map_err(kerr)?;
-                plan.set_threading(Threading::Serial);
-                Some(Box::new(Layer {
-                    name: weight.clone(),
-                    plan,
-                    g,
-                    cin: in_ch.len(),
-                    cout: rows_out,
-                    h: flow.h,
-                    w: flow.w,
-                    ho,
-                    wo,
-                    bias: bias_out.clone(),
-                    corr: corr_out.clone(),
-                    relu,
-                    read: read.clone(),
-                    direct,
-                    wino,
-                    direct_on: true,
-                    dense_twin: None,
-                    run_dense: false,
-                }))
-            }
-            None => None,
-        };
-        let layer = Layer {
-            name: weight,
+        let mut layer = Layer {
+            name: weight.clone(),
             plan,
             g,
             cin: in_ch.len(),
@@ -637,31 +619,25 @@ impl<'a> Compiler<'a> {
             read,
             direct,
             wino,
-            direct_on: true,
-            dense_twin,
-            run_dense: false,
+            dense_twin: None,
         };
+        if let Some(v) = twin_values {
+            let (direct, wino) = if spatial {
+                self.in_place_kernels(g, cout, in_ch.len(), &v, (flow.h, flow.w))
+                    .map_err(kerr)?
+            } else {
+                (None, None)
+            };
+            let mut plan = Plan::new(&Packed::Dense(Dense::new(cout, ncols, v).map_err(kerr)?))
+                .map_err(kerr)?;
+            plan.set_threading(Threading::Serial);
+            layer.dense_twin = Some(Box::new(layer.twin(plan, direct, wino)));
+        }
         let out = self.push(vec![slot], Kind::Layer(Box::new(layer)), out_flow);
         self.slot_of.insert(names, out);
         self.slot_of.insert(out_name, out);
         Ok(())
     }
-}
-
-/// The Winograd F(2×2, 3×3) kernel of a dense 3×3 stride-1 padding-1 convolution of even
-/// `h × w` inputs, when `wanted` (`None` for any other).
-fn winograd(
-    wanted: bool,
-    g: ConvGeometry,
-    rows: usize,
-    cin: usize,
-    values: &[f32],
-    (h, w): (usize, usize),
-) -> std::result::Result<Option<Winograd>, coarsen_kernels::KernelError> {
-    if !wanted || !h.is_multiple_of(2) || !w.is_multiple_of(2) {
-        return Ok(None);
-    }
-    Winograd::new(g, rows, cin, values)
 }
 
 /// Output size of a pooling node.

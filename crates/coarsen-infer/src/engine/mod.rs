@@ -168,7 +168,9 @@ impl InferenceNet {
         for step in &mut self.steps {
             if let run::Kind::Layer(l) = &mut step.kind {
                 l.plan.set_dense_kernel(kernel);
-                l.direct_on = kernel == DenseKernel::Tiled;
+                if let Some(t) = &mut l.dense_twin {
+                    t.plan.set_dense_kernel(kernel);
+                }
             }
         }
     }

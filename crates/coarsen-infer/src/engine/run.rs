@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
-use coarsen_kernels::{DirectConv, Plan, Winograd};
+use coarsen_kernels::{DenseKernel, DirectConv, Plan, Winograd};
 use rayon::prelude::*;
 
 use super::{InferOptions, InferenceNet};
@@ -91,14 +91,11 @@ pub(super) struct Layer {
     /// in place (the plan then serves only to describe the layer).
     pub(super) direct: Option<DirectConv>,
     /// Winograd F(2×2, 3×3) for a dense 3×3 stride-1 convolution of even sizes (preferred to
-    /// `direct`).
+    /// `direct`). Both run only while the plan runs coarsen's tiled kernel (not faer).
     pub(super) wino: Option<Winograd>,
-    /// Whether `direct` and `wino` run (off with faer as the dense kernel).
-    pub(super) direct_on: bool,
-    /// The same layer on the dense kernels (sparse formats on the packed path), for tuning.
+    /// The same layer on the dense kernels (sparse formats on the packed path), until tuning
+    /// decides which of the two runs.
     pub(super) dense_twin: Option<Box<Layer>>,
-    /// Run `dense_twin` instead (tuning found it faster).
-    pub(super) run_dense: bool,
 }
 
 /// Runs the steps of `net` on the channel-major batch `x`; the output slot's values.
@@ -346,11 +343,6 @@ impl Layer {
     /// the chunk's columns into the output. Scratch buffers are per thread and reused across
     /// layers and calls.
     pub(super) fn forward(&self, x: &[f32], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
-        if self.run_dense {
-            if let Some(t) = &self.dense_twin {
-                return t.forward(x, batch, o);
-            }
-        }
         let kerr = |e| InferError::kernel(&self.name, e);
         let d = ConvDims::new(&[self.cin, batch, self.h, self.w], self.g).map_err(kerr)?;
         let hw = self.ho * self.wo;
@@ -364,25 +356,24 @@ impl Layer {
         // im2col rows computed: all, or those the kernel reads.
         let kk = self.read.as_ref().map_or(d.rows(), |r| r.len());
         let tiles = self.plan.tile_width();
+        let tiled_kernel = self.plan.dense_kernel() == Some(DenseKernel::Tiled);
         let wino = self
             .wino
             .as_ref()
-            .filter(|_| self.direct_on && o.winograd && n > SMALL_COLS);
+            .filter(|_| tiled_kernel && o.winograd && n > SMALL_COLS);
         let chunks = match wino {
             // Whole pairs of output rows; about 4·cin values of transformed input per column.
             Some(_) => column_chunks(n, 2 * self.wo, 1, 4 * self.cin, o),
             None => column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o),
         };
-        let direct = self.g.kernel == [1, 1]
+        // A 1×1 convolution over the whole batch multiplies the input itself.
+        let no_im2col = self.g.kernel == [1, 1]
             && self.g.stride == [1, 1]
             && self.g.padding == [0; 4]
             && chunks.len() == 1
             && self.read.is_none();
         // Few columns (small batches, deep layers): the dense kernel vectorises over rows.
-        let small = self
-            .plan
-            .small_tiles()
-            .filter(|_| n <= SMALL_COLS && self.direct_on);
+        let small = self.plan.tile_rows().zip(tiles).filter(|_| n <= SMALL_COLS);
         let chunks = if small.is_some() {
             vec![(0, n)]
         } else {
@@ -391,7 +382,7 @@ impl Layer {
         let dc = self
             .direct
             .as_ref()
-            .filter(|_| self.direct_on && small.is_none() && wino.is_none());
+            .filter(|_| tiled_kernel && small.is_none() && wino.is_none());
         // Too few columns to keep every thread busy (small batches, deep layers): the dense
         // kernels also split the output rows.
         let align = match (dc, self.plan.tile_rows()) {
@@ -435,63 +426,37 @@ impl Layer {
                 // Taken out of the thread's slot, not borrowed across the kernel call: should
                 // anything run another chunk on this thread meanwhile (rayon's work stealing),
                 // that chunk allocates its own.
-                let (col_buf, part_buf, mut tmp) = SCRATCH.take();
+                let (mut col_buf, part_buf, mut tmp) = SCRATCH.take();
                 let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
                 let part = &mut part_buf[..(r1 - r0) * nc];
                 if let Some((mr, _)) = small {
                     // One chunk, all of 0..n (see above).
                     let c = &panels[..nc.div_ceil(mr) * mr * kk];
-                    self.plan
-                        .forward_small_rows(c, part, nc, r0, r1)
-                        .map_err(kerr)?;
-                    self.store(part, out, (r0, c0), nc, n);
-                    SCRATCH.set((col_buf, part_buf, tmp));
-                    return Ok(());
-                }
-                if let Some(k) = wino {
-                    k.forward_rows(x, &d, c0, c1, r0, r1, part).map_err(kerr)?;
-                    self.store(part, out, (r0, c0), nc, n);
-                    SCRATCH.set((col_buf, part_buf, tmp));
-                    return Ok(());
-                }
-                if let Some(dc) = dc {
-                    dc.forward_rows(x, &d, c0, c1, r0, r1, part).map_err(kerr)?;
-                    self.store(part, out, (r0, c0), nc, n);
-                    SCRATCH.set((col_buf, part_buf, tmp));
-                    return Ok(());
-                }
-                if let Some(nr) = tiles {
+                    self.plan.forward_small_rows(c, part, nc, r0, r1)
+                } else if let Some(k) = wino {
+                    k.forward_rows(x, &d, c0, c1, r0, r1, part)
+                } else if let Some(dc) = dc {
+                    dc.forward_rows(x, &d, c0, c1, r0, r1, part)
+                } else if let Some(nr) = tiles {
                     // The tiled dense kernel reads im2col tiles in place: no packing copy.
                     let len = nc.div_ceil(nr) * nr * kk;
-                    let mut col_buf = at_least(col_buf, len);
+                    col_buf = at_least(col_buf, len);
                     let c = &mut col_buf[..len];
                     d.im2col_tiles(x, self.read.as_deref(), c0, c1, nr, c, &mut tmp)
-                        .map_err(kerr)?;
-                    self.plan
-                        .forward_tiles_rows(c, part, nc, r0, r1)
-                        .map_err(kerr)?;
-                    self.store(part, out, (r0, c0), nc, n);
-                    SCRATCH.set((col_buf, part_buf, tmp));
-                    return Ok(());
-                }
-                let mut col_buf = if direct {
-                    col_buf
+                        .and_then(|()| self.plan.forward_tiles_rows(c, part, nc, r0, r1))
+                } else if no_im2col {
+                    self.plan.forward(x, part, nc)
                 } else {
-                    at_least(col_buf, kk * nc)
-                };
-                let col: &[f32] = if direct {
-                    x
-                } else {
+                    col_buf = at_least(col_buf, kk * nc);
                     let c = &mut col_buf[..kk * nc];
                     match &self.read {
                         Some(r) => d.im2col_rows(x, r, c0, c1, c),
                         None => d.im2col_range(x, c0, c1, c),
                     }
-                    .map_err(kerr)?;
-                    c
-                };
-                self.plan.forward(col, part, nc).map_err(kerr)?;
-                self.store(part, out, (0, c0), nc, n);
+                    .and_then(|()| self.plan.forward(c, part, nc))
+                }
+                .map_err(kerr)?;
+                self.store(part, out, (r0, c0), nc, n);
                 SCRATCH.set((col_buf, part_buf, tmp));
                 Ok(())
             });
@@ -501,6 +466,34 @@ impl Layer {
         // of every column chunk, and the chunks cover 0..n).
         unsafe { y.set_len(len) };
         Ok(y)
+    }
+
+    /// The same layer on other kernels (`plan`, and the in-place kernels): same input, output,
+    /// epilogue and im2col rows read.
+    pub(super) fn twin(
+        &self,
+        plan: Plan,
+        direct: Option<DirectConv>,
+        wino: Option<Winograd>,
+    ) -> Layer {
+        Layer {
+            name: self.name.clone(),
+            plan,
+            g: self.g,
+            cin: self.cin,
+            cout: self.cout,
+            h: self.h,
+            w: self.w,
+            ho: self.ho,
+            wo: self.wo,
+            bias: self.bias.clone(),
+            corr: self.corr.clone(),
+            relu: self.relu,
+            read: self.read.clone(),
+            direct,
+            wino,
+            dense_twin: None,
+        }
     }
 
     /// The kernel's result `part` (rows `r0 ..`, `nc` columns each) into columns

@@ -5,8 +5,8 @@
 //! on the layer's size, its density, the batch and the CPU: N:M at batch 1, or a small layer
 //! at 50% density, can run slower packed than dense. [`InferenceNet::tune`] times both
 //! variants of every sparse layer once, on a random input of the layer's own shape, and keeps
-//! the faster. Results are cached per machine (CPU model, instruction set, threads) in a JSON
-//! file, so later runs reuse them; [`Tuning`] forces either side or re-measures.
+//! the faster. Results are cached per machine (CPU model, instruction set, threads) and engine
+//! options in a JSON file, so later runs reuse them; [`Tuning`] forces either side or re-measures.
 
 use std::collections::BTreeMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -165,8 +165,10 @@ impl InferenceNet {
     /// the kernel beats the dense GEMM at that shape, density and batch (N:M at batch 1 does
     /// not), so each such layer is timed once in both variants on a random input of its own
     /// shape (medians of 3 to 15 interleaved runs) and keeps the faster; the times are cached
-    /// per machine (CPU model, instruction set, threads), batch size and layer. Measurements come from and go to `cache` (call
-    /// [`TuneCache::save`] afterwards to keep them). Only the packed path has sparse layers.
+    /// per machine (CPU model, instruction set, threads), batch size, layer and engine options.
+    /// Measurements come from and go to `cache` (call [`TuneCache::save`] afterwards to keep
+    /// them). Only the packed path has sparse layers; a layer found faster dense becomes its
+    /// dense twin for good (tuning again leaves it as it is).
     pub fn tune(
         &mut self,
         batch: usize,
@@ -187,8 +189,9 @@ impl InferenceNet {
             let Some(twin) = l.dense_twin.take() else {
                 continue;
             };
+            // The engine's options change the dense twin's kernels (Winograd) and chunking.
             let key = format!(
-                "{machine}|batch {batch}|{}|{}|{}x{}|{} stored|in {}x{}x{}|{:?}",
+                "{machine}|batch {batch}|{}|{}|{}x{}|{} stored|in {}x{}x{}|{:?}|{options:?}",
                 l.name,
                 l.plan.format(),
                 l.plan.out_dim(),
@@ -199,11 +202,13 @@ impl InferenceNet {
                 l.w,
                 l.g
             );
+            let known = match tuning {
+                Tuning::Measure => cache.entries.get(&key).copied(),
+                _ => None,
+            };
             let (times, cached) = match tuning {
                 Tuning::Packed | Tuning::Dense => (None, false),
-                Tuning::Measure if cache.entries.contains_key(&key) => {
-                    (cache.entries.get(&key).copied(), true)
-                }
+                Tuning::Measure if known.is_some() => (known, true),
                 Tuning::Measure | Tuning::Remeasure => {
                     let len = l.cin * batch * l.h * l.w;
                     let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
@@ -233,17 +238,15 @@ impl InferenceNet {
                 dense,
                 cached,
             });
-            // The variant that does not run is dropped.
+            // The variant that does not run is dropped: a layer found faster dense becomes its
+            // dense twin.
             if dense {
-                l.dense_twin = Some(twin);
-                l.run_dense = true;
+                **l = *twin;
             }
         }
         Ok(choices)
     }
-}
 
-impl InferenceNet {
     /// [`tune`](Self::tune) with the cache in [`TuneCache::default_path`], saving new
     /// measurements there. The cache is best effort: one that cannot be read is re-measured,
     /// one that cannot be written is left as it was.

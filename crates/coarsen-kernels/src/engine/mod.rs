@@ -403,18 +403,9 @@ impl Plan {
         Ok(t)
     }
 
-    /// Columns per panel of [`forward_small_rows`](Self::forward_small_rows) (`Some` for dense
-    /// and channel-compact plans on the tiled kernel) and the row alignment of its shares.
-    pub fn small_tiles(&self) -> Option<(usize, usize)> {
-        match &self.engine {
-            Engine::Dense(e) => e.tiled().map(|t| (t.panel_rows(), t.tile_width())),
-            _ => None,
-        }
-    }
-
     /// `Y = W·X` for products with few columns (small batches, deep layers), on the calling
-    /// thread, output rows `r0 .. r1` (`r0` a multiple of the alignment of
-    /// [`small_tiles`](Self::small_tiles)); `X` in panels of `MR` columns
+    /// thread, output rows `r0 .. r1` (`r0` a multiple of [`tile_width`](Self::tile_width));
+    /// `X` in panels of `MR` = [`tile_rows`](Self::tile_rows) columns
     /// (`ceil(n/MR)` panels of `in_dim × MR` values, as
     /// [`ConvDims::im2col_tiles`](crate::conv::ConvDims::im2col_tiles) writes tiles of `MR`);
     /// `y` is `(r1 − r0) × n`. The kernel vectorises over rows of `W` instead of columns of
