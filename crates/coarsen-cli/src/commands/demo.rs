@@ -194,6 +194,18 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         args.batch, args.reps
     );
     let threads = rayon::current_num_threads();
+    let peer = match crate::peer::OrtPeer::find() {
+        Ok(p) => Some(p),
+        Err(note) => {
+            eprintln!("{note}");
+            None
+        }
+    };
+    let ctx = EvalContext {
+        data: &data,
+        args,
+        peer: peer.as_ref(),
+    };
     let mut rows = Vec::new();
     let imp = RunResults::read(&runs_dir.join("imp"))?;
     // The dense network: IMP's first stage.
@@ -204,8 +216,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         &dense_dir,
         imp.stages[0].test_accuracy,
         (0.0, 0.0),
-        &data,
-        args,
+        &ctx,
     )?);
     for p in &plans {
         let dir = runs_dir.join(p.name);
@@ -216,8 +227,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
             &dir,
             r.test_accuracy,
             (r.sparsity, r.channel_sparsity),
-            &data,
-            args,
+            &ctx,
         )?);
     }
     let pictures = draw_pictures(out, &runs_dir, &plans, &imp, &rows)?;
@@ -245,24 +255,31 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// What every row's evaluation shares: the data, the options and the ONNX Runtime peer (looked
+/// up once).
+struct EvalContext<'a> {
+    data: &'a DataSplits,
+    args: &'a DemoArgs,
+    peer: Option<&'a crate::peer::OrtPeer>,
+}
+
 fn evaluate(
     method: &str,
     structure: &str,
     dir: &Path,
     train_acc: f64,
     (sparsity, channel_sparsity): (f64, f64),
-    data: &DataSplits,
-    args: &DemoArgs,
+    ctx: &EvalContext<'_>,
 ) -> Result<Row> {
+    let EvalContext { data, args, peer } = *ctx;
     let loaded = load_network(dir, Some(data))?;
-    let peer = crate::peer::OrtPeer::find().ok();
     let inference = sparse_eval(
         &loaded,
         data,
         args.batch,
         args.reps,
         coarsen_infer::Tuning::Measure,
-        peer.as_ref(),
+        peer,
     )?;
     Ok(Row {
         method: method.to_string(),
