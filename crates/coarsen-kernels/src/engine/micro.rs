@@ -103,22 +103,7 @@ pub(crate) unsafe fn packed_tile<S: Simd, const MR: usize, const NV: usize>(
     ldy: usize,
     accumulate: bool,
 ) {
-    let mut acc = [[S::zero(); NV]; MR];
-    let step = NV * S::LANES;
-    for kk in 0..k {
-        let row = xp.add(kk * step);
-        let mut xv = [S::zero(); NV];
-        for (j, v) in xv.iter_mut().enumerate() {
-            *v = S::load(row.add(j * S::LANES));
-        }
-        let vp = vals.add(kk * MR);
-        for (i, accs) in acc.iter_mut().enumerate() {
-            let w = S::bcast(vp.add(i));
-            for (a, &xj) in accs.iter_mut().zip(&xv) {
-                *a = S::fma(w, xj, *a);
-            }
-        }
-    }
+    let acc = register_tile::<S, MR, NV>(k, vals, xp);
     for (i, accs) in acc.iter().enumerate() {
         if i < out_rows.len() {
             let yp = y.add(*out_rows.get_unchecked(i) as usize * ldy);
@@ -129,6 +114,36 @@ pub(crate) unsafe fn packed_tile<S: Simd, const MR: usize, const NV: usize>(
             }
         }
     }
+}
+
+/// The register tile over packed operands: `acc[i][j] = Σ_kk w[kk·MR + i] · b[kk·NR + j·L ..]`
+/// (`NR = NV·L`).
+///
+/// # Safety
+/// `w` must hold `kc·MR` values and `b` `kc·NR`.
+#[inline(always)]
+pub(crate) unsafe fn register_tile<S: Simd, const MR: usize, const NV: usize>(
+    kc: usize,
+    w: *const f32,
+    b: *const f32,
+) -> [[S::V; NV]; MR] {
+    let mut acc = [[S::zero(); NV]; MR];
+    let nr = NV * S::LANES;
+    for kk in 0..kc {
+        let row = b.add(kk * nr);
+        let mut xv = [S::zero(); NV];
+        for (j, v) in xv.iter_mut().enumerate() {
+            *v = S::load(row.add(j * S::LANES));
+        }
+        let wp = w.add(kk * MR);
+        for (i, accs) in acc.iter_mut().enumerate() {
+            let wv = S::bcast(wp.add(i));
+            for (a, &xj) in accs.iter_mut().zip(&xv) {
+                *a = S::fma(wv, xj, *a);
+            }
+        }
+    }
+    acc
 }
 
 /// The same for single columns `col0..col1` (the ragged end of a row range), one at a time.

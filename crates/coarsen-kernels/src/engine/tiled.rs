@@ -10,6 +10,7 @@
 //! small (64 output channels) and `N` large (batch × positions), where this layout keeps the
 //! FMA units busy.
 
+use super::micro::register_tile;
 use super::{split_range, SyncPtr};
 use crate::simd::{run_task, Isa, Simd, SimdTask};
 
@@ -268,7 +269,7 @@ unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>
             for q in 0..panels {
                 let cols = MR.min(n - q * MR);
                 let a = xt.add(q * k * MR + k0 * MR);
-                let acc = accumulate::<S, MR, NV>(kc, a, b);
+                let acc = register_tile::<S, MR, NV>(kc, a, b);
                 // acc[i] holds column q·MR + i of rows t·NR ..: added to Y transposed.
                 for (i, accs) in acc.iter().enumerate().take(cols) {
                     for (j, &v) in accs.iter().enumerate() {
@@ -387,32 +388,6 @@ unsafe fn pack<S: Simd, const NV: usize>(
     }
 }
 
-/// The register tile: `acc[i][j] = Σ_kk w[kk·MR + i] · b[kk·NR + j·L ..]`.
-#[inline(always)]
-unsafe fn accumulate<S: Simd, const MR: usize, const NV: usize>(
-    kc: usize,
-    w: *const f32,
-    b: *const f32,
-) -> [[S::V; NV]; MR] {
-    let mut acc = [[S::zero(); NV]; MR];
-    let nr = NV * S::LANES;
-    for kk in 0..kc {
-        let row = b.add(kk * nr);
-        let mut xv = [S::zero(); NV];
-        for (j, v) in xv.iter_mut().enumerate() {
-            *v = S::load(row.add(j * S::LANES));
-        }
-        let wp = w.add(kk * MR);
-        for (i, accs) in acc.iter_mut().enumerate() {
-            let wv = S::bcast(wp.add(i));
-            for (a, &xj) in accs.iter_mut().zip(&xv) {
-                *a = S::fma(wv, xj, *a);
-            }
-        }
-    }
-    acc
-}
-
 /// A whole `MR × NR` tile of `Y` (row stride `ld`): stored, or added to what is there.
 #[inline(always)]
 unsafe fn tile_full<S: Simd, const MR: usize, const NV: usize>(
@@ -423,7 +398,7 @@ unsafe fn tile_full<S: Simd, const MR: usize, const NV: usize>(
     ld: usize,
     add: bool,
 ) {
-    let acc = accumulate::<S, MR, NV>(kc, w, b);
+    let acc = register_tile::<S, MR, NV>(kc, w, b);
     for (i, accs) in acc.iter().enumerate() {
         let yp = y.add(i * ld);
         for (j, &a) in accs.iter().enumerate() {
@@ -446,7 +421,7 @@ unsafe fn tile_part<S: Simd, const MR: usize, const NV: usize>(
     rows: usize,
     width: usize,
 ) {
-    let acc = accumulate::<S, MR, NV>(kc, w, b);
+    let acc = register_tile::<S, MR, NV>(kc, w, b);
     let mut tmp = [0.0f32; NR_MAX];
     for (i, accs) in acc.iter().enumerate().take(rows) {
         for (j, &a) in accs.iter().enumerate() {
