@@ -135,6 +135,16 @@ pub enum Error {
         /// Why it is refused.
         reason: String,
     },
+    /// An option was given for a pattern it does not apply to.
+    #[error("option {option} applies to {applies_to}, not to {pattern}")]
+    InapplicableOption {
+        /// The option (snake_case, e.g. `min_rows`).
+        option: &'static str,
+        /// The pattern it was given for.
+        pattern: &'static str,
+        /// The patterns it applies to, `|`-separated.
+        applies_to: String,
+    },
     /// A regular expression did not compile.
     #[error("invalid regular expression for {flag}: {}", one_line(&cause.to_string()))]
     Regex {

@@ -233,6 +233,11 @@ impl MaskFile {
         &self.tensors
     }
 
+    /// The tensors, in natural name order, taken out of the file.
+    pub fn into_tensors(self) -> Vec<MaskTensor> {
+        self.tensors
+    }
+
     /// The tensor of that name.
     pub fn get(&self, name: &str) -> Option<&MaskTensor> {
         self.by_name.get(name).map(|&i| &self.tensors[i])

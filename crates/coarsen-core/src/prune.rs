@@ -2,7 +2,10 @@
 //! step).
 
 use crate::error::{Error, Result};
+use crate::io::{MaskFile, MaskTensor, WeightFile, WeightTensor};
 use crate::mask::Mask;
+use crate::select::Selector;
+use crate::view::MatrixView;
 
 /// Over which set of weights one magnitude threshold is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -142,6 +145,104 @@ fn prune_group(layers: &[PruneInput<'_>], sparsity: f64) -> Result<Vec<Mask>> {
         *m = Mask::from_bytes(l.rows, l.cols, bytes)?;
     }
     Ok(masks)
+}
+
+/// A layer to prune: name, shape, weights and its current mask (when pruning further).
+struct Layer<'a> {
+    name: String,
+    shape: Vec<usize>,
+    values: &'a [f32],
+    mask: Option<Mask>,
+}
+
+/// Prunes the selected layers of `weights` (or, with `previous`, the selected layers of that mask
+/// further) and returns the mask file of those layers, with the tensors left out because they
+/// are not floating point (a selection of every tensor meets BatchNorm's counters).
+pub fn prune_file<'w>(
+    weights: &'w WeightFile,
+    previous: Option<&MaskFile>,
+    sel: &Selector,
+    sparsity: f64,
+    scope: Scope,
+) -> Result<(MaskFile, Vec<&'w WeightTensor>)> {
+    check_sparsity(sparsity)?;
+    let mut skipped = Vec::new();
+    // The layers: the previous mask's tensors, or every selected floating-point weight.
+    let mut layers: Vec<Layer<'_>> = Vec::new();
+    match previous {
+        Some(prev) => {
+            for t in prev
+                .tensors()
+                .iter()
+                .filter(|t| sel.selects(&t.name, &t.shape))
+            {
+                let values = crate::convert::matching_values(weights, t, prev.path())?;
+                let view = view_of(&t.shape);
+                let mask = Mask::from_bytes(view.rows, view.cols, t.data.clone())?;
+                layers.push(Layer {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    values,
+                    mask: Some(mask),
+                });
+            }
+        }
+        None => {
+            for t in weights
+                .tensors()
+                .iter()
+                .filter(|t| sel.selects(&t.name, &t.shape))
+            {
+                let Some(values) = t.values() else {
+                    skipped.push(t);
+                    continue;
+                };
+                t.check_finite(weights.path())?;
+                layers.push(Layer {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    values,
+                    mask: None,
+                });
+            }
+        }
+    }
+    if layers.is_empty() {
+        return Err(Error::EmptySelection {
+            path: previous
+                .map_or(weights.path(), MaskFile::path)
+                .to_path_buf(),
+            detail: sel.describe(),
+        });
+    }
+    let inputs: Vec<PruneInput<'_>> = layers
+        .iter()
+        .map(|l| {
+            let v = view_of(&l.shape);
+            PruneInput {
+                name: &l.name,
+                rows: v.rows,
+                cols: v.cols,
+                weights: l.values,
+                mask: l.mask.as_ref(),
+            }
+        })
+        .collect();
+    let masks = magnitude_prune(&inputs, sparsity, scope)?;
+    let tensors = layers
+        .iter()
+        .zip(masks)
+        .map(|(l, m)| MaskTensor {
+            name: l.name.clone(),
+            shape: l.shape.clone(),
+            data: m.into_bytes(),
+        })
+        .collect();
+    Ok((MaskFile::new(weights.path(), tensors), skipped))
+}
+
+fn view_of(shape: &[usize]) -> MatrixView {
+    MatrixView::of(shape).unwrap_or_else(|| MatrixView::matrix(1, shape.iter().product()))
 }
 
 #[cfg(test)]

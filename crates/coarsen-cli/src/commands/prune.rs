@@ -1,10 +1,8 @@
 //! `coarsen prune`: unstructured magnitude pruning.
 
 use anyhow::Result;
-use coarsen_core::{
-    magnitude_prune, Error, Mask, MaskFile, MaskTensor, MatrixView, PruneInput, Scope, Selector,
-    WeightFile,
-};
+use coarsen_core::prune::prune_file as prune_layers;
+use coarsen_core::{MaskFile, Scope, Selector, WeightFile};
 
 use crate::args::{PruneArgs, ScopeArg};
 use crate::commands::{ensure_parent, selector};
@@ -26,6 +24,7 @@ pub fn run(args: &PruneArgs, quiet: bool) -> Result<()> {
         args.sparsity,
         scope(args.scope),
     )?;
+
     spin.set_message(format!("writing {}", args.out.display()));
     masks.write(&args.out)?;
     spin.finish_and_clear();
@@ -34,23 +33,8 @@ pub fn run(args: &PruneArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn scope(s: ScopeArg) -> Scope {
-    match s {
-        ScopeArg::Global => Scope::Global,
-        ScopeArg::Layer => Scope::Layer,
-    }
-}
-
-/// A layer to prune: name, shape, weights and its current mask (when pruning further).
-struct Layer<'a> {
-    name: String,
-    shape: Vec<usize>,
-    values: &'a [f32],
-    mask: Option<Mask>,
-}
-
 /// Prunes the selected layers of `weights` (or, with `previous`, the selected layers of that mask
-/// further) and returns the mask file of those layers.
+/// further), noting each tensor skipped for its dtype.
 pub fn prune_file(
     weights: &WeightFile,
     previous: Option<&MaskFile>,
@@ -58,86 +42,22 @@ pub fn prune_file(
     sparsity: f64,
     scope: Scope,
 ) -> Result<MaskFile> {
-    // The layers: the previous mask's tensors, or every selected floating-point weight.
-    let mut layers: Vec<Layer<'_>> = Vec::new();
-    match previous {
-        Some(prev) => {
-            for t in prev
-                .tensors()
-                .iter()
-                .filter(|t| sel.selects(&t.name, &t.shape))
-            {
-                let values = coarsen_core::matching_values(weights, t, prev.path())?;
-                let view = view_of(&t.shape);
-                let mask = Mask::from_bytes(view.rows, view.cols, t.data.clone())?;
-                layers.push(Layer {
-                    name: t.name.clone(),
-                    shape: t.shape.clone(),
-                    values,
-                    mask: Some(mask),
-                });
-            }
-        }
-        None => {
-            for t in weights
-                .tensors()
-                .iter()
-                .filter(|t| sel.selects(&t.name, &t.shape))
-            {
-                let Some(values) = t.values() else {
-                    eprintln!(
-                        "note: skipping '{}' ({} is not a floating-point dtype)",
-                        t.name, t.dtype
-                    );
-                    continue;
-                };
-                t.check_finite(weights.path())?;
-                layers.push(Layer {
-                    name: t.name.clone(),
-                    shape: t.shape.clone(),
-                    values,
-                    mask: None,
-                });
-            }
-        }
+    let (masks, skipped) = prune_layers(weights, previous, sel, sparsity, scope)?;
+    for t in skipped {
+        eprintln!(
+            "note: skipping '{}' ({} is not a floating-point dtype)",
+            t.name.escape_debug(),
+            t.dtype
+        );
     }
-    if layers.is_empty() {
-        return Err(Error::EmptySelection {
-            path: previous
-                .map_or(weights.path(), MaskFile::path)
-                .to_path_buf(),
-            detail: sel.describe(),
-        }
-        .into());
-    }
-    let inputs: Vec<PruneInput<'_>> = layers
-        .iter()
-        .map(|l| {
-            let v = view_of(&l.shape);
-            PruneInput {
-                name: &l.name,
-                rows: v.rows,
-                cols: v.cols,
-                weights: l.values,
-                mask: l.mask.as_ref(),
-            }
-        })
-        .collect();
-    let masks = magnitude_prune(&inputs, sparsity, scope)?;
-    let tensors = layers
-        .iter()
-        .zip(masks)
-        .map(|(l, m)| MaskTensor {
-            name: l.name.clone(),
-            shape: l.shape.clone(),
-            data: m.into_bytes(),
-        })
-        .collect();
-    Ok(MaskFile::new(weights.path(), tensors))
+    Ok(masks)
 }
 
-fn view_of(shape: &[usize]) -> MatrixView {
-    MatrixView::of(shape).unwrap_or_else(|| MatrixView::matrix(1, shape.iter().product()))
+fn scope(s: ScopeArg) -> Scope {
+    match s {
+        ScopeArg::Global => Scope::Global,
+        ScopeArg::Layer => Scope::Layer,
+    }
 }
 
 /// Per-layer and total density of a mask file.

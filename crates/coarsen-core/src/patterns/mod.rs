@@ -16,6 +16,7 @@ pub mod check;
 pub mod classes;
 pub mod group;
 pub mod nm;
+pub mod options;
 pub mod partition;
 pub mod shuffled;
 
@@ -25,6 +26,7 @@ pub use check::check;
 pub use classes::{row_classes, RowClass};
 pub use group::{regroup, Fallback, GroupBlock, GroupConfig, GroupOutcome, PartCount};
 pub use nm::{nm_permute, nm_prune, NmConfig, NmOutcome};
+pub use options::{parse_block, parse_parts, PatternOptions, PATTERN_NAMES};
 pub use partition::{partition_rows, Partitioner};
 pub use shuffled::{shuffled_blocks, ShuffledConfig, ShuffledOutcome};
 
