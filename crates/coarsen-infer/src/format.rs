@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use coarsen_core::patterns::check::check_channel;
+use coarsen_core::patterns::check::{check_block, check_channel, check_shuffled};
+use coarsen_core::patterns::row_classes;
 use coarsen_core::patterns::Pattern;
-use coarsen_core::{CoarsenMetadata, LayerStatus, MaskSet, MatrixView};
+use coarsen_core::{CoarsenMetadata, LayerStatus, Mask, MaskSet, MatrixView};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{InferError, Result};
@@ -135,6 +136,39 @@ pub fn layer_formats(
     Ok(out)
 }
 
+/// The format a mask alone calls for, when no conversion metadata says which pattern made it:
+/// dense when it is full; channel-compact when every row is full or empty; aligned 16×16 tiles
+/// (BSR) or shuffled blocks of 16 when it has that structure; group blocks when its rows share
+/// few column patterns (at most one per 8 rows, so that each gathered column feeds a register
+/// tile of rows); CSR at density ≤ [`CSR_MAX_DENSITY`]; dense above.
+pub fn detect_format(mask: &Mask) -> LayerFormat {
+    const B: usize = 16;
+    if mask.nnz() == mask.len() {
+        return LayerFormat::Dense;
+    }
+    if check_channel(mask).is_ok() {
+        return LayerFormat::Channel;
+    }
+    if check_block(mask, B, B).is_ok() {
+        return LayerFormat::Bsr {
+            height: B,
+            width: B,
+        };
+    }
+    if mask.rows() >= B && check_shuffled(mask, B).is_ok() {
+        return LayerFormat::ShuffledBlock { block: B };
+    }
+    if row_classes(mask).len() <= (mask.rows() / 8).max(1) {
+        return LayerFormat::Group;
+    }
+    let density = mask.nnz() as f64 / mask.len().max(1) as f64;
+    if density <= CSR_MAX_DENSITY {
+        LayerFormat::Csr
+    } else {
+        LayerFormat::Dense
+    }
+}
+
 /// Random structured masks of `format` at `density` (N:M is always N/M) on the weights
 /// `shapes` (name, shape), for speed measurements: channel (rows kept at random), group (blocks
 /// of 32 rows on random column sets), shuffled blocks, BSR, N:M along input channels, CSR
@@ -210,4 +244,46 @@ pub fn random_nm_mask(
         }
     }
     mk
+}
+
+#[cfg(test)]
+mod detect_tests {
+    use super::*;
+
+    #[test]
+    fn detects_formats_from_masks() {
+        assert_eq!(
+            detect_format(&Mask::from_fn(32, 32, |_, _| true)),
+            LayerFormat::Dense
+        );
+        assert_eq!(
+            detect_format(&Mask::from_fn(32, 32, |r, _| r % 3 == 0)),
+            LayerFormat::Channel
+        );
+        let bsr = detect_format(&Mask::from_fn(32, 64, |r, c| (r / 16 + c / 16) % 2 == 0));
+        assert_eq!(
+            bsr,
+            LayerFormat::Bsr {
+                height: 16,
+                width: 16
+            }
+        );
+        // Two row patterns over 64 rows, not tile-aligned: group blocks.
+        let group = Mask::from_fn(
+            64,
+            64,
+            |r, c| if r % 2 == 0 { c % 3 == 0 } else { c % 5 == 1 },
+        );
+        assert_eq!(detect_format(&group), LayerFormat::Group);
+        // Scattered: CSR when very sparse, dense otherwise.
+        let h = |r: usize, c: usize| (r * 7919 + c * 104_729) % 97;
+        assert_eq!(
+            detect_format(&Mask::from_fn(64, 64, |r, c| h(r, c) < 5)),
+            LayerFormat::Csr
+        );
+        assert_eq!(
+            detect_format(&Mask::from_fn(64, 64, |r, c| h(r, c) < 40)),
+            LayerFormat::Dense
+        );
+    }
 }

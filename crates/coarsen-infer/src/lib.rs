@@ -44,7 +44,7 @@ pub use engine::{
     InferenceNet, LayerChoice, LayerInfo, Path, TuneCache, Tuning,
 };
 pub use error::{InferError, Result};
-pub use format::{layer_formats, Formats, LayerFormat, CSR_MAX_DENSITY};
+pub use format::{detect_format, layer_formats, Formats, LayerFormat, CSR_MAX_DENSITY};
 pub use graph::{Graph, Node, Op};
 pub use network::Network;
 pub use tensors::{numel, Tensor, TensorSet};

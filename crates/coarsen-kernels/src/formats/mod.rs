@@ -139,6 +139,38 @@ impl Packed {
         }
     }
 
+    /// Bytes the format stores: values (f32) and indices (u32 for rows, columns, pointers and
+    /// offsets; u8 for N:M slots), not counting the fixed-size header of each struct.
+    pub fn nbytes(&self) -> usize {
+        const F: usize = std::mem::size_of::<f32>();
+        const U: usize = std::mem::size_of::<u32>();
+        let values = self.values().len() * F;
+        let index = match self {
+            Packed::Dense(_) => 0,
+            Packed::Channel(f) => (f.kept_rows().len() + f.kept_cols().map_or(0, <[u32]>::len)) * U,
+            Packed::Group(f) => f
+                .blocks()
+                .iter()
+                .map(|b| (b.rows().len() + b.cols().len() + 1) * U)
+                .sum(),
+            Packed::Shuffled(f) => f
+                .groups()
+                .iter()
+                .map(|g| {
+                    g.rows().len() * U
+                        + g.tiles()
+                            .iter()
+                            .map(|t| (t.cols().len() + 1) * U)
+                            .sum::<usize>()
+                })
+                .sum(),
+            Packed::Bsr(f) => (f.row_ptr().len() + f.col_idx().len()) * U,
+            Packed::Csr(f) => (f.row_ptr().len() + f.col_idx().len()) * U,
+            Packed::Nm(f) => f.col_perm().len() * U + f.indices().len(),
+        };
+        values + index
+    }
+
     /// Ones of the pattern (the multiply–adds a perfect kernel would do per column of `X`).
     pub fn nnz(&self) -> usize {
         self.mask().nnz()
