@@ -25,6 +25,9 @@ pub struct PackedMatrix {
     plan: Plan,
     /// Rows kept by a channel-compact plan (its `Y` has only those rows).
     kept_rows: Option<Vec<u32>>,
+    /// The channel plan's compact `Y` (or `dY`), kept between calls; a call that finds it
+    /// taken (another thread's) allocates its own.
+    scratch: std::sync::Mutex<Vec<f32>>,
     view: MatrixView,
     shape: Vec<usize>,
     nnz: usize,
@@ -115,6 +118,7 @@ pub fn pack(
         .map(|(plan, kept_rows, nbytes)| PackedMatrix {
             plan,
             kept_rows,
+            scratch: std::sync::Mutex::new(Vec::new()),
             view,
             shape,
             nnz: mask.nnz(),
@@ -200,9 +204,8 @@ fn operand<'py>(
     } else {
         Operand::Owned(a.as_array().iter().copied().collect())
     };
-    if let Some(v) = op.as_slice().iter().find(|v| !v.is_finite()) {
-        return Err(bad(format!("{what} holds {v}; every value must be finite")));
-    }
+    // Operands are not scanned for NaN: they come from the caller's memory, not a file, and
+    // NaN propagates through the product as in NumPy (a scan would cost a pass over `x`).
     Ok((op, n, vector))
 }
 
@@ -211,16 +214,15 @@ impl PackedMatrix {
     fn forward_into(&self, py: Python<'_>, x: &[f32], y: &mut [f32], n: usize) -> PyResult<()> {
         py.detach(|| match &self.kept_rows {
             None => self.plan.forward(x, y, n).map_err(kernel),
-            Some(kept) => {
-                let mut compact = vec![0.0f32; kept.len() * n];
-                self.plan.forward(x, &mut compact, n).map_err(kernel)?;
+            Some(kept) => self.with_scratch(kept.len() * n, |compact| {
+                self.plan.forward(x, compact, n).map_err(kernel)?;
                 y.fill(0.0);
                 for (k, &r) in kept.iter().enumerate() {
                     let r = r as usize;
                     y[r * n..(r + 1) * n].copy_from_slice(&compact[k * n..(k + 1) * n]);
                 }
                 Ok(())
-            }
+            }),
         })
     }
 
@@ -228,15 +230,28 @@ impl PackedMatrix {
     fn backward_into(&self, py: Python<'_>, dy: &[f32], dx: &mut [f32], n: usize) -> PyResult<()> {
         py.detach(|| match &self.kept_rows {
             None => self.plan.backward_input(dy, dx, n).map_err(kernel),
-            Some(kept) => {
-                let mut compact = Vec::with_capacity(kept.len() * n);
-                for &r in kept {
+            Some(kept) => self.with_scratch(kept.len() * n, |compact| {
+                for (k, &r) in kept.iter().enumerate() {
                     let r = r as usize;
-                    compact.extend_from_slice(&dy[r * n..(r + 1) * n]);
+                    compact[k * n..(k + 1) * n].copy_from_slice(&dy[r * n..(r + 1) * n]);
                 }
-                self.plan.backward_input(&compact, dx, n).map_err(kernel)
-            }
+                self.plan.backward_input(compact, dx, n).map_err(kernel)
+            }),
         })
+    }
+
+    /// Runs `f` on a buffer of `len` floats: the kept scratch when it is free, else a new one.
+    fn with_scratch<T>(&self, len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
+        match self.scratch.try_lock() {
+            Ok(mut buf) => {
+                if buf.len() != len {
+                    buf.clear();
+                    buf.resize(len, 0.0);
+                }
+                f(&mut buf)
+            }
+            Err(_) => f(&mut vec![0.0f32; len]),
+        }
     }
 
     fn out_shape(rows: usize, n: usize, vector: bool) -> Vec<usize> {
