@@ -256,7 +256,7 @@ pub struct SynthArgs {
     #[arg(long, default_value = "resnet18")]
     pub model: String,
     /// Number of classes.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     pub classes: usize,
     /// Seed of the initialisation.
     #[arg(long, default_value_t = 0)]
@@ -341,7 +341,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", requires = "mask")]
     pub weights: Option<PathBuf>,
     /// Columns of X for --mask layers (batch × output positions of a conv).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub n: usize,
     /// Layer selection for --mask.
     #[command(flatten)]
@@ -353,7 +353,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub isa: Option<String>,
     /// Seconds of repetitions per measurement (at least 5 repetitions).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = positive_seconds)]
     pub budget: f64,
     /// Seed of the random masks and weights.
     #[arg(long, default_value_t = 0)]
@@ -535,6 +535,10 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Train into --out even when it holds other files or a run of another experiment
+    /// (otherwise refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Reuse the finished stages of another run of the same model, seed and recipe (its dense
     /// stage; IMP rounds of the same rate).
     #[arg(long, value_name = "DIR")]
@@ -682,4 +686,22 @@ pub struct EvalArgs {
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+/// A count of at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A finite, positive number of seconds.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(_) => Err("must be a positive, finite number of seconds".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -670,3 +670,303 @@ fn help_for_every_subcommand() {
     }
     assert!(ok(&["convert", "--help"]).contains("--permute"));
 }
+
+/// Rewrites the coarsen metadata of a mask file in place, as a careless tool or a hostile
+/// file would (coarsen's own writer refuses invalid metadata).
+fn rewrite_metadata(path: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let raw = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&raw[8..8 + n]).unwrap();
+    let meta = header["__metadata__"]["coarsen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    edit(&mut meta);
+    header["__metadata__"]["coarsen"] = serde_json::Value::String(meta.to_string());
+    let mut head = serde_json::to_vec(&header).unwrap();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&raw[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Metadata read from a mask file is validated before anything uses it: a permutation out of
+/// range or of the wrong length, a permutation on a layer of another pattern, a layer the file
+/// does not hold, are one-line errors naming the file and tensor, and `inspect --png` writes no
+/// picture (it panicked on an index out of bounds and left PNGs behind).
+#[test]
+fn malformed_metadata_is_an_error_not_a_panic() {
+    let f = Fixture::new();
+    ok(&[
+        "convert",
+        "-q",
+        "--mask",
+        f.s("m.safetensors"),
+        "--to",
+        "nm",
+        "--permute",
+        "--out",
+        f.s("nm.safetensors"),
+    ]);
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, Vec<&str>)> = vec![
+        (
+            "range",
+            Box::new(|m| m["layers"]["conv2.weight"]["col_perm"][0] = 999.into()),
+            vec!["conv2.weight", "col_perm is not a permutation"],
+        ),
+        (
+            "length",
+            Box::new(|m| {
+                m["layers"]["conv2.weight"]["col_perm"] = serde_json::json!([1, 0]);
+            }),
+            vec![
+                "conv2.weight",
+                "col_perm has 2 entries for 32 input channels",
+            ],
+        ),
+        (
+            "pattern",
+            Box::new(|m| m["pattern"] = "channel".into()),
+            vec!["malformed coarsen metadata"],
+        ),
+        (
+            "ghost",
+            Box::new(|m| {
+                let layer = m["layers"]["fc.weight"].clone();
+                m["layers"]["ghost\nlayer"] = layer;
+            }),
+            vec!["ghost\\nlayer", "does not hold"],
+        ),
+    ];
+    for (name, edit, needles) in cases {
+        let file = format!("bad-{name}.safetensors");
+        std::fs::copy(f.path("nm.safetensors"), f.path(&file)).unwrap();
+        rewrite_metadata(&f.path(&file), edit);
+        let png = f.path(&format!("png-{name}"));
+        let mut needles = needles.clone();
+        needles.push(&file);
+        fails(
+            &["inspect", f.s(&file), "--png", &png.to_string_lossy()],
+            &needles,
+            &png,
+        );
+        fails(
+            &[
+                "convert",
+                "--mask",
+                f.s(&file),
+                "--to",
+                "channel",
+                "--out",
+                f.s("never.safetensors"),
+            ],
+            &needles,
+            &f.path("never.safetensors"),
+        );
+    }
+}
+
+/// An output never replaces an input or another output, nor a symbolic link or a device node;
+/// nothing is written and the inputs are intact.
+#[test]
+fn outputs_never_replace_inputs() {
+    let f = Fixture::new();
+    let weights = std::fs::read(f.path("w.safetensors")).unwrap();
+    let masks = std::fs::read(f.path("m.safetensors")).unwrap();
+    let (w, m) = (f.s("w.safetensors"), f.s("m.safetensors"));
+    let check = |args: &[&str], needles: &[&str]| {
+        let res = coarsen(args);
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{args:?} should fail");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("");
+        for n in needles {
+            assert!(line.contains(n), "{args:?}: {stderr}");
+        }
+        assert_eq!(std::fs::read(f.path("w.safetensors")).unwrap(), weights);
+        assert_eq!(std::fs::read(f.path("m.safetensors")).unwrap(), masks);
+    };
+    check(
+        &["prune", "--weights", w, "--sparsity", "0.5", "--out", w],
+        &["--out", "is also --weights"],
+    );
+    check(
+        &[
+            "prune",
+            "--weights",
+            w,
+            "--sparsity",
+            "0.8",
+            "--mask",
+            m,
+            "--out",
+            m,
+        ],
+        &["is also --mask"],
+    );
+    let c = f.s("c.safetensors");
+    check(
+        &[
+            "convert", "--mask", m, "--to", "channel", "--out", c, "--report", c,
+        ],
+        &["--report", "is also --out"],
+    );
+    check(
+        &[
+            "convert",
+            "--mask",
+            m,
+            "--weights",
+            w,
+            "--to",
+            "channel",
+            "--out",
+            c,
+            "--report",
+            w,
+        ],
+        &["is also --weights"],
+    );
+    // The same file by another spelling.
+    let other = format!(
+        "{}/./../{}/m.safetensors",
+        f.dir.path().display(),
+        f.dir.path().file_name().unwrap().to_string_lossy()
+    );
+    check(
+        &["convert", "--mask", m, "--to", "channel", "--out", &other],
+        &["is also --mask"],
+    );
+    std::os::unix::fs::symlink(f.path("elsewhere.safetensors"), f.path("link.safetensors"))
+        .unwrap();
+    check(
+        &[
+            "convert",
+            "--mask",
+            m,
+            "--to",
+            "channel",
+            "--out",
+            f.s("link.safetensors"),
+        ],
+        &["symbolic link"],
+    );
+    assert!(!f.path("elsewhere.safetensors").exists());
+    check(
+        &[
+            "convert",
+            "--mask",
+            m,
+            "--to",
+            "channel",
+            "--out",
+            "/dev/null",
+        ],
+        &["not a regular file"],
+    );
+    assert!(!f.path("c.safetensors").exists());
+}
+
+/// Inputs that used to run and write something useless, or silently drop data, are errors.
+#[test]
+fn careless_inputs_are_errors_not_silent_successes() {
+    let f = Fixture::new();
+    let (w, m) = (f.s("w.safetensors"), f.s("m.safetensors"));
+    fails(
+        &[
+            "prune",
+            "--weights",
+            w,
+            "--sparsity",
+            "0.9999999",
+            "--out",
+            f.s("z.safetensors"),
+        ],
+        &["--sparsity", "without a single weight"],
+        &f.path("z.safetensors"),
+    );
+    fails(
+        &[
+            "convert",
+            "--mask",
+            m,
+            "--to",
+            "shuffled-block",
+            "--blocks",
+            "0",
+            "--out",
+            f.s("z.safetensors"),
+        ],
+        &["--blocks"],
+        &f.path("z.safetensors"),
+    );
+    // A mask without one of the selected layers of the weights.
+    f.write_masks(
+        "partial.safetensors",
+        MaskFile::read(f.path("m.safetensors"))
+            .unwrap()
+            .tensors()
+            .iter()
+            .filter(|t| t.name != "conv2.weight")
+            .cloned()
+            .collect(),
+    );
+    fails(
+        &[
+            "prune",
+            "--weights",
+            w,
+            "--sparsity",
+            "0.8",
+            "--mask",
+            f.s("partial.safetensors"),
+            "--out",
+            f.s("z.safetensors"),
+        ],
+        &["conv2.weight", "partial.safetensors"],
+        &f.path("z.safetensors"),
+    );
+    // A header that names a tensor twice (the last one used to win).
+    let raw = std::fs::read(f.path("m.safetensors")).unwrap();
+    let n = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+    let head = String::from_utf8(raw[8..8 + n].to_vec()).unwrap();
+    let entry_start = head.find("\"fc.weight\"").unwrap();
+    let entry_end = entry_start + head[entry_start..].find('}').unwrap() + 1;
+    let entry = head[entry_start..entry_end].to_string();
+    let doubled = head.replacen(&entry, &format!("{entry},{entry}"), 1);
+    let mut doubled = doubled.trim_end().to_string();
+    while !doubled.len().is_multiple_of(8) {
+        doubled.push(' ');
+    }
+    let mut out = (doubled.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(doubled.as_bytes());
+    out.extend_from_slice(&raw[8 + n..]);
+    std::fs::write(f.path("dup.safetensors"), out).unwrap();
+    fails(
+        &["inspect", f.s("dup.safetensors")],
+        &["dup.safetensors", "'fc.weight' twice"],
+        &f.path("never"),
+    );
+    for args in [
+        vec!["bench", "--n", "0"],
+        vec!["bench", "--budget=-1"],
+        vec!["bench", "--budget", "NaN"],
+        vec!["synth", "--classes", "0", "--out", f.s("z.safetensors")],
+    ] {
+        let res = coarsen(&args);
+        assert_eq!(res.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            stderr.contains("error: invalid value"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!f.path("z.safetensors").exists());
+}

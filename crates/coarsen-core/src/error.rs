@@ -135,6 +135,14 @@ pub enum Error {
         /// Why it is refused.
         reason: String,
     },
+    /// Another process writes the directory.
+    #[error("{}: another coarsen process is writing this directory; wait for it to end, or choose another directory (this {what} did not start)", path.display())]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// What was refused (`training`, `export`, `demo`).
+        what: String,
+    },
     /// An option was given for a pattern it does not apply to.
     #[error("option {option} applies to {applies_to}, not to {pattern}")]
     InapplicableOption {

@@ -203,6 +203,9 @@ impl MaskFile {
             })?),
         };
         let mut file = Self::new(path, tensors);
+        if let Some(m) = &metadata {
+            m.validate(path, &file.tensors)?;
+        }
         file.metadata = metadata;
         Ok(file)
     }
@@ -258,6 +261,7 @@ impl MaskFile {
         let info = match &self.metadata {
             None => None,
             Some(meta) => {
+                meta.validate(path, &self.tensors)?;
                 let json = serde_json::to_string(meta).map_err(|e| Error::Metadata {
                     path: path.to_path_buf(),
                     reason: e.to_string(),
@@ -267,6 +271,50 @@ impl MaskFile {
         };
         let out = safetensors::serialize(views, info).map_err(|e| st_error(path, e))?;
         write_atomic(path, &out)
+    }
+}
+
+/// The lock file [`DirLock`] takes in a directory.
+pub const LOCK_FILE: &str = ".coarsen.lock";
+
+/// An exclusive advisory lock on a directory that one command writes (a training run, an
+/// export, a demo): a second writer gets [`Error::Locked`] instead of mixing its files with the
+/// first one's. The lock is the operating system's (`flock`) on [`LOCK_FILE`], so it ends with
+/// the process however the process ends; the file itself stays, empty.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+    dir: PathBuf,
+}
+
+impl DirLock {
+    /// Creates `dir` if needed and locks it; `what` (e.g. `training`) names the writer in the
+    /// error a second one gets.
+    pub fn acquire(dir: &Path, what: &str) -> Result<DirLock> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DirLock {
+                _file: file,
+                dir: dir.to_path_buf(),
+            }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+                path: dir.to_path_buf(),
+                what: what.to_string(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// The locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -335,7 +383,55 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes).map_err(|e| st_error(path, e))
+    let st = SafeTensors::deserialize(bytes).map_err(|e| st_error(path, e))?;
+    // The header is a JSON object; a name given twice would silently keep the last one.
+    if let Some(name) = duplicate_key(header_json(bytes)) {
+        return Err(Error::NotSafetensors {
+            path: path.to_path_buf(),
+            reason: format!("the header names tensor '{}' twice", name.escape_debug()),
+        });
+    }
+    Ok(st)
+}
+
+/// The JSON header of a safetensors file whose size the safetensors crate has checked.
+fn header_json(bytes: &[u8]) -> &[u8] {
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_le_bytes);
+    usize::try_from(n)
+        .ok()
+        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+        .unwrap_or(&[])
+}
+
+/// The first key that a JSON object gives twice at its top level.
+fn duplicate_key(json: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) && dup.is_none() {
+                    dup = Some(key);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de.deserialize_map(Keys).ok().flatten()
 }
 
 fn st_error(path: &Path, e: safetensors::SafeTensorError) -> Error {

@@ -43,7 +43,7 @@ pub use convert::{
     LayerOutcome,
 };
 pub use error::{Error, Result};
-pub use io::{MaskFile, MaskTensor, WeightFile, WeightTensor};
+pub use io::{DirLock, MaskFile, MaskTensor, WeightFile, WeightTensor};
 pub use mask::{BitRows, Mask};
 pub use mask_set::{LayerMask, MaskSet};
 pub use metadata::{CoarsenMetadata, LayerMeta, LayerStatus};

@@ -58,3 +58,72 @@ pub struct CoarsenMetadata {
     /// Per-layer metadata by tensor name.
     pub layers: BTreeMap<String, LayerMeta>,
 }
+
+impl CoarsenMetadata {
+    /// Checks the object against the tensors of its file (read from `path`): a known version,
+    /// a pattern with valid parameters, every layer it names present with rank ≥ 2, and an
+    /// input-channel permutation only on N:M layers, of exactly the layer's input channels.
+    /// Every field read from a file passes here before anything uses it.
+    pub fn validate(
+        &self,
+        path: &std::path::Path,
+        tensors: &[crate::io::MaskTensor],
+    ) -> crate::Result<()> {
+        let bad = |reason: String| crate::Error::Metadata {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.version == 0 || self.version > METADATA_VERSION {
+            return Err(bad(format!(
+                "version {}; this coarsen reads version {METADATA_VERSION}",
+                self.version
+            )));
+        }
+        let pattern = crate::Pattern::from_metadata(&self.pattern, &self.params)
+            .map_err(|e| bad(format!("pattern '{}': {e}", self.pattern.escape_debug())))?;
+        for (name, layer) in &self.layers {
+            let shown = name.escape_debug();
+            let t = tensors.iter().find(|t| &t.name == name).ok_or_else(|| {
+                bad(format!(
+                    "names layer '{shown}', which the file does not hold"
+                ))
+            })?;
+            let view = crate::MatrixView::of(&t.shape).ok_or_else(|| {
+                bad(format!(
+                    "layer '{shown}' {:?} has rank < 2; a structured layer is a matrix",
+                    t.shape
+                ))
+            })?;
+            if let Some(perm) = &layer.col_perm {
+                if !matches!(pattern, crate::Pattern::Nm(_)) {
+                    return Err(bad(format!(
+                        "layer '{shown}' has a col_perm, which only N:M layers have"
+                    )));
+                }
+                let mut seen = vec![false; view.in_channels];
+                for &c in perm {
+                    match seen.get_mut(c) {
+                        Some(s) if !*s => *s = true,
+                        _ => {
+                            return Err(bad(format!(
+                                "layer '{shown}' {:?}: col_perm is not a permutation of its {} input channels (entry {c}, length {})",
+                                t.shape,
+                                view.in_channels,
+                                perm.len()
+                            )))
+                        }
+                    }
+                }
+                if perm.len() != view.in_channels {
+                    return Err(bad(format!(
+                        "layer '{shown}' {:?}: col_perm has {} entries for {} input channels",
+                        t.shape,
+                        perm.len(),
+                        view.in_channels
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}

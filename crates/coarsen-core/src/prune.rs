@@ -171,6 +171,20 @@ pub fn prune_file<'w>(
     let mut layers: Vec<Layer<'_>> = Vec::new();
     match previous {
         Some(prev) => {
+            // Every selected layer of the weights must be in the mask pruned further: one
+            // missing would silently drop out of the result.
+            if let Some(w) = weights.tensors().iter().find(|w| {
+                w.values().is_some()
+                    && sel.selects(&w.name, &w.shape)
+                    && prev.get(&w.name).is_none()
+            }) {
+                return Err(Error::MissingTensor {
+                    path: prev.path().to_path_buf(),
+                    tensor: w.name.clone(),
+                    shape: w.shape.clone(),
+                    named_in: weights.path().to_path_buf(),
+                });
+            }
             for t in prev
                 .tensors()
                 .iter()
@@ -229,6 +243,19 @@ pub fn prune_file<'w>(
         })
         .collect();
     let masks = magnitude_prune(&inputs, sparsity, scope)?;
+    // A layer with no weight left would cut the network; a sparsity this close to 1 is a
+    // mistake, not a mask.
+    if let Some((l, _)) = layers.iter().zip(&masks).find(|(_, m)| m.nnz() == 0) {
+        return Err(Error::param(
+            "--sparsity",
+            sparsity,
+            format!(
+                "leaves layer '{}' {:?} without a single weight; give a lower sparsity (or --scope layer)",
+                l.name.escape_debug(),
+                l.shape
+            ),
+        ));
+    }
     let tensors = layers
         .iter()
         .zip(masks)

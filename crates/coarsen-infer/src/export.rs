@@ -545,6 +545,7 @@ fn read_tensors(
                     let mask = unpack_bits(bits, len);
                     let (vshape, vb) = tensor(&format!("{name}.values"), Dtype::F32)?;
                     let kept = floats(vb);
+                    finite(&format!("{name}.values"), &kept).map_err(bad)?;
                     let ones = mask.iter().filter(|&&b| b != 0).count();
                     if kept.len() != ones || vshape != [ones] {
                         return Err(bad(format!(
@@ -568,8 +569,10 @@ fn read_tensors(
                 }
                 None => {
                     let (s, b) = tensor(name, Dtype::F32)?;
+                    let values = floats(b);
+                    finite(name, &values).map_err(bad)?;
                     tensors
-                        .insert_values(name, s, floats(b))
+                        .insert_values(name, s, values)
                         .map_err(|e| bad(e.to_string()))?;
                 }
             }
@@ -578,9 +581,30 @@ fn read_tensors(
     Ok((tensors, masks))
 }
 
+/// Refuses NaN and infinity in a tensor read from a file (they would turn every output into
+/// NaN, which accuracy and comparisons then skip silently).
+fn finite(name: &str, values: &[f32]) -> std::result::Result<(), String> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(format!(
+            "tensor '{}' holds {} at index {i}; every value must be finite",
+            name.escape_debug(),
+            values[i]
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_named() {
+        assert!(finite("w", &[1.0, 2.0]).is_ok());
+        let e = finite("w", &[1.0, f32::NAN]).unwrap_err();
+        assert!(e.contains("'w' holds NaN at index 1"), "{e}");
+        assert!(finite("b", &[f32::NEG_INFINITY]).is_err());
+    }
 
     #[test]
     fn bits_round_trip() {

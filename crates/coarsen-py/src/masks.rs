@@ -154,14 +154,6 @@ pub fn write_masks(
         .map(serde_json::from_str::<CoarsenMetadata>)
         .transpose()
         .map_err(|e| bad(format!("masks.metadata: not coarsen metadata: {e}")))?;
-    if let Some(meta) = &file.metadata {
-        if let Some(layer) = meta.layers.keys().find(|k| file.get(k).is_none()) {
-            return Err(bad(format!(
-                "masks.metadata names layer '{}', which is not among the masks",
-                layer.escape_debug()
-            )));
-        }
-    }
     py.detach(|| file.write(&path)).map_err(core)
 }
 

@@ -128,6 +128,12 @@ def test_check_names_the_violation(layers):
 
 def test_refusals_are_clear_exceptions(tmp_path, layers):
     masks = coarsen.prune(layers, 0.8)
+    channel, _ = coarsen.convert(layers, masks, to="channel")
+    ghost = json.loads(json.dumps(channel.metadata))
+    ghost["layers"]["ghost"] = {"status": "structured"}
+    nm, _ = coarsen.convert(layers, masks, to="nm", permute=True)
+    bad_perm = json.loads(json.dumps(nm.metadata))
+    bad_perm["layers"]["conv1.weight"]["col_perm"] = [0, 0, 1]
     cases = [
         (lambda: coarsen.prune(layers, 1.5), "sparsity"),
         (lambda: coarsen.prune(layers, 0.5, scope="row"), "scope"),
@@ -149,10 +155,9 @@ def test_refusals_are_clear_exceptions(tmp_path, layers):
         (lambda: coarsen.convert(layers, {"fc.weight": np.full((10, 64), 2.0)}, to="channel"), "0 and 1"),
         (lambda: coarsen.convert(layers, {"fc.weight": np.zeros((10, 64), bool)}, to="channel"), "zero"),
         (lambda: coarsen.convert(layers, {"fc.weight": np.array(["a"])}, to="channel"), "not a mask"),
-        (lambda: coarsen.write_masks(tmp_path / "x.safetensors",
-                                     coarsen.Masks(masks, {"version": 1, "pattern": "channel", "params": {},
-                                                           "layers": {"ghost": {"status": "structured"}}})),
-         "ghost"),
+        (lambda: coarsen.write_masks(tmp_path / "x.safetensors", coarsen.Masks(channel, ghost)), "ghost"),
+        (lambda: coarsen.write_masks(tmp_path / "x.safetensors", coarsen.Masks(nm, bad_perm)),
+         r"conv1.weight.*col_perm is not a permutation"),
         (lambda: coarsen.write_masks(tmp_path / "x.safetensors", coarsen.Masks(masks, {"pattern": 3})),
          "metadata"),
     ]

@@ -140,12 +140,7 @@ pub fn load(dir: &Path, val: usize) -> Result<DataSplits> {
             format!("the training set has only {} images", train.n),
         ));
     }
-    let classes = train
-        .labels
-        .iter()
-        .chain(&test.labels)
-        .max()
-        .map_or(0, |&m| m as usize + 1);
+    let classes = classes_of(dir, &train.labels, &test.labels)?;
     let (mean, std) = channel_stats(&train, train.n - val);
     for im in [&mut train, &mut test] {
         normalise(im, &mean, &std);
@@ -162,6 +157,44 @@ pub fn load(dir: &Path, val: usize) -> Result<DataSplits> {
         mean,
         std,
     })
+}
+
+/// The number of classes: the training labels' largest plus one, every class in between
+/// present among the training labels, and every test label among them. A corrupted label (a
+/// 200 among digits) would otherwise make 201 classes, most of them empty.
+fn classes_of(dir: &Path, train: &[u32], test: &[u32]) -> Result<usize> {
+    let bad = |reason: String| TrainError::Data {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let Some(&max) = train.iter().max() else {
+        return Err(bad("the training set has no images".into()));
+    };
+    let classes = max as usize + 1;
+    let mut count = vec![0usize; classes];
+    for &l in train {
+        count[l as usize] += 1;
+    }
+    if let Some(missing) = count.iter().position(|&c| c == 0) {
+        let at = train.iter().position(|&l| l == max).unwrap_or(0);
+        return Err(bad(format!(
+            "the training labels run up to {max} (image {at}) but no image has label {missing}; are the labels corrupted?"
+        )));
+    }
+    if let Some((i, l)) = test
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= classes)
+    {
+        return Err(bad(format!(
+            "test image {i} has label {l}, outside the training set's classes 0..{}",
+            classes - 1
+        )));
+    }
+    if test.is_empty() {
+        return Err(bad("the test set has no images".into()));
+    }
+    Ok(classes)
 }
 
 /// The bytes of a file, gunzipped when it is gzip data.
@@ -248,6 +281,11 @@ pub fn parse_idx(path: &Path, bytes: &[u8], rank: usize) -> Result<(Vec<usize>, 
             ]) as usize
         })
         .collect();
+    if let Some(i) = dims.iter().position(|&d| d == 0) {
+        return Err(bad(format!(
+            "dimension {i} of {dims:?} is 0; a data set holds at least one image of at least one pixel"
+        )));
+    }
     let len = dims
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -512,6 +550,45 @@ mod tests {
             .contains("not an IDX file"));
     }
 
+    /// Sizes and labels read from a file are checked: a zero dimension (it panicked), no test
+    /// image (it reported 0.00%), a corrupted label (it made more classes), a test label
+    /// outside the training classes.
+    #[test]
+    fn sizes_and_labels_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        write_mnist(dir.path(), 20, false);
+        let img = dir.path().join("t10k-images-idx3-ubyte");
+        let lab = dir.path().join("t10k-labels-idx1-ubyte");
+        std::fs::write(&img, idx_bytes(&[20, 0, 4], &[])).unwrap();
+        let err = load(dir.path(), 0).unwrap_err().to_string();
+        assert!(err.contains("dimension 1") && err.contains("is 0"), "{err}");
+        std::fs::write(&img, idx_bytes(&[0, 4, 4], &[])).unwrap();
+        std::fs::write(&lab, idx_bytes(&[0], &[])).unwrap();
+        let err = load(dir.path(), 0).unwrap_err().to_string();
+        assert!(err.contains("is 0"), "{err}");
+        // Dimensions whose product overflows.
+        std::fs::write(&img, idx_bytes(&[u32::MAX, u32::MAX, u32::MAX], &[1, 2, 3])).unwrap();
+        let err = load(dir.path(), 0).unwrap_err().to_string();
+        assert!(err.contains("overflow") || err.contains("need"), "{err}");
+        write_mnist(dir.path(), 20, false);
+        let mut labels: Vec<u8> = (0..20).map(|i| (i % 10) as u8).collect();
+        labels[7] = 200;
+        std::fs::write(&lab, idx_bytes(&[20], &labels)).unwrap();
+        let err = load(dir.path(), 0).unwrap_err().to_string();
+        assert!(err.contains("test image 7 has label 200"), "{err}");
+        write_mnist(dir.path(), 20, false);
+        std::fs::write(
+            dir.path().join("train-labels-idx1-ubyte"),
+            idx_bytes(&[20], &labels),
+        )
+        .unwrap();
+        let err = load(dir.path(), 0).unwrap_err().to_string();
+        assert!(
+            err.contains("up to 200 (image 7)") && err.contains("label 10"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn reads_cifar_records() {
         let dir = tempfile::tempdir().unwrap();
@@ -523,11 +600,11 @@ mod tests {
         for i in 1..=5 {
             std::fs::write(
                 dir.path().join(format!("data_batch_{i}.bin")),
-                [rec(1), rec(2)].concat(),
+                [rec(0), rec(1)].concat(),
             )
             .unwrap();
         }
-        std::fs::write(dir.path().join("test_batch.bin"), rec(3)).unwrap();
+        std::fs::write(dir.path().join("test_batch.bin"), rec(1)).unwrap();
         let d = load(dir.path(), 2).unwrap();
         assert_eq!(
             (d.name.as_str(), d.train.n, d.test.n, d.train.channels),

@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod checksum;
 pub mod data;
 pub mod dynamic;
 pub mod error;

@@ -456,6 +456,52 @@ impl RunResults {
     }
 }
 
+/// Refuses to train into a directory that holds files other than a run's, or a run of another
+/// experiment, unless `--force`; `--resume` of the same experiment passes (checked after).
+fn check_out_dir(out: &Path, exp: &Experiment, opts: &RunOptions) -> Result<()> {
+    if opts.force {
+        return Ok(());
+    }
+    let refuse = |reason: String| TrainError::Checkpoint {
+        path: out.to_path_buf(),
+        reason,
+    };
+    let exp_path = out.join("experiment.json");
+    if exp_path.is_file() {
+        let prev: Experiment = read_json(&exp_path)?;
+        if &prev != exp && !opts.resume {
+            return Err(refuse(
+                "holds a run of another experiment; choose another --out, or pass --force to replace it"
+                    .into(),
+            ));
+        }
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(out).map_err(|e| TrainError::io(out, e))?;
+    let mut others = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| TrainError::io(out, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != coarsen_core::io::LOCK_FILE {
+            others.push(name);
+        }
+    }
+    if !others.is_empty() {
+        others.sort();
+        let shown: Vec<String> = others
+            .iter()
+            .take(3)
+            .map(|n| format!("'{}'", n.escape_debug()))
+            .collect();
+        return Err(refuse(format!(
+            "is not empty ({}{}) and holds no coarsen run; choose an empty or new --out, or pass --force to train there anyway",
+            shown.join(", "),
+            if others.len() > 3 { ", …" } else { "" }
+        )));
+    }
+    Ok(())
+}
+
 /// The directory of stage `s`.
 pub fn stage_dir(out: &Path, s: usize) -> PathBuf {
     out.join(format!("stage-{s}"))
@@ -471,6 +517,9 @@ pub struct RunOptions {
     pub reuse: Option<PathBuf>,
     /// Stop after this many optimiser steps, mid-epoch (as if killed; for tests).
     pub stop_after_steps: Option<usize>,
+    /// Write into a directory that holds other files, or a run of another experiment, and
+    /// start over there (`--force`).
+    pub force: bool,
 }
 
 /// Runs `exp` on `data` into `out`. Returns `None` when stopped early by
@@ -486,6 +535,9 @@ pub fn run(
     let exp_path = out.join("experiment.json");
     let json = serde_json::to_vec_pretty(exp)
         .map_err(|e| TrainError::config("experiment", "json", e.to_string()))?;
+    // One writer per run directory: a second `train` (or a `--resume`) into it stops here.
+    let _lock = coarsen_core::DirLock::acquire(out, "training")?;
+    check_out_dir(out, exp, opts)?;
     if out.join("checkpoint").exists() || out.join("checkpoint.old").exists() {
         if !opts.resume {
             return Err(TrainError::Checkpoint {
@@ -872,8 +924,12 @@ fn save_stage(
         &dir.join("summary.json"),
         &serde_json::to_vec_pretty(&summary)
             .map_err(|e| TrainError::config("summary", "json", e.to_string()))?,
-    )
+    )?;
+    crate::checksum::write(&dir, &STAGE_FILES)
 }
+
+/// The files of a stage directory (their checksums are recorded beside them).
+pub const STAGE_FILES: [&str; 3] = ["weights.safetensors", "masks.safetensors", "summary.json"];
 
 /// Density over `names` (1 for layers without a mask).
 fn subset_density(masks: &MaskSet, names: &[String], model: &Model) -> f64 {
@@ -1169,9 +1225,11 @@ fn reuse_stages(exp: &Experiment, src: &Path, t: &mut Trainer<'_>) -> Result<()>
     for s in 0..=last {
         let (from, to) = (stage_dir(src, s), stage_dir(&t.out, s));
         std::fs::create_dir_all(&to).map_err(|e| TrainError::io(&to, e))?;
-        for f in ["weights.safetensors", "masks.safetensors", "summary.json"] {
+        crate::checksum::verify(&from, &[])?;
+        for f in STAGE_FILES {
             copy_file(&from.join(f), &to.join(f))?;
         }
+        crate::checksum::write(&to, &STAGE_FILES)?;
         mine.insert(s, secs.get(&s).copied().unwrap_or(0.0));
     }
     write_atomic(

@@ -658,11 +658,25 @@ impl Model {
             p.set_values(v)?;
         }
         for bf in &self.buffers {
-            let (_, v) = lookup(&bf.name).ok_or_else(|| TrainError::Checkpoint {
+            let (shape, v) = lookup(&bf.name).ok_or_else(|| TrainError::Checkpoint {
                 path: source.to_path_buf(),
                 reason: format!("no tensor '{}' for the {} model", bf.name, self.spec.name),
             })?;
-            *bf.values.lock().unwrap_or_else(|p| p.into_inner()) = v;
+            let mut cur = bf.values.lock().unwrap_or_else(|p| p.into_inner());
+            // A BatchNorm statistic has one value per channel, neither fewer (it panicked) nor
+            // more (they were ignored).
+            if shape != [cur.len()] || v.len() != cur.len() {
+                return Err(TrainError::Checkpoint {
+                    path: source.to_path_buf(),
+                    reason: format!(
+                        "tensor '{}' has shape {:?}, the model needs [{}]",
+                        bf.name,
+                        shape,
+                        cur.len()
+                    ),
+                });
+            }
+            *cur = v;
         }
         Ok(())
     }

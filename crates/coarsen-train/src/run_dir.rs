@@ -180,6 +180,7 @@ impl Located {
             ));
         };
         let model = Model::new(&experiment.model_spec(data), experiment.seed)?;
+        crate::checksum::verify(&dir, &[])?;
         model.load_weights(&coarsen_core::WeightFile::read(
             dir.join("weights.safetensors"),
         )?)?;

@@ -264,6 +264,14 @@ pub struct Trainer<'a> {
     steps_this_process: usize,
 }
 
+/// The files of a checkpoint directory (their checksums are recorded beside them).
+const CHECKPOINT_FILES: [&str; 4] = [
+    "weights.safetensors",
+    "masks.safetensors",
+    "momentum.safetensors",
+    "state.json",
+];
+
 /// The checkpoint directory of a run.
 pub fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join("checkpoint")
@@ -491,6 +499,7 @@ impl<'a> Trainer<'a> {
         let json = serde_json::to_vec_pretty(&self.state)
             .map_err(|e| TrainError::config("state", "json", e.to_string()))?;
         write_atomic(&tmp.join("state.json"), &json)?;
+        crate::checksum::write(&tmp, &CHECKPOINT_FILES)?;
         let old = self.out.join("checkpoint.old");
         if dir.exists() {
             if old.exists() {
@@ -516,6 +525,7 @@ impl<'a> Trainer<'a> {
                 return Ok(false);
             }
         }
+        crate::checksum::verify(&dir, &CHECKPOINT_FILES)?;
         let state_path = dir.join("state.json");
         let text = std::fs::read(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
         self.state = serde_json::from_slice(&text).map_err(|e| TrainError::Checkpoint {
@@ -596,6 +606,10 @@ pub fn save_tensors(path: &Path, tensors: &[NamedTensor]) -> Result<()> {
 /// Loads every floating-point tensor of a safetensors file by name.
 pub fn load_tensors(path: &Path) -> Result<BTreeMap<String, ShapedValues>> {
     let f = coarsen_core::WeightFile::read(path)?;
+    // NaN or infinity in weights, BatchNorm statistics or optimiser state poisons every output.
+    for t in f.tensors() {
+        t.check_finite(path)?;
+    }
     Ok(f.tensors()
         .iter()
         .filter_map(|t| {

@@ -266,3 +266,168 @@ fn every_method_runs_and_reports_its_structure() {
         }
     }
 }
+
+/// One writer per run directory: while a lock is held (another `train`, `export` or `demo`),
+/// a run into the directory stops before writing anything; a directory of other files, or a
+/// run of another experiment, is refused unless `force`.
+#[test]
+fn a_run_directory_has_one_writer_and_holds_only_its_run() {
+    let data = data();
+    let mut exp = experiment("dense");
+    exp.recipe.epochs = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    {
+        let _held = coarsen_core::DirLock::acquire(&dir, "training").unwrap();
+        let err = run(&exp, &data, &dir, &RunOptions::default(), &Silent).unwrap_err();
+        assert!(err.to_string().contains("another coarsen process"), "{err}");
+        assert!(!dir.join("experiment.json").exists());
+    }
+    run(&exp, &data, &dir, &RunOptions::default(), &Silent).unwrap();
+
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "mine").unwrap();
+    let err = run(&exp, &data, &other, &RunOptions::default(), &Silent).unwrap_err();
+    assert!(err.to_string().contains("'notes.txt'"), "{err}");
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert!(!other.join("experiment.json").exists());
+    let force = RunOptions {
+        force: true,
+        ..Default::default()
+    };
+    run(&exp, &data, &other, &force, &Silent).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(other.join("notes.txt")).unwrap(),
+        "mine"
+    );
+
+    // A finished run of another experiment is not replaced silently.
+    let mut second = exp.clone();
+    second.seed += 1;
+    std::fs::remove_dir_all(dir.join("checkpoint")).ok();
+    let err = run(&second, &data, &dir, &RunOptions::default(), &Silent).unwrap_err();
+    assert!(err.to_string().contains("another experiment"), "{err}");
+}
+
+/// Every tensor of a run is checked against the architecture when loaded: a BatchNorm
+/// statistic of the wrong length (shorter panicked, longer was ignored) or one holding NaN is a
+/// clear error naming the tensor.
+#[test]
+fn a_run_with_damaged_batch_norm_statistics_does_not_load() {
+    let data = data();
+    let mut exp = experiment("dense");
+    exp.recipe.epochs = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    run(&exp, &data, &dir, &RunOptions::default(), &Silent).unwrap();
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let stage = dir.join(results["final_stage"].as_str().unwrap());
+    let wpath = stage.join("weights.safetensors");
+    // Written by hand, as a tool other than coarsen would (no checksums to catch it first).
+    std::fs::remove_file(stage.join("checksums.json")).unwrap();
+    let original = coarsen_core::WeightFile::read(&wpath).unwrap();
+    let bn = original
+        .tensors()
+        .iter()
+        .find(|t| t.name.ends_with("running_var"))
+        .unwrap()
+        .name
+        .clone();
+    let damaged = |edit: &dyn Fn(&mut Vec<f32>)| {
+        let tensors: Vec<coarsen_core::WeightTensor> = original
+            .tensors()
+            .iter()
+            .map(|t| {
+                let mut v = t.values().unwrap().to_vec();
+                let mut shape = t.shape.clone();
+                if t.name == bn {
+                    edit(&mut v);
+                    shape = vec![v.len()];
+                }
+                coarsen_core::WeightTensor::new(t.name.clone(), shape, v).unwrap()
+            })
+            .collect();
+        coarsen_core::WeightFile::write_f32(&wpath, &tensors).unwrap();
+        coarsen_train::run_dir::load(&dir, Some(&data))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    for (what, edit) in [
+        (
+            "shorter",
+            Box::new(|v: &mut Vec<f32>| v.truncate(1)) as Box<dyn Fn(&mut Vec<f32>)>,
+        ),
+        ("empty", Box::new(|v: &mut Vec<f32>| v.clear())),
+        ("longer", Box::new(|v: &mut Vec<f32>| v.push(1.0))),
+    ] {
+        let err = damaged(&*edit);
+        assert!(
+            err.contains(&bn) && err.contains("the model needs"),
+            "{what}: {err}"
+        );
+    }
+    let err = damaged(&|v: &mut Vec<f32>| v[0] = f32::NAN);
+    assert!(err.contains(&bn) && err.contains("NaN"), "{err}");
+}
+
+/// A checkpoint records its files' checksums: a flipped bit inside a tensor, or an edited
+/// state, is refused on resume instead of resumed silently; a stage's files likewise on load.
+#[test]
+fn damaged_checkpoints_and_stages_are_refused() {
+    let data = data();
+    let exp = experiment("imp");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let stop = RunOptions {
+        stop_after_steps: Some(8),
+        ..Default::default()
+    };
+    assert!(run(&exp, &data, &dir, &stop, &Silent).unwrap().is_none());
+    let ckpt = dir.join("checkpoint");
+    assert!(ckpt.join("checksums.json").exists());
+    let resume = RunOptions {
+        resume: true,
+        stop_after_steps: Some(1),
+        ..Default::default()
+    };
+    for (file, at) in [("weights.safetensors", None), ("state.json", Some(b'1'))] {
+        let path = ckpt.join(file);
+        let good = std::fs::read(&path).unwrap();
+        let mut bad = good.clone();
+        match at {
+            // The last byte of the last tensor's data: a value, not the header.
+            None => *bad.last_mut().unwrap() ^= 0x10,
+            Some(c) => {
+                let i = bad.iter().position(|&b| b == c).unwrap();
+                bad[i] = b'9';
+            }
+        }
+        std::fs::write(&path, &bad).unwrap();
+        let err = run(&exp, &data, &dir, &resume, &Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("{file} is damaged")), "{err}");
+        std::fs::write(&path, &good).unwrap();
+    }
+    let done = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    run(&exp, &data, &dir, &done, &Silent).unwrap().unwrap();
+    coarsen_train::run_dir::load(&dir, Some(&data)).unwrap();
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let stage = dir.join(results["final_stage"].as_str().unwrap());
+    let w = stage.join("weights.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    *bytes.last_mut().unwrap() ^= 0x01;
+    std::fs::write(&w, bytes).unwrap();
+    let err = coarsen_train::run_dir::load(&dir, Some(&data))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weights.safetensors is damaged"), "{err}");
+}

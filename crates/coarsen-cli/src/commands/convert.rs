@@ -4,7 +4,7 @@ use anyhow::Result;
 use coarsen_core::{Conversion, ConvertInputs, MaskFile, Pattern, Selector, WeightFile};
 
 use crate::args::ConvertArgs;
-use crate::commands::{ensure_parent, selector, write_json};
+use crate::commands::{check_outputs, ensure_parent, selector, write_json};
 use crate::{pattern, progress};
 
 /// Runs `coarsen convert`.
@@ -14,6 +14,12 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     if let Some(r) = &args.report {
         ensure_parent(r)?;
     }
+    let mut inputs = vec![("--mask", args.mask.as_path())];
+    inputs.extend(args.weights.as_deref().map(|w| ("--weights", w)));
+    inputs.extend(args.options.scores.as_deref().map(|s| ("--scores", s)));
+    let mut outputs = vec![("--out", args.out.as_path())];
+    outputs.extend(args.report.as_deref().map(|r| ("--report", r)));
+    check_outputs(&inputs, &outputs)?;
     let sel = selector(&args.selection)?;
     let masks = MaskFile::read(&args.mask)?;
     let weights = args.weights.as_ref().map(WeightFile::read).transpose()?;

@@ -148,6 +148,8 @@ fn plans(args: &DemoArgs, data_dir: &Path) -> Result<Vec<RunPlan>> {
 
 /// Runs `coarsen demo`.
 pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
+    // One demo per report directory: a second one into it stops here.
+    let _lock = coarsen_core::DirLock::acquire(&args.out, "demo")?;
     if args.synthetic {
         return crate::commands::demo_synthetic::run(args, quiet);
     }
@@ -183,6 +185,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
             resume: dir.join("checkpoint").exists() || dir.join("checkpoint.old").exists(),
             reuse: p.reuse.map(|r| runs_dir.join(r)),
             stop_after_steps: None,
+            force: false,
         };
         let progress = BarProgress::new(quiet);
         let res = methods::run(&p.exp, &data, &dir, &opts, &progress);

@@ -59,6 +59,8 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         (None, None) => bail!("give a run or export directory, or --model with --weights"),
     };
     refuse_overwriting(&src.dir, &a.out, format)?;
+    // One writer per output directory: a second export into it stops here.
+    let _lock = coarsen_core::DirLock::acquire(&a.out, "export")?;
     let mut manifest = None;
     if format != ExportFormat::Onnx {
         sp.set_message(format!("writing {}", a.out.display()));

@@ -12,7 +12,7 @@ pub mod prune;
 pub mod synth;
 pub mod train;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use coarsen_core::Selector;
@@ -22,6 +22,58 @@ use crate::args::Selection;
 /// The layer selector of `--include` / `--exclude`.
 pub fn selector(s: &Selection) -> Result<Selector> {
     Ok(Selector::new(s.include.as_deref(), s.exclude.as_deref())?)
+}
+
+/// The file a path names, resolved as far as it exists: the canonical path when it exists,
+/// else its canonical parent joined with its name.
+fn resolved(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Some(c);
+    }
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(p.file_name()?))
+}
+
+/// Refuses outputs that would destroy data before any work: an output that is one of the
+/// inputs or another output (`(flag, path)` pairs, compared as resolved files), or an existing
+/// path that is not a regular file (a device node, a FIFO) or is a symbolic link (a write
+/// would land out of place).
+pub fn check_outputs(inputs: &[(&str, &Path)], outputs: &[(&str, &Path)]) -> Result<()> {
+    let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+    for &(flag, p) in inputs {
+        if let Some(r) = resolved(p) {
+            seen.push((flag, r));
+        }
+    }
+    for &(flag, p) in outputs {
+        if let Ok(meta) = std::fs::symlink_metadata(p) {
+            if meta.file_type().is_symlink() {
+                bail!(
+                    "{flag} {}: is a symbolic link; give the file it points to, or another name",
+                    p.display()
+                );
+            }
+            if !meta.is_file() {
+                bail!(
+                    "{flag} {}: exists and is not a regular file; give a file name",
+                    p.display()
+                );
+            }
+        }
+        if let Some(r) = resolved(p) {
+            if let Some((other, _)) = seen.iter().find(|(_, q)| *q == r) {
+                bail!(
+                    "{flag} {}: is also {other}; an output never replaces an input or another output",
+                    p.display()
+                );
+            }
+            seen.push((flag, r));
+        }
+    }
+    Ok(())
 }
 
 /// Fails early, before any work, when the directory an output goes to does not exist.

@@ -5,13 +5,16 @@ use coarsen_core::prune::prune_file as prune_layers;
 use coarsen_core::{MaskFile, Scope, Selector, WeightFile};
 
 use crate::args::{PruneArgs, ScopeArg};
-use crate::commands::{ensure_parent, selector};
+use crate::commands::{check_outputs, ensure_parent, selector};
 use crate::progress;
 
 /// Runs `coarsen prune`.
 pub fn run(args: &PruneArgs, quiet: bool) -> Result<()> {
     coarsen_core::prune::check_sparsity(args.sparsity)?;
     ensure_parent(&args.out)?;
+    let mut inputs = vec![("--weights", args.weights.as_path())];
+    inputs.extend(args.mask.as_deref().map(|m| ("--mask", m)));
+    check_outputs(&inputs, &[("--out", args.out.as_path())])?;
     let sel = selector(&args.selection)?;
     let spin = progress::spinner("pruning", quiet);
     spin.set_message(format!("reading {}", args.weights.display()));

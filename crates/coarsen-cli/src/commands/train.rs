@@ -130,6 +130,7 @@ pub fn run(a: &TrainArgs, quiet: bool) -> Result<()> {
         resume: a.resume,
         reuse: a.reuse.clone(),
         stop_after_steps: a.stop_after_steps,
+        force: a.force,
     };
     let result = methods::run(&exp, &data, out, &opts, &progress);
     progress.finish();

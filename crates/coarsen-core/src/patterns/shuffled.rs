@@ -41,6 +41,13 @@ impl ShuffledConfig {
         if self.block == 0 {
             return Err(Error::param("--block", 0, "block size must be at least 1"));
         }
+        if self.blocks == Some(0) {
+            return Err(Error::param(
+                "--blocks",
+                0,
+                "a layer keeps at least one block (leave it out for the mask's own count)",
+            ));
+        }
         Ok(())
     }
 }
