@@ -216,10 +216,16 @@ impl PackedMatrix {
             None => self.plan.forward(x, y, n).map_err(kernel),
             Some(kept) => self.with_scratch(kept.len() * n, |compact| {
                 self.plan.forward(x, compact, n).map_err(kernel)?;
-                y.fill(0.0);
-                for (k, &r) in kept.iter().enumerate() {
-                    let r = r as usize;
-                    y[r * n..(r + 1) * n].copy_from_slice(&compact[k * n..(k + 1) * n]);
+                // Each row of Y written once: a kept row copied, a removed one zeroed.
+                let mut next = kept.iter().enumerate().peekable();
+                for (r, row) in y.chunks_exact_mut(n.max(1)).enumerate() {
+                    match next.peek() {
+                        Some(&(k, &kr)) if kr as usize == r => {
+                            row.copy_from_slice(&compact[k * n..(k + 1) * n]);
+                            next.next();
+                        }
+                        _ => row.fill(0.0),
+                    }
                 }
                 Ok(())
             }),
@@ -290,15 +296,32 @@ fn write_out<'py>(
 #[pymethods]
 impl PackedMatrix {
     /// `W @ x` for `x` of shape `(cols,)` or `(cols, n)` (float32; a C-contiguous array is
-    /// read in place). With `out`, the result is written there (no allocation).
-    #[pyo3(signature = (x, out=None))]
+    /// read in place). With `out`, the result is written there (no allocation). With
+    /// `compact=True` a channel-format matrix gives only its kept rows (`kept_rows`), as its
+    /// kernel computes them, without the zero rows of the removed channels.
+    #[pyo3(signature = (x, out=None, compact=false))]
     fn matmul<'py>(
         &self,
         py: Python<'py>,
         x: &Bound<'py, PyAny>,
         out: Option<&Bound<'py, PyAny>>,
+        compact: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (x, n, vector) = operand("x", x, self.view.cols)?;
+        if compact {
+            let rows = self.plan.out_dim();
+            let shape = Self::out_shape(rows, n, vector);
+            let xs = x.as_slice();
+            let run = |y: &mut [f32]| py.detach(|| self.plan.forward(xs, y, n)).map_err(kernel);
+            return match out {
+                Some(out) => write_out(out, &shape, run),
+                None => {
+                    let mut y = vec![0.0f32; rows * n];
+                    run(&mut y)?;
+                    f32_out(py, y, &shape)
+                }
+            };
+        }
         let shape = Self::out_shape(self.view.rows, n, vector);
         match out {
             Some(out) => write_out(out, &shape, |y| self.forward_into(py, x.as_slice(), y, n)),
@@ -330,6 +353,13 @@ impl PackedMatrix {
                 f32_out(py, dx, &shape)
             }
         }
+    }
+
+    /// The rows a channel-format matrix keeps (ascending; `matmul(x, compact=True)` gives
+    /// these rows); `None` for the other formats.
+    #[getter]
+    fn kept_rows(&self) -> Option<Vec<u32>> {
+        self.kept_rows.clone()
     }
 
     /// The format: `dense`, `channel`, `group`, `shuffled-block`, `bsr`, `nm` or `csr`.

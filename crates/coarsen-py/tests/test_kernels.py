@@ -68,6 +68,14 @@ def test_auto_format_and_out(layers):
     got = p.matmul(x, out=out)
     assert got is out  # written in place, no new array
     np.testing.assert_allclose(out, (w * mask).reshape(64, -1) @ x, rtol=1e-4, atol=1e-4)
+    # The kept rows alone, as the channel kernel computes them.
+    kept = p.kept_rows
+    assert kept == sorted(kept) and len(kept) < 64
+    np.testing.assert_array_equal(p.matmul(x, compact=True), out[kept])
+    small = np.empty((len(kept), 16), np.float32)
+    assert p.matmul(x, out=small, compact=True) is small
+    np.testing.assert_array_equal(small, out[kept])
+    assert coarsen.pack(w).kept_rows is None
     with pytest.raises(coarsen.CoarsenError, match="out has shape"):
         p.matmul(x, out=np.zeros((3, 16), np.float32))
     with pytest.raises(coarsen.CoarsenError, match="out"):
