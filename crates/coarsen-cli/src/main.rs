@@ -8,6 +8,7 @@ mod pattern;
 mod peer;
 mod picture;
 mod progress;
+mod signals;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Before any thread starts: SIGINT and SIGTERM go to one waiting thread.
+    signals::install();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Prune(a) => commands::prune::run(a, cli.quiet),

@@ -31,7 +31,7 @@ impl OrtPeer {
             })
             .ok_or("no peer environment (HOME is not set)")?;
         let python = dir.join("ort").join("bin").join("python");
-        let ok = Command::new(&python)
+        let ok = crate::signals::unblocked_in_child(&mut Command::new(&python))
             .args(["-c", "import numpy, onnxruntime"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -68,7 +68,7 @@ impl OrtPeer {
             .collect();
         let input = dir.path().join("input.npy");
         crate::inputs::write_npy(&input, &[batch, c, h, w], &x)?;
-        let mut child = Command::new(&self.python)
+        let mut child = crate::signals::unblocked_in_child(&mut Command::new(&self.python))
             .arg("-c")
             .arg(WORKER)
             .args(["--engine", "ort", "--threads", &threads.to_string()])

@@ -318,6 +318,40 @@ impl DirLock {
     }
 }
 
+/// Temporary files of writes in progress, for [`remove_temporaries`].
+static TEMPORARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A temporary file listed in [`TEMPORARIES`] while it lives.
+struct Temporary(PathBuf);
+
+impl Temporary {
+    fn register(path: &Path) -> Temporary {
+        TEMPORARIES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(path.to_path_buf());
+        Temporary(path.to_path_buf())
+    }
+}
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        let mut list = TEMPORARIES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = list.iter().position(|p| *p == self.0) {
+            list.swap_remove(i);
+        }
+    }
+}
+
+/// Removes the temporary files of every [`write_atomic`] in progress: what a process about to
+/// exit on a signal calls, since exiting runs no destructors.
+pub fn remove_temporaries() {
+    let list = TEMPORARIES.lock().unwrap_or_else(|p| p.into_inner());
+    for p in list.iter() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// failure never leaves a partial file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -330,6 +364,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(path, e))?;
+    let _registered = Temporary::register(tmp.path());
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.flush().map_err(|e| Error::io(path, e))?;
     #[cfg(unix)]
