@@ -156,6 +156,16 @@ pub struct Manifest {
     /// Where it was exported from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PathBuf>,
+    /// CRC-32 of `model.safetensors` (`crc32:xxxxxxxx`): binds the two files, so that tensors
+    /// of one export beside the description of another (a kill between their two writes) are
+    /// refused on load. Absent in exports written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors_crc32: Option<String>,
+}
+
+/// The checksum [`Manifest::tensors_crc32`] records.
+pub fn tensors_crc32(bytes: &[u8]) -> String {
+    format!("crc32:{:08x}", crc32fast::hash(bytes))
 }
 
 /// `model.json`, version 1: an architecture name instead of a graph.
@@ -345,6 +355,7 @@ pub fn write(
         coarsen: meta.cloned(),
         experiment: info.experiment,
         source: info.source,
+        tensors_crc32: Some(tensors_crc32(&bytes)),
     };
     let mpath = dir.join(MANIFEST_FILE);
     let json = serde_json::to_vec_pretty(&manifest)
@@ -434,6 +445,7 @@ pub fn read_manifest_with(
                 coarsen: m.coarsen,
                 experiment: m.experiment,
                 source: m.source,
+                tensors_crc32: None,
             }
         }
     };
@@ -450,6 +462,17 @@ pub fn load_tensors(dir: &Path, manifest: Manifest) -> Result<Exported> {
     let mpath = dir.join(MANIFEST_FILE);
     let tpath = dir.join(TENSORS_FILE);
     let raw = std::fs::read(&tpath).map_err(|e| InferError::io(&tpath, e))?;
+    if let Some(want) = &manifest.tensors_crc32 {
+        let got = tensors_crc32(&raw);
+        if &got != want {
+            return Err(InferError::file(
+                &tpath,
+                format!(
+                    "its checksum is {got}, {MANIFEST_FILE} records {want}: the two files are not of one export (an interrupted export, or a file changed since); export again"
+                ),
+            ));
+        }
+    }
     let st = SafeTensors::deserialize(&raw)
         .map_err(|e| InferError::file(&tpath, format!("not a valid safetensors file: {e}")))?;
     let (tensors, masks) = read_tensors(&st, &manifest, &tpath)?;

@@ -178,6 +178,15 @@ fn write_tensors(path: &Path, tensors: &Raw) {
 }
 
 /// A mask whose bits or values disagree with the description is refused.
+/// Drops the tensors' checksum from an export's model.json, as an export written by another
+/// tool would lack it.
+fn unbind(dir: &std::path::Path) {
+    let mpath = dir.join("model.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    assert!(m.as_object_mut().unwrap().remove("tensors_crc32").is_some());
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
 #[test]
 fn inconsistent_masks_are_refused() {
     let (network, formats) = build(plain, &LayerFormat::Csr, 3);
@@ -185,6 +194,15 @@ fn inconsistent_masks_are_refused() {
     export::write(&network, &formats, None, ExportInfo::default(), dir.path()).unwrap();
     let tpath = dir.path().join(TENSORS_FILE);
     let original = std::fs::read(&tpath).unwrap();
+    // model.json binds the tensors by their checksum: any edit is refused first by it.
+    let mut bytes = original.clone();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&tpath, &bytes).unwrap();
+    let e = export::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("not of one export"), "{e}");
+    std::fs::write(&tpath, &original).unwrap();
+    // Without it (an export written by another tool), the checks behind it run.
+    unbind(dir.path());
     let st = safetensors::SafeTensors::deserialize(&original).unwrap();
     let all: Raw = st
         .tensors()
@@ -248,6 +266,7 @@ fn inconsistent_masks_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let f = coarsen_infer::layer_formats(small.graph(), small.masks(), None).unwrap();
     export::write(&small, &f, None, ExportInfo::default(), dir.path()).unwrap();
+    unbind(dir.path());
     let tpath = dir.path().join(TENSORS_FILE);
     let st_bytes = std::fs::read(&tpath).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();

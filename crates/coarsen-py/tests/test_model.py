@@ -69,3 +69,19 @@ def test_model_refusals(export, tmp_path):
     (tmp_path / "broken" / "model.json").write_text("{}")
     with pytest.raises(coarsen.CoarsenError, match="model.json"):
         coarsen.load(tmp_path / "broken")
+
+
+def test_tensors_of_another_export_are_refused(export, tmp_path, cli):
+    """model.json records the checksum of model.safetensors: tensors beside the description of
+    another export (an export killed between its two writes) do not load."""
+    import shutil
+
+    w = tmp_path / "w.safetensors"
+    cli("synth", "--model", "resnet20", "--classes", "10", "--seed", "2", "--out", w)
+    cli("export", "-q", "--model", "resnet20", "--weights", w, "--input", "3,32,32", "--out", tmp_path / "other")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(export, mixed)
+    shutil.copy(tmp_path / "other" / "model.safetensors", mixed / "model.safetensors")
+    with pytest.raises(coarsen.CoarsenError, match="not of one export"):
+        coarsen.load(mixed)
+    coarsen.load(export)  # the export itself still loads

@@ -73,7 +73,16 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
         )?;
         if let Some((x, n)) = &src.check {
             sp.set_message("verifying the export against its source");
-            verify(&src, &a.out, x, *n)?;
+            if let Err(e) = verify(&src, &a.out, x, *n) {
+                // An export that does not reproduce its source is not left to be used.
+                for f in [
+                    coarsen_infer::export::MANIFEST_FILE,
+                    coarsen_infer::export::TENSORS_FILE,
+                ] {
+                    let _ = std::fs::remove_file(a.out.join(f));
+                }
+                return Err(e.context(format!("the export in {} was removed", a.out.display())));
+            }
         }
         manifest = Some(m);
     }
