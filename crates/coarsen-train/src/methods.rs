@@ -199,6 +199,13 @@ impl Experiment {
             ));
         }
         self.recipe.validate()?;
+        if !(self.width > 0.0 && self.width <= crate::model::MAX_WIDTH) {
+            return Err(TrainError::config(
+                "width",
+                self.width,
+                format!("must lie in (0, {}]", crate::model::MAX_WIDTH),
+            ));
+        }
         if !(self.sparsity > 0.0 && self.sparsity < 1.0) {
             return Err(TrainError::config(
                 "sparsity",
@@ -456,6 +463,39 @@ impl RunResults {
     }
 }
 
+/// Removes what a process killed mid-write left in a run directory it had locked: temporary
+/// files of atomic writes (`.coarsen-*.tmp`, in the run and its stage directories) and a
+/// half-written `checkpoint.new`. The caller holds the directory's lock, so no writer is using
+/// them.
+fn remove_leftovers(out: &Path) -> Result<()> {
+    let is_tmp = |name: &str| name.starts_with(".coarsen-") && name.ends_with(".tmp");
+    let mut dirs = vec![out.to_path_buf()];
+    for e in std::fs::read_dir(out)
+        .map_err(|e| TrainError::io(out, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("stage-") && e.path().is_dir() {
+            dirs.push(e.path());
+        }
+    }
+    for d in dirs {
+        for e in std::fs::read_dir(&d)
+            .map_err(|e| TrainError::io(&d, e))?
+            .flatten()
+        {
+            if is_tmp(&e.file_name().to_string_lossy()) && e.path().is_file() {
+                std::fs::remove_file(e.path()).map_err(|err| TrainError::io(e.path(), err))?;
+            }
+        }
+    }
+    let partial = out.join("checkpoint.new");
+    if partial.is_dir() {
+        std::fs::remove_dir_all(&partial).map_err(|e| TrainError::io(&partial, e))?;
+    }
+    Ok(())
+}
+
 /// Refuses to train into a directory that holds files other than a run's, or a run of another
 /// experiment, unless `--force`; `--resume` of the same experiment passes (checked after).
 fn check_out_dir(out: &Path, exp: &Experiment, opts: &RunOptions) -> Result<()> {
@@ -482,7 +522,8 @@ fn check_out_dir(out: &Path, exp: &Experiment, opts: &RunOptions) -> Result<()> 
     for e in entries {
         let e = e.map_err(|e| TrainError::io(out, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name != coarsen_core::io::LOCK_FILE {
+        let leftover = name.starts_with(".coarsen-") && name.ends_with(".tmp");
+        if name != coarsen_core::io::LOCK_FILE && !leftover && name != "checkpoint.new" {
             others.push(name);
         }
     }
@@ -538,6 +579,7 @@ pub fn run(
     // One writer per run directory: a second `train` (or a `--resume`) into it stops here.
     let _lock = coarsen_core::DirLock::acquire(out, "training")?;
     check_out_dir(out, exp, opts)?;
+    remove_leftovers(out)?;
     if out.join("checkpoint").exists() || out.join("checkpoint.old").exists() {
         if !opts.resume {
             return Err(TrainError::Checkpoint {

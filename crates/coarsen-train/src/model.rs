@@ -297,11 +297,42 @@ fn fuse(nodes: Vec<Node>) -> Vec<Node> {
     out
 }
 
+/// The largest width multiplier a model is built with.
+pub const MAX_WIDTH: f64 = 64.0;
+/// The largest input channel count, height or width.
+pub const MAX_INPUT_SIDE: usize = 4096;
+/// The most classes.
+pub const MAX_CLASSES: usize = 1 << 20;
+
 impl Model {
     /// Builds a model with seeded random initial weights.
     pub fn new(spec: &ModelSpec, seed: u64) -> Result<Model> {
         if !(spec.width > 0.0 && spec.width.is_finite()) {
             return Err(TrainError::config("width", spec.width, "must be positive"));
+        }
+        // Sizes read from a file (experiment.json, a config, an export) bound the tensors to
+        // allocate: far past any real network they are an error, not an overflow or an
+        // allocation failure.
+        if spec.width > MAX_WIDTH {
+            return Err(TrainError::config(
+                "width",
+                spec.width,
+                format!("must be at most {MAX_WIDTH}"),
+            ));
+        }
+        if let Some(d) = spec.input.iter().find(|&&d| d == 0 || d > MAX_INPUT_SIDE) {
+            return Err(TrainError::config(
+                "input",
+                format!("{:?}", spec.input),
+                format!("every size must lie in 1..={MAX_INPUT_SIDE} (found {d})"),
+            ));
+        }
+        if spec.classes == 0 || spec.classes > MAX_CLASSES {
+            return Err(TrainError::config(
+                "classes",
+                spec.classes,
+                format!("must lie in 1..={MAX_CLASSES}"),
+            ));
         }
         let mut b = Builder {
             params: Vec::new(),
@@ -907,5 +938,27 @@ mod tests {
         };
         assert!(other.load_state(&bad, std::path::Path::new("mem")).is_err());
         assert!(Model::new(&spec("alexnet", [3, 32, 32]), 0).is_err());
+    }
+
+    /// Sizes from a file bound what is allocated: a width of 1.8e19 (found by the fuzzer in
+    /// a mutated experiment.json) overflowed a multiplication and panicked.
+    #[test]
+    fn absurd_sizes_are_errors() {
+        let spec = |width: f64, input: [usize; 3], classes: usize| ModelSpec {
+            name: "cnn".into(),
+            width,
+            input,
+            classes,
+        };
+        for s in [
+            spec(1.8446744073709552e19, [1, 8, 8], 4),
+            spec(f64::NAN, [1, 8, 8], 4),
+            spec(1.0, [0, 8, 8], 4),
+            spec(1.0, [1, 1 << 40, 8], 4),
+            spec(1.0, [1, 8, 8], 0),
+        ] {
+            assert!(Model::new(&s, 0).is_err(), "{s:?}");
+        }
+        assert!(Model::new(&spec(0.25, [1, 8, 8], 4), 0).is_ok());
     }
 }

@@ -431,3 +431,29 @@ fn damaged_checkpoints_and_stages_are_refused() {
         .to_string();
     assert!(err.contains("weights.safetensors is damaged"), "{err}");
 }
+
+/// What a killed process leaves (temporary files of atomic writes, a half-written
+/// checkpoint.new) is removed when the run is resumed, and does not stop it.
+#[test]
+fn leftovers_of_a_killed_run_are_cleaned_on_resume() {
+    let data = data();
+    let mut exp = experiment("dense");
+    exp.recipe.epochs = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let stop = RunOptions {
+        stop_after_steps: Some(8),
+        ..Default::default()
+    };
+    assert!(run(&exp, &data, &dir, &stop, &Silent).unwrap().is_none());
+    std::fs::write(dir.join(".coarsen-abc123.tmp"), b"partial").unwrap();
+    std::fs::create_dir_all(dir.join("checkpoint.new")).unwrap();
+    std::fs::write(dir.join("checkpoint.new/weights.safetensors"), b"half").unwrap();
+    let resume = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    run(&exp, &data, &dir, &resume, &Silent).unwrap().unwrap();
+    assert!(!dir.join(".coarsen-abc123.tmp").exists());
+    assert!(!dir.join("checkpoint.new").exists());
+}
