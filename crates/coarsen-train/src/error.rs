@@ -41,7 +41,7 @@ pub enum TrainError {
         reason: String,
     },
     /// A tensor operation failed (shapes, dtypes).
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", without_backtrace(.0))]
     Candle(#[from] candle_core::Error),
     /// A mask or pattern operation failed.
     #[error(transparent)]
@@ -93,5 +93,28 @@ impl TrainError {
             value: value.to_string(),
             reason: reason.into(),
         }
+    }
+}
+
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set
+/// (an error is one line; the backtrace is for a panic).
+fn without_backtrace(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(inner),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn candle_errors_are_one_line() {
+        // What candle builds when RUST_BACKTRACE is set.
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let shown = super::TrainError::from(e).to_string();
+        assert_eq!(shown, "tensor operation failed: shape mismatch");
     }
 }
