@@ -106,6 +106,21 @@ impl Model {
     }
 }
 
+impl Model {
+    /// The logits of a batch (row-major, `batch × classes`) and the batch size, the GIL
+    /// released while the network runs.
+    fn logits(
+        &self,
+        py: Python<'_>,
+        batch: &Bound<'_, PyAny>,
+        normalize: bool,
+    ) -> PyResult<(Vec<f32>, usize)> {
+        let (x, b) = self.input(batch, normalize)?;
+        let logits = py.detach(|| self.net.forward(&x, b)).map_err(infer)?;
+        Ok((logits, b))
+    }
+}
+
 #[pymethods]
 impl Model {
     /// Logits of a batch `(batch, C, H, W)` (or one image `(C, H, W)`): `(batch, classes)`.
@@ -118,8 +133,7 @@ impl Model {
         batch: &Bound<'py, PyAny>,
         normalize: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (x, b) = self.input(batch, normalize)?;
-        let logits = py.detach(|| self.net.forward(&x, b)).map_err(infer)?;
+        let (logits, b) = self.logits(py, batch, normalize)?;
         f32_out(py, logits, &[b, self.net.classes()])
     }
 
@@ -131,9 +145,8 @@ impl Model {
         batch: &Bound<'py, PyAny>,
         normalize: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (x, b) = self.input(batch, normalize)?;
         let classes = self.net.classes();
-        let logits = py.detach(|| self.net.forward(&x, b)).map_err(infer)?;
+        let (logits, _) = self.logits(py, batch, normalize)?;
         let top: Vec<i64> = argmax_rows(&logits, classes)
             .into_iter()
             .map(i64::from)

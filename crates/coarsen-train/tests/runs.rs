@@ -44,6 +44,20 @@ fn data() -> DataSplits {
     }
 }
 
+/// A two-epoch dense run's data and experiment, and a fresh directory for it.
+fn short_dense() -> (
+    DataSplits,
+    Experiment,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let mut exp = experiment("dense");
+    exp.recipe.epochs = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    (data(), exp, tmp, dir)
+}
+
 fn experiment(method: &str) -> Experiment {
     let mut recipe = Recipe::fashion_mnist();
     recipe.epochs = 3;
@@ -272,11 +286,7 @@ fn every_method_runs_and_reports_its_structure() {
 /// run of another experiment, is refused unless `force`.
 #[test]
 fn a_run_directory_has_one_writer_and_holds_only_its_run() {
-    let data = data();
-    let mut exp = experiment("dense");
-    exp.recipe.epochs = 2;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("run");
+    let (data, exp, tmp, dir) = short_dense();
     {
         let _held = coarsen_core::DirLock::acquire(&dir, "training").unwrap();
         let err = run(&exp, &data, &dir, &RunOptions::default(), &Silent).unwrap_err();
@@ -315,11 +325,7 @@ fn a_run_directory_has_one_writer_and_holds_only_its_run() {
 /// clear error naming the tensor.
 #[test]
 fn a_run_with_damaged_batch_norm_statistics_does_not_load() {
-    let data = data();
-    let mut exp = experiment("dense");
-    exp.recipe.epochs = 2;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("run");
+    let (data, exp, _tmp, dir) = short_dense();
     run(&exp, &data, &dir, &RunOptions::default(), &Silent).unwrap();
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
@@ -436,11 +442,7 @@ fn damaged_checkpoints_and_stages_are_refused() {
 /// checkpoint.new) is removed when the run is resumed, and does not stop it.
 #[test]
 fn leftovers_of_a_killed_run_are_cleaned_on_resume() {
-    let data = data();
-    let mut exp = experiment("dense");
-    exp.recipe.epochs = 2;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("run");
+    let (data, exp, _tmp, dir) = short_dense();
     let stop = RunOptions {
         stop_after_steps: Some(8),
         ..Default::default()
