@@ -1046,3 +1046,51 @@ fn signals_end_commands_cleanly() {
         "no run was interrupted: the work is too short to test"
     );
 }
+
+/// `bench --mask` with a mask whose metadata names a structure the layer does not have: the
+/// error names the file and the layer; bench's and predict's outputs never replace an input.
+#[test]
+fn bench_errors_name_the_layer_and_outputs_spare_inputs() {
+    let f = Fixture::new();
+    ok(&[
+        "convert",
+        "-q",
+        "--mask",
+        f.s("m.safetensors"),
+        "--to",
+        "channel",
+        "--out",
+        f.s("c.safetensors"),
+    ]);
+    // Break one channel layer's rows while its metadata still says structured.
+    let mut masks = MaskFile::read(f.path("c.safetensors")).unwrap();
+    let meta = masks.metadata.take();
+    let mut tensors = masks.tensors().to_vec();
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.name == "conv2.weight")
+        .unwrap();
+    let one = t.data.iter().position(|&b| b == 1).unwrap();
+    t.data[one] = 0;
+    let mut broken = MaskFile::new("b", tensors);
+    broken.metadata = meta;
+    broken.write(f.path("b.safetensors")).unwrap();
+    let res = coarsen(&["bench", "--mask", f.s("b.safetensors"), "--budget", "0.01"]);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("b.safetensors: layer 'conv2.weight'") && stderr.contains("channel"),
+        "{stderr}"
+    );
+    let before = std::fs::read(f.path("m.safetensors")).unwrap();
+    let res = coarsen(&[
+        "bench",
+        "--mask",
+        f.s("m.safetensors"),
+        "--json",
+        f.s("m.safetensors"),
+    ]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("is also --mask"));
+    assert_eq!(std::fs::read(f.path("m.safetensors")).unwrap(), before);
+}

@@ -14,7 +14,7 @@ use coarsen_kernels::{
 use serde_json::json;
 
 use crate::args::BenchArgs;
-use crate::commands::{ensure_parent, parse_sizes, selector, write_json};
+use crate::commands::{check_outputs, ensure_parent, parse_sizes, selector, write_json};
 use crate::progress;
 
 /// One thing to time: a shape, a format label and the packed weights.
@@ -29,6 +29,22 @@ pub fn run(args: &BenchArgs, quiet: bool) -> Result<()> {
     if let Some(j) = &args.json {
         ensure_parent(j)?;
     }
+    let inputs: Vec<(&str, &Path)> = [
+        ("--mask", args.mask.as_deref()),
+        ("--weights", args.weights.as_deref()),
+        ("--input", args.input.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(f, p)| p.map(|p| (f, p)))
+    .collect();
+    let outputs: Vec<(&str, &Path)> = [
+        ("--json", args.json.as_deref()),
+        ("--logits-out", args.logits_out.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(f, p)| p.map(|p| (f, p)))
+    .collect();
+    check_outputs(&inputs, &outputs)?;
     let isa = match &args.isa {
         None => Isa::detect(),
         Some(s) => {
@@ -519,39 +535,51 @@ fn mask_jobs(args: &BenchArgs, path: &std::path::Path) -> Result<Vec<Job>> {
             cols: view.cols,
             n: args.n,
         };
-        let (label, packed) = match (&pattern, structured) {
-            (Some(Pattern::Channel(_)), true) => (
-                "channel".to_string(),
-                Packed::Channel(ChannelCompact::pack(&mask, &values, None)?),
-            ),
-            (Some(Pattern::Group(_)), true) => (
-                "group".to_string(),
-                Packed::Group(GroupBlocks::pack(&mask, &values)?),
-            ),
-            (Some(Pattern::ShuffledBlock(c)), true) => (
-                format!("shuffled-block:{}", c.block),
-                Packed::Shuffled(ShuffledBlocks::pack(&mask, &values, c.block)?),
-            ),
-            (Some(Pattern::Block(c)), true) => (
-                format!("bsr:{}x{}", c.height, c.width),
-                Packed::Bsr(Bsr::pack(&mask, &values, c.height, c.width)?),
-            ),
-            (Some(Pattern::Nm(c)), true) => {
-                let perm = meta.and_then(|m| m.col_perm.clone());
-                (
-                    format!("nm:{}:{}", c.n, c.m),
-                    Packed::Nm(NmCompressed::pack(
-                        &mask,
-                        &values,
-                        view,
-                        c.n,
-                        c.m,
-                        perm.as_deref(),
-                    )?),
-                )
-            }
-            _ => ("csr".to_string(), Packed::Csr(Csr::pack(&mask, &values)?)),
+        // A layer whose mask does not have the structure its metadata names is an error that
+        // names the file and the layer.
+        let pack = || -> Result<(String, Packed)> {
+            Ok(match (&pattern, structured) {
+                (Some(Pattern::Channel(_)), true) => (
+                    "channel".to_string(),
+                    Packed::Channel(ChannelCompact::pack(&mask, &values, None)?),
+                ),
+                (Some(Pattern::Group(_)), true) => (
+                    "group".to_string(),
+                    Packed::Group(GroupBlocks::pack(&mask, &values)?),
+                ),
+                (Some(Pattern::ShuffledBlock(c)), true) => (
+                    format!("shuffled-block:{}", c.block),
+                    Packed::Shuffled(ShuffledBlocks::pack(&mask, &values, c.block)?),
+                ),
+                (Some(Pattern::Block(c)), true) => (
+                    format!("bsr:{}x{}", c.height, c.width),
+                    Packed::Bsr(Bsr::pack(&mask, &values, c.height, c.width)?),
+                ),
+                (Some(Pattern::Nm(c)), true) => {
+                    let perm = meta.and_then(|m| m.col_perm.clone());
+                    (
+                        format!("nm:{}:{}", c.n, c.m),
+                        Packed::Nm(NmCompressed::pack(
+                            &mask,
+                            &values,
+                            view,
+                            c.n,
+                            c.m,
+                            perm.as_deref(),
+                        )?),
+                    )
+                }
+                _ => ("csr".to_string(), Packed::Csr(Csr::pack(&mask, &values)?)),
+            })
         };
+        let (label, packed) = pack().with_context(|| {
+            format!(
+                "{}: layer '{}' {:?}",
+                masks.path().display(),
+                t.name.escape_debug(),
+                t.shape
+            )
+        })?;
         let is_csr = label == "csr";
         jobs.push(Job {
             case: case.clone(),

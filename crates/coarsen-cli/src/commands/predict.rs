@@ -54,6 +54,11 @@ pub fn run(a: &PredictArgs, quiet: bool) -> Result<()> {
     if a.top == 0 || a.batch == 0 {
         bail!("--top and --batch must be at least 1");
     }
+    if let Some(j) = &a.json {
+        let inputs: Vec<(&str, &std::path::Path)> =
+            a.input.iter().map(|p| ("an input", p.as_path())).collect();
+        crate::commands::check_outputs(&inputs, &[("--json", j.as_path())])?;
+    }
     let sp = progress::spinner("predicting", quiet);
     sp.set_message(format!("loading {}", a.model.display()));
     // The network, its normalisation and class names: an export records them; a run's come

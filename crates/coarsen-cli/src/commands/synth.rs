@@ -9,6 +9,7 @@ use crate::commands::ensure_parent;
 /// Runs `coarsen synth`.
 pub fn run(args: &SynthArgs) -> Result<()> {
     ensure_parent(&args.out)?;
+    crate::commands::check_outputs(&[], &[("--out", args.out.as_path())])?;
     let arch = coarsen_core::zoo::by_name(&args.model, args.classes)?;
     let tensors = arch.init(args.seed)?;
     WeightFile::write_f32(&args.out, &tensors)?;
