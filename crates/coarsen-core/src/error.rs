@@ -27,7 +27,7 @@ pub enum Error {
         reason: String,
     },
     /// A tensor has a dtype this operation cannot use.
-    #[error("{}: tensor '{tensor}' {shape:?} has dtype {dtype}; expected {expected}", path.display())]
+    #[error("{}: tensor '{}' {shape:?} has dtype {dtype}; expected {expected}", path.display(), tensor.escape_debug())]
     UnsupportedDtype {
         /// The file.
         path: PathBuf,
@@ -42,9 +42,7 @@ pub enum Error {
     },
     /// A mask tensor holds a value other than 0 and 1 in a floating-point dtype.
     #[error(
-        "{}: mask tensor '{tensor}' {shape:?} holds {value} at flat index {index}; masks hold 0 and 1 (is this a weights file?)",
-        path.display()
-    )]
+        "{}: mask tensor '{}' {shape:?} holds {value} at flat index {index}; masks hold 0 and 1 (is this a weights file?)", path.display(), tensor.escape_debug())]
     NotBinary {
         /// The file.
         path: PathBuf,
@@ -59,9 +57,7 @@ pub enum Error {
     },
     /// A weight tensor holds NaN or an infinity.
     #[error(
-        "{}: tensor '{tensor}' {shape:?} holds a non-finite value ({value}) at flat index {index}",
-        path.display()
-    )]
+        "{}: tensor '{}' {shape:?} holds a non-finite value ({value}) at flat index {index}", path.display(), tensor.escape_debug())]
     NonFinite {
         /// The file.
         path: PathBuf,
@@ -75,7 +71,7 @@ pub enum Error {
         index: usize,
     },
     /// A tensor that another file names is missing.
-    #[error("{}: has no tensor '{tensor}' {shape:?} (named in {})", path.display(), named_in.display())]
+    #[error("{}: has no tensor '{}' {shape:?} (named in {})", path.display(), tensor.escape_debug(), named_in.display())]
     MissingTensor {
         /// The file that lacks the tensor.
         path: PathBuf,
@@ -88,10 +84,7 @@ pub enum Error {
     },
     /// The same tensor has different shapes in two files (or in a file and a parameter).
     #[error(
-        "tensor '{tensor}': shape {left_shape:?} in {} does not match {right_shape:?} in {}",
-        left.display(),
-        right.display()
-    )]
+        "tensor '{}': shape {left_shape:?} in {} does not match {right_shape:?} in {}", tensor.escape_debug(), left.display(), right.display())]
     ShapeMismatch {
         /// The tensor.
         tensor: String,
@@ -114,9 +107,7 @@ pub enum Error {
     },
     /// A selected mask is all zeros, so there is nothing to structure.
     #[error(
-        "{}: mask of '{tensor}' {shape:?} is all zeros: nothing to structure (leave it out with --exclude)",
-        path.display()
-    )]
+        "{}: mask of '{}' {shape:?} is all zeros: nothing to structure (leave it out with --exclude)", path.display(), tensor.escape_debug())]
     AllZeroMask {
         /// The mask file.
         path: PathBuf,
@@ -162,7 +153,7 @@ pub enum Error {
         cause: Box<regex::Error>,
     },
     /// The graph partitioner failed on a layer.
-    #[error("layer '{layer}' ({rows}x{cols}): the {partitioner} partitioner failed: {reason}")]
+    #[error("layer '{}' ({rows}x{cols}): the {partitioner} partitioner failed: {reason}", layer.escape_debug())]
     Partition {
         /// The layer.
         layer: String,
@@ -184,7 +175,7 @@ pub enum Error {
         reason: String,
     },
     /// A buffer does not fill the shape it is declared with (a programming error of the caller).
-    #[error("tensor '{tensor}': {len} values do not fill shape {shape:?}")]
+    #[error("tensor '{}': {len} values do not fill shape {shape:?}", tensor.escape_debug())]
     BadLength {
         /// The tensor.
         tensor: String,
@@ -194,7 +185,7 @@ pub enum Error {
         len: usize,
     },
     /// A mask does not fit the weight tensor it belongs to.
-    #[error("tensor '{tensor}' {shape:?}: {detail}")]
+    #[error("tensor '{}' {shape:?}: {detail}", tensor.escape_debug())]
     MaskShape {
         /// The tensor.
         tensor: String,
@@ -204,7 +195,7 @@ pub enum Error {
         detail: String,
     },
     /// A structured result failed its own pattern check. This is a bug in coarsen; please report it.
-    #[error("internal error: layer '{layer}' does not satisfy the {pattern} pattern: {violation}")]
+    #[error("internal error: layer '{}' does not satisfy the {pattern} pattern: {violation}", layer.escape_debug())]
     PatternViolated {
         /// The layer.
         layer: String,
@@ -240,4 +231,24 @@ impl Error {
 /// A multi-line message folded onto one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    /// A tensor name read from a file is printed escaped: a newline in it cannot split the
+    /// one-line error or forge a second line.
+    #[test]
+    fn names_are_printed_escaped() {
+        let e = Error::MissingTensor {
+            path: "w.safetensors".into(),
+            tensor: "fc.weight\nerror: forged".into(),
+            shape: vec![2, 2],
+            named_in: "m.safetensors".into(),
+        };
+        let shown = e.to_string();
+        assert_eq!(shown.lines().count(), 1, "{shown}");
+        assert!(shown.contains("'fc.weight\\nerror: forged'"), "{shown}");
+    }
 }

@@ -27,7 +27,7 @@ pub enum InferError {
     },
     /// The graph is not a valid network: a node reads an unknown value, its tensors have the
     /// wrong shape, its geometry does not fit its input, ...
-    #[error("node '{node}' ({op}): {reason}")]
+    #[error("node '{}' ({op}): {reason}", node.escape_debug())]
     Graph {
         /// The node's name (`graph` for the graph as a whole).
         node: String,
@@ -37,7 +37,7 @@ pub enum InferError {
         reason: String,
     },
     /// A tensor does not fit its shape or holds non-finite values.
-    #[error("tensor '{tensor}' {shape:?}: {reason}")]
+    #[error("tensor '{}' {shape:?}: {reason}", tensor.escape_debug())]
     Tensor {
         /// The tensor.
         tensor: String,
@@ -60,7 +60,7 @@ pub enum InferError {
     #[error(transparent)]
     Core(#[from] coarsen_core::Error),
     /// An error of coarsen-kernels (packing, plans).
-    #[error("layer '{layer}': {source}")]
+    #[error("layer '{}': {source}", layer.escape_debug())]
     Kernel {
         /// The weight of the layer.
         layer: String,
