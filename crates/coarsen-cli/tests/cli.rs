@@ -95,6 +95,33 @@ impl Fixture {
     fn write_masks(&self, name: &str, tensors: Vec<MaskTensor>) {
         MaskFile::new(name, tensors).write(self.path(name)).unwrap();
     }
+
+    /// The channel conversion of the fixture's mask, written to `out` with the first kept row
+    /// of conv2.weight losing its first entry while the metadata still calls it structured.
+    fn broken_channel_mask(&self, out: &str) {
+        ok(&[
+            "convert",
+            "-q",
+            "--mask",
+            self.s("m.safetensors"),
+            "--to",
+            "channel",
+            "--out",
+            self.s("c.safetensors"),
+        ]);
+        let mut masks = MaskFile::read(self.path("c.safetensors")).unwrap();
+        let meta = masks.metadata.take();
+        let mut tensors = masks.tensors().to_vec();
+        let t = tensors
+            .iter_mut()
+            .find(|t| t.name == "conv2.weight")
+            .unwrap();
+        let row = t.data.iter().position(|&b| b == 1).unwrap() / 288;
+        t.data[row * 288] = 0;
+        let mut broken = MaskFile::new(out, tensors);
+        broken.metadata = meta;
+        broken.write(self.path(out)).unwrap();
+    }
 }
 
 fn verify(masks: &MaskFile) {
@@ -254,27 +281,7 @@ fn conversion_is_deterministic_for_a_seed() {
 #[test]
 fn inspect_catches_a_mask_that_breaks_its_pattern() {
     let f = Fixture::new();
-    ok(&[
-        "convert",
-        "--mask",
-        f.s("m.safetensors"),
-        "--to",
-        "channel",
-        "--out",
-        f.s("c.safetensors"),
-    ]);
-    let mut masks = MaskFile::read(f.path("c.safetensors")).unwrap();
-    let mut tensors = masks.tensors().to_vec();
-    let t = tensors
-        .iter_mut()
-        .find(|t| t.name == "conv2.weight")
-        .unwrap();
-    let row = t.data.iter().position(|&b| b == 1).unwrap() / 288;
-    t.data[row * 288] = 0;
-    let meta = masks.metadata.take();
-    let mut tampered = MaskFile::new("t", tensors);
-    tampered.metadata = meta;
-    tampered.write(f.path("t.safetensors")).unwrap();
+    f.broken_channel_mask("t.safetensors");
     let listing = ok(&["inspect", f.s("t.safetensors")]);
     assert!(listing.contains("VIOLATED"), "{listing}");
 }
@@ -1052,29 +1059,7 @@ fn signals_end_commands_cleanly() {
 #[test]
 fn bench_errors_name_the_layer_and_outputs_spare_inputs() {
     let f = Fixture::new();
-    ok(&[
-        "convert",
-        "-q",
-        "--mask",
-        f.s("m.safetensors"),
-        "--to",
-        "channel",
-        "--out",
-        f.s("c.safetensors"),
-    ]);
-    // Break one channel layer's rows while its metadata still says structured.
-    let mut masks = MaskFile::read(f.path("c.safetensors")).unwrap();
-    let meta = masks.metadata.take();
-    let mut tensors = masks.tensors().to_vec();
-    let t = tensors
-        .iter_mut()
-        .find(|t| t.name == "conv2.weight")
-        .unwrap();
-    let one = t.data.iter().position(|&b| b == 1).unwrap();
-    t.data[one] = 0;
-    let mut broken = MaskFile::new("b", tensors);
-    broken.metadata = meta;
-    broken.write(f.path("b.safetensors")).unwrap();
+    f.broken_channel_mask("b.safetensors");
     let res = coarsen(&["bench", "--mask", f.s("b.safetensors"), "--budget", "0.01"]);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success(), "{stderr}");
