@@ -173,6 +173,15 @@ fn eval_reports_accuracy_density_and_pattern() {
     let conv2 = layer(&v["layers"], "conv2.weight");
     assert_eq!(conv2["pattern"], "channel");
     assert!(conv2["density"].as_f64().unwrap() < 1.0);
+    // The report never replaces a file of the network it evaluates.
+    let results = std::fs::read(s.dir.path().join("r/results.json")).unwrap();
+    let res = coarsen(&["eval", "-q", &s.p("r"), "--json", &s.p("r/results.json")]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("is also"));
+    assert_eq!(
+        std::fs::read(s.dir.path().join("r/results.json")).unwrap(),
+        results
+    );
     // A stage directory works too, and gives the same accuracy.
     let stage = ok(&["eval", "-q", &s.p("r/stage-2")]);
     let acc = |t: &str| {

@@ -90,6 +90,22 @@ pub fn sparse_eval(
 /// Runs `coarsen eval`.
 pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
     let at = locate(&a.checkpoint)?;
+    if let Some(j) = &a.json {
+        // The report never replaces a file of the network it evaluates.
+        let files: Vec<std::path::PathBuf> = [&at.dir, &at.checkpoint]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        let inputs: Vec<(&str, &std::path::Path)> = files
+            .iter()
+            .map(|p| ("a file of the evaluated network", p.as_path()))
+            .collect();
+        crate::commands::check_outputs(&inputs, &[("--json", j.as_path())])?;
+    }
     let exp = at.experiment.clone();
     let data_dir = a.data.clone().unwrap_or_else(|| exp.data.clone());
     let sp = progress::spinner("evaluating", quiet);
