@@ -79,8 +79,22 @@ impl CoarsenMetadata {
                 self.version
             )));
         }
-        let pattern = crate::Pattern::from_metadata(&self.pattern, &self.params)
-            .map_err(|e| bad(format!("pattern '{}': {e}", self.pattern.escape_debug())))?;
+        // Parameters come from the file, not from flags: the message names them as the file
+        // does (`block`, not `--block`).
+        let pattern = crate::Pattern::from_metadata(&self.pattern, &self.params).map_err(|e| {
+            let e = match e {
+                crate::Error::InvalidParameter {
+                    name,
+                    value,
+                    reason,
+                } => format!(
+                    "params.{} = {value}: {reason}",
+                    name.trim_start_matches('-').replace('-', "_")
+                ),
+                other => other.to_string(),
+            };
+            bad(format!("pattern '{}': {e}", self.pattern.escape_debug()))
+        })?;
         for (name, layer) in &self.layers {
             let shown = name.escape_debug();
             let t = tensors.iter().find(|t| &t.name == name).ok_or_else(|| {
@@ -125,5 +139,30 @@ impl CoarsenMetadata {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An invalid parameter of a file's metadata is named as the file names it, not as a flag.
+    #[test]
+    fn parameter_errors_name_the_file_field() {
+        let meta = CoarsenMetadata {
+            version: METADATA_VERSION,
+            pattern: "shuffled-block".into(),
+            params: serde_json::json!({"block": 0, "blocks": null}),
+            layers: BTreeMap::new(),
+        };
+        let e = meta
+            .validate(std::path::Path::new("m.safetensors"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m.safetensors") && e.contains("params.block = 0"),
+            "{e}"
+        );
+        assert!(!e.contains("--"), "{e}");
     }
 }
