@@ -19,7 +19,7 @@ pub fn build(to: PatternArg, o: &PatternOptions) -> Result<Pattern> {
     let parts = o
         .parts
         .as_deref()
-        .map(|k| parse_parts(k).with_context(|| format!("--parts {k}: expected a count or `auto`")))
+        .map(|k| parse_parts(k).with_context(|| format!("--parts {k}")))
         .transpose()?;
     let options = CoreOptions {
         criterion: o.criterion.map(|c| match c {
@@ -53,11 +53,9 @@ pub fn build(to: PatternArg, o: &PatternOptions) -> Result<Pattern> {
         Err(coarsen_core::Error::InapplicableOption {
             option, applies_to, ..
         }) => {
-            let names: Vec<&str> = applies_to.split('|').collect();
             bail!(
-                "--{} applies to --to {}, not to --to {}",
+                "--{} applies to --to {applies_to}, not to --to {}",
                 option.replace('_', "-"),
-                names.join("|"),
                 pattern_name(to)
             )
         }

@@ -318,6 +318,16 @@ impl DirLock {
     }
 }
 
+/// Name prefix and suffix of [`write_atomic`]'s temporary files.
+const TEMP_PREFIX: &str = ".coarsen-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Whether a file name is one of [`write_atomic`]'s temporary files (left behind only by a
+/// process killed mid-write).
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
+}
+
 /// Temporary files of writes in progress, for [`remove_temporaries`].
 static TEMPORARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
@@ -360,8 +370,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     let mut tmp = tempfile::Builder::new()
-        .prefix(".coarsen-")
-        .suffix(".tmp")
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(dir)
         .map_err(|e| Error::io(path, e))?;
     let _registered = Temporary::register(tmp.path());

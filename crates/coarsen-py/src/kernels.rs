@@ -269,12 +269,19 @@ impl PackedMatrix {
     }
 }
 
-/// Writes into `out` when given (checked: C-contiguous float32 of the result's shape).
-fn write_out<'py>(
-    out: &Bound<'py, PyAny>,
+/// The result of shape `shape`, computed by `run` into `out` when given (checked: a
+/// C-contiguous float32 array of that shape; no allocation) or into a new array.
+fn result<'py>(
+    py: Python<'py>,
+    out: Option<&Bound<'py, PyAny>>,
     shape: &[usize],
     run: impl FnOnce(&mut [f32]) -> PyResult<()>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let Some(out) = out else {
+        let mut y = vec![0.0f32; shape.iter().product()];
+        run(&mut y)?;
+        return f32_out(py, y, shape);
+    };
     let arr = out
         .cast::<PyArrayDyn<f32>>()
         .map_err(|_| bad("out: expected a C-contiguous float32 array".to_string()))?;
@@ -308,29 +315,15 @@ impl PackedMatrix {
         compact: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (x, n, vector) = operand("x", x, self.view.cols)?;
+        let xs = x.as_slice();
         if compact {
-            let rows = self.plan.out_dim();
-            let shape = Self::out_shape(rows, n, vector);
-            let xs = x.as_slice();
-            let run = |y: &mut [f32]| py.detach(|| self.plan.forward(xs, y, n)).map_err(kernel);
-            return match out {
-                Some(out) => write_out(out, &shape, run),
-                None => {
-                    let mut y = vec![0.0f32; rows * n];
-                    run(&mut y)?;
-                    f32_out(py, y, &shape)
-                }
-            };
+            let shape = Self::out_shape(self.plan.out_dim(), n, vector);
+            return result(py, out, &shape, |y| {
+                py.detach(|| self.plan.forward(xs, y, n)).map_err(kernel)
+            });
         }
         let shape = Self::out_shape(self.view.rows, n, vector);
-        match out {
-            Some(out) => write_out(out, &shape, |y| self.forward_into(py, x.as_slice(), y, n)),
-            None => {
-                let mut y = vec![0.0f32; self.view.rows * n];
-                self.forward_into(py, x.as_slice(), &mut y, n)?;
-                f32_out(py, y, &shape)
-            }
-        }
+        result(py, out, &shape, |y| self.forward_into(py, xs, y, n))
     }
 
     /// `Wᵀ @ dy` for `dy` of shape `(rows,)` or `(rows, n)`: the input gradient of a layer.
@@ -343,16 +336,9 @@ impl PackedMatrix {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (dy, n, vector) = operand("dy", dy, self.view.rows)?;
         let shape = Self::out_shape(self.view.cols, n, vector);
-        match out {
-            Some(out) => write_out(out, &shape, |dx| {
-                self.backward_into(py, dy.as_slice(), dx, n)
-            }),
-            None => {
-                let mut dx = vec![0.0f32; self.view.cols * n];
-                self.backward_into(py, dy.as_slice(), &mut dx, n)?;
-                f32_out(py, dx, &shape)
-            }
-        }
+        result(py, out, &shape, |dx| {
+            self.backward_into(py, dy.as_slice(), dx, n)
+        })
     }
 
     /// The rows a channel-format matrix keeps (ascending; `matmul(x, compact=True)` gives
@@ -400,8 +386,8 @@ impl PackedMatrix {
 
     /// The instruction set the kernels run with (`avx512`, `avx2`, `neon`, `scalar`).
     #[getter]
-    fn isa(&self) -> String {
-        format!("{:?}", self.plan.isa()).to_lowercase()
+    fn isa(&self) -> &'static str {
+        self.plan.isa().as_str()
     }
 
     fn __repr__(&self) -> String {

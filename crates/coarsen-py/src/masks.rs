@@ -79,13 +79,7 @@ pub fn convert<'py>(
             coarsen_core::convert(&inputs, &pattern, seed, &|_| {})
         })
         .map_err(core)?;
-    let meta = conv
-        .masks
-        .metadata
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| bad(format!("metadata: {e}")))?;
+    let meta = metadata_json(conv.masks.metadata.as_ref(), "metadata")?;
     let report = serde_json::to_string(&conv.report).map_err(|e| bad(format!("report: {e}")))?;
     let table = conv.report.table();
     Ok((masks_out(py, conv.masks)?, meta, report, table))
@@ -131,12 +125,10 @@ pub fn read_masks(
     path: std::path::PathBuf,
 ) -> PyResult<(Named<'_>, Option<String>)> {
     let file = py.detach(|| MaskFile::read(&path)).map_err(core)?;
-    let meta = file
-        .metadata
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| bad(format!("{}: metadata: {e}", path.display())))?;
+    let meta = metadata_json(
+        file.metadata.as_ref(),
+        &format!("{}: metadata", path.display()),
+    )?;
     Ok((masks_out(py, file)?, meta))
 }
 
@@ -155,6 +147,13 @@ pub fn write_masks(
         .transpose()
         .map_err(|e| bad(format!("masks.metadata: not coarsen metadata: {e}")))?;
     py.detach(|| file.write(&path)).map_err(core)
+}
+
+/// A mask file's coarsen metadata as JSON for the Python layer; `what` names it in an error.
+fn metadata_json(meta: Option<&CoarsenMetadata>, what: &str) -> PyResult<Option<String>> {
+    meta.map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| bad(format!("{what}: {e}")))
 }
 
 /// The pattern options of a keyword dict; an unknown keyword is a `TypeError`, `None` is unset.

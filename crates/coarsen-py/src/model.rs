@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use coarsen_infer::{argmax_rows, export, InferenceNet, Path as InferPath};
+use coarsen_infer::export::Preprocessing;
+use coarsen_infer::{argmax_rows, export, nchw_to_cbhw, InferenceNet, Path as InferPath};
 use numpy::PyUntypedArrayMethods;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -15,8 +16,7 @@ use crate::errors::{bad, infer};
 pub struct Model {
     net: InferenceNet,
     dir: PathBuf,
-    mean: Option<Vec<f32>>,
-    std: Option<Vec<f32>>,
+    preprocessing: Option<Preprocessing>,
     labels: Option<Vec<String>>,
     sparsity: f64,
 }
@@ -34,15 +34,10 @@ pub fn load(py: Python<'_>, path: PathBuf, dense: bool) -> PyResult<Model> {
     let net = py
         .detach(|| InferenceNet::new(&e.network, &e.formats, which))
         .map_err(infer)?;
-    let (mean, std) = match e.manifest.preprocessing {
-        Some(p) => (Some(p.mean), Some(p.std)),
-        None => (None, None),
-    };
     Ok(Model {
         net,
         dir: path,
-        mean,
-        std,
+        preprocessing: e.manifest.preprocessing,
         labels: e.manifest.labels,
         sparsity: e.manifest.sparsity,
     })
@@ -63,8 +58,6 @@ impl Model {
                 )))
             }
         };
-        let hw = h * w;
-        let mut cbhw = vec![0.0f32; c * batch * hw];
         let owned;
         let values: &[f32] = match c_slice(&a) {
             Some(s) => s,
@@ -78,29 +71,15 @@ impl Model {
                 "batch {shape:?}: value {v} at flat index {i} is not finite"
             )));
         }
-        let norm = match (&self.mean, &self.std, normalize) {
-            (Some(m), Some(s), true) => Some((m, s)),
-            (_, _, true) => {
-                return Err(bad(format!(
+        let mut cbhw = nchw_to_cbhw(values, batch, [c, h, w]);
+        if normalize {
+            let p = self.preprocessing.as_ref().ok_or_else(|| {
+                bad(format!(
                     "normalize=True: {} records no preprocessing; normalise the batch yourself",
                     self.dir.display()
-                )))
-            }
-            _ => None,
-        };
-        for b in 0..batch {
-            for ch in 0..c {
-                let src = &values[(b * c + ch) * hw..(b * c + ch + 1) * hw];
-                let dst = &mut cbhw[(ch * batch + b) * hw..(ch * batch + b + 1) * hw];
-                match norm {
-                    Some((m, s)) => {
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d = (v - m[ch]) / s[ch];
-                        }
-                    }
-                    None => dst.copy_from_slice(src),
-                }
-            }
+                ))
+            })?;
+            p.apply_cbhw(&mut cbhw);
         }
         Ok((cbhw, batch))
     }
@@ -206,7 +185,9 @@ impl Model {
     /// The export's per-channel `(mean, std)` of pixels in [0, 1], when it records them.
     #[getter]
     fn preprocessing(&self) -> Option<(Vec<f32>, Vec<f32>)> {
-        self.mean.clone().zip(self.std.clone())
+        self.preprocessing
+            .as_ref()
+            .map(|p| (p.mean.clone(), p.std.clone()))
     }
 
     /// Sparsity of the prunable layers, as the export records it.

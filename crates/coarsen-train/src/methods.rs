@@ -468,7 +468,6 @@ impl RunResults {
 /// half-written `checkpoint.new`. The caller holds the directory's lock, so no writer is using
 /// them.
 fn remove_leftovers(out: &Path) -> Result<()> {
-    let is_tmp = |name: &str| name.starts_with(".coarsen-") && name.ends_with(".tmp");
     let mut dirs = vec![out.to_path_buf()];
     for e in std::fs::read_dir(out)
         .map_err(|e| TrainError::io(out, e))?
@@ -484,7 +483,9 @@ fn remove_leftovers(out: &Path) -> Result<()> {
             .map_err(|e| TrainError::io(&d, e))?
             .flatten()
         {
-            if is_tmp(&e.file_name().to_string_lossy()) && e.path().is_file() {
+            if coarsen_core::io::is_temporary(&e.file_name().to_string_lossy())
+                && e.path().is_file()
+            {
                 std::fs::remove_file(e.path()).map_err(|err| TrainError::io(e.path(), err))?;
             }
         }
@@ -498,31 +499,36 @@ fn remove_leftovers(out: &Path) -> Result<()> {
 
 /// Refuses to train into a directory that holds files other than a run's, or a run of another
 /// experiment, unless `--force`; `--resume` of the same experiment passes (checked after).
-fn check_out_dir(out: &Path, exp: &Experiment, opts: &RunOptions) -> Result<()> {
+/// Gives the experiment the directory holds, when it holds one.
+fn check_out_dir(out: &Path, exp: &Experiment, opts: &RunOptions) -> Result<Option<Experiment>> {
+    let exp_path = out.join("experiment.json");
+    let on_disk: Option<Experiment> = if exp_path.is_file() {
+        Some(read_json(&exp_path)?)
+    } else {
+        None
+    };
     if opts.force {
-        return Ok(());
+        return Ok(on_disk);
     }
     let refuse = |reason: String| TrainError::Checkpoint {
         path: out.to_path_buf(),
         reason,
     };
-    let exp_path = out.join("experiment.json");
-    if exp_path.is_file() {
-        let prev: Experiment = read_json(&exp_path)?;
-        if &prev != exp && !opts.resume {
+    if let Some(prev) = &on_disk {
+        if prev != exp && !opts.resume {
             return Err(refuse(
                 "holds a run of another experiment; choose another --out, or pass --force to replace it"
                     .into(),
             ));
         }
-        return Ok(());
+        return Ok(on_disk);
     }
     let entries = std::fs::read_dir(out).map_err(|e| TrainError::io(out, e))?;
     let mut others = Vec::new();
     for e in entries {
         let e = e.map_err(|e| TrainError::io(out, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let leftover = name.starts_with(".coarsen-") && name.ends_with(".tmp");
+        let leftover = coarsen_core::io::is_temporary(&name);
         if name != coarsen_core::io::LOCK_FILE && !leftover && name != "checkpoint.new" {
             others.push(name);
         }
@@ -540,7 +546,7 @@ fn check_out_dir(out: &Path, exp: &Experiment, opts: &RunOptions) -> Result<()> 
             if others.len() > 3 { ", …" } else { "" }
         )));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The directory of stage `s`.
@@ -578,7 +584,7 @@ pub fn run(
         .map_err(|e| TrainError::config("experiment", "json", e.to_string()))?;
     // One writer per run directory: a second `train` (or a `--resume`) into it stops here.
     let _lock = coarsen_core::DirLock::acquire(out, "training")?;
-    check_out_dir(out, exp, opts)?;
+    let on_disk = check_out_dir(out, exp, opts)?;
     remove_leftovers(out)?;
     if out.join("checkpoint").exists() || out.join("checkpoint.old").exists() {
         if !opts.resume {
@@ -588,7 +594,10 @@ pub fn run(
                     .into(),
             });
         }
-        let prev: Experiment = read_json(&exp_path)?;
+        let prev = match on_disk {
+            Some(p) => p,
+            None => read_json(&exp_path)?,
+        };
         if &prev != exp {
             return Err(TrainError::Checkpoint {
                 path: exp_path,

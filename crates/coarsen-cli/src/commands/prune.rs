@@ -27,7 +27,6 @@ pub fn run(args: &PruneArgs, quiet: bool) -> Result<()> {
         args.sparsity,
         scope(args.scope),
     )?;
-
     spin.set_message(format!("writing {}", args.out.display()));
     masks.write(&args.out)?;
     spin.finish_and_clear();

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use coarsen_core::patterns::PartCount;
+use coarsen_core::patterns::parse_parts;
 use coarsen_train::data;
 use coarsen_train::dynamic::Grow;
 use coarsen_train::methods::{self, Experiment, RunOptions, RunResults};
@@ -240,13 +240,7 @@ fn experiment(a: &TrainArgs, out: &Path) -> Result<Experiment> {
         };
     }
     if let Some(p) = &a.parts {
-        exp.regroup.parts = match p.as_str() {
-            "auto" => PartCount::Auto,
-            n => PartCount::Fixed(
-                n.parse()
-                    .with_context(|| format!("--parts {n}: expected a count or `auto`"))?,
-            ),
-        };
+        exp.regroup.parts = parse_parts(p).with_context(|| format!("--parts {p}"))?;
     }
     if let Some(g) = &a.grow {
         exp.dynamic.grow = match g.as_str() {
