@@ -64,26 +64,23 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
     let mut manifest = None;
     if format != ExportFormat::Onnx {
         sp.set_message(format!("writing {}", a.out.display()));
-        let m = coarsen_infer::export::write(
-            &src.network,
-            &src.formats,
-            src.meta.as_ref(),
-            src.info.clone(),
-            &a.out,
-        )?;
-        if let Some((x, n)) = &src.check {
-            sp.set_message("verifying the export against its source");
-            if let Err(e) = verify(&src, &a.out, x, *n) {
-                // An export that does not reproduce its source is not left to be used.
-                for f in [
-                    coarsen_infer::export::MANIFEST_FILE,
-                    coarsen_infer::export::TENSORS_FILE,
-                ] {
-                    let _ = std::fs::remove_file(a.out.join(f));
-                }
-                return Err(e.context(format!("the export in {} was removed", a.out.display())));
+        let write = || {
+            Ok(coarsen_infer::export::write(
+                &src.network,
+                &src.formats,
+                src.meta.as_ref(),
+                src.info.clone(),
+                &a.out,
+            )?)
+        };
+        let check = || match &src.check {
+            Some((x, n)) => {
+                sp.set_message("verifying the export against its source");
+                verify(&src, &a.out, x, *n)
             }
-        }
+            None => Ok(()),
+        };
+        let m = write_verified(&a.out, write, check)?;
         manifest = Some(m);
     }
     if format != ExportFormat::Coarsen {
@@ -98,6 +95,26 @@ pub fn run(a: &ExportArgs, quiet: bool) -> Result<()> {
     sp.finish_and_clear();
     report(&src, manifest.as_ref(), a, format);
     Ok(())
+}
+
+/// Writes an export with `write`, then checks it with `check`; an export that does not reproduce
+/// its source is removed (both of its files) rather than left to be used.
+fn write_verified<T>(
+    out: &Path,
+    write: impl FnOnce() -> Result<T>,
+    check: impl FnOnce() -> Result<()>,
+) -> Result<T> {
+    let m = write()?;
+    if let Err(e) = check() {
+        for f in [
+            coarsen_infer::export::MANIFEST_FILE,
+            coarsen_infer::export::TENSORS_FILE,
+        ] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        return Err(e.context(format!("the export in {} was removed", out.display())));
+    }
+    Ok(m)
 }
 
 /// Refuses an output directory that is the source itself (unless only model.onnx is added to
@@ -348,5 +365,41 @@ fn report(src: &Source, manifest: Option<&Manifest>, a: &ExportArgs, format: Exp
             coarsen_infer::onnx::OPSET,
             if a.fold_bn { "folded" } else { "kept" }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coarsen_infer::export::{MANIFEST_FILE, TENSORS_FILE};
+
+    fn write_files(out: &Path) -> Result<()> {
+        std::fs::write(out.join(MANIFEST_FILE), b"{}")?;
+        std::fs::write(out.join(TENSORS_FILE), b"tensors")?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_verification_removes_the_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+        let err = write_verified(out, || write_files(out), || bail!("logits differ"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("was removed"), "{err}");
+        assert!(!out.join(MANIFEST_FILE).exists());
+        assert!(!out.join(TENSORS_FILE).exists());
+        // Only the export's own files go.
+        assert!(out.join("notes.txt").exists());
+    }
+
+    #[test]
+    fn a_verified_export_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        write_verified(out, || write_files(out), || Ok(())).unwrap();
+        assert!(out.join(MANIFEST_FILE).exists());
+        assert!(out.join(TENSORS_FILE).exists());
     }
 }
