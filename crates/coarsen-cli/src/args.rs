@@ -502,8 +502,8 @@ pub struct PredictArgs {
 /// checkpoint after every epoch, `stage-{s}/` (weights, masks, summary) and `results.json`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Method: dense, one-shot, naive-channel, imp, imp-refill, imp-refill+, imp-regroup, rigl,
-    /// dsb, ssb [default: dense].
+    /// Method: dense, one-shot, naive-channel, imp, imp-refill, imp-refill+, imp-regroup, nm,
+    /// rigl, dsb, ssb [default: dense].
     #[arg(long)]
     pub method: Option<String>,
     /// Architecture: mlp, cnn, vgg11, vgg16, resnet20, resnet18 [default: cnn].
@@ -570,12 +570,30 @@ pub struct TrainArgs {
     /// DSB/SSB block size b [default: 16].
     #[arg(long)]
     pub block: Option<usize>,
-    /// DSB growth: gradient (dense gradient) or estimate (‖dY_i‖·‖X_j‖) [default: gradient].
-    #[arg(long)]
+    /// DSB growth: gradient (the dense weight gradient, as the DSB code) or estimate (the
+    /// paper's ‖dY_i‖·‖U_j‖ from the layer's output gradient and input: a grid of top rows ×
+    /// columns, then strips) [default: gradient].
+    #[arg(long, value_parser = ["gradient", "estimate"])]
     pub grow: Option<String>,
     /// Steps between mask updates of rigl/dsb [default: 100].
     #[arg(long)]
     pub delta_t: Option<usize>,
+    /// T_end, the drop cosine's period, as a fraction of training [default: rigl 0.75; dsb 1.2,
+    /// as the DSB CIFAR code].
+    #[arg(long, value_name = "FRACTION")]
+    pub t_end: Option<f64>,
+    /// Mask updates stop at this fraction of T_end [default: rigl 1; dsb 0.5, as the DSB CIFAR
+    /// code, where the drop fraction is still α/2].
+    #[arg(long, value_name = "FRACTION")]
+    pub update_stop: Option<f64>,
+    /// When masks change within a step: backward (before the optimiser step, as RigL) or step
+    /// (after it, as the DSB code) [default: rigl backward, dsb step].
+    #[arg(long, value_parser = ["backward", "step"])]
+    pub update_at: Option<String>,
+    /// Whether dsb/ssb put linear layers in shuffled blocks (the DSB code leaves them
+    /// unstructured) [default: blocked].
+    #[arg(long, value_parser = ["blocked", "unstructured"])]
+    pub linear_blocks: Option<String>,
     /// Batch size [default: the recipe's].
     #[arg(long)]
     pub batch_size: Option<usize>,

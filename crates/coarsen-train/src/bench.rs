@@ -233,11 +233,14 @@ pub fn throughput(
                         sparsity: 0.8,
                         delta_t: usize::MAX,
                         t_end: 0.0,
+                        stop: 0.0,
                         alpha: 0.0,
+                        update: crate::dynamic::UpdateAt::Backward,
                     },
                     block: 16,
                     grow: Grow::Gradient,
                     static_blocks: true,
+                    linear: crate::dynamic::LinearBlocks::Blocked,
                 };
                 let (d, m) = crate::dynamic::Dsb::new(&model, cfg, 1)?;
                 let detail = format!(

@@ -28,7 +28,7 @@ use coarsen_core::{Mask, MaskSet, Pattern};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_order, make_batch, DataSplits};
-use crate::dynamic::{Dsb, DsbConfig, DynamicConfig, Grow, Rigl};
+use crate::dynamic::{Dsb, DsbConfig, DynamicConfig, Grow, LinearBlocks, Rigl, UpdateAt};
 use crate::error::{Result, TrainError};
 use crate::model::{Model, ModelSpec, ParamKind};
 use crate::optim::apply_masks;
@@ -114,25 +114,56 @@ impl Default for RefillConfig {
 pub struct DynamicSettings {
     /// Steps between mask updates ΔT.
     pub delta_t: usize,
-    /// Updates stop at this fraction of training (RigL: T_end = 0.75).
-    pub t_end: f64,
+    /// `T_end`, the drop cosine's period, as a fraction of training [default: RigL 0.75; DSB and
+    /// SSB 1.2, the DSB CIFAR code's 75,000 steps over its 62,560].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub t_end: Option<f64>,
+    /// Updates stop at this fraction of `T_end` [default: RigL 1; DSB 0.5, as its CIFAR code,
+    /// where the drop fraction is still α/2].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop: Option<f64>,
     /// Initial drop fraction α.
     pub alpha: f64,
+    /// When the masks change within a step [default: RigL after the backward pass, DSB after the
+    /// optimiser step, as their codes do].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateAt>,
     /// DSB block size b.
     pub block: usize,
     /// DSB growth criterion.
     pub grow: Grow,
+    /// Whether DSB blocks linear layers (the DSB code leaves them unstructured).
+    pub linear: LinearBlocks,
 }
 
 impl Default for DynamicSettings {
     fn default() -> Self {
         DynamicSettings {
             delta_t: 100,
-            t_end: 0.75,
+            t_end: None,
+            stop: None,
             alpha: 0.3,
+            update: None,
             block: 16,
             grow: Grow::Gradient,
+            linear: LinearBlocks::Blocked,
         }
+    }
+}
+
+impl DynamicSettings {
+    /// `(T_end, stop, update)` for `method`, each the setting given or the method's default.
+    pub fn window(&self, method: &str) -> (f64, f64, UpdateAt) {
+        let dsb = matches!(method, "dsb" | "ssb");
+        (
+            self.t_end.unwrap_or(if dsb { 1.2 } else { 0.75 }),
+            self.stop.unwrap_or(if dsb { 0.5 } else { 1.0 }),
+            self.update.unwrap_or(if dsb {
+                UpdateAt::Step
+            } else {
+                UpdateAt::Backward
+            }),
+        )
     }
 }
 
@@ -255,11 +286,26 @@ impl Experiment {
                 "must be at least 1",
             ));
         }
-        if !(d.t_end > 0.0 && d.t_end <= 1.0 && (0.0..1.0).contains(&d.alpha)) {
+        let (t_end, stop, _) = d.window(&self.method);
+        if !(t_end > 0.0 && t_end <= 2.0) {
             return Err(TrainError::config(
-                "dynamic",
-                format!("t_end {} alpha {}", d.t_end, d.alpha),
-                "t_end must lie in (0, 1] and alpha in [0, 1)",
+                "dynamic.t_end",
+                t_end,
+                "must lie in (0, 2] (a fraction of the training steps)",
+            ));
+        }
+        if !(stop > 0.0 && stop <= 1.0) {
+            return Err(TrainError::config(
+                "dynamic.stop",
+                stop,
+                "must lie in (0, 1] (a fraction of T_end)",
+            ));
+        }
+        if !(0.0..1.0).contains(&d.alpha) {
+            return Err(TrainError::config(
+                "dynamic.alpha",
+                d.alpha,
+                "must lie in [0, 1)",
             ));
         }
         Ok(())
@@ -889,11 +935,14 @@ fn train_method_stage(
 ) -> Result<bool> {
     let name = exp.stage_name(s);
     let steps = t.recipe.steps_per_epoch(t.data.train.n) * t.recipe.epochs;
+    let (t_end, stop, update) = exp.dynamic.window(&exp.method);
     let dyn_cfg = DynamicConfig {
         sparsity: exp.sparsity,
         delta_t: exp.dynamic.delta_t,
-        t_end: exp.dynamic.t_end,
+        t_end,
+        stop,
         alpha: exp.dynamic.alpha,
+        update,
     };
     let mut dynamics: Box<dyn Dynamics> = match exp.method.as_str() {
         "rigl" => {
@@ -909,6 +958,7 @@ fn train_method_stage(
                 block: exp.dynamic.block,
                 grow: exp.dynamic.grow,
                 static_blocks: exp.method == "ssb",
+                linear: exp.dynamic.linear,
             };
             let (d, masks) = Dsb::new(&t.model, cfg, steps)?;
             if fresh {
@@ -1005,6 +1055,16 @@ fn subset_density(masks: &MaskSet, names: &[String], model: &Model) -> f64 {
     }
 }
 
+/// Whether DSB puts a weight of `shape` in shuffled blocks of side `b` (see
+/// [`crate::dynamic`]'s initialisation).
+fn dsb_blocks(exp: &Experiment, shape: &[usize], b: usize) -> bool {
+    match shape {
+        [rows, cin, ..] if shape.len() == 4 => rows % b == 0 && *cin >= b,
+        [rows, cols] => exp.dynamic.linear == LinearBlocks::Blocked && *rows >= b && *cols >= b,
+        _ => false,
+    }
+}
+
 /// The pattern each weight has: a structured method's layers are checked with coarsen-core's
 /// property checks (a layer failing them is reported unstructured, with the reason).
 fn layer_results(
@@ -1038,17 +1098,27 @@ fn layer_results(
         let mask = m.mask();
         let (name, reason) = match &pattern {
             _ if density >= 1.0 => ("dense".to_string(), None),
-            Some(Pattern::ShuffledBlock(c)) if !(shape.len() == 4 && shape[0] % c.block == 0 && shape[1] >= c.block) => (
+            Some(Pattern::ShuffledBlock(c)) if !dsb_blocks(exp, &shape, c.block) => (
                 "unstructured".to_string(),
-                Some(format!(
-                    "DSB blocks conv layers with output channels a multiple of {0} and at least {0} input channels",
-                    c.block
-                )),
+                Some(
+                    if shape.len() == 2 && exp.dynamic.linear == LinearBlocks::Unstructured {
+                        "linear layers are left unstructured (dynamic.linear = unstructured)"
+                            .to_string()
+                    } else {
+                        format!(
+                        "DSB blocks convolutions with outputs a multiple of {0} and at least {0} input channels, and linear layers of at least {0}x{0}; this one is {1:?}",
+                        c.block,
+                        shape
+                    )
+                    },
+                ),
             ),
-            Some(pat) if names.contains(&p.name) => match check_pattern(pat, mask, &shape, perms.get(&p.name)) {
-                Ok(()) => (pat.name().to_string(), None),
-                Err(e) => ("unstructured".to_string(), Some(e)),
-            },
+            Some(pat) if names.contains(&p.name) => {
+                match check_pattern(pat, mask, &shape, perms.get(&p.name)) {
+                    Ok(()) => (pat.name().to_string(), None),
+                    Err(e) => ("unstructured".to_string(), Some(e)),
+                }
+            }
             _ => ("unstructured".to_string(), None),
         };
         out.push(LayerResult {

@@ -195,12 +195,27 @@ impl SparseWeight {
     }
 }
 
+/// The norms behind DSB's gradient estimate `|∂L/∂W_ij| ≤ ‖dY_i‖₂·‖U_j‖₂`, recorded by a
+/// layer's backward pass: `output[i] = ‖dY_i‖₂`, the gradient of output channel (row) i over
+/// batch × positions, and `input[j] = ‖U_j‖₂`, row j of the layer's input matrix (im2col for a
+/// convolution; the input features for a linear layer).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GrowNorms {
+    /// `‖dY_i‖₂` for every row of the weight matrix.
+    pub output: Vec<f32>,
+    /// `‖U_j‖₂` for every column of the weight matrix.
+    pub input: Vec<f32>,
+}
+
 /// How a layer multiplies: dense GEMM or a structured-sparse plan.
 pub struct LayerKernel {
     sparse: Mutex<Option<SparseWeight>>,
     /// Return the dense weight gradient (not only on the pattern), for growth steps of dynamic
     /// sparse training.
     pub dense_grad: std::sync::atomic::AtomicBool,
+    /// Record [`GrowNorms`] in the next backward passes (growth steps of DSB's estimator).
+    pub estimate: std::sync::atomic::AtomicBool,
+    norms: Mutex<Option<GrowNorms>>,
 }
 
 impl LayerKernel {
@@ -209,7 +224,22 @@ impl LayerKernel {
         Arc::new(LayerKernel {
             sparse: Mutex::new(None),
             dense_grad: std::sync::atomic::AtomicBool::new(false),
+            estimate: std::sync::atomic::AtomicBool::new(false),
+            norms: Mutex::new(None),
         })
+    }
+
+    /// Takes the norms the last backward pass recorded (with [`LayerKernel::estimate`] set).
+    pub fn take_norms(&self) -> Option<GrowNorms> {
+        self.norms.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn wants_norms(&self) -> bool {
+        self.estimate.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn record_norms(&self, n: GrowNorms) {
+        *self.norms.lock().unwrap_or_else(|p| p.into_inner()) = Some(n);
     }
 
     /// Switches to a sparse plan (`Some`) or back to dense (`None`).
@@ -289,6 +319,11 @@ impl CustomOp2 for WeightMatmul {
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (r, c) = matrix_dims(w.dims());
         let n = x.dims()[1];
+        if self.0.wants_norms() {
+            let output = with_data(dy, "weight-matmul backward", |v| row_norms(v, n))?;
+            let input = with_data(x, "weight-matmul backward", |v| row_norms(v, n))?;
+            self.0.record_norms(GrowNorms { output, input });
+        }
         let sparse = self.0.sparse.lock().unwrap_or_else(|p| p.into_inner());
         let dense_grad = self.0.dense_grad.load(std::sync::atomic::Ordering::Relaxed);
         let (dx, dw) = with_data(dy, "weight-matmul backward", |dyv| {
@@ -458,6 +493,29 @@ fn relu_grad(y: &Tensor, dy: &Tensor) -> CResult<Tensor> {
     tensor(g, dy.shape().clone())
 }
 
+/// `‖row‖₂` of every row of a row-major matrix with rows of `n` values.
+fn row_norms(m: &[f32], n: usize) -> Vec<f32> {
+    if n == 0 {
+        return vec![0.0; 0];
+    }
+    m.par_chunks(n)
+        .map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32)
+        .collect()
+}
+
+/// `‖U_j‖₂` of every row j of the im2col matrix of the whole batch, a row at a time.
+fn im2col_row_norms(d: &ConvDims, x: &[f32]) -> CResult<Vec<f32>> {
+    let n = d.n();
+    (0..d.rows())
+        .into_par_iter()
+        .map(|row| -> CResult<f32> {
+            let mut buf = vec![0.0f32; n];
+            d.im2col_row_range(x, row, 0, n, &mut buf).map_err(kerr)?;
+            Ok(buf.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32)
+        })
+        .collect()
+}
+
 fn relu_in_place(v: &mut [f32]) {
     for x in v {
         *x = x.max(0.0);
@@ -571,6 +629,11 @@ impl CustomOp2 for Conv2d {
         // The data batch needs no gradient.
         let need_dx = x.track_op();
         let (r, kk) = matrix_dims(w.dims());
+        if self.kernel.wants_norms() {
+            let output = with_data(dy, "conv2d backward", |v| row_norms(v, d.n()))?;
+            let input = with_data(x, "conv2d backward", |v| im2col_row_norms(&d, v))??;
+            self.kernel.record_norms(GrowNorms { output, input });
+        }
         let sparse = self.kernel.sparse.lock().unwrap_or_else(|p| p.into_inner());
         let dense_grad = self
             .kernel
@@ -1158,6 +1221,149 @@ mod tests {
             &gd.get(x.as_tensor()).unwrap().flat(),
             1e-5,
         );
+    }
+
+    /// With `estimate` set, convolutions and linear layers record `‖dY_i‖` and `‖U_j‖` (U the
+    /// im2col matrix, computed here by its definition), dense and sparse, and those bound the
+    /// weight gradient entry by entry (Cauchy–Schwarz).
+    #[test]
+    fn estimate_norms_match_their_definition_and_bound_the_gradient() {
+        let (b, ci, h, w, co) = (3, 4, 7, 6, 8);
+        for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 2, 0)] {
+            for sparse in [false, true] {
+                let g = ConvGeometry { k, stride, pad };
+                let cols = ci * k * k;
+                let mask = coarsen_core::Mask::from_fn(co, cols, |i, _| (i / 4) % 2 == 0);
+                let wv: Vec<f32> = vals(co * cols, 7)
+                    .iter()
+                    .zip(mask.as_bytes())
+                    .map(|(&v, &m)| if m != 0 || !sparse { v } else { 0.0 })
+                    .collect();
+                let xv = vals(ci * b * h * w, 8);
+                let x = Var::from_vec(xv.clone(), (ci, b, h, w), &Device::Cpu).unwrap();
+                let wt = Var::from_vec(wv.clone(), (co, ci, k, k), &Device::Cpu).unwrap();
+                let kernel = LayerKernel::dense();
+                if sparse {
+                    let packed = Packed::Shuffled(
+                        coarsen_kernels::ShuffledBlocks::pack(&mask, &wv, 4).unwrap(),
+                    );
+                    kernel.set_sparse(Some(SparseWeight::new(&packed).unwrap()));
+                }
+                kernel
+                    .dense_grad
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                kernel
+                    .estimate
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let y = wt
+                    .as_tensor()
+                    .apply_op2(
+                        x.as_tensor(),
+                        Conv2d {
+                            geometry: g,
+                            kernel: kernel.clone(),
+                            relu: false,
+                        },
+                    )
+                    .unwrap();
+                // 0.5·Σy²: dY = Y.
+                let grads = y
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .affine(0.5, 0.0)
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let norms = kernel.take_norms().expect("norms recorded");
+                assert!(kernel.take_norms().is_none(), "taken once");
+                let yv = y.flat();
+                let n = yv.len() / co;
+                let want_out: Vec<f32> = (0..co)
+                    .map(|i| {
+                        yv[i * n..(i + 1) * n]
+                            .iter()
+                            .map(|v| v * v)
+                            .sum::<f32>()
+                            .sqrt()
+                    })
+                    .collect();
+                close(&norms.output, &want_out, 1e-5);
+                let (ho, wo) = (g.out(h), g.out(w));
+                let mut want_in = vec![0.0f32; cols];
+                for c in 0..ci {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let mut acc = 0.0f32;
+                            for im in 0..b {
+                                for oy in 0..ho {
+                                    for ox in 0..wo {
+                                        let iy = (oy * stride + ky) as isize - pad as isize;
+                                        let ix = (ox * stride + kx) as isize - pad as isize;
+                                        if iy >= 0
+                                            && ix >= 0
+                                            && (iy as usize) < h
+                                            && (ix as usize) < w
+                                        {
+                                            let v = xv[((c * b + im) * h + iy as usize) * w
+                                                + ix as usize];
+                                            acc += v * v;
+                                        }
+                                    }
+                                }
+                            }
+                            want_in[(c * k + ky) * k + kx] = acc.sqrt();
+                        }
+                    }
+                }
+                close(&norms.input, &want_in, 1e-5);
+                let dw = grads.get(wt.as_tensor()).unwrap().flat();
+                for i in 0..co {
+                    for j in 0..cols {
+                        let bound = norms.output[i] * norms.input[j];
+                        assert!(dw[i * cols + j].abs() <= bound * (1.0 + 1e-4) + 1e-6);
+                    }
+                }
+            }
+        }
+        // A linear layer: rows of dY and of X.
+        let (r, c, n) = (6, 5, 4);
+        let kernel = LayerKernel::dense();
+        kernel
+            .estimate
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let xv = vals(c * n, 9);
+        let x = Var::from_vec(xv.clone(), (c, n), &Device::Cpu).unwrap();
+        let wt = Var::from_vec(vals(r * c, 10), (r, c), &Device::Cpu).unwrap();
+        let y = wt
+            .as_tensor()
+            .apply_op2(x.as_tensor(), WeightMatmul(kernel.clone()))
+            .unwrap();
+        y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let norms = kernel.take_norms().expect("norms recorded");
+        let yv = y.flat();
+        // d(Σy²)/dy = 2y.
+        let want_out: Vec<f32> = (0..r)
+            .map(|i| {
+                2.0 * yv[i * n..(i + 1) * n]
+                    .iter()
+                    .map(|v| v * v)
+                    .sum::<f32>()
+                    .sqrt()
+            })
+            .collect();
+        let want_in: Vec<f32> = (0..c)
+            .map(|j| {
+                xv[j * n..(j + 1) * n]
+                    .iter()
+                    .map(|v| v * v)
+                    .sum::<f32>()
+                    .sqrt()
+            })
+            .collect();
+        close(&norms.output, &want_out, 1e-5);
+        close(&norms.input, &want_in, 1e-5);
     }
 
     /// The fused batch norm equals the same formula written with candle's own operations, forward

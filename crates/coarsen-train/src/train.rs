@@ -209,6 +209,17 @@ pub trait Dynamics {
     ) -> Result<()> {
         Ok(())
     }
+    /// After the optimiser step: may change masks and weights (for the next step).
+    fn after_step(
+        &mut self,
+        _step: usize,
+        _model: &Model,
+        _grads: &GradStore,
+        _masks: &mut MaskSet,
+        _opt: &mut Sgd,
+    ) -> Result<()> {
+        Ok(())
+    }
     /// State to checkpoint.
     fn save(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -405,6 +416,7 @@ impl<'a> Trainer<'a> {
                     &mut self.opt,
                 )?;
                 self.opt.step(&self.model, &grads, &self.masks, lr)?;
+                dynamics.after_step(step, &self.model, &grads, &mut self.masks, &mut self.opt)?;
                 let pred = logits.argmax(1)?.to_vec1::<u32>()?;
                 correct += pred
                     .iter()

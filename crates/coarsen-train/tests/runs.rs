@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use coarsen_train::data::{DataSplits, Images};
+use coarsen_train::dynamic::{Grow, LinearBlocks};
 use coarsen_train::methods::{run, Experiment, RunOptions};
 use coarsen_train::train::{load_tensors, Recipe, Silent};
 
@@ -105,8 +106,13 @@ fn final_files(dir: &Path) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn killed_mid_epoch_and_resumed_is_bit_identical() {
     let data = data();
-    for method in ["imp", "dsb"] {
-        let exp = experiment(method);
+    // dsb-estimate resumes between updates that depend on the tiles the last extraction chose
+    // (checkpointed with the dynamics' state) and on the recorded gradient norms.
+    for method in ["imp", "dsb", "dsb-estimate"] {
+        let exp = match method {
+            "dsb-estimate" => experiment("dsb").tap(|e| e.dynamic.grow = Grow::Estimate),
+            m => experiment(m),
+        };
         let tmp = tempfile::tempdir().unwrap();
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         run(&exp, &data, &a, &RunOptions::default(), &Silent)
@@ -277,6 +283,81 @@ fn every_method_runs_and_reports_its_structure() {
                 );
             }
             _ => {}
+        }
+    }
+}
+
+/// DSB puts linear layers in shuffled blocks too (unless told to leave them unstructured, as
+/// the DSB code does), grows by either criterion, and keeps the unblockable first convolution's
+/// mask as it started.
+#[test]
+fn dsb_blocks_linear_layers_and_keeps_the_first_conv_static() {
+    let data = data();
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, model, linear, grow) in [
+        ("mlp", "mlp", LinearBlocks::Blocked, Grow::Estimate),
+        (
+            "mlp-unstructured",
+            "mlp",
+            LinearBlocks::Unstructured,
+            Grow::Gradient,
+        ),
+        ("cnn", "cnn", LinearBlocks::Blocked, Grow::Estimate),
+    ] {
+        let exp = experiment("dsb").tap(|e| {
+            e.model = model.into();
+            e.dynamic.linear = linear;
+            e.dynamic.grow = grow;
+            e.sparsity = 0.5;
+        });
+        let dir = tmp.path().join(name);
+        let r = run(&exp, &data, &dir, &RunOptions::default(), &Silent)
+            .unwrap()
+            .unwrap();
+        let blocked: Vec<&str> = r
+            .layers
+            .iter()
+            .filter(|l| l.pattern == "shuffled-block")
+            .map(|l| l.name.as_str())
+            .collect();
+        let linear_blocked = r
+            .layers
+            .iter()
+            .any(|l| l.shape.len() == 2 && l.pattern == "shuffled-block");
+        assert_eq!(
+            linear_blocked,
+            linear == LinearBlocks::Blocked,
+            "{name}: {:?}",
+            r.layers
+        );
+        if model == "mlp" && linear == LinearBlocks::Blocked {
+            // Both hidden layers (150×64 and 50×150 at width 0.5; not multiples of b = 4 rows);
+            // the 4-row output layer is below a block.
+            assert_eq!(blocked, ["fc1.weight", "fc2.weight"], "{name}");
+        }
+        if model == "cnn" {
+            assert!(!blocked.is_empty(), "{name}: {:?}", r.layers);
+        }
+        if model == "cnn" {
+            // The first conv (1 input channel < b) is not blocked and never changes: its mask is
+            // the one of a run without updates; a blocked layer's mask changed.
+            let first = &r.layers[0];
+            assert_eq!(first.shape.len(), 4);
+            assert_ne!(first.pattern, "shuffled-block");
+            let frozen = exp.clone().tap(|e| e.dynamic.delta_t = 1_000_000);
+            let fdir = tmp.path().join("cnn-frozen");
+            let fr = run(&frozen, &data, &fdir, &RunOptions::default(), &Silent)
+                .unwrap()
+                .unwrap();
+            let masks = |dir: &Path, stage: &str| {
+                coarsen_core::MaskSet::read(dir.join(stage).join("masks.safetensors"))
+                    .unwrap()
+                    .0
+            };
+            let (moved, still) = (masks(&dir, &r.final_stage), masks(&fdir, &fr.final_stage));
+            let same = |n: &str| moved.get(n).unwrap().mask() == still.get(n).unwrap().mask();
+            assert!(same(&first.name), "the first conv's mask changed");
+            assert!(!same(blocked[0]), "{}: no update changed it", blocked[0]);
         }
     }
 }

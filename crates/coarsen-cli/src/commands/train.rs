@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use coarsen_core::patterns::parse_parts;
 use coarsen_train::data;
-use coarsen_train::dynamic::Grow;
+use coarsen_train::dynamic::{Grow, LinearBlocks, UpdateAt};
 use coarsen_train::methods::{self, Experiment, RunOptions, RunResults};
 use coarsen_train::sparsity::RefillCriterion;
 use coarsen_train::train::{EpochMetrics, Progress, Recipe};
@@ -247,6 +247,26 @@ fn experiment(a: &TrainArgs, out: &Path) -> Result<Experiment> {
             "gradient" => Grow::Gradient,
             "estimate" => Grow::Estimate,
             other => bail!("--grow {other}: expected gradient or estimate"),
+        };
+    }
+    if a.t_end.is_some() {
+        exp.dynamic.t_end = a.t_end;
+    }
+    if a.update_stop.is_some() {
+        exp.dynamic.stop = a.update_stop;
+    }
+    if let Some(u) = &a.update_at {
+        exp.dynamic.update = Some(match u.as_str() {
+            "backward" => UpdateAt::Backward,
+            "step" => UpdateAt::Step,
+            other => bail!("--update-at {other}: expected backward or step"),
+        });
+    }
+    if let Some(l) = &a.linear_blocks {
+        exp.dynamic.linear = match l.as_str() {
+            "blocked" => LinearBlocks::Blocked,
+            "unstructured" => LinearBlocks::Unstructured,
+            other => bail!("--linear-blocks {other}: expected blocked or unstructured"),
         };
     }
     if a.train_subset.is_some() {
