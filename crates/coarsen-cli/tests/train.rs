@@ -394,7 +394,23 @@ fn demo_writes_the_report_with_plots() {
     let rows = r["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6);
     let regroup = rows.iter().find(|x| x["method"] == "imp-regroup").unwrap();
-    assert_eq!(regroup["structure"], "group");
+    // "group: k of n layers", and the n − k others listed with their reasons.
+    let structure = regroup["structure"].as_str().unwrap();
+    let counts: Vec<usize> = structure
+        .trim_start_matches("group: ")
+        .trim_end_matches(" layers")
+        .split(" of ")
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert!(
+        structure.starts_with("group: ") && counts.len() == 2,
+        "{structure}"
+    );
+    let left = regroup["unstructured_layers"].as_array().unwrap();
+    assert_eq!(counts[1] - counts[0], left.len(), "{regroup}");
+    for l in left {
+        assert!(table.contains(l.as_str().unwrap()), "{table}");
+    }
     // The packed network computes what training evaluated.
     for row in rows {
         let (a, b) = (
@@ -551,4 +567,37 @@ fn predict_reads_every_input_kind() {
     assert!(e.contains("a.png"), "{e}");
     let e = err(&["predict", &exp, "--input", &s.p("nowhere.npy")]);
     assert!(e.contains("nowhere.npy"), "{e}");
+}
+
+/// The one-line summary says how many layers carry the method's structure, and every sparse
+/// layer left without it is printed with the reason (here DSB's first conv, 1 input channel).
+#[test]
+fn train_names_the_layers_left_unstructured() {
+    let s = Setup::new();
+    let out = succeeded(&s.train(
+        "d",
+        &["--method", "dsb", "--block", "4", "--sparsity", "0.95"],
+    ));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("d/results.json")).unwrap())
+            .unwrap();
+    let layers = r["layers"].as_array().unwrap();
+    let sparse = layers.iter().filter(|l| l["pattern"] != "dense").count();
+    let blocked = layers
+        .iter()
+        .filter(|l| l["pattern"] == "shuffled-block")
+        .count();
+    assert!(blocked > 0 && blocked < sparse, "{r}");
+    assert!(
+        out.contains(&format!("(shuffled-block: {blocked} of {sparse} layers)")),
+        "{out}"
+    );
+    assert!(
+        out.contains("conv1.weight: unstructured (DSB blocks convolutions"),
+        "{out}"
+    );
+    // Two validated epochs: the best one is reported beside the last.
+    let best = &r["stages"][0]["best"];
+    assert!(best["epoch"].as_u64().unwrap() < 2, "{r}");
+    assert!(out.contains("best by validation: epoch"), "{out}");
 }

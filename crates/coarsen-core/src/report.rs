@@ -238,6 +238,10 @@ impl Report {
             "",
             t.time_ms
         );
+        s += &format!(
+            "{}: {} of {} layers carry the structure\n",
+            self.pattern, t.structured, t.layers
+        );
         for l in self.layers.iter().filter(|l| l.reason.is_some()) {
             s += &format!(
                 "note: {} is {}: {}\n",

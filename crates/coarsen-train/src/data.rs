@@ -81,6 +81,11 @@ impl DataSplits {
     }
 }
 
+/// Whether `dir` holds Fashion-MNIST, by its name (as the loader names the data set).
+pub fn is_fashion(dir: &Path) -> bool {
+    dir.to_string_lossy().contains("fashion")
+}
+
 /// Whether `dir` holds CIFAR-10 binary batches (directly or in `cifar-10-batches-bin/`).
 pub fn is_cifar(dir: &Path) -> bool {
     dir.join("data_batch_1.bin").exists()
@@ -125,7 +130,7 @@ pub fn load(dir: &Path, val: usize) -> Result<DataSplits> {
         None => {
             let train = read_idx_pair(dir, "train")?;
             let test = read_idx_pair(dir, "t10k")?;
-            let name = if dir.to_string_lossy().contains("fashion") {
+            let name = if is_fashion(dir) {
                 "fashion-mnist"
             } else {
                 "mnist-format"

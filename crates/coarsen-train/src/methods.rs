@@ -465,6 +465,45 @@ pub struct StageResult {
     pub val_accuracy: f64,
     /// Training seconds of the stage.
     pub seconds: f64,
+    /// The epoch with the best validation accuracy (the first of ties), when validation ran
+    /// after more than the last epoch; the stage's weights stay those of its last epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestEpoch>,
+}
+
+/// The best-by-validation epoch of a stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BestEpoch {
+    /// Epoch within the stage (0-based).
+    pub epoch: usize,
+    /// Its validation accuracy.
+    pub val_accuracy: f64,
+    /// Its test accuracy.
+    pub test_accuracy: f64,
+}
+
+/// The epoch of `history` (one stage's metrics) with the best validation accuracy, ties to the
+/// earliest; none when fewer than two epochs were validated.
+pub fn best_epoch<'a>(history: impl Iterator<Item = &'a EpochMetrics>) -> Option<BestEpoch> {
+    let validated: Vec<BestEpoch> = history
+        .filter_map(|m| {
+            Some(BestEpoch {
+                epoch: m.epoch,
+                val_accuracy: m.val_acc?,
+                test_accuracy: m.test_acc?,
+            })
+        })
+        .collect();
+    if validated.len() < 2 {
+        return None;
+    }
+    validated.into_iter().reduce(|a, b| {
+        if b.val_accuracy > a.val_accuracy {
+            b
+        } else {
+            a
+        }
+    })
 }
 
 /// `results.json` of a run.
@@ -506,6 +545,34 @@ impl RunResults {
     /// Reads `results.json` of the run directory `run`.
     pub fn read(run: &Path) -> Result<RunResults> {
         read_json(&run.join("results.json"))
+    }
+
+    /// The pattern and how many of the sparse layers carry it, e.g. `group: 1 of 3 layers`
+    /// (the bare pattern for dense and unstructured runs).
+    pub fn structure(&self) -> String {
+        if matches!(self.pattern.as_str(), "dense" | "unstructured") {
+            return self.pattern.clone();
+        }
+        let sparse = self.layers.iter().filter(|l| l.pattern != "dense").count();
+        let carry = self
+            .layers
+            .iter()
+            .filter(|l| l.pattern == self.pattern)
+            .count();
+        format!("{}: {carry} of {sparse} layers", self.pattern)
+    }
+
+    /// The sparse layers of a structured run left without its structure, each with the reason
+    /// when one is known.
+    pub fn unstructured_layers(&self) -> Vec<(&str, Option<&str>)> {
+        if matches!(self.pattern.as_str(), "dense" | "unstructured") {
+            return Vec::new();
+        }
+        self.layers
+            .iter()
+            .filter(|l| l.pattern != "dense" && l.pattern != self.pattern)
+            .map(|l| (l.name.as_str(), l.reason.as_deref()))
+            .collect()
     }
 }
 
@@ -1020,6 +1087,7 @@ fn save_stage(
         test_accuracy: last.and_then(|m| m.test_acc).unwrap_or(0.0),
         val_accuracy: last.and_then(|m| m.val_acc).unwrap_or(0.0),
         seconds,
+        best: best_epoch(t.state.history.iter().filter(|m| m.stage == s)),
     };
     write_atomic(
         &dir.join("summary.json"),
@@ -1285,21 +1353,73 @@ fn collect_results(
     })
 }
 
+/// The fields in which two recipes differ, named as in `experiment.json`.
+fn recipe_differences(a: &Recipe, b: &Recipe) -> String {
+    let (x, y) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
+    match (x.as_object(), y.as_object()) {
+        (Some(x), Some(y)) => {
+            let names: Vec<String> = x
+                .iter()
+                .filter(|(k, v)| y.get(*k) != Some(*v))
+                .map(|(k, v)| {
+                    format!(
+                        "recipe.{k}: {v} vs {}",
+                        y.get(k).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
+                .collect();
+            names.join("; ")
+        }
+        _ => "recipe".to_string(),
+    }
+}
+
 /// Copies the finished stages of `src` that this run would compute identically (same model,
 /// width, seed, data and recipe; IMP rounds of the same rate before any post-processing), and
 /// continues from the last of them.
 fn reuse_stages(exp: &Experiment, src: &Path, t: &mut Trainer<'_>) -> Result<()> {
     let other: Experiment = read_json(&src.join("experiment.json"))?;
-    let same_base = other.model == exp.model
-        && other.width == exp.width
-        && other.seed == exp.seed
-        && other.data == exp.data
-        && other.recipe == exp.recipe
-        && other.imp.layers == exp.imp.layers;
-    if !same_base {
+    // The same data set given by another path (relative, or through a link) is the same.
+    let same_dir = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    };
+    let mut differ = Vec::new();
+    if other.model != exp.model {
+        differ.push(format!("model ({} vs {})", other.model, exp.model));
+    }
+    if other.width != exp.width {
+        differ.push(format!("width ({} vs {})", other.width, exp.width));
+    }
+    if other.seed != exp.seed {
+        differ.push(format!("seed ({} vs {})", other.seed, exp.seed));
+    }
+    if !same_dir(&other.data, &exp.data) {
+        differ.push(format!(
+            "data ({} vs {})",
+            other.data.display(),
+            exp.data.display()
+        ));
+    }
+    if other.recipe != exp.recipe {
+        differ.push(format!(
+            "recipe ({})",
+            recipe_differences(&other.recipe, &exp.recipe)
+        ));
+    }
+    if other.imp.layers != exp.imp.layers {
+        differ.push("imp.layers".to_string());
+    }
+    if !differ.is_empty() {
         return Err(TrainError::Checkpoint {
             path: src.to_path_buf(),
-            reason: "was trained with another model, width, seed, data set, recipe or layer set; it cannot be reused".into(),
+            reason: format!(
+                "cannot be reused: its run differs in {} (it vs this run)",
+                differ.join(", ")
+            ),
         });
     }
     let dynamic = |m: &str| matches!(m, "rigl" | "dsb" | "ssb");
@@ -1383,4 +1503,38 @@ fn copy_file(from: &Path, to: &Path) -> Result<()> {
 /// Accuracy of a model on the test split (for `coarsen eval`).
 pub fn test_accuracy(model: &Model, data: &DataSplits, batch: usize) -> Result<f64> {
     accuracy(model, &data.test, batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(epoch: usize, val: Option<f64>, test: Option<f64>) -> EpochMetrics {
+        EpochMetrics {
+            stage: 0,
+            epoch,
+            train_loss: 0.0,
+            train_acc: 0.0,
+            val_acc: val,
+            test_acc: test,
+            lr: 0.0,
+            samples_per_s: 0.0,
+            density: 1.0,
+        }
+    }
+
+    #[test]
+    fn best_epoch_is_the_first_best_validated_one() {
+        let h = [
+            epoch(0, Some(0.5), Some(0.4)),
+            epoch(1, Some(0.8), Some(0.7)),
+            epoch(2, Some(0.8), Some(0.9)),
+            epoch(3, Some(0.6), Some(0.6)),
+        ];
+        let b = best_epoch(h.iter()).unwrap();
+        assert_eq!((b.epoch, b.val_accuracy, b.test_accuracy), (1, 0.8, 0.7));
+        // Validated once (the last epoch only): nothing to choose.
+        let once = [epoch(0, None, None), epoch(1, Some(0.9), Some(0.9))];
+        assert!(best_epoch(once.iter()).is_none());
+    }
 }

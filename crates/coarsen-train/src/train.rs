@@ -39,7 +39,7 @@ pub struct Recipe {
     pub nesterov: bool,
     /// Learning-rate decay.
     pub schedule: Schedule,
-    /// Linear warm-up, in epochs.
+    /// Linear warm-up, in epochs; at most [`MAX_WARMUP_FRACTION`] of a run.
     pub warmup_epochs: f64,
     /// Training augmentation (none when absent).
     pub augment: Option<Augment>,
@@ -62,7 +62,36 @@ pub struct Recipe {
     pub rewind_epoch: usize,
 }
 
+/// The warm-up never takes more than this fraction of a run's steps, so that a short run (one
+/// epoch of a recipe with a one-epoch warm-up) still trains at its peak rate most of the time.
+pub const MAX_WARMUP_FRACTION: f64 = 0.2;
+
 impl Recipe {
+    /// The default recipe for the data set in `dir`: CIFAR's for CIFAR-10; Fashion-MNIST's for
+    /// Fashion-MNIST (a directory named like it); for other MNIST-format data (digits, whose
+    /// mirror images are other symbols or none) Fashion-MNIST's without horizontal flips.
+    pub fn for_data(dir: &std::path::Path) -> Recipe {
+        if crate::data::is_cifar(dir) {
+            return Recipe::cifar();
+        }
+        let mut r = Recipe::fashion_mnist();
+        if !crate::data::is_fashion(dir) {
+            if let Some(a) = r.augment.as_mut() {
+                a.flip = false;
+            }
+        }
+        r
+    }
+
+    /// Warm-up steps of a run with `steps` steps per epoch: `warmup_epochs` of them, capped at
+    /// [`MAX_WARMUP_FRACTION`] of the run.
+    pub fn warmup_steps(&self, steps: usize) -> usize {
+        let total = (steps * self.epochs) as f64;
+        (self.warmup_epochs * steps as f64)
+            .min(MAX_WARMUP_FRACTION * total)
+            .round() as usize
+    }
+
     /// The recipe for Fashion-MNIST and the small CNN: 8 epochs, batch 128, SGD 0.05 with
     /// momentum 0.9 and Nesterov, weight decay 5e-4, cosine decay after a one-epoch warm-up,
     /// random crop (pad 2) and flips, 5000 validation images, rewind to epoch 1.
@@ -362,7 +391,7 @@ impl<'a> Trainer<'a> {
         let sched = LrSchedule {
             base: r.lr,
             schedule: r.schedule.clone(),
-            warmup_steps: (r.warmup_epochs * steps as f64).round() as usize,
+            warmup_steps: r.warmup_steps(steps),
             total_steps: steps * r.epochs,
         };
         self.progress.stage(stage, name, r.epochs, steps);
@@ -681,4 +710,33 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
         .open(path)
         .map_err(|e| TrainError::io(path, e))?;
     writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warm_up_is_capped_in_short_runs() {
+        let mut r = Recipe::fashion_mnist();
+        // 8 epochs, one of warm-up: the recipe's epoch.
+        assert_eq!(r.warmup_steps(100), 100);
+        // One epoch: a fifth of it, not all of it.
+        r.epochs = 1;
+        assert_eq!(r.warmup_steps(100), 20);
+        r.warmup_epochs = 0.0;
+        assert_eq!(r.warmup_steps(100), 0);
+    }
+
+    #[test]
+    fn only_fashion_mnist_flips_among_idx_data() {
+        let flips = |d: &str| {
+            Recipe::for_data(std::path::Path::new(d))
+                .augment
+                .is_some_and(|a| a.flip)
+        };
+        assert!(flips("/usr/share/datasets/fashion-mnist"));
+        assert!(!flips("/data/mnist"));
+        assert!(!flips("/data/digits"));
+    }
 }

@@ -209,6 +209,35 @@ fn reused_stages_equal_recomputed_ones() {
     other.seed += 1;
     let err = run(&other, &data, &tmp.path().join("x"), &opts, &Silent).unwrap_err();
     assert!(err.to_string().contains("cannot be reused"), "{err}");
+    // The message names what differs.
+    assert!(err.to_string().contains("seed (3 vs 4)"), "{err}");
+    let mut other = refill.clone();
+    other.recipe.lr = 0.01;
+    let err = run(&other, &data, &tmp.path().join("y"), &opts, &Silent).unwrap_err();
+    assert!(err.to_string().contains("recipe.lr: 0.05 vs 0.01"), "{err}");
+    // The same data set by another path (here a link to it) is the same data set.
+    let real = tmp.path().join("data");
+    std::fs::create_dir(&real).unwrap();
+    #[cfg(unix)]
+    {
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let imp2 = tmp.path().join("imp2");
+        let mut e = experiment("imp");
+        e.data = real.clone();
+        run(&e, &data, &imp2, &RunOptions::default(), &Silent)
+            .unwrap()
+            .unwrap();
+        let mut r = refill.clone();
+        r.data = link;
+        let opts = RunOptions {
+            reuse: Some(imp2),
+            ..Default::default()
+        };
+        run(&r, &data, &tmp.path().join("z"), &opts, &Silent)
+            .unwrap()
+            .unwrap();
+    }
 }
 
 #[test]

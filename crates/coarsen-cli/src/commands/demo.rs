@@ -38,6 +38,8 @@ struct RunPlan {
 struct Row {
     method: String,
     structure: String,
+    /// Sparse layers left without the structure: "layer: reason".
+    unstructured_layers: Vec<String>,
     /// Sparsity of the pruned layers.
     sparsity: f64,
     /// Fraction of removed channels of the pruned layers.
@@ -64,11 +66,7 @@ struct DemoResults {
 }
 
 fn plans(args: &DemoArgs, data_dir: &Path) -> Result<Vec<RunPlan>> {
-    let mut recipe = if data::is_cifar(data_dir) {
-        Recipe::cifar()
-    } else {
-        Recipe::fashion_mnist()
-    };
+    let mut recipe = Recipe::for_data(data_dir);
     let (rounds, rate, refill_round, regroup_round) = if args.full {
         (7, 0.2, 3, 5)
     } else {
@@ -224,14 +222,25 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     for p in &plans {
         let dir = runs_dir.join(p.name);
         let r = RunResults::read(&dir)?;
-        rows.push(evaluate(
+        let mut row = evaluate(
             p.name,
-            &r.pattern,
+            &r.structure(),
             &dir,
             r.test_accuracy,
             (r.sparsity, r.channel_sparsity),
             &ctx,
-        )?);
+        )?;
+        row.unstructured_layers = r
+            .unstructured_layers()
+            .into_iter()
+            .map(|(name, reason)| {
+                format!(
+                    "{name}: {}",
+                    reason.unwrap_or("the pattern does not hold on its mask")
+                )
+            })
+            .collect();
+        rows.push(row);
     }
     let pictures = draw_pictures(out, &runs_dir, &plans, &imp, &rows)?;
     let results = DemoResults {
@@ -287,6 +296,7 @@ fn evaluate(
     Ok(Row {
         method: method.to_string(),
         structure: structure.to_string(),
+        unstructured_layers: Vec::new(),
         sparsity,
         channel_sparsity,
         test_accuracy: inference.packed_test_accuracy,
@@ -437,6 +447,21 @@ fn table(r: &DemoResults) -> String {
             frac,
             i.ort_ms.map_or("-".to_string(), |o| format!("{o:.2}"))
         );
+    }
+    let notes: Vec<String> = r
+        .rows
+        .iter()
+        .flat_map(|row| {
+            row.unstructured_layers
+                .iter()
+                .map(move |l| format!("- {}: {l} (left unstructured)", row.method))
+        })
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(s, "\nLayers left without their method's structure:\n");
+        for n in notes {
+            let _ = writeln!(s, "{n}");
+        }
     }
     s
 }

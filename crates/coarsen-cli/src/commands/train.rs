@@ -153,9 +153,15 @@ fn print_result(r: &RunResults, out: &Path) {
         r.dataset,
         100.0 * r.test_accuracy,
         100.0 * r.sparsity,
-        r.pattern,
+        r.structure(),
         100.0 * r.channel_sparsity
     );
+    for (name, reason) in r.unstructured_layers() {
+        println!(
+            "  {name}: unstructured ({})",
+            reason.unwrap_or("the pattern does not hold on its mask")
+        );
+    }
     for s in &r.stages {
         println!(
             "  stage {}: {:<48} sparsity {:>6.2}%  test {:>6.2}%  {:>6.0} s",
@@ -164,6 +170,14 @@ fn print_result(r: &RunResults, out: &Path) {
             100.0 * s.sparsity,
             100.0 * s.test_accuracy,
             s.seconds
+        );
+    }
+    if let Some(b) = r.stages.last().and_then(|s| s.best.as_ref()) {
+        println!(
+            "  best by validation: epoch {} (val {:.2}%, test {:.2}%); the saved weights are the last epoch's",
+            b.epoch + 1,
+            100.0 * b.val_accuracy,
+            100.0 * b.test_accuracy
         );
     }
     println!("results: {}", out.join("results.json").display());
@@ -180,11 +194,7 @@ fn experiment(a: &TrainArgs, out: &Path) -> Result<Experiment> {
     } else {
         Experiment {
             data: a.data.clone(),
-            recipe: if data::is_cifar(&a.data) {
-                Recipe::cifar()
-            } else {
-                Recipe::fashion_mnist()
-            },
+            recipe: Recipe::for_data(&a.data),
             ..Experiment::default()
         }
     };
@@ -325,7 +335,7 @@ fn summary(dirs: &[PathBuf], json: Option<&Path>) -> Result<()> {
                 run: run.clone(),
                 method: r.method.clone(),
                 model: r.model.clone(),
-                pattern: r.pattern.clone(),
+                pattern: r.structure(),
                 sparsity: r.sparsity,
                 channel_sparsity: r.channel_sparsity,
                 test_accuracy: r.test_accuracy,
