@@ -223,6 +223,10 @@ pub struct PatternOptions {
     /// Search an input-channel permutation that keeps more magnitude.
     #[arg(long, help_heading = "nm")]
     pub permute: bool,
+    /// Regrow every group to exactly N from the weights (the mask's ones first, then the largest
+    /// others), as Refill regrows channels; needs --weights.
+    #[arg(long, help_heading = "nm")]
+    pub fill: bool,
     /// Random escapes of the permutation search [default: 100].
     #[arg(long, value_name = "N", help_heading = "nm")]
     pub escape_attempts: Option<usize>,

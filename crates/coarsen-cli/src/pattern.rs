@@ -47,6 +47,7 @@ pub fn build(to: PatternArg, o: &PatternOptions) -> Result<Pattern> {
         n: o.n,
         m: o.m,
         permute: o.permute,
+        fill: o.fill,
         escape_attempts: o.escape_attempts,
     };
     match Pattern::from_options(pattern_name(to), &options) {

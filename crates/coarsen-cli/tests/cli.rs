@@ -203,6 +203,7 @@ fn every_pattern_converts_verifies_and_inspects() {
         ("block", &["--block", "4x8"]),
         ("nm", &["--permute"]),
         ("nm", &["--n", "1", "--m", "3"]),
+        ("nm", &["--fill"]),
     ];
     for (i, (to, extra)) in cases.iter().enumerate() {
         let out = f.s(&format!("out{i}.safetensors"));
@@ -233,6 +234,26 @@ fn every_pattern_converts_verifies_and_inspects() {
         assert_eq!(json["layers"].as_array().unwrap().len(), 3);
         assert!(json["total"]["recall"].as_f64().unwrap() > 0.0);
         assert!(json["total"]["retained_magnitude"].as_f64().is_some());
+        // Beside it, the pattern's naive baseline at the same density, per layer and in total.
+        assert!(json["baseline"].as_str().is_some(), "{json}");
+        assert!(table.contains("base."), "{table}");
+        let structured = json["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["status"] == "structured");
+        if structured {
+            let base = json["total"]["baseline_magnitude"].as_f64().unwrap();
+            assert!(base > 0.0 && base.is_finite(), "{json}");
+        }
+        if extra == &["--fill"] {
+            // Every group of 4 holds exactly 2: half the weights.
+            assert_eq!(
+                json["total"]["density_out"].as_f64().unwrap(),
+                0.5,
+                "{json}"
+            );
+        }
         let pngs = f.path(&format!("png{i}"));
         let listing = ok(&[
             "inspect",
@@ -248,6 +269,26 @@ fn every_pattern_converts_verifies_and_inspects() {
         assert!(!listing.contains("VIOLATED"), "{listing}");
         assert!(pngs.join("conv2.weight.png").exists());
     }
+}
+
+#[test]
+fn nm_fill_needs_weights() {
+    let f = Fixture::new();
+    let out = f.path("fill.safetensors");
+    fails(
+        &[
+            "convert",
+            "--mask",
+            f.s("m.safetensors"),
+            "--to",
+            "nm",
+            "--fill",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["--fill", "needs the weights"],
+        &out,
+    );
 }
 
 #[test]

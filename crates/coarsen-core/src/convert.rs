@@ -301,11 +301,33 @@ pub fn convert(
                 weights: p.weights,
                 scores: p.scores,
             };
-            let outcome = convert_layer(&input, pattern, seed ^ stable_hash(&p.tensor.name))?;
-            let report = layer_report(&input, &outcome, t0.elapsed().as_secs_f64() * 1e3);
+            let layer_seed = seed ^ stable_hash(&p.tensor.name);
+            let outcome = convert_layer(&input, pattern, layer_seed)?;
+            let mut report = layer_report(&input, &outcome, t0.elapsed().as_secs_f64() * 1e3);
+            // The obvious baseline at the density coarsen reached, from the dense weights.
+            let base = match (p.weights, MatrixView::of(&p.tensor.shape)) {
+                (Some(w), Some(view)) if outcome.status == LayerStatus::Structured => {
+                    crate::baseline::baseline_mask(
+                        pattern,
+                        w,
+                        view,
+                        outcome.mask.nnz(),
+                        outcome.stats.blocks.unwrap_or(0),
+                        layer_seed,
+                    )?
+                    .map(|m| m.magnitude(w))
+                }
+                _ => None,
+            };
+            let input_magnitude = p.weights.map_or(0.0, |w| p.mask.magnitude(w));
+            report.baseline_magnitude = base.map(|b| crate::report::ratio(b, input_magnitude));
             let mags = Magnitudes {
-                input: p.weights.map_or(0.0, |w| p.mask.magnitude(w)),
+                input: input_magnitude,
                 output: p.weights.map_or(0.0, |w| outcome.mask.magnitude(w)),
+                // A layer without a baseline counts at its own value (unstructured: kept as is).
+                baseline: p
+                    .weights
+                    .map_or(0.0, |w| base.unwrap_or_else(|| outcome.mask.magnitude(w))),
             };
             on_layer(&report);
             Ok((outcome, report, mags))
@@ -346,7 +368,7 @@ pub fn convert(
         params: pattern.params(),
         layers: meta_layers,
     });
-    let report = Report::new(
+    let mut report = Report::new(
         pattern.name().to_string(),
         pattern.params(),
         seed,
@@ -354,6 +376,9 @@ pub fn convert(
         inputs.weights.map(|_| mags),
         start.elapsed().as_secs_f64() * 1e3,
     );
+    if inputs.weights.is_some() {
+        report.baseline = Some(crate::baseline::describe(pattern).to_string());
+    }
     Ok(Conversion { masks, report })
 }
 
@@ -375,6 +400,7 @@ fn layer_report(input: &LayerInput<'_>, out: &LayerOutcome, time_ms: f64) -> Lay
         retained_magnitude: input
             .weights
             .map(|w| crate::report::ratio(out.mask.magnitude(w), input.mask.magnitude(w))),
+        baseline_magnitude: None,
         stats: out.stats.clone(),
         time_ms,
     }

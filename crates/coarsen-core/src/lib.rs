@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod baseline;
 mod convert;
 mod error;
 pub mod io;

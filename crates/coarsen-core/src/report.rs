@@ -86,6 +86,11 @@ pub struct LayerReport {
     /// Σ|W| under the new mask / Σ|W| under the input mask (when weights are given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retained_magnitude: Option<f64>,
+    /// The same ratio for the pattern's obvious baseline at the same density, built from the
+    /// dense weights (see [`crate::baseline`]); absent without weights or for a layer left
+    /// unstructured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_magnitude: Option<f64>,
     /// Pattern statistics.
     pub stats: PatternStats,
     /// Wall time of the conversion of this layer, in milliseconds.
@@ -118,6 +123,9 @@ pub struct Totals {
     /// Overall retained magnitude (when weights are given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retained_magnitude: Option<f64>,
+    /// Overall retained magnitude of the baseline (layers without one count at coarsen's value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_magnitude: Option<f64>,
     /// Wall time of the whole conversion, in milliseconds.
     pub time_ms: f64,
 }
@@ -131,6 +139,9 @@ pub struct Report {
     pub params: serde_json::Value,
     /// The seed.
     pub seed: u64,
+    /// What the baseline columns compare against (when weights are given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
     /// Per layer, in natural name order.
     pub layers: Vec<LayerReport>,
     /// Totals.
@@ -142,6 +153,7 @@ pub struct Report {
 pub(crate) struct Magnitudes {
     pub input: f64,
     pub output: f64,
+    pub baseline: f64,
 }
 
 impl Report {
@@ -158,16 +170,16 @@ impl Report {
         let nnz_in: usize = layers.iter().map(|l| l.nnz_in).sum();
         let nnz_out: usize = layers.iter().map(|l| l.nnz_out).sum();
         let kept: f64 = layers.iter().map(|l| l.recall * l.nnz_in as f64).sum();
-        let retained_magnitude = magnitudes.map(|m| {
-            let (i, o) = m
-                .iter()
-                .fold((0.0, 0.0), |(i, o), x| (i + x.input, o + x.output));
-            if i > 0.0 {
-                o / i
-            } else {
-                1.0
-            }
+        let sums = magnitudes.map(|m| {
+            m.iter().fold((0.0, 0.0, 0.0), |(i, o, b), x| {
+                (i + x.input, o + x.output, b + x.baseline)
+            })
         });
+        let of = |v: f64, i: f64| if i > 0.0 { v / i } else { 1.0 };
+        let retained_magnitude = sums.map(|(i, o, _)| of(o, i));
+        let baseline_magnitude = sums
+            .filter(|_| layers.iter().any(|l| l.baseline_magnitude.is_some()))
+            .map(|(i, _, b)| of(b, i));
         let total = Totals {
             layers: layers.len(),
             structured: count(LayerStatus::Structured),
@@ -180,12 +192,14 @@ impl Report {
             density_out: ratio(nnz_out as f64, weights as f64),
             recall: ratio(kept, nnz_in as f64),
             retained_magnitude,
+            baseline_magnitude,
             time_ms,
         };
         Report {
             pattern,
             params,
             seed,
+            baseline: None,
             layers,
             total,
         }
@@ -201,8 +215,17 @@ impl Report {
             .unwrap_or(5)
             .max(5);
         let mut s = format!(
-            "{:<name_w$}  {:>18}  {:>12}  {:>7}  {:>7}  {:>6}  {:>6}  {:>7}  {:>8}\n",
-            "layer", "shape", "status", "dens.in", "dens.out", "recall", "magn.", "blocks", "ms"
+            "{:<name_w$}  {:>18}  {:>12}  {:>7}  {:>7}  {:>6}  {:>6}  {:>6}  {:>7}  {:>8}\n",
+            "layer",
+            "shape",
+            "status",
+            "dens.in",
+            "dens.out",
+            "recall",
+            "magn.",
+            "base.",
+            "blocks",
+            "ms"
         );
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
         for l in &self.layers {
@@ -213,7 +236,7 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join("x");
             s += &format!(
-                "{:<name_w$}  {:>18}  {:>12}  {:>7.4}  {:>8.4}  {:>6.3}  {:>6}  {:>7}  {:>8.1}\n",
+                "{:<name_w$}  {:>18}  {:>12}  {:>7.4}  {:>8.4}  {:>6.3}  {:>6}  {:>6}  {:>7}  {:>8.1}\n",
                 l.name,
                 shape,
                 l.status.as_str(),
@@ -221,13 +244,14 @@ impl Report {
                 l.density_out,
                 l.recall,
                 opt(l.retained_magnitude),
+                opt(l.baseline_magnitude),
                 l.stats.blocks.map_or("-".into(), |b| b.to_string()),
                 l.time_ms
             );
         }
         let t = &self.total;
         s += &format!(
-            "{:<name_w$}  {:>18}  {:>12}  {:>7.4}  {:>8.4}  {:>6.3}  {:>6}  {:>7}  {:>8.1}\n",
+            "{:<name_w$}  {:>18}  {:>12}  {:>7.4}  {:>8.4}  {:>6.3}  {:>6}  {:>6}  {:>7}  {:>8.1}\n",
             "total",
             format!("{} weights", t.weights),
             format!("{}/{} struct.", t.structured, t.layers),
@@ -235,6 +259,7 @@ impl Report {
             t.density_out,
             t.recall,
             opt(t.retained_magnitude),
+            opt(t.baseline_magnitude),
             "",
             t.time_ms
         );
@@ -242,6 +267,14 @@ impl Report {
             "{}: {} of {} layers carry the structure\n",
             self.pattern, t.structured, t.layers
         );
+        if let (Some(b), Some(ours), Some(base)) =
+            (&self.baseline, t.retained_magnitude, t.baseline_magnitude)
+        {
+            s += &format!(
+                "magn. = retained magnitude; base. = the same for the naive baseline ({b}) at the same density: {:+.1} pt for coarsen\n",
+                100.0 * (ours - base)
+            );
+        }
         for l in self.layers.iter().filter(|l| l.reason.is_some()) {
             s += &format!(
                 "note: {} is {}: {}\n",

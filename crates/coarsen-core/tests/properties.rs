@@ -181,6 +181,27 @@ proptest! {
     }
 
     #[test]
+    fn nm_fill_makes_every_group_exactly_n_and_keeps_the_plain_result((shape, mask, w) in layer(), n in 1usize..4, extra in 0usize..3, permute in any::<bool>(), seed in 0u64..3) {
+        let m = n + extra;
+        let base = NmConfig { n, m, permute, escape_attempts: 3, ..Default::default() };
+        let (_, plain) = run(&shape, &mask, &w, &Pattern::Nm(base), seed);
+        let (_, out) = run(&shape, &mask, &w, &Pattern::Nm(NmConfig { fill: true, ..base }), seed);
+        let v = MatrixView::of(&shape).unwrap();
+        prop_assert_eq!(&out.col_perm, &plain.col_perm);
+        let perm: Vec<usize> = out.col_perm.clone().unwrap_or_else(|| (0..v.in_channels).collect());
+        for r in 0..v.rows {
+            for s in 0..v.inner {
+                for group in perm.chunks(m) {
+                    let ones = group.iter().filter(|&&c| out.mask.get(r, c * v.inner + s)).count();
+                    prop_assert_eq!(ones, n.min(group.len()));
+                }
+            }
+        }
+        // The unfilled result's ones all stay.
+        prop_assert_eq!(out.mask.overlap(&plain.mask), plain.mask.nnz());
+    }
+
+    #[test]
     fn permutation_never_loses_magnitude((shape, mask, w) in layer(), seed in 0u64..3) {
         let plain = run(&shape, &mask, &w, &Pattern::Nm(NmConfig::default()), seed).1;
         let cfg = NmConfig { permute: true, escape_attempts: 5, ..Default::default() };

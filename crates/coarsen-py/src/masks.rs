@@ -207,10 +207,11 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
             "n" => o.n = Some(count(&key, &v)?),
             "m" => o.m = Some(count(&key, &v)?),
             "permute" => o.permute = flag(&key, &v)?,
+            "fill" => o.fill = flag(&key, &v)?,
             "escape_attempts" => o.escape_attempts = Some(count(&key, &v)?),
             _ => {
                 return Err(PyTypeError::new_err(format!(
-                    "unexpected option '{key}'; the options are criterion, extra (channel, channel+), parts, imbalance, min_rows, row_tile, width_ratio, partitioner, fallback, legacy_regroup (group), block (shuffled-block, block), blocks (shuffled-block), n, m, permute, escape_attempts (nm)"
+                    "unexpected option '{key}'; the options are criterion, extra (channel, channel+), parts, imbalance, min_rows, row_tile, width_ratio, partitioner, fallback, legacy_regroup (group), block (shuffled-block, block), blocks (shuffled-block), n, m, permute, fill, escape_attempts (nm)"
                 )))
             }
         }

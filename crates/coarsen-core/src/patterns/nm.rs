@@ -32,6 +32,9 @@ pub struct NmConfig {
     pub m: usize,
     /// Search an input-channel permutation.
     pub permute: bool,
+    /// Regrow every group to exactly N from the weights (as Refill regrows channels): the
+    /// input mask's ones are kept first, then the largest remaining weights of the group.
+    pub fill: bool,
     /// Random escapes from a local optimum of the search (apex: 100).
     pub escape_attempts: usize,
     /// Bound on the rounds of greedy improvement.
@@ -44,6 +47,7 @@ impl Default for NmConfig {
             n: 2,
             m: 4,
             permute: false,
+            fill: false,
             escape_attempts: 100,
             max_rounds: 500,
         }
@@ -95,6 +99,31 @@ pub fn nm_prune(
     seed: u64,
 ) -> Result<NmOutcome> {
     cfg.validate()?;
+    if cfg.fill {
+        let w = weights.ok_or_else(|| {
+            Error::param(
+                "--fill",
+                "true",
+                "regrowing groups needs the weights (--weights)",
+            )
+        })?;
+        let mut out = nm_prune(
+            mask,
+            weights,
+            view,
+            &NmConfig {
+                fill: false,
+                ..*cfg
+            },
+            seed,
+        )?;
+        let perm = out
+            .col_perm
+            .clone()
+            .unwrap_or_else(|| (0..view.in_channels).collect());
+        fill_groups(&mut out.mask, w, view, &perm, cfg.n, cfg.m);
+        return Ok(out);
+    }
     let scores = ChannelScores::new(mask, weights, view);
     let identity: Vec<usize> = (0..view.in_channels).collect();
     let plain = scores.select(&identity, cfg.n, cfg.m);
@@ -131,6 +160,37 @@ pub fn nm_prune(
         kept_unpermuted,
         permute_skipped: skipped,
     })
+}
+
+/// Regrows every group of `m` channels (in `perm`'s order) at every line to exactly `n` ones (or
+/// all of a short last group), adding the largest |w| not yet kept (ties by position).
+fn fill_groups(mask: &mut Mask, w: &[f32], view: MatrixView, perm: &[usize], n: usize, m: usize) {
+    let inner = view.inner.max(1);
+    let mut free: Vec<(f32, usize)> = Vec::with_capacity(m);
+    for group in perm.chunks(m) {
+        for r in 0..view.rows {
+            for s in 0..inner {
+                let col = |c: usize| c * inner + s;
+                let have = group.iter().filter(|&&c| mask.get(r, col(c))).count();
+                let want = n.min(group.len());
+                if have >= want {
+                    continue;
+                }
+                free.clear();
+                free.extend(
+                    group
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &c)| !mask.get(r, col(c)))
+                        .map(|(pos, &c)| (w[r * view.cols + col(c)].abs(), pos)),
+                );
+                free.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                for &(_, pos) in free.iter().take(want - have) {
+                    mask.set(r, col(group[pos]), true);
+                }
+            }
+        }
+    }
 }
 
 /// Masked magnitudes laid out channel-major: `data[c·lines + l]` where line `l = r·inner + s`
@@ -665,5 +725,24 @@ mod tests {
         };
         let out = nm_prune(&m, None, MatrixView::matrix(4, 6), &cfg, 0).unwrap();
         assert!(out.permute_skipped.unwrap().contains("multiple"));
+    }
+
+    #[test]
+    fn fill_needs_weights_and_prefers_the_masks_ones() {
+        let view = MatrixView::of(&[1, 4]).unwrap();
+        let mask = Mask::from_fn(1, 4, |_, c| c == 3);
+        let cfg = NmConfig {
+            fill: true,
+            ..NmConfig::default()
+        };
+        let err = nm_prune(&mask, None, view, &cfg, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("weights"), "{err}");
+        // Column 3 (in the mask) stays although its weight is the smallest; column 1 fills.
+        let w = [0.5f32, 2.0, 1.0, 0.1];
+        let out = nm_prune(&mask, Some(&w), view, &cfg, 0).unwrap();
+        let kept: Vec<usize> = (0..4).filter(|&c| out.mask.get(0, c)).collect();
+        assert_eq!(kept, vec![1, 3]);
     }
 }

@@ -66,6 +66,8 @@ pub struct PatternOptions {
     pub m: Option<usize>,
     /// nm: search an input-channel permutation.
     pub permute: bool,
+    /// nm: regrow every group to exactly N from the weights.
+    pub fill: bool,
     /// nm: escape attempts of the permutation search.
     pub escape_attempts: Option<usize>,
 }
@@ -95,6 +97,7 @@ impl PatternOptions {
             ("n", self.n.is_some(), NM),
             ("m", self.m.is_some(), NM),
             ("permute", self.permute, NM),
+            ("fill", self.fill, NM),
             ("escape_attempts", self.escape_attempts.is_some(), NM),
         ]
     }
@@ -185,6 +188,7 @@ impl Pattern {
                     n: o.n.unwrap_or(d.n),
                     m: o.m.unwrap_or(d.m),
                     permute: o.permute,
+                    fill: o.fill,
                     escape_attempts: o.escape_attempts.unwrap_or(d.escape_attempts),
                     max_rounds: d.max_rounds,
                 })
