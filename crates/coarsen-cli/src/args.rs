@@ -182,7 +182,8 @@ pub struct PatternOptions {
     #[arg(long, value_name = "RHO", help_heading = "channel, channel+")]
     pub extra: Option<f64>,
 
-    /// Number of parts, or `auto` to size it to each layer [default: 8].
+    /// Number of parts (the reference code: 8), or `auto` to size it to each layer (rows / row
+    /// tile) [default: auto].
     #[arg(long, value_name = "K|auto", help_heading = "group")]
     pub parts: Option<String>,
     /// Balance: each bisection puts (50 ± 100·x)% of the rows on a side [default: 0.10].
@@ -568,7 +569,7 @@ pub struct TrainArgs {
     /// Refill+'s extra fraction ρ [default: 0.1].
     #[arg(long)]
     pub extra: Option<f64>,
-    /// Regroup's part count: a number or `auto` (rows / 32) [default: 8].
+    /// Regroup's part count: a number (the reference code: 8) or `auto` (rows / 32) [default: auto].
     #[arg(long)]
     pub parts: Option<String>,
     /// DSB/SSB block size b [default: 16].

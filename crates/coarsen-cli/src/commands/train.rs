@@ -173,11 +173,17 @@ fn print_result(r: &RunResults, out: &Path) {
         );
     }
     if let Some(b) = r.stages.last().and_then(|s| s.best.as_ref()) {
+        let last = b.epoch + 1 == r.experiment.recipe.epochs;
         println!(
-            "  best by validation: epoch {} (val {:.2}%, test {:.2}%); the saved weights are the last epoch's",
+            "  best by validation: epoch {} (val {:.2}%, test {:.2}%){}",
             b.epoch + 1,
             100.0 * b.val_accuracy,
-            100.0 * b.test_accuracy
+            100.0 * b.test_accuracy,
+            if last {
+                ", the last"
+            } else {
+                "; the saved weights are the last epoch's"
+            }
         );
     }
     println!("results: {}", out.join("results.json").display());

@@ -105,7 +105,7 @@ pub struct GroupConfig {
 impl Default for GroupConfig {
     fn default() -> Self {
         GroupConfig {
-            parts: PartCount::Fixed(8),
+            parts: PartCount::Auto,
             imbalance: 0.10,
             min_rows: 16,
             row_tile: 32,
@@ -361,13 +361,18 @@ mod tests {
 
     #[test]
     fn small_layers_fall_back_with_reason() {
+        // The reference code's 8 parts: 5 rows each, none above min_rows.
+        let eight = GroupConfig {
+            parts: PartCount::Fixed(8),
+            ..Default::default()
+        };
         let m = Mask::from_fn(40, 20, |r, c| (r + c) % 3 == 0);
-        let out = regroup(&m, &GroupConfig::default(), 0, "t").unwrap();
+        let out = regroup(&m, &eight, 0, "t").unwrap();
         assert_eq!(out.mask, m);
         assert!(out.no_block_reason.unwrap().contains("more than 16"));
         let dense = GroupConfig {
             fallback: Fallback::Dense,
-            ..Default::default()
+            ..eight
         };
         let out = regroup(&m, &dense, 0, "t").unwrap();
         assert_eq!(out.mask.nnz(), 800);
