@@ -149,7 +149,11 @@ impl Rigl {
     }
 }
 
-impl Rigl {
+impl Dynamics for Rigl {
+    fn update_at(&self) -> UpdateAt {
+        self.cfg.update
+    }
+
     fn update(
         &mut self,
         step: usize,
@@ -188,36 +192,6 @@ impl Rigl {
             lm.replace(&l.name, Mask::from_bytes(l.rows, l.cols, mask)?)?;
         }
         Ok(())
-    }
-}
-
-impl Dynamics for Rigl {
-    fn after_backward(
-        &mut self,
-        step: usize,
-        model: &Model,
-        grads: &GradStore,
-        masks: &mut MaskSet,
-        opt: &mut Sgd,
-    ) -> Result<()> {
-        if self.cfg.update != UpdateAt::Backward {
-            return Ok(());
-        }
-        self.update(step, model, grads, masks, opt)
-    }
-
-    fn after_step(
-        &mut self,
-        step: usize,
-        model: &Model,
-        grads: &GradStore,
-        masks: &mut MaskSet,
-        opt: &mut Sgd,
-    ) -> Result<()> {
-        if self.cfg.update != UpdateAt::Step {
-            return Ok(());
-        }
-        self.update(step, model, grads, masks, opt)
     }
 }
 
@@ -543,6 +517,27 @@ impl Dsb {
         keep.dedup();
         keep
     }
+}
+
+impl Dynamics for Dsb {
+    fn before_step(&mut self, step: usize, model: &Model) -> Result<()> {
+        let update = !self.static_blocks && self.cfg.updates_at(step, self.t_end);
+        for l in &self.layers {
+            if let Some(k) = model.param(&l.name).and_then(|p| p.kernel.clone()) {
+                // A blocked layer's kernel computes the weight gradient on its tiles only: the
+                // gradient criterion needs it dense; the estimate needs the layer's norms.
+                let dense = update && l.blocks > 0 && self.grow == Grow::Gradient;
+                let estimate = update && l.dynamic && self.grow == Grow::Estimate;
+                k.dense_grad.store(dense, Ordering::Relaxed);
+                k.estimate.store(estimate, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn update_at(&self) -> UpdateAt {
+        self.cfg.update
+    }
 
     fn update(
         &mut self,
@@ -636,51 +631,6 @@ impl Dsb {
         }
         self.attach_kernels(model, masks)?;
         Ok(())
-    }
-}
-
-impl Dynamics for Dsb {
-    fn before_step(&mut self, step: usize, model: &Model) -> Result<()> {
-        let update = !self.static_blocks && self.cfg.updates_at(step, self.t_end);
-        for l in &self.layers {
-            if let Some(k) = model.param(&l.name).and_then(|p| p.kernel.clone()) {
-                // A blocked layer's kernel computes the weight gradient on its tiles only: the
-                // gradient criterion needs it dense; the estimate needs the layer's norms.
-                let dense = update && l.blocks > 0 && self.grow == Grow::Gradient;
-                let estimate = update && l.dynamic && self.grow == Grow::Estimate;
-                k.dense_grad.store(dense, Ordering::Relaxed);
-                k.estimate.store(estimate, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    fn after_backward(
-        &mut self,
-        step: usize,
-        model: &Model,
-        grads: &GradStore,
-        masks: &mut MaskSet,
-        opt: &mut Sgd,
-    ) -> Result<()> {
-        if self.cfg.update != UpdateAt::Backward {
-            return Ok(());
-        }
-        self.update(step, model, grads, masks, opt)
-    }
-
-    fn after_step(
-        &mut self,
-        step: usize,
-        model: &Model,
-        grads: &GradStore,
-        masks: &mut MaskSet,
-        opt: &mut Sgd,
-    ) -> Result<()> {
-        if self.cfg.update != UpdateAt::Step {
-            return Ok(());
-        }
-        self.update(step, model, grads, masks, opt)
     }
 
     fn save(&self) -> serde_json::Value {

@@ -1228,6 +1228,12 @@ mod tests {
     /// weight gradient entry by entry (Cauchy–Schwarz).
     #[test]
     fn estimate_norms_match_their_definition_and_bound_the_gradient() {
+        // ‖row‖₂ of every row of n values.
+        let by_rows = |v: &[f32], n: usize| -> Vec<f32> {
+            v.chunks(n)
+                .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt())
+                .collect()
+        };
         let (b, ci, h, w, co) = (3, 4, 7, 6, 8);
         for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 2, 0)] {
             for sparse in [false, true] {
@@ -1280,15 +1286,7 @@ mod tests {
                 assert!(kernel.take_norms().is_none(), "taken once");
                 let yv = y.flat();
                 let n = yv.len() / co;
-                let want_out: Vec<f32> = (0..co)
-                    .map(|i| {
-                        yv[i * n..(i + 1) * n]
-                            .iter()
-                            .map(|v| v * v)
-                            .sum::<f32>()
-                            .sqrt()
-                    })
-                    .collect();
+                let want_out = by_rows(&yv, n);
                 close(&norms.output, &want_out, 1e-5);
                 let (ho, wo) = (g.out(h), g.out(w));
                 let mut want_in = vec![0.0f32; cols];
@@ -1353,15 +1351,7 @@ mod tests {
                     .sqrt()
             })
             .collect();
-        let want_in: Vec<f32> = (0..c)
-            .map(|j| {
-                xv[j * n..(j + 1) * n]
-                    .iter()
-                    .map(|v| v * v)
-                    .sum::<f32>()
-                    .sqrt()
-            })
-            .collect();
+        let want_in = by_rows(&xv, n);
         close(&norms.output, &want_out, 1e-5);
         close(&norms.input, &want_in, 1e-5);
     }

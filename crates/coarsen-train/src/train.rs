@@ -17,6 +17,7 @@ use coarsen_core::MaskSet;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_order, make_batch, Augment, Batch, DataSplits, Images};
+use crate::dynamic::UpdateAt;
 use crate::error::{Result, TrainError};
 use crate::model::{Model, NamedTensor, ShapedValues};
 use crate::optim::{apply_masks, LrSchedule, Schedule, Sgd};
@@ -227,19 +228,13 @@ pub trait Dynamics {
     fn before_step(&mut self, _step: usize, _model: &Model) -> Result<()> {
         Ok(())
     }
-    /// After the backward pass, before the optimiser step: may change masks and reset momentum.
-    fn after_backward(
-        &mut self,
-        _step: usize,
-        _model: &Model,
-        _grads: &GradStore,
-        _masks: &mut MaskSet,
-        _opt: &mut Sgd,
-    ) -> Result<()> {
-        Ok(())
+    /// When [`Dynamics::update`] runs: after the backward pass (before the optimiser step), or
+    /// after the optimiser step.
+    fn update_at(&self) -> UpdateAt {
+        UpdateAt::Backward
     }
-    /// After the optimiser step: may change masks and weights (for the next step).
-    fn after_step(
+    /// Once a step, at [`Dynamics::update_at`]: may change masks and weights and reset momentum.
+    fn update(
         &mut self,
         _step: usize,
         _model: &Model,
@@ -437,15 +432,15 @@ impl<'a> Trainer<'a> {
                     });
                 }
                 let grads = loss.backward()?;
-                dynamics.after_backward(
-                    step,
-                    &self.model,
-                    &grads,
-                    &mut self.masks,
-                    &mut self.opt,
-                )?;
-                self.opt.step(&self.model, &grads, &self.masks, lr)?;
-                dynamics.after_step(step, &self.model, &grads, &mut self.masks, &mut self.opt)?;
+                for at in [UpdateAt::Backward, UpdateAt::Step] {
+                    if at == UpdateAt::Step {
+                        self.opt.step(&self.model, &grads, &self.masks, lr)?;
+                    }
+                    if dynamics.update_at() != at {
+                        continue;
+                    }
+                    dynamics.update(step, &self.model, &grads, &mut self.masks, &mut self.opt)?;
+                }
                 let pred = logits.argmax(1)?.to_vec1::<u32>()?;
                 correct += pred
                     .iter()
