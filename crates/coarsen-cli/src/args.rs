@@ -560,7 +560,8 @@ pub struct TrainArgs {
     /// IMP round whose mask imp-refill/-refill+/-regroup post-process [default: the last].
     #[arg(long)]
     pub post_round: Option<usize>,
-    /// Post-process inside every IMP round instead of once.
+    /// Post-process inside every IMP round instead of once (each round then prunes --rate of
+    /// what remains, since the structure moves the density off the schedule).
     #[arg(long)]
     pub every_round: bool,
     /// Refill's channel score: l1, count, feature-l1, feature-l2, saliency [default: l1].

@@ -811,6 +811,18 @@ fn load_weights(model: &Model, path: &Path) -> Result<()> {
     model.load_weights(&coarsen_core::WeightFile::read(path)?)
 }
 
+/// The density IMP round `s` prunes to. Plain IMP follows the schedule `(1 − rate)^s`; with
+/// post-processing in every round, whose structure moves the density away from the schedule,
+/// each round prunes `rate` of what remains (`current·(1 − rate)`, the reference code's
+/// behaviour), so a mask already sparser than the schedule is pruned further instead of failing.
+fn round_density(imp: &ImpConfig, s: usize, current: f64) -> f64 {
+    if imp.every_round {
+        current * (1.0 - imp.rate)
+    } else {
+        (1.0 - imp.rate).powi(s as i32)
+    }
+}
+
 /// Before stage `s > 0` (fresh): new masks from the model's weights (the trained weights of
 /// stage `s − 1`), then the rewind weights.
 fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[String]) -> Result<()> {
@@ -846,7 +858,8 @@ fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[Strin
             let base = if readme_post {
                 t.masks.clone()
             } else {
-                let density = (1.0 - exp.imp.rate).powi(s as i32);
+                let current = subset_density(&t.masks, names, &t.model);
+                let density = round_density(&exp.imp, s, current);
                 prune_global(&t.model, names, &t.masks, 1.0 - density)?
             };
             match post_now {
@@ -1521,6 +1534,20 @@ mod tests {
             samples_per_s: 0.0,
             density: 1.0,
         }
+    }
+
+    #[test]
+    fn every_round_prunes_the_rate_of_what_remains() {
+        let mut imp = ImpConfig {
+            rate: 0.2,
+            ..ImpConfig::default()
+        };
+        // The schedule: 0.8^3 whatever the current mask.
+        assert!((round_density(&imp, 3, 0.5) - 0.512).abs() < 1e-12);
+        // Every round: a Regroup that left 0.5 (sparser than the schedule's 0.64) goes to 0.4.
+        imp.every_round = true;
+        assert!((round_density(&imp, 3, 0.5) - 0.4).abs() < 1e-12);
+        assert!((round_density(&imp, 1, 1.0) - 0.8).abs() < 1e-12);
     }
 
     #[test]
