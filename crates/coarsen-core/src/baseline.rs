@@ -10,12 +10,9 @@
 //! | `shuffled-block`, `block` | the aligned tiles with the largest dense ℓ1 norm |
 //! | `nm` | plain N:M of the dense weights (no permutation, no input mask), cut to the largest weights when coarsen's result is sparser |
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-
 use crate::error::Result;
 use crate::mask::Mask;
+use crate::patterns::partition::random_partition;
 use crate::patterns::{nm_prune, NmConfig, Pattern};
 use crate::view::MatrixView;
 
@@ -65,12 +62,12 @@ pub fn baseline_mask(
             if groups == 0 {
                 return Ok(None);
             }
-            let mut order: Vec<usize> = (0..rows).collect();
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+            // Balanced random row groups, as `--partitioner random` makes them.
             let g = groups.min(rows);
-            let parts: Vec<&[usize]> = (0..g)
-                .map(|i| &order[i * rows / g..(i + 1) * rows / g])
-                .collect();
+            let mut parts: Vec<Vec<usize>> = vec![Vec::new(); g];
+            for (r, p) in random_partition(rows, g, seed).into_iter().enumerate() {
+                parts[p].push(r);
+            }
             // Every (group, column) pair is a candidate strip of |group| entries, scored by its
             // dense magnitude; the best strips are kept until the target is reached.
             let mut strips: Vec<(f64, usize, usize)> = Vec::with_capacity(g * cols);
@@ -87,50 +84,15 @@ pub fn baseline_mask(
                 if nnz >= target {
                     break;
                 }
-                for &r in parts[p] {
+                for &r in &parts[p] {
                     m.set(r, c, true);
                 }
                 nnz += parts[p].len();
             }
             m
         }
-        Pattern::ShuffledBlock(_) | Pattern::Block(_) => {
-            let (bh, bw) = match pattern {
-                Pattern::ShuffledBlock(c) => (c.block, c.block),
-                Pattern::Block(c) => (c.height, c.width),
-                _ => unreachable!("matched above"),
-            };
-            let (th, tw) = (rows.div_ceil(bh), cols.div_ceil(bw));
-            let tile = |t: usize| {
-                let (r0, c0) = ((t / tw) * bh, (t % tw) * bw);
-                (r0..(r0 + bh).min(rows), c0..(c0 + bw).min(cols))
-            };
-            let scores: Vec<f64> = (0..th * tw)
-                .map(|t| {
-                    let (rr, cc) = tile(t);
-                    rr.flat_map(|r| cc.clone().map(move |c| (r, c)))
-                        .map(|(r, c)| abs(r, c))
-                        .sum()
-                })
-                .collect();
-            let mut order: Vec<usize> = (0..scores.len()).collect();
-            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            let mut m = Mask::zeros(rows, cols);
-            let mut nnz = 0;
-            for t in order {
-                if nnz >= target {
-                    break;
-                }
-                let (rr, cc) = tile(t);
-                for r in rr {
-                    for c in cc.clone() {
-                        m.set(r, c, true);
-                        nnz += 1;
-                    }
-                }
-            }
-            m
-        }
+        Pattern::ShuffledBlock(c) => top_tiles(weights, rows, cols, (c.block, c.block), target),
+        Pattern::Block(c) => top_tiles(weights, rows, cols, (c.height, c.width), target),
         Pattern::Nm(cfg) => {
             let plain = NmConfig {
                 permute: false,
@@ -160,6 +122,44 @@ pub fn baseline_mask(
         }
     };
     Ok(Some(mask))
+}
+
+/// The aligned `bh × bw` tiles (edge tiles cut by the matrix) with the largest dense ℓ1 norm,
+/// added until they hold at least `target` entries.
+fn top_tiles(
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    (bh, bw): (usize, usize),
+    target: usize,
+) -> Mask {
+    let (th, tw) = (rows.div_ceil(bh), cols.div_ceil(bw));
+    let tile = |t: usize| {
+        let (r0, c0) = ((t / tw) * bh, (t % tw) * bw);
+        (r0..(r0 + bh).min(rows), c0..(c0 + bw).min(cols))
+    };
+    let scores: Vec<f64> = (0..th * tw)
+        .map(|t| {
+            let (rr, cc) = tile(t);
+            rr.flat_map(|r| cc.clone().map(move |c| weights[r * cols + c].abs() as f64))
+                .sum()
+        })
+        .collect();
+    let mut m = Mask::zeros(rows, cols);
+    let mut nnz = 0;
+    for t in top(&scores, scores.len()) {
+        if nnz >= target {
+            break;
+        }
+        let (rr, cc) = tile(t);
+        for r in rr {
+            for c in cc.clone() {
+                m.set(r, c, true);
+                nnz += 1;
+            }
+        }
+    }
+    m
 }
 
 /// How many units of `size` entries make about `target` entries (at least 1, at most `max`).

@@ -303,7 +303,7 @@ pub fn convert(
             };
             let layer_seed = seed ^ stable_hash(&p.tensor.name);
             let outcome = convert_layer(&input, pattern, layer_seed)?;
-            let mut report = layer_report(&input, &outcome, t0.elapsed().as_secs_f64() * 1e3);
+            let time_ms = t0.elapsed().as_secs_f64() * 1e3;
             // The obvious baseline at the density coarsen reached, from the dense weights.
             let base = match (p.weights, MatrixView::of(&p.tensor.shape)) {
                 (Some(w), Some(view)) if outcome.status == LayerStatus::Structured => {
@@ -319,18 +319,18 @@ pub fn convert(
                 }
                 _ => None,
             };
-            let input_magnitude = p.weights.map_or(0.0, |w| p.mask.magnitude(w));
-            report.baseline_magnitude = base.map(|b| crate::report::ratio(b, input_magnitude));
-            let mags = Magnitudes {
-                input: input_magnitude,
-                output: p.weights.map_or(0.0, |w| outcome.mask.magnitude(w)),
-                // A layer without a baseline counts at its own value (unstructured: kept as is).
-                baseline: p
-                    .weights
-                    .map_or(0.0, |w| base.unwrap_or_else(|| outcome.mask.magnitude(w))),
-            };
+            let mags = p.weights.map(|w| {
+                let output = outcome.mask.magnitude(w);
+                Magnitudes {
+                    input: p.mask.magnitude(w),
+                    output,
+                    // A layer without a baseline counts at its own value in the total.
+                    baseline: base.unwrap_or(output),
+                }
+            });
+            let report = layer_report(&input, &outcome, mags.as_ref(), base.is_some(), time_ms);
             on_layer(&report);
-            Ok((outcome, report, mags))
+            Ok((outcome, report, mags.unwrap_or_default()))
         })
         .collect::<Result<_>>()?;
 
@@ -382,7 +382,15 @@ pub fn convert(
     Ok(Conversion { masks, report })
 }
 
-fn layer_report(input: &LayerInput<'_>, out: &LayerOutcome, time_ms: f64) -> LayerReport {
+/// The report of one layer; `mags` (with weights) give its retained magnitudes, and the
+/// baseline's when `has_baseline`.
+fn layer_report(
+    input: &LayerInput<'_>,
+    out: &LayerOutcome,
+    mags: Option<&Magnitudes>,
+    has_baseline: bool,
+    time_ms: f64,
+) -> LayerReport {
     let (nnz_in, nnz_out) = (input.mask.nnz(), out.mask.nnz());
     let len = input.mask.len();
     LayerReport {
@@ -397,10 +405,10 @@ fn layer_report(input: &LayerInput<'_>, out: &LayerOutcome, time_ms: f64) -> Lay
         density_in: crate::report::ratio(nnz_in as f64, len as f64),
         density_out: crate::report::ratio(nnz_out as f64, len as f64),
         recall: crate::report::ratio(input.mask.overlap(&out.mask) as f64, nnz_in as f64),
-        retained_magnitude: input
-            .weights
-            .map(|w| crate::report::ratio(out.mask.magnitude(w), input.mask.magnitude(w))),
-        baseline_magnitude: None,
+        retained_magnitude: mags.map(|m| crate::report::ratio(m.output, m.input)),
+        baseline_magnitude: mags
+            .filter(|_| has_baseline)
+            .map(|m| crate::report::ratio(m.baseline, m.input)),
         stats: out.stats.clone(),
         time_ms,
     }
