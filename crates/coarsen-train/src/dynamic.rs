@@ -52,7 +52,7 @@ pub enum UpdateAt {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LinearBlocks {
-    /// Linear layers whose rows are a multiple of b (and with at least b columns) are blocked.
+    /// Linear layers of at least b×b are blocked (see [`dsb_blocks`]).
     #[default]
     Blocked,
     /// Linear layers stay unstructured and are updated as RigL does (the DSB code).
@@ -186,8 +186,7 @@ impl Dynamics for Rigl {
             for &i in &drop {
                 mask[i] = 0;
             }
-            let inactive: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] == 0).collect();
-            let grow = top_k(&inactive, |i| g[i].abs(), drop.len());
+            let grow = grow_by_score(&mask, |i| g[i].abs(), drop.len());
             apply_drop_and_grow(model, &l.name, &mut mask, &mut w, &grow, opt, true)?;
             lm.replace(&l.name, Mask::from_bytes(l.rows, l.cols, mask)?)?;
         }
@@ -310,6 +309,24 @@ pub fn grow_by_estimate(
     grown
 }
 
+/// Whether DSB puts a weight of `shape` in shuffled blocks of side `b`: convolutions whose
+/// output channels are a multiple of b with at least b input channels (the DSB code), and, unless
+/// `linear` says otherwise, linear layers of at least b×b (a last row group or tile cut short by
+/// the matrix edge is allowed).
+pub fn dsb_blocks(shape: &[usize], b: usize, linear: LinearBlocks) -> bool {
+    match *shape {
+        [rows, cin, _, _] => rows % b == 0 && cin >= b,
+        [rows, cols] => linear == LinearBlocks::Blocked && rows >= b && cols >= b,
+        _ => false,
+    }
+}
+
+/// The `k` entries with mask 0 that score highest (ties by index).
+fn grow_by_score(mask: &[u8], score: impl Fn(usize) -> f32, k: usize) -> Vec<usize> {
+    let inactive: Vec<usize> = (0..mask.len()).filter(|&i| mask[i] == 0).collect();
+    top_k(&inactive, score, k)
+}
+
 /// How [`init_layers`] blocks layers: DSB's block size and its treatment of linear layers.
 #[derive(Clone, Copy)]
 struct Blocking {
@@ -344,18 +361,8 @@ fn init_layers(
         let conv = v.shape.len() == 4;
         let mut tiles = Vec::new();
         let blocks = match blocking {
-            // DSB blocks conv layers whose output channels are a multiple of b and whose input
-            // channels are at least b, and (unless told otherwise) linear layers with at least b
-            // outputs and inputs (a last row group or tile cut short by the matrix edge is
-            // allowed); others stay unstructured.
-            Some(Blocking { block: b, linear })
-                if d < 1.0
-                    && if conv {
-                        v.view.rows % b == 0 && v.view.in_channels >= b
-                    } else {
-                        linear == LinearBlocks::Blocked && v.view.rows >= b && v.view.cols >= b
-                    } =>
-            {
+            // Layers DSB cannot block stay unstructured.
+            Some(Blocking { block: b, linear }) if d < 1.0 && dsb_blocks(&v.shape, b, linear) => {
                 let k = (d * n as f64 / (b * b) as f64).ceil() as usize;
                 let out = shuffled_blocks(
                     &mask,
@@ -583,9 +590,7 @@ impl Dynamics for Dsb {
             let grown = match grow_by {
                 Grow::Gradient => {
                     let g = dense_grad(grads, model, &l.name)?;
-                    let inactive: Vec<usize> =
-                        (0..bytes.len()).filter(|&i| bytes[i] == 0).collect();
-                    top_k(&inactive, |i| g[i].abs(), drop.len())
+                    grow_by_score(&bytes, |i| g[i].abs(), drop.len())
                 }
                 Grow::Estimate => {
                     let norms = norms.ok_or_else(|| {

@@ -28,7 +28,9 @@ use coarsen_core::{Mask, MaskSet, Pattern};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_order, make_batch, DataSplits};
-use crate::dynamic::{Dsb, DsbConfig, DynamicConfig, Grow, LinearBlocks, Rigl, UpdateAt};
+use crate::dynamic::{
+    dsb_blocks, Dsb, DsbConfig, DynamicConfig, Grow, LinearBlocks, Rigl, UpdateAt,
+};
 use crate::error::{Result, TrainError};
 use crate::model::{Model, ModelSpec, ParamKind};
 use crate::optim::apply_masks;
@@ -562,16 +564,21 @@ impl RunResults {
         format!("{}: {carry} of {sparse} layers", self.pattern)
     }
 
-    /// The sparse layers of a structured run left without its structure, each with the reason
-    /// when one is known.
-    pub fn unstructured_layers(&self) -> Vec<(&str, Option<&str>)> {
+    /// The sparse layers of a structured run left without its structure, each with the reason.
+    pub fn unstructured_layers(&self) -> Vec<(&str, &str)> {
         if matches!(self.pattern.as_str(), "dense" | "unstructured") {
             return Vec::new();
         }
         self.layers
             .iter()
             .filter(|l| l.pattern != "dense" && l.pattern != self.pattern)
-            .map(|l| (l.name.as_str(), l.reason.as_deref()))
+            .map(|l| {
+                let reason = l.reason.as_deref();
+                (
+                    l.name.as_str(),
+                    reason.unwrap_or("the pattern does not hold on its mask"),
+                )
+            })
             .collect()
     }
 }
@@ -1136,16 +1143,6 @@ fn subset_density(masks: &MaskSet, names: &[String], model: &Model) -> f64 {
     }
 }
 
-/// Whether DSB puts a weight of `shape` in shuffled blocks of side `b` (see
-/// [`crate::dynamic`]'s initialisation).
-fn dsb_blocks(exp: &Experiment, shape: &[usize], b: usize) -> bool {
-    match shape {
-        [rows, cin, ..] if shape.len() == 4 => rows % b == 0 && *cin >= b,
-        [rows, cols] => exp.dynamic.linear == LinearBlocks::Blocked && *rows >= b && *cols >= b,
-        _ => false,
-    }
-}
-
 /// The pattern each weight has: a structured method's layers are checked with coarsen-core's
 /// property checks (a layer failing them is reported unstructured, with the reason).
 fn layer_results(
@@ -1179,21 +1176,23 @@ fn layer_results(
         let mask = m.mask();
         let (name, reason) = match &pattern {
             _ if density >= 1.0 => ("dense".to_string(), None),
-            Some(Pattern::ShuffledBlock(c)) if !dsb_blocks(exp, &shape, c.block) => (
-                "unstructured".to_string(),
-                Some(
-                    if shape.len() == 2 && exp.dynamic.linear == LinearBlocks::Unstructured {
-                        "linear layers are left unstructured (dynamic.linear = unstructured)"
-                            .to_string()
-                    } else {
-                        format!(
+            Some(Pattern::ShuffledBlock(c)) if !dsb_blocks(&shape, c.block, exp.dynamic.linear) => {
+                (
+                    "unstructured".to_string(),
+                    Some(
+                        if shape.len() == 2 && exp.dynamic.linear == LinearBlocks::Unstructured {
+                            "linear layers are left unstructured (dynamic.linear = unstructured)"
+                                .to_string()
+                        } else {
+                            format!(
                         "DSB blocks convolutions with outputs a multiple of {0} and at least {0} input channels, and linear layers of at least {0}x{0}; this one is {1:?}",
                         c.block,
                         shape
                     )
-                    },
-                ),
-            ),
+                        },
+                    ),
+                )
+            }
             Some(pat) if names.contains(&p.name) => {
                 match check_pattern(pat, mask, &shape, perms.get(&p.name)) {
                     Ok(()) => (pat.name().to_string(), None),

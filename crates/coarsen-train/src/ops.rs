@@ -496,23 +496,26 @@ fn relu_grad(y: &Tensor, dy: &Tensor) -> CResult<Tensor> {
 /// `‖row‖₂` of every row of a row-major matrix with rows of `n` values.
 fn row_norms(m: &[f32], n: usize) -> Vec<f32> {
     if n == 0 {
-        return vec![0.0; 0];
+        return Vec::new();
     }
     m.par_chunks(n)
         .map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32)
         .collect()
 }
 
-/// `‖U_j‖₂` of every row j of the im2col matrix of the whole batch, a row at a time.
+/// `‖U_j‖₂` of every row j of the im2col matrix of the whole batch, a row at a time (one row
+/// buffer per worker).
 fn im2col_row_norms(d: &ConvDims, x: &[f32]) -> CResult<Vec<f32>> {
     let n = d.n();
     (0..d.rows())
         .into_par_iter()
-        .map(|row| -> CResult<f32> {
-            let mut buf = vec![0.0f32; n];
-            d.im2col_row_range(x, row, 0, n, &mut buf).map_err(kerr)?;
-            Ok(buf.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32)
-        })
+        .map_init(
+            || vec![0.0f32; n],
+            |buf, row| -> CResult<f32> {
+                d.im2col_row_range(x, row, 0, n, buf).map_err(kerr)?;
+                Ok(buf.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32)
+            },
+        )
         .collect()
 }
 

@@ -432,13 +432,13 @@ impl<'a> Trainer<'a> {
                     });
                 }
                 let grads = loss.backward()?;
-                for at in [UpdateAt::Backward, UpdateAt::Step] {
-                    if at == UpdateAt::Step {
-                        self.opt.step(&self.model, &grads, &self.masks, lr)?;
-                    }
-                    if dynamics.update_at() != at {
-                        continue;
-                    }
+                // The mask update runs before or after the optimiser step, as the method says.
+                let at = dynamics.update_at();
+                if at == UpdateAt::Backward {
+                    dynamics.update(step, &self.model, &grads, &mut self.masks, &mut self.opt)?;
+                }
+                self.opt.step(&self.model, &grads, &self.masks, lr)?;
+                if at == UpdateAt::Step {
                     dynamics.update(step, &self.model, &grads, &mut self.masks, &mut self.opt)?;
                 }
                 let pred = logits.argmax(1)?.to_vec1::<u32>()?;

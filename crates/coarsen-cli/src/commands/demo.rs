@@ -233,12 +233,7 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         row.unstructured_layers = r
             .unstructured_layers()
             .into_iter()
-            .map(|(name, reason)| {
-                format!(
-                    "{name}: {}",
-                    reason.unwrap_or("the pattern does not hold on its mask")
-                )
-            })
+            .map(|(name, reason)| format!("{name}: {reason}"))
             .collect();
         rows.push(row);
     }

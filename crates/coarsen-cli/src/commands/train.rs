@@ -157,10 +157,7 @@ fn print_result(r: &RunResults, out: &Path) {
         100.0 * r.channel_sparsity
     );
     for (name, reason) in r.unstructured_layers() {
-        println!(
-            "  {name}: unstructured ({})",
-            reason.unwrap_or("the pattern does not hold on its mask")
-        );
+        println!("  {name}: unstructured ({reason})");
     }
     for s in &r.stages {
         println!(
