@@ -169,11 +169,14 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
         }
         match key.as_str() {
             "criterion" => {
-                o.criterion = Some(match string(&key, &v)?.as_str() {
-                    "l1" => ChannelCriterion::L1,
-                    "count" => ChannelCriterion::Count,
-                    s => return Err(bad(format!("criterion='{s}': expected 'l1' or 'count' (give scores= for scores)"))),
-                })
+                o.criterion =
+                    Some(match string(&key, &v)?.as_str() {
+                        "l1" => ChannelCriterion::L1,
+                        "count" => ChannelCriterion::Count,
+                        s => return Err(bad(format!(
+                            "criterion='{s}': expected 'l1' or 'count' (give scores= for scores)"
+                        ))),
+                    })
             }
             "extra" => o.extra = Some(float(&key, &v)?),
             "parts" => {
@@ -191,7 +194,11 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
                 o.partitioner = Some(match string(&key, &v)?.as_str() {
                     "metis" => Partitioner::Metis,
                     "random" => Partitioner::Random,
-                    s => return Err(bad(format!("partitioner='{s}': expected 'metis' or 'random'"))),
+                    s => {
+                        return Err(bad(format!(
+                            "partitioner='{s}': expected 'metis' or 'random'"
+                        )))
+                    }
                 })
             }
             "fallback" => {
@@ -210,9 +217,11 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
             "fill" => o.fill = flag(&key, &v)?,
             "escape_attempts" => o.escape_attempts = Some(count(&key, &v)?),
             _ => {
+                // scores= is an argument of its own, not an option.
                 return Err(PyTypeError::new_err(format!(
-                    "unexpected option '{key}'; the options are criterion, extra (channel, channel+), parts, imbalance, min_rows, row_tile, width_ratio, partitioner, fallback, legacy_regroup (group), block (shuffled-block, block), blocks (shuffled-block), n, m, permute, fill, escape_attempts (nm)"
-                )))
+                    "unexpected option '{key}'; the options are {}",
+                    PatternOptions::listing(&["scores"])
+                )));
             }
         }
     }

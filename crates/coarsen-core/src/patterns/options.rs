@@ -101,6 +101,26 @@ impl PatternOptions {
             ("escape_attempts", self.escape_attempts.is_some(), NM),
         ]
     }
+
+    /// Every option (snake_case) with the patterns it applies to, as
+    /// `criterion, extra (channel, channel+), parts, … (group), …`, leaving out `skip`: for
+    /// messages that list what a caller accepts.
+    pub fn listing(skip: &[&str]) -> String {
+        let all = PatternOptions::default().set();
+        let mut out = Vec::new();
+        let mut names = Vec::new();
+        for (i, &(name, _, applies)) in all.iter().enumerate() {
+            if !skip.contains(&name) {
+                names.push(name);
+            }
+            let group_ends = all.get(i + 1).is_none_or(|next| next.2 != applies);
+            if group_ends && !names.is_empty() {
+                out.push(format!("{} ({})", names.join(", "), applies.join(", ")));
+                names.clear();
+            }
+        }
+        out.join(", ")
+    }
 }
 
 impl Pattern {
@@ -231,6 +251,16 @@ pub fn parse_parts(s: &str) -> Result<PartCount> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn listing_names_every_option_with_its_patterns() {
+        assert_eq!(
+            PatternOptions::listing(&["scores"]),
+            "criterion, extra (channel, channel+), parts, imbalance, min_rows, row_tile, \
+             width_ratio, partitioner, fallback, legacy_regroup (group), block (shuffled-block, \
+             block), blocks (shuffled-block), n, m, permute, fill, escape_attempts (nm)"
+        );
+    }
+
     use super::*;
 
     #[test]
