@@ -7,6 +7,9 @@ use coarsen_core::patterns::check::{check_block, check_channel, check_shuffled};
 use coarsen_core::patterns::row_classes;
 use coarsen_core::patterns::Pattern;
 use coarsen_core::{CoarsenMetadata, LayerStatus, Mask, MaskSet, MatrixView};
+use coarsen_kernels::{
+    Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, ShuffledBlocks,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{InferError, Result};
@@ -67,6 +70,54 @@ impl LayerFormat {
             LayerFormat::Bsr { .. } => "bsr",
             LayerFormat::Nm { .. } => "nm",
         }
+    }
+
+    /// The name with its parameters, for tables: `shuffled-block:16`, `bsr:16x8`, `nm:2:4`.
+    pub fn label(&self) -> String {
+        match self {
+            LayerFormat::ShuffledBlock { block } => format!("shuffled-block:{block}"),
+            LayerFormat::Bsr { height, width } => format!("bsr:{height}x{width}"),
+            LayerFormat::Nm { n, m, .. } => format!("nm:{n}:{m}"),
+            other => other.name().to_string(),
+        }
+    }
+
+    /// Packs a whole weight matrix (`values`, row-major in `view`) under `mask` in this format;
+    /// the dense format zeroes the masked-out values. (The engine packs its layers itself: it
+    /// shrinks their inputs to the channels a producer kept.)
+    pub fn pack(
+        &self,
+        mask: &Mask,
+        values: &[f32],
+        view: MatrixView,
+    ) -> coarsen_kernels::Result<Packed> {
+        Ok(match self {
+            LayerFormat::Dense => {
+                let masked = values
+                    .iter()
+                    .zip(mask.as_bytes())
+                    .map(|(&v, &keep)| if keep == 0 { 0.0 } else { v })
+                    .collect();
+                Packed::Dense(Dense::new(view.rows, view.cols, masked)?)
+            }
+            LayerFormat::Channel => Packed::Channel(ChannelCompact::pack(mask, values, None)?),
+            LayerFormat::Group => Packed::Group(GroupBlocks::pack(mask, values)?),
+            LayerFormat::Csr => Packed::Csr(Csr::pack(mask, values)?),
+            LayerFormat::ShuffledBlock { block } => {
+                Packed::Shuffled(ShuffledBlocks::pack(mask, values, *block)?)
+            }
+            LayerFormat::Bsr { height, width } => {
+                Packed::Bsr(Bsr::pack(mask, values, *height, *width)?)
+            }
+            LayerFormat::Nm { n, m, col_perm } => Packed::Nm(NmCompressed::pack(
+                mask,
+                values,
+                view,
+                *n,
+                *m,
+                col_perm.as_deref(),
+            )?),
+        })
     }
 
     /// Whether the format can read a subset of the input channels (the others were removed by
@@ -249,6 +300,38 @@ pub fn random_nm_mask(
 #[cfg(test)]
 mod detect_tests {
     use super::*;
+
+    #[test]
+    fn packs_and_labels_every_format() {
+        let view = MatrixView::of(&[8, 8]).unwrap();
+        let mask = Mask::from_fn(8, 8, |r, c| r < 4 && c % 2 == 0);
+        let values: Vec<f32> = (0..64).map(|i| i as f32 + 1.0).collect();
+        // The dense format keeps only the mask's values.
+        let Packed::Dense(d) = LayerFormat::Dense.pack(&mask, &values, view).unwrap() else {
+            panic!("dense expected");
+        };
+        assert_eq!(d.values()[2], 3.0);
+        assert_eq!(d.values()[1], 0.0);
+        assert_eq!(d.values()[40], 0.0);
+        for (f, label) in [
+            (LayerFormat::Csr, "csr"),
+            (LayerFormat::Group, "group"),
+            (LayerFormat::ShuffledBlock { block: 4 }, "shuffled-block:4"),
+            (
+                LayerFormat::Bsr {
+                    height: 4,
+                    width: 2,
+                },
+                "bsr:4x2",
+            ),
+        ] {
+            assert_eq!(f.label(), label);
+            let p = f.pack(&mask, &values, view).unwrap();
+            assert_eq!(p.shape(), (8, 8), "{label}");
+        }
+        // A mask that is not channel-sparse is refused by the channel format.
+        assert!(LayerFormat::Channel.pack(&mask, &values, view).is_err());
+    }
 
     #[test]
     fn detects_formats_from_masks() {

@@ -5,9 +5,7 @@ use std::time::Instant;
 
 use coarsen_core::{Mask, MatrixView};
 use coarsen_infer::{detect_format, LayerFormat};
-use coarsen_kernels::{
-    Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, Plan, ShuffledBlocks,
-};
+use coarsen_kernels::{Packed, Plan};
 use numpy::{
     PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
@@ -114,7 +112,7 @@ pub fn pack(
         },
         other => return Err(bad(format!("format='{other}': expected one of {FORMATS}"))),
     };
-    py.detach(|| pack_plan(&mask, values, view, &format))
+    py.detach(|| pack_plan(&mask, &values, view, &format))
         .map(|(plan, kept_rows, nbytes)| PackedMatrix {
             plan,
             kept_rows,
@@ -129,34 +127,11 @@ pub fn pack(
 /// Packs and plans; gives the plan, a channel plan's kept rows and the packed bytes.
 fn pack_plan(
     mask: &Mask,
-    mut values: Vec<f32>,
+    values: &[f32],
     view: MatrixView,
     format: &LayerFormat,
 ) -> PyResult<(Plan, Option<Vec<u32>>, usize)> {
-    let packed = match format {
-        LayerFormat::Dense => {
-            for (v, keep) in values.iter_mut().zip(mask.as_bytes()) {
-                if *keep == 0 {
-                    *v = 0.0;
-                }
-            }
-            Packed::Dense(Dense::new(view.rows, view.cols, values).map_err(kernel)?)
-        }
-        LayerFormat::Channel => {
-            Packed::Channel(ChannelCompact::pack(mask, &values, None).map_err(kernel)?)
-        }
-        LayerFormat::Group => Packed::Group(GroupBlocks::pack(mask, &values).map_err(kernel)?),
-        LayerFormat::Csr => Packed::Csr(Csr::pack(mask, &values).map_err(kernel)?),
-        LayerFormat::ShuffledBlock { block } => {
-            Packed::Shuffled(ShuffledBlocks::pack(mask, &values, *block).map_err(kernel)?)
-        }
-        LayerFormat::Bsr { height, width } => {
-            Packed::Bsr(Bsr::pack(mask, &values, *height, *width).map_err(kernel)?)
-        }
-        LayerFormat::Nm { n, m, col_perm } => Packed::Nm(
-            NmCompressed::pack(mask, &values, view, *n, *m, col_perm.as_deref()).map_err(kernel)?,
-        ),
-    };
+    let packed = format.pack(mask, values, view).map_err(kernel)?;
     let kept_rows = match &packed {
         Packed::Channel(c) => Some(c.kept_rows().to_vec()),
         _ => None,

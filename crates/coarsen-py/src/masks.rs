@@ -169,14 +169,15 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
         }
         match key.as_str() {
             "criterion" => {
-                o.criterion =
-                    Some(match string(&key, &v)?.as_str() {
-                        "l1" => ChannelCriterion::L1,
-                        "count" => ChannelCriterion::Count,
-                        s => return Err(bad(format!(
+                o.criterion = Some(match string(&key, &v)?.as_str() {
+                    "l1" => ChannelCriterion::L1,
+                    "count" => ChannelCriterion::Count,
+                    s => {
+                        return Err(bad(format!(
                             "criterion='{s}': expected 'l1' or 'count' (give scores= for scores)"
-                        ))),
-                    })
+                        )))
+                    }
+                })
             }
             "extra" => o.extra = Some(float(&key, &v)?),
             "parts" => {

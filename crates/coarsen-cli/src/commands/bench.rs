@@ -4,13 +4,12 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 use coarsen_core::{Mask, MaskFile, MatrixView, Pattern, WeightFile};
+use coarsen_infer::LayerFormat;
 use coarsen_kernels::bench::{
     default_cases, measure, random_packed, tuned_dense, BenchFormat, Case, Record,
 };
 use coarsen_kernels::timing::peak_gflops;
-use coarsen_kernels::{
-    Bsr, ChannelCompact, Csr, GroupBlocks, Isa, NmCompressed, Packed, Plan, ShuffledBlocks,
-};
+use coarsen_kernels::{Csr, Isa, Packed, Plan};
 use serde_json::json;
 
 use crate::args::BenchArgs;
@@ -537,40 +536,12 @@ fn mask_jobs(args: &BenchArgs, path: &std::path::Path) -> Result<Vec<Job>> {
         };
         // A layer whose mask does not have the structure its metadata names is an error that
         // names the file and the layer.
+        let format = match (&pattern, structured) {
+            (Some(p), true) => LayerFormat::of_pattern(p, meta.and_then(|m| m.col_perm.as_deref())),
+            _ => LayerFormat::Csr,
+        };
         let pack = || -> Result<(String, Packed)> {
-            Ok(match (&pattern, structured) {
-                (Some(Pattern::Channel(_)), true) => (
-                    "channel".to_string(),
-                    Packed::Channel(ChannelCompact::pack(&mask, &values, None)?),
-                ),
-                (Some(Pattern::Group(_)), true) => (
-                    "group".to_string(),
-                    Packed::Group(GroupBlocks::pack(&mask, &values)?),
-                ),
-                (Some(Pattern::ShuffledBlock(c)), true) => (
-                    format!("shuffled-block:{}", c.block),
-                    Packed::Shuffled(ShuffledBlocks::pack(&mask, &values, c.block)?),
-                ),
-                (Some(Pattern::Block(c)), true) => (
-                    format!("bsr:{}x{}", c.height, c.width),
-                    Packed::Bsr(Bsr::pack(&mask, &values, c.height, c.width)?),
-                ),
-                (Some(Pattern::Nm(c)), true) => {
-                    let perm = meta.and_then(|m| m.col_perm.clone());
-                    (
-                        format!("nm:{}:{}", c.n, c.m),
-                        Packed::Nm(NmCompressed::pack(
-                            &mask,
-                            &values,
-                            view,
-                            c.n,
-                            c.m,
-                            perm.as_deref(),
-                        )?),
-                    )
-                }
-                _ => ("csr".to_string(), Packed::Csr(Csr::pack(&mask, &values)?)),
-            })
+            Ok((format.label(), format.pack(&mask, &values, view)?))
         };
         let (label, packed) = pack().with_context(|| {
             format!(
