@@ -809,4 +809,44 @@ mod tests {
             vec![9]
         );
     }
+
+    /// The tiles a checkpoint restores are read from disk: a tile outside its weight, or state
+    /// that is not DSB's, is a clear error; null state (an older checkpoint) keeps the tiles.
+    #[test]
+    fn restored_tiles_are_checked() {
+        let spec = crate::model::ModelSpec {
+            name: "cnn".into(),
+            width: 0.5,
+            input: [1, 8, 8],
+            classes: 4,
+        };
+        let model = Model::new(&spec, 0).unwrap();
+        let cfg = DsbConfig {
+            dynamic: DynamicConfig {
+                sparsity: 0.8,
+                delta_t: 1,
+                t_end: 1.0,
+                stop: 1.0,
+                alpha: 0.3,
+                update: UpdateAt::Step,
+            },
+            block: 4,
+            grow: Grow::Estimate,
+            static_blocks: false,
+            linear: LinearBlocks::Blocked,
+        };
+        let (mut dsb, _) = Dsb::new(&model, cfg, 10).unwrap();
+        let saved = dsb.save();
+        dsb.load(&saved, &model).unwrap();
+        dsb.load(&serde_json::Value::Null, &model).unwrap();
+        let name = dsb.blocked_layers()[0].clone();
+        let bad = serde_json::json!({ "tiles": { name.clone(): [[[0, 1_000_000], [0]]] } });
+        let err = dsb.load(&bad, &model).unwrap_err().to_string();
+        assert!(err.contains("outside") && err.contains(&name), "{err}");
+        let err = dsb
+            .load(&serde_json::json!({ "tiles": 3 }), &model)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unreadable"), "{err}");
+    }
 }
