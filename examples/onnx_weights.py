@@ -34,7 +34,11 @@ def main() -> int:
     if os.path.abspath(a.model) == os.path.abspath(a.out):
         print("error: the output would replace the model", file=sys.stderr)
         return 2
-    model = onnx.load(a.model)
+    try:
+        model = onnx.load(a.model)
+    except Exception as e:  # a missing, truncated or foreign file
+        print(f"error: {a.model}: not a readable ONNX model ({e})", file=sys.stderr)
+        return 1
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
@@ -64,6 +68,8 @@ def main() -> int:
             print(f"error: {n.name or n.op_type}: non-finite weights", file=sys.stderr)
             return 1
         name = (n.name or f"{n.op_type.lower()}_{i}").replace("/", ".") + ".weight"
+        if name in out:  # node names need not be unique: never let one weight replace another
+            name = f"{name[: -len('.weight')]}_{i}.weight"
         out[name] = np.ascontiguousarray(w, dtype=np.float32)
     if not out:
         print("error: no conv or MatMul weights of that size", file=sys.stderr)
