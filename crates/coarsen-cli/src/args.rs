@@ -161,12 +161,30 @@ pub struct ConvertArgs {
     /// Seed of the randomised steps (partitioning, permutation search).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Reach this density (fraction kept, e.g. 0.2 for 80% sparsity) within one point, by
+    /// pruning the weakest or refilling the strongest units of the structure (rows, tiles,
+    /// block columns, N:M slots) after conversion [default: the density the pattern lands on].
+    #[arg(long, value_name = "D")]
+    pub target_density: Option<f64>,
+    /// Whether every layer reaches --target-density on its own, or the selected layers together
+    /// (one ranking of units across layers, as global magnitude pruning).
+    #[arg(long, value_enum, default_value_t = TargetScopeArg::Layer, requires = "target_density")]
+    pub target_scope: TargetScopeArg,
     /// Layer selection.
     #[command(flatten)]
     pub selection: Selection,
     /// Pattern options.
     #[command(flatten)]
     pub options: PatternOptions,
+}
+
+/// Scope of `--target-density`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TargetScopeArg {
+    /// Every layer on its own.
+    Layer,
+    /// The selected layers together.
+    Global,
 }
 
 /// Options of the individual patterns. Each is refused with a pattern it does not apply to.

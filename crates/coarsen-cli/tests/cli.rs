@@ -272,6 +272,106 @@ fn every_pattern_converts_verifies_and_inspects() {
 }
 
 #[test]
+fn target_density_is_reached_inside_the_structure() {
+    let f = Fixture::new();
+    // The fixture's mask is at 0.3; every pattern moves to 0.2 per layer (within one point where
+    // the structure's units allow, with a note where they do not) or 0.2 for all layers.
+    for (i, (to, extra)) in [
+        ("channel", &[][..]),
+        (
+            "group",
+            &["--parts", "auto", "--min-rows", "4", "--row-tile", "8"][..],
+        ),
+        ("shuffled-block", &["--block", "8"][..]),
+        ("block", &["--block", "4x8"][..]),
+        ("nm", &[][..]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for scope in ["layer", "global"] {
+            let out = f.s(&format!("t{i}{scope}.safetensors"));
+            let report = f.s(&format!("t{i}{scope}.json"));
+            let mut args = vec![
+                "convert",
+                "--weights",
+                f.s("w.safetensors"),
+                "--mask",
+                f.s("m.safetensors"),
+                "--to",
+                to,
+                "--out",
+                out,
+                "--report",
+                report,
+                "--target-density",
+                "0.2",
+                "--target-scope",
+                scope,
+            ];
+            args.extend_from_slice(extra);
+            let table = ok(&args);
+            assert!(
+                table.contains(&format!("target density 0.2 ({scope})")),
+                "{table}"
+            );
+            let masks = MaskFile::read(out).unwrap();
+            verify(&masks);
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+            assert_eq!(json["target"]["density"], 0.2, "{json}");
+            let reached = json["target"]["reached"].as_f64().unwrap();
+            if scope == "global" {
+                assert!((reached - 0.2).abs() <= 0.01, "{to}: {json}");
+            }
+            for l in json["layers"].as_array().unwrap() {
+                let d = l["density_out"].as_f64().unwrap();
+                let noted = l.get("target_note").is_some();
+                if scope == "layer" && l["status"] != "unstructured" {
+                    assert!(
+                        (d - 0.2).abs() <= 0.01 || noted,
+                        "{to} {}: {d} without a note",
+                        l["name"]
+                    );
+                    if noted {
+                        assert!(
+                            table.contains(l["target_note"].as_str().unwrap()),
+                            "{table}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // The big conv layers have small units: they must reach it.
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.path("t0layer.json")).unwrap()).unwrap();
+    let conv2 = &json["layers"][1];
+    assert_eq!(conv2["name"], "conv2.weight");
+    assert!(
+        (conv2["density_out"].as_f64().unwrap() - 0.2).abs() <= 0.01,
+        "{json}"
+    );
+    // A density outside (0, 1] is refused before anything is read or written.
+    let out = f.path("bad.safetensors");
+    fails(
+        &[
+            "convert",
+            "--mask",
+            f.s("m.safetensors"),
+            "--to",
+            "channel",
+            "--out",
+            out.to_str().unwrap(),
+            "--target-density",
+            "1.5",
+        ],
+        &["--target-density", "1.5"],
+        &out,
+    );
+}
+
+#[test]
 fn nm_fill_needs_weights() {
     let f = Fixture::new();
     let out = f.path("fill.safetensors");

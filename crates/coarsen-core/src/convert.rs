@@ -10,12 +10,15 @@ use crate::error::{Error, Result};
 use crate::io::{MaskFile, MaskTensor, WeightFile};
 use crate::mask::Mask;
 use crate::metadata::{CoarsenMetadata, LayerMeta, LayerStatus, METADATA_VERSION};
+use crate::patterns::row_classes;
 use crate::patterns::{
     aligned_blocks, check, nm_prune, refill, regroup, shuffled_blocks, ChannelCriterion, Fallback,
     Pattern,
 };
-use crate::report::{LayerReport, Magnitudes, PatternStats, Report, Spread};
+use crate::prune::Scope;
+use crate::report::{LayerReport, Magnitudes, PatternStats, Report, Spread, TargetSummary};
 use crate::select::Selector;
+use crate::target::{retarget, DensityTarget, Structure, TargetLayer};
 use crate::view::MatrixView;
 
 /// One layer ready for conversion.
@@ -46,6 +49,9 @@ pub struct LayerOutcome {
     pub col_perm: Option<Vec<usize>>,
     /// Pattern statistics.
     pub stats: PatternStats,
+    /// What a structured layer is built of (the units density targeting adds and removes);
+    /// `None` for a layer left unstructured or made dense by a fallback.
+    pub structure: Option<Structure>,
 }
 
 /// The inputs of [`convert`].
@@ -59,6 +65,8 @@ pub struct ConvertInputs<'a> {
     pub scores: Option<&'a WeightFile>,
     /// Which mask tensors are layers.
     pub selector: &'a Selector,
+    /// A density to reach by pruning or refilling inside the structure, if any.
+    pub target: Option<DensityTarget>,
 }
 
 /// The result of [`convert`]: the structured masks (metadata included) and the report.
@@ -86,6 +94,7 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
         reason: None,
         col_perm: None,
         stats: PatternStats::default(),
+        structure: None,
     };
     let mut parts = 0;
     match pattern {
@@ -100,6 +109,7 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
             out.stats.rows_per_block = Spread::of([kept.len()]);
             out.stats.cols_per_block = Spread::of([view.cols]);
             out.mask = m;
+            out.structure = Some(Structure::Rows);
         }
         Pattern::Group(cfg) => {
             let g = regroup(mask, cfg, seed, layer.name)?;
@@ -114,6 +124,8 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
                     Fallback::Dense => LayerStatus::Dense,
                 };
                 out.reason = Some(reason);
+            } else {
+                out.structure = Some(Structure::Classes);
             }
             out.mask = g.mask;
         }
@@ -124,11 +136,19 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
             out.stats.rows_per_block = Spread::of(s.tiles.iter().map(|(g, _)| s.groups[*g].len()));
             out.stats.cols_per_block = Spread::of(s.tiles.iter().map(|(_, c)| c.len()));
             out.mask = s.mask;
+            out.structure = Some(Structure::Shuffled {
+                groups: s.groups,
+                chunks: s.chunks,
+            });
         }
         Pattern::Block(cfg) => {
             let (m, tiles) = aligned_blocks(mask, layer.weights, cfg)?;
             out.stats.blocks = Some(tiles.len());
             out.mask = m;
+            out.structure = Some(Structure::Tiles {
+                height: cfg.height,
+                width: cfg.width,
+            });
         }
         Pattern::Nm(cfg) => {
             let n = nm_prune(mask, layer.weights, view, cfg, seed)?;
@@ -138,23 +158,88 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
                     Some(crate::report::ratio(n.kept_unpermuted, total));
                 out.stats.permute_skipped = n.permute_skipped;
             }
+            out.structure = Some(Structure::Nm {
+                n: cfg.n,
+                m: cfg.m,
+                view,
+                col_perm: n.col_perm.clone(),
+            });
             out.col_perm = n.col_perm;
             out.mask = n.mask;
         }
     }
+    verify(layer.name, pattern, view, parts, &mut out)?;
+    Ok(out)
+}
+
+/// Checks a structured layer's mask against the pattern and marks an all-ones mask dense.
+fn verify(
+    name: &str,
+    pattern: &Pattern,
+    view: MatrixView,
+    parts: usize,
+    out: &mut LayerOutcome,
+) -> Result<()> {
     if out.status == LayerStatus::Structured {
         check(pattern, &out.mask, view, parts, out.col_perm.as_deref()).map_err(|violation| {
             Error::PatternViolated {
-                layer: layer.name.to_string(),
+                layer: name.to_string(),
                 pattern: pattern.name().to_string(),
                 violation,
             }
         })?;
-        if out.mask.nnz() == out.mask.len() {
-            out.status = LayerStatus::Dense;
-        }
+        out.status = if out.mask.nnz() == out.mask.len() {
+            LayerStatus::Dense
+        } else {
+            LayerStatus::Structured
+        };
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Updates the block statistics of a layer whose mask density targeting changed.
+fn restat(out: &mut LayerOutcome) {
+    let mask = &out.mask;
+    match &out.structure {
+        Some(Structure::Rows) => {
+            let kept = mask.nonempty_rows().len();
+            out.stats.kept_rows = Some(kept);
+            out.stats.blocks = Some(usize::from(kept > 0));
+            out.stats.rows_per_block = Spread::of([kept]);
+        }
+        Some(Structure::Classes) => {
+            let classes = row_classes(mask);
+            out.stats.blocks = Some(classes.len());
+            out.stats.rows_per_block = Spread::of(classes.iter().map(|c| c.rows.len()));
+            out.stats.cols_per_block = Spread::of(classes.iter().map(|c| c.cols.len()));
+        }
+        Some(Structure::Shuffled { groups, chunks }) => {
+            let mut tiles = Vec::new();
+            for (g, members) in groups.iter().enumerate() {
+                for chunk in chunks.get(g).map_or(&[][..], Vec::as_slice) {
+                    if let (Some(&r), Some(&c)) = (members.first(), chunk.first()) {
+                        if mask.get(r, c) {
+                            tiles.push((members.len(), chunk.len()));
+                        }
+                    }
+                }
+            }
+            out.stats.blocks = Some(tiles.len());
+            out.stats.rows_per_block = Spread::of(tiles.iter().map(|t| t.0));
+            out.stats.cols_per_block = Spread::of(tiles.iter().map(|t| t.1));
+        }
+        Some(Structure::Tiles { height, width }) => {
+            let (h, w) = ((*height).max(1), (*width).max(1));
+            let mut n = 0;
+            for i in (0..mask.rows()).step_by(h) {
+                for j in (0..mask.cols()).step_by(w) {
+                    n += usize::from(mask.get(i, j));
+                }
+            }
+            out.stats.blocks = Some(n);
+        }
+        Some(Structure::Nm { .. }) | None => {}
+    }
 }
 
 fn weights_or_ones(weights: Option<&[f32]>, len: usize) -> Vec<f32> {
@@ -174,6 +259,18 @@ struct Prepared<'a> {
     mask: Mask,
     weights: Option<&'a [f32]>,
     scores: Option<&'a [f32]>,
+}
+
+impl Prepared<'_> {
+    fn input(&self) -> LayerInput<'_> {
+        LayerInput {
+            name: &self.tensor.name,
+            shape: &self.tensor.shape,
+            mask: &self.mask,
+            weights: self.weights,
+            scores: self.scores,
+        }
+    }
 }
 
 /// Validates the inputs and returns the selected layers: names and shapes must match, weights
@@ -279,8 +376,9 @@ pub fn matching_values<'a>(
     Ok(values)
 }
 
-/// Converts every selected layer of `inputs.masks` into `pattern`, in parallel.
-/// `on_layer` is called as each layer finishes (for progress bars).
+/// Converts every selected layer of `inputs.masks` into `pattern`, in parallel, then moves it to
+/// `inputs.target` when one is given. `on_layer` is called as each layer finishes (for progress
+/// bars); with a global target, after all layers are converted.
 pub fn convert(
     inputs: &ConvertInputs<'_>,
     pattern: &Pattern,
@@ -288,51 +386,85 @@ pub fn convert(
     on_layer: &(dyn Fn(&LayerReport) + Sync),
 ) -> Result<Conversion> {
     pattern.validate()?;
+    if let Some(t) = &inputs.target {
+        t.validate()?;
+    }
     let start = Instant::now();
     let layers = prepare(inputs, pattern)?;
-    let results: Vec<(LayerOutcome, LayerReport, Magnitudes)> = layers
-        .par_iter()
-        .map(|p| {
-            let t0 = Instant::now();
-            let input = LayerInput {
-                name: &p.tensor.name,
-                shape: &p.tensor.shape,
-                mask: &p.mask,
-                weights: p.weights,
-                scores: p.scores,
-            };
-            let layer_seed = seed ^ stable_hash(&p.tensor.name);
-            let outcome = convert_layer(&input, pattern, layer_seed)?;
-            let time_ms = t0.elapsed().as_secs_f64() * 1e3;
-            // The obvious baseline at the density coarsen reached, from the dense weights.
-            let base = match (p.weights, MatrixView::of(&p.tensor.shape)) {
-                (Some(w), Some(view)) if outcome.status == LayerStatus::Structured => {
-                    crate::baseline::baseline_mask(
-                        pattern,
-                        w,
-                        view,
-                        outcome.mask.nnz(),
-                        outcome.stats.blocks.unwrap_or(0),
-                        layer_seed,
-                    )?
-                    .map(|m| m.magnitude(w))
-                }
-                _ => None,
-            };
-            let mags = p.weights.map(|w| {
-                let output = outcome.mask.magnitude(w);
-                Magnitudes {
-                    input: p.mask.magnitude(w),
-                    output,
-                    // A layer without a baseline counts at its own value in the total.
-                    baseline: base.unwrap_or(output),
-                }
-            });
-            let report = layer_report(&input, &outcome, mags.as_ref(), base.is_some(), time_ms);
-            on_layer(&report);
-            Ok((outcome, report, mags.unwrap_or_default()))
-        })
-        .collect::<Result<_>>()?;
+    let global = inputs.target.filter(|t| t.scope == Scope::Global);
+    let per_layer = inputs.target.filter(|t| t.scope == Scope::Layer);
+
+    let convert_one = |p: &Prepared<'_>| -> Result<(LayerOutcome, Option<String>, f64)> {
+        let t0 = Instant::now();
+        let input = p.input();
+        let mut outcome = convert_layer(&input, pattern, seed ^ stable_hash(&p.tensor.name))?;
+        let mut note = None;
+        if let Some(t) = per_layer {
+            note = retarget_layers(pattern, &[p], std::slice::from_mut(&mut outcome), &t)?
+                .pop()
+                .flatten();
+        }
+        Ok((outcome, note, t0.elapsed().as_secs_f64() * 1e3))
+    };
+    // The report of a finished layer, with the obvious baseline at the density it reached.
+    let finish = |p: &Prepared<'_>, outcome: &LayerOutcome, note: Option<String>, ms: f64| {
+        let input = p.input();
+        let base = match (p.weights, MatrixView::of(&p.tensor.shape)) {
+            (Some(w), Some(view)) if outcome.status == LayerStatus::Structured => {
+                crate::baseline::baseline_mask(
+                    pattern,
+                    w,
+                    view,
+                    outcome.mask.nnz(),
+                    outcome.stats.blocks.unwrap_or(0),
+                    seed ^ stable_hash(&p.tensor.name),
+                )?
+                .map(|m| m.magnitude(w))
+            }
+            _ => None,
+        };
+        let mags = p.weights.map(|w| {
+            let output = outcome.mask.magnitude(w);
+            Magnitudes {
+                input: p.mask.magnitude(w),
+                output,
+                // A layer without a baseline counts at its own value in the total.
+                baseline: base.unwrap_or(output),
+            }
+        });
+        let mut report = layer_report(&input, outcome, mags.as_ref(), base.is_some(), ms);
+        report.target_note = note;
+        on_layer(&report);
+        Ok::<_, Error>((report, mags.unwrap_or_default()))
+    };
+
+    let results: Vec<(LayerOutcome, LayerReport, Magnitudes)> = match global {
+        None => layers
+            .par_iter()
+            .map(|p| {
+                let (outcome, note, ms) = convert_one(p)?;
+                let (report, mags) = finish(p, &outcome, note, ms)?;
+                Ok((outcome, report, mags))
+            })
+            .collect::<Result<_>>()?,
+        Some(t) => {
+            let done: Vec<(LayerOutcome, Option<String>, f64)> =
+                layers.par_iter().map(convert_one).collect::<Result<_>>()?;
+            let (mut outcomes, times): (Vec<LayerOutcome>, Vec<f64>) =
+                done.into_iter().map(|(o, _, ms)| (o, ms)).unzip();
+            let refs: Vec<&Prepared<'_>> = layers.iter().collect();
+            retarget_layers(pattern, &refs, &mut outcomes, &t)?;
+            layers
+                .par_iter()
+                .zip(outcomes)
+                .zip(times)
+                .map(|((p, outcome), ms)| {
+                    let (report, mags) = finish(p, &outcome, None, ms)?;
+                    Ok((outcome, report, mags))
+                })
+                .collect::<Result<_>>()?
+        }
+    };
 
     let mut converted = std::collections::HashMap::new();
     let mut meta_layers = std::collections::BTreeMap::new();
@@ -379,7 +511,65 @@ pub fn convert(
     if inputs.weights.is_some() {
         report.baseline = Some(crate::baseline::describe(pattern).to_string());
     }
+    report.target = inputs.target.map(|t| TargetSummary::of(&t, &report.layers));
     Ok(Conversion { masks, report })
+}
+
+/// Moves the structured layers among `outcomes` toward `target` (the others are left as they
+/// are), re-checks each changed layer against the pattern and refreshes its statistics.
+/// Returns a note per outcome for layers that end off target.
+fn retarget_layers(
+    pattern: &Pattern,
+    layers: &[&Prepared<'_>],
+    outcomes: &mut [LayerOutcome],
+    target: &DensityTarget,
+) -> Result<Vec<Option<String>>> {
+    let mut idx = Vec::new();
+    let mut work = Vec::new();
+    let (mut fixed_nnz, mut fixed_len) = (0usize, 0usize);
+    for (i, (p, o)) in layers.iter().zip(outcomes.iter_mut()).enumerate() {
+        let structured = matches!(o.status, LayerStatus::Structured | LayerStatus::Dense);
+        if !structured || o.structure.is_none() {
+            fixed_nnz += o.mask.nnz();
+            fixed_len += o.mask.len();
+        }
+        if let (true, Some(structure)) = (structured, o.structure.as_ref()) {
+            idx.push(i);
+            work.push(TargetLayer {
+                name: &p.tensor.name,
+                structure,
+                mask: &mut o.mask,
+                input: &p.mask,
+                weights: p.weights,
+            });
+        }
+    }
+    // A global target is for all selected layers: the targeted ones make up for those left
+    // as they were.
+    let mut target = *target;
+    if target.scope == Scope::Global {
+        let len: usize = work.iter().map(|l| l.mask.len()).sum();
+        if len > 0 && fixed_len > 0 {
+            let want = target.density * (len + fixed_len) as f64 - fixed_nnz as f64;
+            target.density = (want / len as f64).clamp(f64::MIN_POSITIVE, 1.0);
+        }
+    }
+    let results = retarget(&mut work, &target)?;
+    drop(work);
+    let mut notes = vec![None; outcomes.len()];
+    for (i, r) in idx.into_iter().zip(results) {
+        let (p, o) = (layers[i], &mut outcomes[i]);
+        if r.added + r.removed > 0 {
+            let view = MatrixView::of(&p.tensor.shape)
+                .ok_or_else(|| Error::param("layer", &p.tensor.name, "shape has rank < 2"))?;
+            o.status = LayerStatus::Structured;
+            restat(o);
+            let parts = o.stats.parts.unwrap_or(0);
+            verify(&p.tensor.name, pattern, view, parts, o)?;
+        }
+        notes[i] = r.note;
+    }
+    Ok(notes)
 }
 
 /// The report of one layer; `mags` (with weights) give its retained magnitudes, and the
@@ -410,6 +600,7 @@ fn layer_report(
             .filter(|_| has_baseline)
             .map(|m| crate::report::ratio(m.baseline, m.input)),
         stats: out.stats.clone(),
+        target_note: None,
         time_ms,
     }
 }

@@ -36,6 +36,7 @@ pub mod patterns;
 pub mod prune;
 pub mod report;
 mod select;
+pub mod target;
 mod view;
 pub mod zoo;
 
@@ -52,4 +53,5 @@ pub use patterns::Pattern;
 pub use prune::{magnitude_prune, PruneInput, Scope};
 pub use report::{LayerReport, Report};
 pub use select::Selector;
+pub use target::{DensityTarget, Structure};
 pub use view::MatrixView;

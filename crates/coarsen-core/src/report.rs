@@ -93,6 +93,9 @@ pub struct LayerReport {
     pub baseline_magnitude: Option<f64>,
     /// Pattern statistics.
     pub stats: PatternStats,
+    /// Why the layer ends more than one point from a per-layer `--target-density`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_note: Option<String>,
     /// Wall time of the conversion of this layer, in milliseconds.
     pub time_ms: f64,
 }
@@ -142,10 +145,55 @@ pub struct Report {
     /// What the baseline columns compare against (when weights are given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
+    /// The requested density and what was reached, when `--target-density` was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetSummary>,
     /// Per layer, in natural name order.
     pub layers: Vec<LayerReport>,
     /// Totals.
     pub total: Totals,
+}
+
+/// A `--target-density` request and what conversion reached.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TargetSummary {
+    /// The requested density.
+    pub density: f64,
+    /// `layer` or `global`.
+    pub scope: String,
+    /// Density reached: of the targeted layers together (per-layer scope), of all selected
+    /// layers (global scope, where the targeted layers make up for the others).
+    pub reached: f64,
+    /// Structured layers off by more than one point (per-layer scope).
+    pub missed: usize,
+    /// Layers not targeted (left unstructured or made dense by a fallback).
+    pub untargeted: usize,
+}
+
+impl TargetSummary {
+    /// How many of `layers` were targeted.
+    pub fn layers_targeted(&self, layers: usize) -> usize {
+        layers - self.untargeted
+    }
+
+    pub(crate) fn of(t: &crate::target::DensityTarget, layers: &[LayerReport]) -> Self {
+        let targeted =
+            |l: &&LayerReport| l.status != LayerStatus::Unstructured && l.reason.is_none();
+        let global = t.scope == crate::prune::Scope::Global;
+        let (nnz, len) = layers
+            .iter()
+            .filter(|l| global || targeted(l))
+            .fold((0usize, 0usize), |(n, w), l| {
+                (n + l.nnz_out, w + l.rows * l.cols)
+            });
+        TargetSummary {
+            density: t.density,
+            scope: crate::target::scope_str(t.scope).to_string(),
+            reached: ratio(nnz as f64, len as f64),
+            missed: layers.iter().filter(|l| l.target_note.is_some()).count(),
+            untargeted: layers.len() - layers.iter().filter(targeted).count(),
+        }
+    }
 }
 
 /// Magnitudes a report needs to sum retained magnitude over layers.
@@ -200,6 +248,7 @@ impl Report {
             params,
             seed,
             baseline: None,
+            target: None,
             layers,
             total,
         }
@@ -274,6 +323,37 @@ impl Report {
                 "magn. = retained magnitude; base. = the same for the naive baseline ({b}) at the same density: {:+.1} pt for coarsen\n",
                 100.0 * (ours - base)
             );
+        }
+        if let Some(t) = &self.target {
+            let which = if t.scope == "global" {
+                format!("the {} layers together", self.layers.len())
+            } else {
+                format!(
+                    "the {} targeted layers",
+                    t.layers_targeted(self.layers.len())
+                )
+            };
+            s += &format!(
+                "target density {} ({}): {which} reach {:.4}{}{}\n",
+                t.density,
+                t.scope,
+                t.reached,
+                if t.missed > 0 {
+                    format!("; {} off by more than one point (notes below)", t.missed)
+                } else {
+                    String::new()
+                },
+                if t.untargeted > 0 {
+                    format!("; {} left as they were (not structured)", t.untargeted)
+                } else {
+                    String::new()
+                },
+            );
+        }
+        for l in &self.layers {
+            if let Some(n) = &l.target_note {
+                s += &format!("note: {}: {n}\n", l.name);
+            }
         }
         for l in self.layers.iter().filter(|l| l.reason.is_some()) {
             s += &format!(

@@ -252,3 +252,64 @@ proptest! {
         prop_assert_eq!(back.get("w").unwrap().values().unwrap(), &values[..]);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Density targeting keeps every pattern's property, never empties a layer, and either
+    /// reaches the target within one point or says why not.
+    #[test]
+    fn targeting_keeps_the_structure_and_reaches_or_explains((shape, mask, w) in layer(), which in 0usize..5, density in 0.02f64..1.0, seed in 0u64..4) {
+        use coarsen_core::target::{retarget, within, DensityTarget, TargetLayer};
+        let pattern = match which {
+            0 => Pattern::Channel(ChannelConfig::default()),
+            1 => Pattern::Group(GroupConfig { min_rows: 1, row_tile: 4, ..Default::default() }),
+            2 => Pattern::ShuffledBlock(ShuffledConfig { block: 4, blocks: None }),
+            3 => Pattern::Block(BlockConfig { height: 2, width: 4 }),
+            _ => Pattern::Nm(NmConfig { n: 2, m: 4, ..Default::default() }),
+        };
+        let (input, mut out) = run(&shape, &mask, &w, &pattern, seed);
+        let Some(structure) = out.structure.clone() else {
+            prop_assert!(out.status != LayerStatus::Structured);
+            return Ok(());
+        };
+        let parts = out.stats.parts.unwrap_or(0);
+        let before = patterns(&out.mask).len();
+        let mut layers = [TargetLayer {
+            name: "layer",
+            structure: &structure,
+            mask: &mut out.mask,
+            input: &input,
+            weights: Some(&w),
+        }];
+        let result = retarget(&mut layers, &DensityTarget::per_layer(density)).unwrap();
+        let v = MatrixView::of(&shape).unwrap();
+        prop_assert!(out.mask.nnz() > 0, "a layer is never emptied");
+        prop_assert!(
+            coarsen_core::patterns::check(&pattern, &out.mask, v, parts, out.col_perm.as_deref()).is_ok()
+        );
+        if matches!(pattern, Pattern::Group(_)) {
+            prop_assert!(patterns(&out.mask).len() <= before, "group never gains row patterns");
+        }
+        let reached = out.mask.density();
+        prop_assert_eq!(within(reached, density), result[0].note.is_none(), "reached {} for {}", reached, density);
+        // How close the structure allows: half a unit each way, a unit for safety.
+        let (rows, cols) = (v.rows as f64, v.cols as f64);
+        let len = rows * cols;
+        let slack = match pattern {
+            Pattern::Channel(_) => 1.0 / rows,
+            Pattern::Group(_) => 1.0 / rows + 1.0 / cols,
+            Pattern::ShuffledBlock(_) => 16.0 / len,
+            Pattern::Block(_) => 8.0 / len,
+            _ => 1.0 / len,
+        };
+        let tol = coarsen_core::target::TOLERANCE + slack + 1e-9;
+        if let Pattern::Nm(c) = pattern {
+            let cap = c.n as f64 / c.m as f64;
+            prop_assert!(reached >= density.min(cap) - tol, "N:M reached {} for {}", reached, density);
+            prop_assert!(reached <= density + tol, "N:M reached {} for {}", reached, density);
+        } else {
+            prop_assert!((reached - density).abs() <= tol, "reached {} for {} (slack {})", reached, density, slack);
+        }
+    }
+}

@@ -8,7 +8,8 @@ use coarsen_core::patterns::{
 };
 use coarsen_core::prune::prune_file;
 use coarsen_core::{
-    CoarsenMetadata, ConvertInputs, Mask, MaskFile, MatrixView, Pattern, Scope, Selector,
+    CoarsenMetadata, ConvertInputs, DensityTarget, Mask, MaskFile, MatrixView, Pattern, Scope,
+    Selector,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -49,7 +50,7 @@ type Converted<'py> = (Named<'py>, Option<String>, String, String);
 
 /// Converts the selected layers of `masks` into pattern `to` (see `coarsen convert`).
 #[pyfunction]
-#[pyo3(signature = (weights, masks, to, options, seed, include, exclude, scores))]
+#[pyo3(signature = (weights, masks, to, options, seed, include, exclude, scores, target_density=None, target_scope="layer"))]
 #[allow(clippy::too_many_arguments)]
 pub fn convert<'py>(
     py: Python<'py>,
@@ -61,8 +62,22 @@ pub fn convert<'py>(
     include: Option<String>,
     exclude: Option<String>,
     scores: Option<Named<'py>>,
+    target_density: Option<f64>,
+    target_scope: &str,
 ) -> PyResult<Converted<'py>> {
     let options = pattern_options(options, scores.is_some())?;
+    let target = target_density
+        .map(|density| -> PyResult<DensityTarget> {
+            let scope = coarsen_core::target::parse_scope(target_scope).map_err(|_| {
+                bad(format!(
+                    "target_scope='{target_scope}': expected 'layer' or 'global'"
+                ))
+            })?;
+            let t = DensityTarget { density, scope };
+            t.validate().map_err(core)?;
+            Ok(t)
+        })
+        .transpose()?;
     let pattern = Pattern::from_options(to, &options).map_err(core)?;
     let masks = mask_file("masks", &masks)?;
     let weights = weights.map(|w| weight_file("weights", &w)).transpose()?;
@@ -75,6 +90,7 @@ pub fn convert<'py>(
                 weights: weights.as_ref(),
                 scores: scores.as_ref(),
                 selector: &sel,
+                target,
             };
             coarsen_core::convert(&inputs, &pattern, seed, &|_| {})
         })

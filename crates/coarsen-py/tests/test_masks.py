@@ -79,6 +79,27 @@ def test_convert_matches_cli_bytes(tmp_path, cli, layers, to, options, flags):
         np.testing.assert_array_equal(mask, ours[name])
 
 
+def test_target_density_matches_cli(tmp_path, cli, layers):
+    w, m = tmp_path / "w.safetensors", tmp_path / "m.safetensors"
+    write_safetensors(w, layers)
+    masks = coarsen.prune(layers, 0.75)
+    coarsen.write_masks(m, masks)
+    for scope in ("layer", "global"):
+        out = tmp_path / f"cli-{scope}.safetensors"
+        cli("convert", "-q", "--weights", w, "--mask", m, "--to", "group", "--seed", "3",
+            "--target-density", "0.3", "--target-scope", scope, "--out", out)
+        converted, report = coarsen.convert(layers, masks, to="group", seed=3,
+                                            target_density=0.3, target_scope=scope)
+        coarsen.write_masks(tmp_path / "py.safetensors", converted)
+        assert (tmp_path / "py.safetensors").read_bytes() == out.read_bytes()
+        assert report["target"]["scope"] == scope
+        coarsen.check(converted)
+    with pytest.raises(coarsen.CoarsenError, match="target-density"):
+        coarsen.convert(layers, masks, to="group", target_density=0.0)
+    with pytest.raises(coarsen.CoarsenError, match="target_scope"):
+        coarsen.convert(layers, masks, to="group", target_density=0.3, target_scope="all")
+
+
 def test_inputs_as_bool_float_and_torch_like(layers):
     masks = coarsen.prune(layers, 0.5)
     as_bool = {k: v.astype(bool) for k, v in masks.items()}

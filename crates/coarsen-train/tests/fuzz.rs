@@ -220,6 +220,7 @@ fn mask_files(dir: &Path) {
         weights: Some(&weights),
         scores: None,
         selector: &sel,
+        target: None,
     };
     let conv = coarsen_core::convert(&inputs, &pattern, 1, &|_| {}).unwrap();
     conv.masks.write(dir.join("m.safetensors")).unwrap();

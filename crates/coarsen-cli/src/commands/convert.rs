@@ -1,9 +1,11 @@
 //! `coarsen convert`: an unstructured mask into a structured pattern.
 
 use anyhow::Result;
-use coarsen_core::{Conversion, ConvertInputs, MaskFile, Pattern, Selector, WeightFile};
+use coarsen_core::{
+    Conversion, ConvertInputs, DensityTarget, MaskFile, Pattern, Scope, WeightFile,
+};
 
-use crate::args::ConvertArgs;
+use crate::args::{ConvertArgs, TargetScopeArg};
 use crate::commands::{check_outputs, ensure_parent, selector, write_json};
 use crate::{pattern, progress};
 
@@ -21,6 +23,16 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     outputs.extend(args.report.as_deref().map(|r| ("--report", r)));
     check_outputs(&inputs, &outputs)?;
     let sel = selector(&args.selection)?;
+    let target = args.target_density.map(|density| DensityTarget {
+        density,
+        scope: match args.target_scope {
+            TargetScopeArg::Layer => Scope::Layer,
+            TargetScopeArg::Global => Scope::Global,
+        },
+    });
+    if let Some(t) = &target {
+        t.validate()?;
+    }
     let masks = MaskFile::read(&args.mask)?;
     let weights = args.weights.as_ref().map(WeightFile::read).transpose()?;
     let scores = args
@@ -29,15 +41,14 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
         .as_ref()
         .map(WeightFile::read)
         .transpose()?;
-    let conv = convert_with_progress(
-        &masks,
-        weights.as_ref(),
-        scores.as_ref(),
-        &sel,
-        &pattern,
-        args.seed,
-        quiet,
-    )?;
+    let inputs = ConvertInputs {
+        masks: &masks,
+        weights: weights.as_ref(),
+        scores: scores.as_ref(),
+        selector: &sel,
+        target,
+    };
+    let conv = convert_with_progress(&inputs, &pattern, args.seed, quiet)?;
     conv.masks.write(&args.out)?;
     if let Some(r) = &args.report {
         write_json(r, &conv.report)?;
@@ -49,27 +60,19 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
 
 /// [`coarsen_core::convert`] with a progress bar over the layers.
 pub fn convert_with_progress(
-    masks: &MaskFile,
-    weights: Option<&WeightFile>,
-    scores: Option<&WeightFile>,
-    sel: &Selector,
+    inputs: &ConvertInputs<'_>,
     pattern: &Pattern,
     seed: u64,
     quiet: bool,
 ) -> Result<Conversion> {
-    let layers = masks
+    let layers = inputs
+        .masks
         .tensors()
         .iter()
-        .filter(|t| sel.selects(&t.name, &t.shape))
+        .filter(|t| inputs.selector.selects(&t.name, &t.shape))
         .count();
     let bar = progress::bar(layers as u64, pattern.name(), quiet);
-    let inputs = ConvertInputs {
-        masks,
-        weights,
-        scores,
-        selector: sel,
-    };
-    let result = coarsen_core::convert(&inputs, pattern, seed, &|r| {
+    let result = coarsen_core::convert(inputs, pattern, seed, &|r| {
         bar.set_message(r.name.clone());
         bar.inc(1);
     });

@@ -82,15 +82,14 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
     let list = conversions();
     for (i, (label, pattern)) in list.iter().enumerate() {
         eprintln!("[3/3] ({}/{}) convert to {label}", i + 1, list.len());
-        let conv = convert_with_progress(
-            &masks,
-            Some(&weights),
-            None,
-            &sel,
-            pattern,
-            args.seed,
-            quiet,
-        )?;
+        let inputs = coarsen_core::ConvertInputs {
+            masks: &masks,
+            weights: Some(&weights),
+            scores: None,
+            selector: &sel,
+            target: None,
+        };
+        let conv = convert_with_progress(&inputs, pattern, args.seed, quiet)?;
         conv.masks.write(dir.join(format!("{label}.safetensors")))?;
         write_json(&dir.join(format!("{label}.json")), &conv.report)?;
         if let (Some(before), Some(after)) = (masks.get(&pictured), conv.masks.get(&pictured)) {

@@ -61,6 +61,9 @@ pub struct ShuffledOutcome {
     pub groups: Vec<Vec<usize>>,
     /// Kept tiles: (group index, its columns).
     pub tiles: Vec<(usize, Vec<usize>)>,
+    /// Every group's columns, ranked and cut into chunks of b (the last may be shorter): the
+    /// candidate tiles, kept or not. Density targeting adds and removes these whole.
+    pub chunks: Vec<Vec<Vec<usize>>>,
 }
 
 /// EXTRACT one layer. `weights` give `A = |W|⊙M` (the mask itself when absent); entries of
@@ -94,6 +97,7 @@ pub fn shuffled_blocks(
     // Candidate tiles: (score, group, chunk index, columns).
     let mut candidates: Vec<(f64, usize, usize, Vec<usize>)> = Vec::new();
     let mut norm = vec![0.0f64; cols];
+    let mut chunks = Vec::with_capacity(groups.len());
     for (g, members) in groups.iter().enumerate() {
         norm.iter_mut().for_each(|v| *v = 0.0);
         for &r in members {
@@ -109,6 +113,7 @@ pub fn shuffled_blocks(
                 candidates.push((score, g, k, chunk.to_vec()));
             }
         }
+        chunks.push(ranked.chunks(b).map(<[usize]>::to_vec).collect::<Vec<_>>());
     }
     let k = cfg
         .blocks
@@ -136,6 +141,7 @@ pub fn shuffled_blocks(
         mask: out,
         groups,
         tiles,
+        chunks,
     })
 }
 

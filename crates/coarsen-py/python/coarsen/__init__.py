@@ -214,6 +214,8 @@ def convert(
     include: Optional[str] = None,
     exclude: Optional[str] = None,
     scores: Optional[Mapping[str, Any]] = None,
+    target_density: Optional[float] = None,
+    target_scope: str = "layer",
     **options: Any,
 ) -> Tuple[Masks, Report]:
     """Converts unstructured masks into a structured pattern, as ``coarsen convert``.
@@ -226,6 +228,11 @@ def convert(
         seed: drives the randomised steps (partitioning, permutation escapes).
         include, exclude: regular expressions on tensor names.
         scores: per-layer row scores (channel patterns; one value per output channel).
+        target_density: a density (fraction kept) to reach within one point by pruning or
+            refilling whole units of the structure after conversion, as ``--target-density``;
+            ``None`` keeps the density the pattern lands on.
+        target_scope: ``"layer"`` (every layer reaches it) or ``"global"`` (the selected
+            layers together).
         **options: the pattern's options, named as the command line's flags with ``_`` for
             ``-``: ``criterion`` ("l1" or "count"), ``extra`` (channel, channel+); ``parts``
             (a count or "auto"), ``imbalance``, ``min_rows``, ``row_tile``, ``width_ratio``,
@@ -250,6 +257,8 @@ def convert(
         include,
         exclude,
         None if scores is None else _weights(scores, "scores"),
+        None if target_density is None else float(target_density),
+        target_scope,
     )
     return (
         Masks(tensors, None if meta is None else json.loads(meta)),

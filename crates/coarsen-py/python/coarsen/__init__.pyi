@@ -88,6 +88,8 @@ def convert(
     include: Optional[str] = None,
     exclude: Optional[str] = None,
     scores: Optional[Mapping[str, _Array]] = None,
+    target_density: Optional[float] = None,
+    target_scope: str = "layer",
     **options: Any,
 ) -> Tuple[Masks, Report]: ...
 def check(
