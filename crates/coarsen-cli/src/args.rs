@@ -246,9 +246,14 @@ pub struct PatternOptions {
     /// others), as Refill regrows channels; needs --weights.
     #[arg(long, help_heading = "nm")]
     pub fill: bool,
-    /// Random escapes of the permutation search [default: 100].
+    /// Random escapes of the permutation search (apex: 100) [default: 10].
     #[arg(long, value_name = "N", help_heading = "nm")]
     pub escape_attempts: Option<usize>,
+    /// Stripes (of M channels) per window of the permutation search on wide layers: pairs are
+    /// searched inside windows, dealt again at random until a deal gains nothing; 0 searches
+    /// every pair, as apex [default: 32].
+    #[arg(long, value_name = "S", help_heading = "nm")]
+    pub permute_window: Option<usize>,
 }
 
 /// `coarsen inspect`.

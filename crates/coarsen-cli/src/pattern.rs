@@ -49,6 +49,7 @@ pub fn build(to: PatternArg, o: &PatternOptions) -> Result<Pattern> {
         permute: o.permute,
         fill: o.fill,
         escape_attempts: o.escape_attempts,
+        permute_window: o.permute_window,
     };
     match Pattern::from_options(pattern_name(to), &options) {
         Err(coarsen_core::Error::InapplicableOption {

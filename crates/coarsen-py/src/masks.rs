@@ -233,6 +233,7 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
             "permute" => o.permute = flag(&key, &v)?,
             "fill" => o.fill = flag(&key, &v)?,
             "escape_attempts" => o.escape_attempts = Some(count(&key, &v)?),
+            "permute_window" => o.permute_window = Some(count(&key, &v)?),
             _ => {
                 // scores= is an argument of its own, not an option.
                 return Err(PyTypeError::new_err(format!(

@@ -70,6 +70,8 @@ pub struct PatternOptions {
     pub fill: bool,
     /// nm: escape attempts of the permutation search.
     pub escape_attempts: Option<usize>,
+    /// nm: stripes per window of the permutation search (0: every pair).
+    pub permute_window: Option<usize>,
 }
 
 impl PatternOptions {
@@ -99,6 +101,7 @@ impl PatternOptions {
             ("permute", self.permute, NM),
             ("fill", self.fill, NM),
             ("escape_attempts", self.escape_attempts.is_some(), NM),
+            ("permute_window", self.permute_window.is_some(), NM),
         ]
     }
 
@@ -211,6 +214,7 @@ impl Pattern {
                     fill: o.fill,
                     escape_attempts: o.escape_attempts.unwrap_or(d.escape_attempts),
                     max_rounds: d.max_rounds,
+                    window: o.permute_window.unwrap_or(d.window),
                 })
             }
         };
@@ -257,7 +261,8 @@ mod tests {
             PatternOptions::listing(&["scores"]),
             "criterion, extra (channel, channel+), parts, imbalance, min_rows, row_tile, \
              width_ratio, partitioner, fallback, legacy_regroup (group), block (shuffled-block, \
-             block), blocks (shuffled-block), n, m, permute, fill, escape_attempts (nm)"
+             block), blocks (shuffled-block), n, m, permute, fill, escape_attempts, \
+             permute_window (nm)"
         );
     }
 

@@ -239,7 +239,7 @@ def convert(
             ``partitioner`` ("metis" or "random"), ``fallback`` ("keep" or "dense"),
             ``legacy_regroup`` (group); ``block`` (b, "HxW" or (H, W)) (shuffled-block,
             block); ``blocks`` (shuffled-block); ``n``, ``m``, ``permute``, ``fill``,
-            ``escape_attempts`` (nm). An option of another pattern is an error.
+            ``escape_attempts``, ``permute_window`` (nm). An option of another pattern is an error.
 
     Returns:
         ``(masks, report)``: every input mask, the selected ones converted, with the
