@@ -232,6 +232,11 @@ pub struct PatternOptions {
     /// Number of b×b tiles per layer [default: keeps each layer's density].
     #[arg(long, value_name = "K", help_heading = "shuffled-block, block")]
     pub blocks: Option<usize>,
+    /// The seed article's row-similarity threshold q: only rows at least this cosine-similar
+    /// are clustered together, the others keep their order [default: none, the DSB code's R/b
+    /// clusters].
+    #[arg(long, value_name = "Q", help_heading = "shuffled-block")]
+    pub similarity: Option<f64>,
 
     /// Entries kept per group [default: 2].
     #[arg(long, value_name = "N", help_heading = "nm")]
@@ -623,6 +628,10 @@ pub struct TrainArgs {
     /// unstructured) [default: blocked].
     #[arg(long, value_parser = ["blocked", "unstructured"])]
     pub linear_blocks: Option<String>,
+    /// dsb/ssb: the seed article's row-similarity threshold q for the row clustering (only rows
+    /// at least this cosine-similar are clustered) [default: none, the DSB code's R/b clusters].
+    #[arg(long, value_name = "Q")]
+    pub similarity: Option<f64>,
     /// Batch size [default: the recipe's].
     #[arg(long)]
     pub batch_size: Option<usize>,

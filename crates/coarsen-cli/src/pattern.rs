@@ -44,6 +44,7 @@ pub fn build(to: PatternArg, o: &PatternOptions) -> Result<Pattern> {
         legacy_regroup: o.legacy_regroup,
         block,
         blocks: o.blocks,
+        similarity: o.similarity,
         n: o.n,
         m: o.m,
         permute: o.permute,

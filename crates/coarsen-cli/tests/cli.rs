@@ -200,6 +200,7 @@ fn every_pattern_converts_verifies_and_inspects() {
         ("group", &["--partitioner", "random", "--fallback", "dense"]),
         ("group", &["--legacy-regroup"]),
         ("shuffled-block", &["--block", "8"]),
+        ("shuffled-block", &["--block", "8", "--similarity", "0.3"]),
         ("block", &["--block", "4x8"]),
         ("nm", &["--permute"]),
         ("nm", &["--n", "1", "--m", "3"]),
@@ -1038,6 +1039,21 @@ fn careless_inputs_are_errors_not_silent_successes() {
             f.s("z.safetensors"),
         ],
         &["--blocks"],
+        &f.path("z.safetensors"),
+    );
+    fails(
+        &[
+            "convert",
+            "--mask",
+            m,
+            "--to",
+            "shuffled-block",
+            "--similarity",
+            "1.5",
+            "--out",
+            f.s("z.safetensors"),
+        ],
+        &["--similarity", "1.5"],
         &f.path("z.safetensors"),
     );
     // A mask without one of the selected layers of the weights.

@@ -219,6 +219,7 @@ mod tests {
             Pattern::ShuffledBlock(ShuffledConfig {
                 block: 4,
                 blocks: None,
+                similarity: None,
             }),
             Pattern::Block(BlockConfig {
                 height: 4,

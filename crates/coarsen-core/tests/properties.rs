@@ -121,7 +121,7 @@ proptest! {
 
     #[test]
     fn shuffled_blocks_are_whole_tiles((shape, mask, w) in layer(), b in 1usize..9, k in proptest::option::of(1usize..20)) {
-        let cfg = ShuffledConfig { block: b, blocks: k };
+        let cfg = ShuffledConfig { block: b, blocks: k, similarity: None };
         let (input, out) = run(&shape, &mask, &w, &Pattern::ShuffledBlock(cfg), 0);
         let m = &out.mask;
         let (rr, cr) = (m.rows() % b, m.cols() % b);
@@ -213,7 +213,7 @@ proptest! {
     fn conversions_are_deterministic((shape, mask, w) in layer(), seed in 0u64..1000) {
         for p in [
             Pattern::Group(GroupConfig { min_rows: 1, row_tile: 2, ..Default::default() }),
-            Pattern::ShuffledBlock(ShuffledConfig { block: 3, blocks: None }),
+            Pattern::ShuffledBlock(ShuffledConfig { block: 3, blocks: None, similarity: None }),
             Pattern::Nm(NmConfig { permute: true, escape_attempts: 4, ..Default::default() }),
         ] {
             let a = run(&shape, &mask, &w, &p, seed).1;
@@ -264,7 +264,7 @@ proptest! {
         let pattern = match which {
             0 => Pattern::Channel(ChannelConfig::default()),
             1 => Pattern::Group(GroupConfig { min_rows: 1, row_tile: 4, ..Default::default() }),
-            2 => Pattern::ShuffledBlock(ShuffledConfig { block: 4, blocks: None }),
+            2 => Pattern::ShuffledBlock(ShuffledConfig { block: 4, blocks: None, similarity: None }),
             3 => Pattern::Block(BlockConfig { height: 2, width: 4 }),
             _ => Pattern::Nm(NmConfig { n: 2, m: 4, ..Default::default() }),
         };

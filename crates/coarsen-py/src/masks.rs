@@ -228,6 +228,7 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
             "legacy_regroup" => o.legacy_regroup = flag(&key, &v)?,
             "block" => o.block = Some(block(&v)?),
             "blocks" => o.blocks = Some(count(&key, &v)?),
+            "similarity" => o.similarity = Some(float(&key, &v)?),
             "n" => o.n = Some(count(&key, &v)?),
             "m" => o.m = Some(count(&key, &v)?),
             "permute" => o.permute = flag(&key, &v)?,

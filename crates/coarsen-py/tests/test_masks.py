@@ -18,6 +18,7 @@ PATTERNS = [
     ("group", {"parts": 4}, ["--parts", "4"]),
     ("group", {"parts": "auto", "partitioner": "random"}, ["--parts", "auto", "--partitioner", "random"]),
     ("shuffled-block", {"block": 8}, ["--block", "8"]),
+    ("shuffled-block", {"block": 8, "similarity": 0.3}, ["--block", "8", "--similarity", "0.3"]),
     ("block", {"block": (8, 4)}, ["--block", "8x4"]),
     ("nm", {}, []),
     ("nm", {"n": 1, "m": 4, "permute": True}, ["--n", "1", "--m", "4", "--permute"]),

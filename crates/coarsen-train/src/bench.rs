@@ -241,6 +241,7 @@ pub fn throughput(
                     grow: Grow::Gradient,
                     static_blocks: true,
                     linear: crate::dynamic::LinearBlocks::Blocked,
+                    similarity: None,
                 };
                 let (d, m) = crate::dynamic::Dsb::new(&model, cfg, 1)?;
                 let detail = format!(

@@ -332,6 +332,7 @@ fn grow_by_score(mask: &[u8], score: impl Fn(usize) -> f32, k: usize) -> Vec<usi
 struct Blocking {
     block: usize,
     linear: LinearBlocks,
+    similarity: Option<f64>,
 }
 
 /// ERK densities over `names`, masks keeping the largest initial weights, and (with a block
@@ -362,7 +363,11 @@ fn init_layers(
         let mut tiles = Vec::new();
         let blocks = match blocking {
             // Layers DSB cannot block stay unstructured.
-            Some(Blocking { block: b, linear }) if d < 1.0 && dsb_blocks(&v.shape, b, linear) => {
+            Some(Blocking {
+                block: b,
+                linear,
+                similarity,
+            }) if d < 1.0 && dsb_blocks(&v.shape, b, linear) => {
                 let k = (d * n as f64 / (b * b) as f64).ceil() as usize;
                 let out = shuffled_blocks(
                     &mask,
@@ -371,6 +376,7 @@ fn init_layers(
                     &ShuffledConfig {
                         block: b,
                         blocks: Some(k),
+                        similarity,
                     },
                 )?;
                 tiles = tiles_of(&out);
@@ -409,6 +415,7 @@ pub struct Dsb {
     block: usize,
     grow: Grow,
     static_blocks: bool,
+    similarity: Option<f64>,
     layers: Vec<DynLayer>,
     t_end: usize,
 }
@@ -426,6 +433,9 @@ pub struct DsbConfig {
     pub static_blocks: bool,
     /// Whether linear layers are blocked.
     pub linear: LinearBlocks,
+    /// The row-similarity threshold q of the extraction's clustering (`None`: R/b clusters).
+    #[serde(default)]
+    pub similarity: Option<f64>,
 }
 
 /// What a DSB checkpoint keeps besides the masks: the tiles of every blocked layer.
@@ -445,6 +455,7 @@ impl Dsb {
         let blocking = Blocking {
             block: cfg.block,
             linear: cfg.linear,
+            similarity: cfg.similarity,
         };
         let (layers, masks) = init_layers(model, &names, cfg.dynamic.sparsity, Some(blocking))?;
         let t_end = (cfg.dynamic.t_end * total_steps as f64) as usize;
@@ -453,6 +464,7 @@ impl Dsb {
             block: cfg.block,
             grow: cfg.grow,
             static_blocks: cfg.static_blocks,
+            similarity: cfg.similarity,
             layers,
             t_end,
         };
@@ -621,6 +633,7 @@ impl Dynamics for Dsb {
                 let cfg = ShuffledConfig {
                     block,
                     blocks: Some(l.blocks),
+                    similarity: self.similarity,
                 };
                 let out = shuffled_blocks(&mask, Some(&w), Some(&grown_mask), &cfg)?;
                 for (wi, &m) in w.iter_mut().zip(out.mask.as_bytes()) {
@@ -834,6 +847,7 @@ mod tests {
             grow: Grow::Estimate,
             static_blocks: false,
             linear: LinearBlocks::Blocked,
+            similarity: None,
         };
         let (mut dsb, _) = Dsb::new(&model, cfg, 10).unwrap();
         let saved = dsb.save();

@@ -136,6 +136,10 @@ pub struct DynamicSettings {
     pub grow: Grow,
     /// Whether DSB blocks linear layers (the DSB code leaves them unstructured).
     pub linear: LinearBlocks,
+    /// The seed article's row-similarity threshold q for DSB's row clustering (`None`: the DSB
+    /// code's R/b clusters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f64>,
 }
 
 impl Default for DynamicSettings {
@@ -149,6 +153,7 @@ impl Default for DynamicSettings {
             block: 16,
             grow: Grow::Gradient,
             linear: LinearBlocks::Blocked,
+            similarity: None,
         }
     }
 }
@@ -272,6 +277,15 @@ impl Experiment {
         }
         if self.method == "nm" {
             Pattern::Nm(self.nm).validate()?;
+        }
+        if let Some(q) = self.dynamic.similarity {
+            if !(0.0..=1.0).contains(&q) {
+                return Err(TrainError::config(
+                    "dynamic.similarity",
+                    q,
+                    "a cosine similarity threshold lies in [0, 1]",
+                ));
+            }
         }
         if !(self.refill.extra >= 0.0 && self.refill.extra < 1.0) {
             return Err(TrainError::config(
@@ -417,6 +431,7 @@ impl Experiment {
             "dsb" | "ssb" => Some(Pattern::ShuffledBlock(ShuffledConfig {
                 block: self.dynamic.block,
                 blocks: None,
+                similarity: self.dynamic.similarity,
             })),
             _ => None,
         }
@@ -1046,6 +1061,7 @@ fn train_method_stage(
                 grow: exp.dynamic.grow,
                 static_blocks: exp.method == "ssb",
                 linear: exp.dynamic.linear,
+                similarity: exp.dynamic.similarity,
             };
             let (d, masks) = Dsb::new(&t.model, cfg, steps)?;
             if fresh {
@@ -1547,6 +1563,23 @@ mod tests {
         imp.every_round = true;
         assert!((round_density(&imp, 3, 0.5) - 0.4).abs() < 1e-12);
         assert!((round_density(&imp, 1, 1.0) - 0.8).abs() < 1e-12);
+    }
+
+    #[test]
+    fn dsb_similarity_reaches_the_pattern_and_is_checked() {
+        let mut exp = Experiment {
+            method: "dsb".into(),
+            ..Default::default()
+        };
+        exp.dynamic.similarity = Some(0.3);
+        exp.validate().unwrap();
+        match exp.pattern() {
+            Some(Pattern::ShuffledBlock(c)) => assert_eq!(c.similarity, Some(0.3)),
+            other => panic!("{other:?}"),
+        }
+        exp.dynamic.similarity = Some(1.5);
+        let err = exp.validate().unwrap_err().to_string();
+        assert!(err.contains("similarity"), "{err}");
     }
 
     #[test]

@@ -282,6 +282,9 @@ fn experiment(a: &TrainArgs, out: &Path) -> Result<Experiment> {
             other => bail!("--linear-blocks {other}: expected blocked or unstructured"),
         };
     }
+    if a.similarity.is_some() {
+        exp.dynamic.similarity = a.similarity;
+    }
     if a.train_subset.is_some() {
         exp.recipe.train_subset = a.train_subset;
     }

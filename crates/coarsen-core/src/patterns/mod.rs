@@ -152,6 +152,7 @@ mod tests {
             Pattern::ShuffledBlock(ShuffledConfig {
                 block: 8,
                 blocks: Some(3),
+                similarity: None,
             }),
             Pattern::Block(BlockConfig {
                 height: 4,

@@ -60,6 +60,8 @@ pub struct PatternOptions {
     pub block: Option<(usize, usize)>,
     /// shuffled-block: the number of blocks per layer.
     pub blocks: Option<usize>,
+    /// shuffled-block: the row-similarity threshold q of the clustering.
+    pub similarity: Option<f64>,
     /// nm: kept per group.
     pub n: Option<usize>,
     /// nm: group size.
@@ -96,6 +98,7 @@ impl PatternOptions {
             ("legacy_regroup", self.legacy_regroup, GROUP),
             ("block", self.block.is_some(), BLOCKS),
             ("blocks", self.blocks.is_some(), SHUFFLED),
+            ("similarity", self.similarity.is_some(), SHUFFLED),
             ("n", self.n.is_some(), NM),
             ("m", self.m.is_some(), NM),
             ("permute", self.permute, NM),
@@ -198,6 +201,7 @@ impl Pattern {
                 Pattern::ShuffledBlock(ShuffledConfig {
                     block: h,
                     blocks: o.blocks,
+                    similarity: o.similarity,
                 })
             }
             "block" => {
@@ -261,7 +265,7 @@ mod tests {
             PatternOptions::listing(&["scores"]),
             "criterion, extra (channel, channel+), parts, imbalance, min_rows, row_tile, \
              width_ratio, partitioner, fallback, legacy_regroup (group), block (shuffled-block, \
-             block), blocks (shuffled-block), n, m, permute, fill, escape_attempts, \
+             block), blocks, similarity (shuffled-block), n, m, permute, fill, escape_attempts, \
              permute_window (nm)"
         );
     }

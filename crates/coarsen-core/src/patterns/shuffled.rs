@@ -18,12 +18,17 @@ use crate::mask::{BitRows, Mask};
 use super::{argsort_desc, masked_magnitudes};
 
 /// Parameters of the shuffled-block extraction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShuffledConfig {
     /// Block size b (tiles are b×b; DSB uses 16).
     pub block: usize,
     /// Number of tiles K; `None` keeps the input density, `ceil(nnz / b²)`.
     pub blocks: Option<usize>,
+    /// The seed article's row-similarity threshold q: only rows sharing at least this cosine
+    /// similarity are clustered (complete linkage cut at distance 1 − q); rows without such a
+    /// partner keep their order after the clusters. `None` is the DSB code: `R/b` clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f64>,
 }
 
 impl Default for ShuffledConfig {
@@ -31,6 +36,7 @@ impl Default for ShuffledConfig {
         ShuffledConfig {
             block: 16,
             blocks: None,
+            similarity: None,
         }
     }
 }
@@ -47,6 +53,15 @@ impl ShuffledConfig {
                 0,
                 "a layer keeps at least one block (leave it out for the mask's own count)",
             ));
+        }
+        if let Some(q) = self.similarity {
+            if !(0.0..=1.0).contains(&q) {
+                return Err(Error::param(
+                    "--similarity",
+                    q,
+                    "a cosine similarity threshold lies in [0, 1]",
+                ));
+            }
         }
         Ok(())
     }
@@ -91,7 +106,10 @@ pub fn shuffled_blocks(
         }
     }
 
-    let order = cluster_rows(mask, (rows / b).max(1));
+    let order = match cfg.similarity {
+        None => cluster_rows(mask, (rows / b).max(1)),
+        Some(q) => cluster_rows_within(mask, 1.0 - q),
+    };
     let groups: Vec<Vec<usize>> = order.chunks(b).map(<[usize]>::to_vec).collect();
 
     // Candidate tiles: (score, group, chunk index, columns).
@@ -152,6 +170,28 @@ pub fn cluster_rows(mask: &Mask, clusters: usize) -> Vec<usize> {
     if n <= 1 || clusters >= n {
         return (0..n).collect();
     }
+    agglomerate(mask, |steps| steps.len().min(n - clusters.max(1)))
+}
+
+/// Complete-linkage clusters of rows whose cosine distance stays within `max_distance` (every
+/// pair of a cluster is that similar), laid out as [`cluster_rows`] does: largest first, rows
+/// ascending inside; rows with no partner that close come last, in order.
+pub fn cluster_rows_within(mask: &Mask, max_distance: f64) -> Vec<usize> {
+    if mask.rows() <= 1 {
+        return (0..mask.rows()).collect();
+    }
+    agglomerate(mask, |steps| {
+        steps
+            .iter()
+            .take_while(|s| s.dissimilarity <= max_distance + 1e-12)
+            .count()
+    })
+}
+
+/// Complete linkage on the cosine distance of binary rows; applies the first `merges(steps)`
+/// merges and lays the clusters out largest first (ties by first row), rows ascending inside.
+fn agglomerate(mask: &Mask, merges: impl Fn(&[kodama::Step<f64>]) -> usize) -> Vec<usize> {
+    let n = mask.rows();
     let all: Vec<usize> = (0..n).collect();
     let bits = BitRows::new(mask, &all);
     let mut condensed = Vec::with_capacity(n * (n - 1) / 2);
@@ -161,7 +201,8 @@ pub fn cluster_rows(mask: &Mask, clusters: usize) -> Vec<usize> {
         }
     }
     let dendrogram = kodama::linkage(&mut condensed, n, kodama::Method::Complete);
-    // Apply the first n − k merges with a union-find over cluster labels.
+    let take = merges(dendrogram.steps());
+    // Apply the first merges with a union-find over cluster labels.
     let mut parent: Vec<usize> = (0..2 * n).collect();
     fn find(parent: &mut [usize], mut x: usize) -> usize {
         while parent[x] != x {
@@ -170,12 +211,7 @@ pub fn cluster_rows(mask: &Mask, clusters: usize) -> Vec<usize> {
         }
         x
     }
-    for (step_index, step) in dendrogram
-        .steps()
-        .iter()
-        .take(n - clusters.max(1))
-        .enumerate()
-    {
+    for (step_index, step) in dendrogram.steps().iter().take(take).enumerate() {
         let new = n + step_index;
         let a = find(&mut parent, step.cluster1);
         let b = find(&mut parent, step.cluster2);
@@ -206,6 +242,44 @@ mod tests {
         let mut sorted = order.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_similarity_threshold_clusters_only_close_rows() {
+        // Rows 0..4 share one pattern, rows 4..8 another; rows 8..12 are each alone.
+        let m = Mask::from_fn(12, 24, |r, c| match r {
+            0..=3 => c < 6,
+            4..=7 => (6..12).contains(&c),
+            _ => c == 12 + (r - 8) * 3,
+        });
+        let order = cluster_rows_within(&m, 1.0 - 0.9);
+        assert_eq!(order, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        // Interleave the two patterns: the threshold brings each pattern's rows together and
+        // leaves the loners last, in order.
+        let m2 = Mask::from_fn(12, 24, |r, c| match r {
+            0 | 2 | 4 | 6 => c < 6,
+            1 | 3 | 5 | 7 => (6..12).contains(&c),
+            _ => c == 12 + (r - 8) * 3,
+        });
+        assert_eq!(
+            cluster_rows_within(&m2, 0.1),
+            vec![0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11]
+        );
+        // q = 0 merges everything into one cluster: the original order.
+        assert_eq!(cluster_rows_within(&m2, 1.0), (0..12).collect::<Vec<_>>());
+        let cfg = ShuffledConfig {
+            block: 4,
+            blocks: None,
+            similarity: Some(0.9),
+        };
+        let out = shuffled_blocks(&m2, None, None, &cfg).unwrap();
+        assert_eq!(out.groups[0], vec![0, 2, 4, 6]);
+        assert!(ShuffledConfig {
+            similarity: Some(1.5),
+            ..cfg
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]
@@ -243,6 +317,7 @@ mod tests {
             &ShuffledConfig {
                 block: 16,
                 blocks: Some(1),
+                similarity: None,
             },
         )
         .unwrap();
@@ -255,6 +330,7 @@ mod tests {
             &ShuffledConfig {
                 block: 16,
                 blocks: Some(2),
+                similarity: None,
             },
         )
         .unwrap();

@@ -238,7 +238,7 @@ def convert(
             (a count or "auto"), ``imbalance``, ``min_rows``, ``row_tile``, ``width_ratio``,
             ``partitioner`` ("metis" or "random"), ``fallback`` ("keep" or "dense"),
             ``legacy_regroup`` (group); ``block`` (b, "HxW" or (H, W)) (shuffled-block,
-            block); ``blocks`` (shuffled-block); ``n``, ``m``, ``permute``, ``fill``,
+            block); ``blocks``, ``similarity`` (shuffled-block); ``n``, ``m``, ``permute``, ``fill``,
             ``escape_attempts``, ``permute_window`` (nm). An option of another pattern is an error.
 
     Returns:
