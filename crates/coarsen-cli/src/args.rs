@@ -129,6 +129,9 @@ pub enum PartitionerArg {
     Metis,
     /// Balanced random parts (a baseline).
     Random,
+    /// Mt-KaHyPar on the hypergraph (columns as hyperedges), minimising the cut, as the paper's
+    /// hMETIS; needs a build with `--features kahypar`.
+    Kahypar,
 }
 
 /// What a group layer without blocks becomes.

@@ -36,6 +36,7 @@ pub fn build(to: PatternArg, o: &PatternOptions) -> Result<Pattern> {
         partitioner: o.partitioner.map(|p| match p {
             PartitionerArg::Random => Partitioner::Random,
             PartitionerArg::Metis => Partitioner::Metis,
+            PartitionerArg::Kahypar => Partitioner::Kahypar,
         }),
         fallback: o.fallback.map(|f| match f {
             FallbackArg::Dense => Fallback::Dense,

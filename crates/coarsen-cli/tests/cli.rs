@@ -234,6 +234,18 @@ fn every_pattern_converts_verifies_and_inspects() {
             serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
         assert_eq!(json["layers"].as_array().unwrap().len(), 3);
         assert!(json["total"]["recall"].as_f64().unwrap() > 0.0);
+        // The mask file's sparsity by the one definition: every layer here is selected.
+        let prunable = json["sparsity"]["prunable"].as_f64().unwrap();
+        let out_density = json["total"]["density_out"].as_f64().unwrap();
+        assert!((prunable - (1.0 - out_density)).abs() < 1e-9, "{json}");
+        assert_eq!(json["sparsity"]["all_weights"], 2304 + 13824 + 480);
+        assert!(
+            table.contains(&format!(
+                "sparsity {:.2}% of the prunable layers",
+                100.0 * prunable
+            )),
+            "{table}"
+        );
         assert!(json["total"]["retained_magnitude"].as_f64().is_some());
         // Beside it, the pattern's naive baseline at the same density, per layer and in total.
         assert!(json["baseline"].as_str().is_some(), "{json}");

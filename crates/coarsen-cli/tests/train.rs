@@ -220,6 +220,31 @@ fn eval_reports_accuracy_density_and_pattern() {
     );
     let conv2 = layer(&v["sparse"]["layers"], "conv2.weight");
     assert_eq!(conv2["format"], "channel");
+    // One definition of sparsity: train's results, eval of the run and of its export, and the
+    // export's manifest give the same two figures (prunable layers; all conv and linear weights).
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("r/results.json")).unwrap())
+            .unwrap();
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+        (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-9
+    };
+    for (what, doc, all) in [
+        ("eval of the run", &e, "sparsity_all"),
+        ("eval of the export", &v, "sparsity_all"),
+        ("the export's manifest", &m, "sparsity_all"),
+    ] {
+        assert!(close(&r["sparsity"], &doc["sparsity"]), "{what}: {doc}");
+        assert!(close(&r["sparsity_all"], &doc[all]), "{what}: {doc}");
+    }
+    // The prunable layers leave out the first conv and the classifier: the two differ.
+    assert!(r["sparsity"].as_f64().unwrap() > r["sparsity_all"].as_f64().unwrap());
+    let line = format!(
+        "sparsity {:.2}% of the prunable layers",
+        100.0 * r["sparsity"].as_f64().unwrap()
+    );
+    assert!(out.contains(&line), "{out}");
+    assert!(text.contains(&line), "{text}");
     // An export is not exported again; a damaged one is a clear error.
     let e = err(&["export", &exp, "--out", &s.p("again")]);
     assert!(e.contains("already an export"), "{e}");

@@ -512,7 +512,31 @@ pub fn convert(
         report.baseline = Some(crate::baseline::describe(pattern).to_string());
     }
     report.target = inputs.target.map(|t| TargetSummary::of(&t, &report.layers));
+    report.sparsity = file_sparsity(&masks, inputs.weights);
     Ok(Conversion { masks, report })
+}
+
+/// The sparsity of a whole mask file by coarsen's one definition: every mask tensor is a
+/// prunable layer; with weights, every tensor of rank 2 or more is a conv or linear weight.
+pub fn file_sparsity(masks: &MaskFile, weights: Option<&WeightFile>) -> crate::Sparsity {
+    let kept: Vec<(&str, usize, usize)> = masks
+        .tensors()
+        .iter()
+        .map(|t| {
+            let ones = t.data.iter().filter(|&&b| b != 0).count();
+            (t.name.as_str(), ones, t.data.len())
+        })
+        .collect();
+    let all: Vec<(&str, usize)> = weights
+        .map(|w| {
+            w.tensors()
+                .iter()
+                .filter(|t| t.shape.len() >= 2)
+                .map(|t| (t.name.as_str(), t.shape.iter().product()))
+                .collect()
+        })
+        .unwrap_or_default();
+    crate::Sparsity::of(kept, all)
 }
 
 /// Moves the structured layers among `outcomes` toward `target` (the others are left as they

@@ -244,6 +244,15 @@ impl MaskSet {
         self.layers.is_empty()
     }
 
+    /// Sparsity over these masks (the prunable layers) and over all of `weights`, the network's
+    /// conv and linear weights as `(name, len)` (see [`crate::Sparsity`]).
+    pub fn sparsity<'a>(
+        &'a self,
+        weights: impl IntoIterator<Item = (&'a str, usize)>,
+    ) -> crate::Sparsity {
+        crate::Sparsity::of(self.iter().map(|(n, l)| (n, l.nnz(), l.len())), weights)
+    }
+
     /// Fraction of kept weights over all masks (1 when there are none).
     pub fn density(&self) -> f64 {
         let (ones, all) = self

@@ -148,6 +148,9 @@ pub struct Report {
     /// The requested density and what was reached, when `--target-density` was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetSummary>,
+    /// The written mask file's sparsity: over every mask in it (the prunable layers, selected or
+    /// passed through), and over all conv and linear weights when weights were given.
+    pub sparsity: crate::Sparsity,
     /// Per layer, in natural name order.
     pub layers: Vec<LayerReport>,
     /// Totals.
@@ -249,6 +252,7 @@ impl Report {
             seed,
             baseline: None,
             target: None,
+            sparsity: crate::Sparsity::default(),
             layers,
             total,
         }
@@ -313,8 +317,11 @@ impl Report {
             t.time_ms
         );
         s += &format!(
-            "{}: {} of {} layers carry the structure\n",
-            self.pattern, t.structured, t.layers
+            "{}: {} of {} layers carry the structure; the mask file is at {}\n",
+            self.pattern,
+            t.structured,
+            t.layers,
+            self.sparsity.describe()
         );
         if let (Some(b), Some(ours), Some(base)) =
             (&self.baseline, t.retained_magnitude, t.baseline_magnitude)

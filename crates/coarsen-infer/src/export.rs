@@ -141,8 +141,12 @@ pub struct Manifest {
     pub preprocessing: Option<Preprocessing>,
     /// Conv and linear weights, in evaluation order.
     pub layers: Vec<ExportedLayer>,
-    /// Sparsity over all conv and linear weights.
+    /// Sparsity over the prunable layers (those with a mask; exports written before
+    /// `sparsity_all` existed stored the figure over all weights here).
     pub sparsity: f64,
+    /// Sparsity over all conv and linear weights (see [`coarsen_core::Sparsity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity_all: Option<f64>,
     /// Bytes of `model.safetensors`.
     pub file_bytes: u64,
     /// Bytes the same tensors take dense in F32.
@@ -340,6 +344,7 @@ pub fn write(
     let bytes = safetensors::serialize(views, Some(header))
         .map_err(|e| InferError::file(&tpath, e.to_string()))?;
     coarsen_core::io::write_atomic(&tpath, &bytes)?;
+    let sparsity = net.sparsity();
     let manifest = Manifest {
         format: EXPORT_FORMAT.into(),
         version: EXPORT_VERSION,
@@ -349,7 +354,8 @@ pub fn write(
         model: info.model,
         preprocessing: info.preprocessing,
         layers,
-        sparsity: net.sparsity(),
+        sparsity: sparsity.prunable,
+        sparsity_all: Some(sparsity.all),
         file_bytes: bytes.len() as u64,
         dense_bytes,
         coarsen: meta.cloned(),
@@ -440,6 +446,7 @@ pub fn read_manifest_with(
                 preprocessing: m.preprocessing,
                 layers: m.layers,
                 sparsity: m.sparsity,
+                sparsity_all: None,
                 file_bytes: m.file_bytes,
                 dense_bytes: m.dense_bytes,
                 coarsen: m.coarsen,

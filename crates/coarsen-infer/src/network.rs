@@ -153,21 +153,15 @@ impl Network {
         Ok(())
     }
 
-    /// Sparsity over all conv and linear weights: the fraction of entries masked out.
-    pub fn sparsity(&self) -> f64 {
-        let (kept, all) =
-            self.weight_shapes()
+    /// Sparsity over the prunable layers (those with a mask) and over all conv and linear
+    /// weights, as every command reports it ([`coarsen_core::Sparsity`]).
+    pub fn sparsity(&self) -> coarsen_core::Sparsity {
+        let shapes = self.weight_shapes();
+        self.masks.sparsity(
+            shapes
                 .iter()
-                .fold((0usize, 0usize), |(k, a), (name, shape)| {
-                    let len: usize = shape.iter().product();
-                    let kept = self.masks.get(name).map_or(len, |m| m.nnz());
-                    (k + kept, a + len)
-                });
-        if all == 0 {
-            0.0
-        } else {
-            1.0 - kept as f64 / all as f64
-        }
+                .map(|(n, s)| (n.as_str(), s.iter().product::<usize>())),
+        )
     }
 
     /// The parts.

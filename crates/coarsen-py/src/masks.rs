@@ -211,9 +211,10 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
                 o.partitioner = Some(match string(&key, &v)?.as_str() {
                     "metis" => Partitioner::Metis,
                     "random" => Partitioner::Random,
+                    "kahypar" => Partitioner::Kahypar,
                     s => {
                         return Err(bad(format!(
-                            "partitioner='{s}': expected 'metis' or 'random'"
+                            "partitioner='{s}': expected 'metis', 'random' or 'kahypar'"
                         )))
                     }
                 })

@@ -482,7 +482,7 @@ pub fn network_benchmark(
     Ok(ModelBench {
         model: String::new(),
         pattern: String::new(),
-        sparsity: network.sparsity(),
+        sparsity: network.sparsity().prunable,
         batch,
         dense_ms: t.dense_ms,
         sparse_ms: t.packed_ms,

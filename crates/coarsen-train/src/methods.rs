@@ -861,10 +861,10 @@ fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[Strin
             t.masks = masks;
             apply_masks(&t.model, &t.masks)?;
             t.progress.note(&format!(
-                "stage {s}: {}:{} masks at sparsity {:.2}%, fine-tuning the trained weights",
+                "stage {s}: {}:{} masks, {}; fine-tuning the trained weights",
                 exp.nm.n,
                 exp.nm.m,
-                100.0 * (1.0 - t.masks.density())
+                run_sparsity(&t.masks, &t.model).describe()
             ));
             return Ok(());
         }
@@ -880,7 +880,7 @@ fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[Strin
             let base = if readme_post {
                 t.masks.clone()
             } else {
-                let current = subset_density(&t.masks, names, &t.model);
+                let current = 1.0 - run_sparsity(&t.masks, &t.model).prunable;
                 let density = round_density(&exp.imp, s, current);
                 prune_global(&t.model, names, &t.masks, 1.0 - density)?
             };
@@ -912,8 +912,8 @@ fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[Strin
     t.masks = masks;
     apply_masks(&t.model, &t.masks)?;
     t.progress.note(&format!(
-        "stage {s}: masks at sparsity {:.2}%, weights rewound to epoch {}",
-        100.0 * (1.0 - t.masks.density()),
+        "stage {s}: masks at {}; weights rewound to epoch {}",
+        run_sparsity(&t.masks, &t.model).describe(),
         t.recipe.rewind_epoch
     ));
     Ok(())
@@ -1118,7 +1118,7 @@ fn save_stage(
     let summary = StageResult {
         stage: s,
         name: exp.stage_name(s),
-        sparsity: 1.0 - subset_density(&t.masks, names, &t.model),
+        sparsity: run_sparsity(&t.masks, &t.model).prunable,
         channel_sparsity: channel_sparsity(&t.model, names, &t.masks)?,
         test_accuracy: last.and_then(|m| m.test_acc).unwrap_or(0.0),
         val_accuracy: last.and_then(|m| m.val_acc).unwrap_or(0.0),
@@ -1136,27 +1136,14 @@ fn save_stage(
 /// The files of a stage directory (their checksums are recorded beside them).
 pub const STAGE_FILES: [&str; 3] = ["weights.safetensors", "masks.safetensors", "summary.json"];
 
-/// Density over `names` (1 for layers without a mask).
-fn subset_density(masks: &MaskSet, names: &[String], model: &Model) -> f64 {
-    let (mut ones, mut all) = (0usize, 0usize);
-    for n in names {
-        match masks.get(n) {
-            Some(m) => {
-                ones += m.nnz();
-                all += m.len();
-            }
-            None => {
-                let len = model.param(n).map_or(0, |p| p.shape().iter().product());
-                ones += len;
-                all += len;
-            }
-        }
-    }
-    if all == 0 {
-        1.0
-    } else {
-        ones as f64 / all as f64
-    }
+/// The run's sparsity by coarsen's one definition: over the prunable layers (those with a
+/// mask), with all conv and linear weights beside it ([`coarsen_core::Sparsity`]).
+pub fn run_sparsity(masks: &MaskSet, model: &Model) -> coarsen_core::Sparsity {
+    let weights: Vec<(String, usize)> = model
+        .weights()
+        .map(|p| (p.name.clone(), p.var.elem_count()))
+        .collect();
+    masks.sparsity(weights.iter().map(|(n, l)| (n.as_str(), *l)))
 }
 
 /// The pattern each weight has: a structured method's layers are checked with coarsen-core's
@@ -1344,7 +1331,6 @@ fn collect_results(
         .cloned()
         .ok_or_else(|| TrainError::config("stages", 0, "none ran"))?;
     let layers = layer_results(exp, &t.model, &t.masks, names, &read_perms(&t.out), true)?;
-    let all: Vec<String> = t.model.weights().map(|p| p.name.clone()).collect();
     let sparse: Vec<&LayerResult> = layers.iter().filter(|l| names.contains(&l.name)).collect();
     let pattern = match exp.pattern() {
         Some(p) if sparse.iter().any(|l| l.pattern == p.name()) => p.name().to_string(),
@@ -1367,9 +1353,9 @@ fn collect_results(
         sparsity: if names.is_empty() {
             0.0
         } else {
-            1.0 - subset_density(&t.masks, names, &t.model)
+            run_sparsity(&t.masks, &t.model).prunable
         },
-        sparsity_all: 1.0 - subset_density(&t.masks, &all, &t.model),
+        sparsity_all: run_sparsity(&t.masks, &t.model).all,
         channel_sparsity: fin.channel_sparsity,
         pattern,
         layers,

@@ -22,7 +22,10 @@ struct EvalReport {
     dataset: String,
     test_accuracy: f64,
     val_accuracy: f64,
+    /// Over the prunable layers (those with a mask).
     sparsity: f64,
+    /// Over all conv and linear weights.
+    sparsity_all: f64,
     layers: Vec<LayerResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sparse: Option<SparseEval>,
@@ -134,19 +137,15 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
     };
     sp.finish_and_clear();
     let layers = methods::describe_layers(&loaded.network, meta.as_ref())?;
-    let (kept, all) = layers.iter().fold((0.0, 0.0), |(k, n), l| {
-        let len = l.shape.iter().product::<usize>() as f64;
-        (k + l.density * len, n + len)
-    });
-    let sparsity = if all > 0.0 { 1.0 - kept / all } else { 0.0 };
+    let sparsity = loaded.network.sparsity();
     println!(
-        "{} ({} on {}): test accuracy {:.2}%, validation accuracy {:.2}%, sparsity {:.2}% of conv and linear weights",
+        "{} ({} on {}): test accuracy {:.2}%, validation accuracy {:.2}%, {}",
         dir.display(),
         exp.model,
         data.name,
         100.0 * test,
         100.0 * val,
-        100.0 * sparsity
+        sparsity.describe()
     );
     println!("{:<28} {:>18} {:>9}  pattern", "layer", "shape", "density");
     for l in &layers {
@@ -189,7 +188,8 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
                 dataset: data.name.clone(),
                 test_accuracy: test,
                 val_accuracy: val,
-                sparsity,
+                sparsity: sparsity.prunable,
+                sparsity_all: sparsity.all,
                 layers,
                 sparse,
             },

@@ -317,21 +317,21 @@ fn report(src: &Source, manifest: Option<&Manifest>, a: &ExportArgs, format: Exp
     let net = &src.network;
     match manifest {
         Some(m) => println!(
-            "{} → {} ({}): sparsity {:.2}%, model.safetensors {:.1} KiB ({:.1}% of dense F32 {:.1} KiB)",
+            "{} → {} ({}): {}, model.safetensors {:.1} KiB ({:.1}% of dense F32 {:.1} KiB)",
             src.dir.display(),
             a.out.display(),
             src.label,
-            100.0 * m.sparsity,
+            net.sparsity().describe(),
             m.file_bytes as f64 / 1024.0,
             100.0 * m.file_bytes as f64 / m.dense_bytes.max(1) as f64,
             m.dense_bytes as f64 / 1024.0
         ),
         None => println!(
-            "{} → {} ({}): sparsity {:.2}%",
+            "{} → {} ({}): {}",
             src.dir.display(),
             a.out.join(ONNX_FILE).display(),
             src.label,
-            100.0 * net.sparsity()
+            net.sparsity().describe()
         ),
     }
     println!(

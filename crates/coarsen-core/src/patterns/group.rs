@@ -140,7 +140,7 @@ impl GroupConfig {
                 "must be positive",
             ));
         }
-        Ok(())
+        self.partitioner.check_available()
     }
 }
 

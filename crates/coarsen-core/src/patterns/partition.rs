@@ -3,8 +3,10 @@
 //! Rows are vertices and columns are hyperedges. The METIS partitioner works on the row graph
 //! (the clique expansion of that hypergraph): rows `i` and `j` are joined by an edge whose weight
 //! is the number of columns they share, and METIS's multilevel recursive bisection minimises the
-//! cut weight under a balance constraint. The random partitioner is the baseline that shows what
-//! the partitioner buys.
+//! cut weight under a balance constraint. The KaHyPar partitioner (Mt-KaHyPar, cargo feature
+//! `kahypar`) partitions the hypergraph itself, as the paper's hMETIS does: it minimises the number
+//! of columns whose rows are split across parts. The random partitioner is the baseline that shows
+//! what the partitioner buys.
 
 use std::sync::Mutex;
 
@@ -25,6 +27,9 @@ pub enum Partitioner {
     Metis,
     /// A balanced random assignment (baseline).
     Random,
+    /// Mt-KaHyPar on the hypergraph itself (rows = vertices, columns = hyperedges), minimising
+    /// the cut; needs a build with the cargo feature `kahypar`.
+    Kahypar,
 }
 
 impl Partitioner {
@@ -33,6 +38,26 @@ impl Partitioner {
         match self {
             Partitioner::Metis => "metis",
             Partitioner::Random => "random",
+            Partitioner::Kahypar => "kahypar",
+        }
+    }
+
+    /// Whether this build can run it (KaHyPar needs the cargo feature `kahypar`).
+    pub fn available(self) -> bool {
+        self != Partitioner::Kahypar || cfg!(feature = "kahypar")
+    }
+
+    /// Checks that this build can run it.
+    pub fn check_available(self) -> Result<()> {
+        if self.available() {
+            Ok(())
+        } else {
+            Err(Error::param(
+                "--partitioner",
+                "kahypar",
+                "this coarsen was built without KaHyPar: rebuild with `cargo install --features \
+                 kahypar` (Mt-KaHyPar, compiled from source, needs a C++17 compiler)",
+            ))
         }
     }
 }
@@ -66,6 +91,89 @@ pub fn partition_rows(
     match partitioner {
         Partitioner::Random => Ok(random_partition(n, parts, seed)),
         Partitioner::Metis => metis_partition(mask, rows, parts, imbalance, seed, layer),
+        #[cfg(feature = "kahypar")]
+        Partitioner::Kahypar => kahypar::partition(mask, rows, parts, imbalance, seed, layer),
+        #[cfg(not(feature = "kahypar"))]
+        Partitioner::Kahypar => Err(partitioner.check_available().err().unwrap_or_else(|| {
+            Error::param("--partitioner", "kahypar", "unavailable in this build")
+        })),
+    }
+}
+
+/// KaHyPar's k-way imbalance ε for hMETIS's per-bisection (50 ± 100·imbalance)%: recursive
+/// bisection into `parts` lets a part hold `(0.5 + imbalance)^log2(parts)` of the rows, which is
+/// `1 + ε` times the average.
+pub fn kahypar_epsilon(imbalance: f64, parts: usize) -> f64 {
+    let k = parts.max(2) as f64;
+    ((0.5 + imbalance).powf(k.log2()) * k - 1.0).max(0.0)
+}
+
+#[cfg(feature = "kahypar")]
+mod kahypar {
+    use std::sync::Mutex;
+
+    use super::kahypar_epsilon;
+    use crate::error::{Error, Result};
+    use crate::mask::Mask;
+
+    /// Mt-KaHyPar's seed is process-wide, so calls are serialised (each layer's run is then
+    /// deterministic under the deterministic preset).
+    static LOCK: Mutex<()> = Mutex::new(());
+
+    /// Rows are vertices; each column used by two or more of `rows` is a hyperedge over them.
+    pub(super) fn partition(
+        mask: &Mask,
+        rows: &[usize],
+        parts: usize,
+        imbalance: f64,
+        seed: u64,
+        layer: &str,
+    ) -> Result<Vec<usize>> {
+        let fail = |reason: String| Error::Partition {
+            layer: layer.to_string(),
+            rows: mask.rows(),
+            cols: mask.cols(),
+            partitioner: "kahypar",
+            reason,
+        };
+        let mut pins: Vec<Vec<usize>> = vec![Vec::new(); mask.cols()];
+        for (v, &r) in rows.iter().enumerate() {
+            for (c, &b) in mask.row(r).iter().enumerate() {
+                if b != 0 {
+                    pins[c].push(v);
+                }
+            }
+        }
+        let mut indices = vec![0usize];
+        let mut edges = Vec::new();
+        for p in pins.into_iter().filter(|p| p.len() >= 2) {
+            edges.extend(p);
+            indices.push(edges.len());
+        }
+        if indices.len() == 1 {
+            // No column is shared: any balanced split cuts nothing.
+            return Ok(super::random_partition(rows.len(), parts, seed));
+        }
+        let k = i32::try_from(parts).map_err(|e| fail(e.to_string()))?;
+        let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let ctx = mt_kahypar::Context::builder()
+            .preset(mt_kahypar::Preset::Deterministic)
+            .k(k)
+            .epsilon(kahypar_epsilon(imbalance, parts))
+            .objective(mt_kahypar::Objective::Cut)
+            .seed((seed & 0x7fff_ffff) as usize)
+            .verbose(false)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let hg =
+            mt_kahypar::Hypergraph::from_adjacency(&ctx, rows.len(), &indices, &edges, None, None)
+                .map_err(|e| fail(e.to_string()))?;
+        let part = hg.partition().map_err(|e| fail(e.to_string()))?;
+        Ok(part
+            .extract_partition()
+            .into_iter()
+            .map(|p| usize::try_from(p).unwrap_or(0).min(parts - 1))
+            .collect())
     }
 }
 
@@ -196,6 +304,43 @@ mod tests {
                 assert_eq!(truth[i] == truth[j], part[i] == part[j], "rows {i} {j}");
             }
         }
+    }
+
+    #[test]
+    fn kahypar_epsilon_matches_the_hmetis_balance() {
+        // 8 parts at UBfactor 10: a part may hold 0.6³ = 21.6% of the rows, 1.728× the average.
+        assert!((kahypar_epsilon(0.10, 8) - 0.728).abs() < 1e-12);
+        assert!((kahypar_epsilon(0.10, 2) - 0.2).abs() < 1e-12);
+        assert_eq!(kahypar_epsilon(0.0, 4), 0.0);
+    }
+
+    #[cfg(feature = "kahypar")]
+    #[test]
+    fn kahypar_recovers_planted_groups() {
+        let (m, truth) = planted();
+        let rows: Vec<usize> = (0..80).collect();
+        let part = partition_rows(&m, &rows, 4, 0.1, Partitioner::Kahypar, 1, "t").unwrap();
+        for i in 0..80 {
+            for j in 0..80 {
+                assert_eq!(truth[i] == truth[j], part[i] == part[j], "rows {i} {j}");
+            }
+        }
+        assert_eq!(
+            part,
+            partition_rows(&m, &rows, 4, 0.1, Partitioner::Kahypar, 1, "t").unwrap()
+        );
+    }
+
+    #[cfg(not(feature = "kahypar"))]
+    #[test]
+    fn kahypar_without_the_feature_says_how_to_get_it() {
+        let (m, _) = planted();
+        let rows: Vec<usize> = (0..80).collect();
+        let e = partition_rows(&m, &rows, 4, 0.1, Partitioner::Kahypar, 1, "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--features") && e.contains("kahypar"), "{e}");
+        assert!(!Partitioner::Kahypar.available());
     }
 
     #[test]
