@@ -279,7 +279,8 @@ impl ChannelScores {
     }
 }
 
-const LANES: usize = 8;
+/// Lines processed together: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
 
 /// Σ over lines of the sum of the N largest of `cols[k][line]` — the magnitude a group of
 /// channels keeps under N:M.
@@ -418,9 +419,9 @@ fn pair_tables(
         .collect()
 }
 
-/// Adds, for every split, the magnitude both halves keep on each chunk of 8 contested lines
-/// (`chunks[q·m2 + k]`: chunk q, position k) to `sums`. Runs the AVX2 build of the same code
-/// where the CPU has it.
+/// Adds, for every split, the magnitude both halves keep on each chunk of `LANES` contested lines
+/// (`chunks[q·m2 + k]`: chunk q, position k) to `sums`. Runs the AVX-512 or AVX2 build of the
+/// same code where the CPU has it.
 fn accumulate(
     chunks: &[[f32; LANES]],
     m2: usize,
@@ -431,12 +432,30 @@ fn accumulate(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { accumulate_avx512(chunks, m2, n, t, pair_sums, sums) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             unsafe { accumulate_avx2(chunks, m2, n, t, pair_sums, sums) };
             return;
         }
     }
+    accumulate_body(chunks, m2, n, t, pair_sums, sums);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_avx512(
+    chunks: &[[f32; LANES]],
+    m2: usize,
+    n: usize,
+    t: &SplitTables<'_>,
+    pair_sums: &mut Vec<[f32; LANES]>,
+    sums: &mut [[f32; LANES]],
+) {
     accumulate_body(chunks, m2, n, t, pair_sums, sums);
 }
 
