@@ -446,31 +446,26 @@ fn accumulate(
     accumulate_body(chunks, m2, n, t, pair_sums, sums);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn accumulate_avx512(
-    chunks: &[[f32; LANES]],
-    m2: usize,
-    n: usize,
-    t: &SplitTables<'_>,
-    pair_sums: &mut Vec<[f32; LANES]>,
-    sums: &mut [[f32; LANES]],
-) {
-    accumulate_body(chunks, m2, n, t, pair_sums, sums);
+/// An ISA build of [`accumulate_body`]: the same code compiled with `$feature` enabled.
+macro_rules! accumulate_for {
+    ($name:ident, $feature:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(
+            chunks: &[[f32; LANES]],
+            m2: usize,
+            n: usize,
+            t: &SplitTables<'_>,
+            pair_sums: &mut Vec<[f32; LANES]>,
+            sums: &mut [[f32; LANES]],
+        ) {
+            accumulate_body(chunks, m2, n, t, pair_sums, sums);
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn accumulate_avx2(
-    chunks: &[[f32; LANES]],
-    m2: usize,
-    n: usize,
-    t: &SplitTables<'_>,
-    pair_sums: &mut Vec<[f32; LANES]>,
-    sums: &mut [[f32; LANES]],
-) {
-    accumulate_body(chunks, m2, n, t, pair_sums, sums);
-}
+accumulate_for!(accumulate_avx512, "avx512f");
+accumulate_for!(accumulate_avx2, "avx2");
 
 #[inline(always)]
 fn lanes_max(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {

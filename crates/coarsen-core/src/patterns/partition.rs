@@ -105,7 +105,7 @@ pub fn partition_rows(
 mod kahypar {
     use std::sync::Mutex;
 
-    use crate::error::{Error, Result};
+    use crate::error::Result;
     use crate::mask::Mask;
 
     /// Mt-KaHyPar's seed is process-wide, so calls are serialised (each layer's run is then
@@ -121,13 +121,7 @@ mod kahypar {
         seed: u64,
         layer: &str,
     ) -> Result<Vec<usize>> {
-        let fail = |reason: String| Error::Partition {
-            layer: layer.to_string(),
-            rows: mask.rows(),
-            cols: mask.cols(),
-            partitioner: "kahypar",
-            reason,
-        };
+        let fail = super::failure(mask, layer, "kahypar");
         let mut pins: Vec<Vec<usize>> = vec![Vec::new(); mask.cols()];
         for (v, &r) in rows.iter().enumerate() {
             for (c, &b) in mask.row(r).iter().enumerate() {
@@ -242,6 +236,21 @@ fn row_graph(bits: &BitRows) -> (Vec<metis::Idx>, Vec<metis::Idx>, Vec<metis::Id
     (xadj, adjncy, adjwgt)
 }
 
+/// The error of a partitioner's failure on `layer`, given the reason.
+fn failure<'a>(
+    mask: &'a Mask,
+    layer: &'a str,
+    partitioner: &'static str,
+) -> impl Fn(String) -> Error + 'a {
+    move |reason| Error::Partition {
+        layer: layer.to_string(),
+        rows: mask.rows(),
+        cols: mask.cols(),
+        partitioner,
+        reason,
+    }
+}
+
 fn metis_partition(
     mask: &Mask,
     rows: &[usize],
@@ -250,13 +259,7 @@ fn metis_partition(
     seed: u64,
     layer: &str,
 ) -> Result<Vec<usize>> {
-    let fail = |reason: String| Error::Partition {
-        layer: layer.to_string(),
-        rows: mask.rows(),
-        cols: mask.cols(),
-        partitioner: "metis",
-        reason,
-    };
+    let fail = failure(mask, layer, "metis");
     let bits = BitRows::new(mask, rows);
     let (xadj, adjncy, adjwgt) = row_graph(&bits);
     let mut part = vec![0 as metis::Idx; rows.len()];
