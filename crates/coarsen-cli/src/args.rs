@@ -595,6 +595,11 @@ pub struct TrainArgs {
     /// what remains, since the structure moves the density off the schedule).
     #[arg(long)]
     pub every_round: bool,
+    /// After Refill/Regroup, move the structured masks back to the density IMP pruned to by
+    /// pruning or refilling inside the structure: per layer, or over the pruned layers together
+    /// [default: the structure's own density, as the reference code].
+    #[arg(long, value_parser = ["layer", "global"])]
+    pub keep_density: Option<String>,
     /// Refill's channel score: l1, count, feature-l1, feature-l2, saliency [default: l1].
     #[arg(long)]
     pub criterion: Option<String>,

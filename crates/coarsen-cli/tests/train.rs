@@ -254,6 +254,60 @@ fn eval_reports_accuracy_density_and_pattern() {
 }
 
 #[test]
+fn keep_density_returns_regroup_to_the_imp_density() {
+    // One IMP round at rate 0.2 prunes to 80% density; Regroup's dense blocks move the pruned
+    // layers away from it, and --keep-density global brings them back within a point.
+    let s = Setup::new();
+    std::fs::write(
+        s.dir.path().join("regroup.toml"),
+        "model = \"cnn\"\nwidth = 0.5\n[recipe]\nval_split = 32\nbatch_size = 16\n[imp]\nrounds = 1\n\
+         [regroup]\nparts = 2\nmin_rows = 2\nrow_tile = 4\n",
+    )
+    .unwrap();
+    let run = |name: &str, extra: &[&str]| -> f64 {
+        let (data, cfg, out) = (s.p("data"), s.p("regroup.toml"), s.p(name));
+        let mut args = vec![
+            "train",
+            "-q",
+            "--data",
+            &data,
+            "--config",
+            &cfg,
+            "--epochs",
+            "1",
+            "--out",
+            &out,
+            "--method",
+            "imp-regroup",
+        ];
+        args.extend_from_slice(extra);
+        succeeded(&coarsen(&args));
+        let r: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(s.dir.path().join(format!("{name}/results.json"))).unwrap(),
+        )
+        .unwrap();
+        r["sparsity"].as_f64().unwrap()
+    };
+    let drifted = run("plain", &[]);
+    assert!(
+        (drifted - 0.2).abs() > 0.01,
+        "Regroup kept the density: {drifted}"
+    );
+    let kept = run("kept", &["--keep-density", "global"]);
+    assert!((kept - 0.2).abs() <= 0.01, "{kept}");
+    let e = err(&[
+        "train",
+        "--data",
+        &s.p("data"),
+        "--keep-density",
+        "all",
+        "--out",
+        &s.p("x"),
+    ]);
+    assert!(e.contains("--keep-density"), "{e}");
+}
+
+#[test]
 fn bad_inputs_are_clear_errors() {
     let s = Setup::new();
     let e = String::from_utf8_lossy(&s.train("x", &["--method", "lottery"]).stderr).into_owned();

@@ -74,6 +74,11 @@ pub struct ImpConfig {
     /// Weights to prune; the model's default (every conv but the first, every linear but the
     /// classifier) when absent.
     pub layers: Option<Vec<String>>,
+    /// After Refill/Regroup, move the structured masks back to the density IMP pruned to, inside
+    /// the structure (coarsen-core's density targeting): `layer` per layer, `global` over the
+    /// pruned layers together; absent, the structure's own density stands (the reference code).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_density: Option<String>,
 }
 
 impl Default for ImpConfig {
@@ -84,6 +89,7 @@ impl Default for ImpConfig {
             post_round: None,
             every_round: false,
             layers: None,
+            keep_density: None,
         }
     }
 }
@@ -261,6 +267,11 @@ impl Experiment {
                     self.imp.rate,
                     "must lie strictly between 0 and 1",
                 ));
+            }
+            if let Some(k) = &self.imp.keep_density {
+                coarsen_core::target::parse_scope(k).map_err(|_| {
+                    TrainError::config("imp.keep_density", k, "expected `layer` or `global`")
+                })?;
             }
             if let Some(r) = self.imp.post_round {
                 if r == 0 || r > self.imp.rounds {
@@ -895,8 +906,21 @@ fn prepare_stage(exp: &Experiment, t: &mut Trainer<'_>, s: usize, names: &[Strin
                         }
                         _ => None,
                     };
-                    let (masks, status) =
-                        post_process(&t.model, names, &base, &how, scores.as_ref(), exp.seed)?;
+                    let keep = exp
+                        .imp
+                        .keep_density
+                        .as_deref()
+                        .map(coarsen_core::target::parse_scope)
+                        .transpose()?;
+                    let (masks, status) = post_process(
+                        &t.model,
+                        names,
+                        &base,
+                        &how,
+                        scores.as_ref(),
+                        exp.seed,
+                        keep,
+                    )?;
                     for (layer, reason) in status {
                         if let Some(r) = reason {
                             t.progress

@@ -206,8 +206,10 @@ impl PostProcess {
 }
 
 /// Structures the masks of `names` with coarsen-core. `scores` are per-row scores by layer for
-/// the feature and saliency criteria. Returns the new masks and, per layer, whether it became
-/// structured (Regroup may leave a layer unstructured, with the reason).
+/// the feature and saliency criteria. With `keep`, the structured masks are moved back to the
+/// density of `masks` inside their structure (per layer, or over the layers together). Returns
+/// the new masks and, per layer, whether it became structured (Regroup may leave a layer
+/// unstructured, with the reason).
 pub fn post_process(
     model: &Model,
     names: &[String],
@@ -215,11 +217,13 @@ pub fn post_process(
     how: &PostProcess,
     scores: Option<&BTreeMap<String, Vec<f32>>>,
     seed: u64,
+    keep: Option<Scope>,
 ) -> Result<(MaskSet, BTreeMap<String, Option<String>>)> {
     let layers = layer_views(model, names, masks)?;
     let mut next = masks.clone();
     let mut status = BTreeMap::new();
-    for l in &layers {
+    let mut structured: Vec<(usize, Mask)> = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
         let (m, reason) = match how {
             PostProcess::Refill { criterion, extra } => {
                 let base = match criterion {
@@ -251,10 +255,70 @@ pub fn post_process(
                 (out.mask, out.no_block_reason)
             }
         };
+        if reason.is_none() {
+            structured.push((i, m));
+        } else {
+            next.insert(l.name.clone(), &l.shape, m)?;
+        }
         status.insert(l.name.clone(), reason);
+    }
+    if let Some(scope) = keep {
+        keep_density(&layers, &mut structured, how, scope)?;
+    }
+    for (i, m) in structured {
+        let l = &layers[i];
         next.insert(l.name.clone(), &l.shape, m)?;
     }
     Ok((next, status))
+}
+
+/// Moves each structured mask back to its input mask's density (per layer), or all of them to
+/// their inputs' density together (global), by pruning or refilling whole rows (Refill) or a
+/// block's columns and rows (Regroup).
+fn keep_density(
+    layers: &[LayerView],
+    structured: &mut [(usize, Mask)],
+    how: &PostProcess,
+    scope: Scope,
+) -> Result<()> {
+    use coarsen_core::target::{retarget, DensityTarget, Structure, TargetLayer};
+    let structure = match how {
+        PostProcess::Refill { .. } => Structure::Rows,
+        PostProcess::Regroup(_) => Structure::Classes,
+    };
+    let run = |group: &mut [(usize, Mask)], scope| -> Result<()> {
+        let (kept, len) = group.iter().fold((0usize, 0usize), |(k, n), (i, _)| {
+            (k + layers[*i].mask.nnz(), n + layers[*i].mask.len())
+        });
+        if kept == 0 || len == 0 {
+            return Ok(());
+        }
+        let target = DensityTarget {
+            density: kept as f64 / len as f64,
+            scope,
+        };
+        let mut work: Vec<TargetLayer<'_>> = group
+            .iter_mut()
+            .map(|(i, m)| TargetLayer {
+                name: &layers[*i].name,
+                structure: &structure,
+                mask: m,
+                input: &layers[*i].mask,
+                weights: Some(&layers[*i].weights),
+            })
+            .collect();
+        retarget(&mut work, &target)?;
+        Ok(())
+    };
+    match scope {
+        Scope::Global => run(structured, scope),
+        Scope::Layer => {
+            for one in structured.chunks_mut(1) {
+                run(one, scope)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Naive structured pruning: in each of `names`, keep the `1 − sparsity` fraction of rows
@@ -325,6 +389,70 @@ mod tests {
         assert!((kept / sizes.iter().sum::<f64>() - 0.2).abs() < 1e-9);
         assert_eq!(d[0], 1.0, "the tiny first conv is dense");
         assert!(d[2] < d[1], "bigger layers are sparser");
+    }
+
+    #[test]
+    fn keep_density_moves_post_processed_masks_back_to_imp_density() {
+        let spec = crate::model::ModelSpec {
+            name: "cnn".into(),
+            width: 1.0,
+            input: [1, 16, 16],
+            classes: 4,
+        };
+        let model = Model::new(&spec, 0).unwrap();
+        let names = model.default_prunable();
+        let masks = prune_global(&model, &names, &MaskSet::new(), 0.8).unwrap();
+        let regroup = PostProcess::Regroup(GroupConfig {
+            min_rows: 2,
+            row_tile: 8,
+            ..Default::default()
+        });
+        let density = |m: &MaskSet, n: &str| m.get(n).unwrap().density();
+        let (per_layer, status) = post_process(
+            &model,
+            &names,
+            &masks,
+            &regroup,
+            None,
+            0,
+            Some(Scope::Layer),
+        )
+        .unwrap();
+        let mut moved = 0;
+        for n in &names {
+            if status[n].is_none() {
+                let (before, after) = (density(&masks, n), density(&per_layer, n));
+                assert!(
+                    (after - before).abs() <= 0.01 + 1.0 / 32.0,
+                    "{n}: {before} → {after}"
+                );
+                moved += 1;
+            }
+        }
+        assert!(moved > 0, "some layer is structured");
+        let (plain, _) = post_process(&model, &names, &masks, &regroup, None, 0, None).unwrap();
+        assert_ne!(plain, per_layer, "keeping the density changes the masks");
+        // Globally, Refill's masks together return to IMP's density.
+        let refill = PostProcess::Refill {
+            criterion: RefillCriterion::L1,
+            extra: 0.0,
+        };
+        let (global, _) = post_process(
+            &model,
+            &names,
+            &masks,
+            &refill,
+            None,
+            0,
+            Some(Scope::Global),
+        )
+        .unwrap();
+        assert!(
+            (global.density() - masks.density()).abs() <= 0.01,
+            "{} vs {}",
+            global.density(),
+            masks.density()
+        );
     }
 
     #[test]

@@ -237,6 +237,9 @@ fn experiment(a: &TrainArgs, out: &Path) -> Result<Experiment> {
     if a.post_round.is_some() {
         exp.imp.post_round = a.post_round;
     }
+    if a.keep_density.is_some() {
+        exp.imp.keep_density = a.keep_density.clone();
+    }
     if a.every_round {
         exp.imp.every_round = true;
     }
