@@ -213,30 +213,18 @@ fn restat(out: &mut LayerOutcome) {
             out.stats.rows_per_block = Spread::of(classes.iter().map(|c| c.rows.len()));
             out.stats.cols_per_block = Spread::of(classes.iter().map(|c| c.cols.len()));
         }
-        Some(Structure::Shuffled { groups, chunks }) => {
+        Some(s @ (Structure::Shuffled { .. } | Structure::Tiles { .. })) => {
             let mut tiles = Vec::new();
-            for (g, members) in groups.iter().enumerate() {
-                for chunk in chunks.get(g).map_or(&[][..], Vec::as_slice) {
-                    if let (Some(&r), Some(&c)) = (members.first(), chunk.first()) {
-                        if mask.get(r, c) {
-                            tiles.push((members.len(), chunk.len()));
-                        }
-                    }
+            s.for_each_tile(mask.rows(), mask.cols(), |rs, cs| {
+                if Structure::tile_kept(mask, rs, cs) == Some(true) {
+                    tiles.push((rs.len(), cs.len()));
                 }
-            }
+            });
             out.stats.blocks = Some(tiles.len());
-            out.stats.rows_per_block = Spread::of(tiles.iter().map(|t| t.0));
-            out.stats.cols_per_block = Spread::of(tiles.iter().map(|t| t.1));
-        }
-        Some(Structure::Tiles { height, width }) => {
-            let (h, w) = ((*height).max(1), (*width).max(1));
-            let mut n = 0;
-            for i in (0..mask.rows()).step_by(h) {
-                for j in (0..mask.cols()).step_by(w) {
-                    n += usize::from(mask.get(i, j));
-                }
+            if matches!(s, Structure::Shuffled { .. }) {
+                out.stats.rows_per_block = Spread::of(tiles.iter().map(|t| t.0));
+                out.stats.cols_per_block = Spread::of(tiles.iter().map(|t| t.1));
             }
-            out.stats.blocks = Some(n);
         }
         Some(Structure::Nm { .. }) | None => {}
     }
@@ -552,20 +540,21 @@ fn retarget_layers(
     let mut work = Vec::new();
     let (mut fixed_nnz, mut fixed_len) = (0usize, 0usize);
     for (i, (p, o)) in layers.iter().zip(outcomes.iter_mut()).enumerate() {
-        let structured = matches!(o.status, LayerStatus::Structured | LayerStatus::Dense);
-        if !structured || o.structure.is_none() {
-            fixed_nnz += o.mask.nnz();
-            fixed_len += o.mask.len();
-        }
-        if let (true, Some(structure)) = (structured, o.structure.as_ref()) {
-            idx.push(i);
-            work.push(TargetLayer {
-                name: &p.tensor.name,
-                structure,
-                mask: &mut o.mask,
-                input: &p.mask,
-                weights: p.weights,
-            });
+        match o.structure.as_ref() {
+            Some(structure) if o.status != LayerStatus::Unstructured => {
+                idx.push(i);
+                work.push(TargetLayer {
+                    name: &p.tensor.name,
+                    structure,
+                    mask: &mut o.mask,
+                    input: &p.mask,
+                    weights: p.weights,
+                });
+            }
+            _ => {
+                fixed_nnz += o.mask.nnz();
+                fixed_len += o.mask.len();
+            }
         }
     }
     // A global target is for all selected layers: the targeted ones make up for those left

@@ -129,6 +129,43 @@ pub enum Structure {
     },
 }
 
+impl Structure {
+    /// Calls `f(rows, cols)` for every tile of a tiled structure, kept or not: the aligned tiles
+    /// (cut by the matrix edge), or each row group's column chunks. Nothing for the others.
+    pub fn for_each_tile(&self, rows: usize, cols: usize, mut f: impl FnMut(&[usize], &[usize])) {
+        match self {
+            Structure::Tiles { height, width } => {
+                let cut = |len: usize, step: usize| -> Vec<Vec<usize>> {
+                    (0..len)
+                        .step_by(step.max(1))
+                        .map(|i| (i..(i + step.max(1)).min(len)).collect())
+                        .collect()
+                };
+                let col_sets = cut(cols, *width);
+                for rs in cut(rows, *height) {
+                    for cs in &col_sets {
+                        f(&rs, cs);
+                    }
+                }
+            }
+            Structure::Shuffled { groups, chunks } => {
+                for (members, group_chunks) in groups.iter().zip(chunks) {
+                    for chunk in group_chunks {
+                        f(members, chunk);
+                    }
+                }
+            }
+            Structure::Rows | Structure::Classes | Structure::Nm { .. } => {}
+        }
+    }
+
+    /// Whether the tile `rows` × `cols` of a tiled structure is kept in `mask` (a tile is all
+    /// ones or all zeros, so its first cell says); `None` for an empty tile.
+    pub fn tile_kept(mask: &Mask, rows: &[usize], cols: &[usize]) -> Option<bool> {
+        Some(mask.get(*rows.first()?, *cols.first()?))
+    }
+}
+
 /// One layer to target.
 #[derive(Debug)]
 pub struct TargetLayer<'a> {
@@ -245,17 +282,14 @@ fn layer_units(layer: &TargetLayer<'_>, kept: bool, round: usize) -> Units {
                 }
             }
         }
-        Structure::Tiles { height, width } => {
-            let (h, w) = ((*height).max(1), (*width).max(1));
-            for i in (0..rows).step_by(h) {
-                for j in (0..cols).step_by(w) {
-                    if mask.get(i, j) == kept {
-                        let rs = u.span(i..(i + h).min(rows));
-                        let cs = u.span(j..(j + w).min(cols));
-                        u.push(rs, cs, &cells);
-                    }
+        Structure::Tiles { .. } | Structure::Shuffled { .. } => {
+            layer.structure.for_each_tile(rows, cols, |rs, cs| {
+                if Structure::tile_kept(mask, rs, cs) == Some(kept) {
+                    let rs = u.span(rs.iter().copied());
+                    let cs = u.span(cs.iter().copied());
+                    u.push(rs, cs, &cells);
                 }
-            }
+            });
         }
         Structure::Classes if round % 2 == 1 => {
             let classes = row_classes(mask);
@@ -300,21 +334,6 @@ fn layer_units(layer: &TargetLayer<'_>, kept: bool, round: usize) -> Units {
                 for (c, &is_on) in on.iter().enumerate() {
                     if is_on == kept {
                         u.push(rs, (singles.0 + c, singles.0 + c + 1), &cells);
-                    }
-                }
-            }
-        }
-        Structure::Shuffled { groups, chunks } => {
-            for (g, members) in groups.iter().enumerate() {
-                let Some(&first) = members.first() else {
-                    continue;
-                };
-                let rs = u.span(members.iter().copied());
-                for chunk in chunks.get(g).map_or(&[][..], Vec::as_slice) {
-                    let Some(&c0) = chunk.first() else { continue };
-                    if mask.get(first, c0) == kept {
-                        let cs = u.span(chunk.iter().copied());
-                        u.push(rs, cs, &cells);
                     }
                 }
             }

@@ -989,6 +989,18 @@ mod tests {
         }
     }
 
+    /// The gradients of `0.5·Σ y²` (so that `dY = Y`).
+    fn half_square_grads(y: &Tensor) -> candle_core::backprop::GradStore {
+        y.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .affine(0.5, 0.0)
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     /// A tensor's values, flattened.
     trait Flat {
         fn flat(&self) -> Vec<f32>;
@@ -1036,15 +1048,7 @@ mod tests {
                 let xr = Var::from_vec(xn.clone(), (b, ci, h, w), &Device::Cpu).unwrap();
                 let wr = Var::from_vec(wv.clone(), (co, ci, k, k), &Device::Cpu).unwrap();
                 let yr = xr.conv2d(&wr, pad, stride, 1, 1).unwrap();
-                let gr = yr
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .affine(0.5, 0.0)
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gr = half_square_grads(&yr);
                 // coarsen: channel-major.
                 let xc = Var::from_tensor(
                     &xr.as_tensor()
@@ -1088,15 +1092,7 @@ mod tests {
                 assert_eq!(y4.dims(), &[co, b, ho, wo], "{way}");
                 let want = yr.permute((1, 0, 2, 3)).unwrap().flat();
                 close(&y4.flat(), &want, 1e-5);
-                let gs = y4
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .affine(0.5, 0.0)
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gs = half_square_grads(&y4);
                 let dw = gs.get(wc.as_tensor()).unwrap().flat();
                 let dw_want: Vec<f32> = gr
                     .get(wr.as_tensor())
@@ -1276,15 +1272,7 @@ mod tests {
                     )
                     .unwrap();
                 // 0.5·Σy²: dY = Y.
-                let grads = y
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .affine(0.5, 0.0)
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let grads = half_square_grads(&y);
                 let norms = kernel.take_norms().expect("norms recorded");
                 assert!(kernel.take_norms().is_none(), "taken once");
                 let yv = y.flat();
