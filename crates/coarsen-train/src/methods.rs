@@ -1368,6 +1368,7 @@ fn collect_results(
         .filter(|m: &&EpochMetrics| m.stage == last_stage)
         .map(|m| m.samples_per_s)
         .collect();
+    let sparsity = run_sparsity(&t.masks, &t.model);
     Ok(RunResults {
         method: exp.method.clone(),
         model: exp.model.clone(),
@@ -1377,9 +1378,9 @@ fn collect_results(
         sparsity: if names.is_empty() {
             0.0
         } else {
-            run_sparsity(&t.masks, &t.model).prunable
+            sparsity.prunable
         },
-        sparsity_all: run_sparsity(&t.masks, &t.model).all,
+        sparsity_all: sparsity.all,
         channel_sparsity: fin.channel_sparsity,
         pattern,
         layers,

@@ -53,14 +53,19 @@ impl Partitioner {
         if self.available() {
             Ok(())
         } else {
-            Err(Error::param(
-                "--partitioner",
-                "kahypar",
-                "this coarsen was built without KaHyPar: rebuild with `cargo install --features \
-                 kahypar` (Mt-KaHyPar, compiled from source, needs a C++17 compiler)",
-            ))
+            Err(kahypar_missing())
         }
     }
+}
+
+/// The error of `--partitioner kahypar` in a build without the feature.
+fn kahypar_missing() -> Error {
+    Error::param(
+        "--partitioner",
+        "kahypar",
+        "this coarsen was built without KaHyPar: rebuild with `cargo install --features kahypar` \
+         (Mt-KaHyPar, compiled from source, needs a C++17 compiler)",
+    )
 }
 
 /// Above this many rows the row graph keeps only each row's strongest neighbours.
@@ -95,9 +100,7 @@ pub fn partition_rows(
         #[cfg(feature = "kahypar")]
         Partitioner::Kahypar => kahypar::partition(mask, rows, parts, imbalance, seed, layer),
         #[cfg(not(feature = "kahypar"))]
-        Partitioner::Kahypar => Err(partitioner.check_available().err().unwrap_or_else(|| {
-            Error::param("--partitioner", "kahypar", "unavailable in this build")
-        })),
+        Partitioner::Kahypar => Err(kahypar_missing()),
     }
 }
 
