@@ -33,6 +33,8 @@ pub struct DirectConv {
     g: ConvGeometry,
     /// `ceil(cout/MR)` panels of `taps·cin × MR` values, tap-major; rows past `cout` zero.
     panels: Vec<f32>,
+    /// Input channels per block (see [`CB`]).
+    block: usize,
 }
 
 impl DirectConv {
@@ -75,7 +77,15 @@ impl DirectConv {
             cin,
             g,
             panels,
+            block: CB,
         }))
+    }
+
+    /// Sets the input channels per block (at least 1): the block's input rows around a tile
+    /// are copied once and read by every panel of the weight, so a block that fits L1 with
+    /// one panel's share of the weight keeps the kernel out of L2.
+    pub fn set_channel_block(&mut self, channels: usize) {
+        self.block = channels.max(1);
     }
 
     /// Output channels.
@@ -197,7 +207,7 @@ pub(crate) fn check_call(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{DirectConv, CB, MAX_TAPS, MR, NR, NV};
+    use super::{DirectConv, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
 
     /// See [`DirectConv::forward`].
@@ -242,9 +252,10 @@ mod avx512 {
         let stride = lines * 16;
         // Reused per thread and never cleared: lanes that would read what an earlier tile left
         // there are masked off.
+        let cbs = k.block.max(1);
         let mut halo = HALO.take();
-        if halo.len() < CB * stride + 16 {
-            halo.resize(CB * stride + 16, 0.0);
+        if halo.len() < cbs * stride + 16 {
+            halo.resize(cbs * stride + 16, 0.0);
         }
         let hp = halo.as_mut_ptr();
         let mut masks = [[0u16; NV]; MAX_TAPS];
@@ -252,17 +263,34 @@ mod avx512 {
         while t0 < c1 {
             let width = NR.min(c1 - t0);
             // Lane masks per tap: the input position is inside the image (and the lane inside
-            // the range).
-            for (tap, m) in masks.iter_mut().enumerate().take(taps) {
-                let (dy, dx) = ((tap / kw) as isize - pt, (tap % kw) as isize - pl);
+            // the range). The output position walks from the tile's first one without
+            // divisions (for few input channels, dividing per lane and tap cost more than the
+            // products).
+            for m in masks.iter_mut().take(taps) {
                 *m = [0; NV];
-                for lane in 0..width {
-                    let p = t0 + lane;
-                    let r = p % hw;
-                    let (oy, ox) = ((r / d.w) as isize, (r % d.w) as isize);
-                    let (iy, ix) = (oy + dy, ox + dx);
-                    if iy >= 0 && iy < h && ix >= 0 && ix < w {
-                        m[lane / 16] |= 1 << (lane % 16);
+            }
+            let r = t0 % hw;
+            let (mut oy, mut ox) = ((r / d.w) as isize, (r % d.w) as isize);
+            for lane in 0..width {
+                let bit = 1u16 << (lane % 16);
+                for ty in 0..kh {
+                    let iy = oy + ty as isize - pt;
+                    if iy < 0 || iy >= h {
+                        continue;
+                    }
+                    for tx in 0..kw {
+                        let ix = ox + tx as isize - pl;
+                        if ix >= 0 && ix < w {
+                            masks[ty * kw + tx][lane / 16] |= bit;
+                        }
+                    }
+                }
+                ox += 1;
+                if ox == w {
+                    ox = 0;
+                    oy += 1;
+                    if oy == h {
+                        oy = 0;
                     }
                 }
             }
@@ -276,7 +304,7 @@ mod avx512 {
             let b = (b.max(a as isize)) as usize;
             let mut cb0 = 0;
             while cb0 < cin {
-                let cbn = CB.min(cin - cb0);
+                let cbn = cbs.min(cin - cb0);
                 for c in 0..cbn {
                     let src = x.as_ptr().add((cb0 + c) * ld + a);
                     let dst = hp.add(c * stride + (a as isize - first) as usize);

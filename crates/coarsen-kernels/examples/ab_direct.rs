@@ -1,0 +1,92 @@
+//! Developer tool: times the implicit-GEMM convolution on CIFAR VGG/ResNet layer shapes with
+//! several input-channel blocks, interleaved pass by pass on one thread (the machine's noise
+//! hits all alike), and prints the best and median GFLOP/s of each.
+//!
+//! `cargo run --release -p coarsen-kernels --example ab_direct -- [BATCH] [ROUNDS] [BLOCKS]`
+//! with BLOCKS comma-separated (default 128,64,32).
+
+use std::time::Instant;
+
+use coarsen_kernels::conv::{ConvDims, ConvGeometry};
+use coarsen_kernels::DirectConv;
+use rayon::prelude::*;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
+    let rounds: usize = args.get(2).map_or(Ok(9), |s| s.parse())?;
+    let blocks: Vec<usize> = args
+        .get(3)
+        .map_or("128,64,32", String::as_str)
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let g = ConvGeometry::square(3, 1, 1);
+    for (cin, cout, hw) in [
+        (64, 64, 32),
+        (128, 128, 16),
+        (256, 256, 8),
+        (512, 512, 4),
+        (512, 512, 2),
+    ] {
+        let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
+        let n = d.n();
+        let w: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
+            .collect();
+        let x: Vec<f32> = (0..cin * n)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let Some(base) = DirectConv::new(g, cout, cin, &w)? else {
+            return Err("the implicit GEMM needs AVX-512".into());
+        };
+        let kernels: Vec<DirectConv> = blocks
+            .iter()
+            .map(|&b| {
+                let mut k = base.clone();
+                k.set_channel_block(b);
+                k
+            })
+            .collect();
+        let threads = rayon::current_num_threads();
+        // Whole output rows of whole images per thread, as the engine cuts columns.
+        let per = n.div_ceil(threads).div_ceil(hw * hw) * hw * hw;
+        let ranges: Vec<(usize, usize)> = (0..threads)
+            .map(|t| ((t * per).min(n), ((t + 1) * per).min(n)))
+            .filter(|(a, b)| a < b)
+            .collect();
+        let mut ys: Vec<Vec<f32>> = ranges
+            .iter()
+            .map(|(a, b)| vec![0.0f32; cout * (b - a)])
+            .collect();
+        let mut times = vec![Vec::new(); kernels.len()];
+        for _ in 0..rounds {
+            for (k, t) in kernels.iter().zip(&mut times) {
+                let s = Instant::now();
+                ranges
+                    .par_iter()
+                    .zip(ys.par_iter_mut())
+                    .try_for_each(|(&(a, b), y)| k.forward(&x, &d, a, b, y))?;
+                t.push(s.elapsed().as_secs_f64());
+            }
+        }
+        let flop = 2.0 * (cout * cin * 9 * n) as f64 / 1e9;
+        let line: Vec<String> = blocks
+            .iter()
+            .zip(&mut times)
+            .map(|(b, t)| {
+                t.sort_by(f64::total_cmp);
+                format!(
+                    "CB {b}: best {:.1} median {:.1}",
+                    flop / t[0],
+                    flop / t[t.len() / 2]
+                )
+            })
+            .collect();
+        println!(
+            "[{cin}->{cout}, {hw}x{hw}, batch {batch}, {threads} thread(s)] GFLOP/s {}",
+            line.join(" | ")
+        );
+    }
+    Ok(())
+}
