@@ -422,6 +422,10 @@ pub struct BenchArgs {
     /// Timed forward passes of each path per --model measurement.
     #[arg(long, default_value_t = 7, requires = "model")]
     pub reps: usize,
+    /// With --model: also time every step of both paths (layer, kernel, GFLOP/s), to see where
+    /// the time goes.
+    #[arg(long, requires = "model")]
+    pub profile: bool,
     /// Timing worker for scripts/bench-peers: load this export directory, run it once on
     /// --input and write the logits to --logits-out, print a JSON `ready` line, then answer
     /// `run K` lines on stdin with the milliseconds of K forward passes (`quit` ends).

@@ -740,6 +740,86 @@ fn synth_and_demo_write_their_outputs() {
 }
 
 #[test]
+fn bench_profile_times_every_layer_of_both_paths() {
+    let f = Fixture::new();
+    ok(&[
+        "synth",
+        "--model",
+        "resnet20",
+        "--out",
+        f.s("w.safetensors"),
+    ]);
+    ok(&[
+        "export",
+        "-q",
+        "--model",
+        "resnet20",
+        "--weights",
+        f.s("w.safetensors"),
+        "--out",
+        f.s("export"),
+    ]);
+    let json = f.path("bench.json");
+    let out = ok(&[
+        "bench",
+        "--model",
+        f.s("export"),
+        "--profile",
+        "--batch",
+        "2",
+        "--reps",
+        "1",
+        "--threads",
+        "2",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    for path in ["dense", "packed"] {
+        assert!(out.contains(&format!("{path} path, batch 2")), "{out}");
+    }
+    // Every conv of the network, in both profiles, with its kernel.
+    let w = WeightFile::read(f.path("w.safetensors")).unwrap();
+    let convs: Vec<&str> = w
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| n.ends_with("conv1.weight") || n.ends_with("conv2.weight"))
+        .collect();
+    assert!(convs.len() >= 18, "{convs:?}");
+    for c in convs {
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("{c} ")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{c}: {out}");
+    }
+    assert!(
+        out.contains("implicit gemm") || out.contains("im2col"),
+        "{out}"
+    );
+    let records: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let steps = records[0]["profile"]["dense"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["macs"].as_u64().unwrap() > 0));
+    // Profiling, patterns and sparsities need a network.
+    for flag in [
+        &["--profile"][..],
+        &["--pattern", "group"],
+        &["--sparsity", "0.5"],
+    ] {
+        let mut a = vec!["bench", "--shape", "4,4,4", "-q"];
+        a.extend(flag);
+        let res = coarsen(&a);
+        assert!(!res.status.success(), "{flag:?}");
+        assert!(
+            String::from_utf8_lossy(&res.stderr).contains("goes with --model"),
+            "{flag:?}"
+        );
+    }
+}
+
+#[test]
 fn bench_shapes_and_mask_layers_with_json() {
     let f = Fixture::new();
     let json = f.path("bench.json");

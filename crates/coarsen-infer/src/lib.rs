@@ -41,7 +41,7 @@ pub mod timing;
 pub use coarsen_core::{LayerMask, MaskSet};
 pub use engine::{
     argmax_rows, describe_choices, nchw_to_cbhw, softmax_rows, DenseKernel, InferOptions,
-    InferenceNet, LayerChoice, LayerInfo, Path, TuneCache, Tuning,
+    InferenceNet, LayerChoice, LayerInfo, Path, StepTime, TuneCache, Tuning,
 };
 pub use error::{InferError, Result};
 pub use format::{detect_format, layer_formats, Formats, LayerFormat, CSR_MAX_DENSITY};

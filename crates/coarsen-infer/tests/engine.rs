@@ -3,10 +3,11 @@
 mod common;
 
 use coarsen_core::MaskSet;
+use coarsen_infer::graph::Op;
 use coarsen_infer::{
     reference, Formats, InferOptions, InferenceNet, LayerFormat, Network, Path, TuneCache, Tuning,
 };
-use common::{exotic, formats, masks_for, plain, residual, Net};
+use common::{exotic, formats, masks_for, plain, pool, residual, Net};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -97,6 +98,45 @@ fn residual_network_equals_the_reference() {
 #[test]
 fn every_other_op_equals_the_reference() {
     check("exotic", exotic);
+}
+
+/// A 2×2 max pool over odd sizes (the last row and column are dropped).
+fn odd_pool() -> Net {
+    let mut n = Net::new([2, 7, 9]);
+    n.conv3("conv", 2, 4, 1);
+    n.op(Op::MaxPool(pool(2, 2, 0)));
+    n.op(Op::Flatten);
+    n.linear("fc", 4 * 3 * 4, 3, true);
+    n
+}
+
+#[test]
+fn max_pool_over_odd_sizes_equals_the_reference() {
+    check("odd pool", odd_pool);
+}
+
+#[test]
+fn profile_times_every_step_and_names_the_kernels() {
+    let (graph, tensors, _) = plain().finish(3);
+    let network = Network::new(graph, tensors, MaskSet::new()).unwrap();
+    let engine = InferenceNet::new(&network, &Formats::new(), Path::Dense).unwrap();
+    let [c, h, w] = network.input();
+    let batch = 2;
+    let x = vec![0.5f32; batch * c * h * w];
+    let steps = engine.profile(&x, batch, 3).unwrap();
+    // Every conv and linear layer once, with its multiply-adds for the batch and a kernel.
+    for l in engine.layers() {
+        let s: Vec<_> = steps.iter().filter(|s| s.step == l.name).collect();
+        assert_eq!(s.len(), 1, "{}", l.name);
+        assert_eq!(s[0].macs, l.macs_per_image * batch);
+        assert_ne!(s[0].kernel, s[0].step);
+    }
+    // The other steps name their operation, and do no multiply-adds.
+    let others: Vec<_> = steps.iter().filter(|s| s.macs == 0).collect();
+    assert_eq!(others.len(), steps.len() - engine.layers().len());
+    assert_eq!(others.iter().filter(|s| s.step == "max pool").count(), 2);
+    assert!(steps.iter().all(|s| s.ms.is_finite() && s.ms >= 0.0));
+    assert!(engine.profile(&x[1..], batch, 3).is_err());
 }
 
 #[test]

@@ -9,7 +9,7 @@ use coarsen_core::MaskSet;
 use coarsen_infer::format::random_masks;
 use coarsen_infer::timing::time_paths;
 use coarsen_infer::{
-    layer_formats, Formats, InferenceNet, LayerChoice, LayerFormat, Network, Path, Tuning,
+    layer_formats, Formats, InferenceNet, LayerChoice, LayerFormat, Network, Path, StepTime, Tuning,
 };
 use coarsen_kernels::timing::{interleaved, median};
 use rand::SeedableRng;
@@ -354,6 +354,53 @@ pub struct ModelBench {
     /// caller timed it.
     #[serde(default)]
     pub ort_ms: Option<f64>,
+    /// Per-step times of both paths, when asked for ([`profile_paths`]).
+    #[serde(default)]
+    pub profile: Option<PathProfiles>,
+}
+
+/// Per-step times of the dense and packed paths of one network ([`profile_paths`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PathProfiles {
+    /// The dense path's steps.
+    pub dense: Vec<StepTime>,
+    /// The packed path's steps (after tuning).
+    pub packed: Vec<StepTime>,
+}
+
+/// Times every step of the dense and packed paths of `network` (`passes` passes each, medians)
+/// on a random batch of `batch` images seeded by `seed`, the packed path tuned as `tuning`
+/// says.
+pub fn profile_paths(
+    network: &Network,
+    formats: &Formats,
+    batch: usize,
+    passes: usize,
+    seed: u64,
+    tuning: Tuning,
+) -> Result<PathProfiles> {
+    if batch == 0 {
+        return Err(TrainError::config("batch", batch, "must be positive"));
+    }
+    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
+    packed.tune_cached(batch, tuning)?;
+    let dense = InferenceNet::new(network, formats, Path::Dense)?;
+    let x = random_batch(network, batch, seed)?;
+    Ok(PathProfiles {
+        dense: dense.profile(&x, batch, passes)?,
+        packed: packed.profile(&x, batch, passes)?,
+    })
+}
+
+/// A batch of `batch` images with values uniform in [−1, 1), seeded.
+fn random_batch(network: &Network, batch: usize, seed: u64) -> Result<Vec<f32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let uni =
+        Uniform::new(-1.0f32, 1.0).map_err(|e| TrainError::config("input", 0, e.to_string()))?;
+    let [c, h, w] = network.input();
+    Ok((0..c * h * w * batch)
+        .map(|_| uni.sample(&mut rng))
+        .collect())
 }
 
 /// The patterns [`model_benchmark`] accepts.
@@ -405,7 +452,7 @@ pub fn model_benchmark(
     reps: usize,
     seed: u64,
     tuning: Tuning,
-) -> Result<(ModelBench, Network)> {
+) -> Result<(ModelBench, Network, Formats)> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(TrainError::config(
             "sparsity",
@@ -444,7 +491,7 @@ pub fn model_benchmark(
         Some(LayerFormat::Nm { n, m, .. }) => 1.0 - n as f64 / m as f64,
         _ => sparsity,
     };
-    Ok((r, network))
+    Ok((r, network, formats))
 }
 
 /// Times the forward pass of `network` with its layers in `formats` against its dense path,
@@ -465,13 +512,7 @@ pub fn network_benchmark(
     let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
     let tuned = packed.tune_cached(batch, tuning)?;
     let dense = InferenceNet::new(network, formats, Path::Dense)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let uni =
-        Uniform::new(-1.0f32, 1.0).map_err(|e| TrainError::config("input", 0, e.to_string()))?;
-    let [c, h, w] = network.input();
-    let x: Vec<f32> = (0..c * h * w * batch)
-        .map(|_| uni.sample(&mut rng))
-        .collect();
+    let x = random_batch(network, batch, seed)?;
     let a = packed.forward(&x, batch)?;
     let b = dense.forward(&x, batch)?;
     let max_abs_diff = a
@@ -498,5 +539,6 @@ pub fn network_benchmark(
         max_abs_diff,
         tuned,
         ort_ms: None,
+        profile: None,
     })
 }

@@ -81,7 +81,11 @@ fn available() -> String {
 fn given_network(
     args: &BenchArgs,
     m: &str,
-) -> Result<(coarsen_train::bench::ModelBench, coarsen_infer::Network)> {
+) -> Result<(
+    coarsen_train::bench::ModelBench,
+    coarsen_infer::Network,
+    coarsen_infer::Formats,
+)> {
     let (network, formats, meta) = if coarsen_train::export::is_export(Path::new(m)) {
         let e = coarsen_train::export::load(Path::new(m))?;
         let meta = e.manifest.coarsen.clone();
@@ -114,7 +118,7 @@ fn given_network(
     )?;
     r.model = m.to_string();
     r.pattern = meta.map_or_else(|| "as given".to_string(), |m| m.pattern);
-    Ok((r, network))
+    Ok((r, network, formats))
 }
 
 /// `--serve`: the timing worker of scripts/bench-peers (see the flag's help).
@@ -290,7 +294,7 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
     let mut records = Vec::new();
     for (m, p, s) in &runs {
         bar.set_message(format!("{m} {p} {s}"));
-        let (mut record, network) = if p.is_empty() {
+        let (mut record, network, formats) = if p.is_empty() {
             given_network(args, m)?
         } else {
             coarsen_train::bench::model_benchmark(
@@ -306,6 +310,17 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
         if let Ok(peer) = &peer {
             bar.set_message(format!("{m} {p} {s}: ONNX Runtime"));
             record.ort_ms = Some(peer.time(&network, args.batch, args.reps, threads)?);
+        }
+        if args.profile {
+            bar.set_message(format!("{m} {p} {s}: profile"));
+            record.profile = Some(coarsen_train::bench::profile_paths(
+                &network,
+                &formats,
+                args.batch,
+                args.reps,
+                args.seed,
+                args.tuning.tuning(),
+            )?);
         }
         records.push(record);
         bar.inc(1);
@@ -367,13 +382,71 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
             coarsen_infer::describe_choices(&r.tuned)
         );
     }
+    for r in &records {
+        if let Some(p) = &r.profile {
+            print_profile(r, p);
+        }
+    }
     if let Some(j) = &args.json {
         write_json(j, &records)?;
     }
     Ok(())
 }
 
+/// `--profile`: every step of both paths, with its share of the pass and its GFLOP/s.
+fn print_profile(r: &coarsen_train::bench::ModelBench, p: &coarsen_train::bench::PathProfiles) {
+    for (path, steps) in [("dense", &p.dense), ("packed", &p.packed)] {
+        let total: f64 = steps.iter().map(|s| s.ms).sum();
+        println!(
+            "\nprofile: {} {} {path} path, batch {}, median of {} passes per step (sum {total:.1} ms)",
+            r.model, r.pattern, r.batch, r.reps
+        );
+        let w = steps.iter().map(|s| s.step.len()).max().unwrap_or(4).max(4);
+        let kw = steps
+            .iter()
+            .map(|s| s.kernel.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        println!(
+            "{:<w$}  {:<kw$}  {:>9}  {:>6}  {:>8}  {:>7}",
+            "step", "kernel", "ms", "share", "GMAC", "GFLOP/s"
+        );
+        for s in steps {
+            let share = if total > 0.0 { s.ms / total } else { 0.0 };
+            let gmac = s.macs as f64 / 1e9;
+            let gflops = if s.macs > 0 && s.ms > 0.0 {
+                format!("{:.1}", 2.0 * gmac / (s.ms / 1e3))
+            } else {
+                "-".into()
+            };
+            let kernel = if s.kernel == s.step { "" } else { &s.kernel };
+            println!(
+                "{:<w$}  {:<kw$}  {:>9.3}  {:>5.1}%  {:>8.4}  {:>7}",
+                s.step,
+                kernel,
+                s.ms,
+                100.0 * share,
+                gmac,
+                gflops
+            );
+        }
+    }
+}
+
 fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> {
+    if args.model.is_empty() {
+        // (clap's `requires` does not see an absent --model here: checked by hand.)
+        for (flag, given) in [
+            ("--profile", args.profile),
+            ("--pattern", args.pattern.is_some()),
+            ("--sparsity", args.sparsity.is_some()),
+        ] {
+            if given {
+                bail!("{flag} goes with --model (an end-to-end network benchmark)");
+            }
+        }
+    }
     if let Some(dir) = &args.serve {
         return serve(args, dir);
     }

@@ -66,6 +66,19 @@ pub struct LayerInfo {
     pub macs_per_image: usize,
 }
 
+/// The time of one step of a forward pass ([`InferenceNet::profile`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepTime {
+    /// The layer's weight name, or the operation.
+    pub step: String,
+    /// What ran: a conv or linear layer's kernel, else the operation.
+    pub kernel: String,
+    /// Multiply-adds of the step over the whole batch (0 for steps without weights).
+    pub macs: usize,
+    /// Median wall time, ms.
+    pub ms: f64,
+}
+
 /// Performance settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InferOptions {
@@ -215,10 +228,57 @@ impl InferenceNet {
         Ok(())
     }
 
+    /// Times every step of a forward pass on the channel-major batch `x` (as
+    /// [`forward`](Self::forward) takes it): `passes` passes after one warm-up, the median per
+    /// step, in evaluation order. Conv and linear layers name their weight and kernel; the
+    /// other steps their operation.
+    pub fn profile(&self, x: &[f32], batch: usize, passes: usize) -> Result<Vec<StepTime>> {
+        self.check_input(x.len(), batch)?;
+        run::run(self, x, batch, None)?;
+        let passes = passes.max(1);
+        let mut samples = vec![Vec::with_capacity(passes); self.steps.len()];
+        let mut times = vec![0.0f64; self.steps.len()];
+        for _ in 0..passes {
+            times.fill(0.0);
+            run::run(self, x, batch, Some(&mut times))?;
+            for (s, &t) in samples.iter_mut().zip(&times) {
+                s.push(t);
+            }
+        }
+        let macs: BTreeMap<&str, usize> = self
+            .layers
+            .iter()
+            .map(|l| (l.name.as_str(), l.macs_per_image))
+            .collect();
+        Ok(self
+            .steps
+            .iter()
+            .zip(samples)
+            .map(|(step, mut s)| {
+                s.sort_by(f64::total_cmp);
+                let ms = s[s.len() / 2] * 1e3;
+                match &step.kind {
+                    run::Kind::Layer(l) => StepTime {
+                        step: l.name.clone(),
+                        kernel: l.kernel_name(batch, &self.options),
+                        macs: macs.get(l.name.as_str()).map_or(0, |m| m * batch),
+                        ms,
+                    },
+                    k => StepTime {
+                        step: k.op_name().to_string(),
+                        kernel: k.op_name().to_string(),
+                        macs: 0,
+                        ms,
+                    },
+                }
+            })
+            .collect())
+    }
+
     /// Logits `[batch, classes]` (row-major) of a channel-major batch `x = [C, B, H, W]`.
     pub fn forward(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
         self.check_input(x.len(), batch)?;
-        let y = run::run(self, x, batch)?;
+        let y = run::run(self, x, batch, None)?;
         // [classes, B] → [B, classes].
         let k = self.classes;
         let mut out = vec![0.0f32; k * batch];

@@ -67,6 +67,23 @@ pub(super) enum Kind {
     },
 }
 
+impl Kind {
+    /// The operation in words, for profiles.
+    pub(super) fn op_name(&self) -> &'static str {
+        match self {
+            Kind::Layer(_) => "layer",
+            Kind::Materialize { .. } => "restore removed channels",
+            Kind::Affine { .. } => "affine (unfolded batch norm)",
+            Kind::Relu => "relu",
+            Kind::Pool { avg: None, .. } => "max pool",
+            Kind::Pool { avg: Some(_), .. } => "avg pool",
+            Kind::GlobalAvgPool { .. } => "global avg pool",
+            Kind::Flatten { .. } => "flatten",
+            Kind::Add { .. } => "add",
+        }
+    }
+}
+
 /// A conv or linear layer (a linear layer is a 1×1 convolution on a 1×1 image).
 #[derive(Debug)]
 pub(super) struct Layer {
@@ -98,13 +115,20 @@ pub(super) struct Layer {
     pub(super) dense_twin: Option<Box<Layer>>,
 }
 
-/// Runs the steps of `net` on the channel-major batch `x`; the output slot's values.
-pub(super) fn run(net: &InferenceNet, x: &[f32], batch: usize) -> Result<Vec<f32>> {
+/// Runs the steps of `net` on the channel-major batch `x`; the output slot's values. With
+/// `times` (one entry per step), adds each step's wall time in seconds to its entry.
+pub(super) fn run(
+    net: &InferenceNet,
+    x: &[f32],
+    batch: usize,
+    mut times: Option<&mut [f64]>,
+) -> Result<Vec<f32>> {
     let mut vals: Vec<Option<Cow<'_, [f32]>>> = (0..net.reads.len()).map(|_| None).collect();
     vals[0] = Some(Cow::Borrowed(x));
     let mut left = net.reads.clone();
     let o = &net.options;
-    for step in &net.steps {
+    for (index, step) in net.steps.iter().enumerate() {
+        let start = std::time::Instant::now();
         let out = {
             // A step that works in place takes its input when nothing else reads it later.
             let in_place =
@@ -130,6 +154,9 @@ pub(super) fn run(net: &InferenceNet, x: &[f32], batch: usize) -> Result<Vec<f32
             }
         }
         vals[step.output] = Some(Cow::Owned(out));
+        if let Some(t) = times.as_deref_mut().and_then(|t| t.get_mut(index)) {
+            *t += start.elapsed().as_secs_f64();
+        }
     }
     vals[net.output]
         .take()
@@ -264,13 +291,17 @@ fn pool(
         .for_each(|(p, out)| {
             let src = &x[p * h * w..(p + 1) * h * w];
             if fast2 {
-                for oy in 0..ho {
-                    let (r0, r1) = (&src[2 * oy * w..], &src[(2 * oy + 1) * w..]);
-                    for ox in 0..wo {
-                        out[oy * wo + ox] = r0[2 * ox]
-                            .max(r0[2 * ox + 1])
-                            .max(r1[2 * ox])
-                            .max(r1[2 * ox + 1]);
+                // Pairs of input rows and pairs of columns, without bounds checks in the loop
+                // (so that it vectorises).
+                for (oy, row) in out.chunks_exact_mut(wo.max(1)).enumerate() {
+                    let r0 = &src[2 * oy * w..][..2 * wo];
+                    let r1 = &src[(2 * oy + 1) * w..][..2 * wo];
+                    for ((o, a), b) in row
+                        .iter_mut()
+                        .zip(r0.chunks_exact(2))
+                        .zip(r1.chunks_exact(2))
+                    {
+                        *o = a[0].max(a[1]).max(b[0].max(b[1]));
                     }
                 }
                 return;
@@ -356,11 +387,7 @@ impl Layer {
         // im2col rows computed: all, or those the kernel reads.
         let kk = self.read.as_ref().map_or(d.rows(), |r| r.len());
         let tiles = self.plan.tile_width();
-        let tiled_kernel = self.plan.dense_kernel() == Some(DenseKernel::Tiled);
-        let wino = self
-            .wino
-            .as_ref()
-            .filter(|_| tiled_kernel && o.winograd && n > SMALL_COLS);
+        let wino = self.wino.as_ref().filter(|_| self.runs_winograd(n, o));
         let chunks = match wino {
             // Whole pairs of output rows; about 4·cin values of transformed input per column.
             Some(_) => column_chunks(n, 2 * self.wo, 1, 4 * self.cin, o),
@@ -373,16 +400,17 @@ impl Layer {
             && chunks.len() == 1
             && self.read.is_none();
         // Few columns (small batches, deep layers): the dense kernel vectorises over rows.
-        let small = self.plan.tile_rows().zip(tiles).filter(|_| n <= SMALL_COLS);
+        let small = self
+            .plan
+            .tile_rows()
+            .zip(tiles)
+            .filter(|_| self.runs_small(n));
         let chunks = if small.is_some() {
             vec![(0, n)]
         } else {
             chunks
         };
-        let dc = self
-            .direct
-            .as_ref()
-            .filter(|_| tiled_kernel && small.is_none() && wino.is_none());
+        let dc = self.direct.as_ref().filter(|_| self.runs_direct(n, o));
         // Too few columns to keep every thread busy (small batches, deep layers): the dense
         // kernels also split the output rows.
         let align = match (dc, self.plan.tile_rows()) {
@@ -466,6 +494,47 @@ impl Layer {
         // of every column chunk, and the chunks cover 0..n).
         unsafe { y.set_len(len) };
         Ok(y)
+    }
+
+    /// Whether the plan runs coarsen's tiled dense kernel (which the in-place kernels need).
+    fn tiled_kernel(&self) -> bool {
+        self.plan.dense_kernel() == Some(DenseKernel::Tiled)
+    }
+
+    /// Whether a product of `n` columns runs as Winograd.
+    fn runs_winograd(&self, n: usize, o: &InferOptions) -> bool {
+        self.wino.is_some() && self.tiled_kernel() && o.winograd && n > SMALL_COLS
+    }
+
+    /// Whether a product of `n` columns runs on the kernel that vectorises over output rows.
+    fn runs_small(&self, n: usize) -> bool {
+        self.plan.tile_rows().is_some() && self.plan.tile_width().is_some() && n <= SMALL_COLS
+    }
+
+    /// Whether a product of `n` columns runs as an implicit GEMM on the input in place.
+    fn runs_direct(&self, n: usize, o: &InferOptions) -> bool {
+        self.direct.is_some()
+            && self.tiled_kernel()
+            && !self.runs_small(n)
+            && !self.runs_winograd(n, o)
+    }
+
+    /// The kernel that runs this layer on batches of `batch` images, in words.
+    pub(super) fn kernel_name(&self, batch: usize, o: &InferOptions) -> String {
+        let n = batch * self.ho * self.wo;
+        if self.runs_winograd(n, o) {
+            "winograd F(2x2,3x3)".into()
+        } else if self.runs_direct(n, o) {
+            "implicit gemm".into()
+        } else if self.runs_small(n) {
+            "gemm, few columns".into()
+        } else if self.plan.tile_width().is_some() {
+            "im2col + tiled gemm".into()
+        } else if self.plan.dense_kernel() == Some(DenseKernel::Faer) {
+            "im2col + faer gemm".into()
+        } else {
+            format!("im2col + {}", self.plan.format())
+        }
     }
 
     /// The same layer on other kernels (`plan`, and the in-place kernels): same input, output,

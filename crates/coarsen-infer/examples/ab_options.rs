@@ -1,0 +1,80 @@
+//! Developer tool: per-step profile of an export's dense path under two engine option sets,
+//! interleaved pass by pass.
+//!
+//! `cargo run --release -p coarsen-infer --example ab_options -- EXPORT_DIR [BATCH] [ROUNDS] [CHUNK_FLOATS_B]`
+use coarsen_infer::{export, InferOptions, InferenceNet, Path};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = args
+        .get(1)
+        .ok_or("usage: ab_options EXPORT_DIR [BATCH] [ROUNDS] [CHUNK]")?;
+    let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
+    let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
+    let chunk: usize = args.get(4).map_or(Ok(1 << 20), |s| s.parse())?;
+    let e = export::load(std::path::Path::new(dir))?;
+    let a = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
+    let ob = InferOptions {
+        chunk_floats: chunk,
+        ..InferOptions::default()
+    };
+    let b = InferenceNet::with_options(&e.network, &e.formats, Path::Dense, ob)?;
+    let [c, h, w] = a.input();
+    let x: Vec<f32> = (0..c * h * w * batch)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let mut pa = Vec::new();
+    let mut pb = Vec::new();
+    for _ in 0..rounds {
+        pa.push(a.profile(&x, batch, 1)?);
+        pb.push(b.profile(&x, batch, 1)?);
+    }
+    let best = |p: &Vec<Vec<coarsen_infer::StepTime>>, i: usize| {
+        p.iter().map(|r| r[i].ms).fold(f64::INFINITY, f64::min)
+    };
+    for (i, s) in pa[0].iter().enumerate() {
+        let (ta, tb) = (best(&pa, i), best(&pb, i));
+        let gf = 2.0 * s.macs as f64 / 1e6 + 1e-12;
+        println!(
+            "{:20} {:22} A {:8.2} ms {:6.1} GF/s | B {:8.2} ms {:6.1} GF/s",
+            s.step,
+            s.kernel,
+            ta,
+            gf / ta,
+            tb,
+            gf / tb
+        );
+    }
+    // Whole passes in CPU time of the process (the hypervisor's steal is not counted).
+    let (mut ca, mut cb) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..rounds {
+        let t = cpu_ms();
+        a.forward(&x, batch)?;
+        ca = ca.min(cpu_ms() - t);
+        let t = cpu_ms();
+        b.forward(&x, batch)?;
+        cb = cb.min(cpu_ms() - t);
+    }
+    println!("forward, best CPU time: A {ca:.1} ms, B {cb:.1} ms");
+    let tot =
+        |p: &Vec<Vec<coarsen_infer::StepTime>>| (0..p[0].len()).map(|i| best(p, i)).sum::<f64>();
+    println!("sum of best: A {:.1} ms, B {:.1} ms", tot(&pa), tot(&pb));
+    Ok(())
+}
+
+/// CPU time of every thread of this process so far, ms (from /proc/self/task/*/schedstat).
+fn cpu_ms() -> f64 {
+    let mut ns = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 / 1e6
+}
