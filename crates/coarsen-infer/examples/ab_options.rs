@@ -1,23 +1,36 @@
 //! Developer tool: per-step profile of an export's dense path under two engine option sets,
 //! interleaved pass by pass.
 //!
-//! `cargo run --release -p coarsen-infer --example ab_options -- EXPORT_DIR [BATCH] [ROUNDS] [CHUNK_FLOATS_B]`
+//! `cargo run --release -p coarsen-infer --example ab_options -- EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]`
+//! with B_OPTIONS e.g. `fuse=0,chunk=262144` (A runs the defaults).
 use coarsen_infer::{export, InferOptions, InferenceNet, Path};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)
-        .ok_or("usage: ab_options EXPORT_DIR [BATCH] [ROUNDS] [CHUNK]")?;
+        .ok_or("usage: ab_options EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]")?;
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
-    let chunk: usize = args.get(4).map_or(Ok(1 << 20), |s| s.parse())?;
+    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, comma-separated.
+    let mut ob = InferOptions::default();
+    for kv in args
+        .get(4)
+        .map_or("", String::as_str)
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = kv.split_once('=').ok_or("options are key=value")?;
+        match k {
+            "chunk" => ob.chunk_floats = v.parse()?,
+            "fuse" => ob.fuse_epilogue = v == "1",
+            "winograd" => ob.winograd = v == "1",
+            _ => return Err(format!("unknown option {k}").into()),
+        }
+    }
+    println!("A: {:?}\nB: {ob:?}", InferOptions::default());
     let e = export::load(std::path::Path::new(dir))?;
     let a = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
-    let ob = InferOptions {
-        chunk_floats: chunk,
-        ..InferOptions::default()
-    };
     let b = InferenceNet::with_options(&e.network, &e.formats, Path::Dense, ob)?;
     let [c, h, w] = a.input();
     let x: Vec<f32> = (0..c * h * w * batch)

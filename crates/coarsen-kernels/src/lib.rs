@@ -33,7 +33,7 @@ pub mod reference;
 pub mod simd;
 pub mod timing;
 
-pub use engine::{DenseKernel, DirectConv, Plan, Threading, Winograd};
+pub use engine::{DenseKernel, DirectConv, Epilogue, Plan, Threading, Winograd};
 pub use error::{KernelError, Result};
 pub use formats::{
     Block, Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, RowGroup,

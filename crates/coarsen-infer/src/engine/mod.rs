@@ -90,6 +90,10 @@ pub struct InferOptions {
     /// implicit GEMMs. Off by default: on CIFAR ResNet-18 and VGG-16 it does not yet beat the
     /// implicit GEMM (`examples/ab_dense` compares them).
     pub winograd: bool,
+    /// Implicit-GEMM layers write their results straight into the output through bias and
+    /// ReLU (on by default); off, through a scratch block and a separate epilogue pass (kept
+    /// to measure what the fusion saves, with `examples/ab_options`).
+    pub fuse_epilogue: bool,
 }
 
 impl Default for InferOptions {
@@ -98,6 +102,7 @@ impl Default for InferOptions {
             chunk_floats: 1 << 17,
             min_cols: 256,
             winograd: false,
+            fuse_epilogue: true,
         }
     }
 }

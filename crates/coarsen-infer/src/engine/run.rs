@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
-use coarsen_kernels::{DenseKernel, DirectConv, Plan, Winograd};
+use coarsen_kernels::{DenseKernel, DirectConv, Epilogue, Plan, Winograd};
 use rayon::prelude::*;
 
 use super::{InferOptions, InferenceNet};
@@ -451,6 +451,27 @@ impl Layer {
             .into_par_iter()
             .try_for_each(|((c0, c1), (r0, r1))| -> Result<()> {
                 let (nc, out) = (c1 - c0, yp);
+                if let Some(dc) = dc.filter(|_| o.fuse_epilogue && self.corr.is_none()) {
+                    let epilogue = Epilogue {
+                        bias: Some(&self.bias),
+                        relu: self.relu,
+                    };
+                    // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
+                    // (`rows × n`, allocated above); the kernel writes each value before it
+                    // reads it back, and every value is written before `set_len` below.
+                    return unsafe {
+                        dc.forward_into(
+                            x,
+                            &d,
+                            (c0, c1),
+                            (r0, r1),
+                            out.0.add(r0 * n + c0),
+                            n,
+                            epilogue,
+                        )
+                    }
+                    .map_err(kerr);
+                }
                 // Taken out of the thread's slot, not borrowed across the kernel call: should
                 // anything run another chunk on this thread meanwhile (rayon's work stealing),
                 // that chunk allocates its own.

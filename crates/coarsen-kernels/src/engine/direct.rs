@@ -25,6 +25,15 @@ const CB: usize = 128;
 /// Most kernel taps supported (`kh·kw`).
 const MAX_TAPS: usize = 49;
 
+/// What the implicit GEMM applies to each output value as it stores it: `act(v + bias[row])`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    /// One value per output channel (all `cout` of them), added to its row.
+    pub bias: Option<&'a [f32]>,
+    /// Whether the result goes through ReLU.
+    pub relu: bool,
+}
+
 /// A dense convolution weight packed for the implicit-GEMM kernel (AVX-512 only).
 #[derive(Clone, Debug)]
 pub struct DirectConv {
@@ -149,9 +158,81 @@ impl DirectConv {
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `new` returned `Some` only on a CPU with AVX-512; the lengths were checked
-        // above.
+        // above, and `y` holds `(r1 − r0) × (c1 − c0)` values with row stride `c1 − c0`.
         unsafe {
-            avx512::forward(self, x, d, (c0, c1), (r0, r1), y)
+            avx512::forward(
+                self,
+                x,
+                d,
+                (c0, c1),
+                (r0, r1),
+                (y.as_mut_ptr(), c1 - c0),
+                Epilogue::default(),
+            )
+        };
+        Ok(())
+    }
+
+    /// [`forward_rows`](Self::forward_rows) written straight into the layer's output through
+    /// the epilogue: value `(r, c)` for `r0 ≤ r < r1`, `c0 ≤ c < c1` goes to
+    /// `y[(r − r0)·ldy + (c − c0)]`, as `act(v + bias[r])`. Tasks that share one output
+    /// buffer write their own blocks of it in place (no copy through a scratch buffer).
+    ///
+    /// # Safety
+    /// `y` must be valid for writes of every position above (it need not be initialised:
+    /// the kernel writes each value before it reads it back), and no other thread may access
+    /// those positions during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_into(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (r0, r1): (usize, usize),
+        y: *mut f32,
+        ldy: usize,
+        epilogue: Epilogue<'_>,
+    ) -> Result<()> {
+        let nc = c1.saturating_sub(c0);
+        check_call(
+            "DirectConv::forward_into",
+            d,
+            (self.accepts(d), &|| {
+                format!(
+                    "the kernel was packed for {} input channels and {:?}, output as large as the input",
+                    self.cin, self.g
+                )
+            }),
+            x.len(),
+            ((c0, c1), 1),
+            ((r0, r1), MR, self.cout),
+            // The block's own shape: the caller vouches for `y` and `ldy`.
+            (r1.saturating_sub(r0)) * nc,
+        )?;
+        if ldy < nc {
+            return Err(KernelError::Param {
+                name: "ldy",
+                value: ldy.to_string(),
+                reason: format!("rows of {nc} columns need a stride of at least {nc}"),
+            });
+        }
+        if let Some(b) = epilogue.bias {
+            check_len(
+                "DirectConv::forward_into",
+                "bias",
+                b.len(),
+                self.cout,
+                || format!("{} output channels", self.cout),
+            )?;
+        }
+        if nc == 0 || r0 == r1 {
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 as in `forward_rows`; `y` as the caller guarantees; `bias` holds
+        // `cout` values.
+        unsafe {
+            avx512::forward(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue)
         };
         Ok(())
     }
@@ -207,13 +288,14 @@ pub(crate) fn check_call(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{DirectConv, MAX_TAPS, MR, NR, NV};
+    use super::{DirectConv, Epilogue, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
 
-    /// See [`DirectConv::forward`].
+    /// See [`DirectConv::forward_into`].
     ///
     /// # Safety
-    /// AVX-512F must be available; `x` holds `cin × B·H·W` values and `y` `cout × (c1 − c0)`.
+    /// AVX-512F must be available; `x` holds `cin × B·H·W` values, `y` is valid for rows
+    /// `0 .. r1 − r0` of `c1 − c0` values at stride `ldy`, and the bias (if any) holds `cout`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward(
         k: &DirectConv,
@@ -221,8 +303,20 @@ mod avx512 {
         d: &ConvDims,
         (c0, c1): (usize, usize),
         (r0, r1): (usize, usize),
-        y: &mut [f32],
+        (yp, ldy): (*mut f32, usize),
+        epilogue: Epilogue<'_>,
     ) {
+        if k.cin == 0 {
+            // No input: every output is the epilogue of 0.
+            for i in 0..r1 - r0 {
+                let b = epilogue.bias.map_or(0.0, |b| b[r0 + i]);
+                let v = if epilogue.relu { b.max(0.0) } else { b };
+                for c in 0..c1 - c0 {
+                    *yp.add(i * ldy + c) = v;
+                }
+            }
+            return;
+        }
         let (h, w) = (d.h as isize, d.w as isize);
         let hw = d.h * d.w;
         let ld = d.n();
@@ -234,9 +328,6 @@ mod avx512 {
             .collect();
         let cin = k.cin;
         let ktot = taps * cin;
-        let nc = c1 - c0;
-        let ldy = nc;
-        let yp = y.as_mut_ptr();
         let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
         // Each tile's input rows (the tile's positions and the halo the taps reach) are copied
         // per block of channels into `halo`, rows `stride` apart: an odd number of cache lines,
@@ -348,15 +439,27 @@ mod avx512 {
                         }
                         f
                     };
+                    // The last channel block applies the epilogue.
+                    let last = cb0 + cbn == cin;
                     for (i, a) in acc.iter().enumerate().take(rows) {
                         let out = yp.add((q * MR + i - r0) * ldy + (t0 - c0));
+                        let bias = match epilogue.bias {
+                            Some(b) if last => Some(_mm512_set1_ps(*b.get_unchecked(q * MR + i))),
+                            _ => None,
+                        };
                         for (j, &v) in a.iter().enumerate() {
                             let o = out.add(j * 16);
-                            let v = if cb0 > 0 {
+                            let mut v = if cb0 > 0 {
                                 _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], o))
                             } else {
                                 v
                             };
+                            if let Some(b) = bias {
+                                v = _mm512_add_ps(v, b);
+                            }
+                            if last && epilogue.relu {
+                                v = _mm512_max_ps(v, _mm512_setzero_ps());
+                            }
                             _mm512_mask_storeu_ps(o, full[j], v);
                         }
                     }
@@ -449,6 +552,56 @@ mod tests {
                     }
                     r0 = r1;
                 }
+                // Straight into a wider buffer through bias and ReLU, in row shares.
+                let bias: Vec<f32> = (0..cout).map(|_| rnd()).collect();
+                let ldy = n + 5;
+                for relu in [false, true] {
+                    let mut y = vec![f32::NAN; cout * ldy];
+                    let mut r0 = 0;
+                    while r0 < cout {
+                        let r1 = (r0 + DirectConv::ROW_ALIGN).min(cout);
+                        let epilogue = Epilogue {
+                            bias: Some(&bias),
+                            relu,
+                        };
+                        // SAFETY: rows r0..r1 of n columns at stride ldy lie inside `y`.
+                        unsafe {
+                            dc.forward_into(
+                                &x,
+                                &d,
+                                (0, n),
+                                (r0, r1),
+                                y.as_mut_ptr().add(r0 * ldy),
+                                ldy,
+                                epilogue,
+                            )
+                        }
+                        .unwrap();
+                        r0 = r1;
+                    }
+                    for r in 0..cout {
+                        for j in 0..n {
+                            let e = want[r * n + j] + bias[r];
+                            let e = if relu { e.max(0.0) } else { e };
+                            let a = y[r * ldy + j];
+                            assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "into ({r}, {j})");
+                        }
+                        // Past the block's columns nothing is written.
+                        assert!(y[r * ldy + n..(r + 1) * ldy].iter().all(|v| v.is_nan()));
+                    }
+                }
+                // A stride shorter than a row, and a bias of the wrong length, are refused.
+                let mut y = vec![0.0f32; cout * n];
+                let bad = |ldy: usize, bias: &[f32], y: &mut [f32]| {
+                    let e = Epilogue {
+                        bias: Some(bias),
+                        relu: false,
+                    };
+                    // SAFETY: `y` holds cout × n values; the calls are refused before writing.
+                    unsafe { dc.forward_into(&x, &d, (0, n), (0, cout), y.as_mut_ptr(), ldy, e) }
+                };
+                assert!(bad(n.saturating_sub(1), &bias, &mut y).is_err() || n == 0);
+                assert!(bad(n, &bias[1..], &mut y).is_err());
                 assert!(dc
                     .forward_rows(&x, &d, 0, n, 1, cout, &mut vec![0.0; (cout - 1) * n])
                     .is_err());

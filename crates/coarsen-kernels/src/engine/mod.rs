@@ -9,7 +9,7 @@ mod tiled;
 mod winograd;
 
 pub use dense::{DenseKernel, Threading};
-pub use direct::DirectConv;
+pub use direct::{DirectConv, Epilogue};
 pub use winograd::Winograd;
 
 use blocks::BlockEngine;
