@@ -3,7 +3,9 @@
 //! hits all alike), and prints the best and median GFLOP/s of each.
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_direct -- [BATCH] [ROUNDS] [BLOCKS]`
-//! with BLOCKS comma-separated (default 128,64,32).
+//! with BLOCKS comma-separated (default 128,64,32); `... -- s2 [BATCH] [ROUNDS]` instead times
+//! stride-2 3×3 layers as phase planes + implicit GEMM against im2col + the tiled GEMM, in
+//! CPU time of the process on one thread.
 
 use std::time::Instant;
 
@@ -13,6 +15,9 @@ use rayon::prelude::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("s2") {
+        return strided(&args[1..]);
+    }
     let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(2).map_or(Ok(9), |s| s.parse())?;
     let blocks: Vec<usize> = args
@@ -89,4 +94,72 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Stride-2 3×3 layers (ResNet-18's downsampling convolutions): phase planes + implicit GEMM
+/// against im2col + the tiled dense GEMM, interleaved, best CPU time of each.
+fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    use coarsen_kernels::{Dense, Packed, Plan};
+    let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
+    let rounds: usize = args.get(2).map_or(Ok(7), |s| s.parse())?;
+    let g = ConvGeometry::square(3, 2, 1);
+    for (cin, cout, hw) in [(64, 128, 32), (128, 256, 16), (256, 512, 8)] {
+        let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
+        let n = d.n();
+        let k = cin * 9;
+        let w: Vec<f32> = (0..cout * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
+            .collect();
+        let x: Vec<f32> = (0..cin * batch * hw * hw)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let Some(dc) = DirectConv::new(g, cout, cin, &w)? else {
+            return Err("the implicit GEMM needs AVX-512".into());
+        };
+        let plan = Plan::new(&Packed::Dense(Dense::new(cout, k, w.clone())?))?;
+        let nr = plan.tile_width().ok_or("no tiled kernel")?;
+        let mut planes = vec![0.0f32; x.len()];
+        let mut cols = vec![0.0f32; n.div_ceil(nr) * nr * k];
+        let mut tmp = Vec::new();
+        let (mut y1, mut y2) = (vec![0.0f32; cout * n], vec![0.0f32; cout * n]);
+        let (mut t1, mut t2) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..rounds {
+            let t = cpu_ms();
+            dc.split_phases(&x, &d, &mut planes)?;
+            dc.forward(&planes, &d, 0, n, &mut y1)?;
+            t1 = t1.min(cpu_ms() - t);
+            let t = cpu_ms();
+            d.im2col_tiles(&x, None, 0, n, nr, &mut cols, &mut tmp)?;
+            plan.forward_tiles(&cols, &mut y2, n)?;
+            t2 = t2.min(cpu_ms() - t);
+        }
+        let diff = y1
+            .iter()
+            .zip(&y2)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let flop = 2.0 * (cout * k * n) as f64 / 1e6;
+        println!(
+            "[{cin}->{cout}, {hw}x{hw} stride 2, batch {batch}] phases + implicit GEMM {t1:.1} ms ({:.1} GF/s) | im2col + tiled GEMM {t2:.1} ms ({:.1} GF/s) | max |diff| {diff:.1e}",
+            flop / t1,
+            flop / t2
+        );
+    }
+    Ok(())
+}
+
+/// CPU time of every thread of this process so far, ms (from /proc/self/task/*/schedstat).
+fn cpu_ms() -> f64 {
+    let mut ns = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 / 1e6
 }

@@ -547,7 +547,11 @@ impl<'a> Compiler<'a> {
         let stored = packed.stored();
         // Stride-1 "same" convolutions on a dense matrix run as implicit GEMMs (no im2col)
         // where the CPU has the instructions for it.
-        let spatial = ho == flow.h && wo == flow.w && ho * wo > 1 && read.is_none();
+        // Convolutions whose output is as large as the input, or half of it at stride 2 (the
+        // implicit GEMM reads the latter's input as phase planes), run on in-place kernels.
+        let same = ho == flow.h && wo == flow.w;
+        let halved = g.stride == [2, 2] && flow.h == 2 * ho && flow.w == 2 * wo;
+        let spatial = (same || halved) && ho * wo > 1 && read.is_none();
         let dense_values = match &packed {
             Packed::Dense(d) if spatial => Some((d.rows(), d.values())),
             Packed::Channel(f) if spatial && f.in_dim() == in_ch.len() * kk => {

@@ -446,7 +446,15 @@ impl Layer {
             d.im2col_tiles(x, self.read.as_deref(), 0, n, mr, c, &mut tmp)
                 .map_err(kerr)?;
         }
+        // A stride-2 implicit GEMM reads its input as phase planes, split once for every task.
+        let phases = dc.filter(|k| k.needs_phases()).is_some();
+        if let Some(k) = dc.filter(|k| k.needs_phases()) {
+            shared = at_least(shared, x.len());
+            k.split_phases(x, &d, &mut shared[..x.len()])
+                .map_err(kerr)?;
+        }
         let panels = &shared;
+        let xd: &[f32] = if phases { &shared[..x.len()] } else { x };
         let result = tasks
             .into_par_iter()
             .try_for_each(|((c0, c1), (r0, r1))| -> Result<()> {
@@ -461,7 +469,7 @@ impl Layer {
                     // reads it back, and every value is written before `set_len` below.
                     return unsafe {
                         dc.forward_into(
-                            x,
+                            xd,
                             &d,
                             (c0, c1),
                             (r0, r1),
@@ -485,7 +493,7 @@ impl Layer {
                 } else if let Some(k) = wino {
                     k.forward_rows(x, &d, c0, c1, r0, r1, part)
                 } else if let Some(dc) = dc {
-                    dc.forward_rows(x, &d, c0, c1, r0, r1, part)
+                    dc.forward_rows(xd, &d, c0, c1, r0, r1, part)
                 } else if let Some(nr) = tiles {
                     // The tiled dense kernel reads im2col tiles in place: no packing copy.
                     let len = nc.div_ceil(nr) * nr * kk;

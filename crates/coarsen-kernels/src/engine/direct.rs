@@ -34,7 +34,9 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
-/// A dense convolution weight packed for the implicit-GEMM kernel (AVX-512 only).
+/// A dense convolution weight packed for the implicit-GEMM kernel (AVX-512 only): stride-1
+/// convolutions whose output is as large as the input, and stride-2 ones whose output is half
+/// of it (read as phase planes, see [`DirectConv::split_phases`]).
 #[derive(Clone, Debug)]
 pub struct DirectConv {
     cout: usize,
@@ -46,10 +48,27 @@ pub struct DirectConv {
     block: usize,
 }
 
+/// Where tap `(ty, tx)` of a stride-`s` convolution reads, in the plane coordinates the kernel
+/// walks: the phase plane (`ry·2 + rx` for stride 2, 0 for stride 1) and the shift `(dy, dx)`
+/// from the output position. Stride 2 reads input `(2·oy + ay, 2·ox + ax)`, `a = t − pad`, which
+/// is position `(oy + ⌊ay/2⌋, ox + ⌊ax/2⌋)` of the plane of parity `(ay mod 2, ax mod 2)`.
+fn tap_place(g: &ConvGeometry, tap: usize) -> (usize, isize, isize) {
+    let kw = g.kernel[1];
+    let ay = (tap / kw) as isize - g.padding[0] as isize;
+    let ax = (tap % kw) as isize - g.padding[1] as isize;
+    if g.stride == [2, 2] {
+        let plane = (ay.rem_euclid(2) * 2 + ax.rem_euclid(2)) as usize;
+        (plane, ay.div_euclid(2), ax.div_euclid(2))
+    } else {
+        (0, ay, ax)
+    }
+}
+
 impl DirectConv {
     /// Packs the dense weight `values` (`[cout, cin, kh, kw]` row-major, as im2col orders its
     /// rows) of a convolution with geometry `g`. `None` when this CPU lacks AVX-512 or the
-    /// geometry is not a stride-1, undilated convolution of at most 7×7 taps (use im2col).
+    /// geometry is not a stride-1 or stride-2, undilated convolution of at most 7×7 taps (use
+    /// im2col).
     pub fn new(g: ConvGeometry, cout: usize, cin: usize, values: &[f32]) -> Result<Option<Self>> {
         let taps = g.taps();
         let want = cout
@@ -63,8 +82,12 @@ impl DirectConv {
         check_len("DirectConv::new", "values", values.len(), want, || {
             format!("[{cout}, {cin}, {}, {}]", g.kernel[0], g.kernel[1])
         })?;
+        // A 1×1 stride-2 convolution is a subsample and a GEMM: im2col copies a quarter of the
+        // input, where phase planes would copy all of it.
+        let subsample = g.stride == [2, 2] && taps == 1;
         if Isa::detect() != Isa::Avx512
-            || g.stride != [1, 1]
+            || (g.stride != [1, 1] && g.stride != [2, 2])
+            || subsample
             || g.dilation != [1, 1]
             || taps == 0
             || taps > MAX_TAPS
@@ -105,11 +128,72 @@ impl DirectConv {
     /// Whether it runs convolutions of `d` (same geometry and channels, output as large as the
     /// input).
     pub fn accepts(&self, d: &ConvDims) -> bool {
-        d.g == self.g && d.c == self.cin && d.ho == d.h && d.wo == d.w
+        let sizes = if self.g.stride == [2, 2] {
+            // Every phase plane is as large as the output.
+            d.h == 2 * d.ho && d.w == 2 * d.wo
+        } else {
+            d.ho == d.h && d.wo == d.w
+        };
+        d.g == self.g && d.c == self.cin && sizes
     }
 
-    /// Columns `c0 .. c1` of the output `[cout, B·H·W]` of the batch `x` (`[cin, B, H, W]`,
-    /// sizes `d`) into `y` (`cout × (c1 − c0)`, row-major), on the calling thread.
+    /// Whether the kernel reads the input split into phase planes (a stride-2 convolution):
+    /// call [`split_phases`](Self::split_phases) first and pass its result as the input.
+    pub fn needs_phases(&self) -> bool {
+        self.g.stride == [2, 2]
+    }
+
+    /// For a stride-2 kernel: the batch `x` (`[cin, B, H, W]`, sizes `d`) as four phase planes
+    /// `[ry·2 + rx][cin][B, H/2, W/2]` holding `x[c, b, 2i + ry, 2j + rx]`, into `out` (as many
+    /// values as `x`), in parallel over channels. The kernel then reads every tap as a shift
+    /// within one plane, as for a stride-1 convolution.
+    pub fn split_phases(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
+        use rayon::prelude::*;
+        check_call(
+            "DirectConv::split_phases",
+            d,
+            (self.accepts(d) && self.needs_phases(), &|| {
+                "only a stride-2 kernel splits its input, of twice the output's size".into()
+            }),
+            x.len(),
+            ((0, 0), 1),
+            ((0, 0), 1, self.cout),
+            0,
+        )?;
+        check_len(
+            "DirectConv::split_phases",
+            "out",
+            out.len(),
+            x.len(),
+            || format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w),
+        )?;
+        let (h, w, ho, wo) = (d.h, d.w, d.ho, d.wo);
+        let plane = d.c * d.n();
+        let ld = d.n();
+        if plane == 0 {
+            return Ok(());
+        }
+        // out[q][c] for every q, as disjoint rows of `ld` values per (q, c).
+        out.par_chunks_mut(ld).enumerate().for_each(|(row, dst)| {
+            let (q, c) = (row / d.c, row % d.c);
+            let (ry, rx) = (q / 2, q % 2);
+            for b in 0..d.b {
+                let src = &x[(c * d.b + b) * h * w..][..h * w];
+                for i in 0..ho {
+                    let s = &src[(2 * i + ry) * w..][..w];
+                    let o = &mut dst[(b * ho + i) * wo..][..wo];
+                    for (j, v) in o.iter_mut().enumerate() {
+                        *v = s[2 * j + rx];
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
+    /// sizes `d`; for a stride-2 kernel its [`split_phases`](Self::split_phases)) into `y`
+    /// (`cout × (c1 − c0)`, row-major), on the calling thread.
     pub fn forward(
         &self,
         x: &[f32],
@@ -260,7 +344,7 @@ pub(crate) fn check_call(
         });
     }
     let p = d.n();
-    check_len(op, "x", x, d.c * p, || {
+    check_len(op, "x", x, d.c * d.b * d.h * d.w, || {
         format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
     })?;
     if c0 > c1 || c1 > p || !c0.is_multiple_of(unit) || !c1.is_multiple_of(unit) {
@@ -317,15 +401,25 @@ mod avx512 {
             }
             return;
         }
-        let (h, w) = (d.h as isize, d.w as isize);
-        let hw = d.h * d.w;
+        // The planes the taps read are as large as the output (the input itself for stride 1,
+        // its phase planes for stride 2); every tap is a shift within one of them.
+        let (h, w) = (d.ho as isize, d.wo as isize);
+        let hw = d.ho * d.wo;
         let ld = d.n();
         let [kh, kw] = k.g.kernel;
         let taps = kh * kw;
-        let (pt, pl) = (k.g.padding[0] as isize, k.g.padding[1] as isize);
-        let shifts: Vec<isize> = (0..taps)
-            .map(|t| (((t / kw) as isize) - pt) * w + ((t % kw) as isize - pl))
-            .collect();
+        let places: Vec<(usize, isize, isize)> =
+            (0..taps).map(|t| super::tap_place(&k.g, t)).collect();
+        let shifts: Vec<isize> = places.iter().map(|&(_, dy, dx)| dy * w + dx).collect();
+        // The planes some tap reads, each a slot of the halo buffer.
+        let mut slot_of = [usize::MAX; 4];
+        let mut planes = Vec::new();
+        for &(q, _, _) in &places {
+            if slot_of[q] == usize::MAX {
+                slot_of[q] = planes.len();
+                planes.push(q);
+            }
+        }
         let cin = k.cin;
         let ktot = taps * cin;
         let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
@@ -345,8 +439,9 @@ mod avx512 {
         // there are masked off.
         let cbs = k.block.max(1);
         let mut halo = HALO.take();
-        if halo.len() < cbs * stride + 16 {
-            halo.resize(cbs * stride + 16, 0.0);
+        let halo_len = planes.len() * cbs * stride + 16;
+        if halo.len() < halo_len {
+            halo.resize(halo_len, 0.0);
         }
         let hp = halo.as_mut_ptr();
         let mut masks = [[0u16; NV]; MAX_TAPS];
@@ -361,19 +456,13 @@ mod avx512 {
                 *m = [0; NV];
             }
             let r = t0 % hw;
-            let (mut oy, mut ox) = ((r / d.w) as isize, (r % d.w) as isize);
+            let (mut oy, mut ox) = ((r / d.wo) as isize, (r % d.wo) as isize);
             for lane in 0..width {
                 let bit = 1u16 << (lane % 16);
-                for ty in 0..kh {
-                    let iy = oy + ty as isize - pt;
-                    if iy < 0 || iy >= h {
-                        continue;
-                    }
-                    for tx in 0..kw {
-                        let ix = ox + tx as isize - pl;
-                        if ix >= 0 && ix < w {
-                            masks[ty * kw + tx][lane / 16] |= bit;
-                        }
+                for (m, &(_, dy, dx)) in masks.iter_mut().zip(&places) {
+                    let (iy, ix) = (oy + dy, ox + dx);
+                    if iy >= 0 && iy < h && ix >= 0 && ix < w {
+                        m[lane / 16] |= bit;
                     }
                 }
                 ox += 1;
@@ -396,10 +485,12 @@ mod avx512 {
             let mut cb0 = 0;
             while cb0 < cin {
                 let cbn = cbs.min(cin - cb0);
-                for c in 0..cbn {
-                    let src = x.as_ptr().add((cb0 + c) * ld + a);
-                    let dst = hp.add(c * stride + (a as isize - first) as usize);
-                    std::ptr::copy_nonoverlapping(src, dst, b - a);
+                for (slot, &q) in planes.iter().enumerate() {
+                    for c in 0..cbn {
+                        let src = x.as_ptr().add((q * cin + cb0 + c) * ld + a);
+                        let dst = hp.add((slot * cbn + c) * stride + (a as isize - first) as usize);
+                        std::ptr::copy_nonoverlapping(src, dst, b - a);
+                    }
                 }
                 for q in q0..q1 {
                     let rows = MR.min(r1 - q * MR);
@@ -412,7 +503,8 @@ mod avx512 {
                         }
                         // Lane j of this tap reads halo position (shift − lo) + j; masked lanes
                         // (padding, or past the range) read nothing.
-                        let base = hp.add((shifts[tap] - lo) as usize);
+                        let slot = slot_of[places[tap].0];
+                        let base = hp.add(slot * cbn * stride + (shifts[tap] - lo) as usize);
                         let wp = panel.add((tap * cin + cb0) * MR);
                         for c in 0..cbn {
                             let row = base.add(c * stride);
@@ -505,6 +597,15 @@ mod tests {
                 padding: [1, 0, 1, 0],
                 dilation: [1, 1],
             },
+            // Stride 2, read as phase planes: ResNet's strided 3×3, and a 2×2 whose taps read
+            // only two of the planes.
+            ConvGeometry::square(3, 2, 1),
+            ConvGeometry {
+                kernel: [1, 2],
+                stride: [2, 2],
+                padding: [0, 0, 0, 1],
+                dilation: [1, 1],
+            },
         ];
         for g in geometries {
             for &(cout, cin, b, h, w) in &[
@@ -513,6 +614,8 @@ mod tests {
                 (17, 5, 1, 1, 1),
                 (16, 64, 2, 8, 8),
                 (3, 2, 4, 3, 17),
+                (9, 20, 3, 6, 10),
+                (5, 3, 2, 2, 2),
             ] {
                 let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
                 let k = cin * g.taps();
@@ -523,7 +626,22 @@ mod tests {
                 d.im2col_range(&x, 0, n, &mut col).unwrap();
                 let want = reference::forward(&wv, cout, k, &col, n);
                 let dc = DirectConv::new(g, cout, cin, &wv).unwrap().unwrap();
+                if g.stride == [2, 2] && (h % 2 == 1 || w % 2 == 1) {
+                    // Odd sizes have phase planes of unequal sizes: im2col's business.
+                    assert!(!dc.accepts(&d));
+                    continue;
+                }
                 assert!(dc.accepts(&d));
+                assert_eq!(dc.needs_phases(), g.stride == [2, 2]);
+                let x = if dc.needs_phases() {
+                    let mut planes = vec![f32::NAN; x.len()];
+                    dc.split_phases(&x, &d, &mut planes).unwrap();
+                    assert!(dc.split_phases(&x, &d, &mut planes[1..]).is_err());
+                    planes
+                } else {
+                    assert!(dc.split_phases(&x, &d, &mut x.clone()).is_err());
+                    x
+                };
                 // Whole range, and ranges that start and end anywhere.
                 for (c0, c1) in [(0, n), (1, n), (0, n / 2), (n / 3, n - n / 5), (n, n)] {
                     let mut y = vec![f32::NAN; cout * (c1 - c0)];
@@ -610,7 +728,15 @@ mod tests {
                 assert!(dc.forward(&x[1..], &d, 0, n, &mut y[1..]).is_err());
             }
         }
-        let g = ConvGeometry::square(3, 2, 1);
+        // Stride 3, dilation and 1×1 stride-2 subsampling are im2col's.
+        let g = ConvGeometry::square(1, 2, 0);
+        assert!(DirectConv::new(g, 2, 2, &[0.0; 4]).unwrap().is_none());
+        let g = ConvGeometry::square(3, 3, 1);
+        assert!(DirectConv::new(g, 2, 2, &[0.0; 36]).unwrap().is_none());
+        let g = ConvGeometry {
+            dilation: [2, 2],
+            ..ConvGeometry::square(3, 1, 2)
+        };
         assert!(DirectConv::new(g, 2, 2, &[0.0; 36]).unwrap().is_none());
         assert!(DirectConv::new(ConvGeometry::square(3, 1, 1), 2, 2, &[0.0; 35]).is_err());
     }
