@@ -5,7 +5,8 @@
 //! `cargo run --release -p coarsen-kernels --example ab_direct -- [BATCH] [ROUNDS] [BLOCKS]`
 //! with BLOCKS comma-separated (default 128,64,32); `... -- s2 [BATCH] [ROUNDS]` instead times
 //! stride-2 3×3 layers as phase planes + implicit GEMM against im2col + the tiled GEMM, in
-//! CPU time of the process on one thread.
+//! CPU time of the process on one thread; `... -- small [ROUNDS]` times the few-column dense
+//! kernel (batch 1's deep layers) on one thread, best wall time.
 
 use std::time::Instant;
 
@@ -17,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("s2") {
         return strided(&args[1..]);
+    }
+    if args.get(1).map(String::as_str) == Some("small") {
+        return few_columns(&args[1..]);
     }
     let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(2).map_or(Ok(9), |s| s.parse())?;
@@ -179,4 +183,42 @@ fn cpu_ms() -> f64 {
         }
     }
     ns as f64 / 1e6
+}
+
+/// The few-column dense kernel (`Plan::forward_small_rows`) on batch 1's deep 3×3 layers
+/// (`n` = 64, 16 and 4 output positions), best wall time on one thread.
+fn few_columns(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    use coarsen_kernels::{Dense, Packed, Plan};
+    let rounds: usize = args.get(1).map_or(Ok(20), |s| s.parse())?;
+    for (rows, k, n) in [
+        (256usize, 2304usize, 64usize),
+        (512, 4608, 16),
+        (512, 4608, 4),
+    ] {
+        let w: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
+            .collect();
+        let plan = Plan::new(&Packed::Dense(Dense::new(rows, k, w)?))?;
+        let mr = plan.tile_rows().ok_or("no tiled kernel")?;
+        let xt: Vec<f32> = (0..n.div_ceil(mr) * mr * k)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut y = vec![0.0f32; rows * n];
+        let mut best = f64::INFINITY;
+        // Wall time, best of many: a sub-millisecond call is shorter than the scheduler's
+        // CPU-time accounting tick.
+        for _ in 0..rounds {
+            let t = Instant::now();
+            plan.forward_small_rows(&xt, &mut y, n, 0, rows)?;
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let flop = 2.0 * (rows * k * n) as f64 / 1e6;
+        let mb = (rows * k * 4) as f64 / 1e6;
+        println!(
+            "[{rows} x {k} weight, {n} columns] {best:.3} ms: {:.1} GF/s, weights {:.1} GB/s",
+            flop / best,
+            mb / best
+        );
+    }
+    Ok(())
 }

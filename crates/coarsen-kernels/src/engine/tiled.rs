@@ -258,7 +258,10 @@ unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>
     }
     let tiles_t = w.tiles_t();
     let panels = n.div_ceil(MR);
-    let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(8) * 8;
+    // `k` is not cut into blocks: a block's register tile would be added to `Y` through a
+    // transposing scalar loop once per block. Unblocked, each tile of `Wᵀ` (`k × NR`) streams
+    // from memory once for the first panel of `X` and from L2 for the others.
+    let kb = k;
     let mut tmp = [0.0f32; NR_MAX];
     let mut k0 = 0;
     while k0 < k {
