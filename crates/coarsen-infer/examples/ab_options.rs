@@ -4,8 +4,10 @@
 //! `cargo run --release -p coarsen-infer --example ab_options -- EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]`
 //! with B_OPTIONS e.g. `fuse=0,chunk=262144` (A runs the defaults).
 use coarsen_infer::{export, InferOptions, InferenceNet, Path};
+use coarsen_kernels::timing::process_cpu_ms;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let cpu_ms = || process_cpu_ms().ok_or("CPU time needs /proc/self/task (Linux)");
     let args: Vec<String> = std::env::args().collect();
     let dir = args
         .get(1)
@@ -61,33 +63,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Whole passes in CPU time of the process (the hypervisor's steal is not counted).
     let (mut ca, mut cb) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..rounds {
-        let t = cpu_ms();
+        let t = cpu_ms()?;
         a.forward(&x, batch)?;
-        ca = ca.min(cpu_ms() - t);
-        let t = cpu_ms();
+        ca = ca.min(cpu_ms()? - t);
+        let t = cpu_ms()?;
         b.forward(&x, batch)?;
-        cb = cb.min(cpu_ms() - t);
+        cb = cb.min(cpu_ms()? - t);
     }
     println!("forward, best CPU time: A {ca:.1} ms, B {cb:.1} ms");
     let tot =
         |p: &Vec<Vec<coarsen_infer::StepTime>>| (0..p[0].len()).map(|i| best(p, i)).sum::<f64>();
     println!("sum of best: A {:.1} ms, B {:.1} ms", tot(&pa), tot(&pb));
     Ok(())
-}
-
-/// CPU time of every thread of this process so far, ms (from /proc/self/task/*/schedstat).
-fn cpu_ms() -> f64 {
-    let mut ns = 0u64;
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for t in dir.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-                ns += s
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    ns as f64 / 1e6
 }

@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
+use coarsen_kernels::timing::process_cpu_ms;
 use coarsen_kernels::DirectConv;
 use rayon::prelude::*;
 
@@ -103,6 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Stride-2 3×3 layers (ResNet-18's downsampling convolutions): phase planes + implicit GEMM
 /// against im2col + the tiled dense GEMM, interleaved, best CPU time of each.
 fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let cpu_ms = || process_cpu_ms().ok_or("CPU time needs /proc/self/task (Linux)");
     use coarsen_kernels::{Dense, Packed, Plan};
     let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(2).map_or(Ok(7), |s| s.parse())?;
@@ -132,13 +134,13 @@ fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         let (mut y1, mut y2) = (vec![0.0f32; cout * n], vec![0.0f32; cout * n]);
         let (mut t1, mut t2) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..rounds {
-            let t = cpu_ms();
+            let t = cpu_ms()?;
             dc.split_phases(&x, &d, &mut planes)?;
             dc.forward(&planes, &d, 0, n, &mut y1)?;
-            t1 = t1.min(cpu_ms() - t);
+            t1 = t1.min(cpu_ms()? - t);
             // As the engine runs it: chunks of whole output rows, about 2^17 im2col values
             // each, so that a chunk's im2col is still in the cache when the GEMM reads it.
-            let t = cpu_ms();
+            let t = cpu_ms()?;
             let per = ((1usize << 17) / k).max(256).div_ceil(d.wo) * d.wo;
             let mut c0 = 0;
             while c0 < n {
@@ -152,7 +154,7 @@ fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 c0 = c1;
             }
-            t2 = t2.min(cpu_ms() - t);
+            t2 = t2.min(cpu_ms()? - t);
         }
         let diff = y1
             .iter()
@@ -166,23 +168,6 @@ fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
-}
-
-/// CPU time of every thread of this process so far, ms (from /proc/self/task/*/schedstat).
-fn cpu_ms() -> f64 {
-    let mut ns = 0u64;
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for t in dir.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-                ns += s
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    ns as f64 / 1e6
 }
 
 /// The few-column dense kernel (`Plan::forward_small_rows`) on batch 1's deep 3×3 layers
