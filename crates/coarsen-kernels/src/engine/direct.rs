@@ -223,38 +223,19 @@ impl DirectConv {
         r1: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        check_call(
-            "DirectConv::forward",
-            d,
-            (self.accepts(d), &|| {
-                format!(
-                    "the kernel was packed for {} input channels and {:?}, output as large as the input",
-                    self.cin, self.g
-                )
-            }),
-            x.len(),
-            ((c0, c1), 1),
-            ((r0, r1), MR, self.cout),
-            y.len(),
-        )?;
-        if y.is_empty() {
-            return Ok(());
-        }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `new` returned `Some` only on a CPU with AVX-512; the lengths were checked
-        // above, and `y` holds `(r1 − r0) × (c1 − c0)` values with row stride `c1 − c0`.
+        let ldy = c1.saturating_sub(c0);
+        // SAFETY: `checked` refuses a `y` that does not hold the block's
+        // `(r1 − r0) × (c1 − c0)` values, which are its rows at stride `c1 − c0`.
         unsafe {
-            avx512::forward(
-                self,
+            self.checked(
+                "DirectConv::forward",
                 x,
                 d,
-                (c0, c1),
-                (r0, r1),
-                (y.as_mut_ptr(), c1 - c0),
+                ((c0, c1), (r0, r1)),
+                (y.as_mut_ptr(), ldy, y.len()),
                 Epilogue::default(),
             )
-        };
-        Ok(())
+        }
     }
 
     /// [`forward_rows`](Self::forward_rows) written straight into the layer's output through
@@ -277,22 +258,54 @@ impl DirectConv {
         ldy: usize,
         epilogue: Epilogue<'_>,
     ) -> Result<()> {
-        let nc = c1.saturating_sub(c0);
+        // The block's own shape: the caller vouches for `y` and `ldy`.
+        let len = r1.saturating_sub(r0) * c1.saturating_sub(c0);
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            self.checked(
+                "DirectConv::forward_into",
+                x,
+                d,
+                ((c0, c1), (r0, r1)),
+                (y, ldy, len),
+                epilogue,
+            )
+        }
+    }
+
+    /// Checks a call (`y_len`: the values `y` holds for the block) and runs it.
+    ///
+    /// # Safety
+    /// As [`forward_into`](Self::forward_into), for an output whose length is `y_len`.
+    unsafe fn checked(
+        &self,
+        op: &'static str,
+        x: &[f32],
+        d: &ConvDims,
+        ((c0, c1), (r0, r1)): ((usize, usize), (usize, usize)),
+        (y, ldy, y_len): (*mut f32, usize, usize),
+        epilogue: Epilogue<'_>,
+    ) -> Result<()> {
+        let output = if self.needs_phases() {
+            "output half the input's size"
+        } else {
+            "output as large as the input"
+        };
         check_call(
-            "DirectConv::forward_into",
+            op,
             d,
             (self.accepts(d), &|| {
                 format!(
-                    "the kernel was packed for {} input channels and {:?}, output as large as the input",
+                    "the kernel was packed for {} input channels and {:?}, {output}",
                     self.cin, self.g
                 )
             }),
             x.len(),
             ((c0, c1), 1),
             ((r0, r1), MR, self.cout),
-            // The block's own shape: the caller vouches for `y` and `ldy`.
-            (r1.saturating_sub(r0)) * nc,
+            y_len,
         )?;
+        let nc = c1 - c0;
         if ldy < nc {
             return Err(KernelError::Param {
                 name: "ldy",
@@ -301,20 +314,16 @@ impl DirectConv {
             });
         }
         if let Some(b) = epilogue.bias {
-            check_len(
-                "DirectConv::forward_into",
-                "bias",
-                b.len(),
-                self.cout,
-                || format!("{} output channels", self.cout),
-            )?;
+            check_len(op, "bias", b.len(), self.cout, || {
+                format!("{} output channels", self.cout)
+            })?;
         }
         if nc == 0 || r0 == r1 {
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512 as in `forward_rows`; `y` as the caller guarantees; `bias` holds
-        // `cout` values.
+        // SAFETY: `new` returned `Some` only on a CPU with AVX-512; the lengths were checked
+        // above; `y` as the caller guarantees; the bias (if any) holds `cout` values.
         unsafe {
             avx512::forward(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue)
         };
