@@ -252,40 +252,35 @@ unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>
     let (k, n) = (w.cols, p.n);
     let (r0, r1) = p.rows;
     let (xt, y) = (p.xt.as_ptr(), p.y.get());
-    std::ptr::write_bytes(y, 0, (r1 - r0) * n);
     if k == 0 {
+        std::ptr::write_bytes(y, 0, (r1 - r0) * n);
         return;
     }
     let tiles_t = w.tiles_t();
     let panels = n.div_ceil(MR);
     // `k` is not cut into blocks: a block's register tile would be added to `Y` through a
     // transposing scalar loop once per block. Unblocked, each tile of `Wᵀ` (`k × NR`) streams
-    // from memory once for the first panel of `X` and from L2 for the others.
-    let kb = k;
+    // from memory once for the first panel of `X` and from L2 for the others, and every value
+    // of `Y` is written once.
     let mut tmp = [0.0f32; NR_MAX];
-    let mut k0 = 0;
-    while k0 < k {
-        let kc = kb.min(k - k0);
-        for t in r0 / nr..r1.div_ceil(nr) {
-            let chans = nr.min(r1 - t * nr);
-            let b = tiles_t.as_ptr().add(t * k * nr + k0 * nr);
-            for q in 0..panels {
-                let cols = MR.min(n - q * MR);
-                let a = xt.add(q * k * MR + k0 * MR);
-                let acc = register_tile::<S, MR, NV>(kc, a, b);
-                // acc[i] holds column q·MR + i of rows t·NR ..: added to Y transposed.
-                for (i, accs) in acc.iter().enumerate().take(cols) {
-                    for (j, &v) in accs.iter().enumerate() {
-                        S::store(tmp.as_mut_ptr().add(j * S::LANES), v);
-                    }
-                    let col = q * MR + i;
-                    for (c, &v) in tmp.iter().enumerate().take(chans) {
-                        *y.add((t * nr + c - r0) * n + col) += v;
-                    }
+    for t in r0 / nr..r1.div_ceil(nr) {
+        let chans = nr.min(r1 - t * nr);
+        let b = tiles_t.as_ptr().add(t * k * nr);
+        for q in 0..panels {
+            let cols = MR.min(n - q * MR);
+            let a = xt.add(q * k * MR);
+            let acc = register_tile::<S, MR, NV>(k, a, b);
+            // acc[i] holds column q·MR + i of rows t·NR ..: stored to Y transposed.
+            for (i, accs) in acc.iter().enumerate().take(cols) {
+                for (j, &v) in accs.iter().enumerate() {
+                    S::store(tmp.as_mut_ptr().add(j * S::LANES), v);
+                }
+                let col = q * MR + i;
+                for (c, &v) in tmp.iter().enumerate().take(chans) {
+                    *y.add((t * nr + c - r0) * n + col) = v;
                 }
             }
         }
-        k0 += kc;
     }
 }
 
