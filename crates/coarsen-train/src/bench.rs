@@ -379,17 +379,30 @@ pub fn profile_paths(
     seed: u64,
     tuning: Tuning,
 ) -> Result<PathProfiles> {
-    if batch == 0 {
-        return Err(TrainError::config("batch", batch, "must be positive"));
-    }
-    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
-    packed.tune_cached(batch, tuning)?;
-    let dense = InferenceNet::new(network, formats, Path::Dense)?;
-    let x = random_batch(network, batch, seed)?;
+    let (packed, _, dense, x) = both_paths(network, formats, batch, seed, tuning)?;
     Ok(PathProfiles {
         dense: dense.profile(&x, batch, passes)?,
         packed: packed.profile(&x, batch, passes)?,
     })
+}
+
+/// The packed path of `network` tuned for `batch` images as `tuning` says (with its choices),
+/// its dense path, and a random batch seeded by `seed`.
+fn both_paths(
+    network: &Network,
+    formats: &Formats,
+    batch: usize,
+    seed: u64,
+    tuning: Tuning,
+) -> Result<(InferenceNet, Vec<LayerChoice>, InferenceNet, Vec<f32>)> {
+    if batch == 0 {
+        return Err(TrainError::config("batch", batch, "must be positive"));
+    }
+    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
+    let tuned = packed.tune_cached(batch, tuning)?;
+    let dense = InferenceNet::new(network, formats, Path::Dense)?;
+    let x = random_batch(network, batch, seed)?;
+    Ok((packed, tuned, dense, x))
 }
 
 /// A batch of `batch` images with values uniform in [−1, 1), seeded.
@@ -506,13 +519,7 @@ pub fn network_benchmark(
     seed: u64,
     tuning: Tuning,
 ) -> Result<ModelBench> {
-    if batch == 0 {
-        return Err(TrainError::config("batch", batch, "must be positive"));
-    }
-    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
-    let tuned = packed.tune_cached(batch, tuning)?;
-    let dense = InferenceNet::new(network, formats, Path::Dense)?;
-    let x = random_batch(network, batch, seed)?;
+    let (packed, tuned, dense, x) = both_paths(network, formats, batch, seed, tuning)?;
     let a = packed.forward(&x, batch)?;
     let b = dense.forward(&x, batch)?;
     let max_abs_diff = a

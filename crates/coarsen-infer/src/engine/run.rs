@@ -128,7 +128,8 @@ pub(super) fn run(
     let mut left = net.reads.clone();
     let o = &net.options;
     for (index, step) in net.steps.iter().enumerate() {
-        let start = std::time::Instant::now();
+        // The clock is read only when profiling.
+        let start = times.is_some().then(std::time::Instant::now);
         let out = {
             // A step that works in place takes its input when nothing else reads it later.
             let in_place =
@@ -154,7 +155,8 @@ pub(super) fn run(
             }
         }
         vals[step.output] = Some(Cow::Owned(out));
-        if let Some(t) = times.as_deref_mut().and_then(|t| t.get_mut(index)) {
+        if let (Some(t), Some(start)) = (times.as_deref_mut().and_then(|t| t.get_mut(index)), start)
+        {
             *t += start.elapsed().as_secs_f64();
         }
     }
@@ -447,14 +449,18 @@ impl Layer {
                 .map_err(kerr)?;
         }
         // A stride-2 implicit GEMM reads its input as phase planes, split once for every task.
-        let phases = dc.filter(|k| k.needs_phases()).is_some();
-        if let Some(k) = dc.filter(|k| k.needs_phases()) {
+        let phases = dc.filter(|k| k.needs_phases());
+        if let Some(k) = phases {
             shared = at_least(shared, x.len());
             k.split_phases(x, &d, &mut shared[..x.len()])
                 .map_err(kerr)?;
         }
         let panels = &shared;
-        let xd: &[f32] = if phases { &shared[..x.len()] } else { x };
+        let xd: &[f32] = if phases.is_some() {
+            &shared[..x.len()]
+        } else {
+            x
+        };
         let result = tasks
             .into_par_iter()
             .try_for_each(|((c0, c1), (r0, r1))| -> Result<()> {
