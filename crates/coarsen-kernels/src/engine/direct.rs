@@ -584,6 +584,45 @@ mod tests {
     use super::*;
     use crate::reference;
 
+    /// The per-thread halo buffer is never cleared, so padding lanes must never take what an
+    /// earlier call left there: a call on a NaN input must not leak into the next one.
+    #[test]
+    fn padding_lanes_never_see_what_an_earlier_call_left() {
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        for g in [ConvGeometry::square(3, 1, 1), ConvGeometry::square(3, 2, 1)] {
+            let (cout, cin) = (8, 5);
+            let d = ConvDims::new(&[cin, 2, 8, 6], g).unwrap();
+            let k = cin * g.taps();
+            let wv: Vec<f32> = (0..cout * k).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+            let dc = DirectConv::new(g, cout, cin, &wv).unwrap().unwrap();
+            let len = cin * 2 * 8 * 6;
+            let x: Vec<f32> = (0..len).map(|i| (i % 11) as f32 * 0.2 - 1.0).collect();
+            let n = d.n();
+            let mut col = vec![0.0; k * n];
+            d.im2col_range(&x, 0, n, &mut col).unwrap();
+            let want = reference::forward(&wv, cout, k, &col, n);
+            let planes = |v: &[f32]| {
+                if dc.needs_phases() {
+                    let mut p = vec![0.0; v.len()];
+                    dc.split_phases(v, &d, &mut p).unwrap();
+                    p
+                } else {
+                    v.to_vec()
+                }
+            };
+            let mut y = vec![0.0; cout * n];
+            dc.forward(&planes(&vec![f32::NAN; len]), &d, 0, n, &mut y)
+                .unwrap();
+            assert!(y.iter().all(|v| v.is_nan()));
+            dc.forward(&planes(&x), &d, 0, n, &mut y).unwrap();
+            for (a, e) in y.iter().zip(&want) {
+                assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g:?}: {a} vs {e}");
+            }
+        }
+    }
+
     #[test]
     fn matches_im2col_times_the_weight() {
         if Isa::detect() != Isa::Avx512 {
