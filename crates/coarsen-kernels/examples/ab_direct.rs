@@ -6,7 +6,8 @@
 //! with BLOCKS comma-separated (default 128,64,32); `... -- s2 [BATCH] [ROUNDS]` instead times
 //! stride-2 3×3 layers as phase planes + implicit GEMM against im2col + the tiled GEMM, in
 //! CPU time of the process on one thread; `... -- small [ROUNDS]` times the few-column dense
-//! kernel (batch 1's deep layers) on one thread, best wall time.
+//! kernel (batch 1's deep layers) on one thread, best wall time, against the narrow kernel
+//! where the columns fit one vector.
 
 use std::time::Instant;
 
@@ -178,6 +179,7 @@ fn few_columns(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     for (rows, k, n) in [
         (256usize, 2304usize, 64usize),
         (512, 4608, 16),
+        (512, 2304, 16),
         (512, 4608, 4),
     ] {
         let w: Vec<f32> = (0..rows * k)
@@ -188,22 +190,49 @@ fn few_columns(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         let xt: Vec<f32> = (0..n.div_ceil(mr) * mr * k)
             .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
             .collect();
+        // The narrow kernel's single tile of the same X.
+        let narrow = plan.narrow_width().filter(|&nw| n <= nw);
+        let xn: Vec<f32> = match narrow {
+            Some(nw) => {
+                let mut v = vec![0.0f32; nw * k];
+                for kk in 0..k {
+                    for j in 0..n {
+                        v[kk * nw + j] = xt[(j / mr * k + kk) * mr + j % mr];
+                    }
+                }
+                v
+            }
+            None => Vec::new(),
+        };
         let mut y = vec![0.0f32; rows * n];
-        let mut best = f64::INFINITY;
-        // Wall time, best of many: a sub-millisecond call is shorter than the scheduler's
-        // CPU-time accounting tick.
+        let (mut best, mut best_narrow) = (f64::INFINITY, f64::INFINITY);
+        // Wall time, best of many, the two kernels interleaved: a sub-millisecond call is
+        // shorter than the scheduler's CPU-time accounting tick.
         for _ in 0..rounds {
             let t = Instant::now();
             plan.forward_small_rows(&xt, &mut y, n, 0, rows)?;
             best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            if narrow.is_some() {
+                let t = Instant::now();
+                plan.forward_narrow_rows(&xn, &mut y, n, 0, rows)?;
+                best_narrow = best_narrow.min(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
         let flop = 2.0 * (rows * k * n) as f64 / 1e6;
         let mb = (rows * k * 4) as f64 / 1e6;
-        println!(
-            "[{rows} x {k} weight, {n} columns] {best:.3} ms: {:.1} GF/s, weights {:.1} GB/s",
+        let mut line = format!(
+            "[{rows} x {k} weight, {n} columns] few-column {best:.3} ms: {:.1} GF/s, weights {:.1} GB/s",
             flop / best,
             mb / best
         );
+        if narrow.is_some() {
+            line += &format!(
+                " | narrow {best_narrow:.3} ms: {:.1} GF/s, weights {:.1} GB/s",
+                flop / best_narrow,
+                mb / best_narrow
+            );
+        }
+        println!("{line}");
     }
     Ok(())
 }

@@ -407,6 +407,9 @@ impl Layer {
             .tile_rows()
             .zip(tiles)
             .filter(|_| self.runs_small(n));
+        // At most one vector of columns (batch 1's deepest layers): the narrow kernel reads
+        // every weight once.
+        let narrow = self.narrow_width(n);
         let chunks = if small.is_some() {
             vec![(0, n)]
         } else {
@@ -416,6 +419,7 @@ impl Layer {
         // Too few columns to keep every thread busy (small batches, deep layers): the dense
         // kernels also split the output rows.
         let align = match (dc, self.plan.tile_rows()) {
+            _ if narrow.is_some() => self.plan.tile_rows(),
             _ if small.is_some() => small.map(|(_, a)| a),
             _ if wino.is_some() => wino.map(|k| k.row_align()),
             (Some(_), _) => Some(DirectConv::ROW_ALIGN),
@@ -440,7 +444,14 @@ impl Layer {
         // The few-column kernel's input panels are made once and shared by the row shares
         // (each share making its own repeated the im2col once per share).
         let mut shared = SHARED.take();
-        if let Some((mr, _)) = small {
+        if let Some(nw) = narrow {
+            let len = nw * kk;
+            shared = at_least(shared, len);
+            let mut tmp = Vec::new();
+            let c = &mut shared[..len];
+            d.im2col_tiles(x, self.read.as_deref(), 0, n, nw, c, &mut tmp)
+                .map_err(kerr)?;
+        } else if let Some((mr, _)) = small {
             let len = n.div_ceil(mr) * mr * kk;
             shared = at_least(shared, len);
             let mut tmp = Vec::new();
@@ -492,7 +503,11 @@ impl Layer {
                 let (mut col_buf, part_buf, mut tmp) = SCRATCH.take();
                 let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
                 let part = &mut part_buf[..(r1 - r0) * nc];
-                if let Some((mr, _)) = small {
+                if let Some(nw) = narrow {
+                    // One chunk, all of 0..n, one tile (see above).
+                    self.plan
+                        .forward_narrow_rows(&panels[..nw * kk], part, nc, r0, r1)
+                } else if let Some((mr, _)) = small {
                     // One chunk, all of 0..n (see above).
                     let c = &panels[..nc.div_ceil(mr) * mr * kk];
                     self.plan.forward_small_rows(c, part, nc, r0, r1)
@@ -546,6 +561,14 @@ impl Layer {
         self.plan.tile_rows().is_some() && self.plan.tile_width().is_some() && n <= SMALL_COLS
     }
 
+    /// The narrow kernel's width when a product of `n` columns runs on it (few enough for one
+    /// vector register, see `Plan::forward_narrow_rows`).
+    fn narrow_width(&self, n: usize) -> Option<usize> {
+        self.plan
+            .narrow_width()
+            .filter(|&nw| n <= nw && self.runs_small(n))
+    }
+
     /// Whether a product of `n` columns runs as an implicit GEMM on the input in place.
     fn runs_direct(&self, n: usize, o: &InferOptions) -> bool {
         self.direct.is_some()
@@ -561,6 +584,8 @@ impl Layer {
             "winograd F(2x2,3x3)".into()
         } else if self.runs_direct(n, o) {
             "implicit gemm".into()
+        } else if self.narrow_width(n).is_some() {
+            "gemm, one vector of columns".into()
         } else if self.runs_small(n) {
             "gemm, few columns".into()
         } else if self.plan.tile_width().is_some() {

@@ -129,6 +129,17 @@ pub struct Plan {
     serial: bool,
 }
 
+/// How a tiled kernel takes `X` (see [`Plan::tiled_call`]).
+#[derive(Clone, Copy)]
+enum TiledInput {
+    /// Tiles of `tile_width` columns ([`Plan::forward_tiles_rows`]).
+    Tiles,
+    /// Panels of `tile_rows` columns ([`Plan::forward_small_rows`]).
+    Panels,
+    /// One tile of `narrow_width` columns ([`Plan::forward_narrow_rows`]).
+    Narrow,
+}
+
 impl Plan {
     /// A plan for the best instruction set of this CPU.
     pub fn new(packed: &Packed) -> Result<Plan> {
@@ -338,7 +349,13 @@ impl Plan {
         r0: usize,
         r1: usize,
     ) -> Result<()> {
-        let t = self.tiled_call("forward_tiles", (xt.len(), y.len()), n, (r0, r1), false)?;
+        let t = self.tiled_call(
+            "forward_tiles",
+            (xt.len(), y.len()),
+            n,
+            (r0, r1),
+            TiledInput::Tiles,
+        )?;
         if !y.is_empty() {
             t.forward_tiles(xt, y, n, (r0, r1));
         }
@@ -355,7 +372,7 @@ impl Plan {
         (xt, y): (usize, usize),
         n: usize,
         (r0, r1): (usize, usize),
-        small: bool,
+        input: TiledInput,
     ) -> Result<&tiled::Tiled> {
         let Engine::Dense(e) = &self.engine else {
             return Err(KernelError::Param {
@@ -371,10 +388,22 @@ impl Plan {
                 reason: "the faer kernel takes row-major input; see tile_width".into(),
             });
         };
-        let (cols, align) = if small {
-            (t.panel_rows(), t.tile_width())
-        } else {
-            (t.tile_width(), t.panel_rows())
+        let (cols, align) = match input {
+            TiledInput::Panels => (t.panel_rows(), t.tile_width()),
+            TiledInput::Tiles => (t.tile_width(), t.panel_rows()),
+            TiledInput::Narrow => {
+                let Some(width) = t.narrow_width().filter(|&v| n <= v) else {
+                    return Err(KernelError::Param {
+                        name: "n",
+                        value: n.to_string(),
+                        reason: format!(
+                            "the narrow kernel takes at most {} columns on this CPU",
+                            t.narrow_width().unwrap_or(0)
+                        ),
+                    });
+                };
+                (width, t.panel_rows())
+            }
         };
         let overflow = || KernelError::Param {
             name: "n",
@@ -418,9 +447,54 @@ impl Plan {
         r0: usize,
         r1: usize,
     ) -> Result<()> {
-        let t = self.tiled_call("forward_small_rows", (xt.len(), y.len()), n, (r0, r1), true)?;
+        let t = self.tiled_call(
+            "forward_small_rows",
+            (xt.len(), y.len()),
+            n,
+            (r0, r1),
+            TiledInput::Panels,
+        )?;
         if !y.is_empty() {
             t.forward_small(xt, y, n, (r0, r1));
+        }
+        Ok(())
+    }
+
+    /// Columns of the narrow kernel ([`forward_narrow_rows`](Self::forward_narrow_rows)): one
+    /// vector register's lanes (16 on AVX-512); `None` where it does not exist (other
+    /// instruction sets, sparse formats, the faer kernel).
+    pub fn narrow_width(&self) -> Option<usize> {
+        match &self.engine {
+            Engine::Dense(e) => e.tiled().and_then(|t| t.narrow_width()),
+            _ => None,
+        }
+    }
+
+    /// `Y = W·X` for at most [`narrow_width`](Self::narrow_width) columns (batch 1's deepest
+    /// layers), on the calling thread, output rows `r0 .. r1` (`r0` a multiple of
+    /// [`tile_rows`](Self::tile_rows)); `X` as one tile of `narrow_width` columns
+    /// (`xt[k·NW + j]` = `X[k, j]`, zero past `n`, as
+    /// [`ConvDims::im2col_tiles`](crate::conv::ConvDims::im2col_tiles) writes tiles of that
+    /// width); `y` is `(r1 − r0) × n`. All the columns sit in one vector and the weights are
+    /// broadcast, so `W` streams from memory once (the few-column kernel of
+    /// [`forward_small_rows`](Self::forward_small_rows) streams it once per 8 columns).
+    pub fn forward_narrow_rows(
+        &self,
+        xt: &[f32],
+        y: &mut [f32],
+        n: usize,
+        r0: usize,
+        r1: usize,
+    ) -> Result<()> {
+        let t = self.tiled_call(
+            "forward_narrow_rows",
+            (xt.len(), y.len()),
+            n,
+            (r0, r1),
+            TiledInput::Narrow,
+        )?;
+        if !y.is_empty() {
+            t.forward_narrow(xt, y, n, (r0, r1));
         }
         Ok(())
     }

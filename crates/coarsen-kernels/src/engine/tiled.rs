@@ -106,6 +106,29 @@ impl Tiled {
         self.tile_task(xt, y, n, rows, true);
     }
 
+    /// Columns of [`forward_narrow`](Self::forward_narrow): one AVX-512 register (other
+    /// instruction sets have too few registers for its tile, or lanes for it to pay).
+    pub(crate) fn narrow_width(&self) -> Option<usize> {
+        (self.isa == Isa::Avx512 && self.mr == NARROW_MR).then(|| self.isa.lanes())
+    }
+
+    /// `Y = W·X` for `n ≤ narrow_width` columns, on the calling thread, output rows `r0 .. r1`
+    /// (`r0` a multiple of `MR`; `y` is `(r1 − r0) × n`): `X` is one tile (`xt[k·NW + j]`,
+    /// zero past `n`) held one vector per `k`, and [`NARROW_PANELS`] panels of `W` are
+    /// broadcast against it, so every weight is read once.
+    pub(crate) fn forward_narrow(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
+        run_task(
+            self.isa,
+            NarrowPass {
+                w: self,
+                xt,
+                y: SyncPtr(y.as_mut_ptr()),
+                n,
+                rows,
+            },
+        );
+    }
+
     /// `Y = W·X` over columns `0..n` (`x` is `cols × n`, `y` is `rows × n`, row-major), split into
     /// `parts` column ranges run in parallel (1: on the calling thread).
     pub(crate) fn forward(&self, x: &[f32], y: &mut [f32], n: usize, parts: usize) {
@@ -284,6 +307,91 @@ unsafe fn small_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>
     }
 }
 
+/// Rows of a panel that [`Tiled::forward_narrow`] takes (AVX-512's `MR`).
+const NARROW_MR: usize = 8;
+/// Panels of `W` per register tile of [`Tiled::forward_narrow`]: 3 × 8 rows by one vector of
+/// columns, 24 accumulators.
+const NARROW_PANELS: usize = 3;
+
+/// [`Tiled::forward_narrow`].
+struct NarrowPass<'a> {
+    w: &'a Tiled,
+    xt: &'a [f32],
+    y: SyncPtr,
+    n: usize,
+    rows: (usize, usize),
+}
+
+impl SimdTask for NarrowPass<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        // SAFETY: the plan checked that `xt` holds `cols × LANES` values, `n ≤ LANES`, `y`
+        // `(r1 − r0) × n` values and `r0` a multiple of `MR` (= NARROW_MR, checked by
+        // `narrow_width`).
+        unsafe { narrow_pass::<S>(&self) }
+    }
+}
+
+#[inline(always)]
+unsafe fn narrow_pass<S: Simd>(p: &NarrowPass<'_>) {
+    const MR: usize = NARROW_MR;
+    let w = p.w;
+    let (k, n) = (w.cols, p.n);
+    let (r0, r1) = p.rows;
+    let (xt, y) = (p.xt.as_ptr(), p.y.get());
+    if n == 0 || r0 == r1 {
+        return;
+    }
+    let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
+    let mut tmp = [0.0f32; NR_MAX];
+    let mut q = q0;
+    while q < q1 {
+        let group = NARROW_PANELS.min(q1 - q);
+        let wp = w.panels.as_ptr().add(q * k * MR);
+        let mut acc = [[S::zero(); MR]; NARROW_PANELS];
+        match group {
+            3 => narrow_tile::<S, 3>(k, wp, xt, &mut acc),
+            2 => narrow_tile::<S, 2>(k, wp, xt, &mut acc),
+            _ => narrow_tile::<S, 1>(k, wp, xt, &mut acc),
+        }
+        for (g, panel) in acc.iter().enumerate().take(group) {
+            for (i, &v) in panel.iter().enumerate() {
+                let row = (q + g) * MR + i;
+                if row >= r1 {
+                    break;
+                }
+                S::store(tmp.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), y.add((row - r0) * n), n);
+            }
+        }
+        q += group;
+    }
+}
+
+/// `acc[g][i] = Σ_k W[(panel g, row i), k] · X[k, 0..L]` for the first `P` panels at `wp`
+/// (each `k × MR`, k-major) and the tile `xt` (`k × L`).
+#[inline(always)]
+unsafe fn narrow_tile<S: Simd, const P: usize>(
+    k: usize,
+    wp: *const f32,
+    xt: *const f32,
+    out: &mut [[S::V; NARROW_MR]; NARROW_PANELS],
+) {
+    const MR: usize = NARROW_MR;
+    let mut acc = [[S::zero(); MR]; P];
+    for kk in 0..k {
+        let xv = S::load(xt.add(kk * S::LANES));
+        for (g, panel) in acc.iter_mut().enumerate() {
+            let wv = wp.add(g * k * MR + kk * MR);
+            for (i, a) in panel.iter_mut().enumerate() {
+                *a = S::fma(S::bcast(wv.add(i)), xv, *a);
+            }
+        }
+    }
+    out[..P].copy_from_slice(&acc);
+}
+
 /// One thread's columns `n0..n1` of `Y = W·X`.
 struct Pass<'a> {
     w: &'a Tiled,
@@ -458,6 +566,9 @@ mod tests {
                 (10, 512, 1),
                 (5, 0, 9),
                 (0, 4, 4),
+                (50, 300, 16),
+                (41, 70, 12),
+                (16, 33, 15),
             ] {
                 let w: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
                 let x: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
@@ -500,6 +611,32 @@ mod tests {
                             );
                         }
                     }
+                }
+                // At most one vector of columns: one tile, all rows and shares that start at
+                // any panel and end anywhere (groups of three panels and their tails).
+                if let Some(nw) = t.narrow_width().filter(|&nw| n <= nw) {
+                    let mut xn = vec![0.0f32; nw * k];
+                    for kk in 0..k {
+                        for j in 0..n {
+                            xn[kk * nw + j] = x[kk * n + j];
+                        }
+                    }
+                    for (r0, r1) in [(0, m), (mr.min(m), m), (0, (2 * mr).min(m)), (0, m / 2)] {
+                        let r0 = (r0 / mr * mr).min(r1);
+                        let mut y = vec![f32::NAN; (r1 - r0) * n];
+                        t.forward_narrow(&xn, &mut y, n, (r0, r1));
+                        for r in r0..r1 {
+                            for j in 0..n {
+                                let (a, b) = (y[(r - r0) * n + j], want[r * n + j]);
+                                assert!(
+                                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                    "{isa:?} {m}x{k}x{n} narrow rows {r0}..{r1}: ({r}, {j}) = {a}, want {b}"
+                                );
+                            }
+                        }
+                    }
+                } else {
+                    assert!(isa != Isa::Avx512 || n > 16, "{isa:?} n = {n}");
                 }
                 // New values replace what the few-column product made from the old ones.
                 let doubled: Vec<f32> = w.iter().map(|v| 2.0 * v).collect();
