@@ -441,22 +441,17 @@ impl Layer {
             .iter()
             .flat_map(|&c| row_blocks.iter().map(move |&r| (c, r)))
             .collect();
-        // The few-column kernel's input panels are made once and shared by the row shares
-        // (each share making its own repeated the im2col once per share).
+        // The few-column kernels' input (the narrow kernel's one tile, or panels of `MR`
+        // columns) is made once and shared by the row shares (each share making its own
+        // repeated the im2col once per share).
         let mut shared = SHARED.take();
-        if let Some(nw) = narrow {
-            let len = nw * kk;
-            shared = at_least(shared, len);
+        let packed_width = narrow.or(small.map(|(mr, _)| mr));
+        let packed_len = packed_width.map_or(0, |w| n.div_ceil(w) * w * kk);
+        if let Some(w) = packed_width {
+            shared = at_least(shared, packed_len);
             let mut tmp = Vec::new();
-            let c = &mut shared[..len];
-            d.im2col_tiles(x, self.read.as_deref(), 0, n, nw, c, &mut tmp)
-                .map_err(kerr)?;
-        } else if let Some((mr, _)) = small {
-            let len = n.div_ceil(mr) * mr * kk;
-            shared = at_least(shared, len);
-            let mut tmp = Vec::new();
-            let c = &mut shared[..len];
-            d.im2col_tiles(x, self.read.as_deref(), 0, n, mr, c, &mut tmp)
+            let c = &mut shared[..packed_len];
+            d.im2col_tiles(x, self.read.as_deref(), 0, n, w, c, &mut tmp)
                 .map_err(kerr)?;
         }
         // A stride-2 implicit GEMM reads its input as phase planes, split once for every task.
@@ -503,14 +498,14 @@ impl Layer {
                 let (mut col_buf, part_buf, mut tmp) = SCRATCH.take();
                 let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
                 let part = &mut part_buf[..(r1 - r0) * nc];
-                if let Some(nw) = narrow {
+                if narrow.is_some() {
                     // One chunk, all of 0..n, one tile (see above).
                     self.plan
-                        .forward_narrow_rows(&panels[..nw * kk], part, nc, r0, r1)
-                } else if let Some((mr, _)) = small {
+                        .forward_narrow_rows(&panels[..packed_len], part, nc, r0, r1)
+                } else if small.is_some() {
                     // One chunk, all of 0..n (see above).
-                    let c = &panels[..nc.div_ceil(mr) * mr * kk];
-                    self.plan.forward_small_rows(c, part, nc, r0, r1)
+                    self.plan
+                        .forward_small_rows(&panels[..packed_len], part, nc, r0, r1)
                 } else if let Some(k) = wino {
                     k.forward_rows(x, &d, c0, c1, r0, r1, part)
                 } else if let Some(dc) = dc {

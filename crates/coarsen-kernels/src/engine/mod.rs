@@ -129,7 +129,7 @@ pub struct Plan {
     serial: bool,
 }
 
-/// How a tiled kernel takes `X` (see [`Plan::tiled_call`]).
+/// How a tiled kernel takes `X` (see [`Plan::run_tiled`]).
 #[derive(Clone, Copy)]
 enum TiledInput {
     /// Tiles of `tile_width` columns ([`Plan::forward_tiles_rows`]).
@@ -349,31 +349,23 @@ impl Plan {
         r0: usize,
         r1: usize,
     ) -> Result<()> {
-        let t = self.tiled_call(
-            "forward_tiles",
-            (xt.len(), y.len()),
-            n,
-            (r0, r1),
-            TiledInput::Tiles,
-        )?;
-        if !y.is_empty() {
-            t.forward_tiles(xt, y, n, (r0, r1));
-        }
-        Ok(())
+        self.run_tiled("forward_tiles", TiledInput::Tiles, xt, y, n, (r0, r1))
     }
 
-    /// The tiled kernel of a dense or channel-compact plan, after checking a call's buffers:
-    /// `xt` (lengths `(xt, y)`) holds `in_dim` rows of `n` columns padded to whole tiles (or, when
-    /// `small`, whole panels), `y` rows `r0 .. r1` of `n` columns, and `r0` is aligned (to a
-    /// panel, or when `small` to a tile of rows).
-    fn tiled_call(
+    /// Runs the tiled kernel of a dense or channel-compact plan that takes `X` as `input`
+    /// says, after checking the call's buffers: `xt` holds `in_dim` rows of `n` columns padded
+    /// to whole tiles (or panels, or the one narrow tile, which must hold all `n`), `y` rows
+    /// `r0 .. r1` of `n` columns, and `r0` is aligned (to a panel, or for panels of columns to
+    /// a tile of rows).
+    fn run_tiled(
         &self,
         op: &'static str,
-        (xt, y): (usize, usize),
+        input: TiledInput,
+        xt: &[f32],
+        y: &mut [f32],
         n: usize,
         (r0, r1): (usize, usize),
-        input: TiledInput,
-    ) -> Result<&tiled::Tiled> {
+    ) -> Result<()> {
         let Engine::Dense(e) = &self.engine else {
             return Err(KernelError::Param {
                 name: "plan",
@@ -391,19 +383,19 @@ impl Plan {
         let (cols, align) = match input {
             TiledInput::Panels => (t.panel_rows(), t.tile_width()),
             TiledInput::Tiles => (t.tile_width(), t.panel_rows()),
-            TiledInput::Narrow => {
-                let Some(width) = t.narrow_width().filter(|&v| n <= v) else {
+            TiledInput::Narrow => match t.narrow_width() {
+                Some(width) if n <= width => (width, t.panel_rows()),
+                width => {
                     return Err(KernelError::Param {
                         name: "n",
                         value: n.to_string(),
-                        reason: format!(
-                            "the narrow kernel takes at most {} columns on this CPU",
-                            t.narrow_width().unwrap_or(0)
+                        reason: width.map_or_else(
+                            || "this CPU has no narrow kernel (AVX-512 only)".into(),
+                            |w| format!("the narrow kernel takes at most {w} columns"),
                         ),
-                    });
-                };
-                (width, t.panel_rows())
-            }
+                    })
+                }
+            },
         };
         let overflow = || KernelError::Param {
             name: "n",
@@ -423,13 +415,20 @@ impl Plan {
         let padded = n.checked_next_multiple_of(cols).ok_or_else(overflow)?;
         let want_x = self.in_dim().checked_mul(padded).ok_or_else(overflow)?;
         let want_y = (r1 - r0).checked_mul(n).ok_or_else(overflow)?;
-        check_len(op, "xt", xt, want_x, || {
+        check_len(op, "xt", xt.len(), want_x, || {
             format!("{} rows × {n} columns in groups of {cols}", self.in_dim())
         })?;
-        check_len(op, "y", y, want_y, || {
+        check_len(op, "y", y.len(), want_y, || {
             format!("{} rows × {n} columns", r1 - r0)
         })?;
-        Ok(t)
+        if !y.is_empty() {
+            match input {
+                TiledInput::Tiles => t.forward_tiles(xt, y, n, (r0, r1)),
+                TiledInput::Panels => t.forward_small(xt, y, n, (r0, r1)),
+                TiledInput::Narrow => t.forward_narrow(xt, y, n, (r0, r1)),
+            }
+        }
+        Ok(())
     }
 
     /// `Y = W·X` for products with few columns (small batches, deep layers), on the calling
@@ -447,17 +446,7 @@ impl Plan {
         r0: usize,
         r1: usize,
     ) -> Result<()> {
-        let t = self.tiled_call(
-            "forward_small_rows",
-            (xt.len(), y.len()),
-            n,
-            (r0, r1),
-            TiledInput::Panels,
-        )?;
-        if !y.is_empty() {
-            t.forward_small(xt, y, n, (r0, r1));
-        }
-        Ok(())
+        self.run_tiled("forward_small_rows", TiledInput::Panels, xt, y, n, (r0, r1))
     }
 
     /// Columns of the narrow kernel ([`forward_narrow_rows`](Self::forward_narrow_rows)): one
@@ -486,17 +475,14 @@ impl Plan {
         r0: usize,
         r1: usize,
     ) -> Result<()> {
-        let t = self.tiled_call(
+        self.run_tiled(
             "forward_narrow_rows",
-            (xt.len(), y.len()),
+            TiledInput::Narrow,
+            xt,
+            y,
             n,
             (r0, r1),
-            TiledInput::Narrow,
-        )?;
-        if !y.is_empty() {
-            t.forward_narrow(xt, y, n, (r0, r1));
-        }
-        Ok(())
+        )
     }
 
     /// `dX = Wᵀ·dY`: `dy` is `out_dim × n`, `dx` is `in_dim × n`.
@@ -595,6 +581,48 @@ mod tests {
                 next = b;
             }
             assert_eq!(next, n);
+        }
+    }
+
+    /// The three ways of taking tiled input share one checked entry: every one refuses a short
+    /// `xt`, a short `y` and misaligned rows, and the narrow one more columns than it holds.
+    #[test]
+    fn tiled_inputs_are_checked_before_they_run() {
+        use crate::formats::Dense;
+        let (m, k) = (20, 7);
+        let w: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.01).collect();
+        let plan = Plan::new(&Packed::Dense(Dense::new(m, k, w).unwrap())).unwrap();
+        let (Some(mr), Some(nr)) = (plan.tile_rows(), plan.tile_width()) else {
+            return; // faer plans take row-major input
+        };
+        let n = 5;
+        let xt = vec![0.0; k * nr];
+        let mut y = vec![0.0; m * n];
+        assert!(plan.forward_tiles_rows(&xt, &mut y, n, 0, m).is_ok());
+        assert!(plan.forward_tiles_rows(&xt[1..], &mut y, n, 0, m).is_err());
+        assert!(plan.forward_tiles_rows(&xt, &mut y[1..], n, 0, m).is_err());
+        assert!(plan.forward_tiles_rows(&xt, &mut y, n, 1, m).is_err());
+        let xs = vec![0.0; k * mr];
+        assert!(plan.forward_small_rows(&xs, &mut y, n, 0, m).is_ok());
+        assert!(plan.forward_small_rows(&xs[1..], &mut y, n, 0, m).is_err());
+        assert!(plan.forward_small_rows(&xs, &mut y, n, mr, m).is_err());
+        match plan.narrow_width() {
+            Some(nw) => {
+                let xn = vec![0.0; k * nw];
+                assert!(plan.forward_narrow_rows(&xn, &mut y, n, 0, m).is_ok());
+                assert!(plan.forward_narrow_rows(&xn[1..], &mut y, n, 0, m).is_err());
+                assert!(plan.forward_narrow_rows(&xn, &mut y[1..], n, 0, m).is_err());
+                assert!(plan.forward_narrow_rows(&xn, &mut y, n, 1, m).is_err());
+                let wide = nw + 1;
+                let mut yw = vec![0.0; m * wide];
+                let xw = vec![0.0; k * 2 * nw];
+                let e = plan.forward_narrow_rows(&xw, &mut yw, wide, 0, m);
+                assert!(e.unwrap_err().to_string().contains("at most"));
+            }
+            None => {
+                let e = plan.forward_narrow_rows(&[0.0; 16], &mut y, n, 0, m);
+                assert!(e.unwrap_err().to_string().contains("no narrow kernel"));
+            }
         }
     }
 }

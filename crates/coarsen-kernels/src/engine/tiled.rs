@@ -574,14 +574,31 @@ mod tests {
                 let x: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
                 let want = dense_matmul(&w, m, k, &x, n);
                 let mut t = Tiled::new(isa, m, k, &w);
-                let nr = t.tile_width();
-                let tiles = n.div_ceil(nr);
-                let mut xt = vec![0.0f32; tiles * nr * k];
-                for kk in 0..k {
-                    for j in 0..n {
-                        xt[(j / nr * k + kk) * nr + j % nr] = x[kk * n + j];
+                // X in groups of `g` columns (`ceil(n/g)` groups of `k × g`, zero past n), as
+                // im2col_tiles writes them.
+                let grouped = |g: usize| {
+                    let mut v = vec![0.0f32; n.div_ceil(g) * g * k];
+                    for kk in 0..k {
+                        for j in 0..n {
+                            v[(j / g * k + kk) * g + j % g] = x[kk * n + j];
+                        }
                     }
-                }
+                    v
+                };
+                // Rows r0..r1 of Y (`y` holds just these) against the reference.
+                let check_rows = |y: &[f32], (r0, r1): (usize, usize), what: &str| {
+                    for r in r0..r1 {
+                        for j in 0..n {
+                            let (a, b) = (y[(r - r0) * n + j], want[r * n + j]);
+                            assert!(
+                                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{isa:?} {m}x{k}x{n} {what} rows {r0}..{r1}: ({r}, {j}) = {a}, want {b}"
+                            );
+                        }
+                    }
+                };
+                let nr = t.tile_width();
+                let xt = grouped(nr);
                 let mut y = vec![f32::NAN; m * n];
                 t.forward_tiles(&xt, &mut y, n, (0, m));
                 for (i, (a, b)) in y.iter().zip(&want).enumerate() {
@@ -592,48 +609,22 @@ mod tests {
                 }
                 // Few columns: panels of MR columns, Wᵀ in tiles of NR rows, all rows and a share.
                 let mr = t.panel_rows();
-                let mut xs = vec![0.0f32; n.div_ceil(mr) * mr * k];
-                for kk in 0..k {
-                    for j in 0..n {
-                        xs[(j / mr * k + kk) * mr + j % mr] = x[kk * n + j];
-                    }
-                }
+                let xs = grouped(mr);
                 for (r0, r1) in [(0, m), (nr.min(m), m), (0, (2 * nr).min(m))] {
                     let r0 = r0 / nr * nr;
                     let mut y = vec![f32::NAN; (r1 - r0) * n];
                     t.forward_small(&xs, &mut y, n, (r0, r1));
-                    for r in r0..r1 {
-                        for j in 0..n {
-                            let (a, b) = (y[(r - r0) * n + j], want[r * n + j]);
-                            assert!(
-                                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                                "{isa:?} {m}x{k}x{n} small rows {r0}..{r1}: ({r}, {j}) = {a}, want {b}"
-                            );
-                        }
-                    }
+                    check_rows(&y, (r0, r1), "small");
                 }
                 // At most one vector of columns: one tile, all rows and shares that start at
                 // any panel and end anywhere (groups of three panels and their tails).
                 if let Some(nw) = t.narrow_width().filter(|&nw| n <= nw) {
-                    let mut xn = vec![0.0f32; nw * k];
-                    for kk in 0..k {
-                        for j in 0..n {
-                            xn[kk * nw + j] = x[kk * n + j];
-                        }
-                    }
+                    let xn = grouped(nw);
                     for (r0, r1) in [(0, m), (mr.min(m), m), (0, (2 * mr).min(m)), (0, m / 2)] {
                         let r0 = (r0 / mr * mr).min(r1);
                         let mut y = vec![f32::NAN; (r1 - r0) * n];
                         t.forward_narrow(&xn, &mut y, n, (r0, r1));
-                        for r in r0..r1 {
-                            for j in 0..n {
-                                let (a, b) = (y[(r - r0) * n + j], want[r * n + j]);
-                                assert!(
-                                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                                    "{isa:?} {m}x{k}x{n} narrow rows {r0}..{r1}: ({r}, {j}) = {a}, want {b}"
-                                );
-                            }
-                        }
+                        check_rows(&y, (r0, r1), "narrow");
                     }
                 } else {
                     assert!(isa != Isa::Avx512 || n > 16, "{isa:?} n = {n}");
