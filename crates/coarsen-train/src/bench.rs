@@ -354,12 +354,13 @@ pub struct ModelBench {
     /// caller timed it.
     #[serde(default)]
     pub ort_ms: Option<f64>,
-    /// Per-step times of both paths, when asked for ([`profile_paths`]).
+    /// Per-step times of both paths, when asked for ([`BenchSettings::profile`]).
     #[serde(default)]
     pub profile: Option<PathProfiles>,
 }
 
-/// Per-step times of the dense and packed paths of one network ([`profile_paths`]).
+/// Per-step times of the dense and packed paths of one network (medians of
+/// [`BenchSettings::reps`] passes per step; the packed path after tuning).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PathProfiles {
     /// The dense path's steps.
@@ -368,41 +369,19 @@ pub struct PathProfiles {
     pub packed: Vec<StepTime>,
 }
 
-/// Times every step of the dense and packed paths of `network` (`passes` passes each, medians)
-/// on a random batch of `batch` images seeded by `seed`, the packed path tuned as `tuning`
-/// says.
-pub fn profile_paths(
-    network: &Network,
-    formats: &Formats,
-    batch: usize,
-    passes: usize,
-    seed: u64,
-    tuning: Tuning,
-) -> Result<PathProfiles> {
-    let (packed, _, dense, x) = both_paths(network, formats, batch, seed, tuning)?;
-    Ok(PathProfiles {
-        dense: dense.profile(&x, batch, passes)?,
-        packed: packed.profile(&x, batch, passes)?,
-    })
-}
-
-/// The packed path of `network` tuned for `batch` images as `tuning` says (with its choices),
-/// its dense path, and a random batch seeded by `seed`.
-fn both_paths(
-    network: &Network,
-    formats: &Formats,
-    batch: usize,
-    seed: u64,
-    tuning: Tuning,
-) -> Result<(InferenceNet, Vec<LayerChoice>, InferenceNet, Vec<f32>)> {
-    if batch == 0 {
-        return Err(TrainError::config("batch", batch, "must be positive"));
-    }
-    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
-    let tuned = packed.tune_cached(batch, tuning)?;
-    let dense = InferenceNet::new(network, formats, Path::Dense)?;
-    let x = random_batch(network, batch, seed)?;
-    Ok((packed, tuned, dense, x))
+/// How [`network_benchmark`] and [`model_benchmark`] time a network.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchSettings {
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Timed passes of each path (and, when profiling, profiled passes of each).
+    pub reps: usize,
+    /// Seed of the random input batch (and of [`model_benchmark`]'s weights and masks).
+    pub seed: u64,
+    /// How the packed path's layers are tuned (cached per machine).
+    pub tuning: Tuning,
+    /// Also time every step of both paths ([`ModelBench::profile`]), on the same engines.
+    pub profile: bool,
 }
 
 /// A batch of `batch` images with values uniform in [−1, 1), seeded.
@@ -455,17 +434,15 @@ pub fn bench_format(pattern: &str) -> Result<Option<LayerFormat>> {
 
 /// Times the forward pass of a CIFAR-shaped `model` (10 classes, 3×32×32, standard width) whose
 /// prunable layers (every conv but the first, every linear layer but the classifier) carry
-/// random masks of `pattern` at `sparsity`, on the packed path against the dense path, `reps`
-/// times each, interleaved; batch `batch`. Also returns the network (for peers to time).
+/// random masks of `pattern` at `sparsity`, as [`network_benchmark`] does. Also returns the
+/// network (for peers to time).
 pub fn model_benchmark(
     model: &str,
     pattern: &str,
     sparsity: f64,
-    batch: usize,
-    reps: usize,
-    seed: u64,
-    tuning: Tuning,
-) -> Result<(ModelBench, Network, Formats)> {
+    settings: &BenchSettings,
+) -> Result<(ModelBench, Network)> {
+    let seed = settings.seed;
     if !(0.0..1.0).contains(&sparsity) {
         return Err(TrainError::config(
             "sparsity",
@@ -497,29 +474,40 @@ pub fn model_benchmark(
         None => layer_formats(network.graph(), &masks, None)?,
         Some(f) => masks.names().map(|n| (n.to_string(), f.clone())).collect(),
     };
-    let mut r = network_benchmark(&network, &formats, batch, reps, seed, tuning)?;
+    let mut r = network_benchmark(&network, &formats, settings)?;
     r.model = model.to_string();
     r.pattern = pattern.to_string();
     r.sparsity = match fmt {
         Some(LayerFormat::Nm { n, m, .. }) => 1.0 - n as f64 / m as f64,
         _ => sparsity,
     };
-    Ok((r, network, formats))
+    Ok((r, network))
 }
 
 /// Times the forward pass of `network` with its layers in `formats` against its dense path,
 /// `reps` times each, interleaved, on a random batch of `batch` images (seeded by `seed`), after
-/// tuning the packed path's layers as `tuning` says (cached per machine). The
-/// record's `model` and `pattern` are left for the caller; `sparsity` is the network's.
+/// tuning the packed path's layers as `tuning` says (cached per machine); with `profile`, also
+/// every step of both paths, on the same engines and batch. The record's `model` and `pattern`
+/// are left for the caller; `sparsity` is the network's.
 pub fn network_benchmark(
     network: &Network,
     formats: &Formats,
-    batch: usize,
-    reps: usize,
-    seed: u64,
-    tuning: Tuning,
+    settings: &BenchSettings,
 ) -> Result<ModelBench> {
-    let (packed, tuned, dense, x) = both_paths(network, formats, batch, seed, tuning)?;
+    let BenchSettings {
+        batch,
+        reps,
+        seed,
+        tuning,
+        profile,
+    } = *settings;
+    if batch == 0 {
+        return Err(TrainError::config("batch", batch, "must be positive"));
+    }
+    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
+    let tuned = packed.tune_cached(batch, tuning)?;
+    let dense = InferenceNet::new(network, formats, Path::Dense)?;
+    let x = random_batch(network, batch, seed)?;
     let a = packed.forward(&x, batch)?;
     let b = dense.forward(&x, batch)?;
     let max_abs_diff = a
@@ -527,6 +515,14 @@ pub fn network_benchmark(
         .zip(&b)
         .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
     let t = time_paths(&packed, &dense, &x, batch, reps)?;
+    let profile = if profile {
+        Some(PathProfiles {
+            dense: dense.profile(&x, batch, reps)?,
+            packed: packed.profile(&x, batch, reps)?,
+        })
+    } else {
+        None
+    };
     Ok(ModelBench {
         model: String::new(),
         pattern: String::new(),
@@ -546,6 +542,6 @@ pub fn network_benchmark(
         max_abs_diff,
         tuned,
         ort_ms: None,
-        profile: None,
+        profile,
     })
 }

@@ -81,11 +81,8 @@ fn available() -> String {
 fn given_network(
     args: &BenchArgs,
     m: &str,
-) -> Result<(
-    coarsen_train::bench::ModelBench,
-    coarsen_infer::Network,
-    coarsen_infer::Formats,
-)> {
+    settings: &coarsen_train::bench::BenchSettings,
+) -> Result<(coarsen_train::bench::ModelBench, coarsen_infer::Network)> {
     let (network, formats, meta) = if coarsen_train::export::is_export(Path::new(m)) {
         let e = coarsen_train::export::load(Path::new(m))?;
         let meta = e.manifest.coarsen.clone();
@@ -108,17 +105,10 @@ fn given_network(
         let formats = coarsen_infer::layer_formats(network.graph(), &masks, meta.as_ref())?;
         (network, formats, meta)
     };
-    let mut r = coarsen_train::bench::network_benchmark(
-        &network,
-        &formats,
-        args.batch,
-        args.reps,
-        args.seed,
-        args.tuning.tuning(),
-    )?;
+    let mut r = coarsen_train::bench::network_benchmark(&network, &formats, settings)?;
     r.model = m.to_string();
     r.pattern = meta.map_or_else(|| "as given".to_string(), |m| m.pattern);
-    Ok((r, network, formats))
+    Ok((r, network))
 }
 
 /// `--serve`: the timing worker of scripts/bench-peers (see the flag's help).
@@ -291,36 +281,29 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
     }
     let peer = crate::peer::OrtPeer::find();
     let bar = progress::bar(runs.len() as u64, "bench", quiet);
+    let settings = coarsen_train::bench::BenchSettings {
+        batch: args.batch,
+        reps: args.reps,
+        seed: args.seed,
+        tuning: args.tuning.tuning(),
+        profile: args.profile,
+    };
     let mut records = Vec::new();
     for (m, p, s) in &runs {
-        bar.set_message(format!("{m} {p} {s}"));
-        let (mut record, network, formats) = if p.is_empty() {
-            given_network(args, m)?
+        let doing = if args.profile {
+            ": timing and profile"
         } else {
-            coarsen_train::bench::model_benchmark(
-                m,
-                p,
-                *s,
-                args.batch,
-                args.reps,
-                args.seed,
-                args.tuning.tuning(),
-            )?
+            ""
+        };
+        bar.set_message(format!("{m} {p} {s}{doing}"));
+        let (mut record, network) = if p.is_empty() {
+            given_network(args, m, &settings)?
+        } else {
+            coarsen_train::bench::model_benchmark(m, p, *s, &settings)?
         };
         if let Ok(peer) = &peer {
             bar.set_message(format!("{m} {p} {s}: ONNX Runtime"));
             record.ort_ms = Some(peer.time(&network, args.batch, args.reps, threads)?);
-        }
-        if args.profile {
-            bar.set_message(format!("{m} {p} {s}: profile"));
-            record.profile = Some(coarsen_train::bench::profile_paths(
-                &network,
-                &formats,
-                args.batch,
-                args.reps,
-                args.seed,
-                args.tuning.tuning(),
-            )?);
         }
         records.push(record);
         bar.inc(1);
