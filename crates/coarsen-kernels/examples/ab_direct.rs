@@ -7,13 +7,17 @@
 //! stride-2 3×3 layers as phase planes + implicit GEMM against im2col + the tiled GEMM, in
 //! CPU time of the process on one thread; `... -- small [ROUNDS]` times the few-column dense
 //! kernel (batch 1's deep layers) on one thread, best wall time, against the narrow kernel
-//! where the columns fit one vector.
+//! where the columns fit one vector; `... -- blocks [BATCH] [ROUNDS] [DENSITY]` times the block
+//! kernel (`BlockConv`) against the dense implicit GEMM: on one block of every row and column
+//! (the same products), and on row groups of 32 that each keep DENSITY of the columns (as
+//! Regroup leaves them), in useful GFLOP/s.
 
 use std::time::Instant;
 
+use coarsen_core::Mask;
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
 use coarsen_kernels::timing::process_cpu_ms;
-use coarsen_kernels::DirectConv;
+use coarsen_kernels::{BlockConv, DirectConv, GroupBlocks, Packed};
 use rayon::prelude::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.get(1).map(String::as_str) == Some("small") {
         return few_columns(&args[1..]);
+    }
+    if args.get(1).map(String::as_str) == Some("blocks") {
+        return blocks(&args[1..]);
     }
     let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(2).map_or(Ok(9), |s| s.parse())?;
@@ -233,6 +240,64 @@ fn few_columns(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         println!("{line}");
+    }
+    Ok(())
+}
+
+/// The block kernel against the dense implicit GEMM (see the module docs).
+fn blocks(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
+    let rounds: usize = args.get(2).map_or(Ok(9), |s| s.parse())?;
+    let density: f64 = args.get(3).map_or(Ok(0.22), |s| s.parse())?;
+    let g = ConvGeometry::square(3, 1, 1);
+    println!("useful GFLOP/s, best of {rounds}: dense implicit GEMM | one full block | row groups at {density}");
+    for (cin, cout, hw) in [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4)] {
+        let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
+        let (n, kk) = (d.n(), cin * 9);
+        let w: Vec<f32> = (0..cout * kk)
+            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
+            .collect();
+        let x: Vec<f32> = (0..cin * n)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let Some(dense) = DirectConv::new(g, cout, cin, &w)? else {
+            return Err("the implicit GEMM needs AVX-512".into());
+        };
+        let full = Packed::Group(GroupBlocks::pack(&Mask::ones(cout, kk), &w)?);
+        // Row groups of 32, each its own pseudo-random columns.
+        let mask = Mask::from_fn(cout, kk, |r, c| {
+            let h = ((r / 32) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (c as u64 * 0xBF58_476D_1CE4_E5B9);
+            (h.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) as f64 / (1u64 << 24) as f64 <= density
+        });
+        let groups = Packed::Group(GroupBlocks::pack(&mask, &w)?);
+        let (Some(bf), Some(bg)) = (
+            BlockConv::new(g, cin, &full, None)?,
+            BlockConv::new(g, cin, &groups, None)?,
+        ) else {
+            return Err("the block kernel needs AVX-512".into());
+        };
+        let mut y = vec![0.0f32; cout * n];
+        let mut best = [f64::INFINITY; 3];
+        for _ in 0..rounds {
+            let s = Instant::now();
+            dense.forward(&x, &d, 0, n, &mut y)?;
+            best[0] = best[0].min(s.elapsed().as_secs_f64());
+            let s = Instant::now();
+            bf.forward(&x, &d, 0, n, &mut y)?;
+            best[1] = best[1].min(s.elapsed().as_secs_f64());
+            let s = Instant::now();
+            bg.forward(&x, &d, 0, n, &mut y)?;
+            best[2] = best[2].min(s.elapsed().as_secs_f64());
+        }
+        let flops = 2.0 * (cout * kk * n) as f64;
+        let kept = mask.nnz() as f64 / (cout * kk) as f64;
+        println!(
+            "{cin:4} ch {hw:2}x{hw:<2}: {:6.1} | {:6.1} | {:6.1} (density {kept:.3})",
+            flops / best[0] / 1e9,
+            flops / best[1] / 1e9,
+            flops * kept / best[2] / 1e9
+        );
     }
     Ok(())
 }

@@ -18,7 +18,9 @@
 //! - [`mod@bench`]: the benchmark shapes, random structured masks per format, and measurements.
 //!
 //! Group blocks, shuffled blocks and BSR run on one gather-GEMM engine (rows of a block share
-//! their columns, so each loaded column of `X` feeds a whole register tile of rows); CSR and N:M
+//! their columns, so each loaded column of `X` feeds a whole register tile of rows); their
+//! convolutions can also run in place on the input, one implicit GEMM per block
+//! ([`BlockConv`], as [`DirectConv`] runs a dense one); CSR and N:M
 //! run row by row on cache-sized column chunks; dense and channel-compact run on faer.
 
 #![warn(missing_docs)]
@@ -33,7 +35,7 @@ pub mod reference;
 pub mod simd;
 pub mod timing;
 
-pub use engine::{DenseKernel, DirectConv, Epilogue, Plan, Threading, Winograd};
+pub use engine::{BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Threading, Winograd};
 pub use error::{KernelError, Result};
 pub use formats::{
     Block, Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, RowGroup,

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::micro::{dot_tile, gather_columns, gather_tile, pack_rows, packed_tile};
 use super::{split_range, SyncPtr};
-use crate::formats::{Bsr, GroupBlocks, ShuffledBlocks};
+use crate::formats::{Bsr, GroupBlocks, Packed, ShuffledBlocks};
 use crate::simd::{run_task, Isa, Simd, SimdTask};
 
 /// Columns of `X` per chunk when many rows use each column: the chunk is copied once, so that
@@ -52,13 +52,7 @@ pub(crate) struct BlockEngine {
 }
 
 impl BlockEngine {
-    fn new(
-        rows: usize,
-        cols: usize,
-        mr: usize,
-        parts: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)>,
-        values: &[f32],
-    ) -> Self {
+    fn new(rows: usize, cols: usize, mr: usize, parts: Vec<Part>, values: &[f32]) -> Self {
         let mut covered = vec![false; rows];
         let blocks: Vec<ExecBlock> = parts
             .into_iter()
@@ -91,71 +85,17 @@ impl BlockEngine {
 
     /// Group blocks as they are.
     pub(crate) fn from_group(f: &GroupBlocks, mr: usize) -> Self {
-        let parts = f
-            .blocks()
-            .iter()
-            .map(|b| {
-                let len = b.rows().len() * b.cols().len();
-                let map = (0..len).map(|i| (b.offset() + i) as u32).collect();
-                (b.rows().to_vec(), b.cols().to_vec(), map)
-            })
-            .collect();
-        Self::new(f.rows(), f.cols(), mr, parts, f.values())
+        Self::new(f.rows(), f.cols(), mr, group_parts(f), f.values())
     }
 
     /// Each row group with all its tiles' columns.
     pub(crate) fn from_shuffled(f: &ShuffledBlocks, mr: usize) -> Self {
-        let parts = f
-            .groups()
-            .iter()
-            .map(|g| {
-                let cols: Vec<u32> = g
-                    .tiles()
-                    .iter()
-                    .flat_map(|t| t.cols().iter().copied())
-                    .collect();
-                let mut map = Vec::with_capacity(g.rows().len() * cols.len());
-                for i in 0..g.rows().len() {
-                    for t in g.tiles() {
-                        let w = t.cols().len();
-                        map.extend((0..w).map(|k| (t.offset() + i * w + k) as u32));
-                    }
-                }
-                (g.rows().to_vec(), cols, map)
-            })
-            .collect();
-        Self::new(f.rows(), f.cols(), mr, parts, f.values())
+        Self::new(f.rows(), f.cols(), mr, shuffled_parts(f), f.values())
     }
 
     /// Each block row with all its tiles' (in-matrix) columns.
     pub(crate) fn from_bsr(f: &Bsr, mr: usize) -> Self {
-        let (h, w) = (f.height(), f.width());
-        let mut parts = Vec::new();
-        for (i, span) in f.row_ptr().windows(2).enumerate() {
-            let tiles = span[0] as usize..span[1] as usize;
-            if tiles.is_empty() {
-                continue;
-            }
-            let rows: Vec<u32> = (i * h..((i + 1) * h).min(f.rows()))
-                .map(|r| r as u32)
-                .collect();
-            let mut cols = Vec::new();
-            let mut spans = Vec::new();
-            for t in tiles.clone() {
-                let j = f.col_idx()[t] as usize;
-                let c1 = ((j + 1) * w).min(f.cols());
-                spans.push((t, c1 - j * w));
-                cols.extend((j * w..c1).map(|c| c as u32));
-            }
-            let mut map = Vec::with_capacity(rows.len() * cols.len());
-            for a in 0..rows.len() {
-                for &(t, width) in &spans {
-                    map.extend((0..width).map(|b| (t * h * w + a * w + b) as u32));
-                }
-            }
-            parts.push((rows, cols, map));
-        }
-        Self::new(f.rows(), f.cols(), mr, parts, f.values())
+        Self::new(f.rows(), f.cols(), mr, bsr_parts(f), f.values())
     }
 
     /// Repacks the panels from the format's values (same structure).
@@ -311,6 +251,85 @@ impl BlockEngine {
     pub(crate) fn cols(&self) -> usize {
         self.cols
     }
+}
+
+/// A dense block of a format: its rows, its columns, and the position in the format's values
+/// of each entry (block-row-major). The rows of different blocks are disjoint.
+pub(crate) type Part = (Vec<u32>, Vec<u32>, Vec<u32>);
+
+/// The dense blocks of group blocks, shuffled blocks and BSR (`None` for the other formats).
+pub(crate) fn packed_parts(p: &Packed) -> Option<Vec<Part>> {
+    match p {
+        Packed::Group(f) => Some(group_parts(f)),
+        Packed::Shuffled(f) => Some(shuffled_parts(f)),
+        Packed::Bsr(f) => Some(bsr_parts(f)),
+        _ => None,
+    }
+}
+
+/// Group blocks as they are.
+fn group_parts(f: &GroupBlocks) -> Vec<Part> {
+    f.blocks()
+        .iter()
+        .map(|b| {
+            let len = b.rows().len() * b.cols().len();
+            let map = (0..len).map(|i| (b.offset() + i) as u32).collect();
+            (b.rows().to_vec(), b.cols().to_vec(), map)
+        })
+        .collect()
+}
+
+/// Each row group with all its tiles' columns.
+fn shuffled_parts(f: &ShuffledBlocks) -> Vec<Part> {
+    f.groups()
+        .iter()
+        .map(|g| {
+            let cols: Vec<u32> = g
+                .tiles()
+                .iter()
+                .flat_map(|t| t.cols().iter().copied())
+                .collect();
+            let mut map = Vec::with_capacity(g.rows().len() * cols.len());
+            for i in 0..g.rows().len() {
+                for t in g.tiles() {
+                    let w = t.cols().len();
+                    map.extend((0..w).map(|k| (t.offset() + i * w + k) as u32));
+                }
+            }
+            (g.rows().to_vec(), cols, map)
+        })
+        .collect()
+}
+
+/// Each block row with all its tiles' (in-matrix) columns.
+fn bsr_parts(f: &Bsr) -> Vec<Part> {
+    let (h, w) = (f.height(), f.width());
+    let mut parts = Vec::new();
+    for (i, span) in f.row_ptr().windows(2).enumerate() {
+        let tiles = span[0] as usize..span[1] as usize;
+        if tiles.is_empty() {
+            continue;
+        }
+        let rows: Vec<u32> = (i * h..((i + 1) * h).min(f.rows()))
+            .map(|r| r as u32)
+            .collect();
+        let mut cols = Vec::new();
+        let mut spans = Vec::new();
+        for t in tiles.clone() {
+            let j = f.col_idx()[t] as usize;
+            let c1 = ((j + 1) * w).min(f.cols());
+            spans.push((t, c1 - j * w));
+            cols.extend((j * w..c1).map(|c| c as u32));
+        }
+        let mut map = Vec::with_capacity(rows.len() * cols.len());
+        for a in 0..rows.len() {
+            for &(t, width) in &spans {
+                map.extend((0..width).map(|b| (t * h * w + a * w + b) as u32));
+            }
+        }
+        parts.push((rows, cols, map));
+    }
+    parts
 }
 
 /// One thread's share of `Y = W·X` (or `dX = Wᵀ·dY` when `transpose`): columns `n0..n1`.

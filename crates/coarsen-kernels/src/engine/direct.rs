@@ -14,16 +14,16 @@ use crate::error::{check_len, KernelError, Result};
 use crate::simd::Isa;
 
 /// Rows of the register tile.
-const MR: usize = 8;
+pub(super) const MR: usize = 8;
 /// Vectors of 16 lanes per tile row.
-const NV: usize = 3;
+pub(super) const NV: usize = 3;
 /// Columns (output positions) of a tile.
-const NR: usize = NV * 16;
+pub(super) const NR: usize = NV * 16;
 /// Channels per block: the `CB` input rows around a tile (`CB × (NR + 2·W + 2)` floats) are
 /// copied once and read by every panel of `W` (128 measured best of 16–512 on ResNet-18).
 const CB: usize = 128;
 /// Most kernel taps supported (`kh·kw`).
-const MAX_TAPS: usize = 49;
+pub(super) const MAX_TAPS: usize = 49;
 
 /// What the implicit GEMM applies to each output value as it stores it: `act(v + bias[row])`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,6 +64,190 @@ fn tap_place(g: &ConvGeometry, tap: usize) -> (usize, isize, isize) {
     }
 }
 
+/// Where the taps of a convolution read, for the in-place kernels: each tap a shift within one
+/// plane, the planes' rows copied per tile into a halo buffer.
+pub(super) struct Taps {
+    /// Per tap: its plane and shift `(dy, dx)` (see [`tap_place`]).
+    pub(super) places: Vec<(usize, isize, isize)>,
+    /// Per tap: the shift `dy·W + dx` in positions.
+    pub(super) shifts: Vec<isize>,
+    /// The halo slot of each plane some tap reads.
+    pub(super) slot_of: [usize; 4],
+    /// The planes some tap reads, in slot order.
+    pub(super) planes: Vec<usize>,
+    /// The least (≤ 0) and greatest (≥ 0) shift.
+    pub(super) lo: isize,
+    hi: isize,
+    /// Floats between a halo buffer's rows.
+    pub(super) stride: usize,
+    /// Output plane sizes (the planes the taps read are as large).
+    h: usize,
+    w: usize,
+    /// Output positions of the batch (`B·Ho·Wo`): a row of a plane.
+    ld: usize,
+}
+
+impl Taps {
+    /// The taps of `g` on the planes of `d`: as large as the output (the input itself for
+    /// stride 1, its phase planes for stride 2).
+    pub(super) fn new(g: &ConvGeometry, d: &ConvDims) -> Taps {
+        let w = d.wo as isize;
+        let places: Vec<(usize, isize, isize)> = (0..g.taps()).map(|t| tap_place(g, t)).collect();
+        let shifts: Vec<isize> = places.iter().map(|&(_, dy, dx)| dy * w + dx).collect();
+        let mut slot_of = [usize::MAX; 4];
+        let mut planes = Vec::new();
+        for &(q, _, _) in &places {
+            if slot_of[q] == usize::MAX {
+                slot_of[q] = planes.len();
+                planes.push(q);
+            }
+        }
+        // Each tile's input rows (the tile's positions and the halo the taps reach) are copied
+        // into the halo buffer, rows `stride` apart: an odd number of cache lines, so the rows
+        // spread over L1's sets (the input's own row stride, B·H·W floats, is often a multiple
+        // of 4 KiB, and its rows would all fall into the same few sets).
+        let lo = shifts.iter().copied().min().unwrap_or(0).min(0);
+        let hi = shifts.iter().copied().max().unwrap_or(0).max(0);
+        let span = NR + (hi - lo) as usize;
+        let mut lines = span.div_ceil(16);
+        if lines.is_multiple_of(2) {
+            lines += 1;
+        }
+        Taps {
+            places,
+            shifts,
+            slot_of,
+            planes,
+            lo,
+            hi,
+            stride: lines * 16,
+            h: d.ho,
+            w: d.wo,
+            ld: d.n(),
+        }
+    }
+
+    /// Lane masks per tap of the tile of `width ≤ NR` positions from `t0`: the input position
+    /// is inside the image (and the lane inside the tile). The output position walks from the
+    /// tile's first one without divisions (for few input channels, dividing per lane and tap
+    /// cost more than the products).
+    pub(super) fn masks(&self, t0: usize, width: usize, masks: &mut [[u16; NV]]) {
+        let (h, w) = (self.h as isize, self.w as isize);
+        for m in masks.iter_mut().take(self.places.len()) {
+            *m = [0; NV];
+        }
+        let r = t0 % (self.h * self.w).max(1);
+        let (mut oy, mut ox) = ((r / self.w) as isize, (r % self.w) as isize);
+        for lane in 0..width {
+            let bit = 1u16 << (lane % 16);
+            for (m, &(_, dy, dx)) in masks.iter_mut().zip(&self.places) {
+                let (iy, ix) = (oy + dy, ox + dx);
+                if iy >= 0 && iy < h && ix >= 0 && ix < w {
+                    m[lane / 16] |= bit;
+                }
+            }
+            ox += 1;
+            if ox == w {
+                ox = 0;
+                oy += 1;
+                if oy == h {
+                    oy = 0;
+                }
+            }
+        }
+    }
+
+    /// Copies channels `c0 .. c0 + cn` of every plane the taps read (`x` holds `cin` channels
+    /// per plane, `ld` positions each) around the tile of `width` positions from `t0` into
+    /// `halo`: channel `c` of slot `s` at row `s·cn + c − c0`. Positions outside the batch are
+    /// not copied (the masks never read them).
+    ///
+    /// # Safety
+    /// `x` holds `planes × cin × ld` values with `c0 + cn ≤ cin`, and `halo` room for
+    /// `planes.len() · cn · stride` values.
+    pub(super) unsafe fn copy_halo(
+        &self,
+        x: *const f32,
+        cin: usize,
+        (c0, cn): (usize, usize),
+        t0: usize,
+        width: usize,
+        halo: *mut f32,
+    ) {
+        let first = t0 as isize + self.lo;
+        let a = first.max(0) as usize;
+        let b = ((t0 + width) as isize + self.hi).min(self.ld as isize);
+        let b = (b.max(a as isize)) as usize;
+        for (slot, &q) in self.planes.iter().enumerate() {
+            for c in 0..cn {
+                // SAFETY: as the caller guarantees; `a ≤ b ≤ ld`, and the row's offset
+                // `a − first ≤ −lo` plus `b − a ≤ NR + hi − lo` stays within `stride`.
+                unsafe {
+                    let src = x.add((q * cin + c0 + c) * self.ld + a);
+                    let dst =
+                        halo.add((slot * cn + c) * self.stride + (a as isize - first) as usize);
+                    std::ptr::copy_nonoverlapping(src, dst, b - a);
+                }
+            }
+        }
+    }
+}
+
+/// The batch `x` (`[C, B, H, W]`, sizes `d`, even `H` and `W`) as four phase planes
+/// `[ry·2 + rx][C][B, H/2, W/2]` holding `x[c, b, 2i + ry, 2j + rx]`, into `out` (as many values
+/// as `x`; both checked by the caller), in parallel over channels.
+pub(super) fn phase_planes(x: &[f32], d: &ConvDims, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let (h, w, ho, wo) = (d.h, d.w, d.ho, d.wo);
+    let plane = d.c * d.n();
+    let ld = d.n();
+    if plane == 0 {
+        return;
+    }
+    // out[q][c] for every q, as disjoint rows of `ld` values per (q, c).
+    out.par_chunks_mut(ld).enumerate().for_each(|(row, dst)| {
+        let (q, c) = (row / d.c, row % d.c);
+        let (ry, rx) = (q / 2, q % 2);
+        for b in 0..d.b {
+            let src = &x[(c * d.b + b) * h * w..][..h * w];
+            for i in 0..ho {
+                let s = &src[(2 * i + ry) * w..][..w];
+                let o = &mut dst[(b * ho + i) * wo..][..wo];
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v = s[2 * j + rx];
+                }
+            }
+        }
+    });
+}
+
+/// Whether this CPU runs convolutions of geometry `g` in place: AVX-512, and a stride-1 or
+/// stride-2, undilated convolution of 1 to [`MAX_TAPS`] taps (a 1×1 stride-2 convolution is a
+/// subsample and a GEMM: im2col copies a quarter of the input, where phase planes would copy
+/// all of it).
+pub(super) fn runs_in_place(g: &ConvGeometry) -> bool {
+    let taps = g.taps();
+    let subsample = g.stride == [2, 2] && taps == 1;
+    Isa::detect() == Isa::Avx512
+        && (g.stride == [1, 1] || g.stride == [2, 2])
+        && !subsample
+        && g.dilation == [1, 1]
+        && taps > 0
+        && taps <= MAX_TAPS
+}
+
+/// Whether an in-place kernel of geometry `g` over `cin` channels runs convolutions of `d`:
+/// same geometry and channels, output as large as the input (stride 1) or as each phase plane
+/// (stride 2).
+pub(super) fn accepts(g: &ConvGeometry, cin: usize, d: &ConvDims) -> bool {
+    let sizes = if g.stride == [2, 2] {
+        d.h == 2 * d.ho && d.w == 2 * d.wo
+    } else {
+        d.ho == d.h && d.wo == d.w
+    };
+    d.g == *g && d.c == cin && sizes
+}
+
 impl DirectConv {
     /// Packs the dense weight `values` (`[cout, cin, kh, kw]` row-major, as im2col orders its
     /// rows) of a convolution with geometry `g`. `None` when this CPU lacks AVX-512 or the
@@ -82,16 +266,7 @@ impl DirectConv {
         check_len("DirectConv::new", "values", values.len(), want, || {
             format!("[{cout}, {cin}, {}, {}]", g.kernel[0], g.kernel[1])
         })?;
-        // A 1×1 stride-2 convolution is a subsample and a GEMM: im2col copies a quarter of the
-        // input, where phase planes would copy all of it.
-        let subsample = g.stride == [2, 2] && taps == 1;
-        if Isa::detect() != Isa::Avx512
-            || (g.stride != [1, 1] && g.stride != [2, 2])
-            || subsample
-            || g.dilation != [1, 1]
-            || taps == 0
-            || taps > MAX_TAPS
-        {
+        if !runs_in_place(&g) {
             return Ok(None);
         }
         let k = taps * cin;
@@ -128,13 +303,7 @@ impl DirectConv {
     /// Whether it runs convolutions of `d` (same geometry and channels, output as large as the
     /// input).
     pub fn accepts(&self, d: &ConvDims) -> bool {
-        let sizes = if self.g.stride == [2, 2] {
-            // Every phase plane is as large as the output.
-            d.h == 2 * d.ho && d.w == 2 * d.wo
-        } else {
-            d.ho == d.h && d.wo == d.w
-        };
-        d.g == self.g && d.c == self.cin && sizes
+        accepts(&self.g, self.cin, d)
     }
 
     /// Whether the kernel reads the input split into phase planes (a stride-2 convolution):
@@ -148,7 +317,6 @@ impl DirectConv {
     /// values as `x`), in parallel over channels. The kernel then reads every tap as a shift
     /// within one plane, as for a stride-1 convolution.
     pub fn split_phases(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
-        use rayon::prelude::*;
         check_call(
             "DirectConv::split_phases",
             d,
@@ -167,27 +335,7 @@ impl DirectConv {
             x.len(),
             || format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w),
         )?;
-        let (h, w, ho, wo) = (d.h, d.w, d.ho, d.wo);
-        let plane = d.c * d.n();
-        let ld = d.n();
-        if plane == 0 {
-            return Ok(());
-        }
-        // out[q][c] for every q, as disjoint rows of `ld` values per (q, c).
-        out.par_chunks_mut(ld).enumerate().for_each(|(row, dst)| {
-            let (q, c) = (row / d.c, row % d.c);
-            let (ry, rx) = (q / 2, q % 2);
-            for b in 0..d.b {
-                let src = &x[(c * d.b + b) * h * w..][..h * w];
-                for i in 0..ho {
-                    let s = &src[(2 * i + ry) * w..][..w];
-                    let o = &mut dst[(b * ho + i) * wo..][..wo];
-                    for (j, v) in o.iter_mut().enumerate() {
-                        *v = s[2 * j + rx];
-                    }
-                }
-            }
-        });
+        phase_planes(x, d, out);
         Ok(())
     }
 
@@ -410,45 +558,17 @@ mod avx512 {
             }
             return;
         }
-        // The planes the taps read are as large as the output (the input itself for stride 1,
-        // its phase planes for stride 2); every tap is a shift within one of them.
-        let (h, w) = (d.ho as isize, d.wo as isize);
-        let hw = d.ho * d.wo;
-        let ld = d.n();
-        let [kh, kw] = k.g.kernel;
-        let taps = kh * kw;
-        let places: Vec<(usize, isize, isize)> =
-            (0..taps).map(|t| super::tap_place(&k.g, t)).collect();
-        let shifts: Vec<isize> = places.iter().map(|&(_, dy, dx)| dy * w + dx).collect();
-        // The planes some tap reads, each a slot of the halo buffer.
-        let mut slot_of = [usize::MAX; 4];
-        let mut planes = Vec::new();
-        for &(q, _, _) in &places {
-            if slot_of[q] == usize::MAX {
-                slot_of[q] = planes.len();
-                planes.push(q);
-            }
-        }
+        let t = super::Taps::new(&k.g, d);
+        let taps = t.places.len();
         let cin = k.cin;
         let ktot = taps * cin;
         let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
-        // Each tile's input rows (the tile's positions and the halo the taps reach) are copied
-        // per block of channels into `halo`, rows `stride` apart: an odd number of cache lines,
-        // so the rows spread over L1's sets (the input's own row stride, B·H·W floats, is often
-        // a multiple of 4 KiB, and its rows would all fall into the same few sets).
-        let lo = shifts.iter().copied().min().unwrap_or(0).min(0);
-        let hi = shifts.iter().copied().max().unwrap_or(0).max(0);
-        let span = NR + (hi - lo) as usize;
-        let mut lines = span.div_ceil(16);
-        if lines.is_multiple_of(2) {
-            lines += 1;
-        }
-        let stride = lines * 16;
+        let (lo, stride) = (t.lo, t.stride);
         // Reused per thread and never cleared: lanes that would read what an earlier tile left
         // there are masked off.
         let cbs = k.block.max(1);
         let mut halo = HALO.take();
-        let halo_len = planes.len() * cbs * stride + 16;
+        let halo_len = t.planes.len() * cbs * stride + 16;
         if halo.len() < halo_len {
             halo.resize(halo_len, 0.0);
         }
@@ -457,63 +577,23 @@ mod avx512 {
         let mut t0 = c0;
         while t0 < c1 {
             let width = NR.min(c1 - t0);
-            // Lane masks per tap: the input position is inside the image (and the lane inside
-            // the range). The output position walks from the tile's first one without
-            // divisions (for few input channels, dividing per lane and tap cost more than the
-            // products).
-            for m in masks.iter_mut().take(taps) {
-                *m = [0; NV];
-            }
-            let r = t0 % hw;
-            let (mut oy, mut ox) = ((r / d.wo) as isize, (r % d.wo) as isize);
-            for lane in 0..width {
-                let bit = 1u16 << (lane % 16);
-                for (m, &(_, dy, dx)) in masks.iter_mut().zip(&places) {
-                    let (iy, ix) = (oy + dy, ox + dx);
-                    if iy >= 0 && iy < h && ix >= 0 && ix < w {
-                        m[lane / 16] |= bit;
-                    }
-                }
-                ox += 1;
-                if ox == w {
-                    ox = 0;
-                    oy += 1;
-                    if oy == h {
-                        oy = 0;
-                    }
-                }
-            }
-            // The input positions the tile's taps read, clamped to the batch (what lies
-            // outside is masked).
-            let first = t0 as isize + lo;
-            let (a, b) = (
-                first.max(0) as usize,
-                ((t0 + width) as isize + hi).min(ld as isize),
-            );
-            let b = (b.max(a as isize)) as usize;
+            t.masks(t0, width, &mut masks);
             let mut cb0 = 0;
             while cb0 < cin {
                 let cbn = cbs.min(cin - cb0);
-                for (slot, &q) in planes.iter().enumerate() {
-                    for c in 0..cbn {
-                        let src = x.as_ptr().add((q * cin + cb0 + c) * ld + a);
-                        let dst = hp.add((slot * cbn + c) * stride + (a as isize - first) as usize);
-                        std::ptr::copy_nonoverlapping(src, dst, b - a);
-                    }
-                }
+                t.copy_halo(x.as_ptr(), cin, (cb0, cbn), t0, width, hp);
                 for q in q0..q1 {
                     let rows = MR.min(r1 - q * MR);
                     let panel = k.panels.as_ptr().add(q * ktot * MR);
                     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-                    for tap in 0..taps {
-                        let m = masks[tap];
+                    for (tap, &m) in masks.iter().enumerate().take(taps) {
                         if m == [0; NV] {
                             continue;
                         }
                         // Lane j of this tap reads halo position (shift − lo) + j; masked lanes
                         // (padding, or past the range) read nothing.
-                        let slot = slot_of[places[tap].0];
-                        let base = hp.add(slot * cbn * stride + (shifts[tap] - lo) as usize);
+                        let slot = t.slot_of[t.places[tap].0];
+                        let base = hp.add(slot * cbn * stride + (t.shifts[tap] - lo) as usize);
                         let wp = panel.add((tap * cin + cb0) * MR);
                         for c in 0..cbn {
                             let row = base.add(c * stride);

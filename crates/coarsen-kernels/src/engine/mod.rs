@@ -1,5 +1,6 @@
 //! Plans: a packed format prepared for one instruction set, run many times.
 
+mod block_conv;
 mod blocks;
 mod dense;
 mod direct;
@@ -8,6 +9,7 @@ mod rows;
 mod tiled;
 mod winograd;
 
+pub use block_conv::BlockConv;
 pub use dense::{DenseKernel, Threading};
 pub use direct::{DirectConv, Epilogue};
 pub use winograd::Winograd;

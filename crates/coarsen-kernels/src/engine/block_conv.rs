@@ -1,0 +1,745 @@
+//! Implicit-GEMM convolution over dense blocks: group blocks, shuffled blocks and BSR of a
+//! convolution weight, run on the input in place as [`DirectConv`](super::DirectConv) runs a
+//! dense one, instead of through a materialised im2col.
+//!
+//! A block's rows share its columns, and a column of the im2col matrix is one (channel, tap)
+//! pair: a shifted view of one input channel. So a block is a small dense implicit GEMM: its
+//! columns sorted tap-major (runs of columns that read one tap, hence share one lane mask),
+//! its values packed in panels of `MR` rows, and each tile of `NR` output positions accumulated
+//! in registers over the block's columns from the tile's halo of input rows (copied once per
+//! tile and read by every block). The rows of different blocks are disjoint, so each block
+//! writes its rows of the output once, through the epilogue.
+
+use super::blocks::packed_parts;
+use super::direct::{accepts, check_call, phase_planes, runs_in_place, Epilogue};
+use super::direct::{MAX_TAPS, MR, NR, NV};
+use crate::conv::{ConvDims, ConvGeometry};
+use crate::error::{check_len, KernelError, Result};
+use crate::formats::Packed;
+
+/// One dense block, packed for the kernel.
+#[derive(Clone, Debug)]
+struct ConvBlock {
+    /// Output rows, at most `cout`.
+    rows: Vec<u32>,
+    /// Runs `(tap, k0, k1)` of the block's columns `k0 .. k1` that read one tap.
+    runs: Vec<(u32, u32, u32)>,
+    /// The input channel of every column, in the runs' order.
+    chans: Vec<u32>,
+    /// The tap of every column, in the runs' order.
+    taps: Vec<u8>,
+    /// `ceil(rows/MR)` panels of `columns × MR` values (rows past the block's zero).
+    panels: Vec<f32>,
+}
+
+impl ConvBlock {
+    /// Multiply-adds per output position (padded rows included).
+    fn work(&self) -> usize {
+        self.rows.len().div_ceil(MR) * MR * self.chans.len().max(1)
+    }
+}
+
+/// A convolution weight in dense blocks (group blocks, shuffled blocks or BSR), packed for the
+/// implicit-GEMM kernel (AVX-512 only; the geometries [`DirectConv`](super::DirectConv) runs).
+///
+/// ```
+/// use coarsen_core::Mask;
+/// use coarsen_kernels::conv::{ConvDims, ConvGeometry};
+/// use coarsen_kernels::{BlockConv, GroupBlocks, Packed};
+///
+/// // 4 output channels of a 3×3 convolution of 2 channels; rows 0–1 read channel 0 only.
+/// let g = ConvGeometry::square(3, 1, 1);
+/// let mask = Mask::from_fn(4, 18, |r, c| r >= 2 || c < 9);
+/// let w = vec![1.0f32; 4 * 18];
+/// let packed = Packed::Group(GroupBlocks::pack(&mask, &w)?);
+/// if let Some(k) = BlockConv::new(g, 2, &packed, None)? {
+///     let d = ConvDims::new(&[2, 1, 4, 4], g)?;
+///     let x = vec![1.0f32; 2 * 16];
+///     let mut y = vec![0.0f32; 4 * 16];
+///     k.forward(&x, &d, 0, 16, &mut y)?;
+///     // The centre position (1, 1) sees all 9 taps of each channel it reads.
+///     assert_eq!((y[5], y[2 * 16 + 5]), (9.0, 18.0));
+/// }
+/// # Ok::<(), coarsen_kernels::KernelError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct BlockConv {
+    cout: usize,
+    cin: usize,
+    g: ConvGeometry,
+    /// Every output row in exactly one block (rows no block of the format writes form one
+    /// block without columns, whose output is the epilogue of 0).
+    blocks: Vec<ConvBlock>,
+}
+
+impl BlockConv {
+    /// Packs the blocks of `packed` (group blocks, shuffled blocks or BSR), a convolution
+    /// weight of geometry `g` over `cin` input channels whose matrix columns are the im2col
+    /// rows `read` (all `cin·kh·kw` of them, in order, when `None`). `None` when this CPU lacks
+    /// AVX-512, the geometry is not one the in-place kernels run, or the format has no dense
+    /// blocks.
+    pub fn new(
+        g: ConvGeometry,
+        cin: usize,
+        packed: &Packed,
+        read: Option<&[u32]>,
+    ) -> Result<Option<Self>> {
+        if !runs_in_place(&g) {
+            return Ok(None);
+        }
+        let Some(parts) = packed_parts(packed) else {
+            return Ok(None);
+        };
+        let taps = g.taps();
+        let (cout, cols) = packed.shape();
+        let kk = cin.checked_mul(taps).ok_or_else(|| KernelError::Param {
+            name: "cin",
+            value: cin.to_string(),
+            reason: format!("{cin} channels × {taps} taps overflow usize"),
+        })?;
+        let want = read.map_or(kk, <[u32]>::len);
+        if cols != want {
+            return Err(KernelError::Param {
+                name: "packed",
+                value: format!("{cout} × {cols}"),
+                reason: format!(
+                    "a convolution of {cin} channels and {taps} taps reading {want} im2col rows \
+                     needs {want} columns"
+                ),
+            });
+        }
+        if let Some(&bad) = read.and_then(|r| r.iter().find(|&&c| c as usize >= kk)) {
+            return Err(KernelError::Param {
+                name: "read",
+                value: bad.to_string(),
+                reason: format!("im2col rows of {cin} channels × {taps} taps are below {kk}"),
+            });
+        }
+        let values = packed.values();
+        let mut covered = vec![false; cout];
+        let mut blocks = Vec::with_capacity(parts.len() + 1);
+        for (rows, cols, map) in parts {
+            if rows.is_empty() {
+                continue;
+            }
+            rows.iter().for_each(|&r| covered[r as usize] = true);
+            // The block's columns as (tap, channel, position in the block), tap-major.
+            let mut order: Vec<(u32, u32, usize)> = cols
+                .iter()
+                .enumerate()
+                .map(|(j, &c)| {
+                    let row = read.map_or(c, |r| r[c as usize]) as usize;
+                    ((row % taps) as u32, (row / taps) as u32, j)
+                })
+                .collect();
+            order.sort_unstable();
+            let mut runs: Vec<(u32, u32, u32)> = Vec::new();
+            for (k, &(tap, _, _)) in order.iter().enumerate() {
+                match runs.last_mut() {
+                    Some(run) if run.0 == tap => run.2 += 1,
+                    _ => runs.push((tap, k as u32, k as u32 + 1)),
+                }
+            }
+            let nc = cols.len();
+            let mut panels = vec![0.0f32; rows.len().div_ceil(MR) * MR * nc];
+            for i in 0..rows.len() {
+                let panel = &mut panels[(i / MR) * nc * MR..];
+                for (k, &(_, _, j)) in order.iter().enumerate() {
+                    panel[k * MR + i % MR] = values[map[i * nc + j] as usize];
+                }
+            }
+            blocks.push(ConvBlock {
+                rows,
+                runs,
+                chans: order.iter().map(|&(_, c, _)| c).collect(),
+                taps: order.iter().map(|&(t, _, _)| t as u8).collect(),
+                panels,
+            });
+        }
+        let uncovered: Vec<u32> = (0..cout as u32).filter(|&r| !covered[r as usize]).collect();
+        if !uncovered.is_empty() {
+            blocks.push(ConvBlock {
+                rows: uncovered,
+                runs: Vec::new(),
+                chans: Vec::new(),
+                taps: Vec::new(),
+                panels: Vec::new(),
+            });
+        }
+        Ok(Some(BlockConv {
+            cout,
+            cin,
+            g,
+            blocks,
+        }))
+    }
+
+    /// Output channels.
+    pub fn out_dim(&self) -> usize {
+        self.cout
+    }
+
+    /// Number of blocks (the unit of [`forward_into`](Self::forward_into)'s row shares).
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// At most `parts` consecutive ranges of blocks of about equal work, covering them all.
+    pub fn shares(&self, parts: usize) -> Vec<(usize, usize)> {
+        let total: usize = self.blocks.iter().map(ConvBlock::work).sum();
+        let parts = parts.clamp(1, self.blocks.len().max(1));
+        let mut out = Vec::with_capacity(parts);
+        let (mut start, mut done) = (0, 0);
+        for (i, b) in self.blocks.iter().enumerate() {
+            done += b.work();
+            // Close a share once it reaches its fair part of the total.
+            if done * parts >= total * (out.len() + 1) && out.len() + 1 < parts {
+                out.push((start, i + 1));
+                start = i + 1;
+            }
+        }
+        if start < self.blocks.len() || out.is_empty() {
+            out.push((start, self.blocks.len()));
+        }
+        out
+    }
+
+    /// Whether it runs convolutions of `d` (same geometry and channels, output as large as the
+    /// input, or as each phase plane at stride 2).
+    pub fn accepts(&self, d: &ConvDims) -> bool {
+        accepts(&self.g, self.cin, d)
+    }
+
+    /// Whether the kernel reads the input split into phase planes (a stride-2 convolution):
+    /// call [`split_phases`](Self::split_phases) first and pass its result as the input.
+    pub fn needs_phases(&self) -> bool {
+        self.g.stride == [2, 2]
+    }
+
+    /// For a stride-2 kernel: the batch `x` as four phase planes, as
+    /// [`DirectConv::split_phases`](super::DirectConv::split_phases) makes them.
+    pub fn split_phases(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
+        check_call(
+            "BlockConv::split_phases",
+            d,
+            (self.accepts(d) && self.needs_phases(), &|| {
+                "only a stride-2 kernel splits its input, of twice the output's size".into()
+            }),
+            x.len(),
+            ((0, 0), 1),
+            ((0, 0), 1, self.cout),
+            0,
+        )?;
+        check_len("BlockConv::split_phases", "out", out.len(), x.len(), || {
+            format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
+        })?;
+        phase_planes(x, d, out);
+        Ok(())
+    }
+
+    /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
+    /// sizes `d`; for a stride-2 kernel its [`split_phases`](Self::split_phases)) into `y`
+    /// (`cout × (c1 − c0)`, row-major), on the calling thread.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        c0: usize,
+        c1: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let nc = c1.saturating_sub(c0);
+        let Some(want) = self.cout.checked_mul(nc) else {
+            return Err(KernelError::Param {
+                name: "columns",
+                value: format!("{c0}..{c1}"),
+                reason: format!("{} rows × {nc} columns overflow usize", self.cout),
+            });
+        };
+        check_len("BlockConv::forward", "y", y.len(), want, || {
+            format!("{} rows × {nc} columns", self.cout)
+        })?;
+        // SAFETY: `y` holds every row of the output at stride `nc`, checked above.
+        unsafe {
+            self.forward_into(
+                x,
+                d,
+                (c0, c1),
+                (0, self.blocks.len()),
+                y.as_mut_ptr(),
+                nc,
+                Epilogue::default(),
+            )
+        }
+    }
+
+    /// Columns `c0 .. c1` of the output rows of blocks `b0 .. b1` straight into the layer's
+    /// output through the epilogue: value `(r, c)` goes to `y[r·ldy + (c − c0)]` as
+    /// `act(v + bias[r])`. Tasks that share one output write the rows of their own blocks (or
+    /// their own columns) in place.
+    ///
+    /// # Safety
+    /// `y` must be valid for writes of every position above for every row `r` of those blocks
+    /// (it need not be initialised), and no other thread may access them during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_into(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (b0, b1): (usize, usize),
+        y: *mut f32,
+        ldy: usize,
+        epilogue: Epilogue<'_>,
+    ) -> Result<()> {
+        let op = "BlockConv::forward_into";
+        check_call(
+            op,
+            d,
+            (self.accepts(d), &|| {
+                format!(
+                    "the kernel was packed for {} input channels and {:?}",
+                    self.cin, self.g
+                )
+            }),
+            x.len(),
+            ((c0, c1), 1),
+            ((0, 0), 1, self.cout),
+            0,
+        )?;
+        if b0 > b1 || b1 > self.blocks.len() {
+            return Err(KernelError::Param {
+                name: "blocks",
+                value: format!("{b0}..{b1}"),
+                reason: format!("the kernel has {} blocks", self.blocks.len()),
+            });
+        }
+        let nc = c1 - c0;
+        if ldy < nc {
+            return Err(KernelError::Param {
+                name: "ldy",
+                value: ldy.to_string(),
+                reason: format!("rows of {nc} columns need a stride of at least {nc}"),
+            });
+        }
+        if let Some(b) = epilogue.bias {
+            check_len(op, "bias", b.len(), self.cout, || {
+                format!("{} output channels", self.cout)
+            })?;
+        }
+        if nc == 0 || b0 == b1 {
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `new` returned `Some` only on a CPU with AVX-512; the input's length and the
+        // ranges were checked above; `y` as the caller guarantees; the bias (if any) holds
+        // `cout` values, and every block row is below `cout`.
+        unsafe {
+            avx512::forward(self, x, d, (c0, c1), (b0, b1), (y, ldy), epilogue)
+        };
+        Ok(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockConv, Epilogue, MAX_TAPS, MR, NR, NV};
+    use crate::conv::ConvDims;
+    use crate::engine::direct::Taps;
+
+    /// See [`BlockConv::forward_into`].
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `x` holds `cin × B·H·W` values (per phase plane), `y` is
+    /// valid for columns `0 .. c1 − c0` of every row of blocks `b0 .. b1` at stride `ldy`, and
+    /// the bias (if any) holds `cout` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward(
+        k: &BlockConv,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (b0, b1): (usize, usize),
+        (yp, ldy): (*mut f32, usize),
+        epilogue: Epilogue<'_>,
+    ) {
+        let t = Taps::new(&k.g, d);
+        let (cin, stride, lo) = (k.cin, t.stride, t.lo);
+        // Where each tap's rows start in the halo: its plane's slot, shifted.
+        let mut tap_base = [0usize; MAX_TAPS];
+        for (tap, b) in tap_base.iter_mut().enumerate().take(t.places.len()) {
+            let slot = t.slot_of[t.places[tap].0];
+            *b = slot * cin * stride + (t.shifts[tap] - lo) as usize;
+        }
+        // Reused per thread and never cleared: lanes that would read what an earlier tile left
+        // there are masked off.
+        let mut halo = HALO.take();
+        let halo_len = t.planes.len() * cin * stride + 16;
+        if halo.len() < halo_len {
+            halo.resize(halo_len, 0.0);
+        }
+        let hp = halo.as_mut_ptr();
+        let mut masks = [[0u16; NV]; MAX_TAPS];
+        let blocks = &k.blocks[b0..b1];
+        // Where every column of the blocks reads in the halo (one flat loop over a block's
+        // columns keeps the tile in registers; runs of taps nested in it made LLVM spill).
+        let mut offs = OFFS.take();
+        offs.clear();
+        for b in blocks {
+            for &(tap, k0, k1) in &b.runs {
+                let base = tap_base[tap as usize];
+                offs.extend(
+                    b.chans[k0 as usize..k1 as usize]
+                        .iter()
+                        .map(|&c| base + c as usize * stride),
+                );
+            }
+        }
+        let mut t0 = c0;
+        while t0 < c1 {
+            let width = NR.min(c1 - t0);
+            t.masks(t0, width, &mut masks);
+            t.copy_halo(x.as_ptr(), cin, (0, cin), t0, width, hp);
+            let full = if width == NR {
+                [u16::MAX; NV]
+            } else {
+                let mut f = [0u16; NV];
+                for lane in 0..width {
+                    f[lane / 16] |= 1 << (lane % 16);
+                }
+                f
+            };
+            let mut first = 0;
+            for b in blocks {
+                let kn = b.chans.len();
+                let (offs, taps) = (offs.as_ptr().add(first), b.taps.as_ptr());
+                first += kn;
+                for (q, rows) in b.rows.chunks(MR).enumerate() {
+                    let panel = b.panels.as_ptr().add(q * kn * MR);
+                    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+                    for kc in 0..kn {
+                        // Lane j reads halo position offs + j; masked lanes (padding, or past
+                        // the range) read nothing.
+                        let m = *masks.get_unchecked(*taps.add(kc) as usize);
+                        let row = hp.add(*offs.add(kc));
+                        let mut xv = [_mm512_setzero_ps(); NV];
+                        for (j, v) in xv.iter_mut().enumerate() {
+                            *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
+                        }
+                        let wc = panel.add(kc * MR);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm512_set1_ps(*wc.add(i));
+                            for (aj, &xj) in a.iter_mut().zip(&xv) {
+                                *aj = _mm512_fmadd_ps(wv, xj, *aj);
+                            }
+                        }
+                    }
+                    for (a, &r) in acc.iter().zip(rows) {
+                        let out = yp.add(r as usize * ldy + (t0 - c0));
+                        let bias = epilogue
+                            .bias
+                            .map(|bias| _mm512_set1_ps(*bias.get_unchecked(r as usize)));
+                        for (j, &v) in a.iter().enumerate() {
+                            let mut v = v;
+                            if let Some(bv) = bias {
+                                v = _mm512_add_ps(v, bv);
+                            }
+                            if epilogue.relu {
+                                v = _mm512_max_ps(v, _mm512_setzero_ps());
+                            }
+                            _mm512_mask_storeu_ps(out.add(j * 16), full[j], v);
+                        }
+                    }
+                }
+            }
+            t0 += width;
+        }
+        HALO.set(halo);
+        OFFS.set(offs);
+    }
+
+    thread_local! {
+        /// Per-thread halo offsets of [`forward`]'s columns.
+        static OFFS: std::cell::Cell<Vec<usize>> = const { std::cell::Cell::new(Vec::new()) };
+        /// Per-thread halo buffer of [`forward`] (taken out for a call, so a nested call on the
+        /// same thread makes its own).
+        static HALO: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use coarsen_core::Mask;
+
+    use super::*;
+    use crate::formats::{Bsr, GroupBlocks, ShuffledBlocks};
+    use crate::reference;
+    use crate::simd::Isa;
+
+    fn rng(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        }
+    }
+
+    /// A mask of row groups of `rg` rows, each keeping its own random columns (about
+    /// `keep` of them), with some rows left empty: the shape of group and shuffled patterns.
+    fn grouped_mask(rows: usize, cols: usize, rg: usize, keep: f32, seed: u64) -> Mask {
+        let mut r = rng(seed);
+        let picks: Vec<Vec<bool>> = (0..rows.div_ceil(rg))
+            .map(|_| (0..cols).map(|_| r() + 0.5 < keep).collect())
+            .collect();
+        Mask::from_fn(rows, cols, |i, j| i % 7 != 3 && picks[i / rg][j])
+    }
+
+    /// The im2col product of the masked weight, `cout × n`.
+    fn want(g: ConvGeometry, d: &ConvDims, w: &[f32], cout: usize, x: &[f32]) -> Vec<f32> {
+        let (k, n) = (d.rows(), d.n());
+        let mut col = vec![0.0; k * n];
+        d.im2col_range(x, 0, n, &mut col).unwrap();
+        let _ = g;
+        reference::forward(w, cout, k, &col, n)
+    }
+
+    fn close(a: f32, e: f32) -> bool {
+        (a - e).abs() <= 1e-4 * (1.0 + e.abs())
+    }
+
+    #[test]
+    fn matches_im2col_times_the_weight_for_every_block_format() {
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        let geometries = [
+            ConvGeometry::square(3, 1, 1),
+            ConvGeometry::square(1, 1, 0),
+            ConvGeometry::square(5, 1, 2),
+            ConvGeometry {
+                kernel: [3, 1],
+                stride: [1, 1],
+                padding: [1, 0, 1, 0],
+                dilation: [1, 1],
+            },
+            ConvGeometry::square(3, 2, 1),
+        ];
+        let mut r = rng(5);
+        for g in geometries {
+            for &(cout, cin, b, h, w) in &[
+                (8, 3, 2, 6, 4),
+                (19, 21, 3, 7, 7),
+                (17, 5, 1, 1, 1),
+                (33, 16, 2, 8, 8),
+                (5, 3, 2, 2, 2),
+                (12, 9, 1, 4, 10),
+            ] {
+                if g.stride == [2, 2] && (h % 2 == 1 || w % 2 == 1) {
+                    continue;
+                }
+                let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
+                let kk = cin * g.taps();
+                let n = d.n();
+                let values: Vec<f32> = (0..cout * kk).map(|_| r()).collect();
+                let x: Vec<f32> = (0..cin * b * h * w).map(|_| r()).collect();
+                let mask = grouped_mask(cout, kk, 5, 0.3, cout as u64 * 31 + cin as u64);
+                let masked: Vec<f32> = (0..cout * kk)
+                    .map(|i| {
+                        if mask.get(i / kk, i % kk) {
+                            values[i]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let e = want(g, &d, &masked, cout, &x);
+                let formats = [
+                    Packed::Group(GroupBlocks::pack(&mask, &values).unwrap()),
+                    Packed::Shuffled(ShuffledBlocks::pack(&mask, &values, 4).unwrap()),
+                    Packed::Bsr(Bsr::pack(&mask, &values, 4, 3).unwrap()),
+                ];
+                for packed in &formats {
+                    let k = BlockConv::new(g, cin, packed, None).unwrap().unwrap();
+                    assert!(k.accepts(&d));
+                    let input = if k.needs_phases() {
+                        let mut p = vec![f32::NAN; x.len()];
+                        k.split_phases(&x, &d, &mut p).unwrap();
+                        p
+                    } else {
+                        assert!(k.split_phases(&x, &d, &mut x.clone()).is_err());
+                        x.clone()
+                    };
+                    let name = packed.name();
+                    for (c0, c1) in [(0, n), (1, n), (0, n / 2), (n / 3, n - n / 5), (n, n)] {
+                        let mut y = vec![f32::NAN; cout * (c1 - c0)];
+                        k.forward(&input, &d, c0, c1, &mut y).unwrap();
+                        for rr in 0..cout {
+                            for j in 0..c1 - c0 {
+                                let (a, w) = (y[rr * (c1 - c0) + j], e[rr * n + c0 + j]);
+                                assert!(
+                                    close(a, w),
+                                    "{name} {g:?} [{cout},{cin},{b},{h},{w}] {c0}..{c1} \
+                                     ({rr}, {j}): {a} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                    // Shares of blocks, into a wider buffer through bias and ReLU.
+                    let bias: Vec<f32> = (0..cout).map(|_| r()).collect();
+                    let ldy = n + 3;
+                    for parts in [1, 2, 3, 100] {
+                        let shares = k.shares(parts);
+                        assert!(shares.len() <= parts.max(1));
+                        assert_eq!(shares.first().map(|s| s.0), Some(0));
+                        assert_eq!(shares.last().map(|s| s.1), Some(k.blocks()));
+                        assert!(shares.windows(2).all(|p| p[0].1 == p[1].0));
+                        let mut y = vec![f32::NAN; cout * ldy];
+                        for &(b0, b1) in &shares {
+                            let ep = Epilogue {
+                                bias: Some(&bias),
+                                relu: parts % 2 == 0,
+                            };
+                            // SAFETY: every row of n columns at stride ldy lies inside `y`.
+                            unsafe {
+                                k.forward_into(
+                                    &input,
+                                    &d,
+                                    (0, n),
+                                    (b0, b1),
+                                    y.as_mut_ptr(),
+                                    ldy,
+                                    ep,
+                                )
+                            }
+                            .unwrap();
+                        }
+                        for rr in 0..cout {
+                            for j in 0..n {
+                                let v = e[rr * n + j] + bias[rr];
+                                let v = if parts % 2 == 0 { v.max(0.0) } else { v };
+                                assert!(close(y[rr * ldy + j], v), "{name} share ({rr}, {j})");
+                            }
+                            assert!(y[rr * ldy + n..(rr + 1) * ldy].iter().all(|v| v.is_nan()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Matrix columns that are a subset of the im2col rows (`read`), as the engine packs group
+    /// layers whose other columns no kept weight uses.
+    #[test]
+    fn reads_a_subset_of_the_im2col_rows() {
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        let g = ConvGeometry::square(3, 1, 1);
+        let (cout, cin) = (10, 6);
+        let d = ConvDims::new(&[cin, 2, 5, 6], g).unwrap();
+        let kk = cin * 9;
+        let read: Vec<u32> = (0..kk as u32)
+            .filter(|c| c % 4 != 1 && c % 9 != 7)
+            .collect();
+        let mut r = rng(9);
+        let sub: Vec<f32> = (0..cout * read.len()).map(|_| r()).collect();
+        let mask = grouped_mask(cout, read.len(), 3, 0.5, 2);
+        let mut full = vec![0.0f32; cout * kk];
+        for i in 0..cout {
+            for (j, &c) in read.iter().enumerate() {
+                if mask.get(i, j) {
+                    full[i * kk + c as usize] = sub[i * read.len() + j];
+                }
+            }
+        }
+        let x: Vec<f32> = (0..cin * d.b * 30).map(|_| r()).collect();
+        let e = want(g, &d, &full, cout, &x);
+        let packed = Packed::Group(GroupBlocks::pack(&mask, &sub).unwrap());
+        let k = BlockConv::new(g, cin, &packed, Some(&read))
+            .unwrap()
+            .unwrap();
+        let n = d.n();
+        let mut y = vec![0.0; cout * n];
+        k.forward(&x, &d, 0, n, &mut y).unwrap();
+        assert!(y.iter().zip(&e).all(|(a, w)| close(*a, *w)));
+        // A matrix whose columns are not the rows read, or a row past the im2col matrix, is
+        // refused.
+        assert!(BlockConv::new(g, cin, &packed, None).is_err());
+        let mut bad = read.clone();
+        *bad.last_mut().unwrap() = kk as u32;
+        assert!(BlockConv::new(g, cin, &packed, Some(&bad)).is_err());
+    }
+
+    /// The halo buffer is never cleared: a NaN input must not leak into the next call, and
+    /// calls are checked before they run.
+    #[test]
+    fn calls_are_checked_and_leave_nothing_behind() {
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        let g = ConvGeometry::square(3, 1, 1);
+        let (cout, cin) = (9, 4);
+        let d = ConvDims::new(&[cin, 2, 4, 5], g).unwrap();
+        let kk = cin * 9;
+        let mask = grouped_mask(cout, kk, 4, 0.6, 3);
+        let mut r = rng(1);
+        let values: Vec<f32> = (0..cout * kk).map(|_| r()).collect();
+        let masked: Vec<f32> = (0..cout * kk)
+            .map(|i| {
+                if mask.get(i / kk, i % kk) {
+                    values[i]
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let k = BlockConv::new(
+            g,
+            cin,
+            &Packed::Group(GroupBlocks::pack(&mask, &values).unwrap()),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let n = d.n();
+        let x: Vec<f32> = (0..cin * n).map(|_| r()).collect();
+        let mut y = vec![0.0; cout * n];
+        k.forward(&vec![f32::NAN; x.len()], &d, 0, n, &mut y)
+            .unwrap();
+        k.forward(&x, &d, 0, n, &mut y).unwrap();
+        let e = want(g, &d, &masked, cout, &x);
+        assert!(y.iter().zip(&e).all(|(a, w)| close(*a, *w)));
+        // Short output, short input, other sizes, blocks past the end, a short stride.
+        assert!(k.forward(&x, &d, 0, n, &mut y[1..]).is_err());
+        assert!(k.forward(&x[1..], &d, 0, n, &mut y).is_err());
+        let other = ConvDims::new(&[cin + 1, 2, 4, 5], g).unwrap();
+        assert!(!k.accepts(&other));
+        let wider = vec![0.0; (cin + 1) * n];
+        assert!(k.forward(&wider, &other, 0, n, &mut y).is_err());
+        let ep = Epilogue::default();
+        // SAFETY: refused before anything is written.
+        unsafe {
+            let p = y.as_mut_ptr();
+            assert!(k
+                .forward_into(&x, &d, (0, n), (0, k.blocks() + 1), p, n, ep)
+                .is_err());
+            assert!(k
+                .forward_into(&x, &d, (0, n), (0, 1), p, n - 1, ep)
+                .is_err());
+            let short = Epilogue {
+                bias: Some(&[0.0; 3]),
+                relu: false,
+            };
+            assert!(k.forward_into(&x, &d, (0, n), (0, 1), p, n, short).is_err());
+        }
+        // Formats without dense blocks, and geometries the in-place kernels do not run.
+        let dense = Packed::Dense(crate::formats::Dense::new(cout, kk, values.clone()).unwrap());
+        assert!(BlockConv::new(g, cin, &dense, None).unwrap().is_none());
+        let g3 = ConvGeometry::square(3, 3, 1);
+        let group = Packed::Group(GroupBlocks::pack(&mask, &values).unwrap());
+        assert!(BlockConv::new(g3, cin, &group, None).unwrap().is_none());
+    }
+}
