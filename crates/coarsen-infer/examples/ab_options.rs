@@ -1,8 +1,9 @@
-//! Developer tool: per-step profile of an export's dense path under two engine option sets,
-//! interleaved pass by pass.
+//! Developer tool: per-step profile of an export's dense (or packed) path under two engine
+//! option sets, interleaved pass by pass.
 //!
 //! `cargo run --release -p coarsen-infer --example ab_options -- EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]`
-//! with B_OPTIONS e.g. `fuse=0,chunk=262144` (A runs the defaults).
+//! with B_OPTIONS e.g. `fuse=0,chunk=262144` or `packed=1,blocks=0` (A runs the defaults;
+//! `packed=1` runs both on the packed path, untuned).
 use coarsen_infer::{export, InferOptions, InferenceNet, Path};
 use coarsen_kernels::timing::process_cpu_ms;
 
@@ -14,8 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: ab_options EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]")?;
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
-    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, comma-separated.
+    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, and `packed=0|1` for
+    // both; comma-separated.
     let mut ob = InferOptions::default();
+    let mut path = Path::Dense;
     for kv in args
         .get(4)
         .map_or("", String::as_str)
@@ -27,13 +30,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "chunk" => ob.chunk_floats = v.parse()?,
             "fuse" => ob.fuse_epilogue = v == "1",
             "winograd" => ob.winograd = v == "1",
+            "blocks" => ob.block_conv = v == "1",
+            "packed" if v == "1" => path = Path::Packed,
+            "packed" => path = Path::Dense,
             _ => return Err(format!("unknown option {k}").into()),
         }
     }
     println!("A: {:?}\nB: {ob:?}", InferOptions::default());
     let e = export::load(std::path::Path::new(dir))?;
-    let a = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
-    let b = InferenceNet::with_options(&e.network, &e.formats, Path::Dense, ob)?;
+    let a = InferenceNet::new(&e.network, &e.formats, path)?;
+    let b = InferenceNet::with_options(&e.network, &e.formats, path, ob)?;
     let [c, h, w] = a.input();
     let x: Vec<f32> = (0..c * h * w * batch)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)

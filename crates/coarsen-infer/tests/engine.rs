@@ -36,9 +36,11 @@ fn check(label: &str, net: fn() -> Net) {
             .chain([(Path::Dense, None), (Path::Dense, Some(Tuning::Dense))])
         {
             let mut engine = InferenceNet::new(&network, &formats, path).unwrap();
-            // With Winograd for the 3×3 convolutions it allows, the same function.
+            // With Winograd for the 3×3 convolutions it allows, and convolutions in dense
+            // blocks through im2col instead of in place, the same function.
             let options = InferOptions {
                 winograd: true,
+                block_conv: false,
                 ..InferOptions::default()
             };
             let wino = InferenceNet::with_options(&network, &formats, path, options).unwrap();
@@ -49,7 +51,7 @@ fn check(label: &str, net: fn() -> Net) {
                 .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 err <= 1e-4 * scale,
-                "{label} {fmt:?} {path:?} Winograd: {err}"
+                "{label} {fmt:?} {path:?} Winograd, blocks through im2col: {err}"
             );
             if let Some(t) = tuning {
                 let choices = engine.tune(batch, &mut TuneCache::in_memory(), t).unwrap();

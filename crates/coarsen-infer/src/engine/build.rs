@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use coarsen_core::{Mask, MatrixView};
 use coarsen_kernels::conv::ConvGeometry;
 use coarsen_kernels::{
-    Bsr, ChannelCompact, Csr, Dense, DirectConv, GroupBlocks, NmCompressed, Packed, Plan,
-    ShuffledBlocks, Threading, Winograd,
+    BlockConv, Bsr, ChannelCompact, Csr, Dense, DirectConv, GroupBlocks, NmCompressed, Packed,
+    Plan, ShuffledBlocks, Threading, Winograd,
 };
 use rayon::prelude::*;
 
@@ -565,6 +565,13 @@ impl<'a> Compiler<'a> {
                 .map_err(kerr)?,
             None => (None, None),
         };
+        // Dense blocks (group, shuffled, BSR) of such convolutions run as implicit GEMMs per
+        // block; they may read a subset of the im2col rows.
+        let blocks = if (same || halved) && ho * wo > 1 && corr.is_none() {
+            BlockConv::new(g, in_ch.len(), &packed, read.as_deref()).map_err(kerr)?
+        } else {
+            None
+        };
         let mut plan = Plan::new(&packed).map_err(kerr)?;
         plan.set_threading(Threading::Serial);
         let rows_out = plan.out_dim();
@@ -623,6 +630,7 @@ impl<'a> Compiler<'a> {
             read,
             direct,
             wino,
+            blocks,
             dense_twin: None,
         };
         if let Some(v) = twin_values {

@@ -16,7 +16,10 @@
 //!   only at the borders, where zero padding cuts the kernel), so the shrunk network computes
 //!   the same function as the masked one;
 //! - convolutions run as im2col + SpMM over cache-sized chunks of whole output rows, one chunk
-//!   per task; grouped convolutions run as one block-diagonal matrix.
+//!   per task; grouped convolutions run as one block-diagonal matrix. Stride-1 "same" and
+//!   size-halving stride-2 convolutions read their input in place instead: dense ones as one
+//!   implicit GEMM ([`coarsen_kernels::DirectConv`]), those in dense blocks (group, shuffled,
+//!   BSR) as one implicit GEMM per block ([`coarsen_kernels::BlockConv`]).
 //!
 //! The dense path ([`Path::Dense`]) runs the same folded network with every layer dense on the
 //! dense GEMM (faer) through the same chunked im2col.
@@ -94,6 +97,10 @@ pub struct InferOptions {
     /// ReLU (on by default); off, through a scratch block and a separate epilogue pass (kept
     /// to measure what the fusion saves, with `examples/ab_options`).
     pub fuse_epilogue: bool,
+    /// Convolutions in dense blocks (group, shuffled, BSR) of the geometries the implicit GEMM
+    /// runs read their input in place, block by block (on by default); off, through im2col and
+    /// the block GEMM (kept to measure what it saves, with `examples/ab_options`).
+    pub block_conv: bool,
 }
 
 impl Default for InferOptions {
@@ -103,6 +110,7 @@ impl Default for InferOptions {
             min_cols: 256,
             winograd: false,
             fuse_epilogue: true,
+            block_conv: true,
         }
     }
 }

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
-use coarsen_kernels::{DenseKernel, DirectConv, Epilogue, Plan, Winograd};
+use coarsen_kernels::{BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Winograd};
 use rayon::prelude::*;
 
 use super::{InferOptions, InferenceNet};
@@ -110,6 +110,10 @@ pub(super) struct Layer {
     /// Winograd F(2×2, 3×3) for a dense 3×3 stride-1 convolution of even sizes (preferred to
     /// `direct`). Both run only while the plan runs coarsen's tiled kernel (not faer).
     pub(super) wino: Option<Winograd>,
+    /// The implicit-GEMM kernel of a convolution in dense blocks (group, shuffled, BSR) of
+    /// those geometries, which reads the input in place per block (the plan then serves the
+    /// other shapes).
+    pub(super) blocks: Option<BlockConv>,
     /// The same layer on the dense kernels (sparse formats on the packed path), until tuning
     /// decides which of the two runs.
     pub(super) dense_twin: Option<Box<Layer>>,
@@ -380,6 +384,9 @@ impl Layer {
         let d = ConvDims::new(&[self.cin, batch, self.h, self.w], self.g).map_err(kerr)?;
         let hw = self.ho * self.wo;
         let n = batch * hw;
+        if let Some(bc) = self.blocks.as_ref().filter(|_| self.runs_blocks(n, o)) {
+            return self.forward_blocks(bc, x, &d, o);
+        }
         let rows = self.cout;
         let len = rows * n;
         // Every value of `y` is written below (the chunks cover every column of every row)
@@ -541,6 +548,67 @@ impl Layer {
         Ok(y)
     }
 
+    /// [`forward`](Self::forward) on the block kernel: tasks of column chunks × shares of the
+    /// blocks, each writing its part of the output in place through the epilogue.
+    fn forward_blocks(
+        &self,
+        bc: &BlockConv,
+        x: &[f32],
+        d: &ConvDims,
+        o: &InferOptions,
+    ) -> Result<Vec<f32>> {
+        let kerr = |e| InferError::kernel(&self.name, e);
+        let n = d.n();
+        let len = self.cout * n;
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let yp = Shared(y.as_mut_ptr());
+        let chunks = column_chunks(n, self.wo, 1, d.rows(), o);
+        // Too few chunks to keep every thread busy: the blocks are shared out too.
+        let want = 2 * rayon::current_num_threads();
+        let shares = if chunks.len() < want {
+            bc.shares(want.div_ceil(chunks.len()))
+        } else {
+            vec![(0, bc.blocks())]
+        };
+        let tasks: Vec<((usize, usize), (usize, usize))> = chunks
+            .iter()
+            .flat_map(|&c| shares.iter().map(move |&s| (c, s)))
+            .collect();
+        // A stride-2 kernel reads its input as phase planes, split once for every task.
+        let mut shared = SHARED.take();
+        let xd: &[f32] = if bc.needs_phases() {
+            shared = at_least(shared, x.len());
+            bc.split_phases(x, d, &mut shared[..x.len()])
+                .map_err(kerr)?;
+            &shared[..x.len()]
+        } else {
+            x
+        };
+        let epilogue = Epilogue {
+            bias: Some(&self.bias),
+            relu: self.relu,
+        };
+        let result = tasks.into_par_iter().try_for_each(|((c0, c1), share)| {
+            let out = yp;
+            // SAFETY: this task alone writes columns c0..c1 of the rows of its blocks of `y`
+            // (`cout × n`, allocated above; the blocks' rows are disjoint and below `cout`);
+            // every value is written before `set_len` below.
+            unsafe { bc.forward_into(xd, d, (c0, c1), share, out.0.add(c0), n, epilogue) }
+                .map_err(kerr)
+        });
+        SHARED.set(shared);
+        result?;
+        // SAFETY: every row is in exactly one block, and the tasks cover every block of every
+        // column chunk, and the chunks cover 0..n: all `len` values were written.
+        unsafe { y.set_len(len) };
+        Ok(y)
+    }
+
+    /// Whether a product of `n` columns runs on the block kernel.
+    fn runs_blocks(&self, n: usize, o: &InferOptions) -> bool {
+        self.blocks.is_some() && o.block_conv && n > 0
+    }
+
     /// Whether the plan runs coarsen's tiled dense kernel (which the in-place kernels need).
     fn tiled_kernel(&self) -> bool {
         self.plan.dense_kernel() == Some(DenseKernel::Tiled)
@@ -575,7 +643,9 @@ impl Layer {
     /// The kernel that runs this layer on batches of `batch` images, in words.
     pub(super) fn kernel_name(&self, batch: usize, o: &InferOptions) -> String {
         let n = batch * self.ho * self.wo;
-        if self.runs_winograd(n, o) {
+        if self.runs_blocks(n, o) {
+            format!("implicit gemm, {}", self.plan.format())
+        } else if self.runs_winograd(n, o) {
             "winograd F(2x2,3x3)".into()
         } else if self.runs_direct(n, o) {
             "implicit gemm".into()
@@ -616,6 +686,7 @@ impl Layer {
             read: self.read.clone(),
             direct,
             wino,
+            blocks: None,
             dense_twin: None,
         }
     }
