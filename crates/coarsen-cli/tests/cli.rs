@@ -1212,6 +1212,35 @@ fn careless_inputs_are_errors_not_silent_successes() {
     assert!(!f.path("z.safetensors").exists());
 }
 
+/// Waits (at most 10 s) until process `pid` has taken SIGINT and SIGTERM over (its main thread
+/// blocks them for the thread that `sigwait`s, see `signals.rs`), as `/proc/PID/status` says
+/// (`SigBlk`), or has exited.
+fn takes_signals(pid: u32) {
+    let want = (1u64 << (libc::SIGINT - 1)) | (1u64 << (libc::SIGTERM - 1));
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(10) {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return;
+        };
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+        match caught {
+            Some(bits) if bits & want == want => return,
+            // A zombie (exited, not yet reaped) has no mask left.
+            _ if status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z')) =>
+            {
+                return
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
+    panic!("process {pid} did not take SIGINT and SIGTERM over within 10 s");
+}
+
 /// SIGTERM and SIGINT end a command cleanly whenever they arrive: exit status 128 + signal (or
 /// success when the work was done first), never a crash, and no temporary file left behind.
 /// `convert --to group` partitions with METIS, whose GKlib installs process-wide signal
@@ -1267,6 +1296,10 @@ fn signals_end_commands_cleanly() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        // The delay counts from when the command has taken both signals over: one that lands
+        // before `main` does ends the process as it would any program (seen at 20 ms on a
+        // loaded machine), which is not what this test is about.
+        takes_signals(child.id());
         std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
         // SAFETY: signals a child of this test by its pid.
         unsafe {
