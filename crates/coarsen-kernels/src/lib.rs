@@ -35,7 +35,9 @@ pub mod reference;
 pub mod simd;
 pub mod timing;
 
-pub use engine::{BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Threading, Winograd};
+pub use engine::{
+    BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Residual, Threading, Winograd,
+};
 pub use error::{KernelError, Result};
 pub use formats::{
     Block, Bsr, ChannelCompact, Csr, Dense, GroupBlocks, NmCompressed, Packed, RowGroup,

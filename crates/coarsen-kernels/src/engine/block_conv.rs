@@ -275,7 +275,7 @@ impl BlockConv {
 
     /// Columns `c0 .. c1` of the output rows of blocks `b0 .. b1` straight into the layer's
     /// output through the epilogue: value `(r, c)` goes to `y[r·ldy + (c − c0)]` as
-    /// `act(v + bias[r])`. Tasks that share one output write the rows of their own blocks (or
+    /// `act(v + bias[r] + residual[r, c])`. Tasks that share one output write the rows of their own blocks (or
     /// their own columns) in place.
     ///
     /// # Safety
@@ -322,11 +322,7 @@ impl BlockConv {
                 reason: format!("rows of {nc} columns need a stride of at least {nc}"),
             });
         }
-        if let Some(b) = epilogue.bias {
-            check_len(op, "bias", b.len(), self.cout, || {
-                format!("{} output channels", self.cout)
-            })?;
-        }
+        epilogue.check(op, self.cout, c1)?;
         if nc == 0 || b0 == b1 {
             return Ok(());
         }
@@ -441,10 +437,20 @@ mod avx512 {
                         let bias = epilogue
                             .bias
                             .map(|bias| _mm512_set1_ps(*bias.get_unchecked(r as usize)));
+                        // The residual's row, at the tile's first column.
+                        let res = epilogue
+                            .residual
+                            .map(|res| res.values.as_ptr().add(r as usize * res.ld + t0));
                         for (j, &v) in a.iter().enumerate() {
                             let mut v = v;
                             if let Some(bv) = bias {
                                 v = _mm512_add_ps(v, bv);
+                            }
+                            if let Some(rp) = res {
+                                v = _mm512_add_ps(
+                                    v,
+                                    _mm512_maskz_loadu_ps(full[j], rp.add(j * 16)),
+                                );
                             }
                             if epilogue.relu {
                                 v = _mm512_max_ps(v, _mm512_setzero_ps());
@@ -474,6 +480,7 @@ mod tests {
     use coarsen_core::Mask;
 
     use super::*;
+    use crate::engine::direct::Residual;
     use crate::formats::{Bsr, GroupBlocks, ShuffledBlocks};
     use crate::reference;
     use crate::simd::Isa;
@@ -587,8 +594,11 @@ mod tests {
                             }
                         }
                     }
-                    // Shares of blocks, into a wider buffer through bias and ReLU.
+                    // Shares of blocks, into a wider buffer through bias, a residual (odd
+                    // part counts) and ReLU (even ones).
                     let bias: Vec<f32> = (0..cout).map(|_| r()).collect();
+                    let ldr = n + 1;
+                    let res: Vec<f32> = (0..cout * ldr).map(|_| r()).collect();
                     let ldy = n + 3;
                     for parts in [1, 2, 3, 100] {
                         let shares = k.shares(parts);
@@ -600,6 +610,10 @@ mod tests {
                         for &(b0, b1) in &shares {
                             let ep = Epilogue {
                                 bias: Some(&bias),
+                                residual: (parts % 2 == 1).then_some(Residual {
+                                    values: &res,
+                                    ld: ldr,
+                                }),
                                 relu: parts % 2 == 0,
                             };
                             // SAFETY: every row of n columns at stride ldy lies inside `y`.
@@ -618,7 +632,12 @@ mod tests {
                         }
                         for rr in 0..cout {
                             for j in 0..n {
-                                let v = e[rr * n + j] + bias[rr];
+                                let rv = if parts % 2 == 1 {
+                                    res[rr * ldr + j]
+                                } else {
+                                    0.0
+                                };
+                                let v = e[rr * n + j] + bias[rr] + rv;
                                 let v = if parts % 2 == 0 { v.max(0.0) } else { v };
                                 assert!(close(y[rr * ldy + j], v), "{name} share ({rr}, {j})");
                             }
@@ -731,7 +750,7 @@ mod tests {
                 .is_err());
             let short = Epilogue {
                 bias: Some(&[0.0; 3]),
-                relu: false,
+                ..Epilogue::default()
             };
             assert!(k.forward_into(&x, &d, (0, n), (0, 1), p, n, short).is_err());
         }

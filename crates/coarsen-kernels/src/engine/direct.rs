@@ -25,13 +25,51 @@ const CB: usize = 128;
 /// Most kernel taps supported (`kh·kw`).
 pub(super) const MAX_TAPS: usize = 49;
 
-/// What the implicit GEMM applies to each output value as it stores it: `act(v + bias[row])`.
+/// What the implicit GEMM applies to each output value as it stores it:
+/// `act(v + bias[row] + residual[row, column])`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Epilogue<'a> {
     /// One value per output channel (all `cout` of them), added to its row.
     pub bias: Option<&'a [f32]>,
+    /// A matrix added before the activation (a residual connection's other branch).
+    pub residual: Option<Residual<'a>>,
     /// Whether the result goes through ReLU.
     pub relu: bool,
+}
+
+/// A matrix of the output's shape added by the [`Epilogue`]: the value of output row `r`,
+/// column `c` (of the whole `B·Ho·Wo`, not of a call's range) is `values[r·ld + c]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Residual<'a> {
+    /// The values, `cout` rows of `ld`.
+    pub values: &'a [f32],
+    /// Values between the starts of two rows (at least the output's columns).
+    pub ld: usize,
+}
+
+impl Epilogue<'_> {
+    /// Checks the bias (`cout` values) and the residual (`cout` rows of `ld ≥ c1` values).
+    pub(super) fn check(&self, op: &'static str, cout: usize, c1: usize) -> Result<()> {
+        if let Some(b) = self.bias {
+            check_len(op, "bias", b.len(), cout, || {
+                format!("{cout} output channels")
+            })?;
+        }
+        if let Some(r) = self.residual {
+            let want = cout.checked_mul(r.ld);
+            if r.ld < c1 || want.is_none() {
+                return Err(KernelError::Param {
+                    name: "residual.ld",
+                    value: r.ld.to_string(),
+                    reason: format!("rows must hold the output's {c1} columns"),
+                });
+            }
+            check_len(op, "residual", r.values.len(), want.unwrap_or(0), || {
+                format!("{cout} rows × {}", r.ld)
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// A dense convolution weight packed for the implicit-GEMM kernel (AVX-512 only): stride-1
@@ -388,7 +426,7 @@ impl DirectConv {
 
     /// [`forward_rows`](Self::forward_rows) written straight into the layer's output through
     /// the epilogue: value `(r, c)` for `r0 ≤ r < r1`, `c0 ≤ c < c1` goes to
-    /// `y[(r − r0)·ldy + (c − c0)]`, as `act(v + bias[r])`. Tasks that share one output
+    /// `y[(r − r0)·ldy + (c − c0)]`, as `act(v + bias[r] + residual[r, c])`. Tasks that share one output
     /// buffer write their own blocks of it in place (no copy through a scratch buffer).
     ///
     /// # Safety
@@ -461,11 +499,7 @@ impl DirectConv {
                 reason: format!("rows of {nc} columns need a stride of at least {nc}"),
             });
         }
-        if let Some(b) = epilogue.bias {
-            check_len(op, "bias", b.len(), self.cout, || {
-                format!("{} output channels", self.cout)
-            })?;
-        }
+        epilogue.check(op, self.cout, c1)?;
         if nc == 0 || r0 == r1 {
             return Ok(());
         }
@@ -551,9 +585,12 @@ mod avx512 {
             // No input: every output is the epilogue of 0.
             for i in 0..r1 - r0 {
                 let b = epilogue.bias.map_or(0.0, |b| b[r0 + i]);
-                let v = if epilogue.relu { b.max(0.0) } else { b };
                 for c in 0..c1 - c0 {
-                    *yp.add(i * ldy + c) = v;
+                    let res = epilogue
+                        .residual
+                        .map_or(0.0, |r| r.values[(r0 + i) * r.ld + c0 + c]);
+                    let v = b + res;
+                    *yp.add(i * ldy + c) = if epilogue.relu { v.max(0.0) } else { v };
                 }
             }
             return;
@@ -628,6 +665,13 @@ mod avx512 {
                             Some(b) if last => Some(_mm512_set1_ps(*b.get_unchecked(q * MR + i))),
                             _ => None,
                         };
+                        // The residual's row, at the tile's first column.
+                        let res = match epilogue.residual {
+                            Some(r) if last => {
+                                Some(r.values.as_ptr().add((q * MR + i) * r.ld + t0))
+                            }
+                            _ => None,
+                        };
                         for (j, &v) in a.iter().enumerate() {
                             let o = out.add(j * 16);
                             let mut v = if cb0 > 0 {
@@ -637,6 +681,9 @@ mod avx512 {
                             };
                             if let Some(b) = bias {
                                 v = _mm512_add_ps(v, b);
+                            }
+                            if let Some(r) = res {
+                                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], r.add(j * 16)));
                             }
                             if last && epilogue.relu {
                                 v = _mm512_max_ps(v, _mm512_setzero_ps());
@@ -798,21 +845,31 @@ mod tests {
                     }
                     r0 = r1;
                 }
-                // Straight into a wider buffer through bias and ReLU, in row shares.
+                // Straight into a wider buffer through bias, a residual and ReLU, in row
+                // shares, with channel blocks of 16 (the epilogue waits for the last block).
                 let bias: Vec<f32> = (0..cout).map(|_| rnd()).collect();
+                let ldr = n + 2;
+                let res: Vec<f32> = (0..cout * ldr).map(|_| rnd()).collect();
+                let mut dcb = dc.clone();
+                dcb.set_channel_block(16);
                 let ldy = n + 5;
-                for relu in [false, true] {
+                for (relu, with_res) in [(false, false), (true, false), (false, true), (true, true)]
+                {
                     let mut y = vec![f32::NAN; cout * ldy];
                     let mut r0 = 0;
                     while r0 < cout {
                         let r1 = (r0 + DirectConv::ROW_ALIGN).min(cout);
                         let epilogue = Epilogue {
                             bias: Some(&bias),
+                            residual: with_res.then_some(Residual {
+                                values: &res,
+                                ld: ldr,
+                            }),
                             relu,
                         };
                         // SAFETY: rows r0..r1 of n columns at stride ldy lie inside `y`.
                         unsafe {
-                            dc.forward_into(
+                            dcb.forward_into(
                                 &x,
                                 &d,
                                 (0, n),
@@ -827,7 +884,8 @@ mod tests {
                     }
                     for r in 0..cout {
                         for j in 0..n {
-                            let e = want[r * n + j] + bias[r];
+                            let r_v = if with_res { res[r * ldr + j] } else { 0.0 };
+                            let e = want[r * n + j] + bias[r] + r_v;
                             let e = if relu { e.max(0.0) } else { e };
                             let a = y[r * ldy + j];
                             assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "into ({r}, {j})");
@@ -841,13 +899,27 @@ mod tests {
                 let bad = |ldy: usize, bias: &[f32], y: &mut [f32]| {
                     let e = Epilogue {
                         bias: Some(bias),
-                        relu: false,
+                        ..Epilogue::default()
                     };
                     // SAFETY: `y` holds cout × n values; the calls are refused before writing.
                     unsafe { dc.forward_into(&x, &d, (0, n), (0, cout), y.as_mut_ptr(), ldy, e) }
                 };
                 assert!(bad(n.saturating_sub(1), &bias, &mut y).is_err() || n == 0);
                 assert!(bad(n, &bias[1..], &mut y).is_err());
+                // A residual with short rows, or too few of them, is refused.
+                for (ld, len) in [(n.saturating_sub(1), cout * n), (n, cout * n - 1)] {
+                    let e = Epilogue {
+                        residual: Some(Residual {
+                            values: &res[..len.min(res.len())],
+                            ld,
+                        }),
+                        ..Epilogue::default()
+                    };
+                    // SAFETY: `y` holds cout × n values; the call is refused before writing.
+                    let r =
+                        unsafe { dc.forward_into(&x, &d, (0, n), (0, cout), y.as_mut_ptr(), n, e) };
+                    assert!(r.is_err() || n == 0, "residual ld {ld}, {len} values");
+                }
                 assert!(dc
                     .forward_rows(&x, &d, 0, n, 1, cout, &mut vec![0.0; (cout - 1) * n])
                     .is_err());

@@ -11,7 +11,7 @@ mod winograd;
 
 pub use block_conv::BlockConv;
 pub use dense::{DenseKernel, Threading};
-pub use direct::{DirectConv, Epilogue};
+pub use direct::{DirectConv, Epilogue, Residual};
 pub use winograd::Winograd;
 
 use blocks::BlockEngine;
