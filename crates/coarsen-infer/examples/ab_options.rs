@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: ab_options EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]")?;
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
-    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, and `packed=0|1` for
+    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, `residual=0|1`, and `packed=0|1` for
     // both; comma-separated.
     let mut ob = InferOptions::default();
     let mut path = Path::Dense;
@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "fuse" => ob.fuse_epilogue = v == "1",
             "winograd" => ob.winograd = v == "1",
             "blocks" => ob.block_conv = v == "1",
+            "residual" => ob.fuse_residual = v == "1",
             "packed" if v == "1" => path = Path::Packed,
             "packed" => path = Path::Dense,
             _ => return Err(format!("unknown option {k}").into()),
@@ -53,7 +54,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let best = |p: &Vec<Vec<coarsen_infer::StepTime>>, i: usize| {
         p.iter().map(|r| r[i].ms).fold(f64::INFINITY, f64::min)
     };
-    for (i, s) in pa[0].iter().enumerate() {
+    if pa[0].len() != pb[0].len() {
+        // Fused steps differ: each side on its own.
+        for (tag, p) in [("A", &pa), ("B", &pb)] {
+            for (i, s) in p[0].iter().enumerate() {
+                let t = best(p, i);
+                let gf = 2.0 * s.macs as f64 / 1e6 + 1e-12;
+                println!(
+                    "{tag} {:28} {:26} {:8.2} ms {:6.1} GF/s",
+                    s.step,
+                    s.kernel,
+                    t,
+                    gf / t
+                );
+            }
+        }
+    }
+    let same_steps = pa[0].len() == pb[0].len();
+    for (i, s) in pa[0].iter().enumerate().filter(|_| same_steps) {
         let (ta, tb) = (best(&pa, i), best(&pb, i));
         let gf = 2.0 * s.macs as f64 / 1e6 + 1e-12;
         println!(

@@ -36,11 +36,13 @@ fn check(label: &str, net: fn() -> Net) {
             .chain([(Path::Dense, None), (Path::Dense, Some(Tuning::Dense))])
         {
             let mut engine = InferenceNet::new(&network, &formats, path).unwrap();
-            // With Winograd for the 3×3 convolutions it allows, and convolutions in dense
-            // blocks through im2col instead of in place, the same function.
+            // With Winograd for the 3×3 convolutions it allows, convolutions in dense blocks
+            // through im2col instead of in place, and residual adds as steps of their own,
+            // the same function.
             let options = InferOptions {
                 winograd: true,
                 block_conv: false,
+                fuse_residual: false,
                 ..InferOptions::default()
             };
             let wino = InferenceNet::with_options(&network, &formats, path, options).unwrap();
@@ -51,7 +53,7 @@ fn check(label: &str, net: fn() -> Net) {
                 .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 err <= 1e-4 * scale,
-                "{label} {fmt:?} {path:?} Winograd, blocks through im2col: {err}"
+                "{label} {fmt:?} {path:?} Winograd, blocks through im2col, adds unfused: {err}"
             );
             if let Some(t) = tuning {
                 let choices = engine.tune(batch, &mut TuneCache::in_memory(), t).unwrap();
@@ -115,6 +117,29 @@ fn odd_pool() -> Net {
 #[test]
 fn max_pool_over_odd_sizes_equals_the_reference() {
     check("odd pool", odd_pool);
+}
+
+/// Every residual `Add` of the residual network (and the ReLU after it) runs in the epilogue of
+/// the layer that computes its later operand: a 1×1 stride-2 shortcut through im2col, a dilated
+/// convolution, and a stride-1 convolution on the implicit GEMM (dense path) or the block kernel
+/// (group blocks). The sums are checked against the reference by `residual_network_…`.
+#[test]
+fn residual_adds_run_in_the_layers_epilogue() {
+    let (graph, tensors, weights) = residual().finish(5);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::Group, 3);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let [c, h, w] = network.input();
+    let batch = 2;
+    let x = vec![0.25f32; batch * c * h * w];
+    for path in [Path::Dense, Path::Packed] {
+        let engine = InferenceNet::new(&network, &formats, path).unwrap();
+        let steps = engine.profile(&x, batch, 1).unwrap();
+        let names: Vec<&str> = steps.iter().map(|s| s.step.as_str()).collect();
+        assert!(
+            !names.contains(&"add") && !names.contains(&"relu"),
+            "{path:?}: {names:?}"
+        );
+    }
 }
 
 #[test]

@@ -93,6 +93,8 @@ pub(super) struct Compiler<'a> {
     fused: HashSet<usize>,
     /// Make Winograd kernels for the layers that allow them.
     pub(super) winograd: bool,
+    /// Fuse residual adds into the layers before them (see [`Compiler::fuse_add`]).
+    pub(super) fuse_residual: bool,
 }
 
 impl<'a> Compiler<'a> {
@@ -108,6 +110,7 @@ impl<'a> Compiler<'a> {
             consumers: net.graph().consumers(),
             fused: HashSet::new(),
             winograd: false,
+            fuse_residual: true,
         }
     }
 
@@ -252,6 +255,10 @@ impl<'a> Compiler<'a> {
                 }
             }
             Op::Add => {
+                if let Some(out) = self.fuse_add(i, node, ins) {
+                    self.slot_of.insert(node.name.clone(), out);
+                    return Ok(());
+                }
                 let (fa, fb) = (flow, self.flows[ins[1]].clone());
                 let mut live = Vec::new();
                 let mut consts = vec![0.0f32; fa.full];
@@ -282,6 +289,59 @@ impl<'a> Compiler<'a> {
         };
         self.slot_of.insert(node.name.clone(), out);
         Ok(())
+    }
+
+    /// Fuses the `Add` node `i` (reading slots `ins`) into the conv or linear layer that
+    /// computes its later operand, when the add alone reads that layer's output, both operands
+    /// have every channel computed and the same shape, and the layer has no ReLU of its own:
+    /// the layer then reads the other operand as a residual and adds it in its epilogue (and a
+    /// ReLU that alone reads the sum goes into the epilogue too). The fused layer's slot, or
+    /// `None` where the add runs as a step of its own.
+    fn fuse_add(&mut self, i: usize, node: &Node, ins: &[usize]) -> Option<usize> {
+        let [a, b] = ins else { return None };
+        if !self.fuse_residual {
+            return None;
+        }
+        let producer = |s: usize| self.steps.iter().rposition(|st| st.output == s);
+        let (pa, pb) = (producer(*a), producer(*b));
+        // The operand computed last; the other one (or the network's input) exists before it.
+        let (k, step, other) = match (pa, pb) {
+            (Some(x), Some(y)) if x > y => (0, x, *b),
+            (Some(x), None) => (0, x, *b),
+            (_, Some(y)) => (1, y, *a),
+            _ => return None,
+        };
+        if a == b || self.sole_reader(&node.inputs[k]) != Some(i) {
+            return None;
+        }
+        let (fl, fo) = (&self.flows[self.steps[step].output], &self.flows[other]);
+        if !fl.all_live() || !fo.all_live() || (fl.full, fl.h, fl.w) != (fo.full, fo.h, fo.w) {
+            return None;
+        }
+        let Kind::Layer(layer) = &mut self.steps[step].kind else {
+            return None;
+        };
+        if layer.relu || layer.residual || layer.cout != fl.full {
+            return None;
+        }
+        let graph = self.net.graph();
+        let relu = graph
+            .sole_reader(&node.name, &self.consumers)
+            .filter(|&j| graph.nodes[j].op == Op::Relu);
+        // The dense twin (which tuning may swap in) computes the same function.
+        layer.residual = true;
+        layer.relu = relu.is_some();
+        if let Some(t) = layer.dense_twin.as_deref_mut() {
+            t.residual = true;
+            t.relu = relu.is_some();
+        }
+        if let Some(j) = relu {
+            self.fused.insert(j);
+            let out = self.steps[step].output;
+            self.slot_of.insert(graph.nodes[j].name.clone(), out);
+        }
+        self.steps[step].inputs.push(other);
+        Some(self.steps[step].output)
     }
 
     /// Max pooling (`avg` is `None`) or average pooling (`avg` = whether the padding counts)
@@ -627,6 +687,7 @@ impl<'a> Compiler<'a> {
             bias: bias_out,
             corr: corr_out,
             relu,
+            residual: false,
             read,
             direct,
             wino,

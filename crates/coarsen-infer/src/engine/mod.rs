@@ -5,7 +5,9 @@
 //!
 //! - a BatchNorm that is the only reader of a convolution is folded into it
 //!   (`W ← γ/σ·W`, bias `β + (b − μ)·γ/σ`) and a ReLU that is the only reader of either is
-//!   fused into the layer's epilogue;
+//!   fused into the layer's epilogue, and so is a residual `Add` (with a ReLU that alone
+//!   reads the sum) whose later operand is a layer's output read by nothing else: the layer
+//!   reads the other operand as a second input and adds it as it stores;
 //! - every conv and linear weight is packed in its [`LayerFormat`]: channel-compact, group
 //!   blocks, shuffled blocks, BSR, N:M, CSR for very sparse unstructured layers, dense
 //!   otherwise;
@@ -101,6 +103,11 @@ pub struct InferOptions {
     /// runs read their input in place, block by block (on by default); off, through im2col and
     /// the block GEMM (kept to measure what it saves, with `examples/ab_options`).
     pub block_conv: bool,
+    /// A residual `Add` (and the ReLU after it) runs in the epilogue of the layer that
+    /// computes its later operand (on by default; takes effect only in
+    /// [`InferenceNet::with_options`], where the network is compiled); off, as steps of their
+    /// own (kept to measure what it saves, with `examples/ab_options`).
+    pub fuse_residual: bool,
 }
 
 impl Default for InferOptions {
@@ -111,6 +118,7 @@ impl Default for InferOptions {
             winograd: false,
             fuse_epilogue: true,
             block_conv: true,
+            fuse_residual: true,
         }
     }
 }
@@ -159,8 +167,9 @@ impl InferenceNet {
         Self::with_options(net, formats, path, InferOptions::default())
     }
 
-    /// [`new`](Self::new) with performance options (`winograd` takes effect only here: the
-    /// transformed weights are made while compiling).
+    /// [`new`](Self::new) with performance options (`winograd` and `fuse_residual` take
+    /// effect only here: the transformed weights and the fused steps are made while
+    /// compiling).
     pub fn with_options(
         net: &Network,
         formats: &BTreeMap<String, LayerFormat>,
@@ -169,6 +178,7 @@ impl InferenceNet {
     ) -> Result<InferenceNet> {
         let mut compiler = Compiler::new(net, formats, path);
         compiler.winograd = options.winograd;
+        compiler.fuse_residual = options.fuse_residual;
         let c = compiler.compile()?;
         Ok(InferenceNet {
             input: net.input(),
@@ -182,7 +192,7 @@ impl InferenceNet {
         })
     }
 
-    /// Sets the performance options (except `winograd`, see
+    /// Sets the performance options (except `winograd` and `fuse_residual`, see
     /// [`with_options`](Self::with_options)).
     pub fn set_options(&mut self, options: InferOptions) {
         self.options = options;

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
-use coarsen_kernels::{BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Winograd};
+use coarsen_kernels::{BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Residual, Winograd};
 use rayon::prelude::*;
 
 use super::{InferOptions, InferenceNet};
@@ -101,6 +101,10 @@ pub(super) struct Layer {
     /// `[cout, ho·wo]`: the exact contribution of removed input channels.
     pub(super) corr: Option<Vec<f32>>,
     pub(super) relu: bool,
+    /// Whether the step's second input, a value of the output's shape, is added before the
+    /// ReLU (a residual connection's `Add` fused into the layer that computes its last
+    /// operand).
+    pub(super) residual: bool,
     /// The rows of the im2col matrix the kernel reads, when it does not read them all (no
     /// kept weight uses the others): only these are computed.
     pub(super) read: Option<Vec<u32>>,
@@ -196,7 +200,7 @@ fn apply_in_place(kind: &Kind, v: &mut [f32], batch: usize) {
 fn apply(kind: &Kind, ins: &[&[f32]], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
     let x = ins[0];
     Ok(match kind {
-        Kind::Layer(l) => l.forward(x, batch, o)?,
+        Kind::Layer(l) => l.forward(x, ins.get(1).copied(), batch, o)?,
         Kind::Relu | Kind::Affine { .. } => {
             let mut v = x.to_vec();
             apply_in_place(kind, &mut v, batch);
@@ -379,13 +383,38 @@ impl Layer {
     /// the kernel, then bias, the removed-channel correction and ReLU fused into the copy of
     /// the chunk's columns into the output. Scratch buffers are per thread and reused across
     /// layers and calls.
-    pub(super) fn forward(&self, x: &[f32], batch: usize, o: &InferOptions) -> Result<Vec<f32>> {
+    pub(super) fn forward(
+        &self,
+        x: &[f32],
+        res: Option<&[f32]>,
+        batch: usize,
+        o: &InferOptions,
+    ) -> Result<Vec<f32>> {
         let kerr = |e| InferError::kernel(&self.name, e);
         let d = ConvDims::new(&[self.cin, batch, self.h, self.w], self.g).map_err(kerr)?;
         let hw = self.ho * self.wo;
         let n = batch * hw;
+        let res = match (self.residual, res) {
+            (false, None) => None,
+            (true, Some(q)) if Some(q.len()) == self.cout.checked_mul(n) => Some(q),
+            (want, got) => {
+                return Err(InferError::graph(
+                    &self.name,
+                    "layer",
+                    format!(
+                        "the residual input: {} expected, {} given (a bug in coarsen)",
+                        if want {
+                            "one of the output's shape"
+                        } else {
+                            "none"
+                        },
+                        got.map_or("none".to_string(), |q| format!("{} values", q.len()))
+                    ),
+                ))
+            }
+        };
         if let Some(bc) = self.blocks.as_ref().filter(|_| self.runs_blocks(n, o)) {
-            return self.forward_blocks(bc, x, &d, o);
+            return self.forward_blocks(bc, x, res, &d, o);
         }
         let rows = self.cout;
         let len = rows * n;
@@ -481,6 +510,7 @@ impl Layer {
                 if let Some(dc) = dc.filter(|_| o.fuse_epilogue && self.corr.is_none()) {
                     let epilogue = Epilogue {
                         bias: Some(&self.bias),
+                        residual: res.map(|values| Residual { values, ld: n }),
                         relu: self.relu,
                     };
                     // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
@@ -536,7 +566,7 @@ impl Layer {
                     .and_then(|()| self.plan.forward(c, part, nc))
                 }
                 .map_err(kerr)?;
-                self.store(part, out, (r0, c0), nc, n);
+                self.store(part, out, (r0, c0), nc, (n, res));
                 SCRATCH.set((col_buf, part_buf, tmp));
                 Ok(())
             });
@@ -554,6 +584,7 @@ impl Layer {
         &self,
         bc: &BlockConv,
         x: &[f32],
+        res: Option<&[f32]>,
         d: &ConvDims,
         o: &InferOptions,
     ) -> Result<Vec<f32>> {
@@ -586,6 +617,7 @@ impl Layer {
         };
         let epilogue = Epilogue {
             bias: Some(&self.bias),
+            residual: res.map(|values| Residual { values, ld: n }),
             relu: self.relu,
         };
         let result = tasks.into_par_iter().try_for_each(|((c0, c1), share)| {
@@ -683,6 +715,7 @@ impl Layer {
             bias: self.bias.clone(),
             corr: self.corr.clone(),
             relu: self.relu,
+            residual: self.residual,
             read: self.read.clone(),
             direct,
             wino,
@@ -693,7 +726,14 @@ impl Layer {
 
     /// The kernel's result `part` (rows `r0 ..`, `nc` columns each) into columns
     /// `c0 .. c0 + nc` of those rows of the output `out` (`rows × n`), through the epilogue.
-    fn store(&self, part: &[f32], out: Shared, (r0, c0): (usize, usize), nc: usize, n: usize) {
+    fn store(
+        &self,
+        part: &[f32],
+        out: Shared,
+        (r0, c0): (usize, usize),
+        nc: usize,
+        (n, res): (usize, Option<&[f32]>),
+    ) {
         for (i, row) in part.chunks(nc.max(1)).enumerate() {
             let r = r0 + i;
             // SAFETY: tasks cover disjoint blocks (rows × columns) of `y`; `r·n + c0 + nc ≤
@@ -701,37 +741,52 @@ impl Layer {
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(out.0.add(r * n + c0).cast::<MaybeUninit<f32>>(), nc)
             };
-            self.epilogue(r, c0, row, dst);
+            let res_row = res.map(|q| &q[r * n + c0..][..row.len()]);
+            self.epilogue(r, c0, row, res_row, dst);
         }
     }
 
-    /// Output row `r`, columns `c0 ..` of the batch: kernel result `src` plus bias and the
-    /// removed-channel correction, through ReLU when fused, into `dst`.
-    fn epilogue(&self, r: usize, c0: usize, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    /// Output row `r`, columns `c0 ..` of the batch: kernel result `src` plus bias, the
+    /// removed-channel correction and the residual's row (`res`, as long as `src`), through
+    /// ReLU when fused, into `dst`.
+    fn epilogue(
+        &self,
+        r: usize,
+        c0: usize,
+        src: &[f32],
+        res: Option<&[f32]>,
+        dst: &mut [MaybeUninit<f32>],
+    ) {
         let b = self.bias[r];
         let act = |v: f32| if self.relu { v.max(0.0) } else { v };
-        match &self.corr {
-            None if self.relu => dst
+        match (&self.corr, res) {
+            (None, None) if self.relu => dst
                 .iter_mut()
                 .zip(src)
                 .for_each(|(d, &v)| _ = d.write((v + b).max(0.0))),
-            None => dst
+            (None, None) => dst
                 .iter_mut()
                 .zip(src)
                 .for_each(|(d, &v)| _ = d.write(v + b)),
-            Some(c) => {
+            (None, Some(q)) => dst
+                .iter_mut()
+                .zip(src.iter().zip(q))
+                .for_each(|(d, (&v, &p))| _ = d.write(act(v + b + p))),
+            (Some(c), _) => {
                 let hw = self.ho * self.wo;
                 let map = &c[r * hw..(r + 1) * hw];
                 let mut j = 0;
                 while j < src.len() {
                     let at = (c0 + j) % hw;
                     let m = (hw - at).min(src.len() - j);
-                    for ((d, &v), &k) in dst[j..j + m]
+                    for (i, ((d, &v), &k)) in dst[j..j + m]
                         .iter_mut()
                         .zip(&src[j..j + m])
                         .zip(&map[at..at + m])
+                        .enumerate()
                     {
-                        d.write(act(v + b + k));
+                        let p = res.map_or(0.0, |q| q[j + i]);
+                        d.write(act(v + b + k + p));
                     }
                     j += m;
                 }

@@ -212,9 +212,15 @@ impl InferenceNet {
                 Tuning::Measure | Tuning::Remeasure => {
                     let len = l.cin * batch * l.h * l.w;
                     let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let res = l
+                        .residual
+                        .then(|| vec![0.5f32; l.cout * batch * l.ho * l.wo]);
                     let (packed_ms, dense_ms) = measure(
-                        || l.forward(&x, batch, &options).map(|_| ()),
-                        || twin.forward(&x, batch, &options).map(|_| ()),
+                        || l.forward(&x, res.as_deref(), batch, &options).map(|_| ()),
+                        || {
+                            twin.forward(&x, res.as_deref(), batch, &options)
+                                .map(|_| ())
+                        },
                     )?;
                     let e = Entry {
                         packed_ms,

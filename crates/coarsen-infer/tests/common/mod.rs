@@ -199,6 +199,14 @@ pub fn residual() -> Net {
     let body = n.b.current().to_string();
     n.b.push(None, vec![body, x], Op::Add);
     n.op(Op::Relu);
+    // A third whose body is a stride-1 "same" convolution, which runs in place (the implicit
+    // GEMMs add the shortcut in their epilogue).
+    let x = n.b.current().to_string();
+    n.conv3("same", 16, 16, 1);
+    n.bn("same.bn", 16);
+    let body = n.b.current().to_string();
+    n.b.push(None, vec![x, body], Op::Add);
+    n.op(Op::Relu);
     n.op(Op::GlobalAvgPool);
     n.linear("fc", 16, 7, true);
     n
