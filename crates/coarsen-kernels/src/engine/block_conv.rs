@@ -341,7 +341,7 @@ impl BlockConv {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BlockConv, Epilogue, MAX_TAPS, MR, NR, NV};
+    use super::{BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
     use crate::engine::direct::Taps;
 
@@ -407,63 +407,102 @@ mod avx512 {
                 }
                 f
             };
-            let mut first = 0;
-            for b in blocks {
-                let kn = b.chans.len();
-                let (offs, taps) = (offs.as_ptr().add(first), b.taps.as_ptr());
-                first += kn;
-                for (q, rows) in b.rows.chunks(MR).enumerate() {
-                    let panel = b.panels.as_ptr().add(q * kn * MR);
-                    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-                    for kc in 0..kn {
-                        // Lane j reads halo position offs + j; masked lanes (padding, or past
-                        // the range) read nothing.
-                        let m = *masks.get_unchecked(*taps.add(kc) as usize);
-                        let row = hp.add(*offs.add(kc));
-                        let mut xv = [_mm512_setzero_ps(); NV];
-                        for (j, v) in xv.iter_mut().enumerate() {
-                            *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
-                        }
-                        let wc = panel.add(kc * MR);
-                        for (i, a) in acc.iter_mut().enumerate() {
-                            let wv = _mm512_set1_ps(*wc.add(i));
-                            for (aj, &xj) in a.iter_mut().zip(&xv) {
-                                *aj = _mm512_fmadd_ps(wv, xj, *aj);
-                            }
-                        }
-                    }
-                    for (a, &r) in acc.iter().zip(rows) {
-                        let out = yp.add(r as usize * ldy + (t0 - c0));
-                        let bias = epilogue
-                            .bias
-                            .map(|bias| _mm512_set1_ps(*bias.get_unchecked(r as usize)));
-                        // The residual's row, at the tile's first column.
-                        let res = epilogue
-                            .residual
-                            .map(|res| res.values.as_ptr().add(r as usize * res.ld + t0));
-                        for (j, &v) in a.iter().enumerate() {
-                            let mut v = v;
-                            if let Some(bv) = bias {
-                                v = _mm512_add_ps(v, bv);
-                            }
-                            if let Some(rp) = res {
-                                v = _mm512_add_ps(
-                                    v,
-                                    _mm512_maskz_loadu_ps(full[j], rp.add(j * 16)),
-                                );
-                            }
-                            if epilogue.relu {
-                                v = _mm512_max_ps(v, _mm512_setzero_ps());
-                            }
-                            _mm512_mask_storeu_ps(out.add(j * 16), full[j], v);
-                        }
-                    }
-                }
+            // Tiles narrower than 48 (the batch's last columns, or batch 1's small images)
+            // keep only the vectors they need in registers.
+            let tile = Tile {
+                offs: &offs,
+                hp,
+                masks: &masks,
+                full,
+                out: (yp, ldy),
+                t0,
+                c0,
+                epilogue,
+            };
+            match width.div_ceil(16) {
+                1 => run_tile::<1>(blocks, &tile),
+                2 => run_tile::<2>(blocks, &tile),
+                _ => run_tile::<3>(blocks, &tile),
             }
             t0 += width;
         }
         HALO.set(halo);
         OFFS.set(offs);
+    }
+
+    /// What one tile of output positions shares over every block.
+    struct Tile<'a> {
+        /// Halo offsets of every column of the blocks, block after block.
+        offs: &'a [usize],
+        hp: *const f32,
+        masks: &'a [[u16; NV]; MAX_TAPS],
+        /// Lanes of the tile inside the range.
+        full: [u16; NV],
+        out: (*mut f32, usize),
+        t0: usize,
+        c0: usize,
+        epilogue: Epilogue<'a>,
+    }
+
+    /// Every block of `blocks` on one tile of at most `V·16` positions (`V ≤ NV`).
+    ///
+    /// # Safety
+    /// As [`forward`], which made `t`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn run_tile<const V: usize>(blocks: &[ConvBlock], t: &Tile<'_>) {
+        let (yp, ldy) = t.out;
+        let (hp, masks, full, t0, c0, epilogue) = (t.hp, t.masks, t.full, t.t0, t.c0, t.epilogue);
+        let mut first = 0;
+        for b in blocks {
+            let kn = b.chans.len();
+            let (offs, taps) = (t.offs.as_ptr().add(first), b.taps.as_ptr());
+            first += kn;
+            for (q, rows) in b.rows.chunks(MR).enumerate() {
+                let panel = b.panels.as_ptr().add(q * kn * MR);
+                let mut acc = [[_mm512_setzero_ps(); V]; MR];
+                for kc in 0..kn {
+                    // Lane j reads halo position offs + j; masked lanes (padding, or past
+                    // the range) read nothing.
+                    let m = *masks.get_unchecked(*taps.add(kc) as usize);
+                    let row = hp.add(*offs.add(kc));
+                    let mut xv = [_mm512_setzero_ps(); V];
+                    for (j, v) in xv.iter_mut().enumerate() {
+                        *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
+                    }
+                    let wc = panel.add(kc * MR);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(*wc.add(i));
+                        for (aj, &xj) in a.iter_mut().zip(&xv) {
+                            *aj = _mm512_fmadd_ps(wv, xj, *aj);
+                        }
+                    }
+                }
+                for (a, &r) in acc.iter().zip(rows) {
+                    let out = yp.add(r as usize * ldy + (t0 - c0));
+                    let bias = epilogue
+                        .bias
+                        .map(|bias| _mm512_set1_ps(*bias.get_unchecked(r as usize)));
+                    // The residual's row, at the tile's first column.
+                    let res = epilogue
+                        .residual
+                        .map(|res| res.values.as_ptr().add(r as usize * res.ld + t0));
+                    for (j, &v) in a.iter().enumerate() {
+                        let mut v = v;
+                        if let Some(bv) = bias {
+                            v = _mm512_add_ps(v, bv);
+                        }
+                        if let Some(rp) = res {
+                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], rp.add(j * 16)));
+                        }
+                        if epilogue.relu {
+                            v = _mm512_max_ps(v, _mm512_setzero_ps());
+                        }
+                        _mm512_mask_storeu_ps(out.add(j * 16), full[j], v);
+                    }
+                }
+            }
+        }
     }
 
     thread_local! {
