@@ -342,6 +342,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV};
+
+    /// Tiles per halo copy.
+    const SPAN: usize = 4;
     use crate::conv::ConvDims;
     use crate::engine::direct::Taps;
 
@@ -361,7 +364,10 @@ mod avx512 {
         (yp, ldy): (*mut f32, usize),
         epilogue: Epilogue<'_>,
     ) {
-        let t = Taps::new(&k.g, d);
+        // One halo serves up to `SPAN` tiles: each tile's taps overlap the next tile's, so
+        // copying them per tile copied most input values twice or more. A tile still touches
+        // only its own window of every halo row.
+        let t = Taps::new(&k.g, d, SPAN * NR);
         let (cin, stride, lo) = (k.cin, t.stride, t.lo);
         // Where each tap's rows start in the halo: its plane's slot, shifted.
         let mut tap_base = [0usize; MAX_TAPS];
@@ -394,10 +400,13 @@ mod avx512 {
             }
         }
         let mut t0 = c0;
+        let mut s0 = c0;
         while t0 < c1 {
             let width = NR.min(c1 - t0);
+            if t0 == s0 {
+                t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp);
+            }
             t.masks(t0, width, &mut masks);
-            t.copy_halo(x.as_ptr(), cin, (0, cin), t0, width, hp);
             let full = if width == NR {
                 [u16::MAX; NV]
             } else {
@@ -411,7 +420,8 @@ mod avx512 {
             // keep only the vectors they need in registers.
             let tile = Tile {
                 offs: &offs,
-                hp,
+                // The tile's window of the halo.
+                hp: hp.add(t0 - s0),
                 masks: &masks,
                 full,
                 out: (yp, ldy),
@@ -425,6 +435,9 @@ mod avx512 {
                 _ => run_tile::<3>(blocks, &tile),
             }
             t0 += width;
+            if t0 - s0 >= SPAN * NR {
+                s0 = t0;
+            }
         }
         HALO.set(halo);
         OFFS.set(offs);

@@ -126,9 +126,9 @@ pub(super) struct Taps {
 }
 
 impl Taps {
-    /// The taps of `g` on the planes of `d`: as large as the output (the input itself for
-    /// stride 1, its phase planes for stride 2).
-    pub(super) fn new(g: &ConvGeometry, d: &ConvDims) -> Taps {
+    /// The taps of `g` on the planes of `d` (as large as the output: the input itself for
+    /// stride 1, its phase planes for stride 2), for halos of up to `width` positions.
+    pub(super) fn new(g: &ConvGeometry, d: &ConvDims, width: usize) -> Taps {
         let w = d.wo as isize;
         let places: Vec<(usize, isize, isize)> = (0..g.taps()).map(|t| tap_place(g, t)).collect();
         let shifts: Vec<isize> = places.iter().map(|&(_, dy, dx)| dy * w + dx).collect();
@@ -146,7 +146,7 @@ impl Taps {
         // of 4 KiB, and its rows would all fall into the same few sets).
         let lo = shifts.iter().copied().min().unwrap_or(0).min(0);
         let hi = shifts.iter().copied().max().unwrap_or(0).max(0);
-        let span = NR + (hi - lo) as usize;
+        let span = width + (hi - lo) as usize;
         let mut lines = span.div_ceil(16);
         if lines.is_multiple_of(2) {
             lines += 1;
@@ -196,9 +196,10 @@ impl Taps {
     }
 
     /// Copies channels `c0 .. c0 + cn` of every plane the taps read (`x` holds `cin` channels
-    /// per plane, `ld` positions each) around the tile of `width` positions from `t0` into
-    /// `halo`: channel `c` of slot `s` at row `s·cn + c − c0`. Positions outside the batch are
-    /// not copied (the masks never read them).
+    /// per plane, `ld` positions each) around the `width` positions from `t0` (at most the
+    /// `width` of [`new`](Self::new)) into `halo`: channel `c` of slot `s` at row `s·cn + c −
+    /// c0`, position `t0 + j + lo` at `j`. Positions outside the batch are not copied (the
+    /// masks never read them).
     ///
     /// # Safety
     /// `x` holds `planes × cin × ld` values with `c0 + cn ≤ cin`, and `halo` room for
@@ -595,7 +596,7 @@ mod avx512 {
             }
             return;
         }
-        let t = super::Taps::new(&k.g, d);
+        let t = super::Taps::new(&k.g, d, NR);
         let taps = t.places.len();
         let cin = k.cin;
         let ktot = taps * cin;
