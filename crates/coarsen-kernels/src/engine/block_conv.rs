@@ -595,6 +595,8 @@ mod tests {
                 (33, 16, 2, 8, 8),
                 (5, 3, 2, 2, 2),
                 (12, 9, 1, 4, 10),
+                // More columns than one halo copy serves (four tiles).
+                (10, 6, 3, 10, 12),
             ] {
                 if g.stride == [2, 2] && (h % 2 == 1 || w % 2 == 1) {
                     continue;
