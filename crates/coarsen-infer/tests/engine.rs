@@ -142,6 +142,34 @@ fn residual_adds_run_in_the_layers_epilogue() {
     }
 }
 
+/// Layer outputs reuse the buffers earlier steps and passes freed: passes of other batch sizes
+/// in turn (buffers larger and smaller than needed, holding old values) still give the
+/// reference's logits.
+#[test]
+fn passes_that_reuse_freed_buffers_equal_the_reference() {
+    let (graph, tensors, weights) = residual().finish(9);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::ShuffledBlock { block: 4 }, 2);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let [c, h, w] = network.input();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for path in [Path::Dense, Path::Packed] {
+        let engine = InferenceNet::new(&network, &formats, path).unwrap();
+        for batch in [3, 1, 4, 2, 3] {
+            let x: Vec<f32> = (0..batch * c * h * w)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let want = reference::forward_nchw(&network, &x, batch).unwrap();
+            let got = engine.forward_nchw(&x, batch).unwrap();
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-4 * scale, "{path:?} batch {batch}: {err}");
+        }
+    }
+}
+
 #[test]
 fn profile_times_every_step_and_names_the_kernels() {
     let (graph, tensors, _) = plain().finish(3);

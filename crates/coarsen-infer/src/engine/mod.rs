@@ -23,6 +23,9 @@
 //!   implicit GEMM ([`coarsen_kernels::DirectConv`]), those in dense blocks (group, shuffled,
 //!   BSR) as one implicit GEMM per block ([`coarsen_kernels::BlockConv`]).
 //!
+//! Layer outputs reuse the buffers that earlier steps and passes on the calling thread freed
+//! (the largest few are kept), so a pass maps no fresh pages once the first has run.
+//!
 //! The dense path ([`Path::Dense`]) runs the same folded network with every layer dense on the
 //! dense GEMM (faer) through the same chunked im2col.
 

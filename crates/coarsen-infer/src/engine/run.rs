@@ -159,7 +159,9 @@ pub(super) fn run(
         for &i in &step.inputs {
             left[i] -= 1;
             if left[i] == 0 {
-                vals[i] = None;
+                if let Some(Cow::Owned(v)) = vals[i].take() {
+                    give_back(v);
+                }
             }
         }
         vals[step.output] = Some(Cow::Owned(out));
@@ -350,13 +352,61 @@ fn pool(
     y
 }
 
+/// Most freed values [`POOL`] keeps.
+const POOL_SIZE: usize = 8;
+
 thread_local! {
+    /// Values freed by earlier steps (and earlier passes) of the calling thread, reused as the
+    /// outputs of layers: a fresh allocation of a large output maps fresh pages, and every
+    /// page then faults on first touch (12 000 faults per ResNet-18 pass at batch 64).
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The calling thread's buffer of inputs that [`Layer::forward`]'s tasks share.
     static SHARED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// Per-thread scratch of [`Layer::forward`]: the im2col chunk, the kernel's output and one
     /// im2col row.
     static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
         const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// An empty vector with room for `len` values: the smallest pooled one that is large enough
+/// (and not more than twice as large), else a new one.
+fn buffer(len: usize) -> Vec<f32> {
+    let pooled = POOL.with_borrow_mut(|pool| {
+        let fit = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len && v.capacity() / 2 <= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        fit.map(|i| pool.swap_remove(i))
+    });
+    match pooled {
+        Some(mut v) => {
+            v.clear();
+            v
+        }
+        None => Vec::with_capacity(len),
+    }
+}
+
+/// Keeps a freed value for [`buffer`] (the largest [`POOL_SIZE`] of them).
+fn give_back(v: Vec<f32>) {
+    if v.capacity() == 0 {
+        return;
+    }
+    POOL.with_borrow_mut(|pool| {
+        pool.push(v);
+        if pool.len() > POOL_SIZE {
+            let smallest = pool
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i);
+            if let Some(i) = smallest {
+                pool.swap_remove(i);
+            }
+        }
+    });
 }
 
 /// `v` with at least `len` values (grown, never shrunk; contents unspecified).
@@ -420,7 +470,7 @@ impl Layer {
         let len = rows * n;
         // Every value of `y` is written below (the chunks cover every column of every row)
         // before its length is set; nothing reads it before.
-        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let mut y: Vec<f32> = buffer(len);
         let yp = Shared(y.as_mut_ptr());
         // im2col rows computed: all, or those the kernel reads.
         let kk = self.read.as_ref().map_or(d.rows(), |r| r.len());
@@ -591,7 +641,7 @@ impl Layer {
         let kerr = |e| InferError::kernel(&self.name, e);
         let n = d.n();
         let len = self.cout * n;
-        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let mut y: Vec<f32> = buffer(len);
         let yp = Shared(y.as_mut_ptr());
         let chunks = column_chunks(n, self.wo, 1, d.rows(), o);
         // Too few chunks to keep every thread busy: the blocks are shared out too.
