@@ -792,6 +792,8 @@ mod tests {
                 (3, 2, 4, 3, 17),
                 (9, 20, 3, 6, 10),
                 (5, 3, 2, 2, 2),
+                // More columns than four tiles, and two channel blocks of 16.
+                (10, 20, 3, 10, 12),
             ] {
                 let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
                 let k = cin * g.taps();
