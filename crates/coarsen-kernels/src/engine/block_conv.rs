@@ -11,7 +11,7 @@
 //! writes its rows of the output once, through the epilogue.
 
 use super::blocks::packed_parts;
-use super::direct::{accepts, check_call, phase_planes, runs_in_place, Epilogue};
+use super::direct::{accepts, check_call, runs_in_place, split_phases, Epilogue};
 use super::direct::{MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
@@ -219,22 +219,13 @@ impl BlockConv {
     /// For a stride-2 kernel: the batch `x` as four phase planes, as
     /// [`DirectConv::split_phases`](super::DirectConv::split_phases) makes them.
     pub fn split_phases(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
-        check_call(
+        split_phases(
             "BlockConv::split_phases",
+            (&self.g, self.cin, self.cout),
+            x,
             d,
-            (self.accepts(d) && self.needs_phases(), &|| {
-                "only a stride-2 kernel splits its input, of twice the output's size".into()
-            }),
-            x.len(),
-            ((0, 0), 1),
-            ((0, 0), 1, self.cout),
-            0,
-        )?;
-        check_len("BlockConv::split_phases", "out", out.len(), x.len(), || {
-            format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
-        })?;
-        phase_planes(x, d, out);
-        Ok(())
+            out,
+        )
     }
 
     /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
@@ -314,16 +305,8 @@ impl BlockConv {
                 reason: format!("the kernel has {} blocks", self.blocks.len()),
             });
         }
-        let nc = c1 - c0;
-        if ldy < nc {
-            return Err(KernelError::Param {
-                name: "ldy",
-                value: ldy.to_string(),
-                reason: format!("rows of {nc} columns need a stride of at least {nc}"),
-            });
-        }
-        epilogue.check(op, self.cout, c1)?;
-        if nc == 0 || b0 == b1 {
+        epilogue.check(op, self.cout, (c0, c1), ldy)?;
+        if c0 == c1 || b0 == b1 {
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
@@ -533,6 +516,7 @@ mod tests {
 
     use super::*;
     use crate::engine::direct::Residual;
+    use crate::formats::test_util::masked;
     use crate::formats::{Bsr, GroupBlocks, ShuffledBlocks};
     use crate::reference;
     use crate::simd::Isa;
@@ -557,11 +541,10 @@ mod tests {
     }
 
     /// The im2col product of the masked weight, `cout × n`.
-    fn want(g: ConvGeometry, d: &ConvDims, w: &[f32], cout: usize, x: &[f32]) -> Vec<f32> {
+    fn want(d: &ConvDims, w: &[f32], cout: usize, x: &[f32]) -> Vec<f32> {
         let (k, n) = (d.rows(), d.n());
         let mut col = vec![0.0; k * n];
         d.im2col_range(x, 0, n, &mut col).unwrap();
-        let _ = g;
         reference::forward(w, cout, k, &col, n)
     }
 
@@ -607,16 +590,8 @@ mod tests {
                 let values: Vec<f32> = (0..cout * kk).map(|_| r()).collect();
                 let x: Vec<f32> = (0..cin * b * h * w).map(|_| r()).collect();
                 let mask = grouped_mask(cout, kk, 5, 0.3, cout as u64 * 31 + cin as u64);
-                let masked: Vec<f32> = (0..cout * kk)
-                    .map(|i| {
-                        if mask.get(i / kk, i % kk) {
-                            values[i]
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let e = want(g, &d, &masked, cout, &x);
+                let masked = masked(&mask, &values);
+                let e = want(&d, &masked, cout, &x);
                 let formats = [
                     Packed::Group(GroupBlocks::pack(&mask, &values).unwrap()),
                     Packed::Shuffled(ShuffledBlocks::pack(&mask, &values, 4).unwrap()),
@@ -729,7 +704,7 @@ mod tests {
             }
         }
         let x: Vec<f32> = (0..cin * d.b * 30).map(|_| r()).collect();
-        let e = want(g, &d, &full, cout, &x);
+        let e = want(&d, &full, cout, &x);
         let packed = Packed::Group(GroupBlocks::pack(&mask, &sub).unwrap());
         let k = BlockConv::new(g, cin, &packed, Some(&read))
             .unwrap()
@@ -760,15 +735,7 @@ mod tests {
         let mask = grouped_mask(cout, kk, 4, 0.6, 3);
         let mut r = rng(1);
         let values: Vec<f32> = (0..cout * kk).map(|_| r()).collect();
-        let masked: Vec<f32> = (0..cout * kk)
-            .map(|i| {
-                if mask.get(i / kk, i % kk) {
-                    values[i]
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let masked = masked(&mask, &values);
         let k = BlockConv::new(
             g,
             cin,
@@ -783,7 +750,7 @@ mod tests {
         k.forward(&vec![f32::NAN; x.len()], &d, 0, n, &mut y)
             .unwrap();
         k.forward(&x, &d, 0, n, &mut y).unwrap();
-        let e = want(g, &d, &masked, cout, &x);
+        let e = want(&d, &masked, cout, &x);
         assert!(y.iter().zip(&e).all(|(a, w)| close(*a, *w)));
         // Short output, short input, other sizes, blocks past the end, a short stride.
         assert!(k.forward(&x, &d, 0, n, &mut y[1..]).is_err());

@@ -48,8 +48,24 @@ pub struct Residual<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Checks the bias (`cout` values) and the residual (`cout` rows of `ld ≥ c1` values).
-    pub(super) fn check(&self, op: &'static str, cout: usize, c1: usize) -> Result<()> {
+    /// Checks how a call stores output columns `c0 .. c1` of `cout` rows: rows `ldy` apart
+    /// (at least `c1 − c0`), the bias (`cout` values) and the residual (`cout` rows of
+    /// `ld ≥ c1` values).
+    pub(super) fn check(
+        &self,
+        op: &'static str,
+        cout: usize,
+        (c0, c1): (usize, usize),
+        ldy: usize,
+    ) -> Result<()> {
+        let nc = c1 - c0;
+        if ldy < nc {
+            return Err(KernelError::Param {
+                name: "ldy",
+                value: ldy.to_string(),
+                reason: format!("rows of {nc} columns need a stride of at least {nc}"),
+            });
+        }
         if let Some(b) = self.bias {
             check_len(op, "bias", b.len(), cout, || {
                 format!("{cout} output channels")
@@ -232,10 +248,38 @@ impl Taps {
     }
 }
 
+/// The split of an in-place kernel (geometry `g`, `cin` input and `cout` output channels)
+/// into phase planes ([`DirectConv::split_phases`]), after checking that the kernel is a
+/// stride-2 one that runs `d`, `x` holds the batch and `out` as many values.
+pub(super) fn split_phases(
+    op: &'static str,
+    (g, cin, cout): (&ConvGeometry, usize, usize),
+    x: &[f32],
+    d: &ConvDims,
+    out: &mut [f32],
+) -> Result<()> {
+    check_call(
+        op,
+        d,
+        (accepts(g, cin, d) && g.stride == [2, 2], &|| {
+            "only a stride-2 kernel splits its input, of twice the output's size".into()
+        }),
+        x.len(),
+        ((0, 0), 1),
+        ((0, 0), 1, cout),
+        0,
+    )?;
+    check_len(op, "out", out.len(), x.len(), || {
+        format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
+    })?;
+    phase_planes(x, d, out);
+    Ok(())
+}
+
 /// The batch `x` (`[C, B, H, W]`, sizes `d`, even `H` and `W`) as four phase planes
 /// `[ry·2 + rx][C][B, H/2, W/2]` holding `x[c, b, 2i + ry, 2j + rx]`, into `out` (as many values
 /// as `x`; both checked by the caller), in parallel over channels.
-pub(super) fn phase_planes(x: &[f32], d: &ConvDims, out: &mut [f32]) {
+fn phase_planes(x: &[f32], d: &ConvDims, out: &mut [f32]) {
     use rayon::prelude::*;
     let (h, w, ho, wo) = (d.h, d.w, d.ho, d.wo);
     let plane = d.c * d.n();
@@ -356,26 +400,13 @@ impl DirectConv {
     /// values as `x`), in parallel over channels. The kernel then reads every tap as a shift
     /// within one plane, as for a stride-1 convolution.
     pub fn split_phases(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
-        check_call(
+        split_phases(
             "DirectConv::split_phases",
+            (&self.g, self.cin, self.cout),
+            x,
             d,
-            (self.accepts(d) && self.needs_phases(), &|| {
-                "only a stride-2 kernel splits its input, of twice the output's size".into()
-            }),
-            x.len(),
-            ((0, 0), 1),
-            ((0, 0), 1, self.cout),
-            0,
-        )?;
-        check_len(
-            "DirectConv::split_phases",
-            "out",
-            out.len(),
-            x.len(),
-            || format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w),
-        )?;
-        phase_planes(x, d, out);
-        Ok(())
+            out,
+        )
     }
 
     /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
@@ -492,16 +523,8 @@ impl DirectConv {
             ((r0, r1), MR, self.cout),
             y_len,
         )?;
-        let nc = c1 - c0;
-        if ldy < nc {
-            return Err(KernelError::Param {
-                name: "ldy",
-                value: ldy.to_string(),
-                reason: format!("rows of {nc} columns need a stride of at least {nc}"),
-            });
-        }
-        epilogue.check(op, self.cout, c1)?;
-        if nc == 0 || r0 == r1 {
+        epilogue.check(op, self.cout, (c0, c1), ldy)?;
+        if c0 == c1 || r0 == r1 {
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
