@@ -39,14 +39,13 @@ pub fn install() {
             if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
                 continue;
             }
-            coarsen_core::io::remove_temporaries();
             let name = if sig == libc::SIGINT {
                 "SIGINT"
             } else {
                 "SIGTERM"
             };
             eprintln!("\ncoarsen: stopped by {name}; temporary files removed");
-            std::process::exit(128 + sig);
+            coarsen_core::io::exit_removing_temporaries(128 + sig);
         });
     if spawned.is_err() {
         // No thread to take them: give the signals their default action back.

@@ -328,19 +328,25 @@ pub fn is_temporary(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
 }
 
-/// Temporary files of writes in progress, for [`remove_temporaries`].
+/// Temporary files of writes in progress, for [`exit_removing_temporaries`].
 static TEMPORARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
 /// A temporary file listed in [`TEMPORARIES`] while it lives.
 struct Temporary(PathBuf);
 
 impl Temporary {
-    fn register(path: &Path) -> Temporary {
-        TEMPORARIES
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(path.to_path_buf());
-        Temporary(path.to_path_buf())
+    /// Creates a temporary file in `dir` and lists it, both under the list's lock: a signal's
+    /// [`exit_removing_temporaries`] then either finds the file listed or runs before it
+    /// exists.
+    fn create(dir: &Path) -> std::io::Result<(tempfile::NamedTempFile, Temporary)> {
+        let mut list = TEMPORARIES.lock().unwrap_or_else(|p| p.into_inner());
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(TEMP_SUFFIX)
+            .tempfile_in(dir)?;
+        list.push(tmp.path().to_path_buf());
+        let listed = Temporary(tmp.path().to_path_buf());
+        Ok((tmp, listed))
     }
 }
 
@@ -353,13 +359,16 @@ impl Drop for Temporary {
     }
 }
 
-/// Removes the temporary files of every [`write_atomic`] in progress: what a process about to
-/// exit on a signal calls, since exiting runs no destructors.
-pub fn remove_temporaries() {
+/// Removes the temporary files of every [`write_atomic`] in progress and exits with `code`:
+/// what a process ending on a signal calls, since exiting runs no destructors. The list stays
+/// locked until the process is gone, so no write creates a temporary file after the removal
+/// (it waits for the lock, which it never gets).
+pub fn exit_removing_temporaries(code: i32) -> ! {
     let list = TEMPORARIES.lock().unwrap_or_else(|p| p.into_inner());
     for p in list.iter() {
         let _ = std::fs::remove_file(p);
     }
+    std::process::exit(code)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
@@ -369,12 +378,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .suffix(TEMP_SUFFIX)
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(path, e))?;
-    let _registered = Temporary::register(tmp.path());
+    let (mut tmp, _listed) = Temporary::create(dir).map_err(|e| Error::io(path, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.flush().map_err(|e| Error::io(path, e))?;
     #[cfg(unix)]
