@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: ab_options EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]")?;
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
-    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, `residual=0|1`, and `packed=0|1` for
+    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, `residual=0|1`, `few=N`, and `packed=0|1` for
     // both; comma-separated.
     let mut ob = InferOptions::default();
     let mut path = Path::Dense;
@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (k, v) = kv.split_once('=').ok_or("options are key=value")?;
         match k {
             "chunk" => ob.chunk_floats = v.parse()?,
+            "few" => ob.few_columns = v.parse()?,
             "fuse" => ob.fuse_epilogue = v == "1",
             "winograd" => ob.winograd = v == "1",
             "blocks" => ob.block_conv = v == "1",

@@ -111,6 +111,12 @@ pub struct InferOptions {
     /// [`InferenceNet::with_options`], where the network is compiled); off, as steps of their
     /// own (kept to measure what it saves, with `examples/ab_options`).
     pub fuse_residual: bool,
+    /// Products of at most this many columns (output positions × batch) run on the
+    /// few-column kernels, which vectorise over output rows, where a layer could also run its
+    /// in-place implicit GEMM: batch 1's deepest layers (16 columns on CIFAR) read every
+    /// weight once there, while the implicit GEMM, whose tiles are 16 to 48 columns, runs
+    /// anything wider (batch 1's 8×8 layers) faster.
+    pub few_columns: usize,
 }
 
 impl Default for InferOptions {
@@ -122,6 +128,7 @@ impl Default for InferOptions {
             fuse_epilogue: true,
             block_conv: true,
             fuse_residual: true,
+            few_columns: 16,
         }
     }
 }

@@ -492,16 +492,20 @@ impl Layer {
             .plan
             .tile_rows()
             .zip(tiles)
-            .filter(|_| self.runs_small(n));
+            .filter(|_| self.runs_small(n, o));
         // At most one vector of columns (batch 1's deepest layers): the narrow kernel reads
         // every weight once.
-        let narrow = self.narrow_width(n);
-        let chunks = if small.is_some() {
+        let narrow = self.narrow_width(n, o);
+        let dc = self.direct.as_ref().filter(|_| self.runs_direct(n, o));
+        // Few columns on the implicit GEMM (batch 1's 8×8 layers): one chunk, so that each
+        // task's weight rows, read from memory for its first tile, serve its other tiles
+        // from the cache.
+        let few = dc.is_some() && n <= FEW_DIRECT_TILES * DirectConv::TILE;
+        let chunks = if small.is_some() || few {
             vec![(0, n)]
         } else {
             chunks
         };
-        let dc = self.direct.as_ref().filter(|_| self.runs_direct(n, o));
         // Too few columns to keep every thread busy (small batches, deep layers): the dense
         // kernels also split the output rows.
         let align = match (dc, self.plan.tile_rows()) {
@@ -701,24 +705,30 @@ impl Layer {
         self.wino.is_some() && self.tiled_kernel() && o.winograd && n > SMALL_COLS
     }
 
-    /// Whether a product of `n` columns runs on the kernel that vectorises over output rows.
-    fn runs_small(&self, n: usize) -> bool {
-        self.plan.tile_rows().is_some() && self.plan.tile_width().is_some() && n <= SMALL_COLS
+    /// Whether a product of `n` columns runs on the kernel that vectorises over output rows:
+    /// up to `o.few_columns` columns, or up to [`SMALL_COLS`] where the layer has no in-place
+    /// kernel (whose tiles of 16 to 48 columns waste no lanes on such products).
+    fn runs_small(&self, n: usize, o: &InferOptions) -> bool {
+        let most = match self.direct {
+            Some(_) => o.few_columns,
+            None => SMALL_COLS,
+        };
+        self.plan.tile_rows().is_some() && self.plan.tile_width().is_some() && n <= most
     }
 
     /// The narrow kernel's width when a product of `n` columns runs on it (few enough for one
     /// vector register, see `Plan::forward_narrow_rows`).
-    fn narrow_width(&self, n: usize) -> Option<usize> {
+    fn narrow_width(&self, n: usize, o: &InferOptions) -> Option<usize> {
         self.plan
             .narrow_width()
-            .filter(|&nw| n <= nw && self.runs_small(n))
+            .filter(|&nw| n <= nw && self.runs_small(n, o))
     }
 
     /// Whether a product of `n` columns runs as an implicit GEMM on the input in place.
     fn runs_direct(&self, n: usize, o: &InferOptions) -> bool {
         self.direct.is_some()
             && self.tiled_kernel()
-            && !self.runs_small(n)
+            && !self.runs_small(n, o)
             && !self.runs_winograd(n, o)
     }
 
@@ -731,9 +741,9 @@ impl Layer {
             "winograd F(2x2,3x3)".into()
         } else if self.runs_direct(n, o) {
             "implicit gemm".into()
-        } else if self.narrow_width(n).is_some() {
+        } else if self.narrow_width(n, o).is_some() {
             "gemm, one vector of columns".into()
-        } else if self.runs_small(n) {
+        } else if self.runs_small(n, o) {
             "gemm, few columns".into()
         } else if self.plan.tile_width().is_some() {
             "im2col + tiled gemm".into()
@@ -844,6 +854,10 @@ impl Layer {
         }
     }
 }
+
+/// Tiles of the implicit GEMM up to which a product runs as one column chunk (its tasks split
+/// the rows only).
+const FEW_DIRECT_TILES: usize = 2;
 
 /// Columns up to which a dense layer runs the kernel that vectorises over output rows.
 const SMALL_COLS: usize = 64;

@@ -426,6 +426,8 @@ impl DirectConv {
     /// Rows of the register tile: [`forward_rows`](Self::forward_rows) splits rows at
     /// multiples of it.
     pub const ROW_ALIGN: usize = MR;
+    /// Output positions of the kernel's widest tile (narrower ones serve a range's end).
+    pub const TILE: usize = NR;
 
     /// Output channels `r0 .. r1` (`r0` a multiple of [`ROW_ALIGN`](Self::ROW_ALIGN)) of
     /// columns `c0 .. c1` into `y` (`(r1 − r0) × (c1 − c0)`): a share of the work when there
@@ -587,7 +589,7 @@ pub(crate) fn check_call(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{DirectConv, Epilogue, MAX_TAPS, MR, NR, NV};
+    use super::{DirectConv, Epilogue, Taps, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
 
     /// See [`DirectConv::forward_into`].
@@ -619,12 +621,8 @@ mod avx512 {
             }
             return;
         }
-        let t = super::Taps::new(&k.g, d, NR);
-        let taps = t.places.len();
-        let cin = k.cin;
-        let ktot = taps * cin;
-        let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
-        let (lo, stride) = (t.lo, t.stride);
+        let t = Taps::new(&k.g, d, NR);
+        let (cin, stride) = (k.cin, t.stride);
         // Reused per thread and never cleared: lanes that would read what an earlier tile left
         // there are masked off.
         let cbs = k.block.max(1);
@@ -639,88 +637,153 @@ mod avx512 {
         while t0 < c1 {
             let width = NR.min(c1 - t0);
             t.masks(t0, width, &mut masks);
+            let full = if width == NR {
+                [u16::MAX; NV]
+            } else {
+                let mut f = [0u16; NV];
+                for lane in 0..width {
+                    f[lane / 16] |= 1 << (lane % 16);
+                }
+                f
+            };
             let mut cb0 = 0;
             while cb0 < cin {
                 let cbn = cbs.min(cin - cb0);
                 t.copy_halo(x.as_ptr(), cin, (cb0, cbn), t0, width, hp);
-                for q in q0..q1 {
-                    let rows = MR.min(r1 - q * MR);
-                    let panel = k.panels.as_ptr().add(q * ktot * MR);
-                    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-                    for (tap, &m) in masks.iter().enumerate().take(taps) {
-                        if m == [0; NV] {
-                            continue;
-                        }
-                        // Lane j of this tap reads halo position (shift − lo) + j; masked lanes
-                        // (padding, or past the range) read nothing.
-                        let slot = t.slot_of[t.places[tap].0];
-                        let base = hp.add(slot * cbn * stride + (t.shifts[tap] - lo) as usize);
-                        let wp = panel.add((tap * cin + cb0) * MR);
-                        for c in 0..cbn {
-                            let row = base.add(c * stride);
-                            let mut xv = [_mm512_setzero_ps(); NV];
-                            for (j, v) in xv.iter_mut().enumerate() {
-                                *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
-                            }
-                            let wc = wp.add(c * MR);
-                            for (i, a) in acc.iter_mut().enumerate() {
-                                let wv = _mm512_set1_ps(*wc.add(i));
-                                for (aj, &xj) in a.iter_mut().zip(&xv) {
-                                    *aj = _mm512_fmadd_ps(wv, xj, *aj);
-                                }
-                            }
-                        }
-                    }
-                    // Store (first channel block) or add (later ones) the tile's valid part.
-                    let full = if width == NR {
-                        [u16::MAX; NV]
-                    } else {
-                        let mut f = [0u16; NV];
-                        for lane in 0..width {
-                            f[lane / 16] |= 1 << (lane % 16);
-                        }
-                        f
-                    };
-                    // The last channel block applies the epilogue.
-                    let last = cb0 + cbn == cin;
-                    for (i, a) in acc.iter().enumerate().take(rows) {
-                        let out = yp.add((q * MR + i - r0) * ldy + (t0 - c0));
-                        let bias = match epilogue.bias {
-                            Some(b) if last => Some(_mm512_set1_ps(*b.get_unchecked(q * MR + i))),
-                            _ => None,
-                        };
-                        // The residual's row, at the tile's first column.
-                        let res = match epilogue.residual {
-                            Some(r) if last => {
-                                Some(r.values.as_ptr().add((q * MR + i) * r.ld + t0))
-                            }
-                            _ => None,
-                        };
-                        for (j, &v) in a.iter().enumerate() {
-                            let o = out.add(j * 16);
-                            let mut v = if cb0 > 0 {
-                                _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], o))
-                            } else {
-                                v
-                            };
-                            if let Some(b) = bias {
-                                v = _mm512_add_ps(v, b);
-                            }
-                            if let Some(r) = res {
-                                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], r.add(j * 16)));
-                            }
-                            if last && epilogue.relu {
-                                v = _mm512_max_ps(v, _mm512_setzero_ps());
-                            }
-                            _mm512_mask_storeu_ps(o, full[j], v);
-                        }
-                    }
+                let tile = Tile {
+                    k,
+                    t: &t,
+                    hp,
+                    masks: &masks,
+                    full,
+                    channels: (cb0, cbn),
+                    rows: (r0, r1),
+                    out: (yp, ldy),
+                    t0,
+                    c0,
+                    epilogue,
+                };
+                // Tiles narrower than 48 (the batch's last columns, or batch 1's small
+                // images) keep only the vectors they need in registers and issue no FMA on
+                // lanes past the range.
+                match width.div_ceil(16) {
+                    1 => run_tile::<1>(&tile),
+                    2 => run_tile::<2>(&tile),
+                    _ => run_tile::<3>(&tile),
                 }
                 cb0 += cbn;
             }
             t0 += width;
         }
         HALO.set(halo);
+    }
+
+    /// What one tile of output positions and one block of input channels share over every
+    /// panel of the weight.
+    #[derive(Clone, Copy)]
+    struct Tile<'a> {
+        k: &'a DirectConv,
+        t: &'a Taps,
+        hp: *const f32,
+        masks: &'a [[u16; NV]; MAX_TAPS],
+        /// Lanes of the tile inside the range.
+        full: [u16; NV],
+        /// First channel and channels of the block whose halo `hp` holds.
+        channels: (usize, usize),
+        rows: (usize, usize),
+        out: (*mut f32, usize),
+        t0: usize,
+        c0: usize,
+        epilogue: Epilogue<'a>,
+    }
+
+    /// Every panel of rows `r0 .. r1` on one tile of at most `V·16` positions (`V ≤ NV`) and
+    /// one block of channels: stores the tile (first block) or adds it to what earlier blocks
+    /// stored, the last block applying the epilogue.
+    ///
+    /// # Safety
+    /// As [`forward`], which made `tile`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn run_tile<const V: usize>(tile: &Tile<'_>) {
+        let Tile {
+            k,
+            t,
+            hp,
+            masks,
+            full,
+            channels: (cb0, cbn),
+            rows: (r0, r1),
+            out: (yp, ldy),
+            t0,
+            c0,
+            epilogue,
+        } = *tile;
+        let taps = t.places.len();
+        let cin = k.cin;
+        let ktot = taps * cin;
+        let (lo, stride) = (t.lo, t.stride);
+        let last = cb0 + cbn == cin;
+        for q in r0 / MR..r1.div_ceil(MR) {
+            let rows = MR.min(r1 - q * MR);
+            let panel = k.panels.as_ptr().add(q * ktot * MR);
+            let mut acc = [[_mm512_setzero_ps(); V]; MR];
+            for (tap, &m) in masks.iter().enumerate().take(taps) {
+                if m[..V] == [0; V] {
+                    continue;
+                }
+                // Lane j of this tap reads halo position (shift − lo) + j; masked lanes
+                // (padding, or past the range) read nothing.
+                let slot = t.slot_of[t.places[tap].0];
+                let base = hp.add(slot * cbn * stride + (t.shifts[tap] - lo) as usize);
+                let wp = panel.add((tap * cin + cb0) * MR);
+                for c in 0..cbn {
+                    let row = base.add(c * stride);
+                    let mut xv = [_mm512_setzero_ps(); V];
+                    for (j, v) in xv.iter_mut().enumerate() {
+                        *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
+                    }
+                    let wc = wp.add(c * MR);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(*wc.add(i));
+                        for (aj, &xj) in a.iter_mut().zip(&xv) {
+                            *aj = _mm512_fmadd_ps(wv, xj, *aj);
+                        }
+                    }
+                }
+            }
+            // Store (first channel block) or add (later ones) the tile's valid part.
+            for (i, a) in acc.iter().enumerate().take(rows) {
+                let out = yp.add((q * MR + i - r0) * ldy + (t0 - c0));
+                let bias = match epilogue.bias {
+                    Some(b) if last => Some(_mm512_set1_ps(*b.get_unchecked(q * MR + i))),
+                    _ => None,
+                };
+                // The residual's row, at the tile's first column.
+                let res = match epilogue.residual {
+                    Some(r) if last => Some(r.values.as_ptr().add((q * MR + i) * r.ld + t0)),
+                    _ => None,
+                };
+                for (j, &v) in a.iter().enumerate() {
+                    let o = out.add(j * 16);
+                    let mut v = if cb0 > 0 {
+                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], o))
+                    } else {
+                        v
+                    };
+                    if let Some(b) = bias {
+                        v = _mm512_add_ps(v, b);
+                    }
+                    if let Some(r) = res {
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], r.add(j * 16)));
+                    }
+                    if last && epilogue.relu {
+                        v = _mm512_max_ps(v, _mm512_setzero_ps());
+                    }
+                    _mm512_mask_storeu_ps(o, full[j], v);
+                }
+            }
+        }
     }
 
     thread_local! {
