@@ -278,30 +278,87 @@ pub(super) fn split_phases(
 
 /// The batch `x` (`[C, B, H, W]`, sizes `d`, even `H` and `W`) as four phase planes
 /// `[ry·2 + rx][C][B, H/2, W/2]` holding `x[c, b, 2i + ry, 2j + rx]`, into `out` (as many values
-/// as `x`; both checked by the caller), in parallel over channels.
+/// as `x`; both checked by the caller), in parallel over channels: each input row is read once
+/// and split into its even and odd columns.
 fn phase_planes(x: &[f32], d: &ConvDims, out: &mut [f32]) {
     use rayon::prelude::*;
     let (h, w, ho, wo) = (d.h, d.w, d.ho, d.wo);
     let plane = d.c * d.n();
     let ld = d.n();
-    if plane == 0 {
+    if plane == 0 || ld == 0 {
         return;
     }
-    // out[q][c] for every q, as disjoint rows of `ld` values per (q, c).
-    out.par_chunks_mut(ld).enumerate().for_each(|(row, dst)| {
-        let (q, c) = (row / d.c, row % d.c);
-        let (ry, rx) = (q / 2, q % 2);
-        for b in 0..d.b {
-            let src = &x[(c * d.b + b) * h * w..][..h * w];
-            for i in 0..ho {
-                let s = &src[(2 * i + ry) * w..][..w];
-                let o = &mut dst[(b * ho + i) * wo..][..wo];
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v = s[2 * j + rx];
+    let wide = Isa::detect() == Isa::Avx512;
+    let (p01, p23) = out.split_at_mut(2 * plane);
+    let (p0, p1) = p01.split_at_mut(plane);
+    let (p2, p3) = p23.split_at_mut(plane);
+    p0.par_chunks_mut(ld)
+        .zip(p1.par_chunks_mut(ld))
+        .zip(p2.par_chunks_mut(ld).zip(p3.par_chunks_mut(ld)))
+        .enumerate()
+        .for_each(|(c, ((o0, o1), (o2, o3)))| {
+            for b in 0..d.b {
+                let src = &x[(c * d.b + b) * h * w..][..h * w];
+                for i in 0..ho {
+                    let at = (b * ho + i) * wo;
+                    let (top, bottom) = src[2 * i * w..][..2 * w].split_at(w);
+                    split_columns(top, &mut o0[at..][..wo], &mut o1[at..][..wo], wide);
+                    split_columns(bottom, &mut o2[at..][..wo], &mut o3[at..][..wo], wide);
                 }
             }
-        }
-    });
+        });
+}
+
+/// `even[j] = s[2j]`, `odd[j] = s[2j + 1]` (`s` holds `2·even.len()` values, `odd` as many as
+/// `even`); `wide`: AVX-512 is available.
+fn split_columns(s: &[f32], even: &mut [f32], odd: &mut [f32], wide: bool) {
+    let n = even.len().min(odd.len()).min(s.len() / 2);
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: AVX-512F is available (`wide`); the calls read `s[..2·j1]` and write
+        // `even[..j1]`, `odd[..j1]`, `j1 ≤ n`.
+        j = unsafe { split_columns_avx512(s, even, odd, n) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
+    for ((p, e), o) in s[2 * j..2 * n]
+        .chunks_exact(2)
+        .zip(&mut even[j..n])
+        .zip(&mut odd[j..n])
+    {
+        *e = p[0];
+        *o = p[1];
+    }
+}
+
+/// [`split_columns`] of the first `8·⌊n/8⌋` pairs; returns how many it split.
+///
+/// # Safety
+/// AVX-512F must be available, `s` hold `2n` values and `even`, `odd` `n` each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_columns_avx512(s: &[f32], even: &mut [f32], odd: &mut [f32], n: usize) -> usize {
+    use std::arch::x86_64::*;
+    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let (sp, ep, op) = (s.as_ptr(), even.as_mut_ptr(), odd.as_mut_ptr());
+    let mut j = 0;
+    while j + 16 <= n {
+        let a = _mm512_loadu_ps(sp.add(2 * j));
+        let b = _mm512_loadu_ps(sp.add(2 * j + 16));
+        _mm512_storeu_ps(ep.add(j), _mm512_permutex2var_ps(a, ie, b));
+        _mm512_storeu_ps(op.add(j), _mm512_permutex2var_ps(a, io, b));
+        j += 16;
+    }
+    // Rows of 8 pairs (16×16 inputs): one vector, the halves of two permutations.
+    if j + 8 <= n {
+        let a = _mm512_loadu_ps(sp.add(2 * j));
+        _mm512_mask_storeu_ps(ep.add(j), 0xff, _mm512_permutexvar_ps(ie, a));
+        _mm512_mask_storeu_ps(op.add(j), 0xff, _mm512_permutexvar_ps(io, a));
+        j += 8;
+    }
+    j
 }
 
 /// Whether this CPU runs convolutions of geometry `g` in place: AVX-512, and a stride-1 or
@@ -797,6 +854,58 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::reference;
+
+    /// Phase planes of inputs whose rows take every path of the split (16-pair vectors, an
+    /// 8-pair vector, single pairs) equal the definition.
+    #[test]
+    fn phase_planes_hold_every_parity() {
+        for &(c, b, h, w) in &[
+            (3, 2, 4, 32),
+            (2, 1, 6, 16),
+            (2, 3, 2, 34),
+            (1, 2, 4, 48),
+            (2, 2, 8, 8),
+            (1, 1, 2, 2),
+        ] {
+            let d = ConvDims::new(&[c, b, h, w], ConvGeometry::square(3, 2, 1)).unwrap();
+            let x: Vec<f32> = (0..c * b * h * w).map(|i| i as f32).collect();
+            let mut out = vec![f32::NAN; x.len()];
+            phase_planes(&x, &d, &mut out);
+            let (ho, wo) = (h / 2, w / 2);
+            for q in 0..4 {
+                let (ry, rx) = (q / 2, q % 2);
+                for ci in 0..c {
+                    for bi in 0..b {
+                        for i in 0..ho {
+                            for j in 0..wo {
+                                let got = out[((q * c + ci) * b + bi) * ho * wo + i * wo + j];
+                                let want = x[((ci * b + bi) * h + 2 * i + ry) * w + 2 * j + rx];
+                                assert_eq!(
+                                    got, want,
+                                    "[{c},{b},{h},{w}] plane {q} ({ci},{bi},{i},{j})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Both instruction sets' column split, every length up to three vectors.
+        for n in 0..50 {
+            let s: Vec<f32> = (0..2 * n).map(|i| i as f32).collect();
+            for wide in [false, Isa::detect() == Isa::Avx512] {
+                let (mut e, mut o) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                split_columns(&s, &mut e, &mut o, wide);
+                for j in 0..n {
+                    assert_eq!(
+                        (e[j], o[j]),
+                        (s[2 * j], s[2 * j + 1]),
+                        "{n} pairs, wide {wide}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The per-thread halo buffer is never cleared, so padding lanes must never take what an
     /// earlier call left there: a call on a NaN input must not leak into the next one.
