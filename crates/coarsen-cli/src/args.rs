@@ -435,9 +435,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = PathArg::Packed, requires = "serve")]
     pub path: PathArg,
     /// Per sparse layer of the packed path: run its packed format or the dense kernels.
-    /// `measure` runs whichever this machine runs faster at this batch size (timed once per
-    /// layer, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE), `remeasure` times
-    /// again, `packed` and `dense` force one side.
+    /// `measure` runs whichever this machine runs faster at this batch size (timed per layer
+    /// in whole passes, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE),
+    /// `remeasure` times again, `packed` and `dense` force one side.
     #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
     pub tuning: TuningArg,
     /// With --serve: the input batch, a float32 .npy array [N, C, H, W] of network inputs.
@@ -515,9 +515,9 @@ pub struct PredictArgs {
     #[arg(long, value_enum, default_value_t = PathArg::Packed)]
     pub path: PathArg,
     /// Per sparse layer of the packed path: run its packed format or the dense kernels.
-    /// `measure` runs whichever this machine runs faster at this batch size (timed once per
-    /// layer, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE), `remeasure` times
-    /// again, `packed` and `dense` force one side.
+    /// `measure` runs whichever this machine runs faster at this batch size (timed per layer
+    /// in whole passes, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE),
+    /// `remeasure` times again, `packed` and `dense` force one side.
     #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
     pub tuning: TuningArg,
     /// Images per forward pass.
@@ -746,9 +746,9 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 7)]
     pub reps: usize,
     /// Per sparse layer of the packed path (--sparse): run its packed format or the dense kernels.
-    /// `measure` runs whichever this machine runs faster at this batch size (timed once per
-    /// layer, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE), `remeasure` times
-    /// again, `packed` and `dense` force one side.
+    /// `measure` runs whichever this machine runs faster at this batch size (timed per layer
+    /// in whole passes, cached in ~/.cache/coarsen/tune.json or $COARSEN_TUNE_CACHE),
+    /// `remeasure` times again, `packed` and `dense` force one side.
     #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
     pub tuning: TuningArg,
     /// Also write the results as JSON here.

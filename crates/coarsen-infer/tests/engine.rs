@@ -252,6 +252,20 @@ fn tuning_is_cached_per_layer_and_batch() {
     let mut a = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
     let first = a.tune(2, &mut cache, Tuning::Measure).unwrap();
     assert!(!first.is_empty() && first.iter().all(|c| !c.cached));
+    // Measured in whole passes, every layer swapped to its twin and back: each now runs the
+    // side it was given.
+    let [c, h, w] = a.input();
+    let steps = a.profile(&vec![0.5; 2 * c * h * w], 2, 1).unwrap();
+    for choice in &first {
+        let step = steps.iter().find(|s| s.step == choice.name).unwrap();
+        assert_eq!(
+            step.kernel.contains("csr"),
+            !choice.dense,
+            "{}: {}",
+            choice.name,
+            step.kernel
+        );
+    }
     cache.save().unwrap();
     // Read back: the same choices, from the file; another batch size is measured anew.
     let mut cache = TuneCache::open(&file);

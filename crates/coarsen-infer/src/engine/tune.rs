@@ -4,8 +4,8 @@
 //! Structure pays only where the kernel beats the dense GEMM on that shape, and that depends
 //! on the layer's size, its density, the batch and the CPU: N:M at batch 1, or a small layer
 //! at 50% density, can run slower packed than dense. [`InferenceNet::tune`] times both
-//! variants of every sparse layer once, on a random input of the layer's own shape, and keeps
-//! the faster. Results are cached per machine (CPU model, instruction set, threads) and engine
+//! variants of every sparse layer in whole forward passes on a random batch (every layer
+//! packed, then every one dense, interleaved) and keeps the faster. Results are cached per machine (CPU model, instruction set, threads) and engine
 //! options in a JSON file, so later runs reuse them; [`Tuning`] forces either side or re-measures.
 
 use std::collections::BTreeMap;
@@ -163,12 +163,17 @@ impl InferenceNet {
     /// Chooses, for every sparse layer, its packed format or the dense kernels for batches of
     /// `batch` images, and reports the choices in evaluation order. Structure pays only where
     /// the kernel beats the dense GEMM at that shape, density and batch (N:M at batch 1 does
-    /// not), so each such layer is timed once in both variants on a random input of its own
-    /// shape (medians of 3 to 15 interleaved runs) and keeps the faster; the times are cached
-    /// per machine (CPU model, instruction set, threads), batch size, layer and engine options.
-    /// Measurements come from and go to `cache` (call [`TuneCache::save`] afterwards to keep
-    /// them). Only the packed path has sparse layers; a layer found faster dense becomes its
-    /// dense twin for good (tuning again leaves it as it is).
+    /// not), so each such layer is timed in both variants and keeps the faster. The times are
+    /// taken in context: whole forward passes on a random batch, every layer to measure
+    /// packed, then every one on its dense twin, interleaved (one warm-up each, then 3 to 9
+    /// each for about a second), and each layer's median step time compared. Timed alone, a
+    /// layer finds its input and weights in the cache, which flattered kernels that read
+    /// more of them (N:M through im2col chose packed where the whole pass ran slower). The
+    /// times are cached per machine (CPU model, instruction set, threads), batch size, layer
+    /// and engine options. Measurements come from and go to `cache` (call
+    /// [`TuneCache::save`] afterwards to keep them). Only the packed path has sparse layers;
+    /// a layer found faster dense becomes its dense twin for good (tuning again leaves it as
+    /// it is).
     pub fn tune(
         &mut self,
         batch: usize,
@@ -180,18 +185,18 @@ impl InferenceNet {
         }
         let machine = machine();
         let options = self.options;
-        let mut rng = ChaCha8Rng::seed_from_u64(0x7u64);
-        let mut choices = Vec::new();
-        for step in &mut self.steps {
-            let Kind::Layer(l) = &mut step.kind else {
+        // Every step with a dense twin: its cache key and, where it is measured, its times.
+        let mut todo: Vec<(usize, String, Option<Entry>)> = Vec::new();
+        for (index, step) in self.steps.iter().enumerate() {
+            let Kind::Layer(l) = &step.kind else {
                 continue;
             };
-            let Some(twin) = l.dense_twin.take() else {
+            if l.dense_twin.is_none() {
                 continue;
-            };
+            }
             // The engine's options change the dense twin's kernels (Winograd) and chunking.
             let key = format!(
-                "{machine}|batch {batch}|{}|{}|{}x{}|{} stored|in {}x{}x{}|{:?}|{options:?}",
+                "{machine}|batch {batch}|{}|{}|{}x{}|{} stored|in {}x{}x{}|{:?}|{options:?}|in context",
                 l.name,
                 l.plan.format(),
                 l.plan.out_dim(),
@@ -206,30 +211,34 @@ impl InferenceNet {
                 Tuning::Measure => cache.entries.get(&key).copied(),
                 _ => None,
             };
-            let (times, cached) = match tuning {
-                Tuning::Packed | Tuning::Dense => (None, false),
-                Tuning::Measure if known.is_some() => (known, true),
-                Tuning::Measure | Tuning::Remeasure => {
-                    let len = l.cin * batch * l.h * l.w;
-                    let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-                    let res = l
-                        .residual
-                        .then(|| vec![0.5f32; l.cout * batch * l.ho * l.wo]);
-                    let (packed_ms, dense_ms) = measure(
-                        || l.forward(&x, res.as_deref(), batch, &options).map(|_| ()),
-                        || {
-                            twin.forward(&x, res.as_deref(), batch, &options)
-                                .map(|_| ())
-                        },
-                    )?;
-                    let e = Entry {
-                        packed_ms,
-                        dense_ms,
-                    };
-                    cache.entries.insert(key, e);
-                    cache.dirty = true;
-                    (Some(e), false)
-                }
+            todo.push((index, key, known));
+        }
+        let measure: Vec<usize> = match tuning {
+            Tuning::Measure | Tuning::Remeasure => todo
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, _, known))| known.is_none())
+                .map(|(i, _)| i)
+                .collect(),
+            Tuning::Packed | Tuning::Dense => Vec::new(),
+        };
+        if !measure.is_empty() {
+            let steps: Vec<usize> = measure.iter().map(|&i| todo[i].0).collect();
+            let times = self.time_in_context(batch, &steps)?;
+            for (&i, e) in measure.iter().zip(times) {
+                cache.entries.insert(todo[i].1.clone(), e);
+                cache.dirty = true;
+                todo[i].2 = Some(e);
+            }
+        }
+        let fresh: Vec<bool> = (0..todo.len()).map(|i| measure.contains(&i)).collect();
+        let mut choices = Vec::new();
+        for ((index, _, times), fresh) in todo.into_iter().zip(fresh) {
+            let Kind::Layer(l) = &mut self.steps[index].kind else {
+                continue;
+            };
+            let Some(twin) = l.dense_twin.take() else {
+                continue;
             };
             let dense = match (tuning, times) {
                 (Tuning::Dense, _) => true,
@@ -242,7 +251,7 @@ impl InferenceNet {
                 packed_ms: times.map(|e| e.packed_ms),
                 dense_ms: times.map(|e| e.dense_ms),
                 dense,
-                cached,
+                cached: times.is_some() && !fresh,
             });
             // The variant that does not run is dropped: a layer found faster dense becomes its
             // dense twin.
@@ -251,6 +260,61 @@ impl InferenceNet {
             }
         }
         Ok(choices)
+    }
+
+    /// Median time of each of `steps` (layers with a dense twin) in whole forward passes on a
+    /// random batch, packed and on its dense twin: one warm-up pass of each, then passes of
+    /// the two interleaved, 3 to 9 of each for about a second.
+    fn time_in_context(&mut self, batch: usize, steps: &[usize]) -> Result<Vec<Entry>> {
+        let [c, h, w] = self.input;
+        let mut rng = ChaCha8Rng::seed_from_u64(0x7u64);
+        let len = c * batch * h * w;
+        let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        // Swaps every measured layer with its dense twin (twice: back again).
+        let swap = |net: &mut InferenceNet| {
+            for &s in steps {
+                if let Kind::Layer(l) = &mut net.steps[s].kind {
+                    if let Some(mut twin) = l.dense_twin.take() {
+                        std::mem::swap(&mut **l, &mut *twin);
+                        l.dense_twin = Some(twin);
+                    }
+                }
+            }
+        };
+        let mut packed = vec![Vec::new(); steps.len()];
+        let mut dense = vec![Vec::new(); steps.len()];
+        let pass = |net: &InferenceNet, into: &mut [Vec<f64>]| -> Result<()> {
+            let mut t = vec![0.0f64; net.steps.len()];
+            super::run::run(net, &x, batch, Some(&mut t))?;
+            for (v, &s) in into.iter_mut().zip(steps) {
+                v.push(t[s] * 1e3);
+            }
+            Ok(())
+        };
+        let start = Instant::now();
+        let mut rounds = 0;
+        // Round 0 is the warm-up.
+        while rounds < 10 && (rounds < 4 || start.elapsed().as_secs_f64() < 1.0) {
+            let r = pass(self, &mut packed);
+            swap(self);
+            let r = r.and_then(|()| pass(self, &mut dense));
+            swap(self);
+            r?;
+            rounds += 1;
+        }
+        let med = |v: &mut Vec<f64>| {
+            let v = &mut v[1..];
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok(packed
+            .iter_mut()
+            .zip(&mut dense)
+            .map(|(p, d)| Entry {
+                packed_ms: med(p),
+                dense_ms: med(d),
+            })
+            .collect())
     }
 
     /// [`tune`](Self::tune) with the cache in [`TuneCache::default_path`], saving new
@@ -295,29 +359,4 @@ pub fn describe_choices(choices: &[LayerChoice]) -> String {
             dense[..shown].join(", ")
         )
     }
-}
-
-/// Medians of `a` and `b`, ms: one warm-up each, then interleaved repetitions for about a tenth
-/// of a second (3 to 15 each).
-fn measure(
-    mut a: impl FnMut() -> Result<()>,
-    mut b: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
-    a()?;
-    b()?;
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    let start = Instant::now();
-    while ta.len() < 15 && (ta.len() < 3 || start.elapsed().as_secs_f64() < 0.1) {
-        let t = Instant::now();
-        a()?;
-        ta.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        b()?;
-        tb.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    Ok((med(&mut ta), med(&mut tb)))
 }
