@@ -329,7 +329,8 @@ mod avx512 {
     /// Tiles per halo copy.
     const SPAN: usize = 4;
     use crate::conv::ConvDims;
-    use crate::engine::direct::Taps;
+    use crate::engine::direct::avx512::store_row;
+    use crate::engine::direct::{lanes, Taps};
 
     /// See [`BlockConv::forward_into`].
     ///
@@ -390,15 +391,7 @@ mod avx512 {
                 t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp);
             }
             t.masks(t0, width, &mut masks);
-            let full = if width == NR {
-                [u16::MAX; NV]
-            } else {
-                let mut f = [0u16; NV];
-                for lane in 0..width {
-                    f[lane / 16] |= 1 << (lane % 16);
-                }
-                f
-            };
+            let full = lanes(width);
             // Tiles narrower than 48 (the batch's last columns, or batch 1's small images)
             // keep only the vectors they need in registers.
             let tile = Tile {
@@ -476,26 +469,7 @@ mod avx512 {
                 }
                 for (a, &r) in acc.iter().zip(rows) {
                     let out = yp.add(r as usize * ldy + (t0 - c0));
-                    let bias = epilogue
-                        .bias
-                        .map(|bias| _mm512_set1_ps(*bias.get_unchecked(r as usize)));
-                    // The residual's row, at the tile's first column.
-                    let res = epilogue
-                        .residual
-                        .map(|res| res.values.as_ptr().add(r as usize * res.ld + t0));
-                    for (j, &v) in a.iter().enumerate() {
-                        let mut v = v;
-                        if let Some(bv) = bias {
-                            v = _mm512_add_ps(v, bv);
-                        }
-                        if let Some(rp) = res {
-                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], rp.add(j * 16)));
-                        }
-                        if epilogue.relu {
-                            v = _mm512_max_ps(v, _mm512_setzero_ps());
-                        }
-                        _mm512_mask_storeu_ps(out.add(j * 16), full[j], v);
-                    }
+                    store_row(a, out, full, false, epilogue, r as usize, t0);
                 }
             }
         }

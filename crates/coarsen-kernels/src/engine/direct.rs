@@ -248,6 +248,16 @@ impl Taps {
     }
 }
 
+/// The lanes of a tile's `NV` vectors that hold its first `width ≤ NR` positions.
+pub(super) fn lanes(width: usize) -> [u16; NV] {
+    let mut f = [0u16; NV];
+    for (j, m) in f.iter_mut().enumerate() {
+        let n = width.saturating_sub(16 * j).min(16);
+        *m = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+    }
+    f
+}
+
 /// The split of an in-place kernel (geometry `g`, `cin` input and `cout` output channels)
 /// into phase planes ([`DirectConv::split_phases`]), after checking that the kernel is a
 /// stride-2 one that runs `d`, `x` holds the batch and `out` as many values.
@@ -643,10 +653,10 @@ pub(crate) fn check_call(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{DirectConv, Epilogue, Taps, MAX_TAPS, MR, NR, NV};
+    use super::{lanes, DirectConv, Epilogue, Taps, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
 
     /// See [`DirectConv::forward_into`].
@@ -694,15 +704,7 @@ mod avx512 {
         while t0 < c1 {
             let width = NR.min(c1 - t0);
             t.masks(t0, width, &mut masks);
-            let full = if width == NR {
-                [u16::MAX; NV]
-            } else {
-                let mut f = [0u16; NV];
-                for lane in 0..width {
-                    f[lane / 16] |= 1 << (lane % 16);
-                }
-                f
-            };
+            let full = lanes(width);
             let mut cb0 = 0;
             while cb0 < cin {
                 let cbn = cbs.min(cin - cb0);
@@ -733,6 +735,52 @@ mod avx512 {
             t0 += width;
         }
         HALO.set(halo);
+    }
+
+    /// Stores one row `r` of a register tile (the tile's valid lanes `full`, its first
+    /// column `t0` of the whole output) at `out` as `act(v + bias[r] + residual[r, t0 ..])`
+    /// through `epilogue`, `v` added to what `out` holds when `add` (a later block of input
+    /// channels).
+    ///
+    /// Always inlined into the kernels' AVX-512 functions (a call would take the register
+    /// tile's address and keep it in memory through the whole tile).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `out` valid for the lanes of `full`, and the epilogue's
+    /// bias and residual for row `r` and those columns.
+    #[inline(always)]
+    pub(crate) unsafe fn store_row<const V: usize>(
+        acc: &[__m512; V],
+        out: *mut f32,
+        full: [u16; NV],
+        add: bool,
+        epilogue: Epilogue<'_>,
+        r: usize,
+        t0: usize,
+    ) {
+        let bias = epilogue.bias.map(|b| _mm512_set1_ps(*b.get_unchecked(r)));
+        // The residual's row, at the tile's first column.
+        let res = epilogue
+            .residual
+            .map(|res| res.values.as_ptr().add(r * res.ld + t0));
+        for (j, &v) in acc.iter().enumerate() {
+            let o = out.add(j * 16);
+            let mut v = if add {
+                _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], o))
+            } else {
+                v
+            };
+            if let Some(b) = bias {
+                v = _mm512_add_ps(v, b);
+            }
+            if let Some(rp) = res {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], rp.add(j * 16)));
+            }
+            if epilogue.relu {
+                v = _mm512_max_ps(v, _mm512_setzero_ps());
+            }
+            _mm512_mask_storeu_ps(o, full[j], v);
+        }
     }
 
     /// What one tile of output positions and one block of input channels share over every
@@ -809,36 +857,12 @@ mod avx512 {
                     }
                 }
             }
-            // Store (first channel block) or add (later ones) the tile's valid part.
+            // Store (first channel block) or add (later ones) the tile's valid part; the last
+            // block applies the epilogue.
             for (i, a) in acc.iter().enumerate().take(rows) {
                 let out = yp.add((q * MR + i - r0) * ldy + (t0 - c0));
-                let bias = match epilogue.bias {
-                    Some(b) if last => Some(_mm512_set1_ps(*b.get_unchecked(q * MR + i))),
-                    _ => None,
-                };
-                // The residual's row, at the tile's first column.
-                let res = match epilogue.residual {
-                    Some(r) if last => Some(r.values.as_ptr().add((q * MR + i) * r.ld + t0)),
-                    _ => None,
-                };
-                for (j, &v) in a.iter().enumerate() {
-                    let o = out.add(j * 16);
-                    let mut v = if cb0 > 0 {
-                        _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], o))
-                    } else {
-                        v
-                    };
-                    if let Some(b) = bias {
-                        v = _mm512_add_ps(v, b);
-                    }
-                    if let Some(r) = res {
-                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(full[j], r.add(j * 16)));
-                    }
-                    if last && epilogue.relu {
-                        v = _mm512_max_ps(v, _mm512_setzero_ps());
-                    }
-                    _mm512_mask_storeu_ps(o, full[j], v);
-                }
+                let epilogue = if last { epilogue } else { Epilogue::default() };
+                store_row(a, out, full, cb0 > 0, epilogue, q * MR + i, t0);
             }
         }
     }
@@ -854,6 +878,17 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::reference;
+
+    /// A tile's lane masks cover exactly its first `width` positions.
+    #[test]
+    fn lanes_cover_the_tile_width() {
+        assert_eq!(lanes(0), [0, 0, 0]);
+        assert_eq!(lanes(5), [0x1f, 0, 0]);
+        assert_eq!(lanes(16), [u16::MAX, 0, 0]);
+        assert_eq!(lanes(17), [u16::MAX, 1, 0]);
+        assert_eq!(lanes(47), [u16::MAX, u16::MAX, 0x7fff]);
+        assert_eq!(lanes(NR), [u16::MAX; NV]);
+    }
 
     /// Phase planes of inputs whose rows take every path of the split (16-pair vectors, an
     /// 8-pair vector, single pairs) equal the definition.
