@@ -185,8 +185,9 @@ impl InferenceNet {
         }
         let machine = machine();
         let options = self.options;
-        // Every step with a dense twin: its cache key and, where it is measured, its times.
-        let mut todo: Vec<(usize, String, Option<Entry>)> = Vec::new();
+        // Every step with a dense twin: its cache key, its times (from the cache, or measured
+        // below) and whether they came from the cache.
+        let mut todo: Vec<(usize, String, Option<Entry>, bool)> = Vec::new();
         for (index, step) in self.steps.iter().enumerate() {
             let Kind::Layer(l) = &step.kind else {
                 continue;
@@ -211,13 +212,13 @@ impl InferenceNet {
                 Tuning::Measure => cache.entries.get(&key).copied(),
                 _ => None,
             };
-            todo.push((index, key, known));
+            todo.push((index, key, known, known.is_some()));
         }
         let measure: Vec<usize> = match tuning {
             Tuning::Measure | Tuning::Remeasure => todo
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, _, known))| known.is_none())
+                .filter(|(_, (_, _, known, _))| known.is_none())
                 .map(|(i, _)| i)
                 .collect(),
             Tuning::Packed | Tuning::Dense => Vec::new(),
@@ -231,9 +232,8 @@ impl InferenceNet {
                 todo[i].2 = Some(e);
             }
         }
-        let fresh: Vec<bool> = (0..todo.len()).map(|i| measure.contains(&i)).collect();
         let mut choices = Vec::new();
-        for ((index, _, times), fresh) in todo.into_iter().zip(fresh) {
+        for (index, _, times, cached) in todo {
             let Kind::Layer(l) = &mut self.steps[index].kind else {
                 continue;
             };
@@ -251,7 +251,7 @@ impl InferenceNet {
                 packed_ms: times.map(|e| e.packed_ms),
                 dense_ms: times.map(|e| e.dense_ms),
                 dense,
-                cached: times.is_some() && !fresh,
+                cached,
             });
             // The variant that does not run is dropped: a layer found faster dense becomes its
             // dense twin.
