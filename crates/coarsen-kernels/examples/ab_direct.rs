@@ -1,4 +1,5 @@
-//! Developer tool: times the implicit-GEMM convolution on CIFAR VGG/ResNet layer shapes with
+//! Developer tool: times the implicit-GEMM convolution on CIFAR VGG/ResNet layer shapes (the
+//! first layer's 3 input channels, then the 3×3 layers of every stage) with
 //! several input-channel blocks, interleaved pass by pass on one thread (the machine's noise
 //! hits all alike), and prints the best and median GFLOP/s of each.
 //!
@@ -41,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let g = ConvGeometry::square(3, 1, 1);
     for (cin, cout, hw) in [
+        (3, 64, 32),
         (64, 64, 32),
         (128, 128, 16),
         (256, 256, 8),

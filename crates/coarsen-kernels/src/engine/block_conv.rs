@@ -330,7 +330,7 @@ mod avx512 {
     const SPAN: usize = 4;
     use crate::conv::ConvDims;
     use crate::engine::direct::avx512::store_row;
-    use crate::engine::direct::{lanes, Taps};
+    use crate::engine::direct::{halo_start, lanes, Taps};
 
     /// See [`BlockConv::forward_into`].
     ///
@@ -362,11 +362,7 @@ mod avx512 {
         // Reused per thread and never cleared: lanes that would read what an earlier tile left
         // there are masked off.
         let mut halo = HALO.take();
-        let halo_len = t.planes.len() * cin * stride + 16;
-        if halo.len() < halo_len {
-            halo.resize(halo_len, 0.0);
-        }
-        let hp = halo.as_mut_ptr();
+        let hp = halo_start(&mut halo, t.planes.len() * cin * stride + 16);
         let mut masks = [[0u16; NV]; MAX_TAPS];
         let blocks = &k.blocks[b0..b1];
         // Where every column of the blocks reads in the halo (one flat loop over a block's
@@ -383,6 +379,7 @@ mod avx512 {
                 );
             }
         }
+        let cache = t.mask_cache(c0, c1);
         let mut t0 = c0;
         let mut s0 = c0;
         while t0 < c1 {
@@ -390,7 +387,7 @@ mod avx512 {
             if t0 == s0 {
                 t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp);
             }
-            t.masks(t0, width, &mut masks);
+            cache.masks(&t, t0, width, &mut masks);
             let full = lanes(width);
             // Tiles narrower than 48 (the batch's last columns, or batch 1's small images)
             // keep only the vectors they need in registers.

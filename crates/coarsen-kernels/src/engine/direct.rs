@@ -211,6 +211,30 @@ impl Taps {
         }
     }
 
+    /// The lane masks of full-width tiles (`NR` positions) from `c0`, `NR` apart, for a range
+    /// ending at `c1`: a tile's masks depend only on where it starts within an image, so
+    /// they repeat every `H·W / gcd(H·W, NR)` tiles and are computed once per period (at
+    /// most [`MaskCache::MAX_PERIOD`] tiles, and only when the range repeats them).
+    pub(super) fn mask_cache(&self, c0: usize, c1: usize) -> MaskCache {
+        let hw = (self.h * self.w).max(1);
+        let period = hw / gcd(hw, NR);
+        let tiles = (c1.saturating_sub(c0)) / NR;
+        let taps = self.places.len();
+        let mut masks = Vec::new();
+        if period <= MaskCache::MAX_PERIOD && tiles > period {
+            masks.resize(period * taps, [0; NV]);
+            for (i, m) in masks.chunks_exact_mut(taps).enumerate() {
+                self.masks(c0 + i * NR, NR, m);
+            }
+        }
+        MaskCache {
+            c0,
+            period,
+            taps,
+            masks,
+        }
+    }
+
     /// Copies channels `c0 .. c0 + cn` of every plane the taps read (`x` holds `cin` channels
     /// per plane, `ld` positions each) around the `width` positions from `t0` (at most the
     /// `width` of [`new`](Self::new)) into `halo`: channel `c` of slot `s` at row `s·cn + c −
@@ -246,6 +270,51 @@ impl Taps {
             }
         }
     }
+}
+
+/// Precomputed lane masks of a range's full-width tiles ([`Taps::mask_cache`]).
+pub(super) struct MaskCache {
+    c0: usize,
+    period: usize,
+    taps: usize,
+    /// `period` tiles' masks, `taps` each; empty when not worth caching.
+    masks: Vec<[u16; NV]>,
+}
+
+impl MaskCache {
+    /// Most tiles cached (`H·W` = 1024 needs 64; larger images' periods are left alone).
+    const MAX_PERIOD: usize = 256;
+
+    /// The lane masks per tap of the tile of `width` positions from `t0` into `masks`, from
+    /// the cache where it holds them.
+    pub(super) fn masks(&self, t: &Taps, t0: usize, width: usize, masks: &mut [[u16; NV]]) {
+        let d = t0 - self.c0;
+        if width == NR && !self.masks.is_empty() && d.is_multiple_of(NR) {
+            let i = (d / NR) % self.period;
+            masks[..self.taps].copy_from_slice(&self.masks[i * self.taps..][..self.taps]);
+        } else {
+            t.masks(t0, width, masks);
+        }
+    }
+}
+
+/// Greatest common divisor.
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The start of a halo of `len` floats in `buf` (grown as needed), on a 64-byte boundary:
+/// halo rows are whole cache lines apart, so the taps whose shift is a multiple of 16 load
+/// whole lines instead of two halves.
+pub(super) fn halo_start(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
+    if buf.len() < len + 16 {
+        buf.resize(len + 16, 0.0);
+    }
+    let skip = buf.as_ptr().align_offset(64).min(16);
+    buf[skip..].as_mut_ptr()
 }
 
 /// The lanes of a tile's `NV` vectors that hold its first `width ≤ NR` positions.
@@ -656,7 +725,7 @@ pub(crate) fn check_call(
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{lanes, DirectConv, Epilogue, Taps, MAX_TAPS, MR, NR, NV};
+    use super::{halo_start, lanes, DirectConv, Epilogue, Taps, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
 
     /// See [`DirectConv::forward_into`].
@@ -694,16 +763,13 @@ pub(super) mod avx512 {
         // there are masked off.
         let cbs = k.block.max(1);
         let mut halo = HALO.take();
-        let halo_len = t.planes.len() * cbs * stride + 16;
-        if halo.len() < halo_len {
-            halo.resize(halo_len, 0.0);
-        }
-        let hp = halo.as_mut_ptr();
+        let hp = halo_start(&mut halo, t.planes.len() * cbs * stride + 16);
         let mut masks = [[0u16; NV]; MAX_TAPS];
+        let cache = t.mask_cache(c0, c1);
         let mut t0 = c0;
         while t0 < c1 {
             let width = NR.min(c1 - t0);
-            t.masks(t0, width, &mut masks);
+            cache.masks(&t, t0, width, &mut masks);
             let full = lanes(width);
             let mut cb0 = 0;
             while cb0 < cin {
@@ -859,11 +925,35 @@ pub(super) mod avx512 {
             }
             // Store (first channel block) or add (later ones) the tile's valid part; the last
             // block applies the epilogue.
-            for (i, a) in acc.iter().enumerate().take(rows) {
-                let out = yp.add((q * MR + i - r0) * ldy + (t0 - c0));
-                let epilogue = if last { epilogue } else { Epilogue::default() };
-                store_row(a, out, full, cb0 > 0, epilogue, q * MR + i, t0);
-            }
+            let epilogue = if last { epilogue } else { Epilogue::default() };
+            let out = yp.add((q * MR - r0) * ldy + (t0 - c0));
+            store_tile(acc, rows, (out, ldy), full, cb0 > 0, epilogue, (q * MR, t0));
+        }
+    }
+
+    /// Stores the first `rows` rows of a register tile (rows `r ..` of the output, columns
+    /// `t0 ..`) at `out`, rows `ldy` apart, through [`store_row`].
+    ///
+    /// Not inlined, and given the tile by value: the tile stays in registers through the
+    /// taps and channels of [`run_tile`] and is written out once (indexed at run time
+    /// by `rows`, inline it made LLVM keep the tile in memory and store all of it after
+    /// every tap: with 3 input channels, more stores than FMAs).
+    ///
+    /// # Safety
+    /// As [`store_row`], for each of the rows.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    unsafe fn store_tile<const V: usize>(
+        acc: [[__m512; V]; MR],
+        rows: usize,
+        (out, ldy): (*mut f32, usize),
+        full: [u16; NV],
+        add: bool,
+        epilogue: Epilogue<'_>,
+        (r, t0): (usize, usize),
+    ) {
+        for (i, a) in acc.iter().enumerate().take(rows) {
+            store_row(a, out.add(i * ldy), full, add, epilogue, r + i, t0);
         }
     }
 
@@ -888,6 +978,35 @@ mod tests {
         assert_eq!(lanes(17), [u16::MAX, 1, 0]);
         assert_eq!(lanes(47), [u16::MAX, u16::MAX, 0x7fff]);
         assert_eq!(lanes(NR), [u16::MAX; NV]);
+    }
+
+    /// The cached lane masks of every tile of long ranges (starting anywhere, images whose
+    /// period of tiles is 1 to 64, stride 1 and 2) equal the masks computed tile by tile.
+    #[test]
+    fn cached_masks_equal_computed_ones() {
+        for (g, b, h, w) in [
+            (ConvGeometry::square(3, 1, 1), 8, 32, 32),
+            (ConvGeometry::square(3, 1, 1), 40, 4, 4),
+            (ConvGeometry::square(5, 1, 2), 30, 7, 9),
+            (ConvGeometry::square(3, 2, 1), 20, 16, 12),
+        ] {
+            let d = ConvDims::new(&[3, b, h, w], g).unwrap();
+            let t = Taps::new(&g, &d, NR);
+            let n = d.n();
+            for c0 in [0, 5, NR + 3] {
+                let cache = t.mask_cache(c0, n);
+                assert!(!cache.masks.is_empty(), "{h}x{w} from {c0}: nothing cached");
+                let (mut got, mut want) = ([[0u16; NV]; MAX_TAPS], [[0u16; NV]; MAX_TAPS]);
+                let mut t0 = c0;
+                while t0 < n {
+                    let width = NR.min(n - t0);
+                    cache.masks(&t, t0, width, &mut got);
+                    t.masks(t0, width, &mut want);
+                    assert_eq!(got, want, "{h}x{w} from {c0}, tile at {t0}");
+                    t0 += width;
+                }
+            }
+        }
     }
 
     /// Phase planes of inputs whose rows take every path of the split (16-pair vectors, an
