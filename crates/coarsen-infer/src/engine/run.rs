@@ -539,10 +539,30 @@ impl Layer {
         let packed_len = packed_width.map_or(0, |w| n.div_ceil(w) * w * kk);
         if let Some(w) = packed_width {
             shared = at_least(shared, packed_len);
-            let mut tmp = Vec::new();
             let c = &mut shared[..packed_len];
-            d.im2col_tiles(x, self.read.as_deref(), 0, n, w, c, &mut tmp)
-                .map_err(kerr)?;
+            let parts = (2 * rayon::current_num_threads()).min(kk / IM2COL_ROWS);
+            if n <= w && parts > 1 {
+                // One tile (`kk × w`, row after row; batch 1's deepest layers): its rows in
+                // parallel, where one thread made it while the others waited.
+                let all: Vec<u32>;
+                let ids = match self.read.as_deref() {
+                    Some(r) => r,
+                    None => {
+                        all = (0..kk as u32).collect();
+                        &all
+                    }
+                };
+                let per = kk.div_ceil(parts);
+                c.par_chunks_mut(per * w)
+                    .zip(ids.par_chunks(per))
+                    .try_for_each(|(out, ids)| {
+                        d.im2col_tiles(x, Some(ids), 0, n, w, out, &mut Vec::new())
+                    })
+                    .map_err(kerr)?;
+            } else {
+                d.im2col_tiles(x, self.read.as_deref(), 0, n, w, c, &mut Vec::new())
+                    .map_err(kerr)?;
+            }
         }
         // A stride-2 implicit GEMM reads its input as phase planes, split once for every task.
         let phases = dc.filter(|k| k.needs_phases());
@@ -861,6 +881,9 @@ const FEW_DIRECT_TILES: usize = 2;
 
 /// Columns up to which a dense layer runs the kernel that vectorises over output rows.
 const SMALL_COLS: usize = 64;
+
+/// Fewest im2col rows per task when one tile of few columns is made in parallel.
+const IM2COL_ROWS: usize = 256;
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {

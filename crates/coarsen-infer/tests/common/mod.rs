@@ -212,6 +212,23 @@ pub fn residual() -> Net {
     n
 }
 
+/// Deep layers on small images: at batch 1 their products have 16 and 4 columns and 576
+/// im2col rows (one tile of few columns, made in parallel).
+pub fn deep() -> Net {
+    let mut n = Net::new([64, 4, 4]);
+    n.conv3("conv1", 64, 32, 1);
+    n.bn("bn1", 32);
+    n.op(Op::Relu);
+    n.conv3("conv2", 32, 64, 2);
+    n.op(Op::Relu);
+    n.conv3("conv3", 64, 32, 1);
+    n.bn("bn3", 32);
+    n.op(Op::Relu);
+    n.op(Op::GlobalAvgPool);
+    n.linear("fc", 32, 5, true);
+    n
+}
+
 /// Everything else: a standalone BatchNorm on the input, a grouped convolution, a
 /// non-square kernel with asymmetric padding, max and average pools with padding, a ReLU read
 /// twice, a linear layer without bias.
