@@ -227,12 +227,7 @@ impl Taps {
                 self.masks(c0 + i * NR, NR, m);
             }
         }
-        MaskCache {
-            c0,
-            period,
-            taps,
-            masks,
-        }
+        MaskCache { c0, period, masks }
     }
 
     /// Copies channels `c0 .. c0 + cn` of every plane the taps read (`x` holds `cin` channels
@@ -276,8 +271,8 @@ impl Taps {
 pub(super) struct MaskCache {
     c0: usize,
     period: usize,
-    taps: usize,
-    /// `period` tiles' masks, `taps` each; empty when not worth caching.
+    /// `period` tiles' masks, one per tap of the [`Taps`] that made them; empty when not
+    /// worth caching.
     masks: Vec<[u16; NV]>,
 }
 
@@ -286,12 +281,12 @@ impl MaskCache {
     const MAX_PERIOD: usize = 256;
 
     /// The lane masks per tap of the tile of `width` positions from `t0` into `masks`, from
-    /// the cache where it holds them.
+    /// the cache where it holds them (`t`: the taps that made the cache).
     pub(super) fn masks(&self, t: &Taps, t0: usize, width: usize, masks: &mut [[u16; NV]]) {
-        let d = t0 - self.c0;
+        let (d, taps) = (t0 - self.c0, t.places.len());
         if width == NR && !self.masks.is_empty() && d.is_multiple_of(NR) {
             let i = (d / NR) % self.period;
-            masks[..self.taps].copy_from_slice(&self.masks[i * self.taps..][..self.taps]);
+            masks[..taps].copy_from_slice(&self.masks[i * taps..][..taps]);
         } else {
             t.masks(t0, width, masks);
         }
