@@ -1,5 +1,5 @@
 //! Developer tool: times an export's network on the dense path with faer's GEMM, with coarsen's
-//! kernels, and with coarsen's kernels plus Winograd F(2×2, 3×3), interleaved in one process
+//! kernels without Winograd F(2×2, 3×3) (implicit GEMMs), and with it (the default), interleaved in one process
 //! (the machine's noise hits all alike).
 //!
 //! `cargo run --release -p coarsen-infer --example ab_dense -- EXPORT_DIR [BATCH] [ROUNDS]`
@@ -18,12 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let e = export::load(std::path::Path::new(dir))?;
     let mut faer = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
     faer.set_dense_kernel(DenseKernel::Faer);
-    let tiled = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
     let options = InferOptions {
-        winograd: true,
+        winograd: false,
         ..InferOptions::default()
     };
-    let wino = InferenceNet::with_options(&e.network, &e.formats, Path::Dense, options)?;
+    let tiled = InferenceNet::with_options(&e.network, &e.formats, Path::Dense, options)?;
+    let wino = InferenceNet::new(&e.network, &e.formats, Path::Dense)?;
     let [c, h, w] = tiled.input();
     let x: Vec<f32> = (0..c * h * w * batch)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)

@@ -18,6 +18,11 @@ use crate::format::{Formats, LayerFormat};
 use crate::graph::{Node, Op, Pool, INPUT};
 use crate::network::Network;
 
+/// Fewest input channels of a layer that runs Winograd F(2×2, 3×3): with fewer (a network's
+/// first layer, 3 channels) its transforms cost more than the products they save
+/// (`examples/ab_wino` in coarsen-kernels times the shapes).
+pub(super) const WINOGRAD_MIN_CHANNELS: usize = 8;
+
 /// Activation flow of one value, known when compiling: which channels are computed (`live`,
 /// ascending) and the constant value of every other channel.
 #[derive(Clone, Debug)]
@@ -437,8 +442,9 @@ impl<'a> Compiler<'a> {
     }
 
     /// The kernels that read a dense stride-1 "same" convolution's input in place: the implicit
-    /// GEMM, and Winograd F(2×2, 3×3) when it was asked for and the layer is a 3×3 padding-1
-    /// convolution of even `h × w` inputs (`rows × cin·kh·kw` weight `values`).
+    /// GEMM, and Winograd F(2×2, 3×3) when it was asked for, the CPU runs its fused kernel and
+    /// the layer is a 3×3 padding-1 convolution of even `h × w` inputs and at least
+    /// [`WINOGRAD_MIN_CHANNELS`] input channels (`rows × cin·kh·kw` weight `values`).
     fn in_place_kernels(
         &self,
         g: ConvGeometry,
@@ -448,8 +454,12 @@ impl<'a> Compiler<'a> {
         (h, w): (usize, usize),
     ) -> std::result::Result<(Option<DirectConv>, Option<Winograd>), coarsen_kernels::KernelError>
     {
-        let wino = if self.winograd && h.is_multiple_of(2) && w.is_multiple_of(2) {
-            Winograd::new(g, rows, cin, values)?
+        let wino = if self.winograd
+            && h.is_multiple_of(2)
+            && w.is_multiple_of(2)
+            && cin >= WINOGRAD_MIN_CHANNELS
+        {
+            Winograd::new(g, rows, cin, values)?.filter(Winograd::is_fused)
         } else {
             None
         };

@@ -477,8 +477,9 @@ impl Layer {
         let tiles = self.plan.tile_width();
         let wino = self.wino.as_ref().filter(|_| self.runs_winograd(n, o));
         let chunks = match wino {
-            // Whole pairs of output rows; about 4·cin values of transformed input per column.
-            Some(_) => column_chunks(n, 2 * self.wo, 1, 4 * self.cin, o),
+            // Whole pairs of output rows, in whole blocks of tiles where that costs at most
+            // a few pairs.
+            Some(_) => column_chunks(n, 2 * self.wo, Winograd::BLOCK_COLUMNS, 4 * self.cin, o),
             None => column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o),
         };
         // A 1×1 convolution over the whole batch multiplies the input itself.
@@ -581,12 +582,30 @@ impl Layer {
             .into_par_iter()
             .try_for_each(|((c0, c1), (r0, r1))| -> Result<()> {
                 let (nc, out) = (c1 - c0, yp);
-                if let Some(dc) = dc.filter(|_| o.fuse_epilogue && self.corr.is_none()) {
-                    let epilogue = Epilogue {
-                        bias: Some(&self.bias),
-                        residual: res.map(|values| Residual { values, ld: n }),
-                        relu: self.relu,
-                    };
+                let fused = o.fuse_epilogue && self.corr.is_none();
+                let epilogue = Epilogue {
+                    bias: Some(&self.bias),
+                    residual: res.map(|values| Residual { values, ld: n }),
+                    relu: self.relu,
+                };
+                if let Some(k) = wino.filter(|_| fused) {
+                    // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
+                    // (`rows × n`, allocated above), and every value is written before
+                    // `set_len` below.
+                    return unsafe {
+                        k.forward_into(
+                            x,
+                            &d,
+                            (c0, c1),
+                            (r0, r1),
+                            out.0.add(r0 * n + c0),
+                            n,
+                            epilogue,
+                        )
+                    }
+                    .map_err(kerr);
+                }
+                if let Some(dc) = dc.filter(|_| fused) {
                     // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
                     // (`rows × n`, allocated above); the kernel writes each value before it
                     // reads it back, and every value is written before `set_len` below.

@@ -9,6 +9,7 @@
 //! separably (along the row, then down the four rows), on contiguous arrays the compiler
 //! vectorises.
 
+use super::direct::Epilogue;
 use super::tiled::Tiled;
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
@@ -19,8 +20,11 @@ use crate::simd::{run_task, Isa, Simd, SimdTask};
 pub struct Winograd {
     cout: usize,
     cin: usize,
-    /// `U_e` for e = 4·i + j, each `cout × cin`, on the tiled GEMM.
+    /// `U_e` for e = 4·i + j, each `cout × cin`, on the tiled GEMM (without AVX-512).
     u: Vec<Tiled>,
+    /// With AVX-512: `U_e` in panels of [`PANEL_ROWS`] rows for the fused kernel,
+    /// `[e][panel][c][i]` (rows past `cout` zero), and `u` is empty.
+    panels: Vec<f32>,
 }
 
 /// `G`, 4×3.
@@ -73,9 +77,43 @@ impl Winograd {
                 }
             }
         }
+        if isa == Isa::Avx512 {
+            let np = cout.div_ceil(PANEL_ROWS);
+            let mut panels = vec![0.0f32; 16 * np * cin * PANEL_ROWS];
+            for (e, u) in ue.iter().enumerate() {
+                for m in 0..cout {
+                    let (q, i) = (m / PANEL_ROWS, m % PANEL_ROWS);
+                    for c in 0..cin {
+                        panels[((e * np + q) * cin + c) * PANEL_ROWS + i] = u[m * cin + c];
+                    }
+                }
+            }
+            return Ok(Some(Winograd {
+                cout,
+                cin,
+                u: Vec::new(),
+                panels,
+            }));
+        }
         let u = ue.iter().map(|v| Tiled::new(isa, cout, cin, v)).collect();
-        Ok(Some(Winograd { cout, cin, u }))
+        Ok(Some(Winograd {
+            cout,
+            cin,
+            u,
+            panels: Vec::new(),
+        }))
     }
+
+    /// Whether it runs the fused AVX-512 kernel (the CPU has AVX-512F): transforms and
+    /// products per block of 48 tiles in cache. Elsewhere it runs the portable path, whole
+    /// ranges through the tiled GEMM, which is not faster than the alternatives there.
+    pub fn is_fused(&self) -> bool {
+        self.u.is_empty()
+    }
+
+    /// Output positions of a block of the fused kernel: column ranges that are multiples of
+    /// it waste no lanes.
+    pub const BLOCK_COLUMNS: usize = 4 * 48;
 
     /// Output channels.
     pub fn out_dim(&self) -> usize {
@@ -85,7 +123,7 @@ impl Winograd {
     /// Rows of the GEMM's panels: [`forward_rows`](Self::forward_rows) splits rows at
     /// multiples of it.
     pub fn row_align(&self) -> usize {
-        self.u[0].panel_rows()
+        self.u.first().map_or(PANEL_ROWS, Tiled::panel_rows)
     }
 
     /// Whether it runs convolutions of `d`: its geometry and channels, even height and width.
@@ -96,6 +134,8 @@ impl Winograd {
             && d.w.is_multiple_of(2)
             && d.h > 0
             && d.w > 0
+            // Lane offsets within a block of tiles (at most 48 pairs of rows) stay in i32.
+            && d.w <= 1 << 20
     }
 
     /// Output channels `r0 .. r1` (`r0` a multiple of [`row_align`](Self::row_align)) of the
@@ -113,9 +153,65 @@ impl Winograd {
         r1: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        let w = d.w;
+        let op = "Winograd::forward_rows";
+        self.check(op, x, d, ((c0, c1), (r0, r1)), y.len())?;
+        if c0 == c1 || r0 == r1 {
+            return Ok(());
+        }
+        // SAFETY: `y` holds the `(r1 − r0) × (c1 − c0)` values checked above.
+        unsafe {
+            self.run(
+                x,
+                d,
+                ((c0, c1), (r0, r1)),
+                (y.as_mut_ptr(), c1 - c0),
+                Epilogue::default(),
+            )
+        };
+        Ok(())
+    }
+
+    /// [`forward_rows`](Self::forward_rows) storing through `epilogue` (bias, residual,
+    /// ReLU) into `y`: the value of output row `r0 + i`, column `c0 + j` at `y[i·ldy + j]`.
+    ///
+    /// # Safety
+    /// `y` must be valid for writes of every position above, and no other thread may access
+    /// those positions during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_into(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (r0, r1): (usize, usize),
+        y: *mut f32,
+        ldy: usize,
+        epilogue: Epilogue<'_>,
+    ) -> Result<()> {
+        let op = "Winograd::forward_into";
+        // The block's own shape: the caller vouches for `y` and `ldy`.
+        let len = r1.saturating_sub(r0) * c1.saturating_sub(c0);
+        self.check(op, x, d, ((c0, c1), (r0, r1)), len)?;
+        epilogue.check(op, self.cout, (c0, c1), ldy)?;
+        if c0 == c1 || r0 == r1 {
+            return Ok(());
+        }
+        // SAFETY: as the caller guarantees, and the epilogue's sizes checked above.
+        unsafe { self.run(x, d, ((c0, c1), (r0, r1)), (y, ldy), epilogue) };
+        Ok(())
+    }
+
+    /// Checks a call's sizes (`y_len`: the values of the block it writes).
+    fn check(
+        &self,
+        op: &'static str,
+        x: &[f32],
+        d: &ConvDims,
+        ((c0, c1), (r0, r1)): ((usize, usize), (usize, usize)),
+        y_len: usize,
+    ) -> Result<()> {
         super::direct::check_call(
-            "Winograd::forward_rows",
+            op,
             d,
             (self.accepts(d), &|| {
                 format!(
@@ -124,13 +220,34 @@ impl Winograd {
                 )
             }),
             x.len(),
-            ((c0, c1), 2 * w),
+            ((c0, c1), 2 * d.w),
             ((r0, r1), self.row_align(), self.cout),
-            y.len(),
-        )?;
-        if c0 == c1 || r0 == r1 {
-            return Ok(());
+            y_len,
+        )
+    }
+
+    /// Runs a checked, non-empty call.
+    ///
+    /// # Safety
+    /// As [`forward_into`](Self::forward_into), its sizes checked.
+    unsafe fn run(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        ((c0, c1), (r0, r1)): ((usize, usize), (usize, usize)),
+        (y, ldy): (*mut f32, usize),
+        epilogue: Epilogue<'_>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.is_fused() {
+            // SAFETY: `panels` is only made where AVX-512F was detected; the rest as the
+            // caller guarantees.
+            unsafe { fused::forward(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue) };
+            return;
         }
+        // The portable path computes the block, then stores it through the epilogue.
+        let nc = c1 - c0;
+        let mut part = vec![0.0f32; (r1 - r0) * nc];
         run_task(
             Isa::detect(),
             Run {
@@ -139,10 +256,401 @@ impl Winograd {
                 d,
                 cols: (c0, c1),
                 rows: (r0, r1),
-                y,
+                y: &mut part,
             },
         );
-        Ok(())
+        for (i, row) in part.chunks_exact(nc).enumerate() {
+            let r = r0 + i;
+            let b = epilogue.bias.map_or(0.0, |b| b[r]);
+            for (j, &v) in row.iter().enumerate() {
+                let res = epilogue
+                    .residual
+                    .map_or(0.0, |res| res.values[r * res.ld + c0 + j]);
+                let v = v + b + res;
+                // SAFETY: as the caller guarantees for row i, column j.
+                unsafe { *y.add(i * ldy + j) = if epilogue.relu { v.max(0.0) } else { v } };
+            }
+        }
+    }
+}
+
+/// Rows of a panel of the fused AVX-512 kernel's `U_e` (its register tile's height).
+const PANEL_ROWS: usize = 8;
+
+/// The fused AVX-512 kernel: tiles are taken in blocks of 48 (three vectors of 16, one tile per
+/// lane); per block the input transform writes `V_e` (`cin × 48` per `e`) to a per-thread
+/// buffer that stays in L2, the 16 products run on an `8 × 48` register tile (`U_e`'s panel
+/// rows broadcast, `V_e`'s tiles loaded, as the implicit GEMM does) into `M_e`, and the output
+/// transform reads `M` back and writes the block's outputs. Lane `l` of vector `v` is tile
+/// `48·block + 16·v + l` of the range.
+///
+/// Where a pair of output rows holds a multiple of 16 tiles (`W` a multiple of 32), each
+/// vector's tiles are consecutive in one pair: the transforms load and store whole rows
+/// and split or interleave even and odd positions with permutes. Otherwise patches are
+/// gathered and outputs scattered, lane by lane, masked where the patch reaches the padding.
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use std::arch::x86_64::*;
+
+    use super::{Winograd, PANEL_ROWS as MR};
+    use crate::conv::ConvDims;
+    use crate::engine::Epilogue;
+
+    /// Tiles of a block: three vectors.
+    const TB: usize = 48;
+
+    thread_local! {
+        /// Per-thread `V` and `M` of a block (taken out of the slot for a call).
+        static BUFS: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+            const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// Where the lanes of one block read and write.
+    struct Block {
+        /// Per vector: patch top-left (input row `−1`, column `−1` of the tile) and output
+        /// position of each lane, relative to the block's first pair of rows.
+        inb: [[i32; 16]; 3],
+        out: [[i32; 16]; 3],
+        /// Per vector and patch position `4·i + j`: lanes whose input lies in the image.
+        masks: [[u16; 16]; 3],
+        /// Per vector: lanes that are tiles of the range.
+        valid: [u16; 3],
+        /// Per vector, for the contiguous path: absolute pair and first tile column.
+        pair: [usize; 3],
+        tx0: [usize; 3],
+    }
+
+    /// Output channels `r0 .. r1` of columns `c0 .. c1` (whole pairs of rows) into `y`
+    /// (`(r1 − r0) × (c1 − c0)`).
+    ///
+    /// # Safety
+    /// AVX-512F must be available and the sizes checked as [`Winograd::forward_rows`] does.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward(
+        k: &Winograd,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (r0, r1): (usize, usize),
+        (yp, ldy): (*mut f32, usize),
+        epilogue: Epilogue<'_>,
+    ) {
+        let (h, w, cin) = (d.h, d.w, k.cin);
+        let ld = d.n();
+        let nc = c1 - c0;
+        let tw = w / 2;
+        let first_pair = c0 / (2 * w);
+        let nt = nc / (2 * w) * tw;
+        let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
+        let np_all = k.cout.div_ceil(MR);
+        let rows_pad = (q1 - q0) * MR;
+        let contiguous = tw.is_multiple_of(16);
+        let (mut vbuf, mut mbuf) = BUFS.take();
+        if vbuf.len() < 16 * cin * TB {
+            vbuf.resize(16 * cin * TB, 0.0);
+        }
+        if mbuf.len() < 16 * rows_pad * TB {
+            mbuf.resize(16 * rows_pad * TB, 0.0);
+        }
+        let (vp, mp) = (vbuf.as_mut_ptr(), mbuf.as_mut_ptr());
+        let mut tb = 0;
+        while tb < nt {
+            let nb = TB.min(nt - tb);
+            let nv = nb.div_ceil(16);
+            let block = block(tb, nt, tw, first_pair, h, w);
+            let pair0 = first_pair + tb / tw;
+            // Input transform: V_e[c][lane].
+            for c in 0..cin {
+                let xc = x.as_ptr().add(c * ld);
+                for v in 0..nv {
+                    let d = if contiguous {
+                        patch_rows(xc, &block, v, h, w)
+                    } else {
+                        // The block's first pair, less one row and one column: lanes add
+                        // their offsets to it (a pointer only formed, read through valid
+                        // lanes only).
+                        let base = xc.wrapping_add(pair0 * 2 * w);
+                        patch_gather(base, &block, v, w)
+                    };
+                    transform_in(&d, vp.add(c * TB + v * 16), cin * TB);
+                }
+            }
+            // The 16 products, e outer: V_e stays in L1 over the panels.
+            for e in 0..16 {
+                let ve = vp.add(e * cin * TB);
+                for q in q0..q1 {
+                    let u = k.panels.as_ptr().add((e * np_all + q) * cin * MR);
+                    let m = mp.add((e * rows_pad + (q - q0) * MR) * TB);
+                    match nv {
+                        1 => gemm::<1>(u, ve, cin, m),
+                        2 => gemm::<2>(u, ve, cin, m),
+                        _ => gemm::<3>(u, ve, cin, m),
+                    }
+                }
+            }
+            // Output transform, through the epilogue out to the block's columns of each row.
+            let ybase = (pair0 - first_pair) * 2 * w;
+            for r in 0..r1 - r0 {
+                let out = Out {
+                    y: yp.add(r * ldy + ybase),
+                    bias: epilogue
+                        .bias
+                        .map_or(_mm512_setzero_ps(), |b| _mm512_set1_ps(b[r0 + r])),
+                    // The residual's row at the same column as `y`.
+                    res: epilogue
+                        .residual
+                        .map(|res| res.values.as_ptr().add((r0 + r) * res.ld + c0 + ybase)),
+                    relu: epilogue.relu,
+                };
+                for v in 0..nv {
+                    let mut m = [_mm512_setzero_ps(); 16];
+                    for (e, me) in m.iter_mut().enumerate() {
+                        *me = _mm512_loadu_ps(mp.add((e * rows_pad + r) * TB + v * 16));
+                    }
+                    let o = transform_out(&m);
+                    if contiguous {
+                        store_rows(&out, &block, v, pair0, w, &o);
+                    } else {
+                        let off = _mm512_loadu_si512(block.out[v].as_ptr().cast());
+                        let vm = block.valid[v];
+                        for (dst, val) in [0, 1, w, w + 1].into_iter().zip(o) {
+                            let idx = _mm512_add_epi32(off, _mm512_set1_epi32(dst as i32));
+                            let res = out.res.map(|p| {
+                                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), vm, idx, p)
+                            });
+                            let val = out.apply(val, res);
+                            _mm512_mask_i32scatter_ps::<4>(out.y, vm, idx, val);
+                        }
+                    }
+                }
+            }
+            tb += nb;
+        }
+        BUFS.set((vbuf, mbuf));
+    }
+
+    /// The lanes of the block of tiles `tb ..` (of `nt`, `tw` per pair of rows, the range's
+    /// first pair `first_pair`) of `H × W` images.
+    fn block(tb: usize, nt: usize, tw: usize, first_pair: usize, h: usize, w: usize) -> Block {
+        let mut b = Block {
+            inb: [[0; 16]; 3],
+            out: [[0; 16]; 3],
+            masks: [[0; 16]; 3],
+            valid: [0; 3],
+            pair: [0; 3],
+            tx0: [0; 3],
+        };
+        let p0 = tb / tw;
+        let (hi, wi) = (h as isize, w as isize);
+        for v in 0..3 {
+            let t = tb + 16 * v;
+            b.pair[v] = first_pair + t / tw;
+            b.tx0[v] = t % tw;
+            for l in 0..16 {
+                let t = tb + 16 * v + l;
+                if t >= nt {
+                    continue;
+                }
+                b.valid[v] |= 1 << l;
+                let (p, tx) = (t / tw, t % tw);
+                let ty = (first_pair + p) % (h / 2);
+                let rel = ((p - p0) * 2 * w) as isize;
+                let tx2 = 2 * tx as isize;
+                // Small: a block spans at most 48 pairs of rows (`accepts` bounds W).
+                b.inb[v][l] = (rel - wi + tx2 - 1) as i32;
+                b.out[v][l] = (rel + tx2) as i32;
+                for i in 0..4 {
+                    let iy = 2 * ty as isize - 1 + i as isize;
+                    for j in 0..4 {
+                        let ix = tx2 - 1 + j as isize;
+                        if iy >= 0 && iy < hi && ix >= 0 && ix < wi {
+                            b.masks[v][4 * i + j] |= 1 << l;
+                        }
+                    }
+                }
+            }
+        }
+        b
+    }
+
+    /// Patch values `d[4·i + j]` of vector `v`'s tiles, gathered lane by lane (0 in the
+    /// padding) from `base` plus each lane's offset.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn patch_gather(base: *const f32, b: &Block, v: usize, w: usize) -> [__m512; 16] {
+        let off = _mm512_loadu_si512(b.inb[v].as_ptr().cast());
+        let mut d = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            for j in 0..4 {
+                let idx = _mm512_add_epi32(off, _mm512_set1_epi32((i * w + j) as i32));
+                d[4 * i + j] = _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    b.masks[v][4 * i + j],
+                    idx,
+                    base,
+                );
+            }
+        }
+        d
+    }
+
+    /// Even positions of the 32 floats `lo, hi`.
+    const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+    /// Odd positions.
+    const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
+
+    /// Patch values of vector `v`'s 16 consecutive tiles of one pair of rows (`W` a multiple
+    /// of 32), by rows: input row `2·ty − 1 + i` read at columns `2·tx0 − 1 .. 2·tx0 + 33`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn patch_rows(xc: *const f32, b: &Block, v: usize, h: usize, w: usize) -> [__m512; 16] {
+        let mut d = [_mm512_setzero_ps(); 16];
+        if b.valid[v] == 0 {
+            return d;
+        }
+        let (pair, tx0) = (b.pair[v], b.tx0[v]);
+        let ty = pair % (h / 2);
+        let even = _mm512_loadu_si512(EVEN.as_ptr().cast());
+        let odd = _mm512_loadu_si512(ODD.as_ptr().cast());
+        for i in 0..4 {
+            let iy = 2 * ty + i;
+            if iy == 0 || iy > h {
+                continue;
+            }
+            // Image row iy − 1 = 2·ty − 1 + i; the pair starts at row 2·ty (so `pair·2W ≥ W`
+            // when i = 0 here).
+            let at = xc.add(pair * 2 * w + i * w - w + 2 * tx0);
+            let lo = _mm512_loadu_ps(at);
+            let hi = _mm512_loadu_ps(at.add(16));
+            let left = if tx0 > 0 { *at.sub(1) } else { 0.0 };
+            let right = if 2 * tx0 + 32 < w { *at.add(32) } else { 0.0 };
+            let ev = _mm512_permutex2var_ps(lo, even, hi);
+            let od = _mm512_permutex2var_ps(lo, odd, hi);
+            d[4 * i] = _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(
+                _mm512_castps_si512(od),
+                _mm512_castps_si512(_mm512_set1_ps(left)),
+            ));
+            d[4 * i + 1] = ev;
+            d[4 * i + 2] = od;
+            d[4 * i + 3] = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                _mm512_castps_si512(_mm512_set1_ps(right)),
+                _mm512_castps_si512(ev),
+            ));
+        }
+        d
+    }
+
+    /// `Bᵀ d B` of 16 tiles, written as `V_e` at `out + e·stride`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_in(d: &[__m512; 16], out: *mut f32, stride: usize) {
+        let (sub, add) = (_mm512_sub_ps, _mm512_add_ps);
+        // Down the rows.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for j in 0..4 {
+            t[j] = sub(d[j], d[8 + j]);
+            t[4 + j] = add(d[4 + j], d[8 + j]);
+            t[8 + j] = sub(d[8 + j], d[4 + j]);
+            t[12 + j] = sub(d[4 + j], d[12 + j]);
+        }
+        // Along them.
+        for i in 0..4 {
+            let r = &t[4 * i..4 * i + 4];
+            let o = out.add(4 * i * stride);
+            _mm512_storeu_ps(o, sub(r[0], r[2]));
+            _mm512_storeu_ps(o.add(stride), add(r[1], r[2]));
+            _mm512_storeu_ps(o.add(2 * stride), sub(r[2], r[1]));
+            _mm512_storeu_ps(o.add(3 * stride), sub(r[1], r[3]));
+        }
+    }
+
+    /// `Aᵀ M A` of 16 tiles: the outputs at (row, column) (0, 0), (0, 1), (1, 0), (1, 1).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_out(m: &[__m512; 16]) -> [__m512; 4] {
+        let (sub, add) = (_mm512_sub_ps, _mm512_add_ps);
+        let mut s = [_mm512_setzero_ps(); 8];
+        for j in 0..4 {
+            s[j] = add(add(m[j], m[4 + j]), m[8 + j]);
+            s[4 + j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
+        }
+        [
+            add(add(s[0], s[1]), s[2]),
+            sub(sub(s[1], s[2]), s[3]),
+            add(add(s[4], s[5]), s[6]),
+            sub(sub(s[5], s[6]), s[7]),
+        ]
+    }
+
+    /// One output row of a block: where it goes and the epilogue that it goes through.
+    struct Out {
+        /// The row at the block's first column.
+        y: *mut f32,
+        bias: __m512,
+        /// The residual's row at the same column, if any.
+        res: Option<*const f32>,
+        relu: bool,
+    }
+
+    impl Out {
+        /// `act(v + bias + res)`.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn apply(&self, v: __m512, res: Option<__m512>) -> __m512 {
+            let mut v = _mm512_add_ps(v, self.bias);
+            if let Some(r) = res {
+                v = _mm512_add_ps(v, r);
+            }
+            if self.relu {
+                v = _mm512_max_ps(v, _mm512_setzero_ps());
+            }
+            v
+        }
+    }
+
+    /// Interleaves pairs of 16 outputs into the two output rows of vector `v`'s tiles.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_rows(out: &Out, b: &Block, v: usize, pair0: usize, w: usize, o: &[__m512; 4]) {
+        if b.valid[v] == 0 {
+            return;
+        }
+        let lo: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
+        let hi: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
+        let (lo, hi) = (
+            _mm512_loadu_si512(lo.as_ptr().cast()),
+            _mm512_loadu_si512(hi.as_ptr().cast()),
+        );
+        let col = (b.pair[v] - pair0) * 2 * w + 2 * b.tx0[v];
+        for (row, (a, c)) in [(0, (o[0], o[1])), (w, (o[2], o[3]))] {
+            for (half, idx) in [(0, lo), (16, hi)] {
+                let at = col + row + half;
+                let res = out.res.map(|p| _mm512_loadu_ps(p.add(at)));
+                let val = out.apply(_mm512_permutex2var_ps(a, idx, c), res);
+                _mm512_storeu_ps(out.y.add(at), val);
+            }
+        }
+    }
+
+    /// One panel of `U_e` (`cin × MR`, at `u`) times `V_e` (`cin × 48`, at `v`, `V·16`
+    /// lanes used) into `M` (`MR` rows of 48 at `m`).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gemm<const V: usize>(u: *const f32, v: *const f32, cin: usize, m: *mut f32) {
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        for c in 0..cin {
+            let vc = v.add(c * TB);
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (j, x) in xv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(vc.add(16 * j));
+            }
+            let uc = u.add(c * MR);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*uc.add(i));
+                for (aj, &xj) in a.iter_mut().zip(&xv) {
+                    *aj = _mm512_fmadd_ps(wv, xj, *aj);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (j, &val) in a.iter().enumerate() {
+                _mm512_storeu_ps(m.add(i * TB + 16 * j), val);
+            }
+        }
     }
 }
 
@@ -372,6 +880,11 @@ mod tests {
             (17, 5, 1, 2, 2),
             (16, 64, 2, 8, 8),
             (3, 2, 4, 2, 34),
+            // Pairs of rows of 16 and 32 tiles: the contiguous loads and stores, blocks
+            // of 48 tiles across pairs and images, a last block of one vector.
+            (20, 7, 2, 4, 32),
+            (8, 3, 3, 2, 64),
+            (9, 5, 1, 6, 32),
         ] {
             let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
             let k = cin * 9;
