@@ -32,10 +32,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         let dc = DirectConv::new(g, cout, cin, &w)?.ok_or("no avx512")?;
         let wi = Winograd::new(g, cout, cin, &w)?.ok_or("no wino")?;
-        // Column chunks: whole pairs of rows, about 128 Ki floats of transformed input.
-        let pairs: usize = args
-            .get(3)
-            .map_or(Ok(((131_072 / (4 * cin)) / (2 * hw)).max(1)), |s| s.parse())?;
+        // Column chunks as the engine cuts them: whole pairs of rows in whole blocks of
+        // tiles, about 128 Ki floats of im2col-sized input (or PAIRS pairs of rows).
+        let unit = lcm(2 * hw, Winograd::BLOCK_COLUMNS);
+        let pairs: usize = match args.get(3) {
+            Some(s) => s.parse()?,
+            None => (131_072 / (4 * cin)).div_ceil(unit) * unit / (2 * hw),
+        };
         let cols = pairs * 2 * hw;
         let mut ya = vec![0.0f32; cout * cols];
         let mut yb = vec![0.0f32; cout * cols];
@@ -77,4 +80,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Least common multiple.
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
 }

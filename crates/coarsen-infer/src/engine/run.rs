@@ -739,9 +739,10 @@ impl Layer {
         self.plan.dense_kernel() == Some(DenseKernel::Tiled)
     }
 
-    /// Whether a product of `n` columns runs as Winograd.
+    /// Whether a product of `n` columns runs as Winograd: more than `o.few_columns` of them
+    /// (batch 1's 8×8 layers, one vector of 16 tiles per image, included).
     fn runs_winograd(&self, n: usize, o: &InferOptions) -> bool {
-        self.wino.is_some() && self.tiled_kernel() && o.winograd && n > SMALL_COLS
+        self.wino.is_some() && self.tiled_kernel() && o.winograd && n > o.few_columns
     }
 
     /// Whether a product of `n` columns runs on the kernel that vectorises over output rows:
