@@ -7,7 +7,7 @@ use coarsen_infer::graph::Op;
 use coarsen_infer::{
     reference, Formats, InferOptions, InferenceNet, LayerFormat, Network, Path, TuneCache, Tuning,
 };
-use common::{deep, exotic, formats, masks_for, plain, pool, residual, Net};
+use common::{deep, exotic, formats, masks_for, plain, pool, residual, wide, Net};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -172,6 +172,40 @@ fn passes_equal_the_reference(net: fn() -> Net, seed: u64) {
                 .zip(&want)
                 .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= 1e-4 * scale, "{path:?} batch {batch}: {err}");
+        }
+    }
+}
+
+/// Batches whose 3×3 layers run Winograd with tiles of 4 (16 images: 4096 columns) and of 2
+/// (15 images) give the reference's logits, the residual added in the kernel's epilogue; on
+/// AVX-512 the profile names the tile each ran.
+#[test]
+fn winograd_tiles_of_four_and_two_equal_the_reference() {
+    let (graph, tensors, _) = wide().finish(12);
+    let network = Network::new(graph, tensors, MaskSet::new()).unwrap();
+    let engine = InferenceNet::new(&network, &Formats::new(), Path::Dense).unwrap();
+    let [c, h, w] = network.input();
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for (batch, tile) in [(16, "F(4x4,3x3)"), (15, "F(2x2,3x3)")] {
+        let x: Vec<f32> = (0..batch * c * h * w)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let want = reference::forward_nchw(&network, &x, batch).unwrap();
+        let got = engine.forward_nchw(&x, batch).unwrap();
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * scale, "batch {batch}: {err} (scale {scale})");
+        if coarsen_kernels::Isa::detect() == coarsen_kernels::Isa::Avx512 {
+            let steps = engine.profile(&x, batch, 1).unwrap();
+            let conv2 = steps.iter().find(|s| s.step == "conv2.weight");
+            assert!(
+                conv2.is_some_and(|s| s.kernel.contains(tile)),
+                "batch {batch}: {:?}",
+                conv2.map(|s| &s.kernel)
+            );
         }
     }
 }

@@ -1,11 +1,29 @@
-//! Developer tool: Winograd F(2×2, 3×3) against the implicit GEMM on CIFAR layer shapes,
-//! interleaved on one thread, column chunks as the engine cuts them.
+//! Developer tool: the implicit GEMM against Winograd F(2×2, 3×3) and F(4×4, 3×3) on CIFAR
+//! layer shapes, interleaved on the calling thread (`RAYON_NUM_THREADS` does not matter), in
+//! column chunks as the engine cuts them; best time of each, and each Winograd's largest
+//! difference from the implicit GEMM relative to its largest output.
 //!
-//! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS] [PAIRS]`
+//! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS]`
 use std::time::Instant;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
 use coarsen_kernels::{DirectConv, Winograd};
+
+/// Runs `f` over column chunks of `cols` (the last one shorter) and returns the seconds taken.
+fn chunked(
+    n: usize,
+    cols: usize,
+    mut f: impl FnMut(usize, usize) -> Result<(), coarsen_kernels::KernelError>,
+) -> Result<f64, coarsen_kernels::KernelError> {
+    let s = Instant::now();
+    let mut c0 = 0;
+    while c0 < n {
+        let c1 = (c0 + cols).min(n);
+        f(c0, c1)?;
+        c0 = c1;
+    }
+    Ok(s.elapsed().as_secs_f64())
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -14,10 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let g = ConvGeometry::square(3, 1, 1);
     for (cin, cout, hw) in [
         (3, 64, 32),
-        (8, 16, 32),
         (16, 32, 32),
-        (32, 32, 32),
         (64, 64, 32),
+        (64, 128, 16),
         (128, 128, 16),
         (256, 256, 8),
         (512, 512, 4),
@@ -30,54 +47,65 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let x: Vec<f32> = (0..cin * n)
             .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
             .collect();
-        let dc = DirectConv::new(g, cout, cin, &w)?.ok_or("no avx512")?;
-        let wi = Winograd::new(g, cout, cin, &w)?.ok_or("no wino")?;
-        // Column chunks as the engine cuts them: whole pairs of rows in whole blocks of
-        // tiles, about 128 Ki floats of im2col-sized input (or PAIRS pairs of rows).
-        let unit = lcm(2 * hw, Winograd::BLOCK_COLUMNS);
-        let pairs: usize = match args.get(3) {
-            Some(s) => s.parse()?,
-            None => (131_072 / (4 * cin)).div_ceil(unit) * unit / (2 * hw),
-        };
-        let cols = pairs * 2 * hw;
-        let mut ya = vec![0.0f32; cout * cols];
-        let mut yb = vec![0.0f32; cout * cols];
-        let (mut ta, mut tb) = (Vec::new(), Vec::new());
-        let mut diff = 0.0f32;
-        for _ in 0..rounds {
-            let s = Instant::now();
-            let mut c0 = 0;
-            while c0 < n {
-                let c1 = (c0 + cols).min(n);
-                dc.forward(&x, &d, c0, c1, &mut ya[..cout * (c1 - c0)])?;
-                c0 = c1;
-            }
-            ta.push(s.elapsed().as_secs_f64());
-            let s = Instant::now();
-            let mut c0 = 0;
-            while c0 < n {
-                let c1 = (c0 + cols).min(n);
-                wi.forward_rows(&x, &d, c0, c1, 0, cout, &mut yb[..cout * (c1 - c0)])?;
-                c0 = c1;
-            }
-            tb.push(s.elapsed().as_secs_f64());
-            diff = ya
-                .iter()
-                .zip(&yb)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-        }
-        ta.sort_by(f64::total_cmp);
-        tb.sort_by(f64::total_cmp);
+        let dc = DirectConv::new(g, cout, cin, &w)?.ok_or("no AVX-512")?;
+        let mut want = vec![0.0f32; cout * n];
+        dc.forward(&x, &d, 0, n, &mut want)?;
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let mut line = format!("[{cin}->{cout}, {hw}x{hw}, b{batch}]");
         let flop = 2.0 * (cout * cin * 9 * n) as f64 / 1e9;
-        println!(
-            "[{cin}->{cout}, {hw}x{hw}, b{batch}, {pairs} pairs/chunk] direct {:.1} ms ({:.0} GF/s) | winograd {:.1} ms ({:.0} eq. GF/s) | ratio {:.3} | max diff (last chunk) {diff:.1e}",
-            ta[0] * 1e3,
-            flop / ta[0],
-            tb[0] * 1e3,
-            flop / tb[0],
-            tb[0] / ta[0]
-        );
+        let mut kernels: Vec<(String, Option<Winograd>)> = vec![("direct".into(), None)];
+        for tile in [2, 4] {
+            let k = Winograd::with_tile(g, cout, cin, &w, tile)?.ok_or("no Winograd")?;
+            if k.accepts(&d) && k.tile() == tile {
+                kernels.push((format!("F({tile}x{tile})"), Some(k)));
+            }
+        }
+        let mut best = vec![f64::INFINITY; kernels.len()];
+        let mut diffs = vec![0.0f32; kernels.len()];
+        for _ in 0..rounds {
+            for (i, (_, k)) in kernels.iter().enumerate() {
+                // Chunks as the engine cuts them: about 128 Ki floats of input, whole blocks.
+                let (unit, kk) = match k {
+                    Some(k) => (lcm(k.tile() * hw, k.block_columns()), 4 * cin),
+                    None => (hw, 9 * cin),
+                };
+                let cols = (131_072 / kk).max(256).div_ceil(unit) * unit;
+                let mut y = vec![0.0f32; cout * n];
+                let t = chunked(n, cols, |c0, c1| {
+                    let part = &mut y[cout * c0..cout * c1];
+                    match k {
+                        Some(k) => k.forward_rows(&x, &d, c0, c1, 0, cout, part),
+                        None => dc.forward(&x, &d, c0, c1, part),
+                    }
+                })?;
+                best[i] = best[i].min(t);
+                // Chunk-major blocks: compare value by value against the same layout.
+                let mut diff = 0.0f32;
+                let mut c0 = 0;
+                while c0 < n {
+                    let c1 = (c0 + cols).min(n);
+                    let nc = c1 - c0;
+                    for r in 0..cout {
+                        for j in 0..nc {
+                            let got = y[cout * c0 + r * nc + j];
+                            diff = diff.max((got - want[r * n + c0 + j]).abs());
+                        }
+                    }
+                    c0 = c1;
+                }
+                diffs[i] = diff / scale;
+            }
+        }
+        for (i, (name, _)) in kernels.iter().enumerate() {
+            line += &format!(
+                " | {name} {:.2} ms ({:.0} eq. GF/s, {:.2}x direct, rel. diff {:.1e})",
+                best[i] * 1e3,
+                flop / best[i],
+                best[i] / best[0],
+                diffs[i]
+            );
+        }
+        println!("{line}");
     }
     Ok(())
 }

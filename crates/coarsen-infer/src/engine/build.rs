@@ -11,7 +11,7 @@ use coarsen_kernels::{
 };
 use rayon::prelude::*;
 
-use super::run::{Kind, Layer, Source, Step};
+use super::run::{Kind, Layer, Source, Step, Wino};
 use super::{LayerInfo, Path};
 use crate::error::{InferError, Result};
 use crate::format::{Formats, LayerFormat};
@@ -442,9 +442,10 @@ impl<'a> Compiler<'a> {
     }
 
     /// The kernels that read a dense stride-1 "same" convolution's input in place: the implicit
-    /// GEMM, and Winograd F(2×2, 3×3) when it was asked for, the CPU runs its fused kernel and
-    /// the layer is a 3×3 padding-1 convolution of even `h × w` inputs and at least
-    /// [`WINOGRAD_MIN_CHANNELS`] input channels (`rows × cin·kh·kw` weight `values`).
+    /// GEMM, and Winograd (F(2×2, 3×3), and F(4×4, 3×3) where it pays) when it was asked
+    /// for, the CPU runs its fused kernel and the layer is a 3×3 padding-1 convolution of even
+    /// `h × w` inputs and at least [`WINOGRAD_MIN_CHANNELS`] input channels (`rows ×
+    /// cin·kh·kw` weight `values`).
     fn in_place_kernels(
         &self,
         g: ConvGeometry,
@@ -452,8 +453,7 @@ impl<'a> Compiler<'a> {
         cin: usize,
         values: &[f32],
         (h, w): (usize, usize),
-    ) -> std::result::Result<(Option<DirectConv>, Option<Winograd>), coarsen_kernels::KernelError>
-    {
+    ) -> std::result::Result<(Option<DirectConv>, Option<Wino>), coarsen_kernels::KernelError> {
         let wino = if self.winograd
             && h.is_multiple_of(2)
             && w.is_multiple_of(2)
@@ -462,6 +462,27 @@ impl<'a> Compiler<'a> {
             Winograd::new(g, rows, cin, values)?.filter(Winograd::is_fused)
         } else {
             None
+        };
+        let wino = match wino {
+            Some(f2) => {
+                // F(4×4) where it measured faster than F(2×2) in the network
+                // (`examples/ab_options`; `examples/ab_wino` times one layer): sizes that are
+                // multiples of 4, at least 64 output channels (with fewer, its gathers and
+                // transforms cost what its products save), and a transformed weight of at
+                // most 36·256² values (ResNet-18's 512-channel layers, 4×4 images, gain
+                // nothing).
+                let f4 = if h.is_multiple_of(4)
+                    && w.is_multiple_of(4)
+                    && rows >= 64
+                    && rows * cin <= 256 * 256
+                {
+                    Winograd::with_tile(g, rows, cin, values, 4)?.filter(|k| k.tile() == 4)
+                } else {
+                    None
+                };
+                Some(Wino { f2, f4 })
+            }
+            None => None,
         };
         Ok((DirectConv::new(g, rows, cin, values)?, wino))
     }

@@ -111,9 +111,9 @@ pub(super) struct Layer {
     /// The implicit-GEMM kernel of a dense stride-1 "same" convolution, which reads the input
     /// in place (the plan then serves only to describe the layer).
     pub(super) direct: Option<DirectConv>,
-    /// Winograd F(2×2, 3×3) for a dense 3×3 stride-1 convolution of even sizes (preferred to
-    /// `direct`). Both run only while the plan runs coarsen's tiled kernel (not faer).
-    pub(super) wino: Option<Winograd>,
+    /// Winograd for a dense 3×3 stride-1 convolution of even sizes (preferred to `direct`).
+    /// Both run only while the plan runs coarsen's tiled kernel (not faer).
+    pub(super) wino: Option<Wino>,
     /// The implicit-GEMM kernel of a convolution in dense blocks (group, shuffled, BSR) of
     /// those geometries, which reads the input in place per block (the plan then serves the
     /// other shapes).
@@ -426,6 +426,30 @@ unsafe impl Send for Shared {}
 // SAFETY: as above.
 unsafe impl Sync for Shared {}
 
+/// A layer's Winograd kernels: F(2×2, 3×3), and F(4×4, 3×3) where the layer allows it.
+#[derive(Clone, Debug)]
+pub(super) struct Wino {
+    /// F(2×2, 3×3).
+    pub(super) f2: Winograd,
+    /// F(4×4, 3×3), for products of at least [`F4_MIN_COLS`] columns.
+    pub(super) f4: Option<Winograd>,
+}
+
+/// Fewest columns (output positions × batch) of a product that runs F(4×4, 3×3): with fewer,
+/// its blocks of 48 tiles of 16 outputs are mostly empty, and its weight (four times the
+/// direct one) is read for few outputs.
+const F4_MIN_COLS: usize = 4096;
+
+impl Wino {
+    /// The kernel for a product of `n` columns.
+    pub(super) fn for_columns(&self, n: usize) -> &Winograd {
+        match &self.f4 {
+            Some(k) if n >= F4_MIN_COLS => k,
+            _ => &self.f2,
+        }
+    }
+}
+
 impl Layer {
     /// `[cin, B, h, w]` → `[cout, B, ho, wo]`.
     ///
@@ -475,11 +499,15 @@ impl Layer {
         // im2col rows computed: all, or those the kernel reads.
         let kk = self.read.as_ref().map_or(d.rows(), |r| r.len());
         let tiles = self.plan.tile_width();
-        let wino = self.wino.as_ref().filter(|_| self.runs_winograd(n, o));
+        let wino = self
+            .wino
+            .as_ref()
+            .filter(|_| self.runs_winograd(n, o))
+            .map(|w| w.for_columns(n));
         let chunks = match wino {
-            // Whole pairs of output rows, in whole blocks of tiles where that costs at most
-            // a few pairs.
-            Some(_) => column_chunks(n, 2 * self.wo, Winograd::BLOCK_COLUMNS, 4 * self.cin, o),
+            // Whole bands of output rows (as many as the tiles' side), in whole blocks of
+            // tiles where that costs at most a few bands.
+            Some(k) => column_chunks(n, k.tile() * self.wo, k.block_columns(), 4 * self.cin, o),
             None => column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o),
         };
         // A 1×1 convolution over the whole batch multiplies the input itself.
@@ -777,8 +805,9 @@ impl Layer {
         let n = batch * self.ho * self.wo;
         if self.runs_blocks(n, o) {
             format!("implicit gemm, {}", self.plan.format())
-        } else if self.runs_winograd(n, o) {
-            "winograd F(2x2,3x3)".into()
+        } else if let Some(w) = self.wino.as_ref().filter(|_| self.runs_winograd(n, o)) {
+            let t = w.for_columns(n).tile();
+            format!("winograd F({t}x{t},3x3)")
         } else if self.runs_direct(n, o) {
             "implicit gemm".into()
         } else if self.narrow_width(n, o).is_some() {
@@ -796,12 +825,7 @@ impl Layer {
 
     /// The same layer on other kernels (`plan`, and the in-place kernels): same input, output,
     /// epilogue and im2col rows read.
-    pub(super) fn twin(
-        &self,
-        plan: Plan,
-        direct: Option<DirectConv>,
-        wino: Option<Winograd>,
-    ) -> Layer {
+    pub(super) fn twin(&self, plan: Plan, direct: Option<DirectConv>, wino: Option<Wino>) -> Layer {
         Layer {
             name: self.name.clone(),
             plan,

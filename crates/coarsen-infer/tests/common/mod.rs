@@ -212,6 +212,24 @@ pub fn residual() -> Net {
     n
 }
 
+/// 64-channel 3×3 layers on 16×16 images, one of them with an identity shortcut: at batch
+/// 16 their products have 4096 columns, which run Winograd F(4×4, 3×3) (F(2×2, 3×3) below).
+pub fn wide() -> Net {
+    let mut n = Net::new([8, 16, 16]);
+    n.conv3("conv1", 8, 64, 1);
+    n.bn("bn1", 64);
+    n.op(Op::Relu);
+    let x = n.b.current().to_string();
+    n.conv3("conv2", 64, 64, 1);
+    n.bn("bn2", 64);
+    let body = n.b.current().to_string();
+    n.b.push(None, vec![x, body], Op::Add);
+    n.op(Op::Relu);
+    n.op(Op::GlobalAvgPool);
+    n.linear("fc", 64, 5, true);
+    n
+}
+
 /// Deep layers on small images: at batch 1 their products have 16 and 4 columns and 576
 /// im2col rows (one tile of few columns, made in parallel).
 pub fn deep() -> Net {

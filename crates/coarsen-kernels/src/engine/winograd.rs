@@ -25,7 +25,19 @@ pub struct Winograd {
     /// With AVX-512: `U_e` in panels of [`PANEL_ROWS`] rows for the fused kernel,
     /// `[e][panel][c][i]` (rows past `cout` zero), and `u` is empty.
     panels: Vec<f32>,
+    /// Output tile side: 2 (F(2×2, 3×3)) or 4 (F(4×4, 3×3), fused kernel only).
+    tile: usize,
 }
+
+/// `G` of F(4×4, 3×3) (interpolation points 0, ±1, ±2), 6×3.
+const G4: [[f32; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
 
 /// `G`, 4×3.
 const G: [[f32; 3]; 4] = [
@@ -42,8 +54,30 @@ impl Winograd {
     }
 
     /// Transforms the dense weight `values` (`[cout, cin, 3, 3]` row-major) of a convolution
-    /// with geometry `g`; `None` when `g` is not [`geometry`](Self::geometry).
+    /// with geometry `g` for F(2×2, 3×3); `None` when `g` is not
+    /// [`geometry`](Self::geometry).
     pub fn new(g: ConvGeometry, cout: usize, cin: usize, values: &[f32]) -> Result<Option<Self>> {
+        Self::with_tile(g, cout, cin, values, 2)
+    }
+
+    /// [`new`](Self::new) with output tiles of `tile × tile`: 2, or 4 for F(4×4, 3×3) (4×
+    /// fewer multiplications than the direct product instead of 2.25×, 36 products instead
+    /// of 16, 4× the weight's size, rounding errors some ten times larger), which only the
+    /// fused AVX-512 kernel runs: elsewhere it makes tiles of 2.
+    pub fn with_tile(
+        g: ConvGeometry,
+        cout: usize,
+        cin: usize,
+        values: &[f32],
+        tile: usize,
+    ) -> Result<Option<Self>> {
+        if tile != 2 && tile != 4 {
+            return Err(KernelError::Param {
+                name: "tile",
+                value: tile.to_string(),
+                reason: "Winograd runs output tiles of 2×2 or 4×4".into(),
+            });
+        }
         let want = cout
             .checked_mul(cin)
             .and_then(|v| v.checked_mul(9))
@@ -59,6 +93,9 @@ impl Winograd {
             format!("[{cout}, {cin}, 3, 3]")
         })?;
         let isa = Isa::detect();
+        if isa == Isa::Avx512 && tile == 4 {
+            return Ok(Some(Self::fused4(cout, cin, values)));
+        }
         let mut ue = vec![vec![0.0f32; cout * cin]; 16];
         for m in 0..cout {
             for c in 0..cin {
@@ -93,6 +130,7 @@ impl Winograd {
                 cin,
                 u: Vec::new(),
                 panels,
+                tile: 2,
             }));
         }
         let u = ue.iter().map(|v| Tiled::new(isa, cout, cin, v)).collect();
@@ -101,7 +139,41 @@ impl Winograd {
             cin,
             u,
             panels: Vec::new(),
+            tile: 2,
         }))
+    }
+
+    /// F(4×4, 3×3) for the fused kernel: `U_e = G g Gᵀ` (6×6, `e = 6·i + j`) in panels.
+    fn fused4(cout: usize, cin: usize, values: &[f32]) -> Winograd {
+        let np = cout.div_ceil(PANEL_ROWS);
+        let mut panels = vec![0.0f32; 36 * np * cin * PANEL_ROWS];
+        for m in 0..cout {
+            let (q, i) = (m / PANEL_ROWS, m % PANEL_ROWS);
+            for c in 0..cin {
+                let k = &values[(m * cin + c) * 9..][..9];
+                // G·g (6×3) in f64, then (G·g)·Gᵀ (6×6).
+                let mut gg = [[0.0f64; 3]; 6];
+                for (r, row) in gg.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = (0..3).map(|t| G4[r][t] as f64 * k[t * 3 + j] as f64).sum();
+                    }
+                }
+                for (r, row) in gg.iter().enumerate() {
+                    for (j, gj) in G4.iter().enumerate() {
+                        let u: f64 = (0..3).map(|t| row[t] * gj[t] as f64).sum();
+                        let e = 6 * r + j;
+                        panels[((e * np + q) * cin + c) * PANEL_ROWS + i] = u as f32;
+                    }
+                }
+            }
+        }
+        Winograd {
+            cout,
+            cin,
+            u: Vec::new(),
+            panels,
+            tile: 4,
+        }
     }
 
     /// Whether it runs the fused AVX-512 kernel (the CPU has AVX-512F): transforms and
@@ -111,9 +183,16 @@ impl Winograd {
         self.u.is_empty()
     }
 
-    /// Output positions of a block of the fused kernel: column ranges that are multiples of
-    /// it waste no lanes.
-    pub const BLOCK_COLUMNS: usize = 4 * 48;
+    /// Side of its output tiles (2 or 4): calls take whole bands of that many output rows.
+    pub fn tile(&self) -> usize {
+        self.tile
+    }
+
+    /// Output positions of a block of the fused kernel (48 tiles): column ranges that are
+    /// multiples of it waste no lanes.
+    pub fn block_columns(&self) -> usize {
+        self.tile * self.tile * 48
+    }
 
     /// Output channels.
     pub fn out_dim(&self) -> usize {
@@ -126,12 +205,13 @@ impl Winograd {
         self.u.first().map_or(PANEL_ROWS, Tiled::panel_rows)
     }
 
-    /// Whether it runs convolutions of `d`: its geometry and channels, even height and width.
+    /// Whether it runs convolutions of `d`: its geometry and channels, height and width
+    /// multiples of its tile.
     pub fn accepts(&self, d: &ConvDims) -> bool {
         d.g == Self::geometry()
             && d.c == self.cin
-            && d.h.is_multiple_of(2)
-            && d.w.is_multiple_of(2)
+            && d.h.is_multiple_of(self.tile)
+            && d.w.is_multiple_of(self.tile)
             && d.h > 0
             && d.w > 0
             // Lane offsets within a block of tiles (at most 48 pairs of rows) stay in i32.
@@ -139,7 +219,8 @@ impl Winograd {
     }
 
     /// Output channels `r0 .. r1` (`r0` a multiple of [`row_align`](Self::row_align)) of the
-    /// output columns `c0 .. c1` (multiples of `2·W`: whole pairs of output rows) of the batch
+    /// output columns `c0 .. c1` (multiples of `T·W`, `T` its [`tile`](Self::tile): whole bands
+    /// of output rows) of the batch
     /// `x` (`[cin, B, H, W]`, sizes `d`) into `y` (`(r1 − r0) × (c1 − c0)`), on the calling
     /// thread.
     #[allow(clippy::too_many_arguments)]
@@ -215,12 +296,13 @@ impl Winograd {
             d,
             (self.accepts(d), &|| {
                 format!(
-                    "Winograd F(2x2, 3x3) runs 3x3 stride-1 padding-1 convolutions of {} channels on even sizes",
-                    self.cin
+                    "Winograd F({t}x{t}, 3x3) runs 3x3 stride-1 padding-1 convolutions of {} channels on sizes that are multiples of {t}",
+                    self.cin,
+                    t = self.tile
                 )
             }),
             x.len(),
-            ((c0, c1), 2 * d.w),
+            ((c0, c1), self.tile * d.w),
             ((r0, r1), self.row_align(), self.cout),
             y_len,
         )
@@ -242,7 +324,13 @@ impl Winograd {
         if self.is_fused() {
             // SAFETY: `panels` is only made where AVX-512F was detected; the rest as the
             // caller guarantees.
-            unsafe { fused::forward(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue) };
+            unsafe {
+                if self.tile == 4 {
+                    fused::forward::<4>(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue)
+                } else {
+                    fused::forward::<2>(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue)
+                }
+            };
             return;
         }
         // The portable path computes the block, then stores it through the epilogue.
@@ -277,17 +365,19 @@ impl Winograd {
 /// Rows of a panel of the fused AVX-512 kernel's `U_e` (its register tile's height).
 const PANEL_ROWS: usize = 8;
 
-/// The fused AVX-512 kernel: tiles are taken in blocks of 48 (three vectors of 16, one tile per
-/// lane); per block the input transform writes `V_e` (`cin × 48` per `e`) to a per-thread
-/// buffer that stays in L2, the 16 products run on an `8 × 48` register tile (`U_e`'s panel
-/// rows broadcast, `V_e`'s tiles loaded, as the implicit GEMM does) into `M_e`, and the output
-/// transform reads `M` back and writes the block's outputs. Lane `l` of vector `v` is tile
+/// The fused AVX-512 kernel: tiles of `T × T` outputs (2 or 4) are taken in blocks of 48
+/// (three vectors of 16, one tile per lane); per block the input transform writes `V_e`
+/// (`cin × 48` per `e`, `(T + 2)²` of them) to a per-thread buffer that stays in L2, the
+/// products run on an `8 × 48` register tile (`U_e`'s panel rows broadcast, `V_e`'s tiles
+/// loaded, as the implicit GEMM does) into `M_e`, and the output transform reads `M` back and
+/// stores the block's outputs through the epilogue. Lane `l` of vector `v` is tile
 /// `48·block + 16·v + l` of the range.
 ///
-/// Where a pair of output rows holds a multiple of 16 tiles (`W` a multiple of 32), each
-/// vector's tiles are consecutive in one pair: the transforms load and store whole rows
-/// and split or interleave even and odd positions with permutes. Otherwise patches are
-/// gathered and outputs scattered, lane by lane, masked where the patch reaches the padding.
+/// With tiles of 2 where a pair of output rows holds a multiple of 16 tiles (`W` a multiple
+/// of 32), each vector's tiles are consecutive in one pair: the transforms load and store
+/// whole rows and split or interleave even and odd positions with permutes. Otherwise patches
+/// are gathered and outputs scattered, lane by lane, masked where the patch reaches the
+/// padding.
 #[cfg(target_arch = "x86_64")]
 mod fused {
     use std::arch::x86_64::*;
@@ -308,25 +398,26 @@ mod fused {
     /// Where the lanes of one block read and write.
     struct Block {
         /// Per vector: patch top-left (input row `−1`, column `−1` of the tile) and output
-        /// position of each lane, relative to the block's first pair of rows.
+        /// position of each lane, relative to the block's first band of rows.
         inb: [[i32; 16]; 3],
         out: [[i32; 16]; 3],
-        /// Per vector and patch position `4·i + j`: lanes whose input lies in the image.
-        masks: [[u16; 16]; 3],
+        /// Per vector and patch position `A·i + j`: lanes whose input lies in the image.
+        masks: [[u16; 36]; 3],
         /// Per vector: lanes that are tiles of the range.
         valid: [u16; 3],
-        /// Per vector, for the contiguous path: absolute pair and first tile column.
-        pair: [usize; 3],
+        /// Per vector, for the contiguous path: absolute band and first tile column.
+        band: [usize; 3],
         tx0: [usize; 3],
     }
 
-    /// Output channels `r0 .. r1` of columns `c0 .. c1` (whole pairs of rows) into `y`
-    /// (`(r1 − r0) × (c1 − c0)`).
+    /// Output channels `r0 .. r1` of columns `c0 .. c1` (whole bands of `T` rows) into `y`
+    /// (rows `ldy` apart) through `epilogue`, with tiles of `T × T` outputs (2 or 4).
     ///
     /// # Safety
-    /// AVX-512F must be available and the sizes checked as [`Winograd::forward_rows`] does.
+    /// AVX-512F must be available and the sizes checked as [`Winograd::forward_into`] does;
+    /// `k.panels` holds the products of tiles of `T`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn forward(
+    pub(super) unsafe fn forward<const T: usize>(
         k: &Winograd,
         x: &[f32],
         d: &ConvDims,
@@ -335,48 +426,55 @@ mod fused {
         (yp, ldy): (*mut f32, usize),
         epilogue: Epilogue<'_>,
     ) {
+        // Patch side and products.
+        let a = T + 2;
+        let es = a * a;
         let (h, w, cin) = (d.h, d.w, k.cin);
         let ld = d.n();
         let nc = c1 - c0;
-        let tw = w / 2;
-        let first_pair = c0 / (2 * w);
-        let nt = nc / (2 * w) * tw;
+        let tw = w / T;
+        let first_band = c0 / (T * w);
+        let nt = nc / (T * w) * tw;
         let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
         let np_all = k.cout.div_ceil(MR);
         let rows_pad = (q1 - q0) * MR;
-        let contiguous = tw.is_multiple_of(16);
+        let contiguous = T == 2 && tw.is_multiple_of(16);
         let (mut vbuf, mut mbuf) = BUFS.take();
-        if vbuf.len() < 16 * cin * TB {
-            vbuf.resize(16 * cin * TB, 0.0);
+        if vbuf.len() < es * cin * TB {
+            vbuf.resize(es * cin * TB, 0.0);
         }
-        if mbuf.len() < 16 * rows_pad * TB {
-            mbuf.resize(16 * rows_pad * TB, 0.0);
+        if mbuf.len() < es * rows_pad * TB {
+            mbuf.resize(es * rows_pad * TB, 0.0);
         }
         let (vp, mp) = (vbuf.as_mut_ptr(), mbuf.as_mut_ptr());
         let mut tb = 0;
         while tb < nt {
             let nb = TB.min(nt - tb);
             let nv = nb.div_ceil(16);
-            let block = block(tb, nt, tw, first_pair, h, w);
-            let pair0 = first_pair + tb / tw;
+            let block = block::<T>(tb, nt, tw, first_band, h, w);
+            let band0 = first_band + tb / tw;
             // Input transform: V_e[c][lane].
             for c in 0..cin {
                 let xc = x.as_ptr().add(c * ld);
                 for v in 0..nv {
-                    let d = if contiguous {
-                        patch_rows(xc, &block, v, h, w)
+                    let at = vp.add(c * TB + v * 16);
+                    if contiguous {
+                        transform_in(&patch_rows(xc, &block, v, h, w), at, cin * TB);
                     } else {
-                        // The block's first pair, less one row and one column: lanes add
-                        // their offsets to it (a pointer only formed, read through valid
-                        // lanes only).
-                        let base = xc.wrapping_add(pair0 * 2 * w);
-                        patch_gather(base, &block, v, w)
-                    };
-                    transform_in(&d, vp.add(c * TB + v * 16), cin * TB);
+                        // The block's first band: lanes add their offsets to it (a pointer
+                        // only formed, read through valid lanes only).
+                        let base = xc.wrapping_add(band0 * T * w);
+                        let d = patch_gather::<T>(base, &block, v, w);
+                        if T == 2 {
+                            transform_in(&std::array::from_fn(|i| d[i]), at, cin * TB);
+                        } else {
+                            transform_in4(&d, at, cin * TB);
+                        }
+                    }
                 }
             }
-            // The 16 products, e outer: V_e stays in L1 over the panels.
-            for e in 0..16 {
+            // The products, e outer: V_e stays in L1 over the panels.
+            for e in 0..es {
                 let ve = vp.add(e * cin * TB);
                 for q in q0..q1 {
                     let u = k.panels.as_ptr().add((e * np_all + q) * cin * MR);
@@ -389,7 +487,7 @@ mod fused {
                 }
             }
             // Output transform, through the epilogue out to the block's columns of each row.
-            let ybase = (pair0 - first_pair) * 2 * w;
+            let ybase = (band0 - first_band) * T * w;
             for r in 0..r1 - r0 {
                 let out = Out {
                     y: yp.add(r * ldy + ybase),
@@ -403,17 +501,24 @@ mod fused {
                     relu: epilogue.relu,
                 };
                 for v in 0..nv {
-                    let mut m = [_mm512_setzero_ps(); 16];
-                    for (e, me) in m.iter_mut().enumerate() {
+                    let mut m = [_mm512_setzero_ps(); 36];
+                    for (e, me) in m.iter_mut().enumerate().take(es) {
                         *me = _mm512_loadu_ps(mp.add((e * rows_pad + r) * TB + v * 16));
                     }
-                    let o = transform_out(&m);
+                    let mut o = [_mm512_setzero_ps(); 16];
+                    if T == 2 {
+                        let o2 = transform_out(&std::array::from_fn(|i| m[i]));
+                        o[..4].copy_from_slice(&o2);
+                    } else {
+                        o = transform_out4(&m);
+                    }
                     if contiguous {
-                        store_rows(&out, &block, v, pair0, w, &o);
+                        store_rows(&out, &block, v, band0, w, &[o[0], o[1], o[2], o[3]]);
                     } else {
                         let off = _mm512_loadu_si512(block.out[v].as_ptr().cast());
                         let vm = block.valid[v];
-                        for (dst, val) in [0, 1, w, w + 1].into_iter().zip(o) {
+                        for (i, &val) in o.iter().enumerate().take(T * T) {
+                            let dst = (i / T) * w + i % T;
                             let idx = _mm512_add_epi32(off, _mm512_set1_epi32(dst as i32));
                             let res = out.res.map(|p| {
                                 _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), vm, idx, p)
@@ -429,22 +534,30 @@ mod fused {
         BUFS.set((vbuf, mbuf));
     }
 
-    /// The lanes of the block of tiles `tb ..` (of `nt`, `tw` per pair of rows, the range's
-    /// first pair `first_pair`) of `H × W` images.
-    fn block(tb: usize, nt: usize, tw: usize, first_pair: usize, h: usize, w: usize) -> Block {
+    /// The lanes of the block of tiles `tb ..` (of `nt`, `tw` per band of `T` rows, the
+    /// range's first band `first_band`) of `H × W` images.
+    fn block<const T: usize>(
+        tb: usize,
+        nt: usize,
+        tw: usize,
+        first_band: usize,
+        h: usize,
+        w: usize,
+    ) -> Block {
+        let a = T + 2;
         let mut b = Block {
             inb: [[0; 16]; 3],
             out: [[0; 16]; 3],
-            masks: [[0; 16]; 3],
+            masks: [[0; 36]; 3],
             valid: [0; 3],
-            pair: [0; 3],
+            band: [0; 3],
             tx0: [0; 3],
         };
         let p0 = tb / tw;
         let (hi, wi) = (h as isize, w as isize);
         for v in 0..3 {
             let t = tb + 16 * v;
-            b.pair[v] = first_pair + t / tw;
+            b.band[v] = first_band + t / tw;
             b.tx0[v] = t % tw;
             for l in 0..16 {
                 let t = tb + 16 * v + l;
@@ -453,18 +566,18 @@ mod fused {
                 }
                 b.valid[v] |= 1 << l;
                 let (p, tx) = (t / tw, t % tw);
-                let ty = (first_pair + p) % (h / 2);
-                let rel = ((p - p0) * 2 * w) as isize;
-                let tx2 = 2 * tx as isize;
-                // Small: a block spans at most 48 pairs of rows (`accepts` bounds W).
-                b.inb[v][l] = (rel - wi + tx2 - 1) as i32;
-                b.out[v][l] = (rel + tx2) as i32;
-                for i in 0..4 {
-                    let iy = 2 * ty as isize - 1 + i as isize;
-                    for j in 0..4 {
-                        let ix = tx2 - 1 + j as isize;
+                let ty = (first_band + p) % (h / T);
+                let rel = ((p - p0) * T * w) as isize;
+                let txt = (T * tx) as isize;
+                // Small: a block spans at most 48 bands of rows (`accepts` bounds W).
+                b.inb[v][l] = (rel - wi + txt - 1) as i32;
+                b.out[v][l] = (rel + txt) as i32;
+                for i in 0..a {
+                    let iy = (T * ty) as isize - 1 + i as isize;
+                    for j in 0..a {
+                        let ix = txt - 1 + j as isize;
                         if iy >= 0 && iy < hi && ix >= 0 && ix < wi {
-                            b.masks[v][4 * i + j] |= 1 << l;
+                            b.masks[v][a * i + j] |= 1 << l;
                         }
                     }
                 }
@@ -473,18 +586,24 @@ mod fused {
         b
     }
 
-    /// Patch values `d[4·i + j]` of vector `v`'s tiles, gathered lane by lane (0 in the
-    /// padding) from `base` plus each lane's offset.
+    /// Patch values `d[A·i + j]` (`A = T + 2`) of vector `v`'s tiles, gathered lane by lane
+    /// (0 in the padding) from `base` plus each lane's offset.
     #[target_feature(enable = "avx512f")]
-    unsafe fn patch_gather(base: *const f32, b: &Block, v: usize, w: usize) -> [__m512; 16] {
+    unsafe fn patch_gather<const T: usize>(
+        base: *const f32,
+        b: &Block,
+        v: usize,
+        w: usize,
+    ) -> [__m512; 36] {
+        let a = T + 2;
         let off = _mm512_loadu_si512(b.inb[v].as_ptr().cast());
-        let mut d = [_mm512_setzero_ps(); 16];
-        for i in 0..4 {
-            for j in 0..4 {
+        let mut d = [_mm512_setzero_ps(); 36];
+        for i in 0..a {
+            for j in 0..a {
                 let idx = _mm512_add_epi32(off, _mm512_set1_epi32((i * w + j) as i32));
-                d[4 * i + j] = _mm512_mask_i32gather_ps::<4>(
+                d[a * i + j] = _mm512_mask_i32gather_ps::<4>(
                     _mm512_setzero_ps(),
-                    b.masks[v][4 * i + j],
+                    b.masks[v][a * i + j],
                     idx,
                     base,
                 );
@@ -506,7 +625,7 @@ mod fused {
         if b.valid[v] == 0 {
             return d;
         }
-        let (pair, tx0) = (b.pair[v], b.tx0[v]);
+        let (pair, tx0) = (b.band[v], b.tx0[v]);
         let ty = pair % (h / 2);
         let even = _mm512_loadu_si512(EVEN.as_ptr().cast());
         let odd = _mm512_loadu_si512(ODD.as_ptr().cast());
@@ -578,6 +697,85 @@ mod fused {
         ]
     }
 
+    /// `Bᵀ` of F(4×4, 3×3) (interpolation points 0, ±1, ±2).
+    const BT4: [[f32; 6]; 6] = [
+        [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+        [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+        [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+        [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+        [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+    ];
+    /// `Aᵀ` of F(4×4, 3×3).
+    const AT4: [[f32; 6]; 4] = [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+        [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+        [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+    ];
+
+    /// `Σ_k c[k]·v[k]` over the non-zero coefficients (constants: unrolled and folded, a
+    /// coefficient of ±1 an addition or subtraction).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn combine<const N: usize>(c: &[f32; N], v: [__m512; N]) -> __m512 {
+        let mut acc = _mm512_setzero_ps();
+        for (&ck, &vk) in c.iter().zip(&v) {
+            acc = if ck == 0.0 {
+                acc
+            } else if ck == 1.0 {
+                _mm512_add_ps(acc, vk)
+            } else if ck == -1.0 {
+                _mm512_sub_ps(acc, vk)
+            } else {
+                _mm512_fmadd_ps(_mm512_set1_ps(ck), vk, acc)
+            };
+        }
+        acc
+    }
+
+    /// `Bᵀ d B` of 16 tiles' 6×6 patches, written as `V_e` (`e = 6·i + j`) at `out + e·stride`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_in4(d: &[__m512; 36], out: *mut f32, stride: usize) {
+        // Down the rows: t[i][j] = Σ_k Bᵀ[i][k] d[k][j].
+        let mut t = [_mm512_setzero_ps(); 36];
+        for j in 0..6 {
+            let col: [__m512; 6] = std::array::from_fn(|k| d[6 * k + j]);
+            for (i, bt) in BT4.iter().enumerate() {
+                t[6 * i + j] = combine(bt, col);
+            }
+        }
+        // Along them: V[i][j] = Σ_k t[i][k] Bᵀ[j][k].
+        for i in 0..6 {
+            let row: [__m512; 6] = std::array::from_fn(|k| t[6 * i + k]);
+            for (j, bt) in BT4.iter().enumerate() {
+                _mm512_storeu_ps(out.add((6 * i + j) * stride), combine(bt, row));
+            }
+        }
+    }
+
+    /// `Aᵀ M A` of 16 tiles: the 4×4 outputs, row-major.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_out4(m: &[__m512; 36]) -> [__m512; 16] {
+        // Down: s[i][j] = Σ_k Aᵀ[i][k] m[k][j].
+        let mut s = [_mm512_setzero_ps(); 24];
+        for j in 0..6 {
+            let col: [__m512; 6] = std::array::from_fn(|k| m[6 * k + j]);
+            for (i, at) in AT4.iter().enumerate() {
+                s[6 * i + j] = combine(at, col);
+            }
+        }
+        // Along: y[i][j] = Σ_k s[i][k] Aᵀ[j][k].
+        let mut y = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            let row: [__m512; 6] = std::array::from_fn(|k| s[6 * i + k]);
+            for (j, at) in AT4.iter().enumerate() {
+                y[4 * i + j] = combine(at, row);
+            }
+        }
+        y
+    }
+
     /// One output row of a block: where it goes and the epilogue that it goes through.
     struct Out {
         /// The row at the block's first column.
@@ -616,7 +814,7 @@ mod fused {
             _mm512_loadu_si512(lo.as_ptr().cast()),
             _mm512_loadu_si512(hi.as_ptr().cast()),
         );
-        let col = (b.pair[v] - pair0) * 2 * w + 2 * b.tx0[v];
+        let col = (b.band[v] - pair0) * 2 * w + 2 * b.tx0[v];
         for (row, (a, c)) in [(0, (o[0], o[1])), (w, (o[2], o[3]))] {
             for (half, idx) in [(0, lo), (16, hi)] {
                 let at = col + row + half;
@@ -885,6 +1083,10 @@ mod tests {
             (20, 7, 2, 4, 32),
             (8, 3, 3, 2, 64),
             (9, 5, 1, 6, 32),
+            // Tiles of 4: bands of rows across images, 8×8 and 4×4 images.
+            (16, 64, 2, 8, 8),
+            (12, 9, 3, 4, 4),
+            (8, 3, 1, 12, 16),
         ] {
             let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
             let k = cin * 9;
@@ -894,32 +1096,40 @@ mod tests {
             let mut col = vec![0.0; k * n];
             d.im2col_range(&x, 0, n, &mut col).unwrap();
             let want = reference::forward(&wv, cout, k, &col, n);
-            let wg = Winograd::new(g, cout, cin, &wv).unwrap().unwrap();
-            assert!(wg.accepts(&d));
-            let a = wg.row_align();
-            let pairs = n / (2 * w);
-            for (p0, p1) in [(0, pairs), (1, pairs), (0, pairs / 2), (pairs, pairs)] {
-                let (c0, c1) = (p0 * 2 * w, p1 * 2 * w);
-                for (r0, r1) in [(0, cout), (a.min(cout) / a * a, cout)] {
-                    let nc = c1 - c0;
-                    let mut y = vec![f32::NAN; (r1 - r0) * nc];
-                    wg.forward_rows(&x, &d, c0, c1, r0, r1, &mut y).unwrap();
-                    for r in r0..r1 {
-                        for j in 0..nc {
-                            let (got, e) = (y[(r - r0) * nc + j], want[r * n + c0 + j]);
-                            assert!(
-                                (got - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                                "[{cout},{cin},{b},{h},{w}] cols {c0}..{c1} rows {r0}..{r1} ({r}, {j}): {got} vs {e}"
+            for tile in [2, 4].into_iter().filter(|t| h % t == 0 && w % t == 0) {
+                let wg = Winograd::with_tile(g, cout, cin, &wv, tile)
+                    .unwrap()
+                    .unwrap();
+                assert!(wg.accepts(&d));
+                let a = wg.row_align();
+                // F(4×4) rounds some ten times more.
+                let tol = if wg.tile() == 4 { 1e-3 } else { 1e-4 };
+                let t = wg.tile();
+                let pairs = n / (t * w);
+                for (p0, p1) in [(0, pairs), (1, pairs), (0, pairs / 2), (pairs, pairs)] {
+                    let (c0, c1) = (p0 * t * w, p1 * t * w);
+                    for (r0, r1) in [(0, cout), (a.min(cout) / a * a, cout)] {
+                        let nc = c1 - c0;
+                        let mut y = vec![f32::NAN; (r1 - r0) * nc];
+                        wg.forward_rows(&x, &d, c0, c1, r0, r1, &mut y).unwrap();
+                        for r in r0..r1 {
+                            for j in 0..nc {
+                                let (got, e) = (y[(r - r0) * nc + j], want[r * n + c0 + j]);
+                                assert!(
+                                (got - e).abs() <= tol * (1.0 + e.abs()),
+                                "tile {t} [{cout},{cin},{b},{h},{w}] cols {c0}..{c1} rows {r0}..{r1} ({r}, {j}): {got} vs {e}"
                             );
+                            }
                         }
                     }
                 }
+                let mut y = vec![0.0; cout * n];
+                assert!(wg.forward_rows(&x, &d, 1, n, 0, cout, &mut y).is_err());
+                assert!(wg.forward_rows(&x, &d, 0, n, 1, cout, &mut y).is_err());
+                assert!(wg.forward_rows(&x[1..], &d, 0, n, 0, cout, &mut y).is_err());
             }
-            let mut y = vec![0.0; cout * n];
-            assert!(wg.forward_rows(&x, &d, 1, n, 0, cout, &mut y).is_err());
-            assert!(wg.forward_rows(&x, &d, 0, n, 1, cout, &mut y).is_err());
-            assert!(wg.forward_rows(&x[1..], &d, 0, n, 0, cout, &mut y).is_err());
         }
+        assert!(Winograd::with_tile(g, 2, 2, &[0.0; 36], 3).is_err());
         let odd = ConvDims::new(&[2, 1, 3, 4], g).unwrap();
         let wg = Winograd::new(g, 2, 2, &[0.0; 36]).unwrap().unwrap();
         assert!(!wg.accepts(&odd));
