@@ -1,13 +1,14 @@
-//! Winograd F(2×2, 3×3) convolution: 3×3, stride 1, padding 1 convolutions with 2.25× fewer
-//! multiplications than im2col + GEMM (Lavin & Gray, 2016).
+//! Winograd F(2×2, 3×3) and F(4×4, 3×3) convolution: 3×3, stride 1, padding 1 convolutions
+//! with 2.25× and 4× fewer multiplications than im2col + GEMM (Lavin & Gray, 2016).
 //!
-//! Each 2×2 block of outputs (a *tile*) of a channel is `Aᵀ [Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)] A`,
-//! where `d_c` is the 4×4 input patch around the tile and `g_c` the 3×3 kernel of channel `c`.
-//! Over all tiles and channels the sum is 16 independent products `M_e = U_e · V_e`
-//! (`U_e[m, c]`, the transformed weights, `V_e[c, t]`, the transformed patches), which run on the
-//! tiled dense GEMM; the transforms are additions only. Rows of tiles are transformed
-//! separably (along the row, then down the four rows), on contiguous arrays the compiler
-//! vectorises.
+//! Each `T × T` block of outputs (a *tile*) of a channel is
+//! `Aᵀ [Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)] A`, where `d_c` is the `(T + 2)²` input patch around the
+//! tile and `g_c` the 3×3 kernel of channel `c`. Over all tiles and channels the sum is
+//! `(T + 2)²` independent products `M_e = U_e · V_e` (`U_e[m, c]`, the transformed weights,
+//! `V_e[c, t]`, the transformed patches). With AVX-512 a fused kernel (module `fused`) runs
+//! them per block of 48 tiles in cache, for tiles of 2 and 4. Elsewhere a portable path runs
+//! tiles of 2: rows of tiles transformed separably (along the row, then down the four rows) on
+//! contiguous arrays the compiler vectorises, the products on the tiled dense GEMM.
 
 use super::direct::Epilogue;
 use super::tiled::Tiled;
@@ -214,7 +215,7 @@ impl Winograd {
             && d.w.is_multiple_of(self.tile)
             && d.h > 0
             && d.w > 0
-            // Lane offsets within a block of tiles (at most 48 pairs of rows) stay in i32.
+            // Lane offsets within a block of tiles (at most 48 bands of rows) stay in i32.
             && d.w <= 1 << 20
     }
 
