@@ -11,6 +11,18 @@ use common::{deep, exotic, formats, masks_for, plain, pool, residual, wide, Net}
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Largest difference between the logits `got` and `want`.
+fn max_error(got: &[f32], want: &[f32]) -> f32 {
+    got.iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+}
+
+/// What errors are judged against: the largest logit's magnitude, at least 1.
+fn scale_of(want: &[f32]) -> f32 {
+    want.iter().fold(1.0f32, |m, v| m.max(v.abs()))
+}
+
 fn check(label: &str, net: fn() -> Net) {
     for (k, fmt) in formats().into_iter().enumerate() {
         let (graph, tensors, weights) = net().finish(7 + k as u64);
@@ -23,7 +35,7 @@ fn check(label: &str, net: fn() -> Net) {
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
         let want = reference::forward_nchw(&network, &x, batch).unwrap();
-        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let scale = scale_of(&want);
         let tunings = [
             None,
             Some(Tuning::Dense),
@@ -36,24 +48,21 @@ fn check(label: &str, net: fn() -> Net) {
             .chain([(Path::Dense, None), (Path::Dense, Some(Tuning::Dense))])
         {
             let mut engine = InferenceNet::new(&network, &formats, path).unwrap();
-            // With Winograd for the 3×3 convolutions it allows, convolutions in dense blocks
-            // through im2col instead of in place, and residual adds as steps of their own,
-            // the same function.
+            // With implicit GEMMs instead of Winograd (the default) for the 3×3 convolutions,
+            // convolutions in dense blocks through im2col instead of in place, and residual
+            // adds as steps of their own, the same function.
             let options = InferOptions {
-                winograd: true,
+                winograd: false,
                 block_conv: false,
                 fuse_residual: false,
                 ..InferOptions::default()
             };
-            let wino = InferenceNet::with_options(&network, &formats, path, options).unwrap();
-            let got = wino.forward_nchw(&x, batch).unwrap();
-            let err = got
-                .iter()
-                .zip(&want)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let other = InferenceNet::with_options(&network, &formats, path, options).unwrap();
+            let got = other.forward_nchw(&x, batch).unwrap();
+            let err = max_error(&got, &want);
             assert!(
                 err <= 1e-4 * scale,
-                "{label} {fmt:?} {path:?} Winograd, blocks through im2col, adds unfused: {err}"
+                "{label} {fmt:?} {path:?} implicit GEMMs, blocks through im2col, adds unfused: {err}"
             );
             if let Some(t) = tuning {
                 let choices = engine.tune(batch, &mut TuneCache::in_memory(), t).unwrap();
@@ -77,10 +86,7 @@ fn check(label: &str, net: fn() -> Net) {
             }
             let got = engine.forward_nchw(&x, batch).unwrap();
             assert_eq!(got.len(), want.len());
-            let err = got
-                .iter()
-                .zip(&want)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let err = max_error(&got, &want);
             assert!(
                 err <= 1e-4 * scale,
                 "{label} {fmt:?} {path:?} {tuning:?}: max error {err} (scale {scale})"
@@ -166,11 +172,8 @@ fn passes_equal_the_reference(net: fn() -> Net, seed: u64) {
                 .collect();
             let want = reference::forward_nchw(&network, &x, batch).unwrap();
             let got = engine.forward_nchw(&x, batch).unwrap();
-            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-            let err = got
-                .iter()
-                .zip(&want)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let scale = scale_of(&want);
+            let err = max_error(&got, &want);
             assert!(err <= 1e-4 * scale, "{path:?} batch {batch}: {err}");
         }
     }
@@ -192,11 +195,8 @@ fn winograd_tiles_of_four_and_two_equal_the_reference() {
             .collect();
         let want = reference::forward_nchw(&network, &x, batch).unwrap();
         let got = engine.forward_nchw(&x, batch).unwrap();
-        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let scale = scale_of(&want);
+        let err = max_error(&got, &want);
         assert!(err <= 1e-4 * scale, "batch {batch}: {err} (scale {scale})");
         if coarsen_kernels::Isa::detect() == coarsen_kernels::Isa::Avx512 {
             let steps = engine.profile(&x, batch, 1).unwrap();
