@@ -174,6 +174,20 @@ impl ConvDims {
         (row / (kh * kw), (row / kw) % kh, row % kw)
     }
 
+    /// Whether [`im2col_tiles`](Self::im2col_tiles) gathers its tiles vector by vector
+    /// (AVX-512, tiles of whole vectors, every offset within a channel an `i32`): where the
+    /// copies of whole output rows are short (small images, or strided taps), which left them
+    /// a loop of a few values per call (batch 1's 4×4 layers: about 1 GB/s written).
+    #[cfg(target_arch = "x86_64")]
+    fn gathers(&self, nr: usize) -> bool {
+        use crate::simd::Isa;
+        let short = self.wo < 16 || self.g.stride != [1, 1] || self.g.dilation != [1, 1];
+        short
+            && nr.is_multiple_of(16)
+            && i32::try_from(self.b * self.h * self.w).is_ok()
+            && Isa::detect() == Isa::Avx512
+    }
+
     /// Checks a column range and the buffers of an im2col call.
     fn check(&self, x: usize, c0: usize, c1: usize, rows: usize, col: usize) -> Result<()> {
         let want_x = self.c * self.b * self.h * self.w;
@@ -326,6 +340,13 @@ impl ConvDims {
                 expected: want,
                 shape: format!("{count} rows × {nc} columns in tiles of {nr}"),
             });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.gathers(nr) {
+            // SAFETY: AVX-512F is available (`gathers`); `x` holds the batch and the rows are
+            // below `rows()` (both checked above), `out` holds every tile (checked above).
+            unsafe { gather::tiles(self, x, rows, count, (c0, c1), nr, out) };
+            return Ok(());
         }
         // Blocks of rows go row-major into `tmp` (small enough to stay in L1), then out to
         // their tiles.
@@ -555,6 +576,114 @@ impl Tap {
     }
 }
 
+/// [`ConvDims::im2col_tiles`] by AVX-512 gathers: per vector of 16 columns, each tap's
+/// offsets within a channel and mask of the lanes inside the image, then one masked gather
+/// per row (its channel's plane and its tap's offsets).
+#[cfg(target_arch = "x86_64")]
+mod gather {
+    use std::arch::x86_64::*;
+
+    use super::ConvDims;
+
+    /// Most taps (`kh·kw`) whose offsets a vector keeps at once (every kernel up to 7×7);
+    /// larger kernels take one pass over the rows per chunk of taps.
+    const MAX_TAPS: usize = 49;
+
+    /// See the module docs; `count` rows (`rows`, or all), columns `c0 .. c1` in tiles of `nr`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `x` holds `C·B·H·W` values, every row is below
+    /// `d.rows()`, `nr` is a multiple of 16, `B·H·W` fits an `i32`, and `out` holds
+    /// `⌈(c1 − c0)/nr⌉·nr·count` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tiles(
+        d: &ConvDims,
+        x: &[f32],
+        rows: Option<&[u32]>,
+        count: usize,
+        (c0, c1): (usize, usize),
+        nr: usize,
+        out: &mut [f32],
+    ) {
+        let g = d.g;
+        let [kh, kw] = g.kernel;
+        let taps = kh * kw;
+        let (h, w) = (d.h as isize, d.w as isize);
+        let (hw, wo) = (d.hw().max(1), d.wo.max(1));
+        let plane = d.b * d.h * d.w;
+        let nc = c1 - c0;
+        let tiles = nc.div_ceil(nr);
+        let xp = x.as_ptr();
+        let op = out.as_mut_ptr();
+        let mut idx = [[0i32; 16]; MAX_TAPS];
+        let mut mask = [0u16; MAX_TAPS];
+        // Taps in chunks of MAX_TAPS (one chunk for every kernel up to 7×7).
+        for tap0 in (0..taps).step_by(MAX_TAPS) {
+            let tap1 = (tap0 + MAX_TAPS).min(taps);
+            for t in 0..tiles {
+                for v in 0..nr / 16 {
+                    let col0 = c0 + t * nr + v * 16;
+                    // Each lane's image and output position, walked from the first one
+                    // without dividing per lane (few rows per vector left the divisions the
+                    // larger cost).
+                    let lanes = c1.saturating_sub(col0).min(16);
+                    let mut pos = [(0isize, 0isize, 0isize); 16];
+                    let (img, r) = (col0 / hw, col0 % hw);
+                    let (mut img, mut oy, mut ox) =
+                        (img as isize, (r / wo) as isize, (r % wo) as isize);
+                    for p in pos.iter_mut().take(lanes) {
+                        *p = (img, oy, ox);
+                        ox += 1;
+                        if ox == wo as isize {
+                            ox = 0;
+                            oy += 1;
+                            if oy == (hw / wo) as isize {
+                                oy = 0;
+                                img += 1;
+                            }
+                        }
+                    }
+                    // Each tap's offsets and lanes inside the image.
+                    for tap in tap0..tap1 {
+                        let (ky, kx) = (tap / kw, tap % kw);
+                        let dy = (ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                        let dx = (kx * g.dilation[1]) as isize - g.padding[1] as isize;
+                        let (sy, sx) = (g.stride[0] as isize, g.stride[1] as isize);
+                        let (mut m, ix_) = (0u16, &mut idx[tap - tap0]);
+                        for (lane, &(img, oy, ox)) in pos.iter().enumerate() {
+                            let (iy, ix) = (oy * sy + dy, ox * sx + dx);
+                            if lane < lanes && iy >= 0 && iy < h && ix >= 0 && ix < w {
+                                m |= 1 << lane;
+                                ix_[lane] = (img * h * w + iy * w + ix) as i32;
+                            } else {
+                                ix_[lane] = 0;
+                            }
+                        }
+                        mask[tap - tap0] = m;
+                    }
+                    let dst = op.add(t * count * nr + v * 16);
+                    for i in 0..count {
+                        let row = rows.map_or(i, |r| *r.get_unchecked(i) as usize);
+                        let (ch, tap) = (row / taps, row % taps);
+                        if tap < tap0 || tap >= tap1 {
+                            continue;
+                        }
+                        let k = tap - tap0;
+                        let vi = _mm512_loadu_si512(idx[k].as_ptr().cast());
+                        let val = _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            mask[k],
+                            vi,
+                            xp.add(ch * plane).cast(),
+                        );
+                        _mm512_storeu_ps(dst.add(i * nr), val);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -655,8 +784,10 @@ mod tests {
                             d.im2col_row_range(&x, r, c0, c1, &mut one).unwrap();
                             assert_eq!(&one[..], &want[r * n + c0..r * n + c1]);
                         }
-                        // Tile by tile, all rows and the selected ones, tiles of 1, 3 and 16.
-                        for nr in [1, 3, 16] {
+                        // Tile by tile, all rows and the selected ones, tiles of 1, 3, 16
+                        // and 32 (the last two gathered where AVX-512 is available and the
+                        // rows are short).
+                        for nr in [1, 3, 16, 32] {
                             let mut tmp = Vec::new();
                             for sel in [None, Some(&rows[..])] {
                                 let count = sel.map_or(d.rows(), |r| r.len());
