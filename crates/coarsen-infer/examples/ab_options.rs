@@ -15,10 +15,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: ab_options EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]")?;
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
-    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, `residual=0|1`, `few=N`, and `packed=0|1` for
-    // both; comma-separated.
+    // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, `residual=0|1`, `few=N`,
+    // `packed=0|1` for both, and `bpacked=1` for B alone (A on the dense path, B packed,
+    // untuned); comma-separated.
     let mut ob = InferOptions::default();
     let mut path = Path::Dense;
+    let mut path_b = None;
     for kv in args
         .get(4)
         .map_or("", String::as_str)
@@ -34,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "blocks" => ob.block_conv = v == "1",
             "residual" => ob.fuse_residual = v == "1",
             "packed" if v == "1" => path = Path::Packed,
+            "bpacked" if v == "1" => path_b = Some(Path::Packed),
             "packed" => path = Path::Dense,
             _ => return Err(format!("unknown option {k}").into()),
         }
@@ -41,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("A: {:?}\nB: {ob:?}", InferOptions::default());
     let e = export::load(std::path::Path::new(dir))?;
     let a = InferenceNet::new(&e.network, &e.formats, path)?;
-    let b = InferenceNet::with_options(&e.network, &e.formats, path, ob)?;
+    let b = InferenceNet::with_options(&e.network, &e.formats, path_b.unwrap_or(path), ob)?;
     let [c, h, w] = a.input();
     let x: Vec<f32> = (0..c * h * w * batch)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)

@@ -36,7 +36,7 @@ pub mod simd;
 pub mod timing;
 
 pub use engine::{
-    BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Residual, Threading, Winograd,
+    BlockConv, DenseKernel, DirectConv, Epilogue, NmConv, Plan, Residual, Threading, Winograd,
 };
 pub use error::{KernelError, Result};
 pub use formats::{

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use coarsen_core::{Mask, MatrixView};
 use coarsen_kernels::conv::ConvGeometry;
 use coarsen_kernels::{
-    BlockConv, Bsr, ChannelCompact, Csr, Dense, DirectConv, GroupBlocks, NmCompressed, Packed,
-    Plan, ShuffledBlocks, Threading, Winograd,
+    BlockConv, Bsr, ChannelCompact, Csr, Dense, DirectConv, GroupBlocks, NmCompressed, NmConv,
+    Packed, Plan, ShuffledBlocks, Threading, Winograd,
 };
 use rayon::prelude::*;
 
@@ -663,6 +663,11 @@ impl<'a> Compiler<'a> {
         } else {
             None
         };
+        // N:M layers also get their own kernel for few columns.
+        let nm = match &packed {
+            Packed::Nm(f) if f.view().in_channels == in_ch.len() => NmConv::new(f).map_err(kerr)?,
+            _ => None,
+        };
         let mut plan = Plan::new(&packed).map_err(kerr)?;
         plan.set_threading(Threading::Serial);
         let rows_out = plan.out_dim();
@@ -723,6 +728,7 @@ impl<'a> Compiler<'a> {
             direct,
             wino,
             blocks,
+            nm,
             dense_twin: None,
         };
         if let Some(v) = twin_values {

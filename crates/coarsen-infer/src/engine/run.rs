@@ -4,7 +4,9 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
-use coarsen_kernels::{BlockConv, DenseKernel, DirectConv, Epilogue, Plan, Residual, Winograd};
+use coarsen_kernels::{
+    BlockConv, DenseKernel, DirectConv, Epilogue, NmConv, Plan, Residual, Winograd,
+};
 use rayon::prelude::*;
 
 use super::{InferOptions, InferenceNet};
@@ -118,6 +120,9 @@ pub(super) struct Layer {
     /// those geometries, which reads the input in place per block (the plan then serves the
     /// other shapes).
     pub(super) blocks: Option<BlockConv>,
+    /// The N:M kernel of an N:M layer, for products of at most [`NM_COLS`] columns (batch 1's
+    /// deep layers, where the weight's bytes bound the time).
+    pub(super) nm: Option<NmConv>,
     /// The same layer on the dense kernels (sparse formats on the packed path), until tuning
     /// decides which of the two runs.
     pub(super) dense_twin: Option<Box<Layer>>,
@@ -490,6 +495,13 @@ impl Layer {
         if let Some(bc) = self.blocks.as_ref().filter(|_| self.runs_blocks(n, o)) {
             return self.forward_blocks(bc, x, res, &d, o);
         }
+        if let Some(k) = self
+            .nm
+            .as_ref()
+            .filter(|k| self.runs_nm(n) && k.accepts(&d))
+        {
+            return self.forward_nm(k, x, res, &d);
+        }
         let rows = self.cout;
         let len = rows * n;
         // Every value of `y` is written below (the chunks cover every column of every row)
@@ -757,6 +769,62 @@ impl Layer {
         Ok(y)
     }
 
+    /// [`forward`](Self::forward) on the N:M kernel: the input gathered once into its
+    /// layout, then tasks of output rows, each through the epilogue into its rows.
+    fn forward_nm(
+        &self,
+        k: &NmConv,
+        x: &[f32],
+        res: Option<&[f32]>,
+        d: &ConvDims,
+    ) -> Result<Vec<f32>> {
+        let kerr = |e| InferError::kernel(&self.name, e);
+        let n = d.n();
+        let rows = self.cout;
+        let len = rows * n;
+        let mut y: Vec<f32> = buffer(len);
+        let yp = Shared(y.as_mut_ptr());
+        let ql = k.input_len(n);
+        let mut shared = at_least(SHARED.take(), ql);
+        if let Err(e) = k.gather_input(x, d, &mut shared[..ql]) {
+            SHARED.set(shared);
+            return Err(kerr(e));
+        }
+        let xq = &shared[..ql];
+        let align = NmConv::ROW_ALIGN;
+        let parts = (2 * rayon::current_num_threads())
+            .min(rows.div_ceil(align))
+            .max(1);
+        let per = rows.div_ceil(parts).div_ceil(align) * align;
+        let shares: Vec<(usize, usize)> = (0..rows.div_ceil(per))
+            .map(|i| (i * per, ((i + 1) * per).min(rows)))
+            .collect();
+        let result = shares
+            .into_par_iter()
+            .try_for_each(|(r0, r1)| -> Result<()> {
+                // Taken out of the thread's slot (see `forward`).
+                let (col_buf, part_buf, tmp) = SCRATCH.take();
+                let mut part_buf = at_least(part_buf, (r1 - r0) * n);
+                let part = &mut part_buf[..(r1 - r0) * n];
+                let r = k.forward_rows(xq, n, r0, r1, part).map_err(kerr);
+                if r.is_ok() {
+                    self.store(part, yp, (r0, 0), n, (n, res));
+                }
+                SCRATCH.set((col_buf, part_buf, tmp));
+                r
+            });
+        SHARED.set(shared);
+        result?;
+        // SAFETY: the shares cover every row, each storing all `n` columns of its rows.
+        unsafe { y.set_len(len) };
+        Ok(y)
+    }
+
+    /// Whether a product of `n` columns runs on the N:M kernel.
+    fn runs_nm(&self, n: usize) -> bool {
+        self.nm.is_some() && n > 0 && n <= NM_COLS
+    }
+
     /// Whether a product of `n` columns runs on the block kernel.
     fn runs_blocks(&self, n: usize, o: &InferOptions) -> bool {
         self.blocks.is_some() && o.block_conv && n > 0
@@ -805,6 +873,8 @@ impl Layer {
         let n = batch * self.ho * self.wo;
         if self.runs_blocks(n, o) {
             format!("implicit gemm, {}", self.plan.format())
+        } else if self.runs_nm(n) {
+            format!("gathered {}", self.plan.format())
         } else if let Some(w) = self.wino.as_ref().filter(|_| self.runs_winograd(n, o)) {
             let t = w.for_columns(n).tile();
             format!("winograd F({t}x{t},3x3)")
@@ -844,6 +914,7 @@ impl Layer {
             direct,
             wino,
             blocks: None,
+            nm: None,
             dense_twin: None,
         }
     }
@@ -922,6 +993,9 @@ impl Layer {
 /// Tiles of the implicit GEMM up to which a product runs as one column chunk (its tasks split
 /// the rows only).
 const FEW_DIRECT_TILES: usize = 2;
+
+/// Columns up to which an N:M layer runs its own kernel ([`NmConv`]); more run the plan.
+const NM_COLS: usize = 1024;
 
 /// Columns up to which a dense layer runs the kernel that vectorises over output rows.
 const SMALL_COLS: usize = 64;

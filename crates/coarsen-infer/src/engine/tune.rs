@@ -195,11 +195,18 @@ impl InferenceNet {
             if l.dense_twin.is_none() {
                 continue;
             }
-            // The engine's options change the dense twin's kernels (Winograd) and chunking.
+            // The engine's options change the dense twin's kernels (Winograd) and chunking;
+            // the kernels that run each variant are named, so that a new kernel measures
+            // again.
+            let twin_kernel = l
+                .dense_twin
+                .as_ref()
+                .map_or(String::new(), |t| t.kernel_name(batch, &options));
             let key = format!(
-                "{machine}|batch {batch}|{}|{}|{}x{}|{} stored|in {}x{}x{}|{:?}|{options:?}|in context",
+                "{machine}|batch {batch}|{}|{}|{} / {twin_kernel}|{}x{}|{} stored|in {}x{}x{}|{:?}|{options:?}|in context",
                 l.name,
                 l.plan.format(),
+                l.kernel_name(batch, &options),
                 l.plan.out_dim(),
                 l.plan.in_dim(),
                 l.plan.value_count(),

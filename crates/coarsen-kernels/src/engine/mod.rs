@@ -5,6 +5,7 @@ mod blocks;
 mod dense;
 mod direct;
 mod micro;
+mod nm_conv;
 mod rows;
 mod tiled;
 mod winograd;
@@ -12,6 +13,7 @@ mod winograd;
 pub use block_conv::BlockConv;
 pub use dense::{DenseKernel, Threading};
 pub use direct::{DirectConv, Epilogue, Residual};
+pub use nm_conv::NmConv;
 pub use winograd::Winograd;
 
 use blocks::BlockEngine;
