@@ -657,8 +657,9 @@ impl<'a> Compiler<'a> {
             None => (None, None),
         };
         // Dense blocks (group, shuffled, BSR) of such convolutions run as implicit GEMMs per
-        // block; they may read a subset of the im2col rows.
-        let blocks = if (same || halved) && ho * wo > 1 && corr.is_none() {
+        // block, and those of every layer on few columns from one im2col tile; they may read
+        // a subset of the im2col rows.
+        let blocks = if corr.is_none() {
             BlockConv::new(g, in_ch.len(), &packed, read.as_deref()).map_err(kerr)?
         } else {
             None

@@ -738,6 +738,35 @@ impl Layer {
             .iter()
             .flat_map(|&c| shares.iter().map(move |&s| (c, s)))
             .collect();
+        let epilogue = Epilogue {
+            bias: Some(&self.bias),
+            residual: res.map(|values| Residual { values, ld: n }),
+            relu: self.relu,
+        };
+        if n <= BlockConv::NARROW {
+            // At most one vector of columns (batch 1's small images): one im2col tile, made
+            // once, every block's column one aligned vector of it.
+            let mut shared = at_least(SHARED.take(), bc.narrow_len());
+            let result = bc
+                .narrow_input(x, d, &mut shared[..bc.narrow_len()])
+                .map_err(kerr)
+                .and_then(|()| {
+                    let xt = &shared[..bc.narrow_len()];
+                    shares.into_par_iter().try_for_each(|share| {
+                        let out = yp;
+                        // SAFETY: this task alone writes the rows of its blocks of `y` (`cout
+                        // × n`, allocated above; blocks' rows are disjoint and below `cout`);
+                        // every value is written before `set_len` below.
+                        unsafe { bc.forward_narrow_into(xt, d, share, out.0, n, epilogue) }
+                            .map_err(kerr)
+                    })
+                });
+            SHARED.set(shared);
+            result?;
+            // SAFETY: every row is in exactly one block and the shares cover every block.
+            unsafe { y.set_len(len) };
+            return Ok(y);
+        }
         // A stride-2 kernel reads its input as phase planes, split once for every task.
         let mut shared = SHARED.take();
         let xd: &[f32] = if bc.needs_phases() {
@@ -747,11 +776,6 @@ impl Layer {
             &shared[..x.len()]
         } else {
             x
-        };
-        let epilogue = Epilogue {
-            bias: Some(&self.bias),
-            residual: res.map(|values| Residual { values, ld: n }),
-            relu: self.relu,
         };
         let result = tasks.into_par_iter().try_for_each(|((c0, c1), share)| {
             let out = yp;
@@ -827,7 +851,11 @@ impl Layer {
 
     /// Whether a product of `n` columns runs on the block kernel.
     fn runs_blocks(&self, n: usize, o: &InferOptions) -> bool {
-        self.blocks.is_some() && o.block_conv && n > 0
+        self.blocks
+            .as_ref()
+            .is_some_and(|b| b.in_place() || n <= BlockConv::NARROW)
+            && o.block_conv
+            && n > 0
     }
 
     /// Whether the plan runs coarsen's tiled dense kernel (which the in-place kernels need).

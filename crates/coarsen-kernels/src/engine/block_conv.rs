@@ -16,6 +16,7 @@ use super::direct::{MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::formats::Packed;
+use crate::simd::Isa;
 
 /// One dense block, packed for the kernel.
 #[derive(Clone, Debug)]
@@ -28,6 +29,8 @@ struct ConvBlock {
     chans: Vec<u32>,
     /// The tap of every column, in the runs' order.
     taps: Vec<u8>,
+    /// The im2col row (`channel·taps + tap`) of every column, in the runs' order.
+    ids: Vec<u32>,
     /// `ceil(rows/MR)` panels of `columns × MR` values (rows past the block's zero).
     panels: Vec<f32>,
 }
@@ -67,6 +70,8 @@ pub struct BlockConv {
     cout: usize,
     cin: usize,
     g: ConvGeometry,
+    /// Whether the in-place kernel runs the geometry (the narrow one runs every geometry).
+    in_place: bool,
     /// Every output row in exactly one block (rows no block of the format writes form one
     /// block without columns, whose output is the epilogue of 0).
     blocks: Vec<ConvBlock>,
@@ -76,17 +81,18 @@ impl BlockConv {
     /// Packs the blocks of `packed` (group blocks, shuffled blocks or BSR), a convolution
     /// weight of geometry `g` over `cin` input channels whose matrix columns are the im2col
     /// rows `read` (all `cin·kh·kw` of them, in order, when `None`). `None` when this CPU lacks
-    /// AVX-512, the geometry is not one the in-place kernels run, or the format has no dense
-    /// blocks.
+    /// AVX-512 or the format has no dense blocks. Geometries the in-place kernel does not run
+    /// ([`in_place`](Self::in_place)) run on the narrow kernel only.
     pub fn new(
         g: ConvGeometry,
         cin: usize,
         packed: &Packed,
         read: Option<&[u32]>,
     ) -> Result<Option<Self>> {
-        if !runs_in_place(&g) {
+        if Isa::detect() != Isa::Avx512 {
             return Ok(None);
         }
+        let in_place = runs_in_place(&g);
         let Some(parts) = packed_parts(packed) else {
             return Ok(None);
         };
@@ -153,6 +159,7 @@ impl BlockConv {
                 runs,
                 chans: order.iter().map(|&(_, c, _)| c).collect(),
                 taps: order.iter().map(|&(t, _, _)| t as u8).collect(),
+                ids: order.iter().map(|&(t, c, _)| c * taps as u32 + t).collect(),
                 panels,
             });
         }
@@ -163,6 +170,7 @@ impl BlockConv {
                 runs: Vec::new(),
                 chans: Vec::new(),
                 taps: Vec::new(),
+                ids: Vec::new(),
                 panels: Vec::new(),
             });
         }
@@ -170,6 +178,7 @@ impl BlockConv {
             cout,
             cin,
             g,
+            in_place,
             blocks,
         }))
     }
@@ -204,10 +213,16 @@ impl BlockConv {
         out
     }
 
-    /// Whether it runs convolutions of `d` (same geometry and channels, output as large as the
-    /// input, or as each phase plane at stride 2).
+    /// Whether it runs convolutions of `d` in place (same geometry and channels, output as
+    /// large as the input, or as each phase plane at stride 2).
     pub fn accepts(&self, d: &ConvDims) -> bool {
-        accepts(&self.g, self.cin, d)
+        self.in_place && accepts(&self.g, self.cin, d)
+    }
+
+    /// Whether the in-place kernel runs this geometry (a stride-1 or stride-2 convolution of
+    /// the kinds [`DirectConv`](super::DirectConv) runs); otherwise only the narrow kernel does.
+    pub fn in_place(&self) -> bool {
+        self.in_place
     }
 
     /// Whether the kernel reads the input split into phase planes (a stride-2 convolution):
@@ -315,6 +330,93 @@ impl BlockConv {
         // `cout` values, and every block row is below `cout`.
         unsafe {
             avx512::forward(self, x, d, (c0, c1), (b0, b1), (y, ldy), epilogue)
+        };
+        Ok(())
+    }
+}
+
+impl BlockConv {
+    /// Most output positions of [`forward_narrow_into`](Self::forward_narrow_into): one
+    /// vector.
+    pub const NARROW: usize = 16;
+
+    /// The im2col tile that [`forward_narrow_into`](Self::forward_narrow_into) reads for the
+    /// `n ≤ NARROW` output positions of the batch `x` (`[cin, B, H, W]`, sizes `d`, not split
+    /// into phases): every im2col row, `NARROW` values each (zero past `n`), into `out`
+    /// ([`narrow_len`](Self::narrow_len) values).
+    pub fn narrow_input(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
+        self.check_narrow("BlockConv::narrow_input", d)?;
+        d.im2col_tiles(x, None, 0, d.n(), Self::NARROW, out, &mut Vec::new())
+    }
+
+    /// Values of [`narrow_input`](Self::narrow_input)'s tile.
+    pub fn narrow_len(&self) -> usize {
+        self.cin * self.g.taps() * Self::NARROW
+    }
+
+    /// Checks that the narrow kernel runs `d`: this kernel's geometry and channels, at most
+    /// `NARROW` output positions.
+    fn check_narrow(&self, op: &'static str, d: &ConvDims) -> Result<()> {
+        if d.g != self.g || d.c != self.cin || d.n() > Self::NARROW {
+            return Err(KernelError::Param {
+                name: "dims",
+                value: format!("[{}, {}, {}, {}] {:?}", d.c, d.b, d.h, d.w, d.g),
+                reason: format!(
+                    "{op} runs the kernel's {} input channels and {:?} on at most {} output \
+                     positions",
+                    self.cin,
+                    self.g,
+                    Self::NARROW
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The output rows of blocks `b0 .. b1` for all `n = d.n() ≤ NARROW` output positions,
+    /// from [`narrow_input`](Self::narrow_input)'s tile `xt` (every weight read once, each
+    /// column of a block one aligned vector of the tile), into `y` through the epilogue:
+    /// value `(r, c)` at `y[r·ldy + c]`. Batch 1's small images, where the in-place kernel's
+    /// halo loads straddle cache lines and most of its lanes are idle.
+    ///
+    /// # Safety
+    /// As [`forward_into`](Self::forward_into) with `c0 = 0`, `c1 = n`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_narrow_into(
+        &self,
+        xt: &[f32],
+        d: &ConvDims,
+        (b0, b1): (usize, usize),
+        y: *mut f32,
+        ldy: usize,
+        epilogue: Epilogue<'_>,
+    ) -> Result<()> {
+        let op = "BlockConv::forward_narrow_into";
+        self.check_narrow(op, d)?;
+        check_len(op, "xt", xt.len(), self.narrow_len(), || {
+            format!(
+                "{} im2col rows × {}",
+                self.cin * self.g.taps(),
+                Self::NARROW
+            )
+        })?;
+        if b0 > b1 || b1 > self.blocks.len() {
+            return Err(KernelError::Param {
+                name: "blocks",
+                value: format!("{b0}..{b1}"),
+                reason: format!("the kernel has {} blocks", self.blocks.len()),
+            });
+        }
+        let n = d.n();
+        epilogue.check(op, self.cout, (0, n), ldy)?;
+        if n == 0 || b0 == b1 {
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `new` returned `Some` only on a CPU with AVX-512; `xt` holds every im2col
+        // row (each block's ids are below `cin·taps`), `y` as the caller guarantees.
+        unsafe {
+            avx512::forward_narrow(self, xt, n, (b0, b1), (y, ldy), epilogue)
         };
         Ok(())
     }
@@ -472,6 +574,86 @@ mod avx512 {
         }
     }
 
+    /// See [`BlockConv::forward_narrow_into`]: per block, panels of `MR` rows three at a
+    /// time against one vector of the tile per column.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `xt` holds `NARROW` values per im2col row of every block's
+    /// columns, `y` is valid for columns `0 .. n` of every row of blocks `b0 .. b1` at stride
+    /// `ldy`, and the bias (if any) holds `cout` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward_narrow(
+        k: &BlockConv,
+        xt: &[f32],
+        n: usize,
+        (b0, b1): (usize, usize),
+        (yp, ldy): (*mut f32, usize),
+        epilogue: Epilogue<'_>,
+    ) {
+        let full = lanes(n);
+        let xp = xt.as_ptr();
+        for b in &k.blocks[b0..b1] {
+            let kn = b.ids.len();
+            let panels = b.rows.len().div_ceil(MR);
+            let mut q = 0;
+            while q < panels {
+                let group = (panels - q).min(3);
+                let mut acc = [[_mm512_setzero_ps(); MR]; 3];
+                match group {
+                    3 => narrow_panels::<3>(b, q, kn, xp, &mut acc),
+                    2 => narrow_panels::<2>(b, q, kn, xp, &mut acc),
+                    _ => narrow_panels::<1>(b, q, kn, xp, &mut acc),
+                }
+                for (g, panel) in acc.iter().enumerate().take(group) {
+                    let first = (q + g) * MR;
+                    for (i, &r) in b.rows[first..].iter().take(MR).enumerate() {
+                        let out = yp.add(r as usize * ldy);
+                        store_row::<1>(&[panel[i]], out, full, false, epilogue, r as usize, 0);
+                    }
+                }
+                q += group;
+            }
+        }
+    }
+
+    /// `acc[g][i] = Σ_k panel(q + g)[k][i] · xt[ids[k]]` for `P` panels of block `b` from
+    /// panel `q` (`kn` columns each).
+    ///
+    /// # Safety
+    /// As [`forward_narrow`]; panels `q .. q + P` exist.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn narrow_panels<const P: usize>(
+        b: &ConvBlock,
+        q: usize,
+        kn: usize,
+        xp: *const f32,
+        out: &mut [[__m512; MR]; 3],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); MR]; P];
+        let ids = b.ids.as_ptr();
+        let wp = b.panels.as_ptr().add(q * kn * MR);
+        for kc in 0..kn {
+            if kc % 2 == 0 {
+                // The panels stream from memory: fetched 64 columns (2 KiB) ahead.
+                for g in 0..P {
+                    let ahead = (g * kn + kc + 64) * MR;
+                    if kc + 64 < kn {
+                        _mm_prefetch::<_MM_HINT_T0>(wp.add(ahead).cast());
+                    }
+                }
+            }
+            let xv = _mm512_loadu_ps(xp.add(*ids.add(kc) as usize * 16));
+            for (g, panel) in acc.iter_mut().enumerate() {
+                let wc = wp.add((g * kn + kc) * MR);
+                for (i, a) in panel.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*wc.add(i)), xv, *a);
+                }
+            }
+        }
+        out[..P].copy_from_slice(&acc);
+    }
+
     thread_local! {
         /// Per-thread halo offsets of [`forward`]'s columns.
         static OFFS: std::cell::Cell<Vec<usize>> = const { std::cell::Cell::new(Vec::new()) };
@@ -539,6 +721,8 @@ mod tests {
                 dilation: [1, 1],
             },
             ConvGeometry::square(3, 2, 1),
+            // A subsample (1×1, stride 2): the narrow kernel only.
+            ConvGeometry::square(1, 2, 0),
         ];
         let mut r = rng(5);
         for g in geometries {
@@ -551,6 +735,9 @@ mod tests {
                 (12, 9, 1, 4, 10),
                 // More columns than one halo copy serves (four tiles).
                 (10, 6, 3, 10, 12),
+                // Batch 1's deep layers: one vector of output positions or less.
+                (40, 12, 1, 4, 4),
+                (20, 7, 2, 2, 3),
             ] {
                 if g.stride == [2, 2] && (h % 2 == 1 || w % 2 == 1) {
                     continue;
@@ -570,7 +757,7 @@ mod tests {
                 ];
                 for packed in &formats {
                     let k = BlockConv::new(g, cin, packed, None).unwrap().unwrap();
-                    assert!(k.accepts(&d));
+                    assert_eq!(k.accepts(&d), k.in_place());
                     let input = if k.needs_phases() {
                         let mut p = vec![f32::NAN; x.len()];
                         k.split_phases(&x, &d, &mut p).unwrap();
@@ -580,7 +767,15 @@ mod tests {
                         x.clone()
                     };
                     let name = packed.name();
-                    for (c0, c1) in [(0, n), (1, n), (0, n / 2), (n / 3, n - n / 5), (n, n)] {
+                    let ranges = if k.in_place() {
+                        vec![(0, n), (1, n), (0, n / 2), (n / 3, n - n / 5), (n, n)]
+                    } else {
+                        // A geometry only the narrow kernel runs: the in-place one refuses it.
+                        let mut y = vec![0.0; cout * n];
+                        assert!(k.forward(&input, &d, 0, n, &mut y).is_err());
+                        Vec::new()
+                    };
+                    for (c0, c1) in ranges {
                         let mut y = vec![f32::NAN; cout * (c1 - c0)];
                         k.forward(&input, &d, c0, c1, &mut y).unwrap();
                         for rr in 0..cout {
@@ -607,7 +802,7 @@ mod tests {
                         assert_eq!(shares.last().map(|s| s.1), Some(k.blocks()));
                         assert!(shares.windows(2).all(|p| p[0].1 == p[1].0));
                         let mut y = vec![f32::NAN; cout * ldy];
-                        for &(b0, b1) in &shares {
+                        for &(b0, b1) in shares.iter().filter(|_| k.in_place()) {
                             let ep = Epilogue {
                                 bias: Some(&bias),
                                 residual: (parts % 2 == 1).then_some(Residual {
@@ -630,7 +825,7 @@ mod tests {
                             }
                             .unwrap();
                         }
-                        for rr in 0..cout {
+                        for rr in (0..cout).filter(|_| k.in_place()) {
                             for j in 0..n {
                                 let rv = if parts % 2 == 1 {
                                     res[rr * ldr + j]
@@ -643,6 +838,59 @@ mod tests {
                             }
                             assert!(y[rr * ldy + n..(rr + 1) * ldy].iter().all(|v| v.is_nan()));
                         }
+                        // The narrow kernel on the same shares, from the im2col tile.
+                        if n > BlockConv::NARROW {
+                            let mut t = vec![0.0; k.narrow_len()];
+                            assert!(k.narrow_input(&x, &d, &mut t).is_err());
+                            continue;
+                        }
+                        let mut t = vec![f32::NAN; k.narrow_len()];
+                        k.narrow_input(&x, &d, &mut t).unwrap();
+                        let mut y2 = vec![f32::NAN; cout * ldy];
+                        for &(b0, b1) in &shares {
+                            let ep = Epilogue {
+                                bias: Some(&bias),
+                                residual: (parts % 2 == 1).then_some(Residual {
+                                    values: &res,
+                                    ld: ldr,
+                                }),
+                                relu: parts % 2 == 0,
+                            };
+                            // SAFETY: every row of n columns at stride ldy lies inside `y2`.
+                            unsafe {
+                                k.forward_narrow_into(&t, &d, (b0, b1), y2.as_mut_ptr(), ldy, ep)
+                            }
+                            .unwrap();
+                        }
+                        for rr in 0..cout {
+                            for j in 0..n {
+                                let rv = if parts % 2 == 1 {
+                                    res[rr * ldr + j]
+                                } else {
+                                    0.0
+                                };
+                                let v = e[rr * n + j] + bias[rr] + rv;
+                                let v = if parts % 2 == 0 { v.max(0.0) } else { v };
+                                assert!(
+                                    close(y2[rr * ldy + j], v),
+                                    "{name} {g:?} narrow share ({rr}, {j})"
+                                );
+                            }
+                            assert!(y2[rr * ldy + n..(rr + 1) * ldy].iter().all(|v| v.is_nan()));
+                        }
+                        // A short tile is refused.
+                        // SAFETY: as above (the call fails its checks before writing).
+                        let short = unsafe {
+                            k.forward_narrow_into(
+                                &t[1..],
+                                &d,
+                                (0, k.blocks()),
+                                y2.as_mut_ptr(),
+                                ldy,
+                                Epilogue::default(),
+                            )
+                        };
+                        assert!(short.is_err());
                     }
                 }
             }
@@ -746,11 +994,19 @@ mod tests {
             };
             assert!(k.forward_into(&x, &d, (0, n), (0, 1), p, n, short).is_err());
         }
-        // Formats without dense blocks, and geometries the in-place kernels do not run.
+        // Formats without dense blocks have no kernel; geometries the in-place kernel does not
+        // run have the narrow one only, which refuses more than one vector of columns.
         let dense = Packed::Dense(crate::formats::Dense::new(cout, kk, values.clone()).unwrap());
         assert!(BlockConv::new(g, cin, &dense, None).unwrap().is_none());
         let g3 = ConvGeometry::square(3, 3, 1);
         let group = Packed::Group(GroupBlocks::pack(&mask, &values).unwrap());
-        assert!(BlockConv::new(g3, cin, &group, None).unwrap().is_none());
+        let k3 = BlockConv::new(g3, cin, &group, None).unwrap().unwrap();
+        assert!(!k3.in_place());
+        let d3 = ConvDims::new(&[cin, 2, 9, 9], g3).unwrap();
+        assert!(!k3.accepts(&d3));
+        let mut t = vec![0.0; k3.narrow_len()];
+        assert!(k3
+            .narrow_input(&vec![0.0; cin * 2 * 81], &d3, &mut t)
+            .is_err());
     }
 }
