@@ -336,22 +336,22 @@ impl BlockConv {
 }
 
 impl BlockConv {
-    /// Most output positions of [`forward_narrow_into`](Self::forward_narrow_into): one
-    /// vector.
-    pub const NARROW: usize = 16;
+    /// Most output positions of [`forward_narrow_into`](Self::forward_narrow_into): four
+    /// vectors (one 8×8 image).
+    pub const NARROW: usize = 64;
 
-    /// The im2col tile that [`forward_narrow_into`](Self::forward_narrow_into) reads for the
+    /// The im2col tiles that [`forward_narrow_into`](Self::forward_narrow_into) reads for the
     /// `n ≤ NARROW` output positions of the batch `x` (`[cin, B, H, W]`, sizes `d`, not split
-    /// into phases): every im2col row, `NARROW` values each (zero past `n`), into `out`
-    /// ([`narrow_len`](Self::narrow_len) values).
+    /// into phases): every im2col row, in tiles of 16 columns (zero past `n`), into `out`
+    /// ([`narrow_len`](Self::narrow_len)`(n)` values).
     pub fn narrow_input(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
         self.check_narrow("BlockConv::narrow_input", d)?;
-        d.im2col_tiles(x, None, 0, d.n(), Self::NARROW, out, &mut Vec::new())
+        d.im2col_tiles(x, None, 0, d.n(), 16, out, &mut Vec::new())
     }
 
-    /// Values of [`narrow_input`](Self::narrow_input)'s tile.
-    pub fn narrow_len(&self) -> usize {
-        self.cin * self.g.taps() * Self::NARROW
+    /// Values of [`narrow_input`](Self::narrow_input)'s tiles for `n` output positions.
+    pub fn narrow_len(&self, n: usize) -> usize {
+        self.cin * self.g.taps() * n.div_ceil(16) * 16
     }
 
     /// Checks that the narrow kernel runs `d`: this kernel's geometry and channels, at most
@@ -374,10 +374,11 @@ impl BlockConv {
     }
 
     /// The output rows of blocks `b0 .. b1` for all `n = d.n() ≤ NARROW` output positions,
-    /// from [`narrow_input`](Self::narrow_input)'s tile `xt` (every weight read once, each
-    /// column of a block one aligned vector of the tile), into `y` through the epilogue:
-    /// value `(r, c)` at `y[r·ldy + c]`. Batch 1's small images, where the in-place kernel's
-    /// halo loads straddle cache lines and most of its lanes are idle.
+    /// from [`narrow_input`](Self::narrow_input)'s tiles `xt` (each column of a block one
+    /// aligned vector of a tile; a panel's weights read from memory once and from the cache
+    /// for the other tiles), into `y` through the epilogue: value `(r, c)` at `y[r·ldy + c]`.
+    /// Batch 1's small images, where the in-place kernel's halo loads straddle cache lines and
+    /// many of its lanes are idle.
     ///
     /// # Safety
     /// As [`forward_into`](Self::forward_into) with `c0 = 0`, `c1 = n`.
@@ -393,12 +394,9 @@ impl BlockConv {
     ) -> Result<()> {
         let op = "BlockConv::forward_narrow_into";
         self.check_narrow(op, d)?;
-        check_len(op, "xt", xt.len(), self.narrow_len(), || {
-            format!(
-                "{} im2col rows × {}",
-                self.cin * self.g.taps(),
-                Self::NARROW
-            )
+        let n = d.n();
+        check_len(op, "xt", xt.len(), self.narrow_len(n), || {
+            format!("{} im2col rows × {n}", self.cin * self.g.taps())
         })?;
         if b0 > b1 || b1 > self.blocks.len() {
             return Err(KernelError::Param {
@@ -407,7 +405,6 @@ impl BlockConv {
                 reason: format!("the kernel has {} blocks", self.blocks.len()),
             });
         }
-        let n = d.n();
         epilogue.check(op, self.cout, (0, n), ldy)?;
         if n == 0 || b0 == b1 {
             return Ok(());
@@ -575,11 +572,11 @@ mod avx512 {
     }
 
     /// See [`BlockConv::forward_narrow_into`]: per block, panels of `MR` rows three at a
-    /// time against one vector of the tile per column.
+    /// time against one vector of a tile per column, tile after tile.
     ///
     /// # Safety
-    /// AVX-512F must be available; `xt` holds `NARROW` values per im2col row of every block's
-    /// columns, `y` is valid for columns `0 .. n` of every row of blocks `b0 .. b1` at stride
+    /// AVX-512F must be available; `xt` holds `⌈n/16⌉` tiles of 16 values per im2col row of
+    /// every block's columns, `y` is valid for columns `0 .. n` of every row of blocks `b0 .. b1` at stride
     /// `ldy`, and the bias (if any) holds `cout` values.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward_narrow(
@@ -590,25 +587,29 @@ mod avx512 {
         (yp, ldy): (*mut f32, usize),
         epilogue: Epilogue<'_>,
     ) {
-        let full = lanes(n);
-        let xp = xt.as_ptr();
+        let tile = k.cin * k.g.taps() * 16;
         for b in &k.blocks[b0..b1] {
             let kn = b.ids.len();
             let panels = b.rows.len().div_ceil(MR);
             let mut q = 0;
             while q < panels {
                 let group = (panels - q).min(3);
-                let mut acc = [[_mm512_setzero_ps(); MR]; 3];
-                match group {
-                    3 => narrow_panels::<3>(b, q, kn, xp, &mut acc),
-                    2 => narrow_panels::<2>(b, q, kn, xp, &mut acc),
-                    _ => narrow_panels::<1>(b, q, kn, xp, &mut acc),
-                }
-                for (g, panel) in acc.iter().enumerate().take(group) {
-                    let first = (q + g) * MR;
-                    for (i, &r) in b.rows[first..].iter().take(MR).enumerate() {
-                        let out = yp.add(r as usize * ldy);
-                        store_row::<1>(&[panel[i]], out, full, false, epilogue, r as usize, 0);
+                for t0 in (0..n).step_by(16) {
+                    let xp = xt.as_ptr().add(t0 / 16 * tile);
+                    let full = lanes((n - t0).min(16));
+                    let mut acc = [[_mm512_setzero_ps(); MR]; 3];
+                    match group {
+                        3 => narrow_panels::<3>(b, q, kn, xp, &mut acc),
+                        2 => narrow_panels::<2>(b, q, kn, xp, &mut acc),
+                        _ => narrow_panels::<1>(b, q, kn, xp, &mut acc),
+                    }
+                    for (g, panel) in acc.iter().enumerate().take(group) {
+                        let first = (q + g) * MR;
+                        for (i, &r) in b.rows[first..].iter().take(MR).enumerate() {
+                            let out = yp.add(r as usize * ldy + t0);
+                            let r = r as usize;
+                            store_row::<1>(&[panel[i]], out, full, false, epilogue, r, t0);
+                        }
                     }
                 }
                 q += group;
@@ -840,11 +841,11 @@ mod tests {
                         }
                         // The narrow kernel on the same shares, from the im2col tile.
                         if n > BlockConv::NARROW {
-                            let mut t = vec![0.0; k.narrow_len()];
+                            let mut t = vec![0.0; k.narrow_len(n)];
                             assert!(k.narrow_input(&x, &d, &mut t).is_err());
                             continue;
                         }
-                        let mut t = vec![f32::NAN; k.narrow_len()];
+                        let mut t = vec![f32::NAN; k.narrow_len(n)];
                         k.narrow_input(&x, &d, &mut t).unwrap();
                         let mut y2 = vec![f32::NAN; cout * ldy];
                         for &(b0, b1) in &shares {
@@ -1002,11 +1003,11 @@ mod tests {
         let group = Packed::Group(GroupBlocks::pack(&mask, &values).unwrap());
         let k3 = BlockConv::new(g3, cin, &group, None).unwrap().unwrap();
         assert!(!k3.in_place());
-        let d3 = ConvDims::new(&[cin, 2, 9, 9], g3).unwrap();
+        let d3 = ConvDims::new(&[cin, 8, 9, 9], g3).unwrap();
         assert!(!k3.accepts(&d3));
-        let mut t = vec![0.0; k3.narrow_len()];
+        let mut t = vec![0.0; k3.narrow_len(d3.n())];
         assert!(k3
-            .narrow_input(&vec![0.0; cin * 2 * 81], &d3, &mut t)
+            .narrow_input(&vec![0.0; cin * 8 * 81], &d3, &mut t)
             .is_err());
     }
 }
