@@ -344,6 +344,13 @@ unsafe fn narrow_pass<S: Simd>(p: &NarrowPass<'_>) {
         return;
     }
     let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
+    #[cfg(target_arch = "x86_64")]
+    if n <= PAIRS_COLS && S::LANES == 16 {
+        // SAFETY: 16 lanes are AVX-512's (the narrow kernel runs only there, so AVX-512F is
+        // available); as `narrow_pass` for the rest.
+        unsafe { pairs::pass(w.panels.as_ptr(), k, xt, y, n, (r0, r1)) };
+        return;
+    }
     let mut tmp = [0.0f32; NR_MAX];
     let mut q = q0;
     while q < q1 {
@@ -366,6 +373,117 @@ unsafe fn narrow_pass<S: Simd>(p: &NarrowPass<'_>) {
             }
         }
         q += group;
+    }
+}
+
+/// Columns up to which [`Tiled::forward_narrow`] runs [`pairs`] instead of its broadcast tile.
+const PAIRS_COLS: usize = 4;
+
+/// [`Tiled::forward_narrow`] for at most [`PAIRS_COLS`] columns (batch 1's 2×2 layers), where
+/// the broadcast tile would leave 12 of 16 lanes idle and run out of load slots before memory
+/// runs out of bytes: rows in the lanes instead. A panel's 16 consecutive values are its 8
+/// rows at `k` and at `k + 1`; each column's `x[k]` and `x[k + 1]` are permuted into the two
+/// halves of a vector once per pair of `k` and serve four panels; the halves are added at the
+/// end.
+#[cfg(target_arch = "x86_64")]
+mod pairs {
+    use std::arch::x86_64::*;
+
+    use super::{NARROW_MR as MR, PAIRS_COLS};
+
+    /// Rows of `Y = W·X` from `r0` (a multiple of `MR`) to `r1`, `n ≤ PAIRS_COLS` columns, into
+    /// `y` (`(r1 − r0) × n`); `wp` the panels (`k × MR` each), `xt` the tile (`k × 16`, zero
+    /// past `n`).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; the panels of rows `r0 .. r1` and `xt`'s `16·k` values
+    /// exist; `y` holds `(r1 − r0)·n` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pass(
+        wp: *const f32,
+        k: usize,
+        xt: *const f32,
+        y: *mut f32,
+        n: usize,
+        (r0, r1): (usize, usize),
+    ) {
+        let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
+        let mut q = q0;
+        while q < q1 {
+            let group = (q1 - q).min(4);
+            let mut out = [[[0.0f32; MR]; PAIRS_COLS]; 4];
+            match group {
+                4 => panels::<4>(wp.add(q * k * MR), k, xt, &mut out),
+                3 => panels::<3>(wp.add(q * k * MR), k, xt, &mut out),
+                2 => panels::<2>(wp.add(q * k * MR), k, xt, &mut out),
+                _ => panels::<1>(wp.add(q * k * MR), k, xt, &mut out),
+            }
+            for (g, panel) in out.iter().enumerate().take(group) {
+                for i in 0..MR {
+                    let row = (q + g) * MR + i;
+                    if row >= r1 {
+                        break;
+                    }
+                    for (j, col) in panel.iter().enumerate().take(n) {
+                        *y.add((row - r0) * n + j) = col[i];
+                    }
+                }
+            }
+            q += group;
+        }
+    }
+
+    /// `out[g][j][i] = Σ_k W[(panel g, row i), k] · x[k, j]` for `P` panels from `wp`.
+    ///
+    /// # Safety
+    /// As [`pass`]; `P` panels of `k × MR` values at `wp`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn panels<const P: usize>(
+        wp: *const f32,
+        k: usize,
+        xt: *const f32,
+        out: &mut [[[f32; MR]; PAIRS_COLS]; 4],
+    ) {
+        // Lanes 0..8 take column j of x[k], lanes 8..16 column j of x[k + 1].
+        let idx: [__m512i; PAIRS_COLS] = std::array::from_fn(|j| {
+            let (a, b) = (j as i32, 16 + j as i32);
+            _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+        });
+        let mut acc = [[_mm512_setzero_ps(); PAIRS_COLS]; P];
+        let mut kk = 0;
+        while kk + 2 <= k {
+            let xa = _mm512_loadu_ps(xt.add(kk * 16));
+            let xb = _mm512_loadu_ps(xt.add((kk + 1) * 16));
+            let px: [__m512; PAIRS_COLS] =
+                std::array::from_fn(|j| _mm512_permutex2var_ps(xa, idx[j], xb));
+            for (g, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_loadu_ps(wp.add((g * k + kk) * MR));
+                for (aj, &p) in a.iter_mut().zip(&px) {
+                    *aj = _mm512_fmadd_ps(wv, p, *aj);
+                }
+            }
+            kk += 2;
+        }
+        if kk < k {
+            // An odd k: the last row alone, its pair's upper half zero.
+            let xa = _mm512_loadu_ps(xt.add(kk * 16));
+            let px: [__m512; PAIRS_COLS] =
+                std::array::from_fn(|j| _mm512_permutex2var_ps(xa, idx[j], _mm512_setzero_ps()));
+            for (g, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_maskz_loadu_ps(0xff, wp.add((g * k + kk) * MR));
+                for (aj, &p) in a.iter_mut().zip(&px) {
+                    *aj = _mm512_fmadd_ps(wv, p, *aj);
+                }
+            }
+        }
+        for (g, a) in acc.iter().enumerate() {
+            for (j, &v) in a.iter().enumerate() {
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                _mm256_storeu_ps(out[g][j].as_mut_ptr(), _mm256_add_ps(lo, hi));
+            }
+        }
     }
 }
 
@@ -569,6 +687,10 @@ mod tests {
                 (50, 300, 16),
                 (41, 70, 12),
                 (16, 33, 15),
+                // At most four columns (rows in lanes, pairs of k, odd k last).
+                (37, 77, 4),
+                (70, 9, 3),
+                (100, 64, 2),
             ] {
                 let w: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
                 let x: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
