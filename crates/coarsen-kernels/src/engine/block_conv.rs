@@ -593,6 +593,32 @@ mod avx512 {
             let panels = b.rows.len().div_ceil(MR);
             let mut q = 0;
             while q < panels {
+                if n <= 4 {
+                    // At most four columns: rows in the lanes, pairs of columns of the block.
+                    let group = (panels - q).min(4);
+                    let mut out = [[[0.0f32; MR]; 4]; 4];
+                    match group {
+                        4 => pair_panels::<4>(b, q, kn, xt.as_ptr(), &mut out),
+                        3 => pair_panels::<3>(b, q, kn, xt.as_ptr(), &mut out),
+                        2 => pair_panels::<2>(b, q, kn, xt.as_ptr(), &mut out),
+                        _ => pair_panels::<1>(b, q, kn, xt.as_ptr(), &mut out),
+                    }
+                    for (g, panel) in out.iter().enumerate().take(group) {
+                        let first = (q + g) * MR;
+                        for (i, &r) in b.rows[first..].iter().take(MR).enumerate() {
+                            let mut v = [0.0f32; 16];
+                            for (j, col) in panel.iter().enumerate().take(n) {
+                                v[j] = col[i];
+                            }
+                            let out = yp.add(r as usize * ldy);
+                            let r = r as usize;
+                            let row = [_mm512_loadu_ps(v.as_ptr())];
+                            store_row::<1>(&row, out, lanes(n), false, epilogue, r, 0);
+                        }
+                    }
+                    q += group;
+                    continue;
+                }
                 let group = (panels - q).min(3);
                 for t0 in (0..n).step_by(16) {
                     let xp = xt.as_ptr().add(t0 / 16 * tile);
@@ -653,6 +679,65 @@ mod avx512 {
             }
         }
         out[..P].copy_from_slice(&acc);
+    }
+
+    /// `out[g][j][i] = Σ_k panel(q + g)[k][i] · xt[ids[k]][j]` for `P` panels of block `b`
+    /// from panel `q` and the first four columns: a panel's 16 values at `k` are its 8 rows at
+    /// columns `k` and `k + 1` of the block, multiplied by each column's two inputs permuted
+    /// into the halves of a vector (once per pair, shared by the panels); the halves are added
+    /// at the end (as the dense narrow kernel's `pairs`).
+    ///
+    /// # Safety
+    /// As [`forward_narrow`]; panels `q .. q + P` exist.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn pair_panels<const P: usize>(
+        b: &ConvBlock,
+        q: usize,
+        kn: usize,
+        xp: *const f32,
+        out: &mut [[[f32; MR]; 4]; 4],
+    ) {
+        let idx: [__m512i; 4] = std::array::from_fn(|j| {
+            let (a, c) = (j as i32, 16 + j as i32);
+            _mm512_setr_epi32(a, a, a, a, a, a, a, a, c, c, c, c, c, c, c, c)
+        });
+        let ids = b.ids.as_ptr();
+        let wp = b.panels.as_ptr().add(q * kn * MR);
+        let mut acc = [[_mm512_setzero_ps(); 4]; P];
+        let mut kc = 0;
+        while kc < kn {
+            let pair = kc + 1 < kn;
+            if kc % 16 == 0 && kc + 64 < kn {
+                // The panels stream from memory: fetched 64 columns (2 KiB) ahead.
+                for g in 0..P {
+                    _mm_prefetch::<_MM_HINT_T0>(wp.add((g * kn + kc + 64) * MR).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(wp.add((g * kn + kc + 80) * MR).cast());
+                }
+            }
+            let xa = _mm512_loadu_ps(xp.add(*ids.add(kc) as usize * 16));
+            let xb = if pair {
+                _mm512_loadu_ps(xp.add(*ids.add(kc + 1) as usize * 16))
+            } else {
+                _mm512_setzero_ps()
+            };
+            let px: [__m512; 4] = std::array::from_fn(|j| _mm512_permutex2var_ps(xa, idx[j], xb));
+            let m: u16 = if pair { u16::MAX } else { 0xff };
+            for (g, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_maskz_loadu_ps(m, wp.add((g * kn + kc) * MR));
+                for (aj, &p) in a.iter_mut().zip(&px) {
+                    *aj = _mm512_fmadd_ps(wv, p, *aj);
+                }
+            }
+            kc += 2;
+        }
+        for (g, a) in acc.iter().enumerate() {
+            for (j, &v) in a.iter().enumerate() {
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                _mm256_storeu_ps(out[g][j].as_mut_ptr(), _mm256_add_ps(lo, hi));
+            }
+        }
     }
 
     thread_local! {
