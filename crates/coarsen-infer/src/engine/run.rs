@@ -726,7 +726,9 @@ impl Layer {
         let len = self.cout * n;
         let mut y: Vec<f32> = buffer(len);
         let yp = Shared(y.as_mut_ptr());
-        let chunks = column_chunks(n, self.wo, 1, d.rows(), o);
+        // Whole tiles of the kernel where that costs at most a few output rows (a chunk's
+        // narrow last tile runs at a fraction of the full tiles' rate).
+        let chunks = column_chunks(n, self.wo, BlockConv::TILE, d.rows(), o);
         // Too few chunks to keep every thread busy: the blocks are shared out too.
         let want = 2 * rayon::current_num_threads();
         let shares = if chunks.len() < want {

@@ -336,6 +336,10 @@ impl BlockConv {
 }
 
 impl BlockConv {
+    /// Output positions of the in-place kernel's widest tile (narrower ones serve a range's
+    /// end).
+    pub const TILE: usize = NR;
+
     /// Most output positions of [`forward_narrow_into`](Self::forward_narrow_into): four
     /// vectors (one 8×8 image).
     pub const NARROW: usize = 64;
@@ -482,7 +486,10 @@ mod avx512 {
         let mut t0 = c0;
         let mut s0 = c0;
         while t0 < c1 {
-            let width = NR.min(c1 - t0);
+            // 64 positions left (batch 1's 8×8 images, a chunk's end) run as two tiles of
+            // 32, not 48 and a one-vector tile of 16 (whose 8 accumulators leave the FMA
+            // units waiting on each column's load).
+            let width = if c1 - t0 == 64 { 32 } else { NR.min(c1 - t0) };
             if t0 == s0 {
                 t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp);
             }

@@ -763,7 +763,10 @@ pub(super) mod avx512 {
         let cache = t.mask_cache(c0, c1);
         let mut t0 = c0;
         while t0 < c1 {
-            let width = NR.min(c1 - t0);
+            // 64 positions left (batch 1's 8×8 images, a chunk's end) run as two tiles of
+            // 32, not 48 and a one-vector tile of 16 (whose 8 accumulators leave the FMA
+            // units waiting on each column's load).
+            let width = if c1 - t0 == 64 { 32 } else { NR.min(c1 - t0) };
             cache.masks(&t, t0, width, &mut masks);
             let full = lanes(width);
             let mut cb0 = 0;
