@@ -657,9 +657,10 @@ impl<'a> Compiler<'a> {
             None => (None, None),
         };
         // Dense blocks (group, shuffled, BSR) of such convolutions run as implicit GEMMs per
-        // block, and those of every layer on few columns from one im2col tile; they may read
-        // a subset of the im2col rows.
-        let blocks = if corr.is_none() {
+        // block, and those of every other convolution on few columns from im2col tiles; they
+        // may read a subset of the im2col rows. Linear layers (one output position) keep the
+        // plan, which sums in the dense kernels' order.
+        let blocks = if ho * wo > 1 && corr.is_none() {
             BlockConv::new(g, in_ch.len(), &packed, read.as_deref()).map_err(kerr)?
         } else {
             None

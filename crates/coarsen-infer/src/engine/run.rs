@@ -746,9 +746,10 @@ impl Layer {
             relu: self.relu,
         };
         // The narrow kernel for at most one vector of columns, or up to its most where the
-        // in-place kernel does not run the geometry (1×1 stride-2 downsamples); between 16
-        // and 64 columns of 3×3 layers the in-place kernel measured 1.3–1.6× faster.
-        if n <= 16 || (!bc.in_place() && n <= BlockConv::NARROW) {
+        // in-place kernel does not run the layer (1×1 stride-2 downsamples, odd sizes at
+        // stride 2); between 16 and 64 columns of 3×3 layers the in-place kernel measured
+        // 1.3–1.6× faster.
+        if n <= 16 || (!self.blocks_in_place() && n <= BlockConv::NARROW) {
             // Few columns (batch 1's small images): im2col tiles of 16 columns, made once,
             // every block's column one aligned vector of a tile.
             let tl = bc.narrow_len(n);
@@ -857,11 +858,20 @@ impl Layer {
 
     /// Whether a product of `n` columns runs on the block kernel.
     fn runs_blocks(&self, n: usize, o: &InferOptions) -> bool {
-        self.blocks
-            .as_ref()
-            .is_some_and(|b| b.in_place() || n <= BlockConv::NARROW)
+        self.blocks.is_some()
+            && (self.blocks_in_place() || n <= BlockConv::NARROW)
             && o.block_conv
             && n > 0
+    }
+
+    /// Whether the block kernel runs this layer in place: a geometry it runs, on an output as
+    /// large as the input (or half of it at stride 2).
+    fn blocks_in_place(&self) -> bool {
+        let same = self.ho == self.h && self.wo == self.w;
+        let halved = self.g.stride == [2, 2] && self.h == 2 * self.ho && self.w == 2 * self.wo;
+        self.blocks
+            .as_ref()
+            .is_some_and(|b| b.in_place() && (same || halved))
     }
 
     /// Whether the plan runs coarsen's tiled dense kernel (which the in-place kernels need).
