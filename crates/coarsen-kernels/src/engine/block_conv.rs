@@ -434,6 +434,7 @@ mod avx512 {
     use crate::conv::ConvDims;
     use crate::engine::direct::avx512::store_row;
     use crate::engine::direct::{halo_start, lanes, Taps};
+    use crate::engine::tiled::pairs;
 
     /// See [`BlockConv::forward_into`].
     ///
@@ -705,10 +706,7 @@ mod avx512 {
         xp: *const f32,
         out: &mut [[[f32; MR]; 4]; 4],
     ) {
-        let idx: [__m512i; 4] = std::array::from_fn(|j| {
-            let (a, c) = (j as i32, 16 + j as i32);
-            _mm512_setr_epi32(a, a, a, a, a, a, a, a, c, c, c, c, c, c, c, c)
-        });
+        let idx = pairs::indices();
         let ids = b.ids.as_ptr();
         let wp = b.panels.as_ptr().add(q * kn * MR);
         let mut acc = [[_mm512_setzero_ps(); 4]; P];
@@ -740,9 +738,7 @@ mod avx512 {
         }
         for (g, a) in acc.iter().enumerate() {
             for (j, &v) in a.iter().enumerate() {
-                let lo = _mm512_castps512_ps256(v);
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-                _mm256_storeu_ps(out[g][j].as_mut_ptr(), _mm256_add_ps(lo, hi));
+                _mm256_storeu_ps(out[g][j].as_mut_ptr(), pairs::add_halves(v));
             }
         }
     }
@@ -900,42 +896,53 @@ mod tests {
                         assert_eq!(shares.first().map(|s| s.0), Some(0));
                         assert_eq!(shares.last().map(|s| s.1), Some(k.blocks()));
                         assert!(shares.windows(2).all(|p| p[0].1 == p[1].0));
+                        // Shares write through bias, a residual (odd part counts) and ReLU
+                        // (even ones); every value of each row's n columns is checked, and the
+                        // rest of the row left alone.
+                        let ep = Epilogue {
+                            bias: Some(&bias),
+                            residual: (parts % 2 == 1).then_some(Residual {
+                                values: &res,
+                                ld: ldr,
+                            }),
+                            relu: parts % 2 == 0,
+                        };
+                        let check = |y: &[f32], what: &str| {
+                            for rr in 0..cout {
+                                for j in 0..n {
+                                    let rv = if parts % 2 == 1 {
+                                        res[rr * ldr + j]
+                                    } else {
+                                        0.0
+                                    };
+                                    let v = e[rr * n + j] + bias[rr] + rv;
+                                    let v = if parts % 2 == 0 { v.max(0.0) } else { v };
+                                    assert!(
+                                        close(y[rr * ldy + j], v),
+                                        "{name} {g:?} {what} share ({rr}, {j})"
+                                    );
+                                }
+                                assert!(y[rr * ldy + n..(rr + 1) * ldy].iter().all(|v| v.is_nan()));
+                            }
+                        };
                         let mut y = vec![f32::NAN; cout * ldy];
-                        for &(b0, b1) in shares.iter().filter(|_| k.in_place()) {
-                            let ep = Epilogue {
-                                bias: Some(&bias),
-                                residual: (parts % 2 == 1).then_some(Residual {
-                                    values: &res,
-                                    ld: ldr,
-                                }),
-                                relu: parts % 2 == 0,
-                            };
-                            // SAFETY: every row of n columns at stride ldy lies inside `y`.
-                            unsafe {
-                                k.forward_into(
-                                    &input,
-                                    &d,
-                                    (0, n),
-                                    (b0, b1),
-                                    y.as_mut_ptr(),
-                                    ldy,
-                                    ep,
-                                )
+                        if k.in_place() {
+                            for &(b0, b1) in &shares {
+                                // SAFETY: every row of n columns at stride ldy lies inside `y`.
+                                unsafe {
+                                    k.forward_into(
+                                        &input,
+                                        &d,
+                                        (0, n),
+                                        (b0, b1),
+                                        y.as_mut_ptr(),
+                                        ldy,
+                                        ep,
+                                    )
+                                }
+                                .unwrap();
                             }
-                            .unwrap();
-                        }
-                        for rr in (0..cout).filter(|_| k.in_place()) {
-                            for j in 0..n {
-                                let rv = if parts % 2 == 1 {
-                                    res[rr * ldr + j]
-                                } else {
-                                    0.0
-                                };
-                                let v = e[rr * n + j] + bias[rr] + rv;
-                                let v = if parts % 2 == 0 { v.max(0.0) } else { v };
-                                assert!(close(y[rr * ldy + j], v), "{name} share ({rr}, {j})");
-                            }
-                            assert!(y[rr * ldy + n..(rr + 1) * ldy].iter().all(|v| v.is_nan()));
+                            check(&y, "in-place");
                         }
                         // The narrow kernel on the same shares, from the im2col tile.
                         if n > BlockConv::NARROW {
@@ -947,36 +954,13 @@ mod tests {
                         k.narrow_input(&x, &d, &mut t).unwrap();
                         let mut y2 = vec![f32::NAN; cout * ldy];
                         for &(b0, b1) in &shares {
-                            let ep = Epilogue {
-                                bias: Some(&bias),
-                                residual: (parts % 2 == 1).then_some(Residual {
-                                    values: &res,
-                                    ld: ldr,
-                                }),
-                                relu: parts % 2 == 0,
-                            };
                             // SAFETY: every row of n columns at stride ldy lies inside `y2`.
                             unsafe {
                                 k.forward_narrow_into(&t, &d, (b0, b1), y2.as_mut_ptr(), ldy, ep)
                             }
                             .unwrap();
                         }
-                        for rr in 0..cout {
-                            for j in 0..n {
-                                let rv = if parts % 2 == 1 {
-                                    res[rr * ldr + j]
-                                } else {
-                                    0.0
-                                };
-                                let v = e[rr * n + j] + bias[rr] + rv;
-                                let v = if parts % 2 == 0 { v.max(0.0) } else { v };
-                                assert!(
-                                    close(y2[rr * ldy + j], v),
-                                    "{name} {g:?} narrow share ({rr}, {j})"
-                                );
-                            }
-                            assert!(y2[rr * ldy + n..(rr + 1) * ldy].iter().all(|v| v.is_nan()));
-                        }
+                        check(&y2, "narrow");
                         // A short tile is refused.
                         // SAFETY: as above (the call fails its checks before writing).
                         let short = unsafe {

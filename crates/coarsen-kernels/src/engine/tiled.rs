@@ -386,7 +386,7 @@ const PAIRS_COLS: usize = 4;
 /// halves of a vector once per pair of `k` and serve four panels; the halves are added at the
 /// end.
 #[cfg(target_arch = "x86_64")]
-mod pairs {
+pub(super) mod pairs {
     use std::arch::x86_64::*;
 
     use super::{NARROW_MR as MR, PAIRS_COLS};
@@ -445,11 +445,7 @@ mod pairs {
         xt: *const f32,
         out: &mut [[[f32; MR]; PAIRS_COLS]; 4],
     ) {
-        // Lanes 0..8 take column j of x[k], lanes 8..16 column j of x[k + 1].
-        let idx: [__m512i; PAIRS_COLS] = std::array::from_fn(|j| {
-            let (a, b) = (j as i32, 16 + j as i32);
-            _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
-        });
+        let idx = indices();
         let mut acc = [[_mm512_setzero_ps(); PAIRS_COLS]; P];
         let mut kk = 0;
         while kk + 2 <= k {
@@ -479,11 +475,35 @@ mod pairs {
         }
         for (g, a) in acc.iter().enumerate() {
             for (j, &v) in a.iter().enumerate() {
-                let lo = _mm512_castps512_ps256(v);
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-                _mm256_storeu_ps(out[g][j].as_mut_ptr(), _mm256_add_ps(lo, hi));
+                _mm256_storeu_ps(out[g][j].as_mut_ptr(), add_halves(v));
             }
         }
+    }
+
+    /// Per column `j` of the tile, the permutation that puts column `j` of `x[k]` in lanes
+    /// 0..8 and of `x[k + 1]` in lanes 8..16 (`_mm512_permutex2var_ps(x[k], idx, x[k + 1])`).
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) unsafe fn indices() -> [__m512i; PAIRS_COLS] {
+        std::array::from_fn(|j| {
+            let (a, b) = (j as i32, 16 + j as i32);
+            _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+        })
+    }
+
+    /// The sums of lane `i` and lane `8 + i`: a pair accumulator's 8 rows.
+    ///
+    /// # Safety
+    /// AVX-512F must be available.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) unsafe fn add_halves(v: __m512) -> __m256 {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        _mm256_add_ps(lo, hi)
     }
 }
 
