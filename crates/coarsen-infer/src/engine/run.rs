@@ -887,13 +887,17 @@ impl Layer {
 
     /// Whether a product of `n` columns runs on the kernel that vectorises over output rows:
     /// up to `o.few_columns` columns, or up to [`SMALL_COLS`] where the layer has no in-place
-    /// kernel (whose tiles of 16 to 48 columns waste no lanes on such products).
+    /// kernel (whose tiles of 16 to 48 columns waste no lanes on such products), and not
+    /// where Winograd runs the layer.
     fn runs_small(&self, n: usize, o: &InferOptions) -> bool {
         let most = match self.direct {
             Some(_) => o.few_columns,
             None => SMALL_COLS,
         };
-        self.plan.tile_rows().is_some() && self.plan.tile_width().is_some() && n <= most
+        self.plan.tile_rows().is_some()
+            && self.plan.tile_width().is_some()
+            && n <= most
+            && !self.runs_winograd(n, o)
     }
 
     /// The narrow kernel's width when a product of `n` columns runs on it (few enough for one

@@ -6,9 +6,10 @@
 //! tile and `g_c` the 3×3 kernel of channel `c`. Over all tiles and channels the sum is
 //! `(T + 2)²` independent products `M_e = U_e · V_e` (`U_e[m, c]`, the transformed weights,
 //! `V_e[c, t]`, the transformed patches). With AVX-512 a fused kernel (module `fused`) runs
-//! them per block of 48 tiles in cache, for tiles of 2 and 4. Elsewhere a portable path runs
-//! tiles of 2: rows of tiles transformed separably (along the row, then down the four rows) on
-//! contiguous arrays the compiler vectorises, the products on the tiled dense GEMM.
+//! them per block of 48 tiles in cache, for tiles of 2 and 4; with AVX2 and FMA another
+//! (module `fused8`) per block of 16 tiles. Elsewhere a portable path runs tiles of 2: rows of
+//! tiles transformed separably (along the row, then down the four rows) on contiguous arrays
+//! the compiler vectorises, the products on the tiled dense GEMM.
 
 use super::direct::Epilogue;
 use super::tiled::Tiled;
@@ -23,11 +24,28 @@ pub struct Winograd {
     cin: usize,
     /// `U_e` for e = 4·i + j, each `cout × cin`, on the tiled GEMM (without AVX-512).
     u: Vec<Tiled>,
-    /// With AVX-512: `U_e` in panels of [`PANEL_ROWS`] rows for the fused kernel,
+    /// With AVX-512 or AVX2: `U_e` in panels of [`panel_rows`] rows for the fused kernel,
     /// `[e][panel][c][i]` (rows past `cout` zero), and `u` is empty.
     panels: Vec<f32>,
-    /// Output tile side: 2 (F(2×2, 3×3)) or 4 (F(4×4, 3×3), fused kernel only).
+    /// Output tile side: 2 (F(2×2, 3×3)) or 4 (F(4×4, 3×3), fused kernels only).
     tile: usize,
+    /// The instruction set of the fused kernel (AVX-512 or AVX2), whose panels are
+    /// [`panel_rows`] of it high; the portable path's otherwise.
+    isa: Isa,
+}
+
+/// Rows of a panel of `U_e` for the fused kernel of `isa` (its register tile's height).
+fn panel_rows(isa: Isa) -> usize {
+    if isa == Isa::Avx512 {
+        PANEL_ROWS
+    } else {
+        AVX2_ROWS
+    }
+}
+
+/// Whether `isa` has a fused kernel.
+fn fused_isa(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx512 | Isa::Avx2)
 }
 
 /// `G` of F(4×4, 3×3) (interpolation points 0, ±1, ±2), 6×3.
@@ -94,8 +112,8 @@ impl Winograd {
             format!("[{cout}, {cin}, 3, 3]")
         })?;
         let isa = Isa::detect();
-        if isa == Isa::Avx512 && tile == 4 {
-            return Ok(Some(Self::fused4(cout, cin, values)));
+        if fused_isa(isa) && tile == 4 {
+            return Ok(Some(Self::fused4(cout, cin, values, isa)));
         }
         let mut ue = vec![vec![0.0f32; cout * cin]; 16];
         for m in 0..cout {
@@ -115,14 +133,15 @@ impl Winograd {
                 }
             }
         }
-        if isa == Isa::Avx512 {
-            let np = cout.div_ceil(PANEL_ROWS);
-            let mut panels = vec![0.0f32; 16 * np * cin * PANEL_ROWS];
+        if fused_isa(isa) {
+            let mr = panel_rows(isa);
+            let np = cout.div_ceil(mr);
+            let mut panels = vec![0.0f32; 16 * np * cin * mr];
             for (e, u) in ue.iter().enumerate() {
                 for m in 0..cout {
-                    let (q, i) = (m / PANEL_ROWS, m % PANEL_ROWS);
+                    let (q, i) = (m / mr, m % mr);
                     for c in 0..cin {
-                        panels[((e * np + q) * cin + c) * PANEL_ROWS + i] = u[m * cin + c];
+                        panels[((e * np + q) * cin + c) * mr + i] = u[m * cin + c];
                     }
                 }
             }
@@ -132,6 +151,7 @@ impl Winograd {
                 u: Vec::new(),
                 panels,
                 tile: 2,
+                isa,
             }));
         }
         let u = ue.iter().map(|v| Tiled::new(isa, cout, cin, v)).collect();
@@ -141,15 +161,17 @@ impl Winograd {
             u,
             panels: Vec::new(),
             tile: 2,
+            isa,
         }))
     }
 
     /// F(4×4, 3×3) for the fused kernel: `U_e = G g Gᵀ` (6×6, `e = 6·i + j`) in panels.
-    fn fused4(cout: usize, cin: usize, values: &[f32]) -> Winograd {
-        let np = cout.div_ceil(PANEL_ROWS);
-        let mut panels = vec![0.0f32; 36 * np * cin * PANEL_ROWS];
+    fn fused4(cout: usize, cin: usize, values: &[f32], isa: Isa) -> Winograd {
+        let mr = panel_rows(isa);
+        let np = cout.div_ceil(mr);
+        let mut panels = vec![0.0f32; 36 * np * cin * mr];
         for m in 0..cout {
-            let (q, i) = (m / PANEL_ROWS, m % PANEL_ROWS);
+            let (q, i) = (m / mr, m % mr);
             for c in 0..cin {
                 let k = &values[(m * cin + c) * 9..][..9];
                 // G·g (6×3) in f64, then (G·g)·Gᵀ (6×6).
@@ -163,7 +185,7 @@ impl Winograd {
                     for (j, gj) in G4.iter().enumerate() {
                         let u: f64 = (0..3).map(|t| row[t] * gj[t] as f64).sum();
                         let e = 6 * r + j;
-                        panels[((e * np + q) * cin + c) * PANEL_ROWS + i] = u as f32;
+                        panels[((e * np + q) * cin + c) * mr + i] = u as f32;
                     }
                 }
             }
@@ -174,12 +196,14 @@ impl Winograd {
             u: Vec::new(),
             panels,
             tile: 4,
+            isa,
         }
     }
 
-    /// Whether it runs the fused AVX-512 kernel (the CPU has AVX-512F): transforms and
-    /// products per block of 48 tiles in cache. Elsewhere it runs the portable path, whole
-    /// ranges through the tiled GEMM, which is not faster than the alternatives there.
+    /// Whether it runs a fused kernel (the CPU has AVX-512F, or AVX2 and FMA): transforms
+    /// and products per block of 48 (16 with AVX2) tiles in cache. Elsewhere it runs the
+    /// portable path, whole ranges through the tiled GEMM, which is not faster than the
+    /// alternatives there.
     pub fn is_fused(&self) -> bool {
         self.u.is_empty()
     }
@@ -189,10 +213,11 @@ impl Winograd {
         self.tile
     }
 
-    /// Output positions of a block of the fused kernel (48 tiles): column ranges that are
-    /// multiples of it waste no lanes.
+    /// Output positions of a block of the fused kernel (48 tiles, 16 with AVX2): column
+    /// ranges that are multiples of it waste no lanes.
     pub fn block_columns(&self) -> usize {
-        self.tile * self.tile * 48
+        let tiles = if self.isa == Isa::Avx512 { 48 } else { 16 };
+        self.tile * self.tile * tiles
     }
 
     /// Output channels.
@@ -203,7 +228,9 @@ impl Winograd {
     /// Rows of the GEMM's panels: [`forward_rows`](Self::forward_rows) splits rows at
     /// multiples of it.
     pub fn row_align(&self) -> usize {
-        self.u.first().map_or(PANEL_ROWS, Tiled::panel_rows)
+        self.u
+            .first()
+            .map_or_else(|| panel_rows(self.isa), Tiled::panel_rows)
     }
 
     /// Whether it runs convolutions of `d`: its geometry and channels, height and width
@@ -323,13 +350,15 @@ impl Winograd {
     ) {
         #[cfg(target_arch = "x86_64")]
         if self.is_fused() {
-            // SAFETY: `panels` is only made where AVX-512F was detected; the rest as the
+            let (cols, rows, out) = ((c0, c1), (r0, r1), (y, ldy));
+            // SAFETY: `panels` is only made where `isa` was detected; the rest as the
             // caller guarantees.
             unsafe {
-                if self.tile == 4 {
-                    fused::forward::<4>(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue)
-                } else {
-                    fused::forward::<2>(self, x, d, (c0, c1), (r0, r1), (y, ldy), epilogue)
+                match (self.isa, self.tile) {
+                    (Isa::Avx512, 4) => fused::forward::<4>(self, x, d, cols, rows, out, epilogue),
+                    (Isa::Avx512, _) => fused::forward::<2>(self, x, d, cols, rows, out, epilogue),
+                    (_, 4) => fused8::forward::<4>(self, x, d, cols, rows, out, epilogue),
+                    _ => fused8::forward::<2>(self, x, d, cols, rows, out, epilogue),
                 }
             };
             return;
@@ -365,6 +394,26 @@ impl Winograd {
 
 /// Rows of a panel of the fused AVX-512 kernel's `U_e` (its register tile's height).
 const PANEL_ROWS: usize = 8;
+/// Rows of a panel of the fused AVX2 kernel's `U_e`: a register tile of 6 rows × 16 tiles
+/// (12 of the 16 registers).
+const AVX2_ROWS: usize = 6;
+
+/// `Bᵀ` of F(4×4, 3×3) (interpolation points 0, ±1, ±2).
+const BT4: [[f32; 6]; 6] = [
+    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+];
+/// `Aᵀ` of F(4×4, 3×3).
+const AT4: [[f32; 6]; 4] = [
+    [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+    [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+    [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+    [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+];
 
 /// The fused AVX-512 kernel: tiles of `T × T` outputs (2 or 4) are taken in blocks of 48
 /// (three vectors of 16, one tile per lane); per block the input transform writes `V_e`
@@ -383,7 +432,7 @@ const PANEL_ROWS: usize = 8;
 mod fused {
     use std::arch::x86_64::*;
 
-    use super::{Winograd, PANEL_ROWS as MR};
+    use super::{Winograd, AT4, BT4, PANEL_ROWS as MR};
     use crate::conv::ConvDims;
     use crate::engine::Epilogue;
 
@@ -698,23 +747,6 @@ mod fused {
         ]
     }
 
-    /// `Bᵀ` of F(4×4, 3×3) (interpolation points 0, ±1, ±2).
-    const BT4: [[f32; 6]; 6] = [
-        [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
-        [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
-        [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
-        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
-        [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
-        [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
-    ];
-    /// `Aᵀ` of F(4×4, 3×3).
-    const AT4: [[f32; 6]; 4] = [
-        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
-        [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
-        [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
-        [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
-    ];
-
     /// `Σ_k c[k]·v[k]` over the non-zero coefficients (constants: unrolled and folded, a
     /// coefficient of ±1 an addition or subtraction).
     #[target_feature(enable = "avx512f")]
@@ -848,6 +880,416 @@ mod fused {
         for (i, a) in acc.iter().enumerate() {
             for (j, &val) in a.iter().enumerate() {
                 _mm512_storeu_ps(m.add(i * TB + 16 * j), val);
+            }
+        }
+    }
+}
+
+/// The fused AVX2 kernel: the AVX-512 kernel's scheme (module `fused`) on vectors of 8 lanes.
+/// Tiles of `T × T` outputs (2 or 4) are taken in blocks of 16 (two vectors, one tile per
+/// lane); per block the input transform writes `V_e` (`cin × 16` per `e`) to a per-thread
+/// buffer, the products run on a `6 × 16` register tile (`U_e`'s panel rows broadcast, `V_e`'s
+/// tiles loaded) into `M_e`, and the output transform reads `M` back. Patches are gathered
+/// lane by lane (masked where they reach the padding); outputs are transposed so that each
+/// tile's row of `T` outputs is one 128-bit (or 64-bit) store through the epilogue.
+#[cfg(target_arch = "x86_64")]
+mod fused8 {
+    use std::arch::x86_64::*;
+
+    use super::{Winograd, AT4, AVX2_ROWS as MR, BT4};
+    use crate::conv::ConvDims;
+    use crate::engine::Epilogue;
+
+    /// Vectors of a block.
+    const NV: usize = 2;
+    /// Tiles of a block.
+    const TB: usize = NV * 8;
+
+    thread_local! {
+        /// Per-thread `V` and `M` of a block (taken out of the slot for a call).
+        static BUFS: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+            const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// Where the lanes of one block read and write.
+    struct Block {
+        /// Per vector: patch top-left (input row `−1`, column `−1` of the tile) and output
+        /// position of each lane, relative to the block's first band of rows.
+        inb: [[i32; 8]; NV],
+        out: [[i32; 8]; NV],
+        /// Per vector and patch position `A·i + j`: −1 in lanes whose input lies in the image
+        /// (a gather's mask), 0 elsewhere.
+        masks: [[[i32; 8]; 36]; NV],
+        /// Per vector: lanes that are tiles of the range.
+        valid: [u8; NV],
+    }
+
+    /// See [`super::fused::forward`]; AVX2 and FMA instead of AVX-512F.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available and the sizes checked as [`Winograd::forward_into`]
+    /// does; `k.panels` holds the products of tiles of `T` in panels of `MR` rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward<const T: usize>(
+        k: &Winograd,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (r0, r1): (usize, usize),
+        (yp, ldy): (*mut f32, usize),
+        epilogue: Epilogue<'_>,
+    ) {
+        let a = T + 2;
+        let es = a * a;
+        let (h, w, cin) = (d.h, d.w, k.cin);
+        let ld = d.n();
+        let nc = c1 - c0;
+        let tw = w / T;
+        let first_band = c0 / (T * w);
+        let nt = nc / (T * w) * tw;
+        let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
+        let np_all = k.cout.div_ceil(MR);
+        let rows_pad = (q1 - q0) * MR;
+        let (mut vbuf, mut mbuf) = BUFS.take();
+        if vbuf.len() < es * cin * TB {
+            vbuf.resize(es * cin * TB, 0.0);
+        }
+        if mbuf.len() < es * rows_pad * TB {
+            mbuf.resize(es * rows_pad * TB, 0.0);
+        }
+        let (vp, mp) = (vbuf.as_mut_ptr(), mbuf.as_mut_ptr());
+        let mut tb = 0;
+        while tb < nt {
+            let nb = TB.min(nt - tb);
+            let nv = nb.div_ceil(8);
+            let block = block::<T>(tb, nt, tw, first_band, h, w);
+            let band0 = first_band + tb / tw;
+            // Input transform: V_e[c][lane].
+            for c in 0..cin {
+                // The block's first band: lanes add their offsets to it (a pointer only
+                // formed, read through valid lanes only).
+                let base = x.as_ptr().add(c * ld).wrapping_add(band0 * T * w);
+                for v in 0..nv {
+                    let at = vp.add(c * TB + v * 8);
+                    let d = patch_gather::<T>(base, &block, v, w);
+                    if T == 2 {
+                        transform_in(&std::array::from_fn(|i| d[i]), at, cin * TB);
+                    } else {
+                        transform_in4(&d, at, cin * TB);
+                    }
+                }
+            }
+            // The products, e outer: V_e stays in L1 over the panels.
+            for e in 0..es {
+                let ve = vp.add(e * cin * TB);
+                for q in q0..q1 {
+                    let u = k.panels.as_ptr().add((e * np_all + q) * cin * MR);
+                    let m = mp.add((e * rows_pad + (q - q0) * MR) * TB);
+                    if nv == 1 {
+                        gemm::<1>(u, ve, cin, m);
+                    } else {
+                        gemm::<2>(u, ve, cin, m);
+                    }
+                }
+            }
+            // Output transform, through the epilogue out to the block's columns of each row.
+            let ybase = (band0 - first_band) * T * w;
+            for r in 0..r1 - r0 {
+                let out = Out {
+                    y: yp.add(r * ldy + ybase),
+                    bias: epilogue.bias.map_or(0.0, |b| b[r0 + r]),
+                    res: epilogue
+                        .residual
+                        .map(|res| res.values.as_ptr().add((r0 + r) * res.ld + c0 + ybase)),
+                    relu: epilogue.relu,
+                };
+                for v in 0..nv {
+                    let mut m = [_mm256_setzero_ps(); 36];
+                    for (e, me) in m.iter_mut().enumerate().take(es) {
+                        *me = _mm256_loadu_ps(mp.add((e * rows_pad + r) * TB + v * 8));
+                    }
+                    if T == 2 {
+                        let o = transform_out(&std::array::from_fn(|i| m[i]));
+                        store_tiles::<2>(&out, &block, v, w, &o);
+                    } else {
+                        store_tiles::<4>(&out, &block, v, w, &transform_out4(&m));
+                    }
+                }
+            }
+            tb += nb;
+        }
+        BUFS.set((vbuf, mbuf));
+    }
+
+    /// The lanes of the block of tiles `tb ..` (of `nt`, `tw` per band of `T` rows, the
+    /// range's first band `first_band`) of `H × W` images.
+    fn block<const T: usize>(
+        tb: usize,
+        nt: usize,
+        tw: usize,
+        first_band: usize,
+        h: usize,
+        w: usize,
+    ) -> Block {
+        let a = T + 2;
+        let mut b = Block {
+            inb: [[0; 8]; NV],
+            out: [[0; 8]; NV],
+            masks: [[[0; 8]; 36]; NV],
+            valid: [0; NV],
+        };
+        let p0 = tb / tw;
+        let (hi, wi) = (h as isize, w as isize);
+        for v in 0..NV {
+            for l in 0..8 {
+                let t = tb + 8 * v + l;
+                if t >= nt {
+                    continue;
+                }
+                b.valid[v] |= 1 << l;
+                let (p, tx) = (t / tw, t % tw);
+                let ty = (first_band + p) % (h / T);
+                let rel = ((p - p0) * T * w) as isize;
+                let txt = (T * tx) as isize;
+                // Small: a block spans at most 16 bands of rows (`accepts` bounds W).
+                b.inb[v][l] = (rel - wi + txt - 1) as i32;
+                b.out[v][l] = (rel + txt) as i32;
+                for i in 0..a {
+                    let iy = (T * ty) as isize - 1 + i as isize;
+                    for j in 0..a {
+                        let ix = txt - 1 + j as isize;
+                        if iy >= 0 && iy < hi && ix >= 0 && ix < wi {
+                            b.masks[v][a * i + j][l] = -1;
+                        }
+                    }
+                }
+            }
+        }
+        b
+    }
+
+    /// Patch values `d[A·i + j]` (`A = T + 2`) of vector `v`'s tiles, gathered lane by lane
+    /// (0 in the padding) from `base` plus each lane's offset.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn patch_gather<const T: usize>(
+        base: *const f32,
+        b: &Block,
+        v: usize,
+        w: usize,
+    ) -> [__m256; 36] {
+        let a = T + 2;
+        let off = _mm256_loadu_si256(b.inb[v].as_ptr().cast());
+        let mut d = [_mm256_setzero_ps(); 36];
+        for i in 0..a {
+            for j in 0..a {
+                let e = a * i + j;
+                let idx = _mm256_add_epi32(off, _mm256_set1_epi32((i * w + j) as i32));
+                let mask = _mm256_loadu_ps(b.masks[v][e].as_ptr().cast());
+                d[e] = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), base, idx, mask);
+            }
+        }
+        d
+    }
+
+    /// `Bᵀ d B` of 8 tiles, written as `V_e` at `out + e·stride`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transform_in(d: &[__m256; 16], out: *mut f32, stride: usize) {
+        let (sub, add) = (_mm256_sub_ps, _mm256_add_ps);
+        // Down the rows.
+        let mut t = [_mm256_setzero_ps(); 16];
+        for j in 0..4 {
+            t[j] = sub(d[j], d[8 + j]);
+            t[4 + j] = add(d[4 + j], d[8 + j]);
+            t[8 + j] = sub(d[8 + j], d[4 + j]);
+            t[12 + j] = sub(d[4 + j], d[12 + j]);
+        }
+        // Along them.
+        for i in 0..4 {
+            let r = &t[4 * i..4 * i + 4];
+            let o = out.add(4 * i * stride);
+            _mm256_storeu_ps(o, sub(r[0], r[2]));
+            _mm256_storeu_ps(o.add(stride), add(r[1], r[2]));
+            _mm256_storeu_ps(o.add(2 * stride), sub(r[2], r[1]));
+            _mm256_storeu_ps(o.add(3 * stride), sub(r[1], r[3]));
+        }
+    }
+
+    /// `Aᵀ M A` of 8 tiles: the outputs at (row, column) (0, 0), (0, 1), (1, 0), (1, 1).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transform_out(m: &[__m256; 16]) -> [__m256; 16] {
+        let (sub, add) = (_mm256_sub_ps, _mm256_add_ps);
+        let mut s = [_mm256_setzero_ps(); 8];
+        for j in 0..4 {
+            s[j] = add(add(m[j], m[4 + j]), m[8 + j]);
+            s[4 + j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
+        }
+        let mut o = [_mm256_setzero_ps(); 16];
+        o[0] = add(add(s[0], s[1]), s[2]);
+        o[1] = sub(sub(s[1], s[2]), s[3]);
+        o[2] = add(add(s[4], s[5]), s[6]);
+        o[3] = sub(sub(s[5], s[6]), s[7]);
+        o
+    }
+
+    /// `Σ_k c[k]·v[k]` over the non-zero coefficients (constants: unrolled and folded, a
+    /// coefficient of ±1 an addition or subtraction).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn combine<const N: usize>(c: &[f32; N], v: [__m256; N]) -> __m256 {
+        let mut acc = _mm256_setzero_ps();
+        for (&ck, &vk) in c.iter().zip(&v) {
+            acc = if ck == 0.0 {
+                acc
+            } else if ck == 1.0 {
+                _mm256_add_ps(acc, vk)
+            } else if ck == -1.0 {
+                _mm256_sub_ps(acc, vk)
+            } else {
+                _mm256_fmadd_ps(_mm256_set1_ps(ck), vk, acc)
+            };
+        }
+        acc
+    }
+
+    /// `Bᵀ d B` of 8 tiles' 6×6 patches, written as `V_e` (`e = 6·i + j`) at `out + e·stride`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transform_in4(d: &[__m256; 36], out: *mut f32, stride: usize) {
+        let mut t = [_mm256_setzero_ps(); 36];
+        for j in 0..6 {
+            let col: [__m256; 6] = std::array::from_fn(|k| d[6 * k + j]);
+            for (i, bt) in BT4.iter().enumerate() {
+                t[6 * i + j] = combine(bt, col);
+            }
+        }
+        for i in 0..6 {
+            let row: [__m256; 6] = std::array::from_fn(|k| t[6 * i + k]);
+            for (j, bt) in BT4.iter().enumerate() {
+                _mm256_storeu_ps(out.add((6 * i + j) * stride), combine(bt, row));
+            }
+        }
+    }
+
+    /// `Aᵀ M A` of 8 tiles: the 4×4 outputs, row-major.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transform_out4(m: &[__m256; 36]) -> [__m256; 16] {
+        let mut s = [_mm256_setzero_ps(); 24];
+        for j in 0..6 {
+            let col: [__m256; 6] = std::array::from_fn(|k| m[6 * k + j]);
+            for (i, at) in AT4.iter().enumerate() {
+                s[6 * i + j] = combine(at, col);
+            }
+        }
+        let mut y = [_mm256_setzero_ps(); 16];
+        for i in 0..4 {
+            let row: [__m256; 6] = std::array::from_fn(|k| s[6 * i + k]);
+            for (j, at) in AT4.iter().enumerate() {
+                y[4 * i + j] = combine(at, row);
+            }
+        }
+        y
+    }
+
+    /// One output row of a block: where it goes and the epilogue that it goes through.
+    struct Out {
+        /// The row at the block's first column.
+        y: *mut f32,
+        bias: f32,
+        /// The residual's row at the same column, if any.
+        res: Option<*const f32>,
+        relu: bool,
+    }
+
+    /// The outputs `o[T·i + j]` (row `i`, column `j` of each lane's tile) of vector `v`'s
+    /// tiles, stored a tile row at a time (`T` values) through the epilogue.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_tiles<const T: usize>(
+        out: &Out,
+        b: &Block,
+        v: usize,
+        w: usize,
+        o: &[__m256; 16],
+    ) {
+        let bias = _mm_set1_ps(out.bias);
+        // One tile row (T ≤ 4 values in the low lanes of `val`) to `at`.
+        let put = |at: usize, val: __m128| {
+            let mut val = _mm_add_ps(val, bias);
+            if let Some(p) = out.res {
+                let r = if T == 4 {
+                    _mm_loadu_ps(p.add(at))
+                } else {
+                    _mm_castsi128_ps(_mm_loadl_epi64(p.add(at).cast()))
+                };
+                val = _mm_add_ps(val, r);
+            }
+            if out.relu {
+                val = _mm_max_ps(val, _mm_setzero_ps());
+            }
+            if T == 4 {
+                _mm_storeu_ps(out.y.add(at), val);
+            } else {
+                _mm_storel_epi64(out.y.add(at).cast(), _mm_castps_si128(val));
+            }
+        };
+        let valid = b.valid[v];
+        for i in 0..T {
+            // Tile l's row i: 128-bit half l / 4 of vector l % 4 (T = 4), or 64-bit quarter
+            // of one (T = 2), after the transpose.
+            let mut rows = [_mm_setzero_ps(); 8];
+            if T == 4 {
+                let (p, q, r, s) = (o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]);
+                let (t0, t1) = (_mm256_unpacklo_ps(p, q), _mm256_unpackhi_ps(p, q));
+                let (t2, t3) = (_mm256_unpacklo_ps(r, s), _mm256_unpackhi_ps(r, s));
+                let u = [
+                    _mm256_shuffle_ps::<0x44>(t0, t2),
+                    _mm256_shuffle_ps::<0xEE>(t0, t2),
+                    _mm256_shuffle_ps::<0x44>(t1, t3),
+                    _mm256_shuffle_ps::<0xEE>(t1, t3),
+                ];
+                for (l, &ul) in u.iter().enumerate() {
+                    rows[l] = _mm256_castps256_ps128(ul);
+                    rows[l + 4] = _mm256_extractf128_ps::<1>(ul);
+                }
+            } else {
+                let (p, q) = (o[2 * i], o[2 * i + 1]);
+                let (lo, hi) = (_mm256_unpacklo_ps(p, q), _mm256_unpackhi_ps(p, q));
+                for (l0, u) in [(0, lo), (2, hi)] {
+                    let (x0, x1) = (_mm256_castps256_ps128(u), _mm256_extractf128_ps::<1>(u));
+                    rows[l0] = x0;
+                    rows[l0 + 1] = _mm_movehl_ps(x0, x0);
+                    rows[l0 + 4] = x1;
+                    rows[l0 + 5] = _mm_movehl_ps(x1, x1);
+                }
+            }
+            for (l, &row) in rows.iter().enumerate() {
+                if valid & (1 << l) != 0 {
+                    put(b.out[v][l] as usize + i * w, row);
+                }
+            }
+        }
+    }
+
+    /// One panel of `U_e` (`cin × MR`, at `u`) times `V_e` (`cin × 16`, at `v`, `V·8` lanes
+    /// used) into `M` (`MR` rows of 16 at `m`).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gemm<const V: usize>(u: *const f32, v: *const f32, cin: usize, m: *mut f32) {
+        let mut acc = [[_mm256_setzero_ps(); V]; MR];
+        for c in 0..cin {
+            let vc = v.add(c * TB);
+            let mut xv = [_mm256_setzero_ps(); V];
+            for (j, x) in xv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(vc.add(8 * j));
+            }
+            let uc = u.add(c * MR);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_broadcast_ss(&*uc.add(i));
+                for (aj, &xj) in a.iter_mut().zip(&xv) {
+                    *aj = _mm256_fmadd_ps(wv, xj, *aj);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (j, &val) in a.iter().enumerate() {
+                _mm256_storeu_ps(m.add(i * TB + 8 * j), val);
             }
         }
     }
@@ -1122,6 +1564,34 @@ mod tests {
                             );
                             }
                         }
+                    }
+                }
+                // Through the epilogue: bias, residual and ReLU, into rows `ldy` apart.
+                let bias: Vec<f32> = (0..cout).map(|_| rnd()).collect();
+                let res: Vec<f32> = (0..cout * n).map(|_| rnd()).collect();
+                let ldy = n + 3;
+                let mut y = vec![f32::NAN; cout * ldy];
+                let epilogue = Epilogue {
+                    bias: Some(&bias),
+                    residual: Some(crate::engine::Residual {
+                        values: &res,
+                        ld: n,
+                    }),
+                    relu: true,
+                };
+                // SAFETY: `y` holds `cout` rows of `ldy ≥ n` values.
+                unsafe {
+                    wg.forward_into(&x, &d, (0, n), (0, cout), y.as_mut_ptr(), ldy, epilogue)
+                }
+                .unwrap();
+                for r in 0..cout {
+                    for j in 0..n {
+                        let e = (want[r * n + j] + bias[r] + res[r * n + j]).max(0.0);
+                        let got = y[r * ldy + j];
+                        assert!(
+                            (got - e).abs() <= tol * (1.0 + e.abs()),
+                            "epilogue, tile {t} [{cout},{cin},{b},{h},{w}] ({r}, {j}): {got} vs {e}"
+                        );
                     }
                 }
                 let mut y = vec![0.0; cout * n];
