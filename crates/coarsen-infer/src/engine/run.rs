@@ -749,7 +749,7 @@ impl Layer {
         // in-place kernel does not run the layer (1×1 stride-2 downsamples, odd sizes at
         // stride 2); between 16 and 64 columns of 3×3 layers the in-place kernel measured
         // 1.3–1.6× faster.
-        if n <= 16 || (!self.blocks_in_place() && n <= BlockConv::NARROW) {
+        if bc.narrow() && (n <= 16 || (!self.blocks_in_place() && n <= BlockConv::NARROW)) {
             // Few columns (batch 1's small images): im2col tiles of 16 columns, made once,
             // every block's column one aligned vector of a tile.
             let tl = bc.narrow_len(n);
@@ -859,7 +859,8 @@ impl Layer {
     /// Whether a product of `n` columns runs on the block kernel.
     fn runs_blocks(&self, n: usize, o: &InferOptions) -> bool {
         self.blocks.is_some()
-            && (self.blocks_in_place() || n <= BlockConv::NARROW)
+            && (self.blocks_in_place()
+                || (n <= BlockConv::NARROW && self.blocks.as_ref().is_some_and(BlockConv::narrow)))
             && o.block_conv
             && n > 0
     }

@@ -11,7 +11,7 @@
 //! writes its rows of the output once, through the epilogue.
 
 use super::blocks::packed_parts;
-use super::direct::{accepts, check_call, runs_in_place, split_phases, Epilogue};
+use super::direct::{accepts, check_call, in_place_geometry, split_phases, Epilogue};
 use super::direct::{MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
@@ -72,6 +72,9 @@ pub struct BlockConv {
     g: ConvGeometry,
     /// Whether the in-place kernel runs the geometry (the narrow one runs every geometry).
     in_place: bool,
+    /// The kernels' instruction set: AVX-512 (in-place and narrow kernels) or AVX2 (the
+    /// in-place kernel only).
+    isa: Isa,
     /// Every output row in exactly one block (rows no block of the format writes form one
     /// block without columns, whose output is the epilogue of 0).
     blocks: Vec<ConvBlock>,
@@ -89,10 +92,13 @@ impl BlockConv {
         packed: &Packed,
         read: Option<&[u32]>,
     ) -> Result<Option<Self>> {
-        if Isa::detect() != Isa::Avx512 {
+        let isa = Isa::detect();
+        let in_place = in_place_geometry(&g);
+        // AVX2 has the in-place kernel only.
+        if !cfg!(target_arch = "x86_64") || !(isa == Isa::Avx512 || (isa == Isa::Avx2 && in_place))
+        {
             return Ok(None);
         }
-        let in_place = runs_in_place(&g);
         let Some(parts) = packed_parts(packed) else {
             return Ok(None);
         };
@@ -179,6 +185,7 @@ impl BlockConv {
             cin,
             g,
             in_place,
+            isa,
             blocks,
         }))
     }
@@ -223,6 +230,12 @@ impl BlockConv {
     /// the kinds [`DirectConv`](super::DirectConv) runs); otherwise only the narrow kernel does.
     pub fn in_place(&self) -> bool {
         self.in_place
+    }
+
+    /// Whether this CPU runs the narrow kernel ([`forward_narrow_into`](Self::forward_narrow_into)):
+    /// AVX-512 only.
+    pub fn narrow(&self) -> bool {
+        self.isa == Isa::Avx512
     }
 
     /// Whether the kernel reads the input split into phase planes (a stride-2 convolution):
@@ -325,11 +338,16 @@ impl BlockConv {
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `new` returned `Some` only on a CPU with AVX-512; the input's length and the
+        // SAFETY: `new` returned `Some` only on a CPU with `isa`; the input's length and the
         // ranges were checked above; `y` as the caller guarantees; the bias (if any) holds
         // `cout` values, and every block row is below `cout`.
         unsafe {
-            avx512::forward(self, x, d, (c0, c1), (b0, b1), (y, ldy), epilogue)
+            let (cols, share, out) = ((c0, c1), (b0, b1), (y, ldy));
+            if self.isa == Isa::Avx512 {
+                avx512::forward(self, x, d, cols, share, out, epilogue)
+            } else {
+                avx2::forward(self, x, d, cols, share, out, epilogue)
+            }
         };
         Ok(())
     }
@@ -361,6 +379,13 @@ impl BlockConv {
     /// Checks that the narrow kernel runs `d`: this kernel's geometry and channels, at most
     /// `NARROW` output positions.
     fn check_narrow(&self, op: &'static str, d: &ConvDims) -> Result<()> {
+        if !self.narrow() {
+            return Err(KernelError::Param {
+                name: "isa",
+                value: self.isa.as_str().into(),
+                reason: format!("{op}: the narrow block kernel needs AVX-512"),
+            });
+        }
         if d.g != self.g || d.c != self.cin || d.n() > Self::NARROW {
             return Err(KernelError::Param {
                 name: "dims",
@@ -423,14 +448,217 @@ impl BlockConv {
     }
 }
 
+/// Tiles per halo copy of the in-place kernels.
+const SPAN: usize = 4;
+
+/// The in-place kernel on AVX2 and FMA: the AVX-512 kernel's tiles of up to `NR` positions,
+/// halos and lane masks, each tile run as sub-tiles of 24 positions (three vectors of 8) on
+/// a register tile of 4 rows × 24 (a panel of `MR` rows in two passes); loads are unmasked
+/// and ANDed with the tap's lane mask (the halo row holds every position a tile reads).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV, SPAN};
+    use crate::conv::ConvDims;
+    use crate::engine::direct::{halo_start, Taps};
+
+    /// Positions of a sub-tile: three vectors.
+    const SUB: usize = 24;
+    /// Rows of a pass over a panel.
+    const HALF: usize = MR / 2;
+
+    thread_local! {
+        /// Per-thread halo buffer and column offsets (see the AVX-512 kernel).
+        static BUFS: std::cell::Cell<(Vec<f32>, Vec<usize>)> =
+            const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// Lanes `p .. p + 8` (`p` a multiple of 8) of a tile's 16-lane masks, as a vector mask.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lane_mask(m: &[u16; NV], p: usize) -> __m256 {
+        let bits = i32::from((m[p / 16] >> (p % 16)) as u8);
+        let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let v = _mm256_and_si256(_mm256_set1_epi32(bits), lanes);
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, lanes))
+    }
+
+    /// See [`BlockConv::forward_into`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; otherwise as the AVX-512 kernel's `forward`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward(
+        k: &BlockConv,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (b0, b1): (usize, usize),
+        (yp, ldy): (*mut f32, usize),
+        epilogue: Epilogue<'_>,
+    ) {
+        let t = Taps::new(&k.g, d, SPAN * NR);
+        let (cin, stride, lo) = (k.cin, t.stride, t.lo);
+        let ntaps = t.places.len();
+        let mut tap_base = [0usize; MAX_TAPS];
+        for (tap, b) in tap_base.iter_mut().enumerate().take(ntaps) {
+            let slot = t.slot_of[t.places[tap].0];
+            *b = slot * cin * stride + (t.shifts[tap] - lo) as usize;
+        }
+        let (mut halo, mut offs) = BUFS.take();
+        // Room past the last row for a sub-tile's vectors beyond its width (masked off).
+        let hp = halo_start(&mut halo, t.planes.len() * cin * stride + 32);
+        let blocks = &k.blocks[b0..b1];
+        offs.clear();
+        for b in blocks {
+            for &(tap, k0, k1) in &b.runs {
+                let base = tap_base[tap as usize];
+                offs.extend(
+                    b.chans[k0 as usize..k1 as usize]
+                        .iter()
+                        .map(|&c| base + c as usize * stride),
+                );
+            }
+        }
+        let mut masks = [[0u16; NV]; MAX_TAPS];
+        let cache = t.mask_cache(c0, c1);
+        let mut t0 = c0;
+        let mut s0 = c0;
+        while t0 < c1 {
+            let width = if c1 - t0 == 64 { 32 } else { NR.min(c1 - t0) };
+            if t0 == c0 || t0 + width > s0 + SPAN * NR {
+                s0 = t0;
+                t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp);
+            }
+            cache.masks(&t, t0, width, &mut masks);
+            let mut s = 0;
+            while s < width {
+                let sw = SUB.min(width - s);
+                let mut vm = [[_mm256_setzero_ps(); 3]; MAX_TAPS];
+                for (v, m) in vm.iter_mut().zip(&masks).take(ntaps) {
+                    for (j, vj) in v.iter_mut().enumerate() {
+                        if s + 8 * j < width {
+                            *vj = lane_mask(m, s + 8 * j);
+                        }
+                    }
+                }
+                let sub = Sub {
+                    offs: &offs,
+                    hp: hp.add(t0 - s0 + s),
+                    vm: &vm,
+                    width: sw,
+                    out: (yp.add(t0 + s - c0), ldy),
+                    col: t0 + s,
+                    epilogue,
+                };
+                match sw.div_ceil(8) {
+                    1 => run_sub::<1>(blocks, &sub),
+                    2 => run_sub::<2>(blocks, &sub),
+                    _ => run_sub::<3>(blocks, &sub),
+                }
+                s += sw;
+            }
+            t0 += width;
+        }
+        BUFS.set((halo, offs));
+    }
+
+    /// What one sub-tile of output positions shares over every block.
+    struct Sub<'a> {
+        /// Halo offsets of every column of the blocks, block after block.
+        offs: &'a [usize],
+        /// The sub-tile's window of the halo.
+        hp: *const f32,
+        /// Per tap, the lane masks of the sub-tile's vectors.
+        vm: &'a [[__m256; 3]; MAX_TAPS],
+        /// Positions of the sub-tile (at most 24).
+        width: usize,
+        /// Where its first position goes in output row 0, and the rows' stride.
+        out: (*mut f32, usize),
+        /// Its first position's column in the whole output (for the residual).
+        col: usize,
+        epilogue: Epilogue<'a>,
+    }
+
+    /// Every block of `blocks` on one sub-tile of at most `V·8` positions.
+    ///
+    /// # Safety
+    /// As [`forward`], which made `t`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_sub<const V: usize>(blocks: &[ConvBlock], t: &Sub<'_>) {
+        let (yp, ldy) = t.out;
+        let mut first = 0;
+        for b in blocks {
+            let kn = b.chans.len();
+            let (offs, taps) = (t.offs.as_ptr().add(first), b.taps.as_ptr());
+            first += kn;
+            for (q, rows) in b.rows.chunks(MR).enumerate() {
+                let panel = b.panels.as_ptr().add(q * kn * MR);
+                for (h, rows) in rows.chunks(HALF).enumerate() {
+                    let mut acc = [[_mm256_setzero_ps(); V]; HALF];
+                    for kc in 0..kn {
+                        let m = &t.vm[*taps.add(kc) as usize];
+                        let row = t.hp.add(*offs.add(kc));
+                        let mut xv = [_mm256_setzero_ps(); V];
+                        for (j, v) in xv.iter_mut().enumerate() {
+                            *v = _mm256_and_ps(_mm256_loadu_ps(row.add(8 * j)), m[j]);
+                        }
+                        let wc = panel.add(kc * MR + h * HALF);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm256_broadcast_ss(&*wc.add(i));
+                            for (aj, &xj) in a.iter_mut().zip(&xv) {
+                                *aj = _mm256_fmadd_ps(wv, xj, *aj);
+                            }
+                        }
+                    }
+                    for (a, &r) in acc.iter().zip(rows) {
+                        store_row(a, t, yp.add(r as usize * ldy), r as usize);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One row `r` of a sub-tile's accumulators to `out` through the epilogue: `act(v +
+    /// bias[r] + residual[r, col ..])`, only the sub-tile's positions written.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_row<const V: usize>(a: &[__m256; V], t: &Sub<'_>, out: *mut f32, r: usize) {
+        let e = t.epilogue;
+        let bias = _mm256_set1_ps(e.bias.map_or(0.0, |b| *b.get_unchecked(r)));
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (j, &v) in a.iter().enumerate() {
+            let n = t.width.saturating_sub(8 * j).min(8);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+            let mut v = _mm256_add_ps(v, bias);
+            if let Some(res) = e.residual {
+                let p = res.values.as_ptr().add(r * res.ld + t.col + 8 * j);
+                let rv = if n == 8 {
+                    _mm256_loadu_ps(p)
+                } else {
+                    _mm256_maskload_ps(p, mask)
+                };
+                v = _mm256_add_ps(v, rv);
+            }
+            if e.relu {
+                v = _mm256_max_ps(v, _mm256_setzero_ps());
+            }
+            if n == 8 {
+                _mm256_storeu_ps(out.add(8 * j), v);
+            } else {
+                _mm256_maskstore_ps(out.add(8 * j), mask, v);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV};
 
-    /// Tiles per halo copy.
-    const SPAN: usize = 4;
+    use super::SPAN;
     use crate::conv::ConvDims;
     use crate::engine::direct::avx512::store_row;
     use crate::engine::direct::{halo_start, lanes, Taps};
@@ -796,7 +1024,7 @@ mod tests {
 
     #[test]
     fn matches_im2col_times_the_weight_for_every_block_format() {
-        if Isa::detect() != Isa::Avx512 {
+        if !matches!(Isa::detect(), Isa::Avx512 | Isa::Avx2) {
             return;
         }
         let geometries = [
@@ -845,7 +1073,11 @@ mod tests {
                     Packed::Bsr(Bsr::pack(&mask, &values, 4, 3).unwrap()),
                 ];
                 for packed in &formats {
-                    let k = BlockConv::new(g, cin, packed, None).unwrap().unwrap();
+                    let Some(k) = BlockConv::new(g, cin, packed, None).unwrap() else {
+                        // AVX2 has the in-place kernel only.
+                        assert!(Isa::detect() == Isa::Avx2 && !in_place_geometry(&g));
+                        continue;
+                    };
                     assert_eq!(k.accepts(&d), k.in_place());
                     let input = if k.needs_phases() {
                         let mut p = vec![f32::NAN; x.len()];
@@ -945,7 +1177,7 @@ mod tests {
                             check(&y, "in-place");
                         }
                         // The narrow kernel on the same shares, from the im2col tile.
-                        if n > BlockConv::NARROW {
+                        if n > BlockConv::NARROW || !k.narrow() {
                             let mut t = vec![0.0; k.narrow_len(n)];
                             assert!(k.narrow_input(&x, &d, &mut t).is_err());
                             continue;
@@ -984,7 +1216,7 @@ mod tests {
     /// layers whose other columns no kept weight uses.
     #[test]
     fn reads_a_subset_of_the_im2col_rows() {
-        if Isa::detect() != Isa::Avx512 {
+        if !matches!(Isa::detect(), Isa::Avx512 | Isa::Avx2) {
             return;
         }
         let g = ConvGeometry::square(3, 1, 1);
@@ -1027,7 +1259,7 @@ mod tests {
     /// calls are checked before they run.
     #[test]
     fn calls_are_checked_and_leave_nothing_behind() {
-        if Isa::detect() != Isa::Avx512 {
+        if !matches!(Isa::detect(), Isa::Avx512 | Isa::Avx2) {
             return;
         }
         let g = ConvGeometry::square(3, 1, 1);
@@ -1083,7 +1315,11 @@ mod tests {
         assert!(BlockConv::new(g, cin, &dense, None).unwrap().is_none());
         let g3 = ConvGeometry::square(3, 3, 1);
         let group = Packed::Group(GroupBlocks::pack(&mask, &values).unwrap());
-        let k3 = BlockConv::new(g3, cin, &group, None).unwrap().unwrap();
+        let Some(k3) = BlockConv::new(g3, cin, &group, None).unwrap() else {
+            // AVX2 has no narrow kernel: no kernel for a geometry only that one runs.
+            assert_eq!(Isa::detect(), Isa::Avx2);
+            return;
+        };
         assert!(!k3.in_place());
         let d3 = ConvDims::new(&[cin, 8, 9, 9], g3).unwrap();
         assert!(!k3.accepts(&d3));

@@ -440,10 +440,15 @@ unsafe fn split_columns_avx512(s: &[f32], even: &mut [f32], odd: &mut [f32], n: 
 /// subsample and a GEMM: im2col copies a quarter of the input, where phase planes would copy
 /// all of it).
 pub(super) fn runs_in_place(g: &ConvGeometry) -> bool {
+    Isa::detect() == Isa::Avx512 && in_place_geometry(g)
+}
+
+/// Whether the in-place kernels' scheme runs geometry `g` (see [`runs_in_place`], whatever
+/// the CPU).
+pub(super) fn in_place_geometry(g: &ConvGeometry) -> bool {
     let taps = g.taps();
     let subsample = g.stride == [2, 2] && taps == 1;
-    Isa::detect() == Isa::Avx512
-        && (g.stride == [1, 1] || g.stride == [2, 2])
+    (g.stride == [1, 1] || g.stride == [2, 2])
         && !subsample
         && g.dilation == [1, 1]
         && taps > 0
