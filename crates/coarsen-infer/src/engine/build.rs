@@ -589,6 +589,9 @@ impl<'a> Compiler<'a> {
         } else {
             None
         };
+        // The matrix over every im2col row, kept for the dense twin of a layer that reads a
+        // subset of them (see below).
+        let all_rows_w = read.as_ref().map(|_| sub_w.clone());
         let (sub_mask, sub_w) = match &read {
             Some(cols_read) => select_cols(&sub_mask, &sub_w, cols_read),
             None => (sub_mask, sub_w),
@@ -734,16 +737,24 @@ impl<'a> Compiler<'a> {
             dense_twin: None,
         };
         if let Some(v) = twin_values {
-            let (direct, wino) = if spatial {
+            // A layer that reads a subset of the im2col rows gets a twin over all of them
+            // (zero columns for the others) where the in-place kernels run its geometry: they
+            // read every row, and Winograd was what the twin of such a layer lacked.
+            let twin_spatial = (same || halved) && ho * wo > 1;
+            let (v, cols, twin_read) = match all_rows_w {
+                Some(all) if twin_spatial => (all, in_ch.len() * kk, None),
+                _ => (v, ncols, layer.read.clone()),
+            };
+            let (direct, wino) = if twin_spatial && twin_read.is_none() {
                 self.in_place_kernels(g, cout, in_ch.len(), &v, (flow.h, flow.w))
                     .map_err(kerr)?
             } else {
                 (None, None)
             };
-            let mut plan = Plan::new(&Packed::Dense(Dense::new(cout, ncols, v).map_err(kerr)?))
+            let mut plan = Plan::new(&Packed::Dense(Dense::new(cout, cols, v).map_err(kerr)?))
                 .map_err(kerr)?;
             plan.set_threading(Threading::Serial);
-            layer.dense_twin = Some(Box::new(layer.twin(plan, direct, wino)));
+            layer.dense_twin = Some(Box::new(layer.twin(plan, direct, wino, twin_read)));
         }
         let out = self.push(vec![slot], Kind::Layer(Box::new(layer)), out_flow);
         self.slot_of.insert(names, out);

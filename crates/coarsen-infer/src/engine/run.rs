@@ -942,9 +942,15 @@ impl Layer {
         }
     }
 
-    /// The same layer on other kernels (`plan`, and the in-place kernels): same input, output,
-    /// epilogue and im2col rows read.
-    pub(super) fn twin(&self, plan: Plan, direct: Option<DirectConv>, wino: Option<Wino>) -> Layer {
+    /// The same layer on other kernels (`plan`, and the in-place kernels): same input, output
+    /// and epilogue, reading the im2col rows `read` (all of them when `None`).
+    pub(super) fn twin(
+        &self,
+        plan: Plan,
+        direct: Option<DirectConv>,
+        wino: Option<Wino>,
+        read: Option<Vec<u32>>,
+    ) -> Layer {
         Layer {
             name: self.name.clone(),
             plan,
@@ -959,7 +965,7 @@ impl Layer {
             corr: self.corr.clone(),
             relu: self.relu,
             residual: self.residual,
-            read: self.read.clone(),
+            read,
             direct,
             wino,
             blocks: None,
