@@ -441,9 +441,11 @@ pub(super) struct Wino {
 }
 
 /// Fewest columns (output positions × batch) of a product that runs F(4×4, 3×3): with fewer,
-/// its blocks of 48 tiles of 16 outputs are mostly empty, and its weight (four times the
-/// direct one) is read for few outputs.
-const F4_MIN_COLS: usize = 4096;
+/// its blocks of tiles of 16 outputs are mostly empty, and its weight (four times the direct
+/// one) is read for few outputs. Batch 1's 32×32 layers (1024 columns) measured faster on
+/// F(4×4) with AVX2 (`examples/ab_options`, two binaries alternated) and no slower with
+/// AVX-512; its 16×16 layers slower with AVX2.
+const F4_MIN_COLS: usize = 1024;
 
 impl Wino {
     /// The kernel for a product of `n` columns.
