@@ -14,6 +14,10 @@
 //! Each (16 rows, slot) costs one permute and one FMA per column; with 16 columns that is the
 //! dense narrow kernel's rate of work per stored weight, on a half of the weights, and on fewer
 //! columns the dense kernels waste lanes where this one does not.
+//!
+//! With AVX2 (module `avx2`) the same scheme runs 8 rows per vector, groups of at most 8
+//! channels and blocks of at most 8 columns; groups of 4 (2:4) permute within each 128-bit
+//! half, each holding the group's 4 inputs.
 
 use rayon::prelude::*;
 
@@ -22,14 +26,16 @@ use crate::error::{check_len, KernelError, Result};
 use crate::formats::{NmCompressed, NM_PAD};
 use crate::simd::Isa;
 
-/// Output channels per block (the lanes of a vector).
+/// Output channels per block (the lanes of an AVX-512 vector; 8 of them with AVX2).
 const RB: usize = 16;
-/// Largest group size the kernel runs (a group's inputs fit one vector).
-const MAX_M: usize = 16;
 
-/// An N:M weight packed for [`NmConv::forward_rows`] (AVX-512 only; M ≤ 16).
+/// An N:M weight packed for [`NmConv::forward_rows`] (AVX-512 with M ≤ 16, or AVX2 and FMA
+/// with M ≤ 8: a group's inputs fit one vector).
 #[derive(Clone, Debug)]
 pub struct NmConv {
+    /// The kernel's instruction set, and its rows per block (its vectors' lanes).
+    isa: Isa,
+    rb: usize,
     rows: usize,
     cin: usize,
     /// Entries per input channel in a row (the kernel's taps; 1 for a linear layer).
@@ -45,7 +51,7 @@ pub struct NmConv {
     /// Per group, a vector's lanes `l`: the input channel of position `l mod mp`, or −1 past
     /// the channels (the short last group, and positions `m .. mp`).
     chan: Vec<[i32; 16]>,
-    /// `[row block][g·inner + s][slot][16]`: values, 0 in padding slots and past the rows.
+    /// `[row block][g·inner + s][slot][rb]`: values, 0 in padding slots and past the rows.
     values: Vec<f32>,
     /// Same layout: each value's position in its group (0 where the value is 0).
     pos: Vec<u8>,
@@ -56,9 +62,16 @@ impl NmConv {
     pub const ROW_ALIGN: usize = RB;
 
     /// Packs `f` (its view's `inner` = the convolution's taps). `None` where this CPU lacks
-    /// AVX-512 or the groups are larger than 16 channels.
+    /// AVX-512 and AVX2, or the groups are larger than a vector (16 channels with AVX-512, 8
+    /// with AVX2).
     pub fn new(f: &NmCompressed) -> Result<Option<Self>> {
-        if Isa::detect() != Isa::Avx512 || f.m() > MAX_M {
+        let isa = Isa::detect();
+        let rb = match isa {
+            Isa::Avx512 if cfg!(target_arch = "x86_64") => 16,
+            Isa::Avx2 if cfg!(target_arch = "x86_64") => 8,
+            _ => return Ok(None),
+        };
+        if f.m() > rb {
             return Ok(None);
         }
         let view = f.view();
@@ -67,11 +80,11 @@ impl NmConv {
         // Each column's slot: a power of two, at least one 128-bit load.
         let mp = m.next_power_of_two().max(4);
         let kgs = groups * inner;
-        let blocks = rows.div_ceil(RB);
+        let blocks = rows.div_ceil(rb);
         let len = blocks
             .checked_mul(kgs)
             .and_then(|v| v.checked_mul(slots))
-            .and_then(|v| v.checked_mul(RB))
+            .and_then(|v| v.checked_mul(rb))
             .ok_or_else(|| KernelError::Param {
                 name: "shape",
                 value: format!("{rows} rows × {groups} groups × {inner} taps × {slots} slots"),
@@ -81,7 +94,7 @@ impl NmConv {
         let mut pos = vec![0u8; len];
         let (fv, fi) = (f.values(), f.indices());
         for r in 0..rows {
-            let (b, i) = (r / RB, r % RB);
+            let (b, i) = (r / rb, r % rb);
             for kg in 0..kgs {
                 let (g, s) = (kg / inner, kg % inner);
                 for e in 0..slots {
@@ -89,7 +102,7 @@ impl NmConv {
                     let from = ((r * groups + g) * inner + s) * slots + e;
                     let p = fi[from];
                     if p != NM_PAD {
-                        let to = ((b * kgs + kg) * slots + e) * RB + i;
+                        let to = ((b * kgs + kg) * slots + e) * rb + i;
                         values[to] = fv[from];
                         pos[to] = p;
                     }
@@ -111,6 +124,8 @@ impl NmConv {
             })
             .collect();
         Ok(Some(NmConv {
+            isa,
+            rb,
             rows,
             cin,
             inner,
@@ -140,20 +155,22 @@ impl NmConv {
         d.c == self.cin && d.g.taps() == self.inner && fits
     }
 
-    /// Columns of a kernel block for `n` columns: 4, 8 or 16.
-    fn block_cols(n: usize) -> usize {
-        n.next_power_of_two().clamp(4, 16)
+    /// Columns of a kernel block for `n` columns: 4, 8 or 16 (at most 8 with AVX2, whose
+    /// 16 registers hold 8 accumulators and the operands).
+    fn block_cols(&self, n: usize) -> usize {
+        let most = if self.isa == Isa::Avx512 { 16 } else { 8 };
+        n.next_power_of_two().clamp(4, most)
     }
 
     /// Floats per (column block, tap group) in [`gather_input`](Self::gather_input)'s layout
     /// for `n` columns: the block's columns times the group's slot (whole vectors).
     fn group_stride(&self, n: usize) -> usize {
-        Self::block_cols(n) * self.mp
+        self.block_cols(n) * self.mp
     }
 
     /// Floats of [`gather_input`](Self::gather_input)'s output for `n` output positions.
     pub fn input_len(&self, n: usize) -> usize {
-        n.div_ceil(Self::block_cols(n)) * self.groups * self.inner * self.group_stride(n)
+        n.div_ceil(self.block_cols(n)) * self.groups * self.inner * self.group_stride(n)
     }
 
     /// The batch `x` (`[C, B, H, W]`, sizes `d`) in the kernel's layout, into `out`
@@ -185,7 +202,7 @@ impl NmConv {
         if n == 0 || kgs == 0 {
             return Ok(());
         }
-        let t = Offsets::new(d, self.mp, n.div_ceil(Self::block_cols(n)) * stride);
+        let t = Offsets::new(d, self.mp, n.div_ceil(self.block_cols(n)) * stride);
         let plane = (d.b * d.h * d.w) as i32;
         // (Block, tap group) pairs in chunks of about 64 KiB of output.
         let per = (16384 / stride).max(1);
@@ -195,11 +212,18 @@ impl NmConv {
                 for (k, dst) in chunk.chunks_exact_mut(stride).enumerate() {
                     let (b, kg) = ((i * per + k) / kgs, (i * per + k) % kgs);
                     let (g, s) = (kg / self.inner, kg % self.inner);
-                    // SAFETY: AVX-512F is available (`new`); every valid lane's index is a
+                    // SAFETY: `isa` is available (`new`); every valid lane's index is a
                     // channel below `cin` times the plane plus an offset inside it, below
-                    // `x.len()` ≤ i32::MAX (`accepts`); `dst` holds `stride` values, the
-                    // lanes of block `b` in `t`.
-                    unsafe { avx512::gather_group(x, &self.chan[g], plane, &t, (s, b), dst) };
+                    // `x.len()` ≤ i32::MAX (`accepts`); `dst` holds `stride` values (a
+                    // multiple of 16), the lanes of block `b` in `t`.
+                    unsafe {
+                        let (chan, at) = (&self.chan[g], (s, b));
+                        if self.isa == Isa::Avx512 {
+                            avx512::gather_group(x, chan, plane, &t, at, dst)
+                        } else {
+                            avx2::gather_group(x, chan, plane, &t, at, dst)
+                        }
+                    };
                 }
             });
         Ok(())
@@ -241,13 +265,25 @@ impl NmConv {
             y.fill(0.0);
             return Ok(());
         }
-        let j = Self::block_cols(n);
+        let j = self.block_cols(n);
         let stride = self.group_stride(n);
         let kgs = self.groups * self.inner;
-        let per_block = kgs * self.slots * RB;
+        let rb = self.rb;
+        let per_block = kgs * self.slots * rb;
         let mut tile = [[0.0f32; RB]; 16];
-        for cb in 0..n.div_ceil(j) {
-            for b in r0 / RB..r1.div_ceil(RB) {
+        let (cbs, bs) = (n.div_ceil(j), r1.div_ceil(rb) - r0 / rb);
+        // Row blocks outer where the gathered input is small enough to stay in L2 beside a
+        // row block's values (a few column blocks: AVX2's blocks of 8 columns at batch 1's
+        // 4×4 images), so that each row block streams from memory once; column blocks outer
+        // otherwise, so that the input streams once.
+        let rows_outer = cbs > 1 && xq.len() * 4 <= 256 << 10;
+        for step in 0..cbs * bs {
+            let (cb, b) = if rows_outer {
+                (step % cbs, r0 / rb + step / cbs)
+            } else {
+                (step / bs, r0 / rb + step % bs)
+            };
+            {
                 let run = avx512::Run {
                     values: &self.values[b * per_block..][..per_block],
                     pos: &self.pos[b * per_block..][..per_block],
@@ -255,24 +291,30 @@ impl NmConv {
                     kgs,
                     slots: self.slots,
                 };
-                // SAFETY: AVX-512F is available (`new`); `run` holds the block's `kgs` tap
+                // SAFETY: `isa` is available (`new`); `run` holds the block's `kgs` tap
                 // groups of `j·mp` inputs and `per_block` values and positions.
                 unsafe {
-                    match (j, self.mp) {
-                        (4, 4) => avx512::block::<4, 4>(&run, &mut tile),
-                        (8, 4) => avx512::block::<8, 4>(&run, &mut tile),
-                        (_, 4) => avx512::block::<16, 4>(&run, &mut tile),
-                        (4, 8) => avx512::block::<4, 8>(&run, &mut tile),
-                        (8, 8) => avx512::block::<8, 8>(&run, &mut tile),
-                        (_, 8) => avx512::block::<16, 8>(&run, &mut tile),
-                        (4, _) => avx512::block::<4, 16>(&run, &mut tile),
-                        (8, _) => avx512::block::<8, 16>(&run, &mut tile),
-                        _ => avx512::block::<16, 16>(&run, &mut tile),
+                    match (self.isa, j, self.mp) {
+                        (Isa::Avx2, 4, 4) => avx2::block::<4, 4>(&run, &mut tile),
+                        (Isa::Avx2, _, 4) => avx2::block::<8, 4>(&run, &mut tile),
+                        (Isa::Avx2, 4, _) => avx2::block::<4, 8>(&run, &mut tile),
+                        (Isa::Avx2, _, _) => avx2::block::<8, 8>(&run, &mut tile),
+                        _ => match (j, self.mp) {
+                            (4, 4) => avx512::block::<4, 4>(&run, &mut tile),
+                            (8, 4) => avx512::block::<8, 4>(&run, &mut tile),
+                            (_, 4) => avx512::block::<16, 4>(&run, &mut tile),
+                            (4, 8) => avx512::block::<4, 8>(&run, &mut tile),
+                            (8, 8) => avx512::block::<8, 8>(&run, &mut tile),
+                            (_, 8) => avx512::block::<16, 8>(&run, &mut tile),
+                            (4, _) => avx512::block::<4, 16>(&run, &mut tile),
+                            (8, _) => avx512::block::<8, 16>(&run, &mut tile),
+                            _ => avx512::block::<16, 16>(&run, &mut tile),
+                        },
                     }
                 }
                 for (c, col) in tile.iter().enumerate().take(j.min(n - cb * j)) {
-                    for (i, &v) in col.iter().enumerate() {
-                        let r = b * RB + i;
+                    for (i, &v) in col.iter().enumerate().take(rb) {
+                        let r = b * rb + i;
                         if r >= r1 {
                             break;
                         }
@@ -460,6 +502,114 @@ mod avx512 {
     }
 }
 
+/// The kernel on AVX2 and FMA: rows in the 8 lanes, permutes across them by position.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::avx512::Run;
+    use super::{Offsets, RB};
+
+    /// See the AVX-512 `gather_group`: the same lanes, gathered 8 at a time.
+    ///
+    /// # Safety
+    /// AVX2 must be available; otherwise as the AVX-512 `gather_group`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gather_group(
+        x: &[f32],
+        chan: &[i32; 16],
+        plane: i32,
+        t: &Offsets,
+        (s, b): (usize, usize),
+        dst: &mut [f32],
+    ) {
+        let first = b * dst.len();
+        let off = t.offset.as_ptr().add(s * t.lanes + first);
+        let inside = t.inside.as_ptr().add((s * t.lanes + first) / 16);
+        let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for v in 0..dst.len() / 8 {
+            // The 8 lanes `8v ..` of the block: channel `chan[p]` of their positions.
+            let c = _mm256_loadu_si256(chan.as_ptr().add((v % 2) * 8).cast());
+            let real = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(-1));
+            let base = _mm256_mullo_epi32(c, _mm256_set1_epi32(plane));
+            let bits = i32::from((*inside.add(v / 2) >> ((v % 2) * 8)) as u8);
+            let inb = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lanes), lanes);
+            let mask = _mm256_castsi256_ps(_mm256_and_si256(inb, real));
+            let idx = _mm256_add_epi32(base, _mm256_loadu_si256(off.add(v * 8).cast()));
+            let val = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), x.as_ptr(), idx, mask);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(v * 8), val);
+        }
+    }
+
+    /// A column's `MP ≤ 8` inputs of one tap group: for `MP = 4` in both 128-bit halves
+    /// (see [`select`]), else in the 8 lanes.
+    #[inline(always)]
+    unsafe fn inputs<const MP: usize>(p: *const f32) -> __m256 {
+        if MP == 4 {
+            let q = _mm_loadu_ps(p);
+            _mm256_set_m128(q, q)
+        } else {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    /// Lane `i` takes input `s[i]` of `q`: for `MP = 4` a permute within each half
+    /// (`vpermilps`, which costs Zen 3 a fraction of the permute across halves that
+    /// `vpermps` is; profiled, it bounded the kernel), else across the 8 lanes.
+    #[inline(always)]
+    unsafe fn select<const MP: usize>(q: __m256, s: __m256i) -> __m256 {
+        if MP == 4 {
+            _mm256_permutevar_ps(q, s)
+        } else {
+            _mm256_permutevar8x32_ps(q, s)
+        }
+    }
+
+    /// `tile[c][i] = Σ_(kg, slot) value[i] · xq[kg][c][pos[i]]` for the block's 8 rows `i`
+    /// and `J ≤ 8` columns `c`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `r.xq` holds `r.kgs·J·MP` values, and `r.values` and
+    /// `r.pos` `r.kgs·r.slots·8` each; every position is below `MP ≤ 8`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block<const J: usize, const MP: usize>(
+        r: &Run<'_>,
+        tile: &mut [[f32; RB]; 16],
+    ) {
+        let (vp, pp, xp) = (r.values.as_ptr(), r.pos.as_ptr(), r.xq.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); J];
+        for kg in 0..r.kgs {
+            let xk = xp.add(kg * J * MP);
+            // Slots two at a time: each column's inputs loaded once for both.
+            let mut e = 0;
+            while e < r.slots {
+                let at = (kg * r.slots + e) * 8;
+                let w0 = _mm256_loadu_ps(vp.add(at));
+                let s0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pp.add(at).cast()));
+                if e + 1 < r.slots {
+                    let w1 = _mm256_loadu_ps(vp.add(at + 8));
+                    let s1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pp.add(at + 8).cast()));
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let q = inputs::<MP>(xk.add(c * MP));
+                        let t = _mm256_fmadd_ps(w0, select::<MP>(q, s0), *a);
+                        *a = _mm256_fmadd_ps(w1, select::<MP>(q, s1), t);
+                    }
+                    e += 2;
+                } else {
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let q = inputs::<MP>(xk.add(c * MP));
+                        *a = _mm256_fmadd_ps(w0, select::<MP>(q, s0), *a);
+                    }
+                    e += 1;
+                }
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(tile[c].as_mut_ptr(), *a);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use coarsen_core::{Mask, MatrixView};
@@ -484,7 +634,7 @@ mod tests {
 
     #[test]
     fn matches_the_definition_on_awkward_shapes() {
-        if Isa::detect() != Isa::Avx512 {
+        if !matches!(Isa::detect(), Isa::Avx512 | Isa::Avx2) {
             return;
         }
         // (rows, cin, kernel, stride, image side, batch, n, m, channel permutation?)
@@ -524,7 +674,11 @@ mod tests {
             }
             let w = values(rows * cin * taps, rows);
             let f = NmCompressed::pack(&mask, &w, view, nn, m, Some(&perm)).unwrap();
-            let kernel = NmConv::new(&f).unwrap().unwrap();
+            let Some(kernel) = NmConv::new(&f).unwrap() else {
+                // AVX2 runs groups of at most 8 channels.
+                assert!(Isa::detect() == Isa::Avx2 && m > 8);
+                continue;
+            };
             let x = values(cin * batch * side * side, cin);
             let n = d.n();
             let mut xq = vec![f32::NAN; kernel.input_len(n)];
