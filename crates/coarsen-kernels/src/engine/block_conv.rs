@@ -43,7 +43,8 @@ impl ConvBlock {
 }
 
 /// A convolution weight in dense blocks (group blocks, shuffled blocks or BSR), packed for the
-/// implicit-GEMM kernel (AVX-512 only; the geometries [`DirectConv`](super::DirectConv) runs).
+/// implicit-GEMM kernel (AVX-512, or AVX2 and FMA; the geometries
+/// [`DirectConv`](super::DirectConv) runs).
 ///
 /// ```
 /// use coarsen_core::Mask;
@@ -84,8 +85,9 @@ impl BlockConv {
     /// Packs the blocks of `packed` (group blocks, shuffled blocks or BSR), a convolution
     /// weight of geometry `g` over `cin` input channels whose matrix columns are the im2col
     /// rows `read` (all `cin·kh·kw` of them, in order, when `None`). `None` when this CPU lacks
-    /// AVX-512 or the format has no dense blocks. Geometries the in-place kernel does not run
-    /// ([`in_place`](Self::in_place)) run on the narrow kernel only.
+    /// AVX-512 and AVX2 or the format has no dense blocks. Geometries the in-place kernel does
+    /// not run ([`in_place`](Self::in_place)) run on the narrow kernel only, which needs
+    /// AVX-512 (with AVX2 such geometries get `None`).
     pub fn new(
         g: ConvGeometry,
         cin: usize,
@@ -439,8 +441,9 @@ impl BlockConv {
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `new` returned `Some` only on a CPU with AVX-512; `xt` holds every im2col
-        // row (each block's ids are below `cin·taps`), `y` as the caller guarantees.
+        // SAFETY: `check_narrow` passed only where `isa` is AVX-512 (detected by `new`); `xt`
+        // holds every im2col row (each block's ids are below `cin·taps`), `y` as the caller
+        // guarantees.
         unsafe {
             avx512::forward_narrow(self, xt, n, (b0, b1), (y, ldy), epilogue)
         };

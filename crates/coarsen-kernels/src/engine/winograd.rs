@@ -22,7 +22,8 @@ use crate::simd::{run_task, Isa, Simd, SimdTask};
 pub struct Winograd {
     cout: usize,
     cin: usize,
-    /// `U_e` for e = 4·i + j, each `cout × cin`, on the tiled GEMM (without AVX-512).
+    /// `U_e` for e = 4·i + j, each `cout × cin`, on the tiled GEMM (the portable path, where
+    /// the CPU has neither AVX-512 nor AVX2).
     u: Vec<Tiled>,
     /// With AVX-512 or AVX2: `U_e` in panels of [`panel_rows`] rows for the fused kernel,
     /// `[e][panel][c][i]` (rows past `cout` zero), and `u` is empty.
@@ -82,7 +83,7 @@ impl Winograd {
     /// [`new`](Self::new) with output tiles of `tile × tile`: 2, or 4 for F(4×4, 3×3) (4×
     /// fewer multiplications than the direct product instead of 2.25×, 36 products instead
     /// of 16, 4× the weight's size, rounding errors some ten times larger), which only the
-    /// fused AVX-512 kernel runs: elsewhere it makes tiles of 2.
+    /// fused kernels (AVX-512, AVX2) run: elsewhere it makes tiles of 2.
     pub fn with_tile(
         g: ConvGeometry,
         cout: usize,
