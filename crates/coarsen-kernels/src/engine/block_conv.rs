@@ -12,7 +12,7 @@
 
 use super::blocks::packed_parts;
 use super::direct::{accepts, check_call, in_place_geometry, split_phases, Epilogue};
-use super::direct::{MAX_TAPS, MR, NR, NV};
+use super::direct::{halo_start, Taps, MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::formats::Packed;
@@ -454,6 +454,85 @@ impl BlockConv {
 /// Tiles per halo copy of the in-place kernels.
 const SPAN: usize = 4;
 
+thread_local! {
+    /// Per-thread halo offsets of the in-place kernels' columns.
+    static OFFS: std::cell::Cell<Vec<usize>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Per-thread halo buffer of the in-place kernels (taken out for a call, so a nested call
+    /// on the same thread makes its own).
+    static HALO: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The in-place kernels' walk over output positions `c0 .. c1` for `blocks`, shared by the
+/// AVX-512 and AVX2 kernels: the halo offset of every column of the blocks (block after
+/// block), then per tile its width, its halo (one copy serves up to `SPAN` tiles: each tile's
+/// taps overlap the next tile's, so copying them per tile copied most input values twice or
+/// more) and its lane masks per tap, handed to `tile(window, t0, width, masks, offs)`, where
+/// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
+///
+/// # Safety
+/// `x` holds `cin × B·H·W` values (per phase plane) of a batch `k` accepts, and `c0 ≤ c1 ≤
+/// d.n()`; `tile` reads no further into a halo row than its tile's width, rounded up to whole
+/// vectors, past its window plus a column's offset.
+#[inline(always)]
+unsafe fn walk_tiles(
+    k: &BlockConv,
+    x: &[f32],
+    d: &ConvDims,
+    (c0, c1): (usize, usize),
+    blocks: &[ConvBlock],
+    mut tile: impl FnMut(*const f32, usize, usize, &[[u16; NV]; MAX_TAPS], &[usize]),
+) {
+    let t = Taps::new(&k.g, d, SPAN * NR);
+    let (cin, stride, lo) = (k.cin, t.stride, t.lo);
+    // Where each tap's rows start in the halo: its plane's slot, shifted.
+    let mut tap_base = [0usize; MAX_TAPS];
+    for (tap, b) in tap_base.iter_mut().enumerate().take(t.places.len()) {
+        let slot = t.slot_of[t.places[tap].0];
+        *b = slot * cin * stride + (t.shifts[tap] - lo) as usize;
+    }
+    // Reused per thread and never cleared: lanes that would read what an earlier tile left
+    // there are masked off. Room past the last row for vectors beyond a tile's width.
+    let mut halo = HALO.take();
+    let hp = halo_start(&mut halo, t.planes.len() * cin * stride + 32);
+    // Where every column of the blocks reads in the halo (one flat loop over a block's
+    // columns keeps the tile in registers; runs of taps nested in it made LLVM spill).
+    let mut offs = OFFS.take();
+    offs.clear();
+    for b in blocks {
+        for &(tap, k0, k1) in &b.runs {
+            let base = tap_base[tap as usize];
+            offs.extend(
+                b.chans[k0 as usize..k1 as usize]
+                    .iter()
+                    .map(|&c| base + c as usize * stride),
+            );
+        }
+    }
+    let mut masks = [[0u16; NV]; MAX_TAPS];
+    let cache = t.mask_cache(c0, c1);
+    let mut t0 = c0;
+    let mut s0 = c0;
+    while t0 < c1 {
+        // 64 positions left (batch 1's 8×8 images, a chunk's end) run as two tiles of 32,
+        // not 48 and a one-vector tile of 16 (whose 8 accumulators leave the FMA units
+        // waiting on each column's load).
+        let width = if c1 - t0 == 64 { 32 } else { NR.min(c1 - t0) };
+        // A new halo where the tile would reach past the one copied (every tile of a range
+        // reads only positions its halo holds).
+        if t0 == c0 || t0 + width > s0 + SPAN * NR {
+            s0 = t0;
+            // SAFETY: as the caller guarantees; the halo holds every plane's `cin` rows.
+            unsafe { t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp) };
+        }
+        cache.masks(&t, t0, width, &mut masks);
+        // SAFETY: `t0 − s0 < SPAN·NR` lies inside every halo row.
+        tile(unsafe { hp.add(t0 - s0) }, t0, width, &masks, &offs);
+        t0 += width;
+    }
+    HALO.set(halo);
+    OFFS.set(offs);
+}
+
 /// The in-place kernel on AVX2 and FMA: the AVX-512 kernel's tiles of up to `NR` positions,
 /// halos and lane masks, each tile run as sub-tiles of 24 positions (three vectors of 8) on
 /// a register tile of 4 rows × 24 (a panel of `MR` rows in two passes); loads are unmasked
@@ -462,20 +541,13 @@ const SPAN: usize = 4;
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV, SPAN};
+    use super::{walk_tiles, BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NV};
     use crate::conv::ConvDims;
-    use crate::engine::direct::{halo_start, Taps};
 
     /// Positions of a sub-tile: three vectors.
     const SUB: usize = 24;
     /// Rows of a pass over a panel.
     const HALF: usize = MR / 2;
-
-    thread_local! {
-        /// Per-thread halo buffer and column offsets (see the AVX-512 kernel).
-        static BUFS: std::cell::Cell<(Vec<f32>, Vec<usize>)> =
-            const { std::cell::Cell::new((Vec::new(), Vec::new())) };
-    }
 
     /// Lanes `p .. p + 8` (`p` a multiple of 8) of a tile's 16-lane masks, as a vector mask.
     #[target_feature(enable = "avx2,fma")]
@@ -500,70 +572,44 @@ mod avx2 {
         (yp, ldy): (*mut f32, usize),
         epilogue: Epilogue<'_>,
     ) {
-        let t = Taps::new(&k.g, d, SPAN * NR);
-        let (cin, stride, lo) = (k.cin, t.stride, t.lo);
-        let ntaps = t.places.len();
-        let mut tap_base = [0usize; MAX_TAPS];
-        for (tap, b) in tap_base.iter_mut().enumerate().take(ntaps) {
-            let slot = t.slot_of[t.places[tap].0];
-            *b = slot * cin * stride + (t.shifts[tap] - lo) as usize;
-        }
-        let (mut halo, mut offs) = BUFS.take();
-        // Room past the last row for a sub-tile's vectors beyond its width (masked off).
-        let hp = halo_start(&mut halo, t.planes.len() * cin * stride + 32);
+        let ntaps = k.g.taps();
         let blocks = &k.blocks[b0..b1];
-        offs.clear();
-        for b in blocks {
-            for &(tap, k0, k1) in &b.runs {
-                let base = tap_base[tap as usize];
-                offs.extend(
-                    b.chans[k0 as usize..k1 as usize]
-                        .iter()
-                        .map(|&c| base + c as usize * stride),
-                );
-            }
-        }
-        let mut masks = [[0u16; NV]; MAX_TAPS];
-        let cache = t.mask_cache(c0, c1);
-        let mut t0 = c0;
-        let mut s0 = c0;
-        while t0 < c1 {
-            let width = if c1 - t0 == 64 { 32 } else { NR.min(c1 - t0) };
-            if t0 == c0 || t0 + width > s0 + SPAN * NR {
-                s0 = t0;
-                t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp);
-            }
-            cache.masks(&t, t0, width, &mut masks);
-            let mut s = 0;
-            while s < width {
-                let sw = SUB.min(width - s);
-                let mut vm = [[_mm256_setzero_ps(); 3]; MAX_TAPS];
-                for (v, m) in vm.iter_mut().zip(&masks).take(ntaps) {
-                    for (j, vj) in v.iter_mut().enumerate() {
-                        if s + 8 * j < width {
-                            *vj = lane_mask(m, s + 8 * j);
+        walk_tiles(
+            k,
+            x,
+            d,
+            (c0, c1),
+            blocks,
+            |window, t0, width, masks, offs| {
+                let mut s = 0;
+                while s < width {
+                    let sw = SUB.min(width - s);
+                    let mut vm = [[_mm256_setzero_ps(); 3]; MAX_TAPS];
+                    for (v, m) in vm.iter_mut().zip(masks).take(ntaps) {
+                        for (j, vj) in v.iter_mut().enumerate() {
+                            if s + 8 * j < width {
+                                *vj = lane_mask(m, s + 8 * j);
+                            }
                         }
                     }
+                    let sub = Sub {
+                        offs,
+                        hp: window.add(s),
+                        vm: &vm,
+                        width: sw,
+                        out: (yp.add(t0 + s - c0), ldy),
+                        col: t0 + s,
+                        epilogue,
+                    };
+                    match sw.div_ceil(8) {
+                        1 => run_sub::<1>(blocks, &sub),
+                        2 => run_sub::<2>(blocks, &sub),
+                        _ => run_sub::<3>(blocks, &sub),
+                    }
+                    s += sw;
                 }
-                let sub = Sub {
-                    offs: &offs,
-                    hp: hp.add(t0 - s0 + s),
-                    vm: &vm,
-                    width: sw,
-                    out: (yp.add(t0 + s - c0), ldy),
-                    col: t0 + s,
-                    epilogue,
-                };
-                match sw.div_ceil(8) {
-                    1 => run_sub::<1>(blocks, &sub),
-                    2 => run_sub::<2>(blocks, &sub),
-                    _ => run_sub::<3>(blocks, &sub),
-                }
-                s += sw;
-            }
-            t0 += width;
-        }
-        BUFS.set((halo, offs));
+            },
+        );
     }
 
     /// What one sub-tile of output positions shares over every block.
@@ -659,12 +705,11 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV};
+    use super::{walk_tiles, BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NV};
 
-    use super::SPAN;
     use crate::conv::ConvDims;
     use crate::engine::direct::avx512::store_row;
-    use crate::engine::direct::{halo_start, lanes, Taps};
+    use crate::engine::direct::lanes;
     use crate::engine::tiled::pairs;
 
     /// See [`BlockConv::forward_into`].
@@ -683,75 +728,33 @@ mod avx512 {
         (yp, ldy): (*mut f32, usize),
         epilogue: Epilogue<'_>,
     ) {
-        // One halo serves up to `SPAN` tiles: each tile's taps overlap the next tile's, so
-        // copying them per tile copied most input values twice or more. A tile still touches
-        // only its own window of every halo row.
-        let t = Taps::new(&k.g, d, SPAN * NR);
-        let (cin, stride, lo) = (k.cin, t.stride, t.lo);
-        // Where each tap's rows start in the halo: its plane's slot, shifted.
-        let mut tap_base = [0usize; MAX_TAPS];
-        for (tap, b) in tap_base.iter_mut().enumerate().take(t.places.len()) {
-            let slot = t.slot_of[t.places[tap].0];
-            *b = slot * cin * stride + (t.shifts[tap] - lo) as usize;
-        }
-        // Reused per thread and never cleared: lanes that would read what an earlier tile left
-        // there are masked off.
-        let mut halo = HALO.take();
-        let hp = halo_start(&mut halo, t.planes.len() * cin * stride + 16);
-        let mut masks = [[0u16; NV]; MAX_TAPS];
         let blocks = &k.blocks[b0..b1];
-        // Where every column of the blocks reads in the halo (one flat loop over a block's
-        // columns keeps the tile in registers; runs of taps nested in it made LLVM spill).
-        let mut offs = OFFS.take();
-        offs.clear();
-        for b in blocks {
-            for &(tap, k0, k1) in &b.runs {
-                let base = tap_base[tap as usize];
-                offs.extend(
-                    b.chans[k0 as usize..k1 as usize]
-                        .iter()
-                        .map(|&c| base + c as usize * stride),
-                );
-            }
-        }
-        let cache = t.mask_cache(c0, c1);
-        let mut t0 = c0;
-        let mut s0 = c0;
-        while t0 < c1 {
-            // 64 positions left (batch 1's 8×8 images, a chunk's end) run as two tiles of
-            // 32, not 48 and a one-vector tile of 16 (whose 8 accumulators leave the FMA
-            // units waiting on each column's load).
-            let width = if c1 - t0 == 64 { 32 } else { NR.min(c1 - t0) };
-            // A new halo where the tile would reach past the one copied (every tile of a
-            // range reads only positions its halo holds).
-            if t0 == c0 || t0 + width > s0 + SPAN * NR {
-                s0 = t0;
-                t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp);
-            }
-            cache.masks(&t, t0, width, &mut masks);
-            let full = lanes(width);
-            // Tiles narrower than 48 (the batch's last columns, or batch 1's small images)
-            // keep only the vectors they need in registers.
-            let tile = Tile {
-                offs: &offs,
-                // The tile's window of the halo.
-                hp: hp.add(t0 - s0),
-                masks: &masks,
-                full,
-                out: (yp, ldy),
-                t0,
-                c0,
-                epilogue,
-            };
-            match width.div_ceil(16) {
-                1 => run_tile::<1>(blocks, &tile),
-                2 => run_tile::<2>(blocks, &tile),
-                _ => run_tile::<3>(blocks, &tile),
-            }
-            t0 += width;
-        }
-        HALO.set(halo);
-        OFFS.set(offs);
+        walk_tiles(
+            k,
+            x,
+            d,
+            (c0, c1),
+            blocks,
+            |window, t0, width, masks, offs| {
+                // Tiles narrower than 48 (the batch's last columns, or batch 1's small images)
+                // keep only the vectors they need in registers.
+                let tile = Tile {
+                    offs,
+                    hp: window,
+                    masks,
+                    full: lanes(width),
+                    out: (yp, ldy),
+                    t0,
+                    c0,
+                    epilogue,
+                };
+                match width.div_ceil(16) {
+                    1 => run_tile::<1>(blocks, &tile),
+                    2 => run_tile::<2>(blocks, &tile),
+                    _ => run_tile::<3>(blocks, &tile),
+                }
+            },
+        );
     }
 
     /// What one tile of output positions shares over every block.
@@ -972,14 +975,6 @@ mod avx512 {
                 _mm256_storeu_ps(out[g][j].as_mut_ptr(), pairs::add_halves(v));
             }
         }
-    }
-
-    thread_local! {
-        /// Per-thread halo offsets of [`forward`]'s columns.
-        static OFFS: std::cell::Cell<Vec<usize>> = const { std::cell::Cell::new(Vec::new()) };
-        /// Per-thread halo buffer of [`forward`] (taken out for a call, so a nested call on the
-        /// same thread makes its own).
-        static HALO: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
 }
 
