@@ -112,6 +112,11 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `a + b`.
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a − b` (by default `(−1)·b + a` in one rounding: the same value).
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        Self::fma(Self::splat(-1.0), b, a)
+    }
     /// Sum of the lanes.
     unsafe fn sum(v: Self::V) -> f32;
     /// All lanes `*p` (a broadcast load).
@@ -213,6 +218,10 @@ mod x86 {
             _mm256_add_ps(a, b)
         }
         #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
         unsafe fn sum(v: __m256) -> f32 {
             let hi = _mm256_extractf128_ps(v, 1);
             let s = _mm_add_ps(_mm256_castps256_ps128(v), hi);
@@ -263,6 +272,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
             _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
         }
         #[inline(always)]
         unsafe fn sum(v: __m512) -> f32 {

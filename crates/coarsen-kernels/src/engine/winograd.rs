@@ -416,6 +416,129 @@ const AT4: [[f32; 6]; 4] = [
     [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
 ];
 
+/// The transforms of both fused kernels, on vectors of tiles (one tile per lane) of the
+/// instruction set `S`.
+#[cfg(target_arch = "x86_64")]
+mod transforms {
+    use super::{AT4, BT4};
+    use crate::simd::Simd;
+
+    /// `Bᵀ d B` of a vector of tiles' 4×4 patches, written as `V_e` at `out + e·stride`.
+    ///
+    /// # Safety
+    /// `S` must be available; `out + e·stride` holds a vector for every `e < 16`.
+    #[inline(always)]
+    pub(super) unsafe fn input<S: Simd>(d: &[S::V; 16], out: *mut f32, stride: usize) {
+        let (sub, add) = (S::sub, S::add);
+        // Down the rows.
+        let mut t = [S::zero(); 16];
+        for j in 0..4 {
+            t[j] = sub(d[j], d[8 + j]);
+            t[4 + j] = add(d[4 + j], d[8 + j]);
+            t[8 + j] = sub(d[8 + j], d[4 + j]);
+            t[12 + j] = sub(d[4 + j], d[12 + j]);
+        }
+        // Along them.
+        for i in 0..4 {
+            let r = &t[4 * i..4 * i + 4];
+            let o = out.add(4 * i * stride);
+            S::store(o, sub(r[0], r[2]));
+            S::store(o.add(stride), add(r[1], r[2]));
+            S::store(o.add(2 * stride), sub(r[2], r[1]));
+            S::store(o.add(3 * stride), sub(r[1], r[3]));
+        }
+    }
+
+    /// `Aᵀ M A` of a vector of tiles: the outputs at (row, column) (0, 0), (0, 1), (1, 0),
+    /// (1, 1).
+    ///
+    /// # Safety
+    /// `S` must be available.
+    #[inline(always)]
+    pub(super) unsafe fn output<S: Simd>(m: &[S::V; 16]) -> [S::V; 4] {
+        let (sub, add) = (S::sub, S::add);
+        let mut s = [S::zero(); 8];
+        for j in 0..4 {
+            s[j] = add(add(m[j], m[4 + j]), m[8 + j]);
+            s[4 + j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
+        }
+        [
+            add(add(s[0], s[1]), s[2]),
+            sub(sub(s[1], s[2]), s[3]),
+            add(add(s[4], s[5]), s[6]),
+            sub(sub(s[5], s[6]), s[7]),
+        ]
+    }
+
+    /// `Σ_k c[k]·v[k]` over the non-zero coefficients (constants: unrolled and folded, a
+    /// coefficient of ±1 an addition or subtraction).
+    #[inline(always)]
+    unsafe fn combine<S: Simd, const N: usize>(c: &[f32; N], v: [S::V; N]) -> S::V {
+        let mut acc = S::zero();
+        for (&ck, &vk) in c.iter().zip(&v) {
+            acc = if ck == 0.0 {
+                acc
+            } else if ck == 1.0 {
+                S::add(acc, vk)
+            } else if ck == -1.0 {
+                S::sub(acc, vk)
+            } else {
+                S::fma(S::splat(ck), vk, acc)
+            };
+        }
+        acc
+    }
+
+    /// `Bᵀ d B` of a vector of tiles' 6×6 patches, written as `V_e` (`e = 6·i + j`) at
+    /// `out + e·stride`.
+    ///
+    /// # Safety
+    /// `S` must be available; `out + e·stride` holds a vector for every `e < 36`.
+    #[inline(always)]
+    pub(super) unsafe fn input4<S: Simd>(d: &[S::V; 36], out: *mut f32, stride: usize) {
+        // Down the rows: t[i][j] = Σ_k Bᵀ[i][k] d[k][j].
+        let mut t = [S::zero(); 36];
+        for j in 0..6 {
+            let col: [S::V; 6] = std::array::from_fn(|k| d[6 * k + j]);
+            for (i, bt) in BT4.iter().enumerate() {
+                t[6 * i + j] = combine::<S, 6>(bt, col);
+            }
+        }
+        // Along them: V[i][j] = Σ_k t[i][k] Bᵀ[j][k].
+        for i in 0..6 {
+            let row: [S::V; 6] = std::array::from_fn(|k| t[6 * i + k]);
+            for (j, bt) in BT4.iter().enumerate() {
+                S::store(out.add((6 * i + j) * stride), combine::<S, 6>(bt, row));
+            }
+        }
+    }
+
+    /// `Aᵀ M A` of a vector of tiles: the 4×4 outputs, row-major.
+    ///
+    /// # Safety
+    /// `S` must be available.
+    #[inline(always)]
+    pub(super) unsafe fn output4<S: Simd>(m: &[S::V; 36]) -> [S::V; 16] {
+        // Down: s[i][j] = Σ_k Aᵀ[i][k] m[k][j].
+        let mut s = [S::zero(); 24];
+        for j in 0..6 {
+            let col: [S::V; 6] = std::array::from_fn(|k| m[6 * k + j]);
+            for (i, at) in AT4.iter().enumerate() {
+                s[6 * i + j] = combine::<S, 6>(at, col);
+            }
+        }
+        // Along: y[i][j] = Σ_k s[i][k] Aᵀ[j][k].
+        let mut y = [S::zero(); 16];
+        for i in 0..4 {
+            let row: [S::V; 6] = std::array::from_fn(|k| s[6 * i + k]);
+            for (j, at) in AT4.iter().enumerate() {
+                y[4 * i + j] = combine::<S, 6>(at, row);
+            }
+        }
+        y
+    }
+}
+
 /// The fused AVX-512 kernel: tiles of `T × T` outputs (2 or 4) are taken in blocks of 48
 /// (three vectors of 16, one tile per lane); per block the input transform writes `V_e`
 /// (`cin × 48` per `e`, `(T + 2)²` of them) to a per-thread buffer that stays in L2, the
@@ -433,9 +556,11 @@ const AT4: [[f32; 6]; 4] = [
 mod fused {
     use std::arch::x86_64::*;
 
-    use super::{Winograd, AT4, BT4, PANEL_ROWS as MR};
+    use super::transforms::{input, input4, output, output4};
+    use super::{Winograd, PANEL_ROWS as MR};
     use crate::conv::ConvDims;
     use crate::engine::Epilogue;
+    use crate::simd::Avx512;
 
     /// Tiles of a block: three vectors.
     const TB: usize = 48;
@@ -510,16 +635,16 @@ mod fused {
                 for v in 0..nv {
                     let at = vp.add(c * TB + v * 16);
                     if contiguous {
-                        transform_in(&patch_rows(xc, &block, v, h, w), at, cin * TB);
+                        input::<Avx512>(&patch_rows(xc, &block, v, h, w), at, cin * TB);
                     } else {
                         // The block's first band: lanes add their offsets to it (a pointer
                         // only formed, read through valid lanes only).
                         let base = xc.wrapping_add(band0 * T * w);
                         let d = patch_gather::<T>(base, &block, v, w);
                         if T == 2 {
-                            transform_in(&std::array::from_fn(|i| d[i]), at, cin * TB);
+                            input::<Avx512>(&std::array::from_fn(|i| d[i]), at, cin * TB);
                         } else {
-                            transform_in4(&d, at, cin * TB);
+                            input4::<Avx512>(&d, at, cin * TB);
                         }
                     }
                 }
@@ -558,10 +683,10 @@ mod fused {
                     }
                     let mut o = [_mm512_setzero_ps(); 16];
                     if T == 2 {
-                        let o2 = transform_out(&std::array::from_fn(|i| m[i]));
+                        let o2 = output::<Avx512>(&std::array::from_fn(|i| m[i]));
                         o[..4].copy_from_slice(&o2);
                     } else {
-                        o = transform_out4(&m);
+                        o = output4::<Avx512>(&m);
                     }
                     if contiguous {
                         store_rows(&out, &block, v, band0, w, &[o[0], o[1], o[2], o[3]]);
@@ -708,108 +833,6 @@ mod fused {
         d
     }
 
-    /// `Bᵀ d B` of 16 tiles, written as `V_e` at `out + e·stride`.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transform_in(d: &[__m512; 16], out: *mut f32, stride: usize) {
-        let (sub, add) = (_mm512_sub_ps, _mm512_add_ps);
-        // Down the rows.
-        let mut t = [_mm512_setzero_ps(); 16];
-        for j in 0..4 {
-            t[j] = sub(d[j], d[8 + j]);
-            t[4 + j] = add(d[4 + j], d[8 + j]);
-            t[8 + j] = sub(d[8 + j], d[4 + j]);
-            t[12 + j] = sub(d[4 + j], d[12 + j]);
-        }
-        // Along them.
-        for i in 0..4 {
-            let r = &t[4 * i..4 * i + 4];
-            let o = out.add(4 * i * stride);
-            _mm512_storeu_ps(o, sub(r[0], r[2]));
-            _mm512_storeu_ps(o.add(stride), add(r[1], r[2]));
-            _mm512_storeu_ps(o.add(2 * stride), sub(r[2], r[1]));
-            _mm512_storeu_ps(o.add(3 * stride), sub(r[1], r[3]));
-        }
-    }
-
-    /// `Aᵀ M A` of 16 tiles: the outputs at (row, column) (0, 0), (0, 1), (1, 0), (1, 1).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transform_out(m: &[__m512; 16]) -> [__m512; 4] {
-        let (sub, add) = (_mm512_sub_ps, _mm512_add_ps);
-        let mut s = [_mm512_setzero_ps(); 8];
-        for j in 0..4 {
-            s[j] = add(add(m[j], m[4 + j]), m[8 + j]);
-            s[4 + j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
-        }
-        [
-            add(add(s[0], s[1]), s[2]),
-            sub(sub(s[1], s[2]), s[3]),
-            add(add(s[4], s[5]), s[6]),
-            sub(sub(s[5], s[6]), s[7]),
-        ]
-    }
-
-    /// `Σ_k c[k]·v[k]` over the non-zero coefficients (constants: unrolled and folded, a
-    /// coefficient of ±1 an addition or subtraction).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn combine<const N: usize>(c: &[f32; N], v: [__m512; N]) -> __m512 {
-        let mut acc = _mm512_setzero_ps();
-        for (&ck, &vk) in c.iter().zip(&v) {
-            acc = if ck == 0.0 {
-                acc
-            } else if ck == 1.0 {
-                _mm512_add_ps(acc, vk)
-            } else if ck == -1.0 {
-                _mm512_sub_ps(acc, vk)
-            } else {
-                _mm512_fmadd_ps(_mm512_set1_ps(ck), vk, acc)
-            };
-        }
-        acc
-    }
-
-    /// `Bᵀ d B` of 16 tiles' 6×6 patches, written as `V_e` (`e = 6·i + j`) at `out + e·stride`.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transform_in4(d: &[__m512; 36], out: *mut f32, stride: usize) {
-        // Down the rows: t[i][j] = Σ_k Bᵀ[i][k] d[k][j].
-        let mut t = [_mm512_setzero_ps(); 36];
-        for j in 0..6 {
-            let col: [__m512; 6] = std::array::from_fn(|k| d[6 * k + j]);
-            for (i, bt) in BT4.iter().enumerate() {
-                t[6 * i + j] = combine(bt, col);
-            }
-        }
-        // Along them: V[i][j] = Σ_k t[i][k] Bᵀ[j][k].
-        for i in 0..6 {
-            let row: [__m512; 6] = std::array::from_fn(|k| t[6 * i + k]);
-            for (j, bt) in BT4.iter().enumerate() {
-                _mm512_storeu_ps(out.add((6 * i + j) * stride), combine(bt, row));
-            }
-        }
-    }
-
-    /// `Aᵀ M A` of 16 tiles: the 4×4 outputs, row-major.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transform_out4(m: &[__m512; 36]) -> [__m512; 16] {
-        // Down: s[i][j] = Σ_k Aᵀ[i][k] m[k][j].
-        let mut s = [_mm512_setzero_ps(); 24];
-        for j in 0..6 {
-            let col: [__m512; 6] = std::array::from_fn(|k| m[6 * k + j]);
-            for (i, at) in AT4.iter().enumerate() {
-                s[6 * i + j] = combine(at, col);
-            }
-        }
-        // Along: y[i][j] = Σ_k s[i][k] Aᵀ[j][k].
-        let mut y = [_mm512_setzero_ps(); 16];
-        for i in 0..4 {
-            let row: [__m512; 6] = std::array::from_fn(|k| s[6 * i + k]);
-            for (j, at) in AT4.iter().enumerate() {
-                y[4 * i + j] = combine(at, row);
-            }
-        }
-        y
-    }
-
     /// One output row of a block: where it goes and the epilogue that it goes through.
     struct Out {
         /// The row at the block's first column.
@@ -897,9 +920,11 @@ mod fused {
 mod fused8 {
     use std::arch::x86_64::*;
 
-    use super::{Winograd, AT4, AVX2_ROWS as MR, BT4};
+    use super::transforms::{input, input4, output, output4};
+    use super::{Winograd, AVX2_ROWS as MR};
     use crate::conv::ConvDims;
     use crate::engine::Epilogue;
+    use crate::simd::Avx2;
 
     /// Vectors of a block.
     const NV: usize = 2;
@@ -974,9 +999,9 @@ mod fused8 {
                     let at = vp.add(c * TB + v * 8);
                     let d = patch_gather::<T>(base, &block, v, w);
                     if T == 2 {
-                        transform_in(&std::array::from_fn(|i| d[i]), at, cin * TB);
+                        input::<Avx2>(&std::array::from_fn(|i| d[i]), at, cin * TB);
                     } else {
-                        transform_in4(&d, at, cin * TB);
+                        input4::<Avx2>(&d, at, cin * TB);
                     }
                 }
             }
@@ -1010,10 +1035,11 @@ mod fused8 {
                         *me = _mm256_loadu_ps(mp.add((e * rows_pad + r) * TB + v * 8));
                     }
                     if T == 2 {
-                        let o = transform_out(&std::array::from_fn(|i| m[i]));
+                        let mut o = [_mm256_setzero_ps(); 16];
+                        o[..4].copy_from_slice(&output::<Avx2>(&std::array::from_fn(|i| m[i])));
                         store_tiles::<2>(&out, &block, v, w, &o);
                     } else {
-                        store_tiles::<4>(&out, &block, v, w, &transform_out4(&m));
+                        store_tiles::<4>(&out, &block, v, w, &output4::<Avx2>(&m));
                     }
                 }
             }
@@ -1090,104 +1116,6 @@ mod fused8 {
             }
         }
         d
-    }
-
-    /// `Bᵀ d B` of 8 tiles, written as `V_e` at `out + e·stride`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn transform_in(d: &[__m256; 16], out: *mut f32, stride: usize) {
-        let (sub, add) = (_mm256_sub_ps, _mm256_add_ps);
-        // Down the rows.
-        let mut t = [_mm256_setzero_ps(); 16];
-        for j in 0..4 {
-            t[j] = sub(d[j], d[8 + j]);
-            t[4 + j] = add(d[4 + j], d[8 + j]);
-            t[8 + j] = sub(d[8 + j], d[4 + j]);
-            t[12 + j] = sub(d[4 + j], d[12 + j]);
-        }
-        // Along them.
-        for i in 0..4 {
-            let r = &t[4 * i..4 * i + 4];
-            let o = out.add(4 * i * stride);
-            _mm256_storeu_ps(o, sub(r[0], r[2]));
-            _mm256_storeu_ps(o.add(stride), add(r[1], r[2]));
-            _mm256_storeu_ps(o.add(2 * stride), sub(r[2], r[1]));
-            _mm256_storeu_ps(o.add(3 * stride), sub(r[1], r[3]));
-        }
-    }
-
-    /// `Aᵀ M A` of 8 tiles: the outputs at (row, column) (0, 0), (0, 1), (1, 0), (1, 1).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn transform_out(m: &[__m256; 16]) -> [__m256; 16] {
-        let (sub, add) = (_mm256_sub_ps, _mm256_add_ps);
-        let mut s = [_mm256_setzero_ps(); 8];
-        for j in 0..4 {
-            s[j] = add(add(m[j], m[4 + j]), m[8 + j]);
-            s[4 + j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
-        }
-        let mut o = [_mm256_setzero_ps(); 16];
-        o[0] = add(add(s[0], s[1]), s[2]);
-        o[1] = sub(sub(s[1], s[2]), s[3]);
-        o[2] = add(add(s[4], s[5]), s[6]);
-        o[3] = sub(sub(s[5], s[6]), s[7]);
-        o
-    }
-
-    /// `Σ_k c[k]·v[k]` over the non-zero coefficients (constants: unrolled and folded, a
-    /// coefficient of ±1 an addition or subtraction).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn combine<const N: usize>(c: &[f32; N], v: [__m256; N]) -> __m256 {
-        let mut acc = _mm256_setzero_ps();
-        for (&ck, &vk) in c.iter().zip(&v) {
-            acc = if ck == 0.0 {
-                acc
-            } else if ck == 1.0 {
-                _mm256_add_ps(acc, vk)
-            } else if ck == -1.0 {
-                _mm256_sub_ps(acc, vk)
-            } else {
-                _mm256_fmadd_ps(_mm256_set1_ps(ck), vk, acc)
-            };
-        }
-        acc
-    }
-
-    /// `Bᵀ d B` of 8 tiles' 6×6 patches, written as `V_e` (`e = 6·i + j`) at `out + e·stride`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn transform_in4(d: &[__m256; 36], out: *mut f32, stride: usize) {
-        let mut t = [_mm256_setzero_ps(); 36];
-        for j in 0..6 {
-            let col: [__m256; 6] = std::array::from_fn(|k| d[6 * k + j]);
-            for (i, bt) in BT4.iter().enumerate() {
-                t[6 * i + j] = combine(bt, col);
-            }
-        }
-        for i in 0..6 {
-            let row: [__m256; 6] = std::array::from_fn(|k| t[6 * i + k]);
-            for (j, bt) in BT4.iter().enumerate() {
-                _mm256_storeu_ps(out.add((6 * i + j) * stride), combine(bt, row));
-            }
-        }
-    }
-
-    /// `Aᵀ M A` of 8 tiles: the 4×4 outputs, row-major.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn transform_out4(m: &[__m256; 36]) -> [__m256; 16] {
-        let mut s = [_mm256_setzero_ps(); 24];
-        for j in 0..6 {
-            let col: [__m256; 6] = std::array::from_fn(|k| m[6 * k + j]);
-            for (i, at) in AT4.iter().enumerate() {
-                s[6 * i + j] = combine(at, col);
-            }
-        }
-        let mut y = [_mm256_setzero_ps(); 16];
-        for i in 0..4 {
-            let row: [__m256; 6] = std::array::from_fn(|k| s[6 * i + k]);
-            for (j, at) in AT4.iter().enumerate() {
-                y[4 * i + j] = combine(at, row);
-            }
-        }
-        y
     }
 
     /// One output row of a block: where it goes and the epilogue that it goes through.
