@@ -213,7 +213,8 @@ pub fn residual() -> Net {
 }
 
 /// 64-channel 3×3 layers on 16×16 images, one of them with an identity shortcut: at batch
-/// 16 their products have 4096 columns, which run Winograd F(4×4, 3×3) (F(2×2, 3×3) below).
+/// 16 their products have 4096 columns, which run Winograd F(4×4, 3×3) (F(2×2, 3×3) below 1024
+/// columns: batches of up to 3).
 pub fn wide() -> Net {
     let mut n = Net::new([8, 16, 16]);
     n.conv3("conv1", 8, 64, 1);
