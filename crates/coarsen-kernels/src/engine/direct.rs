@@ -184,22 +184,19 @@ impl Taps {
     /// Lane masks per tap of the tile of `width ≤ NR` positions from `t0`: the input position
     /// is inside the image (and the lane inside the tile). The output position walks from the
     /// tile's first one without divisions (for few input channels, dividing per lane and tap
-    /// cost more than the products).
+    /// cost more than the products); a tap's mask is the lanes whose row is inside the image
+    /// under its vertical shift and whose column is under its horizontal one, each of those
+    /// made once per distinct shift (three each for 3×3 taps, not nine per lane).
     pub(super) fn masks(&self, t0: usize, width: usize, masks: &mut [[u16; NV]]) {
+        const { assert!(NR <= 64) };
         let (h, w) = (self.h as isize, self.w as isize);
-        for m in masks.iter_mut().take(self.places.len()) {
-            *m = [0; NV];
-        }
+        let width = width.min(NR);
         let r = t0 % (self.h * self.w).max(1);
         let (mut oy, mut ox) = ((r / self.w) as isize, (r % self.w) as isize);
+        let mut rows = [0isize; NR];
+        let mut cols = [0isize; NR];
         for lane in 0..width {
-            let bit = 1u16 << (lane % 16);
-            for (m, &(_, dy, dx)) in masks.iter_mut().zip(&self.places) {
-                let (iy, ix) = (oy + dy, ox + dx);
-                if iy >= 0 && iy < h && ix >= 0 && ix < w {
-                    m[lane / 16] |= bit;
-                }
-            }
+            (rows[lane], cols[lane]) = (oy, ox);
             ox += 1;
             if ox == w {
                 ox = 0;
@@ -207,6 +204,39 @@ impl Taps {
                 if oy == h {
                     oy = 0;
                 }
+            }
+        }
+        // Lanes (bit per lane) inside the image under a shift, per distinct shift.
+        let inside = |pos: &[isize], d: isize, n: isize| -> u64 {
+            pos[..width]
+                .iter()
+                .enumerate()
+                .filter(|&(_, &p)| p + d >= 0 && p + d < n)
+                .fold(0u64, |m, (lane, _)| m | 1 << lane)
+        };
+        let mut ys: [(isize, u64); MAX_TAPS] = [(0, 0); MAX_TAPS];
+        let mut xs: [(isize, u64); MAX_TAPS] = [(0, 0); MAX_TAPS];
+        let (mut ny, mut nx) = (0, 0);
+        for (m, &(_, dy, dx)) in masks.iter_mut().zip(&self.places) {
+            let ym = match ys[..ny].iter().find(|e| e.0 == dy) {
+                Some(e) => e.1,
+                None => {
+                    ys[ny] = (dy, inside(&rows, dy, h));
+                    ny += 1;
+                    ys[ny - 1].1
+                }
+            };
+            let xm = match xs[..nx].iter().find(|e| e.0 == dx) {
+                Some(e) => e.1,
+                None => {
+                    xs[nx] = (dx, inside(&cols, dx, w));
+                    nx += 1;
+                    xs[nx - 1].1
+                }
+            };
+            let both = ym & xm;
+            for (v, mv) in m.iter_mut().enumerate() {
+                *mv = (both >> (16 * v)) as u16;
             }
         }
     }
