@@ -778,38 +778,78 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn run_tile<const V: usize>(blocks: &[ConvBlock], t: &Tile<'_>) {
-        let (yp, ldy) = t.out;
-        let (hp, masks, full, t0, c0, epilogue) = (t.hp, t.masks, t.full, t.t0, t.c0, t.epilogue);
         let mut first = 0;
         for b in blocks {
             let kn = b.chans.len();
             let (offs, taps) = (t.offs.as_ptr().add(first), b.taps.as_ptr());
             first += kn;
             for (q, rows) in b.rows.chunks(MR).enumerate() {
-                let panel = b.panels.as_ptr().add(q * kn * MR);
-                let mut acc = [[_mm512_setzero_ps(); V]; MR];
-                for kc in 0..kn {
-                    // Lane j reads halo position offs + j; masked lanes (padding, or past
-                    // the range) read nothing.
-                    let m = *masks.get_unchecked(*taps.add(kc) as usize);
-                    let row = hp.add(*offs.add(kc));
-                    let mut xv = [_mm512_setzero_ps(); V];
-                    for (j, v) in xv.iter_mut().enumerate() {
-                        *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
-                    }
-                    let wc = panel.add(kc * MR);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*wc.add(i));
-                        for (aj, &xj) in a.iter_mut().zip(&xv) {
-                            *aj = _mm512_fmadd_ps(wv, xj, *aj);
-                        }
-                    }
-                }
-                for (a, &r) in acc.iter().zip(rows) {
-                    let out = yp.add(r as usize * ldy + (t0 - c0));
-                    store_row(a, out, full, false, epilogue, r as usize, t0);
+                let p = Panel {
+                    w: b.panels.as_ptr().add(q * kn * MR),
+                    kn,
+                    offs,
+                    taps,
+                    rows,
+                };
+                // As many rows of the register tile as the panel has: a block of one row
+                // (Regroup of a layer with few channels, or a block's last rows) runs one
+                // row's products, not eight with seven of zeros.
+                match rows.len() {
+                    1 => panel::<V, 1>(&p, t),
+                    2 => panel::<V, 2>(&p, t),
+                    3 => panel::<V, 3>(&p, t),
+                    4 => panel::<V, 4>(&p, t),
+                    5 => panel::<V, 5>(&p, t),
+                    6 => panel::<V, 6>(&p, t),
+                    7 => panel::<V, 7>(&p, t),
+                    _ => panel::<V, MR>(&p, t),
                 }
             }
+        }
+    }
+
+    /// One panel of a block: its values, the block's columns and the panel's output rows.
+    struct Panel<'a> {
+        /// `kn × MR` values, column after column.
+        w: *const f32,
+        kn: usize,
+        /// The block's columns' halo offsets and taps.
+        offs: *const usize,
+        taps: *const u8,
+        /// At most `MR` output rows.
+        rows: &'a [u32],
+    }
+
+    /// The first `R` rows (all the panel has) of a panel on one tile of `V·16` positions.
+    ///
+    /// # Safety
+    /// AVX-512F must be available (inlined into the kernel, which enables it); otherwise as
+    /// [`forward`], which made `t`; `p.rows` holds `R` rows.
+    #[inline(always)]
+    unsafe fn panel<const V: usize, const R: usize>(p: &Panel<'_>, t: &Tile<'_>) {
+        let (yp, ldy) = t.out;
+        let (masks, hp, w, offs, taps) = (t.masks, t.hp, p.w, p.offs, p.taps);
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for kc in 0..p.kn {
+            // Lane j reads halo position offs + j; masked lanes (padding, or past the range)
+            // read nothing.
+            let m = *masks.get_unchecked(*taps.add(kc) as usize);
+            let row = hp.add(*offs.add(kc));
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
+            }
+            let wc = w.add(kc * MR);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*wc.add(i));
+                for (aj, &xj) in a.iter_mut().zip(&xv) {
+                    *aj = _mm512_fmadd_ps(wv, xj, *aj);
+                }
+            }
+        }
+        for (a, &r) in acc.iter().zip(p.rows) {
+            let out = yp.add(r as usize * ldy + (t.t0 - t.c0));
+            store_row(a, out, t.full, false, t.epilogue, r as usize, t.t0);
         }
     }
 
