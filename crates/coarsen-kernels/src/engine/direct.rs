@@ -214,26 +214,27 @@ impl Taps {
                 .filter(|&(_, &p)| p + d >= 0 && p + d < n)
                 .fold(0u64, |m, (lane, _)| m | 1 << lane)
         };
-        let mut ys: [(isize, u64); MAX_TAPS] = [(0, 0); MAX_TAPS];
-        let mut xs: [(isize, u64); MAX_TAPS] = [(0, 0); MAX_TAPS];
+        // The mask of shift `d` from `seen` (its first `n` entries), made and added if new.
+        fn memo(
+            seen: &mut [(isize, u64); MAX_TAPS],
+            n: &mut usize,
+            d: isize,
+            make: impl FnOnce() -> u64,
+        ) -> u64 {
+            if let Some(e) = seen[..*n].iter().find(|e| e.0 == d) {
+                return e.1;
+            }
+            let m = make();
+            seen[*n] = (d, m);
+            *n += 1;
+            m
+        }
+        let mut ys = [(0isize, 0u64); MAX_TAPS];
+        let mut xs = [(0isize, 0u64); MAX_TAPS];
         let (mut ny, mut nx) = (0, 0);
         for (m, &(_, dy, dx)) in masks.iter_mut().zip(&self.places) {
-            let ym = match ys[..ny].iter().find(|e| e.0 == dy) {
-                Some(e) => e.1,
-                None => {
-                    ys[ny] = (dy, inside(&rows, dy, h));
-                    ny += 1;
-                    ys[ny - 1].1
-                }
-            };
-            let xm = match xs[..nx].iter().find(|e| e.0 == dx) {
-                Some(e) => e.1,
-                None => {
-                    xs[nx] = (dx, inside(&cols, dx, w));
-                    nx += 1;
-                    xs[nx - 1].1
-                }
-            };
+            let ym = memo(&mut ys, &mut ny, dy, || inside(&rows, dy, h));
+            let xm = memo(&mut xs, &mut nx, dx, || inside(&cols, dx, w));
             let both = ym & xm;
             for (v, mv) in m.iter_mut().enumerate() {
                 *mv = (both >> (16 * v)) as u16;
