@@ -850,24 +850,31 @@ mod fused {
         }
     }
 
+    /// `a₀ c₀ a₁ c₁ …`: lanes 0–7 of `a` and `c` interleaved, then lanes 8–15 (the two
+    /// columns of tiles of 2, one tile per lane, as each tile's pair of outputs).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn interleave(a: __m512, c: __m512) -> [__m512; 2] {
+        const LO: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
+        const HI: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
+        [
+            _mm512_permutex2var_ps(a, _mm512_loadu_si512(LO.as_ptr().cast()), c),
+            _mm512_permutex2var_ps(a, _mm512_loadu_si512(HI.as_ptr().cast()), c),
+        ]
+    }
+
     /// Interleaves pairs of 16 outputs into the two output rows of vector `v`'s tiles.
     #[target_feature(enable = "avx512f")]
     unsafe fn store_rows(out: &Out, b: &Block, v: usize, pair0: usize, w: usize, o: &[__m512; 4]) {
         if b.valid[v] == 0 {
             return;
         }
-        let lo: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
-        let hi: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
-        let (lo, hi) = (
-            _mm512_loadu_si512(lo.as_ptr().cast()),
-            _mm512_loadu_si512(hi.as_ptr().cast()),
-        );
         let col = (b.band[v] - pair0) * 2 * w + 2 * b.tx0[v];
         for (row, (a, c)) in [(0, (o[0], o[1])), (w, (o[2], o[3]))] {
-            for (half, idx) in [(0, lo), (16, hi)] {
+            for (half, pair) in [0, 16].into_iter().zip(interleave(a, c)) {
                 let at = col + row + half;
                 let res = out.res.map(|p| _mm512_loadu_ps(p.add(at)));
-                let val = out.apply(_mm512_permutex2var_ps(a, idx, c), res);
+                let val = out.apply(pair, res);
                 _mm512_storeu_ps(out.y.add(at), val);
             }
         }
@@ -919,11 +926,7 @@ mod fused {
                 g[2] = _mm512_shuffle_f32x4::<0x88>(a1, a3);
                 g[3] = _mm512_shuffle_f32x4::<0xDD>(a1, a3);
             } else {
-                let lo: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
-                let hi: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
-                let (a, c) = (o[2 * i], o[2 * i + 1]);
-                g[0] = _mm512_permutex2var_ps(a, _mm512_loadu_si512(lo.as_ptr().cast()), c);
-                g[1] = _mm512_permutex2var_ps(a, _mm512_loadu_si512(hi.as_ptr().cast()), c);
+                [g[0], g[1]] = interleave(o[2 * i], o[2 * i + 1]);
             }
             for (k, &gk) in g.iter().enumerate().take(T) {
                 let mut first = per * k;
