@@ -710,7 +710,9 @@ mod avx512 {
     use crate::conv::ConvDims;
     use crate::engine::direct::avx512::store_row;
     use crate::engine::direct::lanes;
+    use crate::engine::micro::rank1;
     use crate::engine::tiled::pairs;
+    use crate::simd::Avx512;
 
     /// See [`BlockConv::forward_into`].
     ///
@@ -839,13 +841,7 @@ mod avx512 {
             for (j, v) in xv.iter_mut().enumerate() {
                 *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
             }
-            let wc = w.add(kc * MR);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*wc.add(i));
-                for (aj, &xj) in a.iter_mut().zip(&xv) {
-                    *aj = _mm512_fmadd_ps(wv, xj, *aj);
-                }
-            }
+            rank1::<Avx512, R, V>(&mut acc, w.add(kc * MR), &xv);
         }
         // Row by row with constant indices (`R ≤ MR` rows, written out): a loop over the
         // rows, not unrolled with the epilogue inlined, indexed the register tile at run time,

@@ -758,6 +758,8 @@ pub(super) mod avx512 {
 
     use super::{halo_start, lanes, DirectConv, Epilogue, Taps, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
+    use crate::engine::micro::rank1;
+    use crate::simd::Avx512;
 
     /// See [`DirectConv::forward_into`].
     ///
@@ -948,13 +950,7 @@ pub(super) mod avx512 {
                     for (j, v) in xv.iter_mut().enumerate() {
                         *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
                     }
-                    let wc = wp.add(c * MR);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*wc.add(i));
-                        for (aj, &xj) in a.iter_mut().zip(&xv) {
-                            *aj = _mm512_fmadd_ps(wv, xj, *aj);
-                        }
-                    }
+                    rank1::<Avx512, MR, V>(&mut acc, wp.add(c * MR), &xv);
                 }
             }
             // Store (first channel block) or add (later ones) the tile's valid part; the last

@@ -116,6 +116,26 @@ pub(crate) unsafe fn packed_tile<S: Simd, const MR: usize, const NV: usize>(
     }
 }
 
+/// One column of a panel into the register tile: `acc[i][j] += w[i] · x[j]` for the `R` rows
+/// (weights at `w`, consecutive) and the `V` vectors of `x` — the update every implicit and
+/// packed GEMM of the kernels runs per column.
+///
+/// # Safety
+/// `w` must hold `R` values.
+#[inline(always)]
+pub(crate) unsafe fn rank1<S: Simd, const R: usize, const V: usize>(
+    acc: &mut [[S::V; V]; R],
+    w: *const f32,
+    x: &[S::V; V],
+) {
+    for (i, row) in acc.iter_mut().enumerate() {
+        let wv = S::bcast(w.add(i));
+        for (a, &xj) in row.iter_mut().zip(x) {
+            *a = S::fma(wv, xj, *a);
+        }
+    }
+}
+
 /// The register tile over packed operands: `acc[i][j] = Σ_kk w[kk·MR + i] · b[kk·NR + j·L ..]`
 /// (`NR = NV·L`).
 ///
@@ -135,13 +155,7 @@ pub(crate) unsafe fn register_tile<S: Simd, const MR: usize, const NV: usize>(
         for (j, v) in xv.iter_mut().enumerate() {
             *v = S::load(row.add(j * S::LANES));
         }
-        let wp = w.add(kk * MR);
-        for (i, accs) in acc.iter_mut().enumerate() {
-            let wv = S::bcast(wp.add(i));
-            for (a, &xj) in accs.iter_mut().zip(&xv) {
-                *a = S::fma(wv, xj, *a);
-            }
-        }
+        rank1::<S, MR, NV>(&mut acc, w.add(kk * MR), &xv);
     }
     acc
 }

@@ -560,6 +560,7 @@ mod fused {
     use super::transforms::{input, input4, output, output4};
     use super::{Winograd, PANEL_ROWS as MR};
     use crate::conv::ConvDims;
+    use crate::engine::micro::rank1;
     use crate::engine::Epilogue;
     use crate::simd::Avx512;
 
@@ -960,13 +961,7 @@ mod fused {
             for (j, x) in xv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(vc.add(16 * j));
             }
-            let uc = u.add(c * MR);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*uc.add(i));
-                for (aj, &xj) in a.iter_mut().zip(&xv) {
-                    *aj = _mm512_fmadd_ps(wv, xj, *aj);
-                }
-            }
+            rank1::<Avx512, MR, V>(&mut acc, u.add(c * MR), &xv);
         }
         for (i, a) in acc.iter().enumerate() {
             for (j, &val) in a.iter().enumerate() {
