@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
     // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, `residual=0|1`, `few=N`,
+    // `spin=0|1`,
     // `packed=0|1` for both, and `bpacked=1` for B alone (A on the dense path, B packed,
     // untuned); comma-separated.
     let mut ob = InferOptions::default();
@@ -35,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "winograd" => ob.winograd = v == "1",
             "blocks" => ob.block_conv = v == "1",
             "residual" => ob.fuse_residual = v == "1",
+            "spin" => ob.spin_workers = v == "1",
             "packed" if v == "1" => path = Path::Packed,
             "bpacked" if v == "1" => path_b = Some(Path::Packed),
             "packed" => path = Path::Dense,

@@ -50,11 +50,13 @@ fn check(label: &str, net: fn() -> Net) {
             let mut engine = InferenceNet::new(&network, &formats, path).unwrap();
             // With implicit GEMMs instead of Winograd (the default) for the 3×3 convolutions,
             // convolutions in dense blocks through im2col instead of in place, and residual
-            // adds as steps of their own, the same function.
+            // adds as steps of their own, and the pool's threads sleeping between sections,
+            // the same function.
             let options = InferOptions {
                 winograd: false,
                 block_conv: false,
                 fuse_residual: false,
+                spin_workers: false,
                 ..InferOptions::default()
             };
             let other = InferenceNet::with_options(&network, &formats, path, options).unwrap();

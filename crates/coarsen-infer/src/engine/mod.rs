@@ -31,6 +31,7 @@
 
 mod build;
 mod run;
+mod spin;
 mod tune;
 
 pub use tune::{describe_choices, LayerChoice, TuneCache, Tuning};
@@ -123,6 +124,12 @@ pub struct InferOptions {
     /// weight once there, while the implicit GEMM, whose tiles are 16 to 48 columns, runs
     /// anything wider (batch 1's 8×8 layers) faster.
     pub few_columns: usize,
+    /// Through a forward pass, the pool's other threads wait for the next parallel section
+    /// spinning instead of sleeping (on by default; see `engine/spin.rs`): on a virtual
+    /// machine whose idle vCPUs halt, waking a sleeping thread took so long that sections
+    /// ran on one thread. Off, rayon's threads sleep between sections (they spin for about
+    /// 32 yields first).
+    pub spin_workers: bool,
 }
 
 impl Default for InferOptions {
@@ -135,6 +142,7 @@ impl Default for InferOptions {
             block_conv: true,
             fuse_residual: true,
             few_columns: 16,
+            spin_workers: true,
         }
     }
 }
@@ -279,7 +287,10 @@ impl InferenceNet {
         let mut times = vec![0.0f64; self.steps.len()];
         for _ in 0..passes {
             times.fill(0.0);
-            run::run(self, x, batch, Some(&mut times))?;
+            let t = &mut times;
+            spin::spinning(self.options.spin_workers, || {
+                run::run(self, x, batch, Some(t))
+            })?;
             for (s, &t) in samples.iter_mut().zip(&times) {
                 s.push(t);
             }
@@ -317,7 +328,7 @@ impl InferenceNet {
     /// Logits `[batch, classes]` (row-major) of a channel-major batch `x = [C, B, H, W]`.
     pub fn forward(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
         self.check_input(x.len(), batch)?;
-        let y = run::run(self, x, batch, None)?;
+        let y = spin::spinning(self.options.spin_workers, || run::run(self, x, batch, None))?;
         // [classes, B] → [B, classes].
         let k = self.classes;
         let mut out = vec![0.0f32; k * batch];
