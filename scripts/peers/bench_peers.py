@@ -5,8 +5,8 @@ For each model and batch size: random CIFAR weights (`coarsen synth`), an unstru
 magnitude mask (`coarsen prune`) and its structured conversions (`coarsen convert`), each exported
 to coarsen's format and to ONNX (`coarsen export --onnx --fold-bn`). Every engine runs in its own
 worker process (`coarsen bench --serve`, scripts/peers/worker.py) started once on the same input
-batch; then, for each run, every worker in turn (rotated order) times its forward passes, so the
-machine's noise hits every engine alike. Every worker's logits are checked against coarsen's
+batch; then, for each run, every worker in turn (rotated order) times its forward passes, in
+turns of a few passes at small batches (`--slice`), so the machine's noise hits every engine alike. Every worker's logits are checked against coarsen's
 dense path on the same weights.
 
 Run it through scripts/bench-peers, which prepares the Python environments and the binary.
@@ -144,7 +144,22 @@ Exit status 1 when some engine's logits differ from the reference beyond the tol
         "--warmup",
         type=int,
         default=None,
-        help="untimed passes before each timed block of a worker [default: max(1, reps/10)]",
+        help="untimed passes before each timed slice of a worker [default: max(1, reps/10), "
+        "1 when slices are shorter than reps]",
+    )
+    p.add_argument(
+        "--slice",
+        type=int,
+        default=None,
+        help="timed passes of a worker's turn: a run's reps go in slices, every worker taking its "
+        "turn slice by slice [default: 10 below batch 8, reps (one turn per run) from batch 8]",
+    )
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=0.2,
+        help="seconds of quiet before each worker's turn, for the previous worker's threads to stop "
+        "spinning [default: 0.2]",
     )
     p.add_argument(
         "--engines",
@@ -178,10 +193,12 @@ Exit status 1 when some engine's logits differ from the reference beyond the tol
         help="seconds a worker may take to load its model and answer `ready` [default: 900]",
     )
     a = p.parse_args(argv)
-    if a.threads < 1 or a.runs < 1 or (a.reps is not None and a.reps < 1):
-        p.error("--threads, --runs and --reps must be positive")
+    if a.threads < 1 or a.runs < 1 or any(v is not None and v < 1 for v in (a.reps, a.slice)):
+        p.error("--threads, --runs, --reps and --slice must be positive")
     if a.warmup is not None and a.warmup < 0:
         p.error("--warmup must be non-negative")
+    if not 0 <= a.pause <= 10:
+        p.error("--pause must be between 0 and 10 seconds")
     for s in (a.sparsity, a.channel_sparsity):
         if not 0 < s < 1:
             p.error("sparsities must be strictly between 0 and 1")
@@ -561,7 +578,12 @@ def measure(args, model, batch, exports, engines, logdir, env):
 
     workers, skipped = [], []
     reps = a.reps or (10 if batch >= 8 else 50)
-    warmup = a.warmup if a.warmup is not None else max(1, reps // 10)
+    # A run's `reps` passes per worker go in slices, the workers taking turns slice by slice:
+    # the machine's slow phases (a second or so, seen by every engine alike) then fall on every
+    # engine, not on whichever worker's block they happen to overlap.
+    size = min(reps, a.slice or (reps if batch >= 8 else 10))
+    slices = [min(size, reps - s) for s in range(0, reps, size)]
+    warmup = a.warmup if a.warmup is not None else max(1, size // 10)
     try:
         for v in a.variants:
             for e in engines:
@@ -587,22 +609,35 @@ def measure(args, model, batch, exports, engines, logdir, env):
             shift = (r * n) // a.runs if n else 0
             order = live[shift:] + live[:shift]
             t0 = time.monotonic()
+            times = {id(w): [] for w in order}
+            others = {id(w): [] for w in order}
+            for k in slices:
+                for w in order:
+                    if w.error is not None:
+                        continue
+                    try:
+                        # The previous worker's threads may still spin (ONNX Runtime's do, for
+                        # tens of ms after a pass): let them go idle before this turn.
+                        time.sleep(a.pause)
+                        if warmup:
+                            w.run(warmup)
+                        meter.start()
+                        times[id(w)] += w.run(k)
+                        o = meter.stop()
+                        if o is not None:
+                            others[id(w)].append(o)
+                    except WorkerError as e:
+                        w.fail(f"run {r + 1}: {e}")
             for w in order:
-                if w.error is not None:
-                    continue
-                try:
-                    if warmup:
-                        w.run(warmup)
-                    meter.start()
-                    w.times.append(w.run(reps))
-                    w.others.append(meter.stop())
-                except WorkerError as e:
-                    w.fail(f"run {r + 1}: {e}")
+                if w.error is None:
+                    w.times.append(times[id(w)])
+                    # The busiest slice: the flag reports the worst the passes saw.
+                    w.others.append(max(others[id(w)]) if others[id(w)] else None)
             log(f"  {model} batch {batch}: run {r + 1}/{a.runs} done in {time.monotonic() - t0:.1f} s")
     finally:
         for w in workers:
             w.stop()
-    return workers, skipped, reps, warmup
+    return workers, skipped, reps, warmup, size
 
 
 def check_logits(workers):
@@ -699,13 +734,13 @@ def main(argv):
             densities[(m, v)] = density_of(d, pruned) if v != "dense" else 1.0
     t_prep = time.monotonic() - t_start
 
-    results, skipped_all, reps_used, warmups = [], [], {}, {}
+    results, skipped_all, reps_used, warmups, slices = [], [], {}, {}, {}
     t_measure = time.monotonic()
     for m in a.models:
         for b in a.batches:
             log(f"bench-peers: {m}, batch {b}")
-            workers, skipped, reps, warmup = measure(a, m, b, exports[m], engines, logdir, env)
-            reps_used[b], warmups[b] = reps, warmup
+            workers, skipped, reps, warmup, size = measure(a, m, b, exports[m], engines, logdir, env)
+            reps_used[b], warmups[b], slices[b] = reps, warmup, size
             checks = check_logits(workers)
             skipped_all += skipped
             for w in workers:
@@ -812,7 +847,11 @@ def main(argv):
     wall = time.monotonic() - t_start
     flags = cpu_flags()
     ref_name = "coarsen dense" if "coarsen-dense" in engines else "ONNX Runtime" if "ort" in engines else "DeepSparse"
-    reps_text = ", ".join(f"{a.runs} × {reps_used[b]} (batch {b}, {warmups[b]} warm-up pass(es) before each)" for b in a.batches if b in reps_used)
+    reps_text = ", ".join(
+        f"{a.runs} × {reps_used[b]} (batch {b}, in turns of {slices[b]}, {warmups[b]} warm-up pass(es) before each turn)"
+        for b in a.batches
+        if b in reps_used
+    )
     header = [
         f"# bench-peers: coarsen against ONNX Runtime and DeepSparse, same weights, same run",
         "",
@@ -870,6 +909,7 @@ def main(argv):
         "settings": {
             "models": a.models, "batches": a.batches, "threads": a.threads, "runs": a.runs,
             "reps": {str(b): r for b, r in reps_used.items()}, "warmup": {str(b): w for b, w in warmups.items()},
+            "slice": {str(b): k for b, k in slices.items()}, "pause_s": a.pause,
             "engines": engines, "variants": a.variants, "sparsity": a.sparsity,
             "channel_sparsity": a.channel_sparsity, "seed": a.seed, "batchnorm": "folded (export --fold-bn)",
             "work": str(a.work), "coarsen": str(a.coarsen), "deepsparse_python": a.deepsparse_python,
