@@ -16,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
     // B's options: `chunk=N`, `fuse=0|1`, `winograd=0|1`, `blocks=0|1`, `residual=0|1`, `few=N`,
-    // `spin=0|1`,
+    // `spin=0|1`, `prefix=FLOATS` (0: off), `prefix_min=FLOATS`,
     // `packed=0|1` for both, and `bpacked=1` for B alone (A on the dense path, B packed,
     // untuned); comma-separated.
     let mut ob = InferOptions::default();
@@ -37,6 +37,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "blocks" => ob.block_conv = v == "1",
             "residual" => ob.fuse_residual = v == "1",
             "spin" => ob.spin_workers = v == "1",
+            "prefix" => ob.prefix_chunk_floats = v.parse()?,
+            "prefix_min" => ob.prefix_min_floats = v.parse()?,
             "packed" if v == "1" => path = Path::Packed,
             "bpacked" if v == "1" => path_b = Some(Path::Packed),
             "packed" => path = Path::Dense,
@@ -90,17 +92,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             gf / tb
         );
     }
-    // Whole passes in CPU time of the process (the hypervisor's steal is not counted).
+    // Whole passes in CPU time of the process (the hypervisor's steal is not counted), and
+    // their wall time.
     let (mut ca, mut cb) = (f64::INFINITY, f64::INFINITY);
+    let (mut wa, mut wb) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let t = cpu_ms()?;
+        let (t, w) = (cpu_ms()?, std::time::Instant::now());
         a.forward(&x, batch)?;
         ca = ca.min(cpu_ms()? - t);
-        let t = cpu_ms()?;
+        wa.push(w.elapsed().as_secs_f64() * 1e3);
+        let (t, w) = (cpu_ms()?, std::time::Instant::now());
         b.forward(&x, batch)?;
         cb = cb.min(cpu_ms()? - t);
+        wb.push(w.elapsed().as_secs_f64() * 1e3);
     }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     println!("forward, best CPU time: A {ca:.1} ms, B {cb:.1} ms");
+    println!(
+        "forward, median wall time: A {:.1} ms, B {:.1} ms",
+        median(&mut wa),
+        median(&mut wb)
+    );
     let tot =
         |p: &Vec<Vec<coarsen_infer::StepTime>>| (0..p[0].len()).map(|i| best(p, i)).sum::<f64>();
     println!("sum of best: A {:.1} ms, B {:.1} ms", tot(&pa), tot(&pb));

@@ -40,7 +40,7 @@ pub mod timing;
 
 pub use coarsen_core::{LayerMask, MaskSet};
 pub use engine::{
-    argmax_rows, describe_choices, nchw_to_cbhw, softmax_rows, DenseKernel, InferOptions,
+    argmax_rows, describe_choices, nchw_to_cbhw, softmax_rows, Chunking, DenseKernel, InferOptions,
     InferenceNet, LayerChoice, LayerInfo, Path, StepTime, TuneCache, Tuning,
 };
 pub use error::{InferError, Result};

@@ -24,6 +24,7 @@ fn scale_of(want: &[f32]) -> f32 {
 }
 
 fn check(label: &str, net: fn() -> Net) {
+    let mut chunked = false;
     for (k, fmt) in formats().into_iter().enumerate() {
         let (graph, tensors, weights) = net().finish(7 + k as u64);
         let (masks, formats) = masks_for(&weights, &fmt, 100 * k as u64);
@@ -66,6 +67,34 @@ fn check(label: &str, net: fn() -> Net) {
                 err <= 1e-4 * scale,
                 "{label} {fmt:?} {path:?} implicit GEMMs, blocks through im2col, adds unfused: {err}"
             );
+            // The first steps on chunks of 1 and of 2 images (the last chunk of 1).
+            for chunk in [1, 1 << 20] {
+                let options = InferOptions {
+                    prefix_min_floats: 1,
+                    prefix_chunk_floats: chunk,
+                    ..InferOptions::default()
+                };
+                let mut e = InferenceNet::with_options(&network, &formats, path, options).unwrap();
+                if chunk > 1 {
+                    // Chunks of 2 images: twice the largest value per image of the first steps.
+                    let Some(c) = e.chunking(batch) else {
+                        continue;
+                    };
+                    let options = InferOptions {
+                        prefix_chunk_floats: 2 * c.image_floats,
+                        ..options
+                    };
+                    e = InferenceNet::with_options(&network, &formats, path, options).unwrap();
+                    assert_eq!(e.chunking(batch).map(|c| c.images), Some(2), "{label}");
+                }
+                chunked |= e.chunking(batch).is_some();
+                let got = e.forward_nchw(&x, batch).unwrap();
+                let err = max_error(&got, &want);
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{label} {fmt:?} {path:?} first steps on chunks ({chunk}): {err}"
+                );
+            }
             if let Some(t) = tuning {
                 let choices = engine.tune(batch, &mut TuneCache::in_memory(), t).unwrap();
                 // Every sparse layer of the packed path has a choice; dense ones have none.
@@ -95,6 +124,8 @@ fn check(label: &str, net: fn() -> Net) {
             );
         }
     }
+    // Some format ran its first steps on chunks (a cut with one live value was found).
+    assert!(chunked, "{label}: no chunked pass");
 }
 
 #[test]

@@ -130,6 +130,18 @@ pub struct InferOptions {
     /// ran on one thread. Off, rayon's threads sleep between sections (they spin for about
     /// 32 yields first).
     pub spin_workers: bool,
+    /// The network's first steps, while each reads or makes a value of at least this many
+    /// floats per image (256 KiB by default: ResNet-18's and VGG-16's 32×32 layers of 64
+    /// channels), run on chunks of images, whose values stay in the cache from one step to
+    /// the next, instead of on the whole batch layer by layer (each such layer's 16 MiB at
+    /// batch 64 streamed through memory); the rest runs on the whole batch (more columns per
+    /// product). The chunks end after the last of those steps where one value alone is live
+    /// (a residual block's end, a pooling's output).
+    pub prefix_min_floats: usize,
+    /// Floats of the largest value of a chunk of [`prefix_min_floats`](Self::prefix_min_floats):
+    /// images per chunk = this / that value's floats per image (1 MiB by default: 4 CIFAR
+    /// images); 0 runs every step on the whole batch.
+    pub prefix_chunk_floats: usize,
 }
 
 impl Default for InferOptions {
@@ -143,8 +155,21 @@ impl Default for InferOptions {
             fuse_residual: true,
             few_columns: 16,
             spin_workers: true,
+            prefix_min_floats: 1 << 16,
+            prefix_chunk_floats: 1 << 18,
         }
     }
+}
+
+/// The first steps of a pass that run on chunks of images ([`InferenceNet::chunking`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunking {
+    /// Steps run chunk by chunk (the rest runs on the whole batch).
+    pub steps: usize,
+    /// Images per chunk.
+    pub images: usize,
+    /// Floats per image of the largest value those steps make.
+    pub image_floats: usize,
 }
 
 /// A network compiled to run forward on packed (or dense) kernels. See the [module](self) docs.
@@ -323,6 +348,17 @@ impl InferenceNet {
                 }
             })
             .collect())
+    }
+
+    /// How a pass of `batch` images runs its first steps on chunks of images
+    /// ([`InferOptions::prefix_chunk_floats`]), or `None` when every step runs on the whole
+    /// batch.
+    pub fn chunking(&self, batch: usize) -> Option<Chunking> {
+        run::prefix(self, batch).map(|p| Chunking {
+            steps: p.end,
+            images: p.images,
+            image_floats: p.peak,
+        })
     }
 
     /// Logits `[batch, classes]` (row-major) of a channel-major batch `x = [C, B, H, W]`.

@@ -137,10 +137,196 @@ pub(super) fn run(
     mut times: Option<&mut [f64]>,
 ) -> Result<Vec<f32>> {
     let mut vals: Vec<Option<Cow<'_, [f32]>>> = (0..net.reads.len()).map(|_| None).collect();
-    vals[0] = Some(Cow::Borrowed(x));
     let mut left = net.reads.clone();
+    let mut first = 0;
+    match prefix(net, batch) {
+        Some(p) => {
+            vals[p.cut] = Some(Cow::Owned(run_prefix(
+                net,
+                x,
+                batch,
+                &p,
+                times.as_deref_mut(),
+            )?));
+            for step in &net.steps[..p.end] {
+                for &i in &step.inputs {
+                    left[i] -= 1;
+                }
+            }
+            first = p.end;
+        }
+        None => vals[0] = Some(Cow::Borrowed(x)),
+    }
+    run_steps(
+        net,
+        first..net.steps.len(),
+        &mut vals,
+        &mut left,
+        batch,
+        times,
+    )?;
+    vals[net.output]
+        .take()
+        .map(Cow::into_owned)
+        .ok_or_else(|| InferError::graph("graph", "output", "the output was never computed"))
+}
+
+/// The first steps of a pass, run on chunks of images (see
+/// [`InferOptions::prefix_chunk_floats`]): steps `0 .. end`, after which slot `cut` alone is
+/// live, a value of `rows` channel rows of `hw` positions per image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Prefix {
+    pub(super) end: usize,
+    pub(super) cut: usize,
+    pub(super) rows: usize,
+    pub(super) hw: usize,
+    /// Images per chunk (fewer than the batch).
+    pub(super) images: usize,
+    /// Floats per image of the largest value of steps `0 .. end`.
+    pub(super) peak: usize,
+}
+
+/// The steps of `net` that run on chunks of images at this batch size, if any: the first
+/// steps while each reads or makes a value of at least `prefix_min_floats` floats per image
+/// (per-image operations only: layers, ReLU, affine, add, pooling), cut back to the last
+/// step after which one value alone is live; chunks of as many images as keep the largest
+/// of those values within `prefix_chunk_floats`.
+pub(super) fn prefix(net: &InferenceNet, batch: usize) -> Option<Prefix> {
     let o = &net.options;
-    for (index, step) in net.steps.iter().enumerate() {
+    if o.prefix_chunk_floats == 0 || batch < 2 {
+        return None;
+    }
+    let slots = net.reads.len();
+    // (channel rows, positions per image) of every slot the first steps make.
+    let mut shape = vec![(0usize, 0usize); slots];
+    let [c, h, w] = net.input;
+    shape[0] = (c, h * w);
+    let mut end = 0;
+    for step in &net.steps {
+        let (rows, hw) = shape[*step.inputs.first()?];
+        let out = match &step.kind {
+            Kind::Layer(l) => (l.cout, l.ho * l.wo),
+            Kind::Relu | Kind::Affine { .. } => (rows, hw),
+            Kind::Materialize { to, hw, .. } => (to.len(), *hw),
+            Kind::Add { sources, hw } => (sources.len(), *hw),
+            Kind::Pool { ho, wo, .. } => (rows, ho * wo),
+            Kind::GlobalAvgPool { .. } | Kind::Flatten { .. } => break,
+        };
+        // A step that shrinks a large value (a pooling, a strided layer) belongs to the
+        // chunks too: the large value then never leaves the cache.
+        if out.0.saturating_mul(out.1).max(rows.saturating_mul(hw)) < o.prefix_min_floats {
+            break;
+        }
+        shape[step.output] = out;
+        end += 1;
+    }
+    // Where each slot is made (the input: before step 0) and last read (the output: after
+    // the last step).
+    let mut made = vec![None; slots];
+    let mut last = vec![None; slots];
+    made[0] = Some(0);
+    for (i, step) in net.steps.iter().enumerate() {
+        made[step.output] = Some(i + 1);
+        for &s in &step.inputs {
+            last[s] = Some(i);
+        }
+    }
+    last[net.output] = Some(net.steps.len());
+    (1..=end).rev().find_map(|p| {
+        let mut live = (0..slots)
+            .filter(|&s| made[s].is_some_and(|m| m <= p) && last[s].is_some_and(|r| r >= p));
+        let cut = live.next()?;
+        if live.next().is_some() || cut == 0 {
+            return None;
+        }
+        // The largest value of the steps before the cut sets the chunk.
+        let peak = net.steps[..p]
+            .iter()
+            .map(|st| shape[st.output].0 * shape[st.output].1)
+            .max()?;
+        let images = (o.prefix_chunk_floats / peak.max(1)).max(1);
+        let (rows, hw) = shape[cut];
+        (images < batch).then_some(Prefix {
+            end: p,
+            cut,
+            rows,
+            hw,
+            images,
+            peak,
+        })
+    })
+}
+
+/// Steps `0 .. p.end` of `net` on chunks of `p.images` images of `x` (`[C, B, H, W]`), each
+/// chunk's value of slot `p.cut` copied into its images of the whole batch's.
+fn run_prefix(
+    net: &InferenceNet,
+    x: &[f32],
+    batch: usize,
+    p: &Prefix,
+    mut times: Option<&mut [f64]>,
+) -> Result<Vec<f32>> {
+    let [c, h, w] = net.input;
+    let hw = h * w;
+    let len = p.rows * batch * p.hw;
+    let mut out = buffer(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    for n0 in (0..batch).step_by(p.images) {
+        let k = p.images.min(batch - n0);
+        let mut xc = buffer(c * k * hw);
+        for ch in 0..c {
+            xc.extend_from_slice(&x[(ch * batch + n0) * hw..][..k * hw]);
+        }
+        let mut vals: Vec<Option<Cow<'_, [f32]>>> = (0..net.reads.len()).map(|_| None).collect();
+        vals[0] = Some(Cow::Owned(xc));
+        let mut left = net.reads.clone();
+        run_steps(net, 0..p.end, &mut vals, &mut left, k, times.as_deref_mut())?;
+        let part = vals[p.cut]
+            .take()
+            .map(Cow::into_owned)
+            .filter(|v| v.len() == p.rows * k * p.hw)
+            .ok_or_else(|| {
+                InferError::graph(
+                    "graph",
+                    "run",
+                    "a chunk's value at the cut has another size (a bug in coarsen)",
+                )
+            })?;
+        let n = k * p.hw;
+        spare
+            .par_chunks_mut(batch * p.hw)
+            .zip(part.par_chunks(n.max(1)))
+            .for_each(|(dst, src)| {
+                for (d, &v) in dst[n0 * p.hw..][..n].iter_mut().zip(src) {
+                    d.write(v);
+                }
+            });
+        give_back(part);
+        for v in vals.into_iter().flatten() {
+            if let Cow::Owned(v) = v {
+                give_back(v);
+            }
+        }
+    }
+    // SAFETY: the chunks cover every image of every row: all `len` values are written.
+    unsafe { out.set_len(len) };
+    Ok(out)
+}
+
+/// Runs steps `range` of `net`, reading and writing `vals`, `left` counting every slot's
+/// remaining readers. With `times` (one entry per step), adds each step's wall time in
+/// seconds to its entry.
+fn run_steps(
+    net: &InferenceNet,
+    range: std::ops::Range<usize>,
+    vals: &mut [Option<Cow<'_, [f32]>>],
+    left: &mut [usize],
+    batch: usize,
+    mut times: Option<&mut [f64]>,
+) -> Result<()> {
+    let o = &net.options;
+    let (first, end) = (range.start, range.end.min(net.steps.len()));
+    for (index, step) in net.steps.iter().enumerate().take(end).skip(first) {
         // The clock is read only when profiling.
         let start = times.is_some().then(std::time::Instant::now);
         let out = {
@@ -175,10 +361,7 @@ pub(super) fn run(
             *t += start.elapsed().as_secs_f64();
         }
     }
-    vals[net.output]
-        .take()
-        .map(Cow::into_owned)
-        .ok_or_else(|| InferError::graph("graph", "output", "the output was never computed"))
+    Ok(())
 }
 
 fn missing(step: &Step) -> InferError {
