@@ -783,14 +783,13 @@ mod avx512 {
         let mut first = 0;
         for b in blocks {
             let kn = b.chans.len();
-            let (offs, taps) = (t.offs.as_ptr().add(first), b.taps.as_ptr());
+            let offs = t.offs.as_ptr().add(first);
             first += kn;
             for (q, rows) in b.rows.chunks(MR).enumerate() {
                 let p = Panel {
                     w: b.panels.as_ptr().add(q * kn * MR),
-                    kn,
                     offs,
-                    taps,
+                    runs: &b.runs,
                     rows,
                 };
                 // As many rows of the register tile as the panel has: a block of one row
@@ -812,12 +811,12 @@ mod avx512 {
 
     /// One panel of a block: its values, the block's columns and the panel's output rows.
     struct Panel<'a> {
-        /// `kn × MR` values, column after column.
+        /// `kn × MR` values, column after column (`kn` the block's columns).
         w: *const f32,
-        kn: usize,
-        /// The block's columns' halo offsets and taps.
+        /// The block's columns' halo offsets.
         offs: *const usize,
-        taps: *const u8,
+        /// The block's runs `(tap, k0, k1)` of columns `k0 .. k1` that read one tap.
+        runs: &'a [(u32, u32, u32)],
         /// At most `MR` output rows.
         rows: &'a [u32],
     }
@@ -830,18 +829,20 @@ mod avx512 {
     #[inline(always)]
     unsafe fn panel<const V: usize, const R: usize>(p: &Panel<'_>, t: &Tile<'_>) {
         let (yp, ldy) = t.out;
-        let (masks, hp, w, offs, taps) = (t.masks, t.hp, p.w, p.offs, p.taps);
+        let (masks, hp, w, offs) = (t.masks, t.hp, p.w, p.offs);
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for kc in 0..p.kn {
+        for &(tap, k0, k1) in p.runs {
             // Lane j reads halo position offs + j; masked lanes (padding, or past the range)
-            // read nothing.
-            let m = *masks.get_unchecked(*taps.add(kc) as usize);
-            let row = hp.add(*offs.add(kc));
-            let mut xv = [_mm512_setzero_ps(); V];
-            for (j, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
+            // read nothing. A run's columns read one tap: its masks are loaded once.
+            let m = *masks.get_unchecked(tap as usize);
+            for kc in k0 as usize..k1 as usize {
+                let row = hp.add(*offs.add(kc));
+                let mut xv = [_mm512_setzero_ps(); V];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(m[j], row.add(j * 16));
+                }
+                rank1::<Avx512, R, V>(&mut acc, w.add(kc * MR), &xv);
             }
-            rank1::<Avx512, R, V>(&mut acc, w.add(kc * MR), &xv);
         }
         // Row by row with constant indices (`R ≤ MR` rows, written out): a loop over the
         // rows, not unrolled with the epilogue inlined, indexed the register tile at run time,
