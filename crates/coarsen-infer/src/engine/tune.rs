@@ -165,7 +165,7 @@ impl InferenceNet {
     /// the kernel beats the dense GEMM at that shape, density and batch (N:M at batch 1 does
     /// not), so each such layer is timed in both variants and keeps the faster. The times are
     /// taken in context: whole forward passes on a random batch, every layer to measure
-    /// packed, then every one on its dense twin, interleaved (one warm-up each, then 3 to 9
+    /// packed, then every one on its dense twin, interleaved (one warm-up each, then 5 to 9
     /// each for about a second), and each layer's median step time compared. Timed alone, a
     /// layer finds its input and weights in the cache, which flattered kernels that read
     /// more of them (N:M through im2col chose packed where the whole pass ran slower). The
@@ -271,7 +271,7 @@ impl InferenceNet {
 
     /// Median time of each of `steps` (layers with a dense twin) in whole forward passes on a
     /// random batch, packed and on its dense twin: one warm-up pass of each, then passes of
-    /// the two interleaved, 3 to 9 of each for about a second.
+    /// the two interleaved, 5 to 9 of each for about a second.
     fn time_in_context(&mut self, batch: usize, steps: &[usize]) -> Result<Vec<Entry>> {
         let [c, h, w] = self.input;
         let mut rng = ChaCha8Rng::seed_from_u64(0x7u64);
@@ -302,7 +302,10 @@ impl InferenceNet {
         let start = Instant::now();
         let mut rounds = 0;
         // Round 0 is the warm-up.
-        while rounds < 10 && (rounds < 4 || start.elapsed().as_secs_f64() < 1.0) {
+        // At least 5 timed rounds: with 3, a disturbance of the machine (another process
+        // for a second) that fell on two of one side's passes flipped a choice (a
+        // shuffled-block layer 1.3× faster packed was run dense).
+        while rounds < 10 && (rounds < 6 || start.elapsed().as_secs_f64() < 1.0) {
             let r = pass(self, &mut packed);
             swap(self);
             let r = r.and_then(|()| pass(self, &mut dense));
