@@ -306,16 +306,13 @@ impl InferenceNet {
     /// other steps their operation.
     pub fn profile(&self, x: &[f32], batch: usize, passes: usize) -> Result<Vec<StepTime>> {
         self.check_input(x.len(), batch)?;
-        run::run(self, x, batch, None)?;
+        self.pass(x, batch, None)?;
         let passes = passes.max(1);
         let mut samples = vec![Vec::with_capacity(passes); self.steps.len()];
         let mut times = vec![0.0f64; self.steps.len()];
         for _ in 0..passes {
             times.fill(0.0);
-            let t = &mut times;
-            spin::spinning(self.options.spin_workers, || {
-                run::run(self, x, batch, Some(t))
-            })?;
+            self.pass(x, batch, Some(&mut times))?;
             for (s, &t) in samples.iter_mut().zip(&times) {
                 s.push(t);
             }
@@ -361,10 +358,19 @@ impl InferenceNet {
         })
     }
 
+    /// One pass over the steps ([`run::run`]) with the pool's other threads held awake
+    /// through it where [`InferOptions::spin_workers`] asks (every pass: forward, profile and
+    /// tuning alike).
+    fn pass(&self, x: &[f32], batch: usize, times: Option<&mut [f64]>) -> Result<Vec<f32>> {
+        spin::spinning(self.options.spin_workers, || {
+            run::run(self, x, batch, times)
+        })
+    }
+
     /// Logits `[batch, classes]` (row-major) of a channel-major batch `x = [C, B, H, W]`.
     pub fn forward(&self, x: &[f32], batch: usize) -> Result<Vec<f32>> {
         self.check_input(x.len(), batch)?;
-        let y = spin::spinning(self.options.spin_workers, || run::run(self, x, batch, None))?;
+        let y = self.pass(x, batch, None)?;
         // [classes, B] → [B, classes].
         let k = self.classes;
         let mut out = vec![0.0f32; k * batch];

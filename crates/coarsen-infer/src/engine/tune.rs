@@ -292,8 +292,7 @@ impl InferenceNet {
         let mut dense = vec![Vec::new(); steps.len()];
         let pass = |net: &InferenceNet, into: &mut [Vec<f64>]| -> Result<()> {
             let mut t = vec![0.0f64; net.steps.len()];
-            let on = net.options.spin_workers;
-            super::spin::spinning(on, || super::run::run(net, &x, batch, Some(&mut t)))?;
+            net.pass(&x, batch, Some(&mut t))?;
             for (v, &s) in into.iter_mut().zip(steps) {
                 v.push(t[s] * 1e3);
             }
