@@ -203,6 +203,9 @@ pub struct InferenceNet {
     layers: Vec<LayerInfo>,
     path: Path,
     options: InferOptions,
+    /// The steps that run on chunks of images, at batches larger than a chunk (found once
+    /// from the steps and the options).
+    prefix: Option<run::Prefix>,
 }
 
 impl InferenceNet {
@@ -229,7 +232,7 @@ impl InferenceNet {
         compiler.winograd = options.winograd;
         compiler.fuse_residual = options.fuse_residual;
         let c = compiler.compile()?;
-        Ok(InferenceNet {
+        let mut engine = InferenceNet {
             input: net.input(),
             classes: net.classes(),
             steps: c.steps,
@@ -238,13 +241,17 @@ impl InferenceNet {
             layers: c.layers,
             path,
             options,
-        })
+            prefix: None,
+        };
+        engine.prefix = run::plan_prefix(&engine);
+        Ok(engine)
     }
 
     /// Sets the performance options (except `winograd` and `fuse_residual`, see
     /// [`with_options`](Self::with_options)).
     pub fn set_options(&mut self, options: InferOptions) {
         self.options = options;
+        self.prefix = run::plan_prefix(self);
     }
 
     /// Chooses the GEMM of every dense and channel-compact layer (the default is coarsen's
@@ -351,9 +358,9 @@ impl InferenceNet {
     /// ([`InferOptions::prefix_chunk_floats`]), or `None` when every step runs on the whole
     /// batch.
     pub fn chunking(&self, batch: usize) -> Option<Chunking> {
-        run::prefix(self, batch).map(|p| Chunking {
+        run::prefix(self, batch).map(|(p, images)| Chunking {
             steps: p.end,
-            images: p.images,
+            images,
             image_floats: p.peak,
         })
     }

@@ -140,14 +140,9 @@ pub(super) fn run(
     let mut left = net.reads.clone();
     let mut first = 0;
     match prefix(net, batch) {
-        Some(p) => {
-            vals[p.cut] = Some(Cow::Owned(run_prefix(
-                net,
-                x,
-                batch,
-                &p,
-                times.as_deref_mut(),
-            )?));
+        Some((p, images)) => {
+            let cut = run_prefix(net, x, batch, &p, images, times.as_deref_mut())?;
+            vals[p.cut] = Some(Cow::Owned(cut));
             for step in &net.steps[..p.end] {
                 for &i in &step.inputs {
                     left[i] -= 1;
@@ -180,20 +175,27 @@ pub(super) struct Prefix {
     pub(super) cut: usize,
     pub(super) rows: usize,
     pub(super) hw: usize,
-    /// Images per chunk (fewer than the batch).
-    pub(super) images: usize,
     /// Floats per image of the largest value of steps `0 .. end`.
     pub(super) peak: usize,
 }
 
-/// The steps of `net` that run on chunks of images at this batch size, if any: the first
-/// steps while each reads or makes a value of at least `prefix_min_floats` floats per image
-/// (per-image operations only: layers, ReLU, affine, add, pooling), cut back to the last
-/// step after which one value alone is live; chunks of as many images as keep the largest
-/// of those values within `prefix_chunk_floats`.
-pub(super) fn prefix(net: &InferenceNet, batch: usize) -> Option<Prefix> {
+/// The compiled [`Prefix`] of `net`, and its images per chunk, where a pass of `batch`
+/// images runs it (chunks of fewer images than the batch).
+pub(super) fn prefix(net: &InferenceNet, batch: usize) -> Option<(Prefix, usize)> {
+    let p = net.prefix?;
+    let images = (net.options.prefix_chunk_floats / p.peak.max(1)).max(1);
+    (images < batch).then_some((p, images))
+}
+
+/// The steps of `net` that may run on chunks of images, if any: the first steps while each
+/// reads or makes a value of at least `prefix_min_floats` floats per image (per-image
+/// operations only: layers, ReLU, affine, add, pooling), cut back to the last step after
+/// which one value alone is live; chunks of as many images as keep the largest of those
+/// values within `prefix_chunk_floats` ([`prefix`]). Found once, when the network is
+/// compiled or its options set (a layer and its dense twin have the same shapes).
+pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
     let o = &net.options;
-    if o.prefix_chunk_floats == 0 || batch < 2 {
+    if o.prefix_chunk_floats == 0 {
         return None;
     }
     let slots = net.reads.len();
@@ -244,26 +246,25 @@ pub(super) fn prefix(net: &InferenceNet, batch: usize) -> Option<Prefix> {
             .iter()
             .map(|st| shape[st.output].0 * shape[st.output].1)
             .max()?;
-        let images = (o.prefix_chunk_floats / peak.max(1)).max(1);
         let (rows, hw) = shape[cut];
-        (images < batch).then_some(Prefix {
+        Some(Prefix {
             end: p,
             cut,
             rows,
             hw,
-            images,
             peak,
         })
     })
 }
 
-/// Steps `0 .. p.end` of `net` on chunks of `p.images` images of `x` (`[C, B, H, W]`), each
+/// Steps `0 .. p.end` of `net` on chunks of `images` images of `x` (`[C, B, H, W]`), each
 /// chunk's value of slot `p.cut` copied into its images of the whole batch's.
 fn run_prefix(
     net: &InferenceNet,
     x: &[f32],
     batch: usize,
     p: &Prefix,
+    images: usize,
     mut times: Option<&mut [f64]>,
 ) -> Result<Vec<f32>> {
     let [c, h, w] = net.input;
@@ -271,8 +272,8 @@ fn run_prefix(
     let len = p.rows * batch * p.hw;
     let mut out = buffer(len);
     let spare = &mut out.spare_capacity_mut()[..len];
-    for n0 in (0..batch).step_by(p.images) {
-        let k = p.images.min(batch - n0);
+    for n0 in (0..batch).step_by(images) {
+        let k = images.min(batch - n0);
         let mut xc = buffer(c * k * hw);
         for ch in 0..c {
             xc.extend_from_slice(&x[(ch * batch + n0) * hw..][..k * hw]);
