@@ -6,7 +6,8 @@ magnitude mask (`coarsen prune`) and its structured conversions (`coarsen conver
 to coarsen's format and to ONNX (`coarsen export --onnx --fold-bn`). Every engine runs in its own
 worker process (`coarsen bench --serve`, scripts/peers/worker.py) started once on the same input
 batch; then, for each run, every worker in turn (rotated order) times its forward passes, in
-turns of a few passes at small batches (`--slice`), so the machine's noise hits every engine alike. Every worker's logits are checked against coarsen's
+turns of a few passes at small batches (`--slice`), so the machine's noise hits every engine
+alike. Every worker's logits are checked against coarsen's
 dense path on the same weights.
 
 Run it through scripts/bench-peers, which prepares the Python environments and the binary.
@@ -158,8 +159,8 @@ Exit status 1 when some engine's logits differ from the reference beyond the tol
         "--pause",
         type=float,
         default=0.2,
-        help="seconds of quiet before each worker's turn, for the previous worker's threads to stop "
-        "spinning [default: 0.2]",
+        help="seconds of quiet before each worker's turn, for the previous worker's pool to go idle "
+        "[default: 0.2]",
     )
     p.add_argument(
         "--engines",
@@ -616,8 +617,8 @@ def measure(args, model, batch, exports, engines, logdir, env):
                     if w.error is not None:
                         continue
                     try:
-                        # The previous worker's threads may still spin (ONNX Runtime's do, for
-                        # tens of ms after a pass): let them go idle before this turn.
+                        # A turn starts on a quiet machine: the previous worker's pool may still
+                        # be spinning after its last pass.
                         time.sleep(a.pause)
                         if warmup:
                             w.run(warmup)
