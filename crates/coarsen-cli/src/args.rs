@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use coarsen_kernels::threads::Pinning;
 
 /// coarsen turns unstructured sparse neural networks into structured sparse networks that
 /// kernels can run fast.
@@ -24,6 +25,11 @@ pub struct Cli {
     /// Print no progress bars.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Pin worker threads, one per CPU: `auto` when a pool has one worker per CPU the process
+    /// may use, `on` for any pool no larger, `off` never. Keeps two workers from sharing a CPU
+    /// for a while, which halves the speed of small-batch inference.
+    #[arg(long, global = true, value_name = "WHEN", default_value_t = Pinning::Auto)]
+    pub pin: Pinning,
 }
 
 /// The subcommands.

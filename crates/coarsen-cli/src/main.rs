@@ -32,11 +32,16 @@ fn main() -> ExitCode {
     // Before any thread starts: SIGINT and SIGTERM go to one waiting thread.
     signals::install();
     let cli = Cli::parse();
+    // Every command's parallel work runs on rayon's global pool (`bench` builds its own).
+    if let Err(e) = coarsen_kernels::threads::global(cli.pin) {
+        eprintln!("error: cannot start the worker threads: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match &cli.command {
         Command::Prune(a) => commands::prune::run(a, cli.quiet),
         Command::Convert(a) => commands::convert::run(a, cli.quiet),
         Command::Inspect(a) => commands::inspect::run(a, cli.quiet),
-        Command::Bench(a) => commands::bench::run(a, cli.quiet),
+        Command::Bench(a) => commands::bench::run(a, cli.quiet, cli.pin),
         Command::Synth(a) => commands::synth::run(a),
         Command::Demo(a) => commands::demo::run(a, cli.quiet),
         Command::Train(a) => commands::train::run(a, cli.quiet),

@@ -8,6 +8,7 @@ use coarsen_infer::LayerFormat;
 use coarsen_kernels::bench::{
     default_cases, measure, random_packed, tuned_dense, BenchFormat, Case, Record,
 };
+use coarsen_kernels::threads::Pinning;
 use coarsen_kernels::timing::peak_gflops;
 use coarsen_kernels::{Csr, Isa, Packed, Plan};
 use serde_json::json;
@@ -24,7 +25,7 @@ struct Job {
 }
 
 /// Runs `coarsen bench`.
-pub fn run(args: &BenchArgs, quiet: bool) -> Result<()> {
+pub fn run(args: &BenchArgs, quiet: bool, pin: Pinning) -> Result<()> {
     if let Some(j) = &args.json {
         ensure_parent(j)?;
     }
@@ -62,10 +63,8 @@ pub fn run(args: &BenchArgs, quiet: bool) -> Result<()> {
         .threads
         .unwrap_or_else(rayon::current_num_threads)
         .max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
-    pool.install(|| bench(args, isa, threads, quiet))
+    let (pool, pinned) = coarsen_kernels::threads::pool(threads, pin)?;
+    pool.install(|| bench(args, isa, threads, quiet, pinned))
 }
 
 fn available() -> String {
@@ -112,7 +111,7 @@ fn given_network(
 }
 
 /// `--serve`: the timing worker of scripts/bench-peers (see the flag's help).
-fn serve(args: &BenchArgs, dir: &Path) -> Result<()> {
+fn serve(args: &BenchArgs, dir: &Path, pinned: bool) -> Result<()> {
     use std::io::{BufRead, Write};
     let e = coarsen_train::export::load(dir)?;
     let input = args.input.as_deref().context("--serve needs --input")?;
@@ -141,8 +140,9 @@ fn serve(args: &BenchArgs, dir: &Path) -> Result<()> {
         "ready": true,
         "engine": format!("coarsen-{}", format!("{:?}", args.path).to_lowercase()),
         "detail": format!(
-            "{} thread(s); {}; formats: {}",
+            "{} thread(s){}; {}; formats: {}",
             rayon::current_num_threads(),
+            if pinned { ", pinned" } else { "" },
             coarsen_infer::describe_choices(&tuned),
             engine
                 .layers()
@@ -417,7 +417,7 @@ fn print_profile(r: &coarsen_train::bench::ModelBench, p: &coarsen_train::bench:
     }
 }
 
-fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> {
+fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool, pinned: bool) -> Result<()> {
     if args.model.is_empty() {
         // (clap's `requires` does not see an absent --model here: checked by hand.)
         for (flag, given) in [
@@ -431,7 +431,7 @@ fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> 
         }
     }
     if let Some(dir) = &args.serve {
-        return serve(args, dir);
+        return serve(args, dir, pinned);
     }
     if args.training {
         return training(args, threads, quiet);
