@@ -14,6 +14,7 @@
 //! - [`conv`]: convolution geometry, im2col and col2im over channel-major batches.
 //! - [`gemm`]: dense GEMM with transposed operands (faer), for dense layers.
 //! - [`mod@reference`]: the naive products every kernel is tested against.
+//! - [`mod@team`]: parallel sections whose waiting threads spin, for passes held awake.
 //! - [`mod@threads`]: thread pools whose workers are pinned, one per CPU.
 //! - [`mod@timing`]: interleaved, repeated timing against the dense baseline.
 //! - [`mod@bench`]: the benchmark shapes, random structured masks per format, and measurements.
@@ -34,6 +35,7 @@ pub mod formats;
 pub mod gemm;
 pub mod reference;
 pub mod simd;
+pub mod team;
 pub mod threads;
 pub mod timing;
 

@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
+use coarsen_kernels::team;
 use coarsen_kernels::{
     BlockConv, DenseKernel, DirectConv, Epilogue, NmConv, Plan, Residual, Winograd,
 };
@@ -780,12 +781,11 @@ impl Layer {
                     }
                 };
                 let per = kk.div_ceil(parts);
-                c.par_chunks_mut(per * w)
-                    .zip(ids.par_chunks(per))
-                    .try_for_each(|(out, ids)| {
-                        d.im2col_tiles(x, Some(ids), 0, n, w, out, &mut Vec::new())
-                    })
-                    .map_err(kerr)?;
+                team::try_for_each_chunk_mut(c, per * w, |i, out| {
+                    let ids = &ids[i * per..ids.len().min((i + 1) * per)];
+                    d.im2col_tiles(x, Some(ids), 0, n, w, out, &mut Vec::new())
+                })
+                .map_err(kerr)?;
             } else {
                 d.im2col_tiles(x, self.read.as_deref(), 0, n, w, c, &mut Vec::new())
                     .map_err(kerr)?;
@@ -804,91 +804,90 @@ impl Layer {
         } else {
             x
         };
-        let result = tasks
-            .into_par_iter()
-            .try_for_each(|((c0, c1), (r0, r1))| -> Result<()> {
-                let (nc, out) = (c1 - c0, yp);
-                let fused = o.fuse_epilogue && self.corr.is_none();
-                let epilogue = Epilogue {
-                    bias: Some(&self.bias),
-                    residual: res.map(|values| Residual { values, ld: n }),
-                    relu: self.relu,
-                };
-                if let Some(k) = wino.filter(|_| fused) {
-                    // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
-                    // (`rows × n`, allocated above), and every value is written before
-                    // `set_len` below.
-                    return unsafe {
-                        k.forward_into(
-                            x,
-                            &d,
-                            (c0, c1),
-                            (r0, r1),
-                            out.0.add(r0 * n + c0),
-                            n,
-                            epilogue,
-                        )
-                    }
-                    .map_err(kerr);
+        let result = team::try_for_each(tasks.len(), |t| -> Result<()> {
+            let ((c0, c1), (r0, r1)) = tasks[t];
+            let (nc, out) = (c1 - c0, yp);
+            let fused = o.fuse_epilogue && self.corr.is_none();
+            let epilogue = Epilogue {
+                bias: Some(&self.bias),
+                residual: res.map(|values| Residual { values, ld: n }),
+                relu: self.relu,
+            };
+            if let Some(k) = wino.filter(|_| fused) {
+                // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
+                // (`rows × n`, allocated above), and every value is written before
+                // `set_len` below.
+                return unsafe {
+                    k.forward_into(
+                        x,
+                        &d,
+                        (c0, c1),
+                        (r0, r1),
+                        out.0.add(r0 * n + c0),
+                        n,
+                        epilogue,
+                    )
                 }
-                if let Some(dc) = dc.filter(|_| fused) {
-                    // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
-                    // (`rows × n`, allocated above); the kernel writes each value before it
-                    // reads it back, and every value is written before `set_len` below.
-                    return unsafe {
-                        dc.forward_into(
-                            xd,
-                            &d,
-                            (c0, c1),
-                            (r0, r1),
-                            out.0.add(r0 * n + c0),
-                            n,
-                            epilogue,
-                        )
-                    }
-                    .map_err(kerr);
+                .map_err(kerr);
+            }
+            if let Some(dc) = dc.filter(|_| fused) {
+                // SAFETY: this task alone writes rows r0..r1, columns c0..c1 of `y`
+                // (`rows × n`, allocated above); the kernel writes each value before it
+                // reads it back, and every value is written before `set_len` below.
+                return unsafe {
+                    dc.forward_into(
+                        xd,
+                        &d,
+                        (c0, c1),
+                        (r0, r1),
+                        out.0.add(r0 * n + c0),
+                        n,
+                        epilogue,
+                    )
                 }
-                // Taken out of the thread's slot, not borrowed across the kernel call: should
-                // anything run another chunk on this thread meanwhile (rayon's work stealing),
-                // that chunk allocates its own.
-                let (mut col_buf, part_buf, mut tmp) = SCRATCH.take();
-                let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
-                let part = &mut part_buf[..(r1 - r0) * nc];
-                if narrow.is_some() {
-                    // One chunk, all of 0..n, one tile (see above).
-                    self.plan
-                        .forward_narrow_rows(&panels[..packed_len], part, nc, r0, r1)
-                } else if small.is_some() {
-                    // One chunk, all of 0..n (see above).
-                    self.plan
-                        .forward_small_rows(&panels[..packed_len], part, nc, r0, r1)
-                } else if let Some(k) = wino {
-                    k.forward_rows(x, &d, c0, c1, r0, r1, part)
-                } else if let Some(dc) = dc {
-                    dc.forward_rows(xd, &d, c0, c1, r0, r1, part)
-                } else if let Some(nr) = tiles {
-                    // The tiled dense kernel reads im2col tiles in place: no packing copy.
-                    let len = nc.div_ceil(nr) * nr * kk;
-                    col_buf = at_least(col_buf, len);
-                    let c = &mut col_buf[..len];
-                    d.im2col_tiles(x, self.read.as_deref(), c0, c1, nr, c, &mut tmp)
-                        .and_then(|()| self.plan.forward_tiles_rows(c, part, nc, r0, r1))
-                } else if no_im2col {
-                    self.plan.forward(x, part, nc)
-                } else {
-                    col_buf = at_least(col_buf, kk * nc);
-                    let c = &mut col_buf[..kk * nc];
-                    match &self.read {
-                        Some(r) => d.im2col_rows(x, r, c0, c1, c),
-                        None => d.im2col_range(x, c0, c1, c),
-                    }
-                    .and_then(|()| self.plan.forward(c, part, nc))
+                .map_err(kerr);
+            }
+            // Taken out of the thread's slot, not borrowed across the kernel call: should
+            // anything run another chunk on this thread meanwhile (rayon's work stealing),
+            // that chunk allocates its own.
+            let (mut col_buf, part_buf, mut tmp) = SCRATCH.take();
+            let mut part_buf = at_least(part_buf, (r1 - r0) * nc);
+            let part = &mut part_buf[..(r1 - r0) * nc];
+            if narrow.is_some() {
+                // One chunk, all of 0..n, one tile (see above).
+                self.plan
+                    .forward_narrow_rows(&panels[..packed_len], part, nc, r0, r1)
+            } else if small.is_some() {
+                // One chunk, all of 0..n (see above).
+                self.plan
+                    .forward_small_rows(&panels[..packed_len], part, nc, r0, r1)
+            } else if let Some(k) = wino {
+                k.forward_rows(x, &d, c0, c1, r0, r1, part)
+            } else if let Some(dc) = dc {
+                dc.forward_rows(xd, &d, c0, c1, r0, r1, part)
+            } else if let Some(nr) = tiles {
+                // The tiled dense kernel reads im2col tiles in place: no packing copy.
+                let len = nc.div_ceil(nr) * nr * kk;
+                col_buf = at_least(col_buf, len);
+                let c = &mut col_buf[..len];
+                d.im2col_tiles(x, self.read.as_deref(), c0, c1, nr, c, &mut tmp)
+                    .and_then(|()| self.plan.forward_tiles_rows(c, part, nc, r0, r1))
+            } else if no_im2col {
+                self.plan.forward(x, part, nc)
+            } else {
+                col_buf = at_least(col_buf, kk * nc);
+                let c = &mut col_buf[..kk * nc];
+                match &self.read {
+                    Some(r) => d.im2col_rows(x, r, c0, c1, c),
+                    None => d.im2col_range(x, c0, c1, c),
                 }
-                .map_err(kerr)?;
-                self.store(part, out, (r0, c0), nc, (n, res));
-                SCRATCH.set((col_buf, part_buf, tmp));
-                Ok(())
-            });
+                .and_then(|()| self.plan.forward(c, part, nc))
+            }
+            .map_err(kerr)?;
+            self.store(part, out, (r0, c0), nc, (n, res));
+            SCRATCH.set((col_buf, part_buf, tmp));
+            Ok(())
+        });
         SHARED.set(shared);
         result?;
         // SAFETY: every one of the `len` values was written above (the tasks cover every row
@@ -945,7 +944,8 @@ impl Layer {
                 .map_err(kerr)
                 .and_then(|()| {
                     let xt = &shared[..tl];
-                    shares.into_par_iter().try_for_each(|share| {
+                    team::try_for_each(shares.len(), |i| {
+                        let share = shares[i];
                         let out = yp;
                         // SAFETY: this task alone writes the rows of its blocks of `y` (`cout
                         // × n`, allocated above; blocks' rows are disjoint and below `cout`);
@@ -970,7 +970,8 @@ impl Layer {
         } else {
             x
         };
-        let result = tasks.into_par_iter().try_for_each(|((c0, c1), share)| {
+        let result = team::try_for_each(tasks.len(), |i| {
+            let ((c0, c1), share) = tasks[i];
             let out = yp;
             // SAFETY: this task alone writes columns c0..c1 of the rows of its blocks of `y`
             // (`cout × n`, allocated above; the blocks' rows are disjoint and below `cout`);
@@ -1016,20 +1017,19 @@ impl Layer {
         let shares: Vec<(usize, usize)> = (0..rows.div_ceil(per))
             .map(|i| (i * per, ((i + 1) * per).min(rows)))
             .collect();
-        let result = shares
-            .into_par_iter()
-            .try_for_each(|(r0, r1)| -> Result<()> {
-                // Taken out of the thread's slot (see `forward`).
-                let (col_buf, part_buf, tmp) = SCRATCH.take();
-                let mut part_buf = at_least(part_buf, (r1 - r0) * n);
-                let part = &mut part_buf[..(r1 - r0) * n];
-                let r = k.forward_rows(xq, n, r0, r1, part).map_err(kerr);
-                if r.is_ok() {
-                    self.store(part, yp, (r0, 0), n, (n, res));
-                }
-                SCRATCH.set((col_buf, part_buf, tmp));
-                r
-            });
+        let result = team::try_for_each(shares.len(), |i| -> Result<()> {
+            let (r0, r1) = shares[i];
+            // Taken out of the thread's slot (see `forward`).
+            let (col_buf, part_buf, tmp) = SCRATCH.take();
+            let mut part_buf = at_least(part_buf, (r1 - r0) * n);
+            let part = &mut part_buf[..(r1 - r0) * n];
+            let r = k.forward_rows(xq, n, r0, r1, part).map_err(kerr);
+            if r.is_ok() {
+                self.store(part, yp, (r0, 0), n, (n, res));
+            }
+            SCRATCH.set((col_buf, part_buf, tmp));
+            r
+        });
         SHARED.set(shared);
         result?;
         // SAFETY: the shares cover every row, each storing all `n` columns of its rows.

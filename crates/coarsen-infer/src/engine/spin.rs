@@ -11,8 +11,10 @@
 //! ONNX Runtime's pool spins between sections for the same reason.
 //!
 //! [`spinning`] runs a pass with the pool's other threads each held in a spinner job for the
-//! pass's length: a loop that takes pending rayon jobs (`rayon::yield_now`) and spins when
-//! there are none, so a parallel section finds them awake.
+//! pass's length: a loop that helps with the pass's team sections
+//! ([`coarsen_kernels::team`], whose waiting leader spins too), takes pending rayon jobs
+//! (`rayon::yield_now`), and spins when there are none, so a parallel section finds them
+//! awake.
 //!
 //! Why it cannot deadlock: a spinner returns only when the pass is done, so it must never sit
 //! on top of a frame that the pass waits for. Spinners are pushed before any of the pass's
@@ -23,6 +25,8 @@
 //! that ends them.
 
 use std::cell::Cell;
+
+use coarsen_kernels::team;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether some pass of this process runs with spinners now.
@@ -64,7 +68,7 @@ pub(super) fn spinning<R: Send>(on: bool, pass: impl FnOnce() -> R + Send) -> R 
             }
         }
         let _end = SetOnDrop(&done, true);
-        pass()
+        team::leading(pass)
     })
 }
 
@@ -90,6 +94,9 @@ fn spin(done: &AtomicBool) {
         return;
     }
     while !done.load(Ordering::Acquire) {
+        if team::help() {
+            continue;
+        }
         match rayon::yield_now() {
             Some(rayon::Yield::Executed) => {}
             Some(rayon::Yield::Idle) => {

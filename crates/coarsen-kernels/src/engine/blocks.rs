@@ -154,7 +154,7 @@ impl BlockEngine {
         } else {
             self.pack_floats(super::tile_width(isa))
         };
-        (0..parts).into_par_iter().for_each(|t| {
+        crate::team::for_each(parts, |t| {
             let (n0, n1) = split_range(n, parts, t, isa.lanes());
             if n0 < n1 {
                 PACK.with(|buf| {

@@ -3,7 +3,6 @@
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
-use rayon::prelude::*;
 
 use super::tiled::Tiled;
 use super::{split_range, SyncPtr};
@@ -122,7 +121,7 @@ impl DenseEngine {
         let threads = rayon::current_num_threads();
         if self.threading == Threading::SplitColumns && threads > 1 {
             let (xp, yp) = (SyncPtr(x.as_ptr() as *mut f32), SyncPtr(y.as_mut_ptr()));
-            (0..threads).into_par_iter().for_each(|t| {
+            crate::team::for_each(threads, |t| {
                 let (a, b) = split_range(n, threads, t, 16);
                 if a < b {
                     // SAFETY: each thread views its own columns a..b of X and Y, with row

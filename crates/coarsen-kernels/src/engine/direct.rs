@@ -9,6 +9,7 @@
 //! `MR × NR` tile of `Y` in registers over every tap and a block of channels. `W` is packed
 //! tap-major (`panel[(tap·C + c)·MR + i]`) so each step streams `MR` consecutive weights.
 
+use super::SyncPtr;
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::simd::Isa;
@@ -386,7 +387,6 @@ pub(super) fn split_phases(
 /// as `x`; both checked by the caller), in parallel over channels: each input row is read once
 /// and split into its even and odd columns.
 fn phase_planes(x: &[f32], d: &ConvDims, out: &mut [f32]) {
-    use rayon::prelude::*;
     let (h, w, ho, wo) = (d.h, d.w, d.ho, d.wo);
     let plane = d.c * d.n();
     let ld = d.n();
@@ -397,21 +397,36 @@ fn phase_planes(x: &[f32], d: &ConvDims, out: &mut [f32]) {
     let (p01, p23) = out.split_at_mut(2 * plane);
     let (p0, p1) = p01.split_at_mut(plane);
     let (p2, p3) = p23.split_at_mut(plane);
-    p0.par_chunks_mut(ld)
-        .zip(p1.par_chunks_mut(ld))
-        .zip(p2.par_chunks_mut(ld).zip(p3.par_chunks_mut(ld)))
-        .enumerate()
-        .for_each(|(c, ((o0, o1), (o2, o3)))| {
+    let (p1, p2, p3) = (
+        SyncPtr(p1.as_mut_ptr()),
+        SyncPtr(p2.as_mut_ptr()),
+        SyncPtr(p3.as_mut_ptr()),
+    );
+    // Channels in tasks of about 16 KiB of each plane.
+    let per = (4096 / ld).max(1);
+    crate::team::for_each_chunk_mut(p0, per * ld, |t, o0| {
+        let at0 = t * per * ld;
+        // SAFETY: chunk t of each of the other three planes (as long as `o0`, chunk t of the
+        // first) is written by this task alone, and every plane outlives the section.
+        let (o1, o2, o3) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(p1.get().add(at0), o0.len()),
+                std::slice::from_raw_parts_mut(p2.get().add(at0), o0.len()),
+                std::slice::from_raw_parts_mut(p3.get().add(at0), o0.len()),
+            )
+        };
+        for (k, c) in (t * per..).take(o0.len() / ld).enumerate() {
             for b in 0..d.b {
                 let src = &x[(c * d.b + b) * h * w..][..h * w];
                 for i in 0..ho {
-                    let at = (b * ho + i) * wo;
+                    let at = k * ld + (b * ho + i) * wo;
                     let (top, bottom) = src[2 * i * w..][..2 * w].split_at(w);
                     split_columns(top, &mut o0[at..][..wo], &mut o1[at..][..wo], wide);
                     split_columns(bottom, &mut o2[at..][..wo], &mut o3[at..][..wo], wide);
                 }
             }
-        });
+        }
+    });
 }
 
 /// `even[j] = s[2j]`, `odd[j] = s[2j + 1]` (`s` holds `2·even.len()` values, `odd` as many as

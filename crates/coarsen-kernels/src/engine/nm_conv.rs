@@ -19,8 +19,6 @@
 //! channels and blocks of at most 8 columns; groups of 4 (2:4) permute within each 128-bit
 //! half, each holding the group's 4 inputs.
 
-use rayon::prelude::*;
-
 use crate::conv::ConvDims;
 use crate::error::{check_len, KernelError, Result};
 use crate::formats::{NmCompressed, NM_PAD};
@@ -206,26 +204,24 @@ impl NmConv {
         let plane = (d.b * d.h * d.w) as i32;
         // (Block, tap group) pairs in chunks of about 64 KiB of output.
         let per = (16384 / stride).max(1);
-        out.par_chunks_mut(per * stride)
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                for (k, dst) in chunk.chunks_exact_mut(stride).enumerate() {
-                    let (b, kg) = ((i * per + k) / kgs, (i * per + k) % kgs);
-                    let (g, s) = (kg / self.inner, kg % self.inner);
-                    // SAFETY: `isa` is available (`new`); every valid lane's index is a
-                    // channel below `cin` times the plane plus an offset inside it, below
-                    // `x.len()` ≤ i32::MAX (`accepts`); `dst` holds `stride` values (a
-                    // multiple of 16), the lanes of block `b` in `t`.
-                    unsafe {
-                        let (chan, at) = (&self.chan[g], (s, b));
-                        if self.isa == Isa::Avx512 {
-                            avx512::gather_group(x, chan, plane, &t, at, dst)
-                        } else {
-                            avx2::gather_group(x, chan, plane, &t, at, dst)
-                        }
-                    };
-                }
-            });
+        crate::team::for_each_chunk_mut(out, per * stride, |i, chunk| {
+            for (k, dst) in chunk.chunks_exact_mut(stride).enumerate() {
+                let (b, kg) = ((i * per + k) / kgs, (i * per + k) % kgs);
+                let (g, s) = (kg / self.inner, kg % self.inner);
+                // SAFETY: `isa` is available (`new`); every valid lane's index is a
+                // channel below `cin` times the plane plus an offset inside it, below
+                // `x.len()` ≤ i32::MAX (`accepts`); `dst` holds `stride` values (a
+                // multiple of 16), the lanes of block `b` in `t`.
+                unsafe {
+                    let (chan, at) = (&self.chan[g], (s, b));
+                    if self.isa == Isa::Avx512 {
+                        avx512::gather_group(x, chan, plane, &t, at, dst)
+                    } else {
+                        avx2::gather_group(x, chan, plane, &t, at, dst)
+                    }
+                };
+            }
+        });
         Ok(())
     }
 

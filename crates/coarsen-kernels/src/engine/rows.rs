@@ -229,7 +229,7 @@ fn run_rows(
     let (xp, yp) = (SyncPtr(x.as_ptr() as *mut f32), SyncPtr(y.as_mut_ptr()));
     let parts = parts.clamp(1, e.rows.max(1));
     let need = (e.kc + e.rows) * RNV * isa.lanes();
-    (0..parts).into_par_iter().for_each(|t| {
+    crate::team::for_each(parts, |t| {
         let (r0, r1) = split_range(e.rows, parts, t, 1);
         if r0 < r1 && n > 0 {
             TILE.with(|buf| {

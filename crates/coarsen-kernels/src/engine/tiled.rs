@@ -157,8 +157,7 @@ impl Tiled {
         if parts == 1 {
             run(0, 1);
         } else {
-            use rayon::prelude::*;
-            (0..parts).into_par_iter().for_each(|t| run(t, parts));
+            crate::team::for_each(parts, |t| run(t, parts));
         }
     }
 
