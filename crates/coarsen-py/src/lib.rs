@@ -16,6 +16,16 @@ use pyo3::prelude::*;
 /// coarsen's native module; use it through the `coarsen` package.
 #[pymodule]
 fn _coarsen(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The engine's worker threads (rayon's global pool), pinned one per CPU as the command
+    // line's `--pin` does: `COARSEN_PIN=auto|on|off`, default auto. Where the pool exists
+    // already (a second import), it stays as it is.
+    let pin = match std::env::var("COARSEN_PIN") {
+        Ok(v) => v
+            .parse::<coarsen_kernels::threads::Pinning>()
+            .map_err(|e| errors::CoarsenError::new_err(format!("COARSEN_PIN: {e}")))?,
+        Err(_) => coarsen_kernels::threads::Pinning::Auto,
+    };
+    let _ = coarsen_kernels::threads::global(pin);
     m.add("CoarsenError", m.py().get_type::<errors::CoarsenError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(masks::prune, m)?)?;

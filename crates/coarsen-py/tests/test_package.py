@@ -54,3 +54,17 @@ def test_version_and_docs():
     assert coarsen.__version__
     for name in coarsen.__all__:
         assert getattr(coarsen, name).__doc__, name
+
+
+def test_coarsen_pin_is_checked_at_import():
+    # The engine's threads are pinned as COARSEN_PIN says; a value that is not auto, on or off
+    # is refused when the module loads, naming the variable.
+    code = "import coarsen"
+    for value in ("auto", "on", "off"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "COARSEN_PIN": value})
+        assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "COARSEN_PIN": "sometimes"})
+    assert out.returncode != 0
+    assert "COARSEN_PIN" in out.stderr and "auto, on or off" in out.stderr
