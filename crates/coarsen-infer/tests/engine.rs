@@ -376,3 +376,36 @@ fn tuning_is_cached_per_layer_and_batch() {
     assert!(TuneCache::open(&file).save().is_ok());
     assert!(e.tune(0, &mut cache, Tuning::Measure).is_err());
 }
+
+#[test]
+fn a_packed_network_on_the_dense_kernels_is_timed_as_the_dense_one() {
+    // The demo's `dense` and `imp` rows: nothing runs packed, so the two paths are one
+    // computation, timed once (a saving of exactly 0, never noise shown as a loss).
+    let (graph, tensors, weights) = residual().finish(6);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::Csr, 10);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let dense = InferenceNet::new(&network, &formats, Path::Dense).unwrap();
+    let mut packed = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    let [c, h, w] = dense.input();
+    let x = vec![0.25; 2 * c * h * w];
+    assert!(dense.runs_dense_kernels());
+    // Untuned, the sparse layers run packed: timed against the dense path.
+    assert!(!packed.runs_dense_kernels());
+    // Forced onto the dense kernels everywhere: the same network.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cache = TuneCache::open(&dir.path().join("tune.json"));
+    let choices = packed.tune(2, &mut cache, Tuning::Dense).unwrap();
+    assert!(!choices.is_empty() && choices.iter().all(|c| c.dense));
+    assert!(packed.runs_dense_kernels());
+    let t = coarsen_infer::timing::time_paths(&packed, &dense, &x, 2, 3).unwrap();
+    assert_eq!(t.packed_ms, t.dense_ms);
+    assert_eq!(t.time_saving, 0.0);
+    assert!(t.dense_ms > 0.0);
+    // Other options (no Winograd, say) are another computation: timed apart.
+    let mut o = InferOptions::default();
+    o.winograd = !o.winograd;
+    let other = InferenceNet::with_options(&network, &formats, Path::Dense, o).unwrap();
+    let t = coarsen_infer::timing::time_paths(&packed, &other, &x, 2, 3).unwrap();
+    assert!(t.packed_ms > 0.0 && t.dense_ms > 0.0);
+    assert_ne!(t.packed_ms, t.dense_ms, "timed as one computation");
+}

@@ -61,6 +61,13 @@ pub fn interleaved(reps: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (f6
     (median(ta), median(tb))
 }
 
+/// Times `f` `reps` times after one warm-up call and returns its median time in
+/// milliseconds.
+pub fn repeated(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median((0..reps.max(1)).map(|_| time_ms(&mut f)).collect())
+}
+
 fn time_ms(f: &mut impl FnMut()) -> f64 {
     let t = Instant::now();
     f();

@@ -247,6 +247,11 @@ impl InferenceNet {
         Ok(engine)
     }
 
+    /// The performance options.
+    pub fn options(&self) -> InferOptions {
+        self.options
+    }
+
     /// Sets the performance options (except `winograd` and `fuse_residual`, see
     /// [`with_options`](Self::with_options)).
     pub fn set_options(&mut self, options: InferOptions) {
@@ -290,6 +295,16 @@ impl InferenceNet {
     /// Multiply-adds per image over all conv and linear layers.
     pub fn macs_per_image(&self) -> usize {
         self.layers.iter().map(|l| l.macs_per_image).sum()
+    }
+
+    /// Whether every layer runs on the dense kernels: a network without sparse layers, the
+    /// dense path, or a packed network whose tuning chose the dense kernels for every sparse
+    /// layer ([`tune`](Self::tune)).
+    pub fn runs_dense_kernels(&self) -> bool {
+        self.steps.iter().all(|s| match &s.kind {
+            run::Kind::Layer(l) => l.dense_twin.is_none() && l.plan.format() == "dense",
+            _ => true,
+        })
     }
 
     fn check_input(&self, len: usize, batch: usize) -> Result<()> {
