@@ -467,13 +467,15 @@ impl<'a> Compiler<'a> {
             Some(f2) => {
                 // F(4×4) where it measured faster than F(2×2) in the network
                 // (`examples/ab_options`; `examples/ab_wino` times one layer): sizes that are
-                // multiples of 4, at least 64 output channels (with fewer, its gathers and
-                // transforms cost what its products save), and a transformed weight of at
+                // multiples of 4, at least 32 output channels (with 16, ResNet-20's first
+                // stage, its gathers and transforms cost what its products save; with 32,
+                // ResNet-20's second stage and the demo CNN's conv2 ran faster on F(4×4),
+                // alternated binaries), and a transformed weight of at
                 // most 36·256² values (ResNet-18's 512-channel layers, 4×4 images, gain
                 // nothing).
                 let f4 = if h.is_multiple_of(4)
                     && w.is_multiple_of(4)
-                    && rows >= 64
+                    && rows >= 32
                     && rows * cin <= 256 * 256
                 {
                     Winograd::with_tile(g, rows, cin, values, 4)?.filter(|k| k.tile() == 4)
