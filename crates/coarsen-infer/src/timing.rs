@@ -21,8 +21,9 @@ pub struct PathTiming {
 /// Times `packed` against `dense` on the channel-major batch `x` of `batch` images, `reps`
 /// times each (at least once), interleaved; medians. Where the two compute the same network
 /// on the same kernels (no sparse layer runs packed, the same layers of the same matrix
-/// sizes, the same engine options), they are one computation: it is timed once, `reps` times, and the saving is 0
-/// (two timings of it would differ by noise alone, and show as a saving or a loss).
+/// sizes, the same engine options), they are one computation: it is timed once, `reps`
+/// times, and the saving is 0 (two timings of it would differ by noise alone, and show as a
+/// saving or a loss).
 pub fn time_paths(
     packed: &InferenceNet,
     dense: &InferenceNet,

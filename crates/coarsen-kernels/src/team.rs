@@ -181,24 +181,40 @@ pub fn for_each<F: Fn(usize) + Sync + Send>(n: usize, f: F) {
     }
 }
 
+/// The error of the lowest-numbered failing task, of tasks that run in any order.
+struct FirstError<E>(Mutex<Option<(usize, E)>>);
+
+impl<E> FirstError<E> {
+    fn new() -> Self {
+        FirstError(Mutex::new(None))
+    }
+
+    /// Keeps task `i`'s error if no task before it failed.
+    fn note(&self, i: usize, r: Result<(), E>) {
+        if let Err(e) = r {
+            let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if g.as_ref().is_none_or(|(j, _)| i < *j) {
+                *g = Some((i, e));
+            }
+        }
+    }
+
+    fn into_result(self) -> Result<(), E> {
+        match self.0.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// [`for_each`] of fallible tasks: every task runs; the first error (by index) is returned.
 pub fn try_for_each<E: Send, F: Fn(usize) -> Result<(), E> + Sync + Send>(
     n: usize,
     f: F,
 ) -> Result<(), E> {
-    let first: Mutex<Option<(usize, E)>> = Mutex::new(None);
-    for_each(n, |i| {
-        if let Err(e) = f(i) {
-            let mut g = first.lock().unwrap_or_else(|e| e.into_inner());
-            if g.as_ref().is_none_or(|(j, _)| i < *j) {
-                *g = Some((i, e));
-            }
-        }
-    });
-    match first.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some((_, e)) => Err(e),
-        None => Ok(()),
-    }
+    let first = FirstError::new();
+    for_each(n, |i| first.note(i, f(i)));
+    first.into_result()
 }
 
 /// A pointer to the elements of a slice whose chunks go to different tasks.
@@ -239,19 +255,9 @@ pub fn try_for_each_chunk_mut<T: Send, E: Send, F>(v: &mut [T], size: usize, f: 
 where
     F: Fn(usize, &mut [T]) -> Result<(), E> + Sync + Send,
 {
-    let first: Mutex<Option<(usize, E)>> = Mutex::new(None);
-    for_each_chunk_mut(v, size, |i, chunk| {
-        if let Err(e) = f(i, chunk) {
-            let mut g = first.lock().unwrap_or_else(|e| e.into_inner());
-            if g.as_ref().is_none_or(|(j, _)| i < *j) {
-                *g = Some((i, e));
-            }
-        }
-    });
-    match first.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some((_, e)) => Err(e),
-        None => Ok(()),
-    }
+    let first = FirstError::new();
+    for_each_chunk_mut(v, size, |i, chunk| first.note(i, f(i, chunk)));
+    first.into_result()
 }
 
 #[cfg(test)]

@@ -25,9 +25,9 @@
 //! that ends them.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use coarsen_kernels::team;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether some pass of this process runs with spinners now.
 static BUSY: AtomicBool = AtomicBool::new(false);
