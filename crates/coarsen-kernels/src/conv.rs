@@ -341,6 +341,29 @@ impl ConvDims {
                 shape: format!("{count} rows × {nc} columns in tiles of {nr}"),
             });
         }
+        if self.g.kernel == [1, 1] && self.g.stride == [1, 1] && self.g.padding == [0; 4] {
+            // Pointwise (a linear layer's input): row `r` of the im2col matrix is input row
+            // `r` itself, so each tile's row is one copy, written in order.
+            let plane = self.b * self.h * self.w;
+            for t in 0..tiles {
+                let a = c0 + t * nr;
+                let width = nr.min(c1 - a);
+                for i in 0..count {
+                    let r = rows.map_or(i, |rs| rs[i] as usize);
+                    let dst = &mut out[(t * count + i) * nr..][..nr];
+                    let src = &x[r * plane + a..][..width];
+                    if width == nr && nr.is_multiple_of(16) {
+                        for (d, s) in dst.chunks_exact_mut(16).zip(src.chunks_exact(16)) {
+                            d.copy_from_slice(s);
+                        }
+                    } else {
+                        dst[..width].copy_from_slice(src);
+                        dst[width..].fill(0.0);
+                    }
+                }
+            }
+            return Ok(());
+        }
         #[cfg(target_arch = "x86_64")]
         if self.gathers(nr) {
             // SAFETY: AVX-512F is available (`gathers`); `x` holds the batch and the rows are

@@ -437,9 +437,15 @@ fn apply(kind: &Kind, ins: &[&[f32]], batch: usize, o: &InferOptions) -> Result<
                 .take(c)
                 .for_each(|(ch, out)| {
                     let src = &x[ch * batch * hw..(ch + 1) * batch * hw];
-                    for b in 0..batch {
+                    // Blocks of 16 samples, whose rows stay in L1 while each position's 16
+                    // values go out as one contiguous run.
+                    for b0 in (0..batch).step_by(16) {
+                        let b1 = (b0 + 16).min(batch);
                         for s in 0..*hw {
-                            out[s * batch + b] = src[b * hw + s];
+                            let dst = &mut out[s * batch + b0..s * batch + b1];
+                            for (k, d) in dst.iter_mut().enumerate() {
+                                *d = src[(b0 + k) * hw + s];
+                            }
                         }
                     }
                 });
