@@ -409,3 +409,57 @@ fn a_packed_network_on_the_dense_kernels_is_timed_as_the_dense_one() {
     assert!(t.packed_ms > 0.0 && t.dense_ms > 0.0);
     assert_ne!(t.packed_ms, t.dense_ms, "timed as one computation");
 }
+
+/// The demo CNN's shapes at a batch large enough for Winograd F(4×4): its 3×3 convolution on
+/// 14×14 images (which tiles of 4 do not divide: the last band and column of tiles reach past
+/// each image) and on 10×6, then a flatten and a linear layer over a batch that is no multiple
+/// of 16, on the dense path with Winograd on and off, against the reference.
+#[test]
+fn winograd_tiles_past_the_image_equal_the_reference() {
+    let mut net = Net::new([8, 14, 14]);
+    net.conv3("conv1", 8, 32, 1);
+    net.op(Op::Relu);
+    net.op(Op::MaxPool(pool(3, 3, 1)));
+    net.conv3("conv2", 32, 40, 1);
+    net.op(Op::Flatten);
+    net.linear("fc", 40 * 5 * 5, 7, true);
+    let mut wide_net = Net::new([8, 10, 6]);
+    wide_net.conv3("conv1", 8, 32, 1);
+    wide_net.op(Op::Flatten);
+    wide_net.linear("fc", 32 * 60, 5, true);
+    for (label, net, batch) in [("14x14", net, 11), ("10x6", wide_net, 19)] {
+        let (graph, tensors, weights) = net.finish(21);
+        let (masks, formats) = masks_for(&weights, &LayerFormat::Dense, 0);
+        let network = Network::new(graph, tensors, masks).unwrap();
+        let [c, h, w] = network.input();
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let x: Vec<f32> = (0..batch * c * h * w)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let want = reference::forward_nchw(&network, &x, batch).unwrap();
+        let scale = scale_of(&want);
+        for winograd in [true, false] {
+            let options = InferOptions {
+                winograd,
+                ..InferOptions::default()
+            };
+            let engine =
+                InferenceNet::with_options(&network, &formats, Path::Dense, options).unwrap();
+            let got = engine.forward_nchw(&x, batch).unwrap();
+            let err = max_error(&got, &want);
+            assert!(err <= 1e-3 * scale, "{label} winograd {winograd}: {err}");
+            let steps = engine.profile(&x, batch, 1).unwrap();
+            let f4 = steps.iter().filter(|s| s.kernel.contains("F(4x4")).count();
+            // Where the CPU has AVX-512 both layers of 14×14 run F(4×4) (10×6 pads too much).
+            if winograd
+                && label == "14x14"
+                && coarsen_kernels::simd::Isa::detect() == coarsen_kernels::simd::Isa::Avx512
+            {
+                assert_eq!(f4, 1, "{label}: {steps:?}");
+            }
+            if !winograd || label == "10x6" {
+                assert_eq!(f4, 0, "{label}: {steps:?}");
+            }
+        }
+    }
+}

@@ -3,7 +3,8 @@
 //! column chunks as the engine cuts them; best time of each, and each Winograd's largest
 //! difference from the implicit GEMM relative to its largest output.
 //!
-//! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS]`
+//! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS] [CIN,COUT,HW]`
+//! (the last: that one shape only)
 use std::time::Instant;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
@@ -29,9 +30,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(2).map_or(Ok(5), |s| s.parse())?;
+    let only: Option<Vec<usize>> = match args.get(3) {
+        Some(s) => Some(s.split(',').map(str::parse).collect::<Result<_, _>>()?),
+        None => None,
+    };
     let g = ConvGeometry::square(3, 1, 1);
     for (cin, cout, hw) in [
         (3, 64, 32),
+        (16, 32, 28),
+        (32, 64, 14),
+        (32, 64, 16),
         (16, 32, 32),
         (64, 64, 32),
         (64, 128, 16),
@@ -39,6 +47,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (256, 256, 8),
         (512, 512, 4),
     ] {
+        if only.as_ref().is_some_and(|o| o[..] != [cin, cout, hw]) {
+            continue;
+        }
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let n = d.n();
         let w: Vec<f32> = (0..cout * cin * 9)
@@ -66,7 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for (i, (_, k)) in kernels.iter().enumerate() {
                 // Chunks as the engine cuts them: about 128 Ki floats of input, whole blocks.
                 let (unit, kk) = match k {
-                    Some(k) => (lcm(k.tile() * hw, k.block_columns()), 4 * cin),
+                    Some(k) => (lcm(k.column_unit(hw, hw), k.block_columns()), 4 * cin),
                     None => (hw, 9 * cin),
                 };
                 let cols = (131_072 / kk).max(256).div_ceil(unit) * unit;

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use coarsen_core::{Mask, MatrixView};
-use coarsen_kernels::conv::ConvGeometry;
+use coarsen_kernels::conv::{ConvDims, ConvGeometry};
 use coarsen_kernels::{
     BlockConv, Bsr, ChannelCompact, Csr, Dense, DirectConv, GroupBlocks, NmCompressed, NmConv,
     Packed, Plan, ShuffledBlocks, Threading, Winograd,
@@ -467,18 +467,20 @@ impl<'a> Compiler<'a> {
             Some(f2) => {
                 // F(4×4) where it measured faster than F(2×2) in the network
                 // (`examples/ab_options`; `examples/ab_wino` times one layer): sizes that are
-                // multiples of 4, at least 32 output channels (with 16, ResNet-20's first
+                // multiples of 4, or whose tiles reach past the image by at most a third of
+                // its area where the kernel takes such sizes (the demo CNN's 14×14 conv3: 16
+                // tiles of 36 products against 49 of 16), at least 32 output channels (with
+                // 16, ResNet-20's first
                 // stage, its gathers and transforms cost what its products save; with 32,
                 // ResNet-20's second stage and the demo CNN's conv2 ran faster on F(4×4),
                 // alternated binaries), and a transformed weight of at
                 // most 36·256² values (ResNet-18's 512-channel layers, 4×4 images, gain
                 // nothing).
-                let f4 = if h.is_multiple_of(4)
-                    && w.is_multiple_of(4)
-                    && rows >= 32
-                    && rows * cin <= 256 * 256
-                {
-                    Winograd::with_tile(g, rows, cin, values, 4)?.filter(|k| k.tile() == 4)
+                let padded = h.next_multiple_of(4) * w.next_multiple_of(4);
+                let f4 = if 3 * padded <= 4 * h * w && rows >= 32 && rows * cin <= 256 * 256 {
+                    let dims = ConvDims::new(&[cin, 1, h, w], g)?;
+                    Winograd::with_tile(g, rows, cin, values, 4)?
+                        .filter(|k| k.tile() == 4 && k.accepts(&dims))
                 } else {
                     None
                 };

@@ -710,9 +710,16 @@ impl Layer {
             .filter(|_| self.runs_winograd(n, o))
             .map(|w| w.for_columns(n));
         let chunks = match wino {
-            // Whole bands of output rows (as many as the tiles' side), in whole blocks of
-            // tiles where that costs at most a few bands.
-            Some(k) => column_chunks(n, k.tile() * self.wo, k.block_columns(), 4 * self.cin, o),
+            // Whole bands of output rows (as many as the tiles' side; whole images where the
+            // tiles reach past them), in whole blocks of tiles where that costs at most a few
+            // bands.
+            Some(k) => column_chunks(
+                n,
+                k.column_unit(self.ho, self.wo),
+                k.block_columns(),
+                4 * self.cin,
+                o,
+            ),
             None => column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o),
         };
         // A 1×1 convolution over the whole batch multiplies the input itself.

@@ -234,22 +234,34 @@ impl Winograd {
             .map_or_else(|| panel_rows(self.isa), Tiled::panel_rows)
     }
 
-    /// Whether it runs convolutions of `d`: its geometry and channels, height and width
-    /// multiples of its tile.
+    /// Whether it runs convolutions of `d`: its geometry and channels, and height and width
+    /// multiples of its tile, or any sizes on the AVX-512 kernel (whose last tiles of a row or
+    /// column reach past the image: computed from zeros there, stored only inside it).
     pub fn accepts(&self, d: &ConvDims) -> bool {
+        let exact = d.h.is_multiple_of(self.tile) && d.w.is_multiple_of(self.tile);
         d.g == Self::geometry()
             && d.c == self.cin
-            && d.h.is_multiple_of(self.tile)
-            && d.w.is_multiple_of(self.tile)
+            && (exact || (self.is_fused() && self.isa == Isa::Avx512))
             && d.h > 0
             && d.w > 0
             // Lane offsets within a block of tiles (at most 48 bands of rows) stay in i32.
             && d.w <= 1 << 20
     }
 
+    /// Columns of the smallest ranges it runs on `H × W` images: whole bands of `T` output rows
+    /// (`T·W`, `T` its [`tile`](Self::tile)) where `T` divides `H` and `W`, whole images
+    /// (`H·W`) where it does not.
+    pub fn column_unit(&self, h: usize, w: usize) -> usize {
+        if h.is_multiple_of(self.tile) && w.is_multiple_of(self.tile) {
+            self.tile * w
+        } else {
+            h * w
+        }
+    }
+
     /// Output channels `r0 .. r1` (`r0` a multiple of [`row_align`](Self::row_align)) of the
-    /// output columns `c0 .. c1` (multiples of `T·W`, `T` its [`tile`](Self::tile): whole bands
-    /// of output rows) of the batch
+    /// output columns `c0 .. c1` (multiples of [`column_unit`](Self::column_unit)) of the
+    /// batch
     /// `x` (`[cin, B, H, W]`, sizes `d`) into `y` (`(r1 − r0) × (c1 − c0)`), on the calling
     /// thread.
     #[allow(clippy::too_many_arguments)]
@@ -324,14 +336,19 @@ impl Winograd {
             op,
             d,
             (self.accepts(d), &|| {
+                let other = if self.isa == Isa::Avx512 && self.is_fused() {
+                    ""
+                } else {
+                    " (other sizes need AVX-512)"
+                };
                 format!(
-                    "Winograd F({t}x{t}, 3x3) runs 3x3 stride-1 padding-1 convolutions of {} channels on sizes that are multiples of {t}",
+                    "Winograd F({t}x{t}, 3x3) runs 3x3 stride-1 padding-1 convolutions of {} channels on sizes that are multiples of {t}{other}",
                     self.cin,
                     t = self.tile
                 )
             }),
             x.len(),
-            ((c0, c1), self.tile * d.w),
+            ((c0, c1), self.column_unit(d.h, d.w)),
             ((r0, r1), self.row_align(), self.cout),
             y_len,
         )
@@ -586,6 +603,33 @@ mod fused {
         /// Per vector, for the contiguous path: absolute band and first tile column.
         band: [usize; 3],
         tx0: [usize; 3],
+        /// Per vector and lane: output rows of the tile inside the image (`T` but in the last
+        /// band of an image whose height `T` does not divide), and output columns from its
+        /// first one to the image's right edge (at most 16).
+        rows: [[u8; 16]; 3],
+        cols: [[u8; 16]; 3],
+    }
+
+    /// How a range's columns (`[B, H, W]` positions) fall into bands of `t` output rows:
+    /// `⌈H / t⌉` bands per image, the last one short where `t` does not divide `H`.
+    struct Bands {
+        h: usize,
+        w: usize,
+        t: usize,
+    }
+
+    impl Bands {
+        /// The first column of band `g` (counted from the batch's first image).
+        fn column(&self, g: usize) -> usize {
+            let hb = self.h.div_ceil(self.t);
+            g / hb * self.h * self.w + g % hb * self.t * self.w
+        }
+
+        /// The band that starts at column `c` (a whole band's or image's first column).
+        fn index(&self, c: usize) -> usize {
+            let hw = self.h * self.w;
+            c / hw * self.h.div_ceil(self.t) + c % hw / (self.t * self.w)
+        }
     }
 
     /// Output channels `r0 .. r1` of columns `c0 .. c1` (whole bands of `T` rows) into `y`
@@ -609,14 +653,18 @@ mod fused {
         let es = a * a;
         let (h, w, cin) = (d.h, d.w, k.cin);
         let ld = d.n();
-        let nc = c1 - c0;
-        let tw = w / T;
-        let first_band = c0 / (T * w);
-        let nt = nc / (T * w) * tw;
+        // Bands of `T` output rows, `tw` tiles each (the last band of an image and the last
+        // tile of a band reaching past it where `T` does not divide its sizes: ranges are then
+        // whole images).
+        let bands = Bands { h, w, t: T };
+        let tw = w.div_ceil(T);
+        let first_band = bands.index(c0);
+        let nt = (bands.index(c1) - first_band) * tw;
         let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
         let np_all = k.cout.div_ceil(MR);
         let rows_pad = (q1 - q0) * MR;
-        let contiguous = T == 2 && tw.is_multiple_of(16);
+        let contiguous =
+            T == 2 && tw.is_multiple_of(16) && h.is_multiple_of(T) && w.is_multiple_of(T);
         let (mut vbuf, mut mbuf) = BUFS.take();
         if vbuf.len() < es * cin * TB {
             vbuf.resize(es * cin * TB, 0.0);
@@ -629,7 +677,7 @@ mod fused {
         while tb < nt {
             let nb = TB.min(nt - tb);
             let nv = nb.div_ceil(16);
-            let block = block::<T>(tb, nt, tw, first_band, h, w);
+            let block = block::<T>(tb, nt, first_band, &bands);
             let band0 = first_band + tb / tw;
             // Input transform: V_e[c][lane].
             for c in 0..cin {
@@ -641,7 +689,7 @@ mod fused {
                     } else {
                         // The block's first band: lanes add their offsets to it (a pointer
                         // only formed, read through valid lanes only).
-                        let base = xc.wrapping_add(band0 * T * w);
+                        let base = xc.wrapping_add(bands.column(band0));
                         let d = patch_gather::<T>(base, &block, v, w);
                         if T == 2 {
                             input::<Avx512>(&std::array::from_fn(|i| d[i]), at, cin * TB);
@@ -665,7 +713,7 @@ mod fused {
                 }
             }
             // Output transform, through the epilogue out to the block's columns of each row.
-            let ybase = (band0 - first_band) * T * w;
+            let ybase = bands.column(band0) - c0;
             for r in 0..r1 - r0 {
                 let out = Out {
                     y: yp.add(r * ldy + ybase),
@@ -702,16 +750,9 @@ mod fused {
         BUFS.set((vbuf, mbuf));
     }
 
-    /// The lanes of the block of tiles `tb ..` (of `nt`, `tw` per band of `T` rows, the
-    /// range's first band `first_band`) of `H × W` images.
-    fn block<const T: usize>(
-        tb: usize,
-        nt: usize,
-        tw: usize,
-        first_band: usize,
-        h: usize,
-        w: usize,
-    ) -> Block {
+    /// The lanes of the block of tiles `tb ..` (of `nt`, the range's first band
+    /// `first_band`) of the images `bands` cuts.
+    fn block<const T: usize>(tb: usize, nt: usize, first_band: usize, bands: &Bands) -> Block {
         let a = T + 2;
         let mut b = Block {
             inb: [[0; 16]; 3],
@@ -720,8 +761,13 @@ mod fused {
             valid: [0; 3],
             band: [0; 3],
             tx0: [0; 3],
+            rows: [[0; 16]; 3],
+            cols: [[0; 16]; 3],
         };
+        let (h, w) = (bands.h, bands.w);
+        let (tw, hb) = (w.div_ceil(T), h.div_ceil(T));
         let p0 = tb / tw;
+        let col0 = bands.column(first_band + p0);
         let (hi, wi) = (h as isize, w as isize);
         for v in 0..3 {
             let t = tb + 16 * v;
@@ -734,8 +780,10 @@ mod fused {
                 }
                 b.valid[v] |= 1 << l;
                 let (p, tx) = (t / tw, t % tw);
-                let ty = (first_band + p) % (h / T);
-                let rel = ((p - p0) * T * w) as isize;
+                let ty = (first_band + p) % hb;
+                b.rows[v][l] = (h - T * ty).min(T) as u8;
+                b.cols[v][l] = (w - T * tx).min(16) as u8;
+                let rel = (bands.column(first_band + p) - col0) as isize;
                 let txt = (T * tx) as isize;
                 // Small: a block spans at most 48 bands of rows (`accepts` bounds W).
                 b.inb[v][l] = (rel - wi + txt - 1) as i32;
@@ -885,8 +933,9 @@ mod fused {
     /// through the epilogue. Each output row's values are first transposed tile-major (`T`
     /// values per tile, `16 / T` tiles per vector), so that a run of tiles consecutive in one
     /// band (`run` of them: the largest power of two dividing `tw`, at most `16 / T`) is one
-    /// masked vector store, its residual one masked load. Scatters and gathers of single
-    /// lanes cost several times as much (on Zen 4 a 16-lane scatter is microcoded).
+    /// masked vector store, its residual one masked load; rows and columns of tiles that reach
+    /// past the image are left out of the masks. Scatters and gathers of single lanes cost
+    /// several times as much (on Zen 4 a 16-lane scatter is microcoded).
     ///
     /// # Safety
     /// AVX-512F must be available; `out` and `b` as [`forward`] made them.
@@ -932,11 +981,14 @@ mod fused {
             for (k, &gk) in g.iter().enumerate().take(T) {
                 let mut first = per * k;
                 while first < per * (k + 1) {
-                    if valid >> first & 1 == 1 {
-                        // The run's lanes of `gk`, stored from the vector's start: a pointer
-                        // only formed (wrapping), written and read through those lanes only.
+                    // A run's tiles share their band: the same rows inside the image.
+                    if valid >> first & 1 == 1 && i < usize::from(b.rows[v][first]) {
+                        // The run's lanes of `gk` inside the image, stored from the vector's
+                        // start: a pointer only formed (wrapping), written and read through
+                        // those lanes only.
                         let lane0 = (first - per * k) * T;
-                        let m = ((1u32 << (run * T)) - 1) << lane0;
+                        let width = (run * T).min(usize::from(b.cols[v][first]));
+                        let m = ((1u32 << width) - 1) << lane0;
                         let at = (b.out[v][first] as isize + (i * w) as isize) - lane0 as isize;
                         let res = out
                             .res
@@ -1524,6 +1576,16 @@ mod tests {
             // Runs of 1, 2 and 4 tiles consecutive in a band (3, 6 and 12 tiles per band).
             (5, 4, 2, 4, 12),
             (7, 6, 2, 8, 24),
+            // Sizes the tiles do not divide (AVX-512 only): the last band and the last tile of
+            // each band reach past the image; ranges of whole images.
+            (8, 3, 2, 14, 14),
+            (5, 4, 3, 10, 6),
+            (7, 6, 2, 7, 9),
+            (9, 5, 2, 5, 5),
+            (4, 3, 3, 1, 1),
+            (6, 2, 2, 3, 13),
+            (16, 32, 2, 6, 22),
+            (3, 2, 1, 18, 70),
         ] {
             let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
             let k = cin * 9;
@@ -1533,18 +1595,24 @@ mod tests {
             let mut col = vec![0.0; k * n];
             d.im2col_range(&x, 0, n, &mut col).unwrap();
             let want = reference::forward(&wv, cout, k, &col, n);
-            for tile in [2, 4].into_iter().filter(|t| h % t == 0 && w % t == 0) {
+            for tile in [2, 4] {
                 let wg = Winograd::with_tile(g, cout, cin, &wv, tile)
                     .unwrap()
                     .unwrap();
-                assert!(wg.accepts(&d));
+                let exact = h % wg.tile() == 0 && w % wg.tile() == 0;
+                let avx512 = wg.is_fused() && wg.isa == Isa::Avx512;
+                assert_eq!(wg.accepts(&d), exact || avx512, "[{h}, {w}] tile {tile}");
+                if !wg.accepts(&d) {
+                    continue;
+                }
                 let a = wg.row_align();
                 // F(4×4) rounds some ten times more.
                 let tol = if wg.tile() == 4 { 1e-3 } else { 1e-4 };
                 let t = wg.tile();
-                let pairs = n / (t * w);
+                let unit = wg.column_unit(h, w);
+                let pairs = n / unit;
                 for (p0, p1) in [(0, pairs), (1, pairs), (0, pairs / 2), (pairs, pairs)] {
-                    let (c0, c1) = (p0 * t * w, p1 * t * w);
+                    let (c0, c1) = (p0 * unit, p1 * unit);
                     for (r0, r1) in [(0, cout), (a.min(cout) / a * a, cout)] {
                         let nc = c1 - c0;
                         let mut y = vec![f32::NAN; (r1 - r0) * nc];
@@ -1597,7 +1665,13 @@ mod tests {
         assert!(Winograd::with_tile(g, 2, 2, &[0.0; 36], 3).is_err());
         let odd = ConvDims::new(&[2, 1, 3, 4], g).unwrap();
         let wg = Winograd::new(g, 2, 2, &[0.0; 36]).unwrap().unwrap();
-        assert!(!wg.accepts(&odd));
+        assert_eq!(
+            wg.accepts(&odd),
+            wg.is_fused() && wg.isa == Isa::Avx512,
+            "odd sizes on AVX-512 only"
+        );
+        assert_eq!(wg.column_unit(3, 4), 12);
+        assert_eq!(wg.column_unit(4, 6), 12);
         assert!(
             Winograd::new(ConvGeometry::square(3, 2, 1), 2, 2, &[0.0; 36])
                 .unwrap()
