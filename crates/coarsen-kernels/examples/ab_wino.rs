@@ -4,7 +4,7 @@
 //! difference from the implicit GEMM relative to its largest output.
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS] [CIN,COUT,HW]`
-//! (the last: that one shape only)
+//! (the last: that one shape instead)
 use std::time::Instant;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
@@ -35,21 +35,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
     let g = ConvGeometry::square(3, 1, 1);
-    for (cin, cout, hw) in [
-        (3, 64, 32),
-        (16, 32, 28),
-        (32, 64, 14),
-        (32, 64, 16),
-        (16, 32, 32),
-        (64, 64, 32),
-        (64, 128, 16),
-        (128, 128, 16),
-        (256, 256, 8),
-        (512, 512, 4),
-    ] {
-        if only.as_ref().is_some_and(|o| o[..] != [cin, cout, hw]) {
-            continue;
-        }
+    let shapes = match only {
+        Some(o) if o.len() == 3 => vec![(o[0], o[1], o[2])],
+        Some(_) => return Err("the shape is CIN,COUT,HW".into()),
+        None => vec![
+            (3, 64, 32),
+            (16, 32, 28),
+            (32, 64, 14),
+            (32, 64, 16),
+            (16, 32, 32),
+            (64, 64, 32),
+            (64, 128, 16),
+            (128, 128, 16),
+            (256, 256, 8),
+            (512, 512, 4),
+        ],
+    };
+    for (cin, cout, hw) in shapes {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let n = d.n();
         let w: Vec<f32> = (0..cout * cin * 9)

@@ -466,18 +466,24 @@ impl<'a> Compiler<'a> {
         let wino = match wino {
             Some(f2) => {
                 // F(4×4) where it measured faster than F(2×2) in the network
-                // (`examples/ab_options`; `examples/ab_wino` times one layer): sizes that are
-                // multiples of 4, or whose tiles reach past the image by at most a third of
-                // its area where the kernel takes such sizes (the demo CNN's 14×14 conv3: 16
-                // tiles of 36 products against 49 of 16), at least 32 output channels (with
-                // 16, ResNet-20's first
-                // stage, its gathers and transforms cost what its products save; with 32,
-                // ResNet-20's second stage and the demo CNN's conv2 ran faster on F(4×4),
-                // alternated binaries), and a transformed weight of at
-                // most 36·256² values (ResNet-18's 512-channel layers, 4×4 images, gain
-                // nothing).
+                // (`examples/ab_options`; `examples/ab_wino` times one layer):
+                // - sizes that are multiples of 4, or whose tiles reach past the image by at
+                //   most a third of its area (the demo CNN's 14×14 conv3: 16 tiles of 36
+                //   products against 49 of 16), where the kernel takes such sizes;
+                // - at least 32 output channels where F(2×2) loads rows of 16 tiles
+                //   contiguously (with 16, ResNet-20's first stage on 32×32, its gathers and
+                //   transforms cost what its products save; with 32, its second stage ran
+                //   faster on F(4×4), alternated binaries), at least 16 where F(2×2) gathers
+                //   its patches (the refilled demo CNN's conv2, 16→28 on 28×28, ran faster
+                //   on F(4×4): `ab_wino 64 7 16,28,28`);
+                // - a transformed weight of at most 36·256² values (ResNet-18's 512-channel
+                //   layers, 4×4 images, gain nothing).
                 let padded = h.next_multiple_of(4) * w.next_multiple_of(4);
-                let f4 = if 3 * padded <= 4 * h * w && rows >= 32 && rows * cin <= 256 * 256 {
+                let f2_gathers = !(w / 2).is_multiple_of(16);
+                let f4 = if 3 * padded <= 4 * h * w
+                    && (rows >= 32 || (rows >= 16 && f2_gathers))
+                    && rows * cin <= 256 * 256
+                {
                     let dims = ConvDims::new(&[cin, 1, h, w], g)?;
                     Winograd::with_tile(g, rows, cin, values, 4)?
                         .filter(|k| k.tile() == 4 && k.accepts(&dims))
