@@ -375,6 +375,26 @@ fn tuning_is_cached_per_layer_and_batch() {
     cache.save().unwrap();
     assert!(TuneCache::open(&file).save().is_ok());
     assert!(e.tune(0, &mut cache, Tuning::Measure).is_err());
+    // Times another build of the engine measured (its kernels may differ under the same
+    // names) are not reused: the same file, its source hash changed, measures anew.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let source = doc["source"].as_str().unwrap().to_string();
+    assert_eq!(source.len(), 16, "{source}");
+    let mut f = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    assert!(f
+        .tune(2, &mut TuneCache::open(&file), Tuning::Measure)
+        .unwrap()
+        .iter()
+        .all(|c| c.cached));
+    doc["source"] = serde_json::Value::from("another build");
+    std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let mut g = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    assert!(g
+        .tune(2, &mut TuneCache::open(&file), Tuning::Measure)
+        .unwrap()
+        .iter()
+        .all(|c| !c.cached));
 }
 
 #[test]

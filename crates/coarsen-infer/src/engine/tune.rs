@@ -68,10 +68,18 @@ struct Entry {
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
     version: u32,
+    /// The engine's source the times were measured with ([`SOURCE`]).
+    #[serde(default)]
+    source: String,
     entries: BTreeMap<String, Entry>,
 }
 
 const CACHE_VERSION: u32 = 1;
+
+/// A hash of the engine's source as built (this crate's and `coarsen-kernels`', by
+/// `build.rs`): times measured by another build are not reused, since its kernels may differ
+/// under the same names.
+const SOURCE: &str = env!("COARSEN_ENGINE_SOURCE");
 
 impl TuneCache {
     /// A cache that lives only in memory.
@@ -79,13 +87,14 @@ impl TuneCache {
         TuneCache::default()
     }
 
-    /// The cache in `path`: its measurements if the file exists and is readable, else empty (a
-    /// damaged or foreign file is ignored and replaced on [`save`](Self::save)).
+    /// The cache in `path`: its measurements if the file exists and is readable and was
+    /// written by a build of the same engine source, else empty (a damaged or foreign file,
+    /// or another build's, is ignored and replaced on [`save`](Self::save)).
     pub fn open(path: &FsPath) -> Self {
         let entries = std::fs::read(path)
             .ok()
             .and_then(|b| serde_json::from_slice::<CacheFile>(&b).ok())
-            .filter(|f| f.version == CACHE_VERSION)
+            .filter(|f| f.version == CACHE_VERSION && f.source == SOURCE)
             .map(|f| {
                 f.entries
                     .into_iter()
@@ -126,6 +135,7 @@ impl TuneCache {
         }
         let file = CacheFile {
             version: CACHE_VERSION,
+            source: SOURCE.to_string(),
             entries: self.entries.clone(),
         };
         let text =
