@@ -489,12 +489,16 @@ fn pool(
     avg: Option<bool>,
 ) -> Vec<f32> {
     let planes = x.len() / (h * w).max(1);
-    let mut y = vec![0.0f32; planes * ho * wo];
+    let len = planes * ho * wo;
+    // A recycled buffer (a new one, of megabytes, costs a page fault per 4 KiB on first
+    // write), every value written below.
+    let mut y = buffer(len);
     let fast2 = avg.is_none() && g.kernel == [2, 2] && g.stride == [2, 2] && g.padding == [0; 4];
     let [kh, kw] = g.kernel;
     let (sh, sw) = (g.stride[0], g.stride[1]);
     let (pt, pl) = (g.padding[0], g.padding[1]);
-    y.par_chunks_mut((ho * wo).max(1))
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut((ho * wo).max(1))
         .enumerate()
         .for_each(|(p, out)| {
             let src = &x[p * h * w..(p + 1) * h * w];
@@ -509,7 +513,7 @@ fn pool(
                         .zip(r0.chunks_exact(2))
                         .zip(r1.chunks_exact(2))
                     {
-                        *o = a[0].max(a[1]).max(b[0].max(b[1]));
+                        o.write(a[0].max(a[1]).max(b[0].max(b[1])));
                     }
                 }
                 return;
@@ -527,7 +531,7 @@ fn pool(
                         ((x0 + kw as isize).min(w as isize)) as usize,
                     );
                     let rows = (ya..yb).map(|iy| &src[iy * w + xa..iy * w + xb]);
-                    out[oy * wo + ox] = match avg {
+                    let v = match avg {
                         None => rows.flatten().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
                         Some(include_pad) => {
                             let s: f32 = rows.flatten().sum();
@@ -542,9 +546,12 @@ fn pool(
                             s / count.max(1) as f32
                         }
                     };
+                    out[oy * wo + ox].write(v);
                 }
             }
         });
+    // SAFETY: the planes cover all `len` values, each written above.
+    unsafe { y.set_len(len) };
     y
 }
 
