@@ -608,6 +608,10 @@ mod fused {
         /// first one to the image's right edge (at most 16).
         rows: [[u8; 16]; 3],
         cols: [[u8; 16]; 3],
+        /// Per vector and lane: where a run of tiles starts (the first lane of each group of
+        /// `16 / T` that the output transposes together, or a tile not next to the lane
+        /// before in its band), the number of tiles in the run; 0 elsewhere.
+        runs: [[u8; 16]; 3],
     }
 
     /// How a range's columns (`[B, H, W]` positions) fall into bands of `t` output rows:
@@ -741,7 +745,7 @@ mod fused {
                     if contiguous {
                         store_rows(&out, &block, v, band0, w, &[o[0], o[1], o[2], o[3]]);
                     } else {
-                        store_tiles::<T>(&out, &block, v, tw, w, &o);
+                        store_tiles::<T>(&out, &block, v, w, &o);
                     }
                 }
             }
@@ -763,6 +767,7 @@ mod fused {
             tx0: [0; 3],
             rows: [[0; 16]; 3],
             cols: [[0; 16]; 3],
+            runs: [[0; 16]; 3],
         };
         let (h, w) = (bands.h, bands.w);
         let (tw, hb) = (w.div_ceil(T), h.div_ceil(T));
@@ -797,6 +802,15 @@ mod fused {
                         }
                     }
                 }
+            }
+            // Runs of tiles whose rows are consecutive in memory (the next tile of the same
+            // band), within each group the output transposes together.
+            let mut start = 0;
+            for l in (0..16).filter(|&l| b.valid[v] >> l & 1 == 1) {
+                if l % (16 / T) == 0 || b.out[v][l] != b.out[v][l - 1] + T as i32 {
+                    start = l;
+                }
+                b.runs[v][start] += 1;
             }
         }
         b
@@ -931,10 +945,10 @@ mod fused {
 
     /// Stores vector `v`'s outputs (`o[T·i + j]`: row `i`, column `j` of each lane's tile)
     /// through the epilogue. Each output row's values are first transposed tile-major (`T`
-    /// values per tile, `16 / T` tiles per vector), so that a run of tiles consecutive in one
-    /// band (`run` of them: the largest power of two dividing `tw`, at most `16 / T`) is one
-    /// masked vector store, its residual one masked load; rows and columns of tiles that reach
-    /// past the image are left out of the masks. Scatters and gathers of single lanes cost
+    /// values per tile, `16 / T` tiles per vector), so that each run of tiles consecutive in
+    /// one band (`b.runs`, at most `16 / T` of them) is one masked vector store, its residual
+    /// one masked load; rows and columns of tiles that reach past the image are left out of
+    /// the masks. Scatters and gathers of single lanes cost
     /// several times as much (on Zen 4 a 16-lane scatter is microcoded).
     ///
     /// # Safety
@@ -944,18 +958,14 @@ mod fused {
         out: &Out,
         b: &Block,
         v: usize,
-        tw: usize,
         w: usize,
         o: &[__m512; 16],
     ) {
-        let valid = b.valid[v];
-        if valid == 0 {
+        if b.valid[v] == 0 {
             return;
         }
-        // Tiles per transposed vector, and per run (`tw ≥ 1`: runs never cross a band, and a
-        // run's tiles are all valid or none, since the range holds whole bands).
+        // Tiles per transposed vector.
         let per = 16 / T;
-        let run = (1usize << tw.trailing_zeros()).min(per);
         let mut g = [_mm512_setzero_ps(); 4];
         for i in 0..T {
             if T == 4 {
@@ -981,8 +991,13 @@ mod fused {
             for (k, &gk) in g.iter().enumerate().take(T) {
                 let mut first = per * k;
                 while first < per * (k + 1) {
+                    // Valid tiles are the block's first ones: none after a lane without a run.
+                    let run = usize::from(b.runs[v][first]);
+                    if run == 0 {
+                        break;
+                    }
                     // A run's tiles share their band: the same rows inside the image.
-                    if valid >> first & 1 == 1 && i < usize::from(b.rows[v][first]) {
+                    if i < usize::from(b.rows[v][first]) {
                         // The run's lanes of `gk` inside the image, stored from the vector's
                         // start: a pointer only formed (wrapping), written and read through
                         // those lanes only.
