@@ -2,8 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::InferenceNet;
+use crate::engine::{InferenceNet, LayerChoice, Path, Tuning};
 use crate::error::Result;
+use crate::format::Formats;
+use crate::network::Network;
 
 /// Latency of a packed network against its dense path on the same batch.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,4 +64,52 @@ pub fn time_paths(
         ideal_time_saving: 1.0
             - packed.macs_per_image() as f64 / dense.macs_per_image().max(1) as f64,
     })
+}
+
+/// [`time_paths`] for a network that `tuning` tuned layer by layer, with the choice made for
+/// the whole network too. Each layer keeps the faster of its two variants as timed in context,
+/// but where those differ by little, or for channel-compact layers (which have no dense twin),
+/// the tuned network can still run no faster than the dense path as a whole. When the
+/// interleaved timing says so (`packed` not faster than `dense`) and tuning measured (not
+/// forced packed), `packed` becomes the dense path of `network` (every layer on the dense
+/// kernels, the same function up to rounding), `choices` mark every layer dense, and that
+/// one computation is timed once: a saving of exactly 0, never a loss. The returned timing
+/// says whether it fell back.
+#[allow(clippy::too_many_arguments)]
+pub fn time_tuned(
+    (network, formats): (&Network, &Formats),
+    packed: &mut InferenceNet,
+    choices: &mut [LayerChoice],
+    tuning: Tuning,
+    dense: &InferenceNet,
+    x: &[f32],
+    batch: usize,
+    reps: usize,
+) -> Result<TunedTiming> {
+    let t = time_paths(packed, dense, x, batch, reps)?;
+    let measured = matches!(tuning, Tuning::Measure | Tuning::Remeasure);
+    if t.packed_ms < t.dense_ms || !measured || t.time_saving == 0.0 {
+        return Ok(TunedTiming {
+            timing: t,
+            runs_dense: false,
+        });
+    }
+    *packed = InferenceNet::with_options(network, formats, Path::Dense, packed.options())?;
+    for c in choices.iter_mut() {
+        c.dense = true;
+    }
+    Ok(TunedTiming {
+        timing: time_paths(packed, dense, x, batch, reps)?,
+        runs_dense: true,
+    })
+}
+
+/// What [`time_tuned`] measured.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TunedTiming {
+    /// The two paths' times (after a fall-back, of the dense path alone: saving 0).
+    pub timing: PathTiming,
+    /// Whether the tuned network measured no faster than the dense path as a whole, and now
+    /// runs dense.
+    pub runs_dense: bool,
 }

@@ -430,6 +430,57 @@ fn a_packed_network_on_the_dense_kernels_is_timed_as_the_dense_one() {
     assert_ne!(t.packed_ms, t.dense_ms, "timed as one computation");
 }
 
+/// A tuned network that measures no faster than the dense path as a whole runs dense: the
+/// saving is then exactly 0 (one computation, timed once), never a loss. CSR layers at 45%
+/// density, forced packed, are far slower than the dense kernels, so the fall-back is what
+/// this exercises; where a run ever measured them faster, the saving must be positive.
+/// Forced packed by the caller (`Tuning::Packed`), nothing falls back.
+#[test]
+fn a_tuned_network_no_faster_than_dense_runs_dense() {
+    let (graph, tensors, weights) = deep().finish(8);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::Csr, 11);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let dense = InferenceNet::new(&network, &formats, Path::Dense).unwrap();
+    let [c, h, w] = dense.input();
+    let batch = 4;
+    let x: Vec<f32> = (0..batch * c * h * w)
+        .map(|i| ((i * 37) % 17) as f32 / 17.0 - 0.5)
+        .collect();
+    let want = dense.forward(&x, batch).unwrap();
+    let mut cache = TuneCache::in_memory();
+    for tuning in [Tuning::Measure, Tuning::Packed] {
+        let mut packed = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+        let mut choices = packed.tune(batch, &mut cache, Tuning::Packed).unwrap();
+        assert!(!choices.is_empty() && choices.iter().all(|c| !c.dense));
+        let settled = coarsen_infer::timing::time_tuned(
+            (&network, &formats),
+            &mut packed,
+            &mut choices,
+            tuning,
+            &dense,
+            &x,
+            batch,
+            5,
+        )
+        .unwrap();
+        let t = settled.timing;
+        if tuning == Tuning::Packed {
+            assert!(!settled.runs_dense && !packed.runs_dense_kernels());
+            continue;
+        }
+        if settled.runs_dense {
+            assert_eq!(t.time_saving, 0.0);
+            assert_eq!(t.packed_ms, t.dense_ms);
+            assert!(packed.runs_dense_kernels());
+            assert!(choices.iter().all(|c| c.dense));
+            let got = packed.forward(&x, batch).unwrap();
+            assert!(max_error(&got, &want) <= 1e-5 * scale_of(&want));
+        } else {
+            assert!(t.packed_ms < t.dense_ms, "{t:?}");
+        }
+    }
+}
+
 /// The demo CNN's shapes at a batch large enough for Winograd F(4×4): its 3×3 convolution on
 /// 14×14 images (which tiles of 4 do not divide: the last band and column of tiles reach past
 /// each image) and on 10×6, then a flatten and a linear layer over a batch that is no multiple

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use candle_core::{Device, Tensor, Var};
 use coarsen_core::MaskSet;
 use coarsen_infer::format::random_masks;
-use coarsen_infer::timing::time_paths;
+use coarsen_infer::timing::time_tuned;
 use coarsen_infer::{
     layer_formats, Formats, InferenceNet, LayerChoice, LayerFormat, Network, Path, StepTime, Tuning,
 };
@@ -350,6 +350,10 @@ pub struct ModelBench {
     /// Per sparse layer of the packed path: packed or dense kernels, as tuning chose.
     #[serde(default)]
     pub tuned: Vec<LayerChoice>,
+    /// Whether the tuned network measured no faster than the dense path as a whole, and runs
+    /// dense (`coarsen_infer::timing::time_tuned`): `sparse_ms` is then the dense path's.
+    #[serde(default)]
+    pub runs_dense: bool,
     /// Median milliseconds of ONNX Runtime on the same network (BatchNorm folded), when the
     /// caller timed it.
     #[serde(default)]
@@ -505,7 +509,7 @@ pub fn network_benchmark(
         return Err(TrainError::config("batch", batch, "must be positive"));
     }
     let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
-    let tuned = packed.tune_cached(batch, tuning)?;
+    let mut tuned = packed.tune_cached(batch, tuning)?;
     let dense = InferenceNet::new(network, formats, Path::Dense)?;
     let x = random_batch(network, batch, seed)?;
     let a = packed.forward(&x, batch)?;
@@ -514,7 +518,17 @@ pub fn network_benchmark(
         .iter()
         .zip(&b)
         .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-    let t = time_paths(&packed, &dense, &x, batch, reps)?;
+    let settled = time_tuned(
+        (network, formats),
+        &mut packed,
+        &mut tuned,
+        tuning,
+        &dense,
+        &x,
+        batch,
+        reps,
+    )?;
+    let t = settled.timing;
     let profile = if profile {
         Some(PathProfiles {
             dense: dense.profile(&x, batch, reps)?,
@@ -541,6 +555,7 @@ pub fn network_benchmark(
         threads: rayon::current_num_threads(),
         max_abs_diff,
         tuned,
+        runs_dense: settled.runs_dense,
         ort_ms: None,
         profile,
     })

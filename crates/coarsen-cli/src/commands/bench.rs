@@ -359,10 +359,15 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
     }
     for r in &records {
         println!(
-            "  {} {}: {}",
+            "  {} {}: {}{}",
             r.model,
             r.pattern,
-            coarsen_infer::describe_choices(&r.tuned)
+            coarsen_infer::describe_choices(&r.tuned),
+            if r.runs_dense {
+                format!("; {}", crate::commands::eval::RUNS_DENSE)
+            } else {
+                String::new()
+            }
         );
     }
     for r in &records {

@@ -490,7 +490,9 @@ interleaved with the packed path in the same run (each sparse layer runs packed 
 whichever measured faster on this machine); *ORT ms* is ONNX Runtime on the same network \
 (exported as ONNX, BatchNorm folded, same batch and threads), timed after them when the \
 environment of `scripts/bench-peers` is present (- otherwise); *time saving* is 1 − packed/dense \
-(where no layer runs packed, the two paths are one computation, timed once: 0); *ideal saving* is 1 − packed \
+(where no layer runs packed, the two paths are one computation, timed once: 0; a network whose \
+tuned layers together measured no faster than the dense path runs dense, so 0 too, never a loss); \
+*ideal saving* is 1 − packed \
 multiply-adds / dense multiply-adds, what a perfect kernel would save; *fraction of ideal* is \
 their ratio. `dense` is IMP's first stage; `imp` its last round (unstructured: runs dense, so no \
 saving is expected — the point of the papers); `imp-refill` / `imp-regroup` post-process an IMP \

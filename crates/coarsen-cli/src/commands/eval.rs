@@ -50,10 +50,17 @@ pub struct SparseEval {
     pub layers: Vec<coarsen_infer::LayerInfo>,
     /// Per sparse layer: packed or on the dense kernels, as tuning chose.
     pub tuned: Vec<coarsen_infer::LayerChoice>,
+    /// Whether the tuned network measured no faster than the dense path as a whole, and runs
+    /// dense (`coarsen_infer::timing::time_tuned`).
+    pub runs_dense: bool,
     /// Median milliseconds of ONNX Runtime on the same network at the same batch, when its
     /// environment is present (see `crate::peer`).
     pub ort_ms: Option<f64>,
 }
+
+/// Said where the tuned network measured no faster than the dense path as a whole.
+pub const RUNS_DENSE: &str =
+    "the tuned network measured no faster than the dense path as a whole: it runs dense (saving 0)";
 
 /// Runs `net` packed and dense: packed test accuracy, and latency of both at `batch`
 /// (test images, interleaved, median of `reps`).
@@ -71,8 +78,18 @@ pub fn sparse_eval(
     let n = batch.clamp(1, data.test.n.max(1));
     let idx: Vec<usize> = (0..n).map(|i| i % data.test.n.max(1)).collect();
     let b = coarsen_train::data::make_batch(&data.test, &idx, None, (0, 0, 0));
-    let tuned = packed.tune_cached(b.size, tuning)?;
-    let t = coarsen_infer::timing::time_paths(&packed, &dense, &b.pixels, b.size, reps)?;
+    let mut tuned = packed.tune_cached(b.size, tuning)?;
+    let settled = coarsen_infer::timing::time_tuned(
+        (&l.network, &l.formats),
+        &mut packed,
+        &mut tuned,
+        tuning,
+        &dense,
+        &b.pixels,
+        b.size,
+        reps,
+    )?;
+    let t = settled.timing;
     let ort_ms = match peer {
         Some(p) => Some(p.time(&l.network, b.size, reps, rayon::current_num_threads())?),
         None => None,
@@ -86,6 +103,7 @@ pub fn sparse_eval(
         ideal_time_saving: t.ideal_time_saving,
         layers: packed.layers().to_vec(),
         tuned,
+        runs_dense: settled.runs_dense,
         ort_ms,
     })
 }
@@ -172,6 +190,9 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
             100.0 * s.ideal_time_saving
         );
         println!("  {}", coarsen_infer::describe_choices(&s.tuned));
+        if s.runs_dense {
+            println!("  {RUNS_DENSE}");
+        }
         for l in &s.layers {
             println!(
                 "  {:<28} {:<15} {:>6}×{:<6} {:>9} values",
