@@ -79,6 +79,9 @@ pub fn sparse_eval(
     let idx: Vec<usize> = (0..n).map(|i| i % data.test.n.max(1)).collect();
     let b = coarsen_train::data::make_batch(&data.test, &idx, None, (0, 0, 0));
     let mut tuned = packed.tune_cached(b.size, tuning)?;
+    // The packed network's layers as tuning left them (their formats), whether or not the
+    // whole network then runs dense (`runs_dense`).
+    let layers = packed.layers().to_vec();
     let settled = coarsen_infer::timing::time_tuned(
         (&l.network, &l.formats),
         &mut packed,
@@ -101,7 +104,7 @@ pub fn sparse_eval(
         packed_ms: t.packed_ms,
         time_saving: t.time_saving,
         ideal_time_saving: t.ideal_time_saving,
-        layers: packed.layers().to_vec(),
+        layers,
         tuned,
         runs_dense: settled.runs_dense,
         ort_ms,
