@@ -88,7 +88,8 @@ pub fn time_tuned(
 ) -> Result<TunedTiming> {
     let t = time_paths(packed, dense, x, batch, reps)?;
     let measured = matches!(tuning, Tuning::Measure | Tuning::Remeasure);
-    if t.packed_ms < t.dense_ms || !measured || t.time_saving == 0.0 {
+    // Equal times: one computation, timed once (see `time_paths`).
+    if t.packed_ms <= t.dense_ms || !measured {
         return Ok(TunedTiming {
             timing: t,
             runs_dense: false,

@@ -24,6 +24,12 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// Whether it is pointwise: a 1×1 kernel, stride 1, no padding (row `r` of the im2col
+    /// matrix is input row `r` itself).
+    pub fn pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0; 4]
+    }
+
     /// A square `k × k` kernel with the same stride and padding on every side, no dilation.
     pub fn square(k: usize, stride: usize, pad: usize) -> Self {
         ConvGeometry {
@@ -341,9 +347,9 @@ impl ConvDims {
                 shape: format!("{count} rows × {nc} columns in tiles of {nr}"),
             });
         }
-        if self.g.kernel == [1, 1] && self.g.stride == [1, 1] && self.g.padding == [0; 4] {
-            // Pointwise (a linear layer's input): row `r` of the im2col matrix is input row
-            // `r` itself, so each tile's row is one copy, written in order.
+        if self.g.pointwise() {
+            // A linear layer's input: each tile's row is one copy of an input row's columns,
+            // written in order.
             let plane = self.b * self.h * self.w;
             for t in 0..tiles {
                 let a = c0 + t * nr;
@@ -351,15 +357,8 @@ impl ConvDims {
                 for i in 0..count {
                     let r = rows.map_or(i, |rs| rs[i] as usize);
                     let dst = &mut out[(t * count + i) * nr..][..nr];
-                    let src = &x[r * plane + a..][..width];
-                    if width == nr && nr.is_multiple_of(16) {
-                        for (d, s) in dst.chunks_exact_mut(16).zip(src.chunks_exact(16)) {
-                            d.copy_from_slice(s);
-                        }
-                    } else {
-                        dst[..width].copy_from_slice(src);
-                        dst[width..].fill(0.0);
-                    }
+                    dst[..width].copy_from_slice(&x[r * plane + a..][..width]);
+                    dst[width..].fill(0.0);
                 }
             }
             return Ok(());

@@ -730,11 +730,7 @@ impl Layer {
             None => column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o),
         };
         // A 1×1 convolution over the whole batch multiplies the input itself.
-        let no_im2col = self.g.kernel == [1, 1]
-            && self.g.stride == [1, 1]
-            && self.g.padding == [0; 4]
-            && chunks.len() == 1
-            && self.read.is_none();
+        let no_im2col = self.g.pointwise() && chunks.len() == 1 && self.read.is_none();
         // Few columns (small batches, deep layers): the dense kernel vectorises over rows.
         let small = self
             .plan

@@ -238,10 +238,9 @@ impl Winograd {
     /// multiples of its tile, or any sizes on the AVX-512 kernel (whose last tiles of a row or
     /// column reach past the image: computed from zeros there, stored only inside it).
     pub fn accepts(&self, d: &ConvDims) -> bool {
-        let exact = d.h.is_multiple_of(self.tile) && d.w.is_multiple_of(self.tile);
         d.g == Self::geometry()
             && d.c == self.cin
-            && (exact || (self.is_fused() && self.isa == Isa::Avx512))
+            && (self.divides(d.h, d.w) || self.pads())
             && d.h > 0
             && d.w > 0
             // Lane offsets within a block of tiles (at most 48 bands of rows) stay in i32.
@@ -252,11 +251,22 @@ impl Winograd {
     /// (`T·W`, `T` its [`tile`](Self::tile)) where `T` divides `H` and `W`, whole images
     /// (`H·W`) where it does not.
     pub fn column_unit(&self, h: usize, w: usize) -> usize {
-        if h.is_multiple_of(self.tile) && w.is_multiple_of(self.tile) {
+        if self.divides(h, w) {
             self.tile * w
         } else {
             h * w
         }
+    }
+
+    /// Whether its tile divides `H` and `W`.
+    fn divides(&self, h: usize, w: usize) -> bool {
+        h.is_multiple_of(self.tile) && w.is_multiple_of(self.tile)
+    }
+
+    /// Whether it takes sizes its tile does not divide (the AVX-512 kernel, whose tiles past
+    /// the image are stored through masks).
+    fn pads(&self) -> bool {
+        self.is_fused() && self.isa == Isa::Avx512
     }
 
     /// Output channels `r0 .. r1` (`r0` a multiple of [`row_align`](Self::row_align)) of the
@@ -336,7 +346,7 @@ impl Winograd {
             op,
             d,
             (self.accepts(d), &|| {
-                let other = if self.isa == Isa::Avx512 && self.is_fused() {
+                let other = if self.pads() {
                     ""
                 } else {
                     " (other sizes need AVX-512)"
