@@ -187,7 +187,12 @@ impl ConvDims {
     #[cfg(target_arch = "x86_64")]
     fn gathers(&self, nr: usize) -> bool {
         use crate::simd::Isa;
-        let short = self.wo < 16 || self.g.stride != [1, 1] || self.g.dilation != [1, 1];
+        // A 1×1 stride-2 convolution's rows of at least 16 outputs are copied by vector
+        // permutes instead (`even_columns`).
+        let strided_copies = self.g.kernel == [1, 1] && self.g.stride == [2, 2] && self.wo >= 16;
+        let short = self.wo < 16
+            || (self.g.stride != [1, 1] && !strided_copies)
+            || self.g.dilation != [1, 1];
         short
             && nr.is_multiple_of(16)
             && i32::try_from(self.b * self.h * self.w).is_ok()
@@ -491,6 +496,11 @@ impl ConvDims {
             if sw == 1 {
                 let from = lo + offx - pl;
                 out[lo..hi].copy_from_slice(&src[from..from + hi - lo]);
+            } else if sw == 2 && hi > lo {
+                // Every other column (a stride-2 downsample's rows): vector permutes.
+                let from = 2 * lo + offx - pl;
+                let end = (from + 2 * (hi - lo)).min(src.len());
+                even_columns(&src[from..end], &mut out[lo..hi]);
             } else {
                 for (ox, o) in out[lo..hi].iter_mut().enumerate() {
                     *o = src[(lo + ox) * sw + offx - pl];
@@ -567,6 +577,47 @@ struct Tap {
     yhi: usize,
     shift: isize,
     plane: usize,
+}
+
+/// `dst[j] = src[2j]` for every `j < dst.len()` (`src` holds at least `2·dst.len() − 1`
+/// values): the even columns of a row, by AVX-512 permutes where available.
+pub(crate) fn even_columns(src: &[f32], dst: &mut [f32]) {
+    debug_assert!(dst.is_empty() || src.len() > 2 * (dst.len() - 1));
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() >= 16 && crate::simd::Isa::detect() == crate::simd::Isa::Avx512 {
+        // SAFETY: AVX-512F is available; the call reads `src[..2·j1]` with `2·j1 ≤ src.len()`
+        // and writes `dst[..j1]`, `j1 ≤ n` (checked above and inside).
+        j = unsafe { even_columns_avx512(src, dst) };
+    }
+    for (d, s) in dst[j..].iter_mut().zip(src[2 * j..].iter().step_by(2)) {
+        *d = *s;
+    }
+}
+
+/// [`even_columns`] of the first `16·k` outputs whose `32·k` source values `src` holds;
+/// returns how many it wrote.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn even_columns_avx512(src: &[f32], dst: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let n = dst.len().min(src.len() / 2);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut j = 0;
+    while j + 16 <= n {
+        // SAFETY: `2·(j + 16) ≤ src.len()` and `j + 16 ≤ dst.len()`.
+        unsafe {
+            let a = _mm512_loadu_ps(sp.add(2 * j));
+            let b = _mm512_loadu_ps(sp.add(2 * j + 16));
+            _mm512_storeu_ps(dp.add(j), _mm512_permutex2var_ps(a, ie, b));
+        }
+        j += 16;
+    }
+    j
 }
 
 impl Tap {
@@ -774,7 +825,16 @@ mod tests {
     #[test]
     fn im2col_matches_the_definition() {
         for g in geometries() {
-            for (c, b, h, w) in [(2, 3, 5, 4), (1, 1, 1, 1), (3, 2, 7, 7), (2, 2, 6, 3)] {
+            // The last two: rows of 33 and 17 outputs at stride 2 (vector permutes and a
+            // scalar rest, even and odd input widths).
+            for (c, b, h, w) in [
+                (2, 3, 5, 4),
+                (1, 1, 1, 1),
+                (3, 2, 7, 7),
+                (2, 2, 6, 3),
+                (2, 2, 4, 66),
+                (1, 2, 3, 33),
+            ] {
                 let Ok(d) = ConvDims::new(&[c, b, h, w], g) else {
                     assert!(g.output(h, w).is_none(), "{g:?} {h}x{w}");
                     continue;
@@ -833,6 +893,20 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn even_columns_picks_every_other_value() {
+        for n in 0usize..70 {
+            for extra in [0, 1] {
+                let len = (2 * n).saturating_sub(1) + extra;
+                let src: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 - 3.0).collect();
+                let mut dst = vec![f32::NAN; n];
+                even_columns(&src, &mut dst);
+                let want: Vec<f32> = (0..n).map(|j| src[2 * j]).collect();
+                assert_eq!(dst, want, "{n} outputs from {len} values");
             }
         }
     }

@@ -21,14 +21,18 @@ pub enum Isa {
 
 impl Isa {
     /// The best instruction set of this CPU. `COARSEN_ISA=scalar|avx2|avx512|neon` overrides it
-    /// (an unavailable choice is ignored).
+    /// (an unavailable choice is ignored). Decided once per process: kernels ask per call and
+    /// per row, where reading the environment each time cost more than the copies it chose.
     pub fn detect() -> Isa {
-        if let Ok(v) = std::env::var("COARSEN_ISA") {
-            if let Some(isa) = Isa::parse(&v).filter(|i| i.is_available()) {
-                return isa;
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            if let Ok(v) = std::env::var("COARSEN_ISA") {
+                if let Some(isa) = Isa::parse(&v).filter(|i| i.is_available()) {
+                    return isa;
+                }
             }
-        }
-        *Isa::available().last().unwrap_or(&Isa::Scalar)
+            *Isa::available().last().unwrap_or(&Isa::Scalar)
+        })
     }
 
     /// Every instruction set this CPU supports, worst first.
