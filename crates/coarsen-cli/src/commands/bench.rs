@@ -110,6 +110,10 @@ fn given_network(
     Ok((r, network))
 }
 
+/// Interleaved passes of each path with which `--serve` settles whether a tuned packed
+/// network runs dense (medians of this many).
+const SERVE_SETTLE_REPS: usize = 7;
+
 /// `--serve`: the timing worker of scripts/bench-peers (see the flag's help).
 fn serve(args: &BenchArgs, dir: &Path, pinned: bool) -> Result<()> {
     use std::io::{BufRead, Write};
@@ -132,18 +136,42 @@ fn serve(args: &BenchArgs, dir: &Path, pinned: bool) -> Result<()> {
         net.classes(),
         scaling,
     )?;
-    let mut engine = coarsen_infer::InferenceNet::new(net, &e.formats, args.path.path())?;
-    let tuned = engine.tune_cached(x.n, args.tuning.tuning())?;
+    let path = args.path.path();
+    let mut engine = coarsen_infer::InferenceNet::new(net, &e.formats, path)?;
+    let tuning = args.tuning.tuning();
+    let mut tuned = engine.tune_cached(x.n, tuning)?;
+    // As eval, bench --model and the demo do: a tuned packed network that measures no faster
+    // than the dense path as a whole runs dense (`time_tuned`), and the detail says so.
+    let mut runs_dense = false;
+    if path == coarsen_infer::Path::Packed {
+        let dense = coarsen_infer::InferenceNet::new(net, &e.formats, coarsen_infer::Path::Dense)?;
+        runs_dense = coarsen_infer::timing::time_tuned(
+            (net, &e.formats),
+            &mut engine,
+            &mut tuned,
+            tuning,
+            &dense,
+            &x.pixels,
+            x.n,
+            SERVE_SETTLE_REPS,
+        )?
+        .runs_dense;
+    }
     let logits = engine.forward(&x.pixels, x.n)?;
     crate::inputs::write_npy(out, &[x.n, net.classes()], &logits)?;
     let ready = json!({
         "ready": true,
         "engine": format!("coarsen-{}", format!("{:?}", args.path).to_lowercase()),
         "detail": format!(
-            "{} thread(s){}; {}; formats: {}",
+            "{} thread(s){}; {}{}; formats: {}",
             rayon::current_num_threads(),
             if pinned { ", pinned" } else { "" },
             coarsen_infer::describe_choices(&tuned),
+            if runs_dense {
+                format!("; {}", crate::commands::eval::RUNS_DENSE)
+            } else {
+                String::new()
+            },
             engine
                 .layers()
                 .iter()
