@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_direct -- [BATCH] [ROUNDS] [BLOCKS]`
 //! with BLOCKS comma-separated (default 128,64,32); `... -- s2 [BATCH] [ROUNDS]` instead times
-//! stride-2 3×3 layers as phase planes + implicit GEMM against im2col + the tiled GEMM, in
+//! stride-2 3×3 layers on the implicit GEMM against im2col + the tiled GEMM, in
 //! CPU time of the process on one thread; `... -- small [ROUNDS]` times the few-column dense
 //! kernel (batch 1's deep layers) on one thread, best wall time, against the narrow kernel
 //! where the columns fit one vector; `... -- blocks [BATCH] [ROUNDS] [DENSITY]` times the block
@@ -111,7 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Stride-2 3×3 layers (ResNet-18's downsampling convolutions): phase planes + implicit GEMM
+/// Stride-2 3×3 layers (ResNet-18's downsampling convolutions): the implicit GEMM
 /// against im2col + the tiled dense GEMM, interleaved, best CPU time of each.
 fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let cpu_ms = || process_cpu_ms().ok_or("CPU time needs /proc/self/task (Linux)");
@@ -137,7 +137,6 @@ fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         }
         let plan = Plan::new(&Packed::Dense(Dense::new(cout, k, w.clone())?))?;
         let nr = plan.tile_width().ok_or("no tiled kernel")?;
-        let mut planes = vec![0.0f32; x.len()];
         let mut cols = vec![0.0f32; n.div_ceil(nr) * nr * k];
         let mut tmp = Vec::new();
         let mut part = vec![0.0f32; cout * n];
@@ -145,8 +144,7 @@ fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         let (mut t1, mut t2) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..rounds {
             let t = cpu_ms()?;
-            dc.split_phases(&x, &d, &mut planes)?;
-            dc.forward(&planes, &d, 0, n, &mut y1)?;
+            dc.forward(&x, &d, 0, n, &mut y1)?;
             t1 = t1.min(cpu_ms()? - t);
             // As the engine runs it: chunks of whole output rows, about 2^17 im2col values
             // each, so that a chunk's im2col is still in the cache when the GEMM reads it.
@@ -172,7 +170,7 @@ fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         let flop = 2.0 * (cout * k * n) as f64 / 1e6;
         println!(
-            "[{cin}->{cout}, {hw}x{hw} stride 2, batch {batch}] phases + implicit GEMM {t1:.1} ms ({:.1} GF/s) | im2col + tiled GEMM in chunks {t2:.1} ms ({:.1} GF/s) | max |diff| {diff:.1e}",
+            "[{cin}->{cout}, {hw}x{hw} stride 2, batch {batch}] implicit GEMM {t1:.1} ms ({:.1} GF/s) | im2col + tiled GEMM in chunks {t2:.1} ms ({:.1} GF/s) | max |diff| {diff:.1e}",
             flop / t1,
             flop / t2
         );

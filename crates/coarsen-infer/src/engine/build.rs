@@ -652,7 +652,7 @@ impl<'a> Compiler<'a> {
         // Stride-1 "same" convolutions on a dense matrix run as implicit GEMMs (no im2col)
         // where the CPU has the instructions for it.
         // Convolutions whose output is as large as the input, or half of it at stride 2 (the
-        // implicit GEMM reads the latter's input as phase planes), run on in-place kernels.
+        // implicit GEMM reads the latter's input as its four phases), run on in-place kernels.
         let same = ho == flow.h && wo == flow.w;
         let halved = g.stride == [2, 2] && flow.h == 2 * ho && flow.w == 2 * wo;
         let spatial = (same || halved) && ho * wo > 1 && read.is_none();

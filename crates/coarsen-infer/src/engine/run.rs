@@ -807,19 +807,8 @@ impl Layer {
                     .map_err(kerr)?;
             }
         }
-        // A stride-2 implicit GEMM reads its input as phase planes, split once for every task.
-        let phases = dc.filter(|k| k.needs_phases());
-        if let Some(k) = phases {
-            shared = at_least(shared, x.len());
-            k.split_phases(x, &d, &mut shared[..x.len()])
-                .map_err(kerr)?;
-        }
         let panels = &shared;
-        let xd: &[f32] = if phases.is_some() {
-            &shared[..x.len()]
-        } else {
-            x
-        };
+        let xd: &[f32] = x;
         let result = team::try_for_each(tasks.len(), |t| -> Result<()> {
             let ((c0, c1), (r0, r1)) = tasks[t];
             let (nc, out) = (c1 - c0, yp);
@@ -976,26 +965,15 @@ impl Layer {
             unsafe { y.set_len(len) };
             return Ok(y);
         }
-        // A stride-2 kernel reads its input as phase planes, split once for every task.
-        let mut shared = SHARED.take();
-        let xd: &[f32] = if bc.needs_phases() {
-            shared = at_least(shared, x.len());
-            bc.split_phases(x, d, &mut shared[..x.len()])
-                .map_err(kerr)?;
-            &shared[..x.len()]
-        } else {
-            x
-        };
         let result = team::try_for_each(tasks.len(), |i| {
             let ((c0, c1), share) = tasks[i];
             let out = yp;
             // SAFETY: this task alone writes columns c0..c1 of the rows of its blocks of `y`
             // (`cout × n`, allocated above; the blocks' rows are disjoint and below `cout`);
             // every value is written before `set_len` below.
-            unsafe { bc.forward_into(xd, d, (c0, c1), share, out.0.add(c0), n, epilogue) }
+            unsafe { bc.forward_into(x, d, (c0, c1), share, out.0.add(c0), n, epilogue) }
                 .map_err(kerr)
         });
-        SHARED.set(shared);
         result?;
         // SAFETY: every row is in exactly one block, and the tasks cover every block of every
         // column chunk, and the chunks cover 0..n: all `len` values were written.

@@ -11,7 +11,7 @@
 //! writes its rows of the output once, through the epilogue.
 
 use super::blocks::packed_parts;
-use super::direct::{accepts, check_call, in_place_geometry, split_phases, Epilogue};
+use super::direct::{accepts, check_call, in_place_geometry, Epilogue};
 use super::direct::{halo_start, Taps, MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
@@ -223,7 +223,7 @@ impl BlockConv {
     }
 
     /// Whether it runs convolutions of `d` in place (same geometry and channels, output as
-    /// large as the input, or as each phase plane at stride 2).
+    /// large as the input, or half its height and width at stride 2).
     pub fn accepts(&self, d: &ConvDims) -> bool {
         self.in_place && accepts(&self.g, self.cin, d)
     }
@@ -240,26 +240,8 @@ impl BlockConv {
         self.isa == Isa::Avx512
     }
 
-    /// Whether the kernel reads the input split into phase planes (a stride-2 convolution):
-    /// call [`split_phases`](Self::split_phases) first and pass its result as the input.
-    pub fn needs_phases(&self) -> bool {
-        self.g.stride == [2, 2]
-    }
-
-    /// For a stride-2 kernel: the batch `x` as four phase planes, as
-    /// [`DirectConv::split_phases`](super::DirectConv::split_phases) makes them.
-    pub fn split_phases(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
-        split_phases(
-            "BlockConv::split_phases",
-            (&self.g, self.cin, self.cout),
-            x,
-            d,
-            out,
-        )
-    }
-
     /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
-    /// sizes `d`; for a stride-2 kernel its [`split_phases`](Self::split_phases)) into `y`
+    /// sizes `d`) into `y`
     /// (`cout × (c1 − c0)`, row-major), on the calling thread.
     pub fn forward(
         &self,
@@ -365,8 +347,8 @@ impl BlockConv {
     pub const NARROW: usize = 64;
 
     /// The im2col tiles that [`forward_narrow_into`](Self::forward_narrow_into) reads for the
-    /// `n ≤ NARROW` output positions of the batch `x` (`[cin, B, H, W]`, sizes `d`, not split
-    /// into phases): every im2col row, in tiles of 16 columns (zero past `n`), into `out`
+    /// `n ≤ NARROW` output positions of the batch `x` (`[cin, B, H, W]`, sizes `d`): every
+    /// im2col row, in tiles of 16 columns (zero past `n`), into `out`
     /// ([`narrow_len`](Self::narrow_len)`(n)` values).
     pub fn narrow_input(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
         self.check_narrow("BlockConv::narrow_input", d)?;
@@ -470,7 +452,7 @@ thread_local! {
 /// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
 ///
 /// # Safety
-/// `x` holds `cin × B·H·W` values (per phase plane) of a batch `k` accepts, and `c0 ≤ c1 ≤
+/// `x` holds `cin × B·H·W` values of a batch `k` accepts, and `c0 ≤ c1 ≤
 /// d.n()`; `tile` reads no further into a halo row than its tile's width, rounded up to whole
 /// vectors, past its window plus a column's offset.
 #[inline(always)]
@@ -717,7 +699,7 @@ mod avx512 {
     /// See [`BlockConv::forward_into`].
     ///
     /// # Safety
-    /// AVX-512F must be available; `x` holds `cin × B·H·W` values (per phase plane), `y` is
+    /// AVX-512F must be available; `x` holds `cin × B·H·W` values, `y` is
     /// valid for columns `0 .. c1 − c0` of every row of blocks `b0 .. b1` at stride `ldy`, and
     /// the bias (if any) holds `cout` values.
     #[target_feature(enable = "avx512f")]
@@ -1101,6 +1083,8 @@ mod tests {
                 // Batch 1's deep layers: one vector of output positions or less.
                 (40, 12, 1, 4, 4),
                 (20, 7, 2, 2, 3),
+                // Rows of 20 outputs at stride 2 (a vector and a masked tail per row).
+                (9, 4, 2, 4, 40),
             ] {
                 if g.stride == [2, 2] && (h % 2 == 1 || w % 2 == 1) {
                     continue;
@@ -1125,14 +1109,7 @@ mod tests {
                         continue;
                     };
                     assert_eq!(k.accepts(&d), k.in_place());
-                    let input = if k.needs_phases() {
-                        let mut p = vec![f32::NAN; x.len()];
-                        k.split_phases(&x, &d, &mut p).unwrap();
-                        p
-                    } else {
-                        assert!(k.split_phases(&x, &d, &mut x.clone()).is_err());
-                        x.clone()
-                    };
+                    let input = x.clone();
                     let name = packed.name();
                     let ranges = if k.in_place() {
                         let mut r = vec![(0, n), (1, n), (0, n / 2), (n / 3, n - n / 5), (n, n)];

@@ -9,7 +9,6 @@
 //! `MR × NR` tile of `Y` in registers over every tap and a block of channels. `W` is packed
 //! tap-major (`panel[(tap·C + c)·MR + i]`) so each step streams `MR` consecutive weights.
 
-use super::SyncPtr;
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::simd::Isa;
@@ -91,7 +90,8 @@ impl Epilogue<'_> {
 
 /// A dense convolution weight packed for the implicit-GEMM kernel (AVX-512 only): stride-1
 /// convolutions whose output is as large as the input, and stride-2 ones whose output is half
-/// of it (read as phase planes, see [`DirectConv::split_phases`]).
+/// of it (each tap a shift within one of the input's four phases, which the kernel takes
+/// apart tile by tile).
 #[derive(Clone, Debug)]
 pub struct DirectConv {
     cout: usize,
@@ -140,11 +140,15 @@ pub(super) struct Taps {
     w: usize,
     /// Output positions of the batch (`B·Ho·Wo`): a row of a plane.
     ld: usize,
+    /// Whether the planes are the input's phases (stride 2), which the halo copies take
+    /// apart from the input's rows (`copy_halo`); else the plane is the input itself.
+    phases: bool,
 }
 
 impl Taps {
     /// The taps of `g` on the planes of `d` (as large as the output: the input itself for
-    /// stride 1, its phase planes for stride 2), for halos of up to `width` positions.
+    /// stride 1, its four phases for stride 2, taken apart by the halo copies), for halos of
+    /// up to `width` positions.
     pub(super) fn new(g: &ConvGeometry, d: &ConvDims, width: usize) -> Taps {
         let w = d.wo as isize;
         let places: Vec<(usize, isize, isize)> = (0..g.taps()).map(|t| tap_place(g, t)).collect();
@@ -179,6 +183,7 @@ impl Taps {
             h: d.ho,
             w: d.wo,
             ld: d.n(),
+            phases: g.stride == [2, 2],
         }
     }
 
@@ -262,14 +267,17 @@ impl Taps {
         MaskCache { c0, period, masks }
     }
 
-    /// Copies channels `c0 .. c0 + cn` of every plane the taps read (`x` holds `cin` channels
-    /// per plane, `ld` positions each) around the `width` positions from `t0` (at most the
-    /// `width` of [`new`](Self::new)) into `halo`: channel `c` of slot `s` at row `s·cn + c −
-    /// c0`, position `t0 + j + lo` at `j`. Positions outside the batch are not copied (the
-    /// masks never read them).
+    /// Copies channels `c0 .. c0 + cn` of every plane the taps read (`x`: the batch, `cin`
+    /// channels of `B·H·W` input positions) around the `width` positions from `t0` (at most
+    /// the `width` of [`new`](Self::new)) into `halo`: channel `c` of slot `s` at row `s·cn +
+    /// c − c0`, position `t0 + j + lo` at `j`. Positions outside the batch are not copied (the
+    /// masks never read them). At stride 2 the planes are the input's phases: plane `ry·2 + rx`
+    /// holds `x[c, b, 2i + ry, 2j + rx]` at position `(b, i, j)`, each output row of them
+    /// taken from one input row by splitting its even and odd columns (no copy of the whole
+    /// input into phase planes first: that wrote and read the input once more per layer).
     ///
     /// # Safety
-    /// `x` holds `planes × cin × ld` values with `c0 + cn ≤ cin`, and `halo` room for
+    /// `x` holds `cin × B·H·W` values with `c0 + cn ≤ cin`, and `halo` room for
     /// `planes.len() · cn · stride` values.
     pub(super) unsafe fn copy_halo(
         &self,
@@ -284,15 +292,172 @@ impl Taps {
         let a = first.max(0) as usize;
         let b = ((t0 + width) as isize + self.hi).min(self.ld as isize);
         let b = (b.max(a as isize)) as usize;
+        let at = (a as isize - first) as usize;
+        if self.phases {
+            // SAFETY: as the caller guarantees; `a ≤ b ≤ ld`, `at + b − a` within `stride`.
+            unsafe { self.copy_phase_halo(x, (c0, cn), (a, b), at, halo) };
+            return;
+        }
         for (slot, &q) in self.planes.iter().enumerate() {
             for c in 0..cn {
                 // SAFETY: as the caller guarantees; `a ≤ b ≤ ld`, and the row's offset
                 // `a − first ≤ −lo` plus `b − a ≤ NR + hi − lo` stays within `stride`.
                 unsafe {
                     let src = x.add((q * cin + c0 + c) * self.ld + a);
-                    let dst =
-                        halo.add((slot * cn + c) * self.stride + (a as isize - first) as usize);
+                    let dst = halo.add((slot * cn + c) * self.stride + at);
                     std::ptr::copy_nonoverlapping(src, dst, b - a);
+                }
+            }
+        }
+    }
+
+    /// [`copy_halo`](Self::copy_halo) at stride 2: positions `a .. b` of the phase planes,
+    /// at `at` in each halo row, from the input `x` (`[cin, B, 2·Ho, 2·Wo]`).
+    ///
+    /// # Safety
+    /// As [`copy_halo`](Self::copy_halo); `a ≤ b ≤ ld` and `at + b − a ≤ stride`.
+    unsafe fn copy_phase_halo(
+        &self,
+        x: *const f32,
+        (c0, cn): (usize, usize),
+        (a, b): (usize, usize),
+        at: usize,
+        halo: *mut f32,
+    ) {
+        /// Output rows per pass over the channels.
+        const SEGS: usize = 64;
+        let (h, w) = (self.h, self.w);
+        let (hw, wi) = ((h * w).max(1), 2 * w);
+        // Floats per input channel: B images of 2·Ho × 2·Wo.
+        let chan = 4 * self.ld;
+        let wide = crate::simd::Isa::detect() == crate::simd::Isa::Avx512;
+        let slot = |q: usize| self.slot_of[q];
+        let mut p = a;
+        while p < b {
+            // The output rows of positions p.. (at most SEGS of them): each one's place in
+            // the halo row, length, and first input column (of the row pair's top row).
+            let mut segs = [(0usize, 0usize, 0usize); SEGS];
+            let mut ns = 0;
+            let (img, r) = (p / hw, p % hw);
+            let (mut img, mut oy, mut ox) = (img, r / w.max(1), r % w.max(1));
+            while p < b && ns < SEGS {
+                let n = (w - ox).min(b - p);
+                segs[ns] = (at + (p - a), n, img * 4 * hw + 2 * oy * wi + 2 * ox);
+                ns += 1;
+                p += n;
+                ox = 0;
+                oy += 1;
+                if oy == h {
+                    oy = 0;
+                    img += 1;
+                }
+            }
+            for ry in 0..2 {
+                let (se, so) = (slot(2 * ry), slot(2 * ry + 1));
+                if se == usize::MAX && so == usize::MAX {
+                    continue;
+                }
+                let rows = PhaseRows {
+                    // SAFETY: as the caller guarantees (`c0 + cn ≤ cin` channels of `chan`).
+                    src: unsafe { x.add(c0 * chan + ry * wi) },
+                    chan,
+                    even: (se != usize::MAX).then(|| unsafe { halo.add(se * cn * self.stride) }),
+                    odd: (so != usize::MAX).then(|| unsafe { halo.add(so * cn * self.stride) }),
+                    stride: self.stride,
+                };
+                // SAFETY: as the caller guarantees: input row `2·oy + ry` of image `img`
+                // holds `2·Wo` values, a segment reads `2n ≤ 2·(Wo − ox)` of them from
+                // column `2·ox`; a halo row holds `at + b − a` values.
+                unsafe {
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        rows.split_avx512(cn, &segs[..ns]);
+                        continue;
+                    }
+                    rows.split(cn, &segs[..ns]);
+                }
+            }
+        }
+    }
+}
+
+/// Where [`Taps::copy_halo`] takes one row parity of the input apart: channel `c`'s rows
+/// from `src + c·chan`, its even columns to the halo row `even + c·stride`, its odd ones to
+/// `odd + c·stride` (each where the taps read that phase).
+struct PhaseRows {
+    src: *const f32,
+    chan: usize,
+    even: Option<*mut f32>,
+    odd: Option<*mut f32>,
+    stride: usize,
+}
+
+impl PhaseRows {
+    /// Channels `0 .. cn`, each segment `(at, n, from)`: `n` pairs from `from` to halo
+    /// position `at`.
+    ///
+    /// # Safety
+    /// Every channel's row holds `from + 2n` values per segment and every halo row `at + n`.
+    unsafe fn split(&self, cn: usize, segs: &[(usize, usize, usize)]) {
+        for c in 0..cn {
+            for &(at, n, from) in segs {
+                // SAFETY: as the caller guarantees.
+                unsafe {
+                    let src = self.src.add(c * self.chan + from);
+                    for j in 0..n {
+                        if let Some(e) = self.even {
+                            *e.add(c * self.stride + at + j) = *src.add(2 * j);
+                        }
+                        if let Some(o) = self.odd {
+                            *o.add(c * self.stride + at + j) = *src.add(2 * j + 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`split`](Self::split) by AVX-512 permutes, 16 pairs at a time (the last ones of a
+    /// segment through masks, which read and write nothing outside it).
+    ///
+    /// # Safety
+    /// As [`split`](Self::split), with AVX-512F available.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn split_avx512(&self, cn: usize, segs: &[(usize, usize, usize)]) {
+        use std::arch::x86_64::*;
+        let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let lanes = |k: usize| {
+            if k >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << k) - 1) as u16
+            }
+        };
+        for c in 0..cn {
+            for &(at, n, from) in segs {
+                let mut j = 0;
+                while j < n {
+                    let m = (n - j).min(16);
+                    // SAFETY: as the caller guarantees; the masks cover values `2j .. 2j + 2m
+                    // ≤ 2n` of the segment and positions `j .. j + m ≤ n`.
+                    unsafe {
+                        let src = self.src.add(c * self.chan + from + 2 * j);
+                        let lo = _mm512_maskz_loadu_ps(lanes(2 * m), src);
+                        let hi =
+                            _mm512_maskz_loadu_ps(lanes((2 * m).saturating_sub(16)), src.add(16));
+                        let to = c * self.stride + at + j;
+                        if let Some(e) = self.even {
+                            let v = _mm512_permutex2var_ps(lo, ie, hi);
+                            _mm512_mask_storeu_ps(e.add(to), lanes(m), v);
+                        }
+                        if let Some(o) = self.odd {
+                            let v = _mm512_permutex2var_ps(lo, io, hi);
+                            _mm512_mask_storeu_ps(o.add(to), lanes(m), v);
+                        }
+                    }
+                    j += m;
                 }
             }
         }
@@ -352,133 +517,6 @@ pub(super) fn lanes(width: usize) -> [u16; NV] {
         *m = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
     }
     f
-}
-
-/// The split of an in-place kernel (geometry `g`, `cin` input and `cout` output channels)
-/// into phase planes ([`DirectConv::split_phases`]), after checking that the kernel is a
-/// stride-2 one that runs `d`, `x` holds the batch and `out` as many values.
-pub(super) fn split_phases(
-    op: &'static str,
-    (g, cin, cout): (&ConvGeometry, usize, usize),
-    x: &[f32],
-    d: &ConvDims,
-    out: &mut [f32],
-) -> Result<()> {
-    check_call(
-        op,
-        d,
-        (accepts(g, cin, d) && g.stride == [2, 2], &|| {
-            "only a stride-2 kernel splits its input, of twice the output's size".into()
-        }),
-        x.len(),
-        ((0, 0), 1),
-        ((0, 0), 1, cout),
-        0,
-    )?;
-    check_len(op, "out", out.len(), x.len(), || {
-        format!("[{}, {}, {}, {}]", d.c, d.b, d.h, d.w)
-    })?;
-    phase_planes(x, d, out);
-    Ok(())
-}
-
-/// The batch `x` (`[C, B, H, W]`, sizes `d`, even `H` and `W`) as four phase planes
-/// `[ry·2 + rx][C][B, H/2, W/2]` holding `x[c, b, 2i + ry, 2j + rx]`, into `out` (as many values
-/// as `x`; both checked by the caller), in parallel over channels: each input row is read once
-/// and split into its even and odd columns.
-fn phase_planes(x: &[f32], d: &ConvDims, out: &mut [f32]) {
-    let (h, w, ho, wo) = (d.h, d.w, d.ho, d.wo);
-    let plane = d.c * d.n();
-    let ld = d.n();
-    if plane == 0 || ld == 0 {
-        return;
-    }
-    let wide = Isa::detect() == Isa::Avx512;
-    let (p01, p23) = out.split_at_mut(2 * plane);
-    let (p0, p1) = p01.split_at_mut(plane);
-    let (p2, p3) = p23.split_at_mut(plane);
-    let (p1, p2, p3) = (
-        SyncPtr(p1.as_mut_ptr()),
-        SyncPtr(p2.as_mut_ptr()),
-        SyncPtr(p3.as_mut_ptr()),
-    );
-    // Channels in tasks of about 16 KiB of each plane.
-    let per = (4096 / ld).max(1);
-    crate::team::for_each_chunk_mut(p0, per * ld, |t, o0| {
-        let at0 = t * per * ld;
-        // SAFETY: chunk t of each of the other three planes (as long as `o0`, chunk t of the
-        // first) is written by this task alone, and every plane outlives the section.
-        let (o1, o2, o3) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(p1.get().add(at0), o0.len()),
-                std::slice::from_raw_parts_mut(p2.get().add(at0), o0.len()),
-                std::slice::from_raw_parts_mut(p3.get().add(at0), o0.len()),
-            )
-        };
-        for (k, c) in (t * per..).take(o0.len() / ld).enumerate() {
-            for b in 0..d.b {
-                let src = &x[(c * d.b + b) * h * w..][..h * w];
-                for i in 0..ho {
-                    let at = k * ld + (b * ho + i) * wo;
-                    let (top, bottom) = src[2 * i * w..][..2 * w].split_at(w);
-                    split_columns(top, &mut o0[at..][..wo], &mut o1[at..][..wo], wide);
-                    split_columns(bottom, &mut o2[at..][..wo], &mut o3[at..][..wo], wide);
-                }
-            }
-        }
-    });
-}
-
-/// `even[j] = s[2j]`, `odd[j] = s[2j + 1]` (`s` holds `2·even.len()` values, `odd` as many as
-/// `even`); `wide`: AVX-512 is available.
-fn split_columns(s: &[f32], even: &mut [f32], odd: &mut [f32], wide: bool) {
-    let n = even.len().min(odd.len()).min(s.len() / 2);
-    let mut j = 0;
-    #[cfg(target_arch = "x86_64")]
-    if wide {
-        // SAFETY: AVX-512F is available (`wide`); the calls read `s[..2·j1]` and write
-        // `even[..j1]`, `odd[..j1]`, `j1 ≤ n`.
-        j = unsafe { split_columns_avx512(s, even, odd, n) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = wide;
-    for ((p, e), o) in s[2 * j..2 * n]
-        .chunks_exact(2)
-        .zip(&mut even[j..n])
-        .zip(&mut odd[j..n])
-    {
-        *e = p[0];
-        *o = p[1];
-    }
-}
-
-/// [`split_columns`] of the first `8·⌊n/8⌋` pairs; returns how many it split.
-///
-/// # Safety
-/// AVX-512F must be available, `s` hold `2n` values and `even`, `odd` `n` each.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn split_columns_avx512(s: &[f32], even: &mut [f32], odd: &mut [f32], n: usize) -> usize {
-    use std::arch::x86_64::*;
-    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let (sp, ep, op) = (s.as_ptr(), even.as_mut_ptr(), odd.as_mut_ptr());
-    let mut j = 0;
-    while j + 16 <= n {
-        let a = _mm512_loadu_ps(sp.add(2 * j));
-        let b = _mm512_loadu_ps(sp.add(2 * j + 16));
-        _mm512_storeu_ps(ep.add(j), _mm512_permutex2var_ps(a, ie, b));
-        _mm512_storeu_ps(op.add(j), _mm512_permutex2var_ps(a, io, b));
-        j += 16;
-    }
-    // Rows of 8 pairs (16×16 inputs): one vector, the halves of two permutations.
-    if j + 8 <= n {
-        let a = _mm512_loadu_ps(sp.add(2 * j));
-        _mm512_mask_storeu_ps(ep.add(j), 0xff, _mm512_permutexvar_ps(ie, a));
-        _mm512_mask_storeu_ps(op.add(j), 0xff, _mm512_permutexvar_ps(io, a));
-        j += 8;
-    }
-    j
 }
 
 /// Whether this CPU runs convolutions of geometry `g` in place: AVX-512, and a stride-1 or
@@ -571,28 +609,8 @@ impl DirectConv {
         accepts(&self.g, self.cin, d)
     }
 
-    /// Whether the kernel reads the input split into phase planes (a stride-2 convolution):
-    /// call [`split_phases`](Self::split_phases) first and pass its result as the input.
-    pub fn needs_phases(&self) -> bool {
-        self.g.stride == [2, 2]
-    }
-
-    /// For a stride-2 kernel: the batch `x` (`[cin, B, H, W]`, sizes `d`) as four phase planes
-    /// `[ry·2 + rx][cin][B, H/2, W/2]` holding `x[c, b, 2i + ry, 2j + rx]`, into `out` (as many
-    /// values as `x`), in parallel over channels. The kernel then reads every tap as a shift
-    /// within one plane, as for a stride-1 convolution.
-    pub fn split_phases(&self, x: &[f32], d: &ConvDims, out: &mut [f32]) -> Result<()> {
-        split_phases(
-            "DirectConv::split_phases",
-            (&self.g, self.cin, self.cout),
-            x,
-            d,
-            out,
-        )
-    }
-
     /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
-    /// sizes `d`; for a stride-2 kernel its [`split_phases`](Self::split_phases)) into `y`
+    /// sizes `d`) into `y`
     /// (`cout × (c1 − c0)`, row-major), on the calling thread.
     pub fn forward(
         &self,
@@ -688,7 +706,7 @@ impl DirectConv {
         (y, ldy, y_len): (*mut f32, usize, usize),
         epilogue: Epilogue<'_>,
     ) -> Result<()> {
-        let output = if self.needs_phases() {
+        let output = if self.g.stride == [2, 2] {
             "output half the input's size"
         } else {
             "output as large as the input"
@@ -1054,10 +1072,12 @@ mod tests {
         }
     }
 
-    /// Phase planes of inputs whose rows take every path of the split (16-pair vectors, an
-    /// 8-pair vector, single pairs) equal the definition.
+    /// Stride-2 halos taken apart from the input rows equal the phase planes' definition,
+    /// for rows that take every path of the split (16-pair vectors, masked tails, single
+    /// pairs), halos that cut through rows and images, and channel blocks.
     #[test]
-    fn phase_planes_hold_every_parity() {
+    fn stride_2_halos_hold_every_phase() {
+        let g = ConvGeometry::square(3, 2, 1);
         for &(c, b, h, w) in &[
             (3, 2, 4, 32),
             (2, 1, 6, 16),
@@ -1065,42 +1085,97 @@ mod tests {
             (1, 2, 4, 48),
             (2, 2, 8, 8),
             (1, 1, 2, 2),
+            (2, 2, 4, 70),
         ] {
-            let d = ConvDims::new(&[c, b, h, w], ConvGeometry::square(3, 2, 1)).unwrap();
+            let d = ConvDims::new(&[c, b, h, w], g).unwrap();
             let x: Vec<f32> = (0..c * b * h * w).map(|i| i as f32).collect();
-            let mut out = vec![f32::NAN; x.len()];
-            phase_planes(&x, &d, &mut out);
             let (ho, wo) = (h / 2, w / 2);
-            for q in 0..4 {
+            let plane = |q: usize, ci: usize, p: usize| {
                 let (ry, rx) = (q / 2, q % 2);
-                for ci in 0..c {
-                    for bi in 0..b {
-                        for i in 0..ho {
-                            for j in 0..wo {
-                                let got = out[((q * c + ci) * b + bi) * ho * wo + i * wo + j];
-                                let want = x[((ci * b + bi) * h + 2 * i + ry) * w + 2 * j + rx];
-                                assert_eq!(
-                                    got, want,
-                                    "[{c},{b},{h},{w}] plane {q} ({ci},{bi},{i},{j})"
-                                );
+                let (bi, i, j) = (p / (ho * wo), p % (ho * wo) / wo, p % wo);
+                x[((ci * b + bi) * h + 2 * i + ry) * w + 2 * j + rx]
+            };
+            let t = Taps::new(&g, &d, NR);
+            assert_eq!(t.planes.len(), 4);
+            let n = d.n();
+            for t0 in (0..n).step_by(7) {
+                for width in [1, 16, 29, NR] {
+                    let width = width.min(n - t0);
+                    for (c0, cn) in [(0, c), (c - 1, 1)] {
+                        let mut halo = vec![f32::NAN; 4 * cn * t.stride];
+                        // SAFETY: `x` holds the batch, the halo every plane's `cn` rows.
+                        unsafe {
+                            t.copy_halo(x.as_ptr(), c, (c0, cn), t0, width, halo.as_mut_ptr())
+                        };
+                        let first = t0 as isize + t.lo;
+                        for (slot, &q) in t.planes.iter().enumerate() {
+                            for k in 0..cn {
+                                let row = &halo[(slot * cn + k) * t.stride..][..t.stride];
+                                for (j, &v) in row.iter().enumerate() {
+                                    let p = first + j as isize;
+                                    let inside = p >= 0
+                                        && (p as usize) < n
+                                        && p < (t0 + width) as isize + t.hi;
+                                    if inside {
+                                        let want = plane(q, c0 + k, p as usize);
+                                        assert_eq!(v, want, "[{c},{b},{h},{w}] t0 {t0} width {width} plane {q} position {p}");
+                                    } else {
+                                        assert!(v.is_nan(), "[{c},{b},{h},{w}] wrote position {p}");
+                                    }
+                                }
                             }
                         }
                     }
                 }
             }
         }
-        // Both instruction sets' column split, every length up to three vectors.
+        // Both instruction sets' row split, every length up to three vectors, each output
+        // alone or both, two channels.
         for n in 0..50 {
-            let s: Vec<f32> = (0..2 * n).map(|i| i as f32).collect();
+            let s: Vec<f32> = (0..2 * (2 * n + 3)).map(|i| i as f32).collect();
             for wide in [false, Isa::detect() == Isa::Avx512] {
-                let (mut e, mut o) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-                split_columns(&s, &mut e, &mut o, wide);
-                for j in 0..n {
-                    assert_eq!(
-                        (e[j], o[j]),
-                        (s[2 * j], s[2 * j + 1]),
-                        "{n} pairs, wide {wide}"
-                    );
+                for (we, wodd) in [(true, true), (true, false), (false, true)] {
+                    // Rows of n + 3 halo positions; the segment goes to 1 .. n + 1.
+                    let (mut e, mut o) = (vec![f32::NAN; 2 * (n + 3)], vec![f32::NAN; 2 * (n + 3)]);
+                    let rows = PhaseRows {
+                        src: s.as_ptr(),
+                        chan: 2 * n + 3,
+                        even: we.then_some(e.as_mut_ptr()),
+                        odd: wodd.then_some(o.as_mut_ptr()),
+                        stride: n + 3,
+                    };
+                    let segs = [(1, n, 1)];
+                    // SAFETY: channel c's segment reads `s[c·(2n + 3) + 1 ..][..2n]`, writes
+                    // positions 1 ..= n of its halo rows; `wide` only with AVX-512.
+                    unsafe {
+                        #[cfg(target_arch = "x86_64")]
+                        if wide {
+                            rows.split_avx512(2, &segs);
+                        } else {
+                            rows.split(2, &segs);
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        rows.split(2, &segs);
+                    }
+                    for c in 0..2 {
+                        for j in 0..n + 3 {
+                            let inside = (1..=n).contains(&j);
+                            let at = c * (2 * n + 3) + 1 + 2 * (j.max(1) - 1);
+                            let want_e = if we && inside { s[at] } else { f32::NAN };
+                            let want_o = if wodd && inside { s[at + 1] } else { f32::NAN };
+                            let (ge, go) = (e[c * (n + 3) + j], o[c * (n + 3) + j]);
+                            assert_eq!(
+                                ge.to_bits(),
+                                want_e.to_bits(),
+                                "{n} pairs, wide {wide}, channel {c}, {j}"
+                            );
+                            assert_eq!(
+                                go.to_bits(),
+                                want_o.to_bits(),
+                                "{n} pairs, wide {wide}, channel {c}, {j}"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -1125,20 +1200,10 @@ mod tests {
             let mut col = vec![0.0; k * n];
             d.im2col_range(&x, 0, n, &mut col).unwrap();
             let want = reference::forward(&wv, cout, k, &col, n);
-            let planes = |v: &[f32]| {
-                if dc.needs_phases() {
-                    let mut p = vec![0.0; v.len()];
-                    dc.split_phases(v, &d, &mut p).unwrap();
-                    p
-                } else {
-                    v.to_vec()
-                }
-            };
             let mut y = vec![0.0; cout * n];
-            dc.forward(&planes(&vec![f32::NAN; len]), &d, 0, n, &mut y)
-                .unwrap();
+            dc.forward(&vec![f32::NAN; len], &d, 0, n, &mut y).unwrap();
             assert!(y.iter().all(|v| v.is_nan()));
-            dc.forward(&planes(&x), &d, 0, n, &mut y).unwrap();
+            dc.forward(&x, &d, 0, n, &mut y).unwrap();
             for (a, e) in y.iter().zip(&want) {
                 assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g:?}: {a} vs {e}");
             }
@@ -1167,8 +1232,8 @@ mod tests {
                 padding: [1, 0, 1, 0],
                 dilation: [1, 1],
             },
-            // Stride 2, read as phase planes: ResNet's strided 3×3, and a 2×2 whose taps read
-            // only two of the planes.
+            // Stride 2, read as the input's phases: ResNet's strided 3×3, and a 2×2 whose taps
+            // read only two of them.
             ConvGeometry::square(3, 2, 1),
             ConvGeometry {
                 kernel: [1, 2],
@@ -1188,6 +1253,9 @@ mod tests {
                 (5, 3, 2, 2, 2),
                 // More columns than four tiles, and two channel blocks of 16.
                 (10, 20, 3, 10, 12),
+                // Rows of 20 and 17 outputs at stride 2 (a vector and a masked tail).
+                (8, 5, 2, 4, 40),
+                (4, 3, 2, 6, 34),
             ] {
                 let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
                 let k = cin * g.taps();
@@ -1204,16 +1272,6 @@ mod tests {
                     continue;
                 }
                 assert!(dc.accepts(&d));
-                assert_eq!(dc.needs_phases(), g.stride == [2, 2]);
-                let x = if dc.needs_phases() {
-                    let mut planes = vec![f32::NAN; x.len()];
-                    dc.split_phases(&x, &d, &mut planes).unwrap();
-                    assert!(dc.split_phases(&x, &d, &mut planes[1..]).is_err());
-                    planes
-                } else {
-                    assert!(dc.split_phases(&x, &d, &mut x.clone()).is_err());
-                    x
-                };
                 // Whole range, and ranges that start and end anywhere.
                 for (c0, c1) in [(0, n), (1, n), (0, n / 2), (n / 3, n - n / 5), (n, n)] {
                     let mut y = vec![f32::NAN; cout * (c1 - c0)];
