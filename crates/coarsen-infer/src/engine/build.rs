@@ -476,13 +476,15 @@ impl<'a> Compiler<'a> {
                 //   faster on F(4×4), alternated binaries), at least 16 where F(2×2) gathers
                 //   its patches (the refilled demo CNN's conv2, 16→28 on 28×28, ran faster
                 //   on F(4×4): `ab_wino 64 7 16,28,28`);
-                // - a transformed weight of at most 36·256² values (ResNet-18's 512-channel
-                //   layers, 4×4 images, gain nothing).
+                // - a transformed weight of at most 36·512² values (38 MB): ResNet-18's and
+                //   VGG-16's 512-channel layers on 4×4 images at batch 64 ran faster on F(4×4)
+                //   (`examples/ab_options`, alternated binaries); larger layers would hold
+                //   hundreds of MB each.
                 let padded = h.next_multiple_of(4) * w.next_multiple_of(4);
                 let f2_gathers = !(w / 2).is_multiple_of(16);
                 let f4 = if 3 * padded <= 4 * h * w
                     && (rows >= 32 || (rows >= 16 && f2_gathers))
-                    && rows * cin <= 256 * 256
+                    && rows * cin <= 512 * 512
                 {
                     let dims = ConvDims::new(&[cin, 1, h, w], g)?;
                     Winograd::with_tile(g, rows, cin, values, 4)?

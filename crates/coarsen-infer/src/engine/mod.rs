@@ -98,8 +98,9 @@ pub struct InferOptions {
     /// Run dense (and channel-compact) 3×3 stride-1 padding-1 convolutions of even sizes and
     /// at least 8 input channels as Winograd instead of implicit GEMMs, where the CPU has
     /// AVX-512 (its fused kernel): F(4×4, 3×3) (4× fewer multiplications) for products of at
-    /// least 4096 columns of layers with sizes that are multiples of 4, 64 to 256 output
-    /// channels and at most 256² weights per tap, F(2×2, 3×3) (2.25×) otherwise. On by
+    /// least 1024 columns of layers whose 4×4 tiles pad the image by at most a third, with at
+    /// least 32 output channels (16 where F(2×2) would gather its tiles) and at most 512²
+    /// weights per tap, F(2×2, 3×3) (2.25×) otherwise. On by
     /// default; off, the implicit GEMM runs them (`examples/ab_dense` compares the two).
     /// Outputs differ from the direct products by rounding only: about 10⁻⁶ of the largest
     /// output for tiles of 2, 10⁻⁵ for tiles of 4 (`examples/ab_wino` in coarsen-kernels
