@@ -936,8 +936,7 @@ impl Layer {
             relu: self.relu,
         };
         // The narrow kernel for at most one vector of columns, or up to its most where the
-        // in-place kernel does not run the layer (1×1 stride-2 downsamples, odd sizes at
-        // stride 2); between 16 and 64 columns of 3×3 layers the in-place kernel measured
+        // in-place kernel does not run the layer (odd sizes at stride 2); between 16 and 64 columns of 3×3 layers the in-place kernel measured
         // 1.3–1.6× faster.
         if bc.narrow() && (n <= 16 || (!self.blocks_in_place() && n <= BlockConv::NARROW)) {
             // Few columns (batch 1's small images): im2col tiles of 16 columns, made once,

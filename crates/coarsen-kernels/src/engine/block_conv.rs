@@ -1066,7 +1066,7 @@ mod tests {
                 dilation: [1, 1],
             },
             ConvGeometry::square(3, 2, 1),
-            // A subsample (1×1, stride 2): the narrow kernel only.
+            // A subsample (1×1, stride 2): one of the input's phases.
             ConvGeometry::square(1, 2, 0),
         ];
         let mut r = rng(5);

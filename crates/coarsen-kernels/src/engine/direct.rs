@@ -520,9 +520,8 @@ pub(super) fn lanes(width: usize) -> [u16; NV] {
 }
 
 /// Whether this CPU runs convolutions of geometry `g` in place: AVX-512, and a stride-1 or
-/// stride-2, undilated convolution of 1 to [`MAX_TAPS`] taps (a 1×1 stride-2 convolution is a
-/// subsample and a GEMM: im2col copies a quarter of the input, where phase planes would copy
-/// all of it).
+/// stride-2, undilated convolution of 1 to [`MAX_TAPS`] taps (a 1×1 stride-2 one too: its halo
+/// copies take only the even columns of even rows).
 pub(super) fn runs_in_place(g: &ConvGeometry) -> bool {
     Isa::detect() == Isa::Avx512 && in_place_geometry(g)
 }
@@ -531,9 +530,7 @@ pub(super) fn runs_in_place(g: &ConvGeometry) -> bool {
 /// the CPU).
 pub(super) fn in_place_geometry(g: &ConvGeometry) -> bool {
     let taps = g.taps();
-    let subsample = g.stride == [2, 2] && taps == 1;
     (g.stride == [1, 1] || g.stride == [2, 2])
-        && !subsample
         && g.dilation == [1, 1]
         && taps > 0
         && taps <= MAX_TAPS
@@ -1232,9 +1229,10 @@ mod tests {
                 padding: [1, 0, 1, 0],
                 dilation: [1, 1],
             },
-            // Stride 2, read as the input's phases: ResNet's strided 3×3, and a 2×2 whose taps
-            // read only two of them.
+            // Stride 2, read as the input's phases: ResNet's strided 3×3 and 1×1 (one phase),
+            // and a 1×2 whose taps read two of them.
             ConvGeometry::square(3, 2, 1),
+            ConvGeometry::square(1, 2, 0),
             ConvGeometry {
                 kernel: [1, 2],
                 stride: [2, 2],
@@ -1383,9 +1381,7 @@ mod tests {
                 assert!(dc.forward(&x[1..], &d, 0, n, &mut y[1..]).is_err());
             }
         }
-        // Stride 3, dilation and 1×1 stride-2 subsampling are im2col's.
-        let g = ConvGeometry::square(1, 2, 0);
-        assert!(DirectConv::new(g, 2, 2, &[0.0; 4]).unwrap().is_none());
+        // Stride 3 and dilation are im2col's.
         let g = ConvGeometry::square(3, 3, 1);
         assert!(DirectConv::new(g, 2, 2, &[0.0; 36]).unwrap().is_none());
         let g = ConvGeometry {
