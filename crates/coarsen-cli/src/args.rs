@@ -435,8 +435,9 @@ pub struct BenchArgs {
     /// Timing worker for scripts/bench-peers: load this export directory, run it once on
     /// --input and write the logits to --logits-out, print a JSON `ready` line, then answer
     /// `run K` lines on stdin with the milliseconds of K forward passes (`quit` ends). The
-    /// packed path is tuned per layer (--tuning), and where the tuned network then measures no
-    /// faster than the dense path as a whole it runs dense (the `ready` line's detail says so).
+    /// packed path is tuned per layer (--tuning); where tuning measured (`measure`,
+    /// `remeasure`) and the tuned network then measures no faster than the dense path as a
+    /// whole, it runs dense (the `ready` line's detail says so).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "mask", "shape", "training"], requires_all = ["input", "logits_out"])]
     pub serve: Option<PathBuf>,
     /// With --serve: the kernels, packed or dense.
