@@ -87,9 +87,8 @@ pub fn time_tuned(
     reps: usize,
 ) -> Result<TunedTiming> {
     let t = time_paths(packed, dense, x, batch, reps)?;
-    let measured = matches!(tuning, Tuning::Measure | Tuning::Remeasure);
     // Equal times: one computation, timed once (see `time_paths`).
-    if t.packed_ms <= t.dense_ms || !measured {
+    if t.packed_ms <= t.dense_ms || !tuning.measures() {
         return Ok(TunedTiming {
             timing: t,
             runs_dense: false,

@@ -143,11 +143,7 @@ fn serve(args: &BenchArgs, dir: &Path, pinned: bool) -> Result<()> {
     // As eval, bench --model and the demo do: a tuned packed network that measures no faster
     // than the dense path as a whole runs dense (`time_tuned`), and the detail says so.
     let mut runs_dense = false;
-    let measured = matches!(
-        tuning,
-        coarsen_infer::Tuning::Measure | coarsen_infer::Tuning::Remeasure
-    );
-    if path == coarsen_infer::Path::Packed && measured {
+    if path == coarsen_infer::Path::Packed && tuning.measures() {
         let dense = coarsen_infer::InferenceNet::new(net, &e.formats, coarsen_infer::Path::Dense)?;
         runs_dense = coarsen_infer::timing::time_tuned(
             (net, &e.formats),

@@ -808,7 +808,6 @@ impl Layer {
             }
         }
         let panels = &shared;
-        let xd: &[f32] = x;
         let result = team::try_for_each(tasks.len(), |t| -> Result<()> {
             let ((c0, c1), (r0, r1)) = tasks[t];
             let (nc, out) = (c1 - c0, yp);
@@ -841,7 +840,7 @@ impl Layer {
                 // reads it back, and every value is written before `set_len` below.
                 return unsafe {
                     dc.forward_into(
-                        xd,
+                        x,
                         &d,
                         (c0, c1),
                         (r0, r1),
@@ -869,7 +868,7 @@ impl Layer {
             } else if let Some(k) = wino {
                 k.forward_rows(x, &d, c0, c1, r0, r1, part)
             } else if let Some(dc) = dc {
-                dc.forward_rows(xd, &d, c0, c1, r0, r1, part)
+                dc.forward_rows(x, &d, c0, c1, r0, r1, part)
             } else if let Some(nr) = tiles {
                 // The tiled dense kernel reads im2col tiles in place: no packing copy.
                 let len = nc.div_ceil(nr) * nr * kk;
@@ -936,8 +935,8 @@ impl Layer {
             relu: self.relu,
         };
         // The narrow kernel for at most one vector of columns, or up to its most where the
-        // in-place kernel does not run the layer (odd sizes at stride 2); between 16 and 64 columns of 3×3 layers the in-place kernel measured
-        // 1.3–1.6× faster.
+        // in-place kernel does not run the layer (odd sizes at stride 2); between 16 and 64
+        // columns of 3×3 layers the in-place kernel measured 1.3–1.6× faster.
         if bc.narrow() && (n <= 16 || (!self.blocks_in_place() && n <= BlockConv::NARROW)) {
             // Few columns (batch 1's small images): im2col tiles of 16 columns, made once,
             // every block's column one aligned vector of a tile.

@@ -34,6 +34,13 @@ pub enum Tuning {
     Dense,
 }
 
+impl Tuning {
+    /// Whether it measures (`Measure`, `Remeasure`) rather than forcing either side.
+    pub fn measures(self) -> bool {
+        matches!(self, Tuning::Measure | Tuning::Remeasure)
+    }
+}
+
 /// What tuning decided for one sparse layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerChoice {
@@ -231,14 +238,14 @@ impl InferenceNet {
             };
             todo.push((index, key, known, known.is_some()));
         }
-        let measure: Vec<usize> = match tuning {
-            Tuning::Measure | Tuning::Remeasure => todo
-                .iter()
+        let measure: Vec<usize> = if tuning.measures() {
+            todo.iter()
                 .enumerate()
                 .filter(|(_, (_, _, known, _))| known.is_none())
                 .map(|(i, _)| i)
-                .collect(),
-            Tuning::Packed | Tuning::Dense => Vec::new(),
+                .collect()
+        } else {
+            Vec::new()
         };
         if !measure.is_empty() {
             let steps: Vec<usize> = measure.iter().map(|&i| todo[i].0).collect();

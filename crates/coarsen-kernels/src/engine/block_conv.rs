@@ -241,8 +241,7 @@ impl BlockConv {
     }
 
     /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
-    /// sizes `d`) into `y`
-    /// (`cout × (c1 − c0)`, row-major), on the calling thread.
+    /// sizes `d`) into `y` (`cout × (c1 − c0)`, row-major), on the calling thread.
     pub fn forward(
         &self,
         x: &[f32],
@@ -1109,7 +1108,6 @@ mod tests {
                         continue;
                     };
                     assert_eq!(k.accepts(&d), k.in_place());
-                    let input = x.clone();
                     let name = packed.name();
                     let ranges = if k.in_place() {
                         let mut r = vec![(0, n), (1, n), (0, n / 2), (n / 3, n - n / 5), (n, n)];
@@ -1122,12 +1120,12 @@ mod tests {
                     } else {
                         // A geometry only the narrow kernel runs: the in-place one refuses it.
                         let mut y = vec![0.0; cout * n];
-                        assert!(k.forward(&input, &d, 0, n, &mut y).is_err());
+                        assert!(k.forward(&x, &d, 0, n, &mut y).is_err());
                         Vec::new()
                     };
                     for (c0, c1) in ranges {
                         let mut y = vec![f32::NAN; cout * (c1 - c0)];
-                        k.forward(&input, &d, c0, c1, &mut y).unwrap();
+                        k.forward(&x, &d, c0, c1, &mut y).unwrap();
                         for rr in 0..cout {
                             for j in 0..c1 - c0 {
                                 let (a, w) = (y[rr * (c1 - c0) + j], e[rr * n + c0 + j]);
@@ -1186,7 +1184,7 @@ mod tests {
                                 // SAFETY: every row of n columns at stride ldy lies inside `y`.
                                 unsafe {
                                     k.forward_into(
-                                        &input,
+                                        &x,
                                         &d,
                                         (0, n),
                                         (b0, b1),

@@ -607,8 +607,7 @@ impl DirectConv {
     }
 
     /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
-    /// sizes `d`) into `y`
-    /// (`cout × (c1 − c0)`, row-major), on the calling thread.
+    /// sizes `d`) into `y` (`cout × (c1 − c0)`, row-major), on the calling thread.
     pub fn forward(
         &self,
         x: &[f32],
