@@ -583,41 +583,65 @@ struct Tap {
 /// values): the even columns of a row, by AVX-512 permutes where available.
 pub(crate) fn even_columns(src: &[f32], dst: &mut [f32]) {
     debug_assert!(dst.is_empty() || src.len() > 2 * (dst.len() - 1));
-    let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if dst.len() >= 16 && crate::simd::Isa::detect() == crate::simd::Isa::Avx512 {
-        // SAFETY: AVX-512F is available; the call reads `src[..2·j1]` with `2·j1 ≤ src.len()`
-        // and writes `dst[..j1]`, `j1 ≤ n` (checked above and inside).
-        j = unsafe { even_columns_avx512(src, dst) };
+        let n = dst.len().min(src.len().div_ceil(2));
+        // SAFETY: AVX-512F is available; `src` holds `len ≥ 2n − 1` values and `dst` `n`.
+        unsafe { split_pairs_avx512(src.as_ptr(), src.len(), n, Some(dst.as_mut_ptr()), None) };
+        return;
     }
-    for (d, s) in dst[j..].iter_mut().zip(src[2 * j..].iter().step_by(2)) {
+    for (d, s) in dst.iter_mut().zip(src.iter().step_by(2)) {
         *d = *s;
     }
 }
 
-/// [`even_columns`] of the first `16·k` outputs whose `32·k` source values `src` holds;
-/// returns how many it wrote.
+/// `even[j] = src[2j]` and `odd[j] = src[2j + 1]` for `j < n`, either output optional: a row
+/// split into its even and odd columns by AVX-512 permutes, 16 pairs at a time, the last ones
+/// through masks, which read nothing past `src[len − 1]` and write nothing past position `n`.
+/// Serves [`even_columns`] and the stride-2 halo copies of the in-place kernels.
 ///
 /// # Safety
-/// AVX-512F must be available.
+/// AVX-512F must be available; `src` is valid for reading `len ≥ 2n − 1` values (`2n` with
+/// `odd`), `even` and `odd` for writing `n`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn even_columns_avx512(src: &[f32], dst: &mut [f32]) -> usize {
+#[inline]
+pub(crate) unsafe fn split_pairs_avx512(
+    src: *const f32,
+    len: usize,
+    n: usize,
+    even: Option<*mut f32>,
+    odd: Option<*mut f32>,
+) {
     use std::arch::x86_64::*;
     let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let n = dst.len().min(src.len() / 2);
-    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
-    let mut j = 0;
-    while j + 16 <= n {
-        // SAFETY: `2·(j + 16) ≤ src.len()` and `j + 16 ≤ dst.len()`.
-        unsafe {
-            let a = _mm512_loadu_ps(sp.add(2 * j));
-            let b = _mm512_loadu_ps(sp.add(2 * j + 16));
-            _mm512_storeu_ps(dp.add(j), _mm512_permutex2var_ps(a, ie, b));
+    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let lanes = |k: usize| {
+        if k >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << k) - 1) as u16
         }
-        j += 16;
+    };
+    let mut j = 0;
+    while j < n {
+        let m = (n - j).min(16);
+        // Values `2j ..` of the pairs, no further than `len`.
+        let v = (2 * m).min(len - 2 * j);
+        // SAFETY: as the caller guarantees; the masks cover values `2j .. 2j + v ≤ len` and
+        // positions `j .. j + m ≤ n`.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(lanes(v), src.add(2 * j));
+            let hi = _mm512_maskz_loadu_ps(lanes(v.saturating_sub(16)), src.add(2 * j + 16));
+            if let Some(e) = even {
+                _mm512_mask_storeu_ps(e.add(j), lanes(m), _mm512_permutex2var_ps(lo, ie, hi));
+            }
+            if let Some(o) = odd {
+                _mm512_mask_storeu_ps(o.add(j), lanes(m), _mm512_permutex2var_ps(lo, io, hi));
+            }
+        }
+        j += m;
     }
-    j
 }
 
 impl Tap {

@@ -9,6 +9,8 @@
 //! `MR × NR` tile of `Y` in registers over every tap and a block of channels. `W` is packed
 //! tap-major (`panel[(tap·C + c)·MR + i]`) so each step streams `MR` consecutive weights.
 
+#[cfg(target_arch = "x86_64")]
+use crate::conv::split_pairs_avx512;
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::simd::Isa;
@@ -417,48 +419,27 @@ impl PhaseRows {
         }
     }
 
-    /// [`split`](Self::split) by AVX-512 permutes, 16 pairs at a time (the last ones of a
-    /// segment through masks, which read and write nothing outside it).
+    /// [`split`](Self::split) by AVX-512 permutes ([`split_pairs_avx512`]).
     ///
     /// # Safety
     /// As [`split`](Self::split), with AVX-512F available.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn split_avx512(&self, cn: usize, segs: &[(usize, usize, usize)]) {
-        use std::arch::x86_64::*;
-        let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        let lanes = |k: usize| {
-            if k >= 16 {
-                u16::MAX
-            } else {
-                ((1u32 << k) - 1) as u16
-            }
-        };
         for c in 0..cn {
             for &(at, n, from) in segs {
-                let mut j = 0;
-                while j < n {
-                    let m = (n - j).min(16);
-                    // SAFETY: as the caller guarantees; the masks cover values `2j .. 2j + 2m
-                    // ≤ 2n` of the segment and positions `j .. j + m ≤ n`.
-                    unsafe {
-                        let src = self.src.add(c * self.chan + from + 2 * j);
-                        let lo = _mm512_maskz_loadu_ps(lanes(2 * m), src);
-                        let hi =
-                            _mm512_maskz_loadu_ps(lanes((2 * m).saturating_sub(16)), src.add(16));
-                        let to = c * self.stride + at + j;
-                        if let Some(e) = self.even {
-                            let v = _mm512_permutex2var_ps(lo, ie, hi);
-                            _mm512_mask_storeu_ps(e.add(to), lanes(m), v);
-                        }
-                        if let Some(o) = self.odd {
-                            let v = _mm512_permutex2var_ps(lo, io, hi);
-                            _mm512_mask_storeu_ps(o.add(to), lanes(m), v);
-                        }
-                    }
-                    j += m;
-                }
+                let to = c * self.stride + at;
+                // SAFETY: as the caller guarantees: the segment's `2n` values and its halo
+                // positions `to .. to + n`.
+                unsafe {
+                    split_pairs_avx512(
+                        self.src.add(c * self.chan + from),
+                        2 * n,
+                        n,
+                        self.even.map(|e| e.add(to)),
+                        self.odd.map(|o| o.add(to)),
+                    )
+                };
             }
         }
     }
