@@ -3,8 +3,10 @@
 //! column chunks as the engine cuts them; best time of each, and each Winograd's largest
 //! difference from the implicit GEMM relative to its largest output.
 //!
-//! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS] [CIN,COUT,HW]`
-//! (the last: that one shape instead)
+//! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS] [CIN,COUT,HW] [DENSITY]`
+//! (CIN,COUT,HW: that one shape instead; DENSITY below 1: a weight of whole kernels in classes
+//! of 32 rows, each reading that share of the input channels, also run on the sparse Winograd
+//! kernels, `Winograd::sparse_with_tile`)
 use std::time::Instant;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
@@ -30,10 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let batch: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(2).map_or(Ok(5), |s| s.parse())?;
-    let only: Option<Vec<usize>> = match args.get(3) {
+    let only: Option<Vec<usize>> = match args.get(3).filter(|s| s.as_str() != "all") {
         Some(s) => Some(s.split(',').map(str::parse).collect::<Result<_, _>>()?),
         None => None,
     };
+    let density: f64 = args.get(4).map_or(Ok(1.0), |s| s.parse())?;
     let g = ConvGeometry::square(3, 1, 1);
     let shapes = match only {
         Some(o) if o.len() == 3 => vec![(o[0], o[1], o[2])],
@@ -54,9 +57,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (cin, cout, hw) in shapes {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let n = d.n();
-        let w: Vec<f32> = (0..cout * cin * 9)
+        let mut w: Vec<f32> = (0..cout * cin * 9)
             .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
             .collect();
+        if density < 1.0 {
+            // Classes of 32 rows; class `q` reads channels `c` with `(c·7 + q·13) mod cin`
+            // below `density · cin`.
+            let keep = ((density * cin as f64).round() as usize).max(1);
+            for (i, v) in w.iter_mut().enumerate() {
+                let (m, c) = (i / 9 / cin, i / 9 % cin);
+                if (c * 7 + m / 32 * 13) % cin >= keep {
+                    *v = 0.0;
+                }
+            }
+        }
         let x: Vec<f32> = (0..cin * n)
             .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
             .collect();
@@ -71,6 +85,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let k = Winograd::with_tile(g, cout, cin, &w, tile)?.ok_or("no Winograd")?;
             if k.accepts(&d) && k.tile() == tile {
                 kernels.push((format!("F({tile}x{tile})"), Some(k)));
+            }
+            if density < 1.0 {
+                let k = Winograd::sparse_with_tile(g, cout, cin, &w, tile)?.ok_or("no Winograd")?;
+                if k.accepts(&d) && k.tile() == tile && k.is_sparse() {
+                    kernels.push((format!("F({tile}x{tile}) sparse"), Some(k)));
+                }
             }
         }
         let mut best = vec![f64::INFINITY; kernels.len()];

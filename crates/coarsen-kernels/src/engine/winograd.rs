@@ -33,6 +33,135 @@ pub struct Winograd {
     /// The instruction set of the fused kernel (AVX-512 or AVX2), whose panels are
     /// [`panel_rows`] of it high; the portable path's otherwise.
     isa: Isa,
+    /// With AVX-512, for a weight whose rows read few input channels (whole 3×3 kernels of
+    /// zeros, as group sparsity over kernels leaves): the rows in classes that read the same
+    /// channels, whose products read only those (`panels` then holds [`Classes`]' layout).
+    classes: Option<Classes>,
+}
+
+/// Output rows in classes that read one and the same set of input channels (the channels of
+/// their non-zero 3×3 kernels), in panels of [`PANEL_ROWS`] rows of one class each: the
+/// products of a panel read the transformed patches of its class's channels only. With `U_e`
+/// of each panel `len × MR` (`[e][panel: j][i]`), a weight of density `d` over whole kernels
+/// costs about `d` of the dense products; the transforms stay those of the dense layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Classes {
+    /// The panels, in order of their classes (ordered by their first row).
+    panels: Vec<ClassPanel>,
+    /// The classes' channel lists (ascending), concatenated.
+    chans: Vec<u32>,
+    /// Per row of the panels (`panel · MR + i`): the output row, or `u32::MAX` for the
+    /// padding of a class's last panel.
+    slot_rows: Vec<u32>,
+    /// Per input channel: whether some class reads it (the others are never transformed).
+    used: Vec<bool>,
+    /// Values of `U_e` per `e` (the panels' `len · MR` summed).
+    per_e: usize,
+}
+
+/// One panel of [`Classes`]: its class's channels `chans[c0 .. c0 + len]`, its values at
+/// `u` within each `e`'s share, and its rows' range (`lo ..= hi`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ClassPanel {
+    c0: usize,
+    len: usize,
+    u: usize,
+    lo: u32,
+    hi: u32,
+}
+
+impl Classes {
+    /// The classes of the weight `values` (`[cout, cin, 3, 3]`), when its products in panels
+    /// of `mr` rows per class come to at most three quarters of the dense panels' (an almost
+    /// dense weight, or one whose rows all differ, runs dense); `None` otherwise.
+    fn of(cout: usize, cin: usize, values: &[f32], mr: usize) -> Option<Classes> {
+        let mut index: std::collections::HashMap<Vec<u32>, usize> =
+            std::collections::HashMap::new();
+        let mut classes: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
+        for m in 0..cout {
+            let chans: Vec<u32> = (0..cin)
+                .filter(|&c| values[(m * cin + c) * 9..][..9].iter().any(|&v| v != 0.0))
+                .map(|c| c as u32)
+                .collect();
+            match index.get(&chans) {
+                Some(&i) => classes[i].1.push(m as u32),
+                None => {
+                    index.insert(chans.clone(), classes.len());
+                    classes.push((chans, vec![m as u32]));
+                }
+            }
+        }
+        let cost: usize = classes
+            .iter()
+            .map(|(c, r)| r.len().div_ceil(mr) * mr * c.len())
+            .sum();
+        let dense = cout.div_ceil(mr) * mr * cin;
+        if 4 * cost > 3 * dense {
+            return None;
+        }
+        let mut out = Classes {
+            panels: Vec::new(),
+            chans: Vec::new(),
+            slot_rows: Vec::new(),
+            used: vec![false; cin],
+            per_e: 0,
+        };
+        for (chans, rows) in classes {
+            let c0 = out.chans.len();
+            for &c in &chans {
+                out.used[c as usize] = true;
+            }
+            out.chans.extend_from_slice(&chans);
+            for part in rows.chunks(mr) {
+                out.panels.push(ClassPanel {
+                    c0,
+                    len: chans.len(),
+                    u: out.per_e,
+                    lo: part[0],
+                    hi: part[part.len() - 1],
+                });
+                out.per_e += chans.len() * mr;
+                out.slot_rows.extend_from_slice(part);
+                out.slot_rows.resize(out.panels.len() * mr, u32::MAX);
+            }
+        }
+        Some(out)
+    }
+}
+
+/// `U = G g Gᵀ` of the 3×3 kernel `k` for tiles of `tile` (2: 4×4 values in f32, `e = 4·i +
+/// j`; 4: 6×6 values computed in f64, `e = 6·i + j`), in the first `(tile + 2)²` entries.
+fn transformed(k: &[f32], tile: usize) -> [f32; 36] {
+    let mut u = [0.0f32; 36];
+    if tile == 4 {
+        // G·g (6×3) in f64, then (G·g)·Gᵀ (6×6).
+        let mut gg = [[0.0f64; 3]; 6];
+        for (r, row) in gg.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = (0..3).map(|t| G4[r][t] as f64 * k[t * 3 + j] as f64).sum();
+            }
+        }
+        for (r, row) in gg.iter().enumerate() {
+            for (j, gj) in G4.iter().enumerate() {
+                let v: f64 = (0..3).map(|t| row[t] * gj[t] as f64).sum();
+                u[6 * r + j] = v as f32;
+            }
+        }
+    } else {
+        // G·g (4×3), then (G·g)·Gᵀ (4×4).
+        let mut gg = [[0.0f32; 3]; 4];
+        for (i, row) in gg.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = (0..3).map(|t| G[i][t] * k[t * 3 + j]).sum();
+            }
+        }
+        for i in 0..4 {
+            for j in 0..4 {
+                u[4 * i + j] = (0..3).map(|t| gg[i][t] * G[j][t]).sum();
+            }
+        }
+    }
+    u
 }
 
 /// Rows of a panel of `U_e` for the fused kernel of `isa` (its register tile's height).
@@ -91,6 +220,33 @@ impl Winograd {
         values: &[f32],
         tile: usize,
     ) -> Result<Option<Self>> {
+        Self::build(g, cout, cin, values, tile, false)
+    }
+
+    /// [`with_tile`](Self::with_tile) for a sparse weight: where the CPU has AVX-512 and the
+    /// weight's rows fall into few classes that read the same input channels (whole 3×3
+    /// kernels of zeros, as group sparsity over kernels leaves; see
+    /// [`is_sparse`](Self::is_sparse)), the products of each class read only its channels;
+    /// otherwise the dense kernel of `with_tile`.
+    pub fn sparse_with_tile(
+        g: ConvGeometry,
+        cout: usize,
+        cin: usize,
+        values: &[f32],
+        tile: usize,
+    ) -> Result<Option<Self>> {
+        Self::build(g, cout, cin, values, tile, true)
+    }
+
+    /// [`with_tile`](Self::with_tile), on row classes where `sparse` allows and they pay.
+    fn build(
+        g: ConvGeometry,
+        cout: usize,
+        cin: usize,
+        values: &[f32],
+        tile: usize,
+        sparse: bool,
+    ) -> Result<Option<Self>> {
         if tile != 2 && tile != 4 {
             return Err(KernelError::Param {
                 name: "tile",
@@ -113,24 +269,20 @@ impl Winograd {
             format!("[{cout}, {cin}, 3, 3]")
         })?;
         let isa = Isa::detect();
+        if sparse && fused_isa(isa) && isa == Isa::Avx512 {
+            if let Some(classes) = Classes::of(cout, cin, values, PANEL_ROWS) {
+                return Ok(Some(Self::sparse(cout, cin, values, tile, classes)));
+            }
+        }
         if fused_isa(isa) && tile == 4 {
             return Ok(Some(Self::fused4(cout, cin, values, isa)));
         }
         let mut ue = vec![vec![0.0f32; cout * cin]; 16];
         for m in 0..cout {
             for c in 0..cin {
-                let k = &values[(m * cin + c) * 9..][..9];
-                // G·g (4×3), then (G·g)·Gᵀ (4×4).
-                let mut gg = [[0.0f32; 3]; 4];
-                for (i, row) in gg.iter_mut().enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = (0..3).map(|t| G[i][t] * k[t * 3 + j]).sum();
-                    }
-                }
-                for i in 0..4 {
-                    for j in 0..4 {
-                        ue[i * 4 + j][m * cin + c] = (0..3).map(|t| gg[i][t] * G[j][t]).sum();
-                    }
+                let u = transformed(&values[(m * cin + c) * 9..][..9], 2);
+                for (e, ue) in ue.iter_mut().enumerate() {
+                    ue[m * cin + c] = u[e];
                 }
             }
         }
@@ -153,6 +305,7 @@ impl Winograd {
                 panels,
                 tile: 2,
                 isa,
+                classes: None,
             }));
         }
         let u = ue.iter().map(|v| Tiled::new(isa, cout, cin, v)).collect();
@@ -163,6 +316,7 @@ impl Winograd {
             panels: Vec::new(),
             tile: 2,
             isa,
+            classes: None,
         }))
     }
 
@@ -174,20 +328,9 @@ impl Winograd {
         for m in 0..cout {
             let (q, i) = (m / mr, m % mr);
             for c in 0..cin {
-                let k = &values[(m * cin + c) * 9..][..9];
-                // G·g (6×3) in f64, then (G·g)·Gᵀ (6×6).
-                let mut gg = [[0.0f64; 3]; 6];
-                for (r, row) in gg.iter_mut().enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = (0..3).map(|t| G4[r][t] as f64 * k[t * 3 + j] as f64).sum();
-                    }
-                }
-                for (r, row) in gg.iter().enumerate() {
-                    for (j, gj) in G4.iter().enumerate() {
-                        let u: f64 = (0..3).map(|t| row[t] * gj[t] as f64).sum();
-                        let e = 6 * r + j;
-                        panels[((e * np + q) * cin + c) * mr + i] = u as f32;
-                    }
+                let u = transformed(&values[(m * cin + c) * 9..][..9], 4);
+                for (e, &v) in u.iter().enumerate() {
+                    panels[((e * np + q) * cin + c) * mr + i] = v;
                 }
             }
         }
@@ -198,7 +341,47 @@ impl Winograd {
             panels,
             tile: 4,
             isa,
+            classes: None,
         }
+    }
+
+    /// The AVX-512 kernel on the row classes of a sparse weight (tiles of `tile`): per `e`,
+    /// each panel's `U_e` over its class's channels only.
+    fn sparse(cout: usize, cin: usize, values: &[f32], tile: usize, classes: Classes) -> Winograd {
+        let mr = PANEL_ROWS;
+        let es = (tile + 2) * (tile + 2);
+        let mut panels = vec![0.0f32; es * classes.per_e];
+        for (q, p) in classes.panels.iter().enumerate() {
+            let chans = &classes.chans[p.c0..p.c0 + p.len];
+            for i in 0..mr {
+                let m = classes.slot_rows[q * mr + i];
+                if m == u32::MAX {
+                    continue;
+                }
+                for (j, &c) in chans.iter().enumerate() {
+                    let at = (m as usize * cin + c as usize) * 9;
+                    let u = transformed(&values[at..at + 9], tile);
+                    for (e, &v) in u.iter().enumerate().take(es) {
+                        panels[e * classes.per_e + p.u + j * mr + i] = v;
+                    }
+                }
+            }
+        }
+        Winograd {
+            cout,
+            cin,
+            u: Vec::new(),
+            panels,
+            tile,
+            isa: Isa::Avx512,
+            classes: Some(classes),
+        }
+    }
+
+    /// Whether it runs the row classes of a sparse weight (whole 3×3 kernels of zeros): the
+    /// products of each class read only its input channels.
+    pub fn is_sparse(&self) -> bool {
+        self.classes.is_some()
     }
 
     /// Whether it runs a fused kernel (the CPU has AVX-512F, or AVX2 and FMA): transforms
@@ -227,8 +410,13 @@ impl Winograd {
     }
 
     /// Rows of the GEMM's panels: [`forward_rows`](Self::forward_rows) splits rows at
-    /// multiples of it.
+    /// multiples of it. On a sparse weight's row classes ([`is_sparse`](Self::is_sparse)),
+    /// whose panels do not follow the rows' order, all the rows: calls take them whole (a
+    /// call on fewer runs the panels holding them).
     pub fn row_align(&self) -> usize {
+        if self.classes.is_some() {
+            return self.cout.max(1);
+        }
         self.u
             .first()
             .map_or_else(|| panel_rows(self.isa), Tiled::panel_rows)
@@ -674,7 +862,13 @@ mod fused {
         let tw = w.div_ceil(T);
         let first_band = bands.index(c0);
         let nt = (bands.index(c1) - first_band) * tw;
-        let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
+        // Panels: those of rows `r0 .. r1`, or every class's panel (skipping those without a
+        // row of the range).
+        let classes = k.classes.as_ref();
+        let (q0, q1) = match classes {
+            Some(cl) => (0, cl.panels.len()),
+            None => (r0 / MR, r1.div_ceil(MR)),
+        };
         let np_all = k.cout.div_ceil(MR);
         let rows_pad = (q1 - q0) * MR;
         let contiguous =
@@ -695,6 +889,9 @@ mod fused {
             let band0 = first_band + tb / tw;
             // Input transform: V_e[c][lane].
             for c in 0..cin {
+                if classes.is_some_and(|cl| !cl.used[c]) {
+                    continue;
+                }
                 let xc = x.as_ptr().add(c * ld);
                 for v in 0..nv {
                     let at = vp.add(c * TB + v * 16);
@@ -717,33 +914,57 @@ mod fused {
             for e in 0..es {
                 let ve = vp.add(e * cin * TB);
                 for q in q0..q1 {
-                    let u = k.panels.as_ptr().add((e * np_all + q) * cin * MR);
                     let m = mp.add((e * rows_pad + (q - q0) * MR) * TB);
+                    let Some(cl) = classes else {
+                        let u = k.panels.as_ptr().add((e * np_all + q) * cin * MR);
+                        match nv {
+                            1 => gemm::<1>(u, ve, 0..cin, |c| c, m),
+                            2 => gemm::<2>(u, ve, 0..cin, |c| c, m),
+                            _ => gemm::<3>(u, ve, 0..cin, |c| c, m),
+                        }
+                        continue;
+                    };
+                    let p = &cl.panels[q];
+                    if (p.hi as usize) < r0 || p.lo as usize >= r1 {
+                        continue;
+                    }
+                    let u = k.panels.as_ptr().add(e * cl.per_e + p.u);
+                    let ch = &cl.chans[p.c0..p.c0 + p.len];
+                    let at = |j: usize| *ch.get_unchecked(j) as usize;
                     match nv {
-                        1 => gemm::<1>(u, ve, cin, m),
-                        2 => gemm::<2>(u, ve, cin, m),
-                        _ => gemm::<3>(u, ve, cin, m),
+                        1 => gemm::<1>(u, ve, 0..p.len, at, m),
+                        2 => gemm::<2>(u, ve, 0..p.len, at, m),
+                        _ => gemm::<3>(u, ve, 0..p.len, at, m),
                     }
                 }
             }
             // Output transform, through the epilogue out to the block's columns of each row.
             let ybase = bands.column(band0) - c0;
-            for r in 0..r1 - r0 {
+            // Per row of `M` (`s`): its output row (`r0 + s`, or the class panels' row).
+            let slots = classes.map_or(r1 - r0, |_| rows_pad);
+            for s in 0..slots {
+                let r = match classes {
+                    None => r0 + s,
+                    Some(cl) => match cl.slot_rows[s] as usize {
+                        r if r >= r0 && r < r1 => r,
+                        _ => continue,
+                    },
+                };
                 let out = Out {
-                    y: yp.add(r * ldy + ybase),
+                    y: yp.add((r - r0) * ldy + ybase),
                     bias: epilogue
                         .bias
-                        .map_or(_mm512_setzero_ps(), |b| _mm512_set1_ps(b[r0 + r])),
+                        .map_or(_mm512_setzero_ps(), |b| _mm512_set1_ps(b[r])),
                     // The residual's row at the same column as `y`.
                     res: epilogue
                         .residual
-                        .map(|res| res.values.as_ptr().add((r0 + r) * res.ld + c0 + ybase)),
+                        .map(|res| res.values.as_ptr().add(r * res.ld + c0 + ybase)),
                     relu: epilogue.relu,
                 };
                 for v in 0..nv {
                     let mut m = [_mm512_setzero_ps(); 36];
                     for (e, me) in m.iter_mut().enumerate().take(es) {
-                        *me = _mm512_loadu_ps(mp.add((e * rows_pad + r) * TB + v * 16));
+                        *me = _mm512_loadu_ps(mp.add((e * rows_pad + s) * TB + v * 16));
                     }
                     let mut o = [_mm512_setzero_ps(); 16];
                     if T == 2 {
@@ -814,10 +1035,16 @@ mod fused {
                 }
             }
             // Runs of tiles whose rows are consecutive in memory (the next tile of the same
-            // band), within each group the output transposes together.
+            // band), within each group the output transposes together. A band's last tile
+            // ends a run even where the next band's first output follows it in memory (images
+            // narrower than a tile).
             let mut start = 0;
             for l in (0..16).filter(|&l| b.valid[v] >> l & 1 == 1) {
-                if l % (16 / T) == 0 || b.out[v][l] != b.out[v][l - 1] + T as i32 {
+                let t = tb + 16 * v + l;
+                if l % (16 / T) == 0
+                    || t.is_multiple_of(tw)
+                    || b.out[v][l] != b.out[v][l - 1] + T as i32
+                {
                     start = l;
                 }
                 b.runs[v][start] += 1;
@@ -1027,18 +1254,28 @@ mod fused {
         }
     }
 
-    /// One panel of `U_e` (`cin × MR`, at `u`) times `V_e` (`cin × 48`, at `v`, `V·16`
-    /// lanes used) into `M` (`MR` rows of 48 at `m`).
+    /// One panel of `U_e` (`len × MR` for the channels `channel(j)`, `j` in `0 .. len`, at
+    /// `u`) times those rows of `V_e` (`cin × 48`, at `v`, `V·16` lanes used) into `M` (`MR`
+    /// rows of 48 at `m`).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `channel` must return rows of `V_e`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn gemm<const V: usize>(u: *const f32, v: *const f32, cin: usize, m: *mut f32) {
+    unsafe fn gemm<const V: usize>(
+        u: *const f32,
+        v: *const f32,
+        js: std::ops::Range<usize>,
+        channel: impl Fn(usize) -> usize,
+        m: *mut f32,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
-        for c in 0..cin {
-            let vc = v.add(c * TB);
+        for j in js {
+            let vc = v.add(channel(j) * TB);
             let mut xv = [_mm512_setzero_ps(); V];
-            for (j, x) in xv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(vc.add(16 * j));
+            for (l, x) in xv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(vc.add(16 * l));
             }
-            rank1::<Avx512, MR, V>(&mut acc, u.add(c * MR), &xv);
+            rank1::<Avx512, MR, V>(&mut acc, u.add(j * MR), &xv);
         }
         for (i, a) in acc.iter().enumerate() {
             for (j, &val) in a.iter().enumerate() {
@@ -1611,81 +1848,10 @@ mod tests {
             (6, 2, 2, 3, 13),
             (16, 32, 2, 6, 22),
             (3, 2, 1, 18, 70),
+            (17, 24, 3, 2, 2),
         ] {
-            let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
-            let k = cin * 9;
-            let wv: Vec<f32> = (0..cout * k).map(|_| rnd()).collect();
-            let x: Vec<f32> = (0..cin * b * h * w).map(|_| rnd()).collect();
-            let n = d.n();
-            let mut col = vec![0.0; k * n];
-            d.im2col_range(&x, 0, n, &mut col).unwrap();
-            let want = reference::forward(&wv, cout, k, &col, n);
-            for tile in [2, 4] {
-                let wg = Winograd::with_tile(g, cout, cin, &wv, tile)
-                    .unwrap()
-                    .unwrap();
-                let exact = h % wg.tile() == 0 && w % wg.tile() == 0;
-                let avx512 = wg.is_fused() && wg.isa == Isa::Avx512;
-                assert_eq!(wg.accepts(&d), exact || avx512, "[{h}, {w}] tile {tile}");
-                if !wg.accepts(&d) {
-                    continue;
-                }
-                let a = wg.row_align();
-                // F(4×4) rounds some ten times more.
-                let tol = if wg.tile() == 4 { 1e-3 } else { 1e-4 };
-                let t = wg.tile();
-                let unit = wg.column_unit(h, w);
-                let pairs = n / unit;
-                for (p0, p1) in [(0, pairs), (1, pairs), (0, pairs / 2), (pairs, pairs)] {
-                    let (c0, c1) = (p0 * unit, p1 * unit);
-                    for (r0, r1) in [(0, cout), (a.min(cout) / a * a, cout)] {
-                        let nc = c1 - c0;
-                        let mut y = vec![f32::NAN; (r1 - r0) * nc];
-                        wg.forward_rows(&x, &d, c0, c1, r0, r1, &mut y).unwrap();
-                        for r in r0..r1 {
-                            for j in 0..nc {
-                                let (got, e) = (y[(r - r0) * nc + j], want[r * n + c0 + j]);
-                                assert!(
-                                (got - e).abs() <= tol * (1.0 + e.abs()),
-                                "tile {t} [{cout},{cin},{b},{h},{w}] cols {c0}..{c1} rows {r0}..{r1} ({r}, {j}): {got} vs {e}"
-                            );
-                            }
-                        }
-                    }
-                }
-                // Through the epilogue: bias, residual and ReLU, into rows `ldy` apart.
-                let bias: Vec<f32> = (0..cout).map(|_| rnd()).collect();
-                let res: Vec<f32> = (0..cout * n).map(|_| rnd()).collect();
-                let ldy = n + 3;
-                let mut y = vec![f32::NAN; cout * ldy];
-                let epilogue = Epilogue {
-                    bias: Some(&bias),
-                    residual: Some(crate::engine::Residual {
-                        values: &res,
-                        ld: n,
-                    }),
-                    relu: true,
-                };
-                // SAFETY: `y` holds `cout` rows of `ldy ≥ n` values.
-                unsafe {
-                    wg.forward_into(&x, &d, (0, n), (0, cout), y.as_mut_ptr(), ldy, epilogue)
-                }
-                .unwrap();
-                for r in 0..cout {
-                    for j in 0..n {
-                        let e = (want[r * n + j] + bias[r] + res[r * n + j]).max(0.0);
-                        let got = y[r * ldy + j];
-                        assert!(
-                            (got - e).abs() <= tol * (1.0 + e.abs()),
-                            "epilogue, tile {t} [{cout},{cin},{b},{h},{w}] ({r}, {j}): {got} vs {e}"
-                        );
-                    }
-                }
-                let mut y = vec![0.0; cout * n];
-                assert!(wg.forward_rows(&x, &d, 1, n, 0, cout, &mut y).is_err());
-                assert!(wg.forward_rows(&x, &d, 0, n, 1, cout, &mut y).is_err());
-                assert!(wg.forward_rows(&x[1..], &d, 0, n, 0, cout, &mut y).is_err());
-            }
+            let wv: Vec<f32> = (0..cout * cin * 9).map(|_| rnd()).collect();
+            check_shape((cout, cin, b, h, w), &wv, &mut rnd, false);
         }
         assert!(Winograd::with_tile(g, 2, 2, &[0.0; 36], 3).is_err());
         let odd = ConvDims::new(&[2, 1, 3, 4], g).unwrap();
@@ -1703,5 +1869,160 @@ mod tests {
                 .is_none()
         );
         assert!(Winograd::new(g, 2, 2, &[0.0; 35]).is_err());
+    }
+
+    #[test]
+    fn sparse_weights_run_their_row_classes() {
+        let mut seed = 11u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        // (cout, cin, b, h, w, classes): rows in classes of random channel subsets (about a
+        // quarter of the channels each), a share of rows empty (all-zero, bias only) and of
+        // taps zero inside kept kernels; classes of more and fewer than one panel of rows,
+        // channels no class reads, sizes the tiles do not divide.
+        for &(cout, cin, b, h, w, nclass) in &[
+            (20, 16, 2, 8, 8, 3),
+            (9, 12, 1, 6, 10, 2),
+            (33, 40, 2, 4, 4, 4),
+            (24, 64, 1, 14, 14, 3),
+            (17, 24, 3, 2, 2, 5),
+            (48, 32, 2, 8, 32, 2),
+        ] {
+            let subsets: Vec<Vec<bool>> = (0..nclass)
+                .map(|_| (0..cin).map(|_| rnd() < -0.25).collect())
+                .collect();
+            let mut wv = vec![0.0f32; cout * cin * 9];
+            for m in 0..cout {
+                // About one row in eight stays empty.
+                let pick = ((rnd() + 0.5) * (nclass as f32 + 1.0 / 7.0)) as usize;
+                let Some(set) = subsets.get(pick) else {
+                    continue;
+                };
+                for (c, _) in set.iter().enumerate().filter(|(_, &on)| on) {
+                    for t in 0..9 {
+                        wv[(m * cin + c) * 9 + t] = if rnd() < -0.4 { 0.0 } else { rnd() };
+                    }
+                }
+            }
+            check_shape((cout, cin, b, h, w), &wv, &mut rnd, true);
+        }
+        // A weight whose rows all differ runs dense panels.
+        let (cout, cin) = (16, 16);
+        let wv: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| {
+                if (i / 9) % cin == (i / 9) / cin {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let k = Winograd::sparse_with_tile(Winograd::geometry(), cout, cin, &wv, 2)
+            .unwrap()
+            .unwrap();
+        assert!(!k.is_sparse());
+        // An all-zero weight: one class of no channels, outputs the bias alone.
+        let x = vec![1.0f32; 3 * 2 * 4 * 4];
+        let d = ConvDims::new(&[3, 2, 4, 4], Winograd::geometry()).unwrap();
+        for tile in [2, 4] {
+            let k = Winograd::sparse_with_tile(Winograd::geometry(), 5, 3, &[0.0; 135], tile)
+                .unwrap()
+                .unwrap();
+            assert_eq!(k.is_sparse(), k.is_fused() && k.isa == Isa::Avx512);
+            let mut y = vec![f32::NAN; 5 * 32];
+            k.forward_rows(&x, &d, 0, 32, 0, 5, &mut y).unwrap();
+            assert!(y.iter().all(|&v| v == 0.0), "tile {tile}");
+        }
+    }
+
+    /// Runs the kernels of weight `wv` on a random batch of `(cout, cin, b, h, w)` against
+    /// im2col times the weight: row and column ranges, the epilogue, malformed calls.
+    /// `sparse`: the weight must run on its row classes where the CPU has AVX-512.
+    fn check_shape(
+        (cout, cin, b, h, w): (usize, usize, usize, usize, usize),
+        wv: &[f32],
+        rnd: &mut impl FnMut() -> f32,
+        sparse: bool,
+    ) {
+        let g = Winograd::geometry();
+        let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
+        let k = cin * 9;
+        let x: Vec<f32> = (0..cin * b * h * w).map(|_| rnd()).collect();
+        let n = d.n();
+        let mut col = vec![0.0; k * n];
+        d.im2col_range(&x, 0, n, &mut col).unwrap();
+        let want = reference::forward(wv, cout, k, &col, n);
+        for tile in [2, 4] {
+            let wg = if sparse {
+                Winograd::sparse_with_tile(g, cout, cin, wv, tile)
+            } else {
+                Winograd::with_tile(g, cout, cin, wv, tile)
+            };
+            let wg = wg.unwrap().unwrap();
+            let exact = h % wg.tile() == 0 && w % wg.tile() == 0;
+            let avx512 = wg.is_fused() && wg.isa == Isa::Avx512;
+            assert_eq!(wg.is_sparse(), sparse && avx512, "row classes, tile {tile}");
+            assert_eq!(wg.accepts(&d), exact || avx512, "[{h}, {w}] tile {tile}");
+            if !wg.accepts(&d) {
+                continue;
+            }
+            let a = wg.row_align();
+            // F(4×4) rounds some ten times more.
+            let tol = if wg.tile() == 4 { 1e-3 } else { 1e-4 };
+            let t = wg.tile();
+            let unit = wg.column_unit(h, w);
+            let pairs = n / unit;
+            for (p0, p1) in [(0, pairs), (1, pairs), (0, pairs / 2), (pairs, pairs)] {
+                let (c0, c1) = (p0 * unit, p1 * unit);
+                for (r0, r1) in [(0, cout), (a.min(cout) / a * a, cout), (0, cout / 2)] {
+                    let nc = c1 - c0;
+                    let mut y = vec![f32::NAN; (r1 - r0) * nc];
+                    wg.forward_rows(&x, &d, c0, c1, r0, r1, &mut y).unwrap();
+                    for r in r0..r1 {
+                        for j in 0..nc {
+                            let (got, e) = (y[(r - r0) * nc + j], want[r * n + c0 + j]);
+                            assert!(
+                        (got - e).abs() <= tol * (1.0 + e.abs()),
+                        "tile {t} [{cout},{cin},{b},{h},{w}] cols {c0}..{c1} rows {r0}..{r1} ({r}, {j}): {got} vs {e}"
+                    );
+                        }
+                    }
+                }
+            }
+            // Through the epilogue: bias, residual and ReLU, into rows `ldy` apart.
+            let bias: Vec<f32> = (0..cout).map(|_| rnd()).collect();
+            let res: Vec<f32> = (0..cout * n).map(|_| rnd()).collect();
+            let ldy = n + 3;
+            let mut y = vec![f32::NAN; cout * ldy];
+            let epilogue = Epilogue {
+                bias: Some(&bias),
+                residual: Some(crate::engine::Residual {
+                    values: &res,
+                    ld: n,
+                }),
+                relu: true,
+            };
+            // SAFETY: `y` holds `cout` rows of `ldy ≥ n` values.
+            unsafe { wg.forward_into(&x, &d, (0, n), (0, cout), y.as_mut_ptr(), ldy, epilogue) }
+                .unwrap();
+            for r in 0..cout {
+                for j in 0..n {
+                    let e = (want[r * n + j] + bias[r] + res[r * n + j]).max(0.0);
+                    let got = y[r * ldy + j];
+                    assert!(
+                        (got - e).abs() <= tol * (1.0 + e.abs()),
+                        "epilogue, tile {t} [{cout},{cin},{b},{h},{w}] ({r}, {j}): {got} vs {e}"
+                    );
+                }
+            }
+            let mut y = vec![0.0; cout * n];
+            assert!(wg.forward_rows(&x, &d, 1, n, 0, cout, &mut y).is_err());
+            assert!(wg.forward_rows(&x, &d, 0, n, 1, cout, &mut y).is_err());
+            assert!(wg.forward_rows(&x[1..], &d, 0, n, 0, cout, &mut y).is_err());
+        }
     }
 }
