@@ -78,6 +78,15 @@ pub enum ScopeArg {
     Layer,
 }
 
+/// What `coarsen prune` removes at a time.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum GranularityArg {
+    /// Single weights (unstructured).
+    Weight,
+    /// Whole kh×kw kernels of convolutions (single weights of linear layers).
+    Kernel,
+}
+
 /// `coarsen prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
@@ -90,6 +99,12 @@ pub struct PruneArgs {
     /// Prune globally (one threshold) or per layer.
     #[arg(long, value_enum, default_value = "global")]
     pub scope: ScopeArg,
+    /// Prune single weights, or whole kernels (the kh×kw weights of one output and input
+    /// channel of a convolution, by their root mean square; the sparsity then counts kernels).
+    /// Group or shuffled-block conversions of a kernel mask keep whole kernels in their blocks,
+    /// which Winograd runs with about 4x fewer multiplications.
+    #[arg(long, value_enum, default_value = "weight")]
+    pub granularity: GranularityArg,
     /// An existing mask to prune further (weights it removed stay removed and count).
     #[arg(long, value_name = "FILE")]
     pub mask: Option<PathBuf>,
@@ -246,6 +261,12 @@ pub struct PatternOptions {
     /// clusters].
     #[arg(long, value_name = "Q", help_heading = "shuffled-block")]
     pub similarity: Option<f64>,
+    /// Blocks of whole kernels: convert convolutions in the kernel view [Cout, Cin] (a kernel
+    /// kept where one of its weights is, weighing the root mean square of its kept weights),
+    /// each kernel kept whole. Blocks of input channels run on Winograd with about 4x fewer
+    /// products. Start from a kernel mask (`coarsen prune --granularity kernel`).
+    #[arg(long, help_heading = "group, shuffled-block")]
+    pub kernels: bool,
 
     /// Entries kept per group [default: 2].
     #[arg(long, value_name = "N", help_heading = "nm")]

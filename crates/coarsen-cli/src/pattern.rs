@@ -52,6 +52,7 @@ pub fn build(to: PatternArg, o: &PatternOptions) -> Result<Pattern> {
         fill: o.fill,
         escape_attempts: o.escape_attempts,
         permute_window: o.permute_window,
+        kernels: o.kernels,
     };
     match Pattern::from_options(pattern_name(to), &options) {
         Err(coarsen_core::Error::InapplicableOption {

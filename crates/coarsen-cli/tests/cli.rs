@@ -187,6 +187,101 @@ fn prune_writes_the_target_sparsity() {
 }
 
 #[test]
+fn kernel_masks_convert_to_blocks_of_whole_kernels() {
+    let f = Fixture::new();
+    ok(&[
+        "prune",
+        "--weights",
+        f.s("w.safetensors"),
+        "--sparsity",
+        "0.75",
+        "--scope",
+        "layer",
+        "--granularity",
+        "kernel",
+        "--out",
+        f.s("k.safetensors"),
+    ]);
+    let whole = |m: &MaskFile| {
+        for t in m.tensors() {
+            let taps: usize = t.shape.get(2..).map_or(1, |k| k.iter().product());
+            for k in t.data.chunks(taps) {
+                assert!(
+                    k.iter().all(|&b| b == k[0]),
+                    "{}: a kernel cut apart",
+                    t.name
+                );
+            }
+        }
+    };
+    let k = MaskFile::read(f.path("k.safetensors")).unwrap();
+    whole(&k);
+    for t in k.tensors() {
+        let taps: usize = t.shape.get(2..).map_or(1, |k| k.iter().product());
+        let kept = t.data.chunks(taps).filter(|c| c[0] == 1).count();
+        let all = t.data.len() / taps;
+        assert_eq!(
+            kept,
+            all - (0.75 * all as f64).round() as usize,
+            "{}",
+            t.name
+        );
+    }
+    for (to, extra) in [("group", "--parts=auto"), ("shuffled-block", "--block=4")] {
+        let out = f.s(&format!("k-{to}.safetensors"));
+        ok(&[
+            "convert",
+            "-q",
+            "--weights",
+            f.s("w.safetensors"),
+            "--mask",
+            f.s("k.safetensors"),
+            "--to",
+            to,
+            extra,
+            "--kernels",
+            "--out",
+            out,
+        ]);
+        let m = MaskFile::read(out).unwrap();
+        verify(&m);
+        whole(&m);
+        let meta = m.metadata.as_ref().unwrap();
+        assert_eq!(meta.params["kernels"], true, "{to}: the metadata says so");
+    }
+    fails(
+        &[
+            "convert",
+            "--mask",
+            f.s("k.safetensors"),
+            "--to",
+            "channel",
+            "--kernels",
+            "--out",
+            f.s("k-bad.safetensors"),
+        ],
+        &["--kernels applies to --to group|shuffled-block"],
+        &f.path("k-bad.safetensors"),
+    );
+    fails(
+        &[
+            "convert",
+            "--mask",
+            f.s("k.safetensors"),
+            "--to",
+            "group",
+            "--kernels",
+            "--target-density",
+            "0.3",
+            "--out",
+            f.s("k-bad.safetensors"),
+        ],
+        &["kernels", "density target"],
+        &f.path("k-bad.safetensors"),
+    );
+}
+
+#[test]
 fn every_pattern_converts_verifies_and_inspects() {
     let f = Fixture::new();
     let cases: &[(&str, &[&str])] = &[

@@ -220,6 +220,7 @@ mod tests {
                 block: 4,
                 blocks: None,
                 similarity: None,
+                kernels: false,
             }),
             Pattern::Block(BlockConfig {
                 height: 4,

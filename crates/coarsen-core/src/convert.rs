@@ -80,6 +80,10 @@ pub struct Conversion {
 
 /// Converts one layer. `seed` drives the randomised steps (partitioning, permutation escapes).
 pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Result<LayerOutcome> {
+    let taps: usize = layer.shape.get(2..).map_or(1, |k| k.iter().product());
+    if pattern.kernels() && taps > 1 {
+        return convert_kernels(layer, pattern, seed, taps);
+    }
     let view = MatrixView::of(layer.shape).ok_or_else(|| {
         Error::param(
             "layer",
@@ -169,6 +173,100 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
         }
     }
     verify(layer.name, pattern, view, parts, &mut out)?;
+    Ok(out)
+}
+
+/// [`convert_layer`] of a convolution with kernels of `taps` weights in the kernel view
+/// ([`Pattern::kernels`]): the pattern runs on `[Cout, Cin]`, and its result keeps whole
+/// kernels. A layer the pattern leaves unstructured keeps its input mask.
+fn convert_kernels(
+    layer: &LayerInput<'_>,
+    pattern: &Pattern,
+    seed: u64,
+    taps: usize,
+) -> Result<LayerOutcome> {
+    let view = MatrixView::of(layer.shape).ok_or_else(|| {
+        Error::param(
+            "layer",
+            layer.name,
+            format!("shape {:?} has rank < 2", layer.shape),
+        )
+    })?;
+    let mask = layer.mask;
+    let (rows, cols) = (mask.rows(), mask.cols());
+    if !cols.is_multiple_of(taps) {
+        return Err(Error::param(
+            "layer",
+            layer.name,
+            format!("{cols} columns are not whole kernels of {taps} weights"),
+        ));
+    }
+    let kc = cols / taps;
+    let kmask = Mask::from_fn(rows, kc, |r, c| {
+        (0..taps).any(|t| mask.get(r, c * taps + t))
+    });
+    let kweights: Option<Vec<f32>> = layer.weights.map(|w| {
+        (0..rows * kc)
+            .map(|i| {
+                let (r, c) = (i / kc, i % kc);
+                let sum: f64 = (0..taps)
+                    .map(|t| c * taps + t)
+                    .filter(|&j| mask.get(r, j))
+                    .map(|j| f64::from(w[r * cols + j]).powi(2))
+                    .sum();
+                (sum / taps as f64).sqrt() as f32
+            })
+            .collect()
+    });
+    let shape = [rows, kc];
+    let inner = LayerInput {
+        name: layer.name,
+        shape: &shape,
+        mask: &kmask,
+        weights: kweights.as_deref(),
+        scores: None,
+    };
+    let mut out = convert_layer(&inner, &pattern.on_single_weights(), seed)?;
+    if out.status == LayerStatus::Unstructured {
+        out.mask = mask.clone();
+    } else {
+        let km = std::mem::take(&mut out.mask);
+        out.mask = Mask::from_fn(rows, cols, |r, j| km.get(r, j / taps));
+        if out.status == LayerStatus::Dense {
+            out.status = LayerStatus::Structured;
+        }
+    }
+    out.structure = out.structure.map(|s| match s {
+        Structure::Shuffled { groups, chunks } => Structure::Shuffled {
+            groups,
+            chunks: chunks
+                .into_iter()
+                .map(|g| {
+                    g.into_iter()
+                        .map(|chunk| {
+                            chunk
+                                .into_iter()
+                                .flat_map(|c| c * taps..(c + 1) * taps)
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect(),
+        },
+        other => other,
+    });
+    out.stats.cols_per_block = out.stats.cols_per_block.map(|s| Spread {
+        min: s.min * taps,
+        mean: s.mean * taps as f64,
+        max: s.max * taps,
+    });
+    verify(
+        layer.name,
+        pattern,
+        view,
+        out.stats.parts.unwrap_or(0),
+        &mut out,
+    )?;
     Ok(out)
 }
 
@@ -376,6 +474,14 @@ pub fn convert(
     pattern.validate()?;
     if let Some(t) = &inputs.target {
         t.validate()?;
+        if matches!(pattern, Pattern::Group(g) if g.kernels) {
+            return Err(Error::param(
+                "kernels",
+                "true",
+                "a density target moves a group pattern's single columns, which would cut \
+                 kernels apart; convert by kernels without a target",
+            ));
+        }
     }
     let start = Instant::now();
     let layers = prepare(inputs, pattern)?;

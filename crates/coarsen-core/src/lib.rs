@@ -51,7 +51,7 @@ pub use mask::{BitRows, Mask};
 pub use mask_set::{LayerMask, MaskSet};
 pub use metadata::{CoarsenMetadata, LayerMeta, LayerStatus};
 pub use patterns::Pattern;
-pub use prune::{magnitude_prune, PruneInput, Scope};
+pub use prune::{kernel_prune, magnitude_prune, Granularity, PruneInput, Scope};
 pub use report::{LayerReport, Report};
 pub use select::Selector;
 pub use sparsity::Sparsity;

@@ -17,6 +17,20 @@ pub enum Scope {
     Layer,
 }
 
+/// What one unit of pruning is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Granularity {
+    /// Single weights (unstructured; IMP's pruning).
+    #[default]
+    Weight,
+    /// Whole kernels: the `kh × kw` weights of one (output, input) channel pair of a
+    /// convolution go together, scored by their root mean square (pruned taps counting as
+    /// zero), and the sparsity counts kernels. Linear layers and 1×1 convolutions have
+    /// kernels of one weight. What group sparsity over kernels starts from: Winograd
+    /// convolution then multiplies only the kept kernels' channels.
+    Kernel,
+}
+
 /// One layer to prune: its weights in matrix view and, for iterative pruning, its current mask.
 #[derive(Clone, Copy, Debug)]
 pub struct PruneInput<'a> {
@@ -74,6 +88,89 @@ pub fn magnitude_prune(
             Ok(out)
         }
     }
+}
+
+/// [`magnitude_prune`] by whole kernels of `taps[i]` consecutive columns of layer `i` (its
+/// `kh·kw`; see [`Granularity::Kernel`]): a kernel is live where one of its weights is live in
+/// the layer's mask, kernels are pruned by the root mean square of their live weights, and the
+/// result keeps the live weights of the kept kernels.
+///
+/// Fails as [`magnitude_prune`] does, and where a layer's columns are not whole kernels.
+pub fn kernel_prune(
+    layers: &[PruneInput<'_>],
+    taps: &[usize],
+    sparsity: f64,
+    scope: Scope,
+) -> Result<Vec<Mask>> {
+    check_sparsity(sparsity)?;
+    if taps.len() != layers.len() {
+        return Err(Error::param(
+            "taps",
+            format!("{} values", taps.len()),
+            format!("needs one per layer ({})", layers.len()),
+        ));
+    }
+    let mut scores = Vec::with_capacity(layers.len());
+    for (l, &kk) in layers.iter().zip(taps) {
+        if l.weights.len() != l.rows * l.cols {
+            return Err(Error::BadLength {
+                tensor: l.name.to_string(),
+                shape: vec![l.rows, l.cols],
+                len: l.weights.len(),
+            });
+        }
+        if kk == 0 || !l.cols.is_multiple_of(kk) {
+            return Err(Error::param(
+                "taps",
+                kk,
+                format!(
+                    "layer '{}' has {} columns per row, not whole kernels of {kk}",
+                    l.name.escape_debug(),
+                    l.cols
+                ),
+            ));
+        }
+        let kernels = l.rows * (l.cols / kk);
+        let mut score = Vec::with_capacity(kernels);
+        let mut live = Vec::with_capacity(kernels);
+        for (k, w) in l.weights.chunks_exact(kk).enumerate() {
+            let on = |t: usize| l.mask.is_none_or(|m| m.as_bytes()[k * kk + t] != 0);
+            let sum: f64 = (0..kk)
+                .filter(|&t| on(t))
+                .map(|t| f64::from(w[t]) * f64::from(w[t]))
+                .sum();
+            score.push((sum / kk as f64).sqrt() as f32);
+            live.push(u8::from((0..kk).any(on)));
+        }
+        let mask = Mask::from_bytes(l.rows, l.cols / kk, live)?;
+        scores.push((score, mask));
+    }
+    let inputs: Vec<PruneInput<'_>> = layers
+        .iter()
+        .zip(&scores)
+        .map(|(l, (score, mask))| PruneInput {
+            name: l.name,
+            rows: l.rows,
+            cols: mask.cols(),
+            weights: score,
+            mask: Some(mask),
+        })
+        .collect();
+    let kept = magnitude_prune(&inputs, sparsity, scope)?;
+    layers
+        .iter()
+        .zip(taps)
+        .zip(kept)
+        .map(|((l, &kk), k)| {
+            let bytes = (0..l.rows * l.cols)
+                .map(|i| {
+                    let prev = l.mask.is_none_or(|m| m.as_bytes()[i] != 0);
+                    u8::from(prev && k.as_bytes()[i / kk] != 0)
+                })
+                .collect();
+            Mask::from_bytes(l.rows, l.cols, bytes)
+        })
+        .collect()
 }
 
 fn prune_group(layers: &[PruneInput<'_>], sparsity: f64) -> Result<Vec<Mask>> {
@@ -164,6 +261,7 @@ pub fn prune_file<'w>(
     sel: &Selector,
     sparsity: f64,
     scope: Scope,
+    granularity: Granularity,
 ) -> Result<(MaskFile, Vec<&'w WeightTensor>)> {
     check_sparsity(sparsity)?;
     let mut skipped = Vec::new();
@@ -242,7 +340,16 @@ pub fn prune_file<'w>(
             }
         })
         .collect();
-    let masks = magnitude_prune(&inputs, sparsity, scope)?;
+    let masks = match granularity {
+        Granularity::Weight => magnitude_prune(&inputs, sparsity, scope)?,
+        Granularity::Kernel => {
+            let taps: Vec<usize> = layers
+                .iter()
+                .map(|l| l.shape.get(2..).map_or(1, |k| k.iter().product()))
+                .collect();
+            kernel_prune(&inputs, &taps, sparsity, scope)?
+        }
+    };
     // A layer with no weight left would cut the network; a sparsity this close to 1 is a
     // mistake, not a mask.
     if let Some((l, _)) = layers.iter().zip(&masks).find(|(_, m)| m.nnz() == 0) {
@@ -324,6 +431,62 @@ mod tests {
         let m = magnitude_prune(&[l], 0.4, Scope::Global).unwrap();
         assert_eq!(m[0].as_bytes(), &[0, 1, 1, 1, 0]);
         assert!(magnitude_prune(&[l], 0.2, Scope::Global).is_err());
+    }
+
+    #[test]
+    fn kernel_granularity_prunes_whole_kernels_by_rms() {
+        // Two rows of three kernels of 2 taps; RMS: [0.5, 3, 1], [2, 0.1, 4].
+        let w = [
+            0.5f32, -0.5, 3.0, 3.0, 1.0, -1.0, 2.0, 2.0, 0.1, 0.1, -4.0, 4.0,
+        ];
+        let m = kernel_prune(&[input("a", &w, 6)], &[2], 0.5, Scope::Global).unwrap();
+        assert_eq!(m[0].as_bytes(), &[0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1]);
+        // Pruned taps of a previous mask count as zero and stay pruned; a kernel with a live
+        // tap is live.
+        let prev = Mask::from_bytes(2, 6, vec![1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]).unwrap();
+        let l = PruneInput {
+            mask: Some(&prev),
+            ..input("a", &w, 6)
+        };
+        let m = kernel_prune(&[l], &[2], 0.5, Scope::Global).unwrap();
+        // RMS now [0.5, 2.12, 1], [2, 0.1, 4]: the three smallest kernels go.
+        assert_eq!(m[0].as_bytes(), &[0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 1, 1]);
+        // Columns that are not whole kernels, and a taps list of the wrong length.
+        assert!(kernel_prune(&[input("a", &w, 6)], &[4], 0.5, Scope::Global).is_err());
+        assert!(kernel_prune(&[input("a", &w, 6)], &[0], 0.5, Scope::Global).is_err());
+        assert!(kernel_prune(&[input("a", &w, 6)], &[2, 2], 0.5, Scope::Global).is_err());
+        // Kernels of one weight: the same as weight pruning.
+        let one = kernel_prune(&[input("a", &w, 6)], &[1], 0.25, Scope::Layer).unwrap();
+        let unit = magnitude_prune(&[input("a", &w, 6)], 0.25, Scope::Layer).unwrap();
+        assert_eq!(one, unit);
+    }
+
+    proptest::proptest! {
+        /// Every kernel is all kept or all pruned, and the kept kernels' count is the target's.
+        #[test]
+        fn kernel_masks_are_whole_kernels(
+            rows in 1usize..6,
+            kernels in 1usize..7,
+            kk in 1usize..10,
+            sparsity in 0.05f64..0.95,
+            seed in 0u64..1000,
+        ) {
+            let n = rows * kernels * kk;
+            let w: Vec<f32> = (0..n)
+                .map(|i| ((i as u64 * 2654435761 + seed * 97) % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let total = rows * kernels;
+            proptest::prop_assume!(((sparsity * total as f64).round() as usize) >= 1);
+            let m = kernel_prune(&[input("a", &w, kernels * kk)], &[kk], sparsity, Scope::Global)
+                .unwrap();
+            let b = m[0].as_bytes();
+            let mut kept = 0;
+            for k in b.chunks_exact(kk) {
+                proptest::prop_assert!(k.iter().all(|&v| v == k[0]));
+                kept += usize::from(k[0] != 0);
+            }
+            proptest::prop_assert_eq!(kept, total - (sparsity * total as f64).round() as usize);
+        }
     }
 
     #[test]

@@ -121,7 +121,7 @@ proptest! {
 
     #[test]
     fn shuffled_blocks_are_whole_tiles((shape, mask, w) in layer(), b in 1usize..9, k in proptest::option::of(1usize..20)) {
-        let cfg = ShuffledConfig { block: b, blocks: k, similarity: None };
+        let cfg = ShuffledConfig { block: b, blocks: k, similarity: None, kernels: false };
         let (input, out) = run(&shape, &mask, &w, &Pattern::ShuffledBlock(cfg), 0);
         let m = &out.mask;
         let (rr, cr) = (m.rows() % b, m.cols() % b);
@@ -209,11 +209,64 @@ proptest! {
         prop_assert!(permuted.mask.magnitude(&w) + 1e-3 >= plain.mask.magnitude(&w));
     }
 
+    /// Group and shuffled blocks over kernels keep every kernel whole, keep every kernel of the
+    /// input that has a kept weight's block (or the input mask, where the layer stays
+    /// unstructured), and hold the pattern's property in the weight view: row classes of
+    /// multiples of b rows × b columns (b kernels of kh·kw weights), at most `parts` classes.
+    #[test]
+    fn kernel_conversions_keep_whole_kernels((shape, mask, w) in layer(), shuffled in any::<bool>(), seed in 0u64..4) {
+        let pattern = if shuffled {
+            Pattern::ShuffledBlock(ShuffledConfig { block: 2, kernels: true, ..Default::default() })
+        } else {
+            Pattern::Group(GroupConfig { min_rows: 1, row_tile: 2, kernels: true, ..Default::default() })
+        };
+        let (input, out) = run(&shape, &mask, &w, &pattern, seed);
+        let taps: usize = shape[2..].iter().product();
+        let m = &out.mask;
+        if out.status == LayerStatus::Unstructured {
+            prop_assert_eq!(m, &input);
+            return Ok(());
+        }
+        for r in 0..m.rows() {
+            for k in m.row(r).chunks(taps) {
+                prop_assert!(k.iter().all(|&b| b == k[0]), "a kernel cut apart");
+            }
+        }
+        // The same conversion of the kernel view, expanded, is the result.
+        let kc = m.cols() / taps;
+        let kmask: Vec<u8> = (0..m.rows() * kc)
+            .map(|i| u8::from((0..taps).any(|t| input.get(i / kc, i % kc * taps + t))))
+            .collect();
+        let kw: Vec<f32> = (0..m.rows() * kc)
+            .map(|i| {
+                let (r, c) = (i / kc, i % kc);
+                let s: f64 = (0..taps)
+                    .filter(|&t| input.get(r, c * taps + t))
+                    .map(|t| f64::from(w[r * m.cols() + c * taps + t]).powi(2))
+                    .sum();
+                (s / taps as f64).sqrt() as f32
+            })
+            .collect();
+        let plain = match &pattern {
+            Pattern::Group(g) => Pattern::Group(GroupConfig { kernels: false, ..*g }),
+            Pattern::ShuffledBlock(s) => Pattern::ShuffledBlock(ShuffledConfig { kernels: false, ..*s }),
+            _ => unreachable!(),
+        };
+        let (_, kout) = run(&[m.rows(), kc], &kmask, &kw, &plain, seed);
+        for r in 0..m.rows() {
+            for c in 0..kc {
+                prop_assert_eq!(m.get(r, c * taps), kout.mask.get(r, c));
+            }
+        }
+        let v = MatrixView::of(&shape).unwrap();
+        prop_assert!(coarsen_core::patterns::check(&pattern, m, v, out.stats.parts.unwrap_or(0), None).is_ok());
+    }
+
     #[test]
     fn conversions_are_deterministic((shape, mask, w) in layer(), seed in 0u64..1000) {
         for p in [
             Pattern::Group(GroupConfig { min_rows: 1, row_tile: 2, ..Default::default() }),
-            Pattern::ShuffledBlock(ShuffledConfig { block: 3, blocks: None, similarity: None }),
+            Pattern::ShuffledBlock(ShuffledConfig { block: 3, blocks: None, similarity: None, kernels: false }),
             Pattern::Nm(NmConfig { permute: true, escape_attempts: 4, ..Default::default() }),
         ] {
             let a = run(&shape, &mask, &w, &p, seed).1;
@@ -264,7 +317,7 @@ proptest! {
         let pattern = match which {
             0 => Pattern::Channel(ChannelConfig::default()),
             1 => Pattern::Group(GroupConfig { min_rows: 1, row_tile: 4, ..Default::default() }),
-            2 => Pattern::ShuffledBlock(ShuffledConfig { block: 4, blocks: None, similarity: None }),
+            2 => Pattern::ShuffledBlock(ShuffledConfig { block: 4, blocks: None, similarity: None, kernels: false }),
             3 => Pattern::Block(BlockConfig { height: 2, width: 4 }),
             _ => Pattern::Nm(NmConfig { n: 2, m: 4, ..Default::default() }),
         };

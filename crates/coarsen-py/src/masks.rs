@@ -8,8 +8,8 @@ use coarsen_core::patterns::{
 };
 use coarsen_core::prune::prune_file;
 use coarsen_core::{
-    CoarsenMetadata, ConvertInputs, DensityTarget, Mask, MaskFile, MatrixView, Pattern, Scope,
-    Selector,
+    CoarsenMetadata, ConvertInputs, DensityTarget, Granularity, Mask, MaskFile, MatrixView,
+    Pattern, Scope, Selector,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -20,7 +20,8 @@ use crate::errors::{bad, core};
 
 /// Magnitude pruning of the selected layers of `weights` to `sparsity` (see `coarsen prune`).
 #[pyfunction]
-#[pyo3(signature = (weights, sparsity, scope, mask, include, exclude))]
+#[pyo3(signature = (weights, sparsity, scope, mask, include, exclude, granularity="weight"))]
+#[allow(clippy::too_many_arguments)]
 pub fn prune<'py>(
     py: Python<'py>,
     weights: Named<'py>,
@@ -29,17 +30,37 @@ pub fn prune<'py>(
     mask: Option<Named<'py>>,
     include: Option<String>,
     exclude: Option<String>,
+    granularity: &str,
 ) -> PyResult<Named<'py>> {
     let scope = match scope {
         "global" => Scope::Global,
         "layer" => Scope::Layer,
         s => return Err(bad(format!("scope='{s}': expected 'global' or 'layer'"))),
     };
+    let granularity = match granularity {
+        "weight" => Granularity::Weight,
+        "kernel" => Granularity::Kernel,
+        s => {
+            return Err(bad(format!(
+                "granularity='{s}': expected 'weight' or 'kernel'"
+            )))
+        }
+    };
     let weights = weight_file("weights", &weights)?;
     let previous = mask.map(|m| mask_file("mask", &m)).transpose()?;
     let sel = Selector::new(include.as_deref(), exclude.as_deref()).map_err(core)?;
     let masks = py
-        .detach(|| prune_file(&weights, previous.as_ref(), &sel, sparsity, scope).map(|(m, _)| m))
+        .detach(|| {
+            prune_file(
+                &weights,
+                previous.as_ref(),
+                &sel,
+                sparsity,
+                scope,
+                granularity,
+            )
+            .map(|(m, _)| m)
+        })
         .map_err(core)?;
     masks_out(py, masks)
 }
@@ -236,6 +257,7 @@ pub fn pattern_options(d: &Bound<'_, PyDict>, scores: bool) -> PyResult<PatternO
             "fill" => o.fill = flag(&key, &v)?,
             "escape_attempts" => o.escape_attempts = Some(count(&key, &v)?),
             "permute_window" => o.permute_window = Some(count(&key, &v)?),
+            "kernels" => o.kernels = flag(&key, &v)?,
             _ => {
                 // scores= is an argument of its own, not an option.
                 return Err(PyTypeError::new_err(format!(

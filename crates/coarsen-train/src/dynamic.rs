@@ -377,6 +377,7 @@ fn init_layers(
                         block: b,
                         blocks: Some(k),
                         similarity,
+                        kernels: false,
                     },
                 )?;
                 tiles = tiles_of(&out);
@@ -634,6 +635,7 @@ impl Dynamics for Dsb {
                     block,
                     blocks: Some(l.blocks),
                     similarity: self.similarity,
+                    kernels: false,
                 };
                 let out = shuffled_blocks(&mask, Some(&w), Some(&grown_mask), &cfg)?;
                 for (wi, &m) in w.iter_mut().zip(out.mask.as_bytes()) {

@@ -443,6 +443,7 @@ impl Experiment {
                 block: self.dynamic.block,
                 blocks: None,
                 similarity: self.dynamic.similarity,
+                kernels: false,
             })),
             _ => None,
         }

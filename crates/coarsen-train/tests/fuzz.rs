@@ -204,9 +204,15 @@ fn mask_files(dir: &Path) {
     WeightFile::write_f32(dir.join("w.safetensors"), &tensors).unwrap();
     let weights = WeightFile::read(dir.join("w.safetensors")).unwrap();
     let sel = coarsen_core::Selector::new(None, None).unwrap();
-    let (masks, _) =
-        coarsen_core::prune::prune_file(&weights, None, &sel, 0.7, coarsen_core::Scope::Global)
-            .unwrap();
+    let (masks, _) = coarsen_core::prune::prune_file(
+        &weights,
+        None,
+        &sel,
+        0.7,
+        coarsen_core::Scope::Global,
+        coarsen_core::Granularity::Weight,
+    )
+    .unwrap();
     let pattern = Pattern::from_options(
         "nm",
         &coarsen_core::patterns::PatternOptions {

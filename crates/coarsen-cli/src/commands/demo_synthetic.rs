@@ -73,7 +73,14 @@ pub fn run(args: &DemoArgs, quiet: bool) -> Result<()> {
         args.sparsity,
         names.len()
     );
-    let masks = prune_file(&weights, None, &sel, args.sparsity, Scope::Global)?;
+    let masks = prune_file(
+        &weights,
+        None,
+        &sel,
+        args.sparsity,
+        Scope::Global,
+        coarsen_core::Granularity::Weight,
+    )?;
     let mask_path = dir.join("mask.safetensors");
     masks.write(&mask_path)?;
 

@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 use coarsen_core::prune::prune_file as prune_layers;
-use coarsen_core::{MaskFile, Scope, Selector, WeightFile};
+use coarsen_core::{Granularity, MaskFile, Scope, Selector, WeightFile};
 
-use crate::args::{PruneArgs, ScopeArg};
+use crate::args::{GranularityArg, PruneArgs, ScopeArg};
 use crate::commands::{check_outputs, ensure_parent, selector};
 use crate::progress;
 
@@ -26,6 +26,10 @@ pub fn run(args: &PruneArgs, quiet: bool) -> Result<()> {
         &sel,
         args.sparsity,
         scope(args.scope),
+        match args.granularity {
+            GranularityArg::Weight => Granularity::Weight,
+            GranularityArg::Kernel => Granularity::Kernel,
+        },
     )?;
     spin.set_message(format!("writing {}", args.out.display()));
     masks.write(&args.out)?;
@@ -43,8 +47,9 @@ pub fn prune_file(
     sel: &Selector,
     sparsity: f64,
     scope: Scope,
+    granularity: Granularity,
 ) -> Result<MaskFile> {
-    let (masks, skipped) = prune_layers(weights, previous, sel, sparsity, scope)?;
+    let (masks, skipped) = prune_layers(weights, previous, sel, sparsity, scope, granularity)?;
     for t in skipped {
         eprintln!(
             "note: skipping '{}' ({} is not a floating-point dtype)",

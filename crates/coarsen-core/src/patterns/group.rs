@@ -100,6 +100,9 @@ pub struct GroupConfig {
     pub fallback: Fallback,
     /// Reproduce the reference training code's widening bugs.
     pub legacy: bool,
+    /// Group whole kernels of a convolution (see [`Pattern::kernels`](super::Pattern::kernels)).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kernels: bool,
 }
 
 impl Default for GroupConfig {
@@ -113,6 +116,7 @@ impl Default for GroupConfig {
             partitioner: Partitioner::Metis,
             fallback: Fallback::Keep,
             legacy: false,
+            kernels: false,
         }
     }
 }

@@ -92,6 +92,33 @@ impl Pattern {
         Ok(pattern)
     }
 
+    /// Whether the pattern works on whole kernels: a convolution's weight `[Cout, Cin, kh, kw]`
+    /// is converted in the kernel view `[Cout, Cin]` (a kernel is kept where one of its
+    /// weights is, and weighs the root mean square of its kept weights), and every kernel
+    /// the result keeps keeps all its `kh·kw` weights. Blocks of whole kernels are blocks of
+    /// input channels, which Winograd convolution multiplies with about 4× fewer products
+    /// than the direct one; start from a mask pruned by kernels (`prune --granularity
+    /// kernel`), since a kernel with one kept weight counts as kept. Group and shuffled-block
+    /// patterns only; linear layers and 1×1 convolutions are unchanged by it.
+    pub fn kernels(&self) -> bool {
+        match self {
+            Pattern::Group(g) => g.kernels,
+            Pattern::ShuffledBlock(s) => s.kernels,
+            _ => false,
+        }
+    }
+
+    /// The pattern without [`kernels`](Self::kernels) (what runs in the kernel view).
+    pub fn on_single_weights(&self) -> Pattern {
+        let mut p = self.clone();
+        match &mut p {
+            Pattern::Group(g) => g.kernels = false,
+            Pattern::ShuffledBlock(s) => s.kernels = false,
+            _ => {}
+        }
+        p
+    }
+
     /// The most distinct row patterns a layer of `rows` rows may have under this pattern: the
     /// part count of a group pattern (its bound), or `rows` for the others.
     pub fn max_row_patterns(&self, rows: usize) -> usize {
@@ -153,6 +180,15 @@ mod tests {
                 block: 8,
                 blocks: Some(3),
                 similarity: None,
+                kernels: false,
+            }),
+            Pattern::ShuffledBlock(ShuffledConfig {
+                kernels: true,
+                ..Default::default()
+            }),
+            Pattern::Group(GroupConfig {
+                kernels: true,
+                ..Default::default()
             }),
             Pattern::Block(BlockConfig {
                 height: 4,

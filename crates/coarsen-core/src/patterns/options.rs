@@ -74,6 +74,8 @@ pub struct PatternOptions {
     pub escape_attempts: Option<usize>,
     /// nm: stripes per window of the permutation search (0: every pair).
     pub permute_window: Option<usize>,
+    /// Group and shuffled-block: work on whole kernels ([`Pattern::kernels`]).
+    pub kernels: bool,
 }
 
 impl PatternOptions {
@@ -105,6 +107,7 @@ impl PatternOptions {
             ("fill", self.fill, NM),
             ("escape_attempts", self.escape_attempts.is_some(), NM),
             ("permute_window", self.permute_window.is_some(), NM),
+            ("kernels", self.kernels, &["group", "shuffled-block"]),
         ]
     }
 
@@ -187,6 +190,7 @@ impl Pattern {
                     partitioner: o.partitioner.unwrap_or(d.partitioner),
                     fallback: o.fallback.unwrap_or(d.fallback),
                     legacy: o.legacy_regroup,
+                    kernels: o.kernels,
                 })
             }
             "shuffled-block" => {
@@ -202,6 +206,7 @@ impl Pattern {
                     block: h,
                     blocks: o.blocks,
                     similarity: o.similarity,
+                    kernels: o.kernels,
                 })
             }
             "block" => {
@@ -266,7 +271,7 @@ mod tests {
             "criterion, extra (channel, channel+), parts, imbalance, min_rows, row_tile, \
              width_ratio, partitioner, fallback, legacy_regroup (group), block (shuffled-block, \
              block), blocks, similarity (shuffled-block), n, m, permute, fill, escape_attempts, \
-             permute_window (nm)"
+             permute_window (nm), kernels (group, shuffled-block)"
         );
     }
 

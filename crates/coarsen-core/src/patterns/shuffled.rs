@@ -29,6 +29,10 @@ pub struct ShuffledConfig {
     /// partner keep their order after the clusters. `None` is the DSB code: `R/b` clusters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub similarity: Option<f64>,
+    /// Blocks of whole kernels of a convolution (see
+    /// [`Pattern::kernels`](super::Pattern::kernels)).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kernels: bool,
 }
 
 impl Default for ShuffledConfig {
@@ -37,6 +41,7 @@ impl Default for ShuffledConfig {
             block: 16,
             blocks: None,
             similarity: None,
+            kernels: false,
         }
     }
 }
@@ -271,6 +276,7 @@ mod tests {
             block: 4,
             blocks: None,
             similarity: Some(0.9),
+            kernels: false,
         };
         let out = shuffled_blocks(&m2, None, None, &cfg).unwrap();
         assert_eq!(out.groups[0], vec![0, 2, 4, 6]);
@@ -318,6 +324,7 @@ mod tests {
                 block: 16,
                 blocks: Some(1),
                 similarity: None,
+                kernels: false,
             },
         )
         .unwrap();
@@ -331,6 +338,7 @@ mod tests {
                 block: 16,
                 blocks: Some(2),
                 similarity: None,
+                kernels: false,
             },
         )
         .unwrap();

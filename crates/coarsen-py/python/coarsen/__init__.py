@@ -178,8 +178,9 @@ def prune(
     *,
     include: Optional[str] = None,
     exclude: Optional[str] = None,
+    granularity: str = "weight",
 ) -> Masks:
-    """Unstructured magnitude pruning, as ``coarsen prune``.
+    """Magnitude pruning, as ``coarsen prune``.
 
     Args:
         weights: arrays by tensor name (a model's ``state_dict`` works; non-float tensors are
@@ -190,6 +191,8 @@ def prune(
             removed and count toward ``sparsity``; only its layers are pruned.
         include, exclude: regular expressions on tensor names (default: every tensor of rank
             >= 2).
+        granularity: ``"weight"`` (unstructured) or ``"kernel"``: whole ``kh x kw`` kernels of
+            convolutions by their root mean square, the sparsity counting kernels.
 
     Returns:
         The masks of the selected layers.
@@ -201,6 +204,7 @@ def prune(
         None if mask is None else _masks(mask, "mask"),
         include,
         exclude,
+        granularity,
     )
     return Masks(native)
 

@@ -78,6 +78,7 @@ def prune(
     *,
     include: Optional[str] = None,
     exclude: Optional[str] = None,
+    granularity: str = "weight",
 ) -> Masks: ...
 def convert(
     weights: Optional[Mapping[str, _Array]],
