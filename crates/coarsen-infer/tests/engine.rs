@@ -534,3 +534,64 @@ fn winograd_tiles_past_the_image_equal_the_reference() {
         }
     }
 }
+
+/// A group layer of whole kernels (rows in classes, each reading a subset of the input
+/// channels, as `prune --granularity kernel` then `convert --kernels` leave): its dense twin
+/// runs Winograd over the row classes where the CPU has AVX-512, the same function as the
+/// reference, and is no longer "the dense path" for timing.
+#[test]
+fn group_of_whole_kernels_runs_winograd_over_row_classes() {
+    let (graph, tensors, weights) = wide().finish(12);
+    let mut masks = MaskSet::new();
+    let mut formats = Formats::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (name, shape) in weights.iter().filter(|(n, _)| n == "conv2.weight") {
+        let (cout, cin) = (shape[0], shape[1]);
+        // Four classes of channels (about a quarter each); one row in eight empty.
+        let sets: Vec<Vec<bool>> = (0..4)
+            .map(|_| (0..cin).map(|_| rng.random_bool(0.25)).collect())
+            .collect();
+        let mut bytes = vec![0u8; cout * cin * 9];
+        for m in 0..cout {
+            if m % 8 == 7 {
+                continue;
+            }
+            let set = &sets[m % 4];
+            for c in (0..cin).filter(|&c| set[c]) {
+                bytes[(m * cin + c) * 9..][..9].fill(1);
+            }
+        }
+        masks.insert_bytes(name.clone(), shape, bytes).unwrap();
+        formats.insert(name.clone(), LayerFormat::Group);
+    }
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let [c, h, w] = network.input();
+    let batch = 4;
+    let x: Vec<f32> = (0..batch * c * h * w)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let want = reference::forward_nchw(&network, &x, batch).unwrap();
+    let scale = scale_of(&want);
+    let mut packed = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    let choices = packed
+        .tune(batch, &mut TuneCache::in_memory(), Tuning::Dense)
+        .unwrap();
+    assert_eq!(choices.len(), 1);
+    let avx512 = cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx512f");
+    assert_eq!(choices[0].row_classes, avx512);
+    if avx512 {
+        assert!(!packed.runs_dense_kernels(), "timed as the dense path");
+        let steps = packed.profile(&x, batch, 1).unwrap();
+        let conv2 = steps.iter().find(|s| s.step == "conv2.weight").unwrap();
+        assert!(conv2.kernel.contains("row classes"), "{}", conv2.kernel);
+        assert!(coarsen_infer::describe_choices(&choices).contains("row classes"));
+    }
+    let got = packed.forward_nchw(&x, batch).unwrap();
+    let err = max_error(&got, &want);
+    assert!(err <= 1e-4 * scale, "max error {err} (scale {scale})");
+    // The dense path runs the masked weights on the dense Winograd kernels.
+    let dense = InferenceNet::new(&network, &formats, Path::Dense).unwrap();
+    let steps = dense.profile(&x, batch, 1).unwrap();
+    let conv2 = steps.iter().find(|s| s.step == "conv2.weight").unwrap();
+    assert!(!conv2.kernel.contains("row classes"), "{}", conv2.kernel);
+}

@@ -446,6 +446,10 @@ impl<'a> Compiler<'a> {
     /// for, the CPU runs its fused kernel and the layer is a 3×3 padding-1 convolution of even
     /// `h × w` inputs and at least [`WINOGRAD_MIN_CHANNELS`] input channels (`rows ×
     /// cin·kh·kw` weight `values`).
+    ///
+    /// `sparse`: the values are a sparse layer's (its dense twin's), whose Winograd kernels
+    /// multiply only the input channels of each class of rows where that pays
+    /// ([`Winograd::sparse_with_tile`]).
     fn in_place_kernels(
         &self,
         g: ConvGeometry,
@@ -453,13 +457,21 @@ impl<'a> Compiler<'a> {
         cin: usize,
         values: &[f32],
         (h, w): (usize, usize),
+        sparse: bool,
     ) -> std::result::Result<(Option<DirectConv>, Option<Wino>), coarsen_kernels::KernelError> {
+        let winograd = |tile| {
+            if sparse {
+                Winograd::sparse_with_tile(g, rows, cin, values, tile)
+            } else {
+                Winograd::with_tile(g, rows, cin, values, tile)
+            }
+        };
         let wino = if self.winograd
             && h.is_multiple_of(2)
             && w.is_multiple_of(2)
             && cin >= WINOGRAD_MIN_CHANNELS
         {
-            Winograd::new(g, rows, cin, values)?.filter(Winograd::is_fused)
+            winograd(2)?.filter(Winograd::is_fused)
         } else {
             None
         };
@@ -487,8 +499,7 @@ impl<'a> Compiler<'a> {
                     && rows * cin <= 512 * 512
                 {
                     let dims = ConvDims::new(&[cin, 1, h, w], g)?;
-                    Winograd::with_tile(g, rows, cin, values, 4)?
-                        .filter(|k| k.tile() == 4 && k.accepts(&dims))
+                    winograd(4)?.filter(|k| k.tile() == 4 && k.accepts(&dims))
                 } else {
                     None
                 };
@@ -667,7 +678,7 @@ impl<'a> Compiler<'a> {
         };
         let (direct, wino) = match dense_values {
             Some((rows, v)) => self
-                .in_place_kernels(g, rows, in_ch.len(), v, (flow.h, flow.w))
+                .in_place_kernels(g, rows, in_ch.len(), v, (flow.h, flow.w), false)
                 .map_err(kerr)?,
             None => (None, None),
         };
@@ -758,7 +769,7 @@ impl<'a> Compiler<'a> {
                 _ => (v, ncols, layer.read.clone()),
             };
             let (direct, wino) = if twin_spatial && twin_read.is_none() {
-                self.in_place_kernels(g, cout, in_ch.len(), &v, (flow.h, flow.w))
+                self.in_place_kernels(g, cout, in_ch.len(), &v, (flow.h, flow.w), true)
                     .map_err(kerr)?
             } else {
                 (None, None)

@@ -303,7 +303,9 @@ impl InferenceNet {
     /// layer ([`tune`](Self::tune)).
     pub fn runs_dense_kernels(&self) -> bool {
         self.steps.iter().all(|s| match &s.kind {
-            run::Kind::Layer(l) => l.dense_twin.is_none() && l.plan.format() == "dense",
+            run::Kind::Layer(l) => {
+                l.dense_twin.is_none() && l.plan.format() == "dense" && !l.sparse_winograd()
+            }
             _ => true,
         })
     }

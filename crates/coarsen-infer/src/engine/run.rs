@@ -653,6 +653,12 @@ impl Wino {
             _ => &self.f2,
         }
     }
+
+    /// Whether its kernels multiply only each row class's input channels (a sparse layer's
+    /// twin whose weight has whole kernels of zeros, [`Winograd::is_sparse`]).
+    pub(super) fn is_sparse(&self) -> bool {
+        self.f2.is_sparse() || self.f4.as_ref().is_some_and(Winograd::is_sparse)
+    }
 }
 
 impl Layer {
@@ -1058,6 +1064,11 @@ impl Layer {
         self.plan.dense_kernel() == Some(DenseKernel::Tiled)
     }
 
+    /// Whether the layer's Winograd kernels multiply only each row class's input channels.
+    pub(super) fn sparse_winograd(&self) -> bool {
+        self.wino.as_ref().is_some_and(Wino::is_sparse)
+    }
+
     /// Whether a product of `n` columns runs as Winograd: more than `o.few_columns` of them
     /// (batch 1's 8×8 layers, one vector of 16 tiles per image, included).
     fn runs_winograd(&self, n: usize, o: &InferOptions) -> bool {
@@ -1103,8 +1114,10 @@ impl Layer {
         } else if self.runs_nm(n) {
             format!("gathered {}", self.plan.format())
         } else if let Some(w) = self.wino.as_ref().filter(|_| self.runs_winograd(n, o)) {
-            let t = w.for_columns(n).tile();
-            format!("winograd F({t}x{t},3x3)")
+            let k = w.for_columns(n);
+            let t = k.tile();
+            let classes = if k.is_sparse() { ", row classes" } else { "" };
+            format!("winograd F({t}x{t},3x3){classes}")
         } else if self.runs_direct(n, o) {
             "implicit gemm".into()
         } else if self.narrow_width(n, o).is_some() {

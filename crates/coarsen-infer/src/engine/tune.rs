@@ -54,6 +54,10 @@ pub struct LayerChoice {
     pub dense_ms: Option<f64>,
     /// Whether the layer runs on the dense kernels.
     pub dense: bool,
+    /// Whether its dense variant's Winograd kernels multiply only each row class's input
+    /// channels (a weight of whole kernels of zeros, as group sparsity over kernels leaves).
+    #[serde(default)]
+    pub row_classes: bool,
     /// Whether the times came from the cache.
     pub cached: bool,
 }
@@ -275,6 +279,7 @@ impl InferenceNet {
                 packed_ms: times.map(|e| e.packed_ms),
                 dense_ms: times.map(|e| e.dense_ms),
                 dense,
+                row_classes: twin.sparse_winograd(),
                 cached,
             });
             // The variant that does not run is dropped: a layer found faster dense becomes its
@@ -378,8 +383,14 @@ pub fn describe_choices(choices: &[LayerChoice]) -> String {
         } else {
             String::new()
         };
+        let classes = choices.iter().filter(|c| c.dense && c.row_classes).count();
+        let classes = if classes > 0 {
+            format!(", {classes} of them on Winograd over row classes of whole kernels")
+        } else {
+            String::new()
+        };
         format!(
-            "{} of {} sparse layers run packed, {} on the dense kernels ({how}): {}{more}",
+            "{} of {} sparse layers run packed, {} on the dense kernels ({how}{classes}): {}{more}",
             choices.len() - dense.len(),
             choices.len(),
             dense.len(),
