@@ -36,7 +36,7 @@ MODELS = {
     "resnet20": r"^conv1\.weight$|^fc\.weight$",
     "vgg11": r"^features\.0\.weight$|^classifier\.weight$",
 }
-VARIANTS = ["dense", "unstructured", "group", "shuffled-block", "channel", "nm"]
+VARIANTS = ["dense", "unstructured", "group", "shuffled-block", "group-kernels", "shuffled-block-kernels", "channel", "nm"]
 ENGINES = ["coarsen-packed", "coarsen-dense", "ort", "deepsparse"]
 PEERS = ("ort", "deepsparse")
 ENGINE_LABEL = {
@@ -50,6 +50,8 @@ VARIANT_LABEL = {
     "unstructured": "unstructured",
     "group": "group (Regroup)",
     "shuffled-block": "shuffled-block 16",
+    "group-kernels": "group of whole kernels",
+    "shuffled-block-kernels": "shuffled-block 16 of whole kernels",
     "channel": "channel",
     "nm": "N:M 2:4",
 }
@@ -276,9 +278,11 @@ class Prep:
         c, ex = self.bin, MODELS[model]
         w = self.make(d / "weights.safetensors", [c, "synth", "--model", model, "--seed", a.seed, "--out", d / "weights.safetensors", "-q"])
 
-        def prune(s):
-            out = d / f"prune-{s:g}.safetensors"
-            return self.make(out, [c, "prune", "--weights", w, "--sparsity", s, "--scope", "layer", "--exclude", ex, "--out", out, "-q"])
+        def prune(s, granularity="weight"):
+            name = f"prune-{s:g}" if granularity == "weight" else f"prune-{granularity}-{s:g}"
+            out = d / f"{name}.safetensors"
+            return self.make(out, [c, "prune", "--weights", w, "--sparsity", s, "--scope", "layer", "--exclude", ex,
+                                   "--granularity", granularity, "--out", out, "-q"])
 
         def convert(mask, to, name, extra):
             out = d / f"{name}.safetensors"
@@ -298,6 +302,15 @@ class Prep:
                 if not ones.exists():
                     write_ones_mask(unstructured, ones)
                 masks["nm"] = convert(ones, "nm", "nm-2-4", ["--n", "2", "--m", "4"])
+        if need & {"group-kernels", "shuffled-block-kernels"}:
+            # Whole kh×kw kernels pruned (sparsity counted over kernels), then blocks of whole
+            # kernels: the products run on Winograd over the blocks' input channels.
+            kernels = prune(a.sparsity, "kernel")
+            if "group-kernels" in need:
+                masks["group-kernels"] = convert(kernels, "group", f"group-kernels-{a.sparsity:g}", ["--parts", "auto", "--kernels"])
+            if "shuffled-block-kernels" in need:
+                masks["shuffled-block-kernels"] = convert(
+                    kernels, "shuffled-block", f"shuffled-block-kernels-{a.sparsity:g}", ["--block", "16", "--kernels"])
         if "channel" in need:
             masks["channel"] = convert(prune(a.channel_sparsity), "channel", f"channel-{a.channel_sparsity:g}", [])
         rx = re.compile(ex)  # prune's selection: tensors of rank >= 2 but the excluded ones
@@ -864,7 +877,9 @@ def main(argv):
         f"folds it itself",
         f"- weights: `coarsen synth --seed {a.seed}`; unstructured = per-layer magnitude pruning to "
         f"{a.sparsity:g} sparsity of every conv but the first and every linear but the classifier; "
-        f"group, shuffled-block = its conversions; channel = Refill of a {a.channel_sparsity:g} mask; "
+        f"group, shuffled-block = its conversions; … of whole kernels = the same conversions "
+        f"(`--kernels`) of whole 3×3 kernels pruned to {a.sparsity:g} (`prune --granularity kernel`); "
+        f"channel = Refill of a {a.channel_sparsity:g} mask; "
         f"N:M = 2:4 of the dense weights",
         f"- timing: runs × timed passes = {reps_text}; workers interleaved in a rotated order each run; "
         f"median over all passes, then each run's median",

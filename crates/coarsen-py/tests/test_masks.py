@@ -22,6 +22,8 @@ PATTERNS = [
     ("block", {"block": (8, 4)}, ["--block", "8x4"]),
     ("nm", {}, []),
     ("nm", {"n": 1, "m": 4, "permute": True}, ["--n", "1", "--m", "4", "--permute"]),
+    ("group", {"parts": "auto", "kernels": True}, ["--parts", "auto", "--kernels"]),
+    ("shuffled-block", {"block": 4, "kernels": True}, ["--block", "4", "--kernels"]),
 ]
 
 
@@ -41,6 +43,21 @@ def test_prune_matches_cli_bytes(tmp_path, cli, layers):
     again = coarsen.prune(layers, 0.9, scope="layer", mask=masks, exclude="fc")
     coarsen.write_masks(tmp_path / "py2.safetensors", again)
     assert (tmp_path / "py2.safetensors").read_bytes() == (tmp_path / "cli2.safetensors").read_bytes()
+
+
+def test_prune_by_kernels_matches_cli_bytes(tmp_path, cli, layers):
+    w = tmp_path / "w.safetensors"
+    write_safetensors(w, layers)
+    cli("prune", "-q", "--weights", w, "--sparsity", "0.7", "--granularity", "kernel",
+        "--out", tmp_path / "cli.safetensors")
+    masks = coarsen.prune(layers, 0.7, granularity="kernel")
+    coarsen.write_masks(tmp_path / "py.safetensors", masks)
+    assert (tmp_path / "py.safetensors").read_bytes() == (tmp_path / "cli.safetensors").read_bytes()
+    conv = np.asarray(masks["conv2.weight"])
+    per_kernel = conv.reshape(conv.shape[0], conv.shape[1], -1)
+    assert (per_kernel.min(axis=2) == per_kernel.max(axis=2)).all(), "whole kernels"
+    with pytest.raises(ValueError, match="granularity"):
+        coarsen.prune(layers, 0.7, granularity="row")
 
 
 @pytest.mark.parametrize("to,options,flags", PATTERNS, ids=[f"{p[0]}{p[2]}" for p in PATTERNS])
