@@ -726,13 +726,11 @@ impl Layer {
             // Whole bands of output rows (as many as the tiles' side; whole images where the
             // tiles reach past them), in whole blocks of tiles where that costs at most a few
             // bands.
-            Some(k) => column_chunks(
-                n,
-                k.column_unit(self.ho, self.wo),
-                k.block_columns(),
-                4 * self.cin,
-                o,
-            ),
+            Some(k) => {
+                let unit = k.column_unit(self.ho, self.wo);
+                let chunks = column_chunks(n, unit, k.block_columns(), 4 * self.cin, o);
+                balanced(chunks, n, unit, rayon::current_num_threads())
+            }
             None => column_chunks(n, self.wo, tiles.unwrap_or(1), kk, o),
         };
         // A 1×1 convolution over the whole batch multiplies the input itself.
@@ -1260,6 +1258,30 @@ fn gcd(a: usize, b: usize) -> usize {
 /// Column ranges `[c0, c1)` of an im2col matrix with `n` columns and `kk` rows, cut at whole
 /// output rows (`wo` columns) and, where cheap, whole tiles of `nr` columns: about `chunk_floats` values each (so a chunk stays in the cache
 /// between im2col and the kernel), at least `min_cols` columns, and at least two per thread.
+/// `chunks` of `0 .. n` again in equal shares of whole `unit`s, as many as the threads or a
+/// multiple, where they are few (under four per thread) and would leave a thread idle: blocks
+/// of 48 Winograd tiles cut ResNet-18's last stage at batch 64 (64 tiles) into 48 and 16, one
+/// thread waiting for the other most of the layer (the dense kernel's row shares hid that;
+/// row classes are not split by rows).
+fn balanced(
+    chunks: Vec<(usize, usize)>,
+    n: usize,
+    unit: usize,
+    threads: usize,
+) -> Vec<(usize, usize)> {
+    let threads = threads.max(1);
+    if chunks.len() >= 4 * threads || unit == 0 || !n.is_multiple_of(unit) {
+        return chunks;
+    }
+    let units = n / unit;
+    let parts = chunks.len().div_ceil(threads) * threads;
+    let parts = parts.min(units).max(1);
+    (0..parts)
+        .map(|i| (i * units / parts * unit, (i + 1) * units / parts * unit))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
 fn column_chunks(
     n: usize,
     wo: usize,
@@ -1278,4 +1300,42 @@ fn column_chunks(
     (0..n.div_ceil(cols))
         .map(|i| (i * cols, ((i + 1) * cols).min(n)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced;
+
+    #[test]
+    fn few_chunks_are_cut_in_equal_shares_per_thread() {
+        // 64 tiles of 16 columns in blocks of 48 tiles: 48 + 16 becomes 32 + 32.
+        assert_eq!(
+            balanced(vec![(0, 768), (768, 1024)], 1024, 16, 2),
+            vec![(0, 512), (512, 1024)]
+        );
+        // Six chunks on two threads: six shares of 21 or 22 units, covering everything.
+        let six = balanced(
+            (0..6)
+                .map(|i| (i * 768, ((i + 1) * 768).min(4096)))
+                .collect(),
+            4096,
+            32,
+            2,
+        );
+        assert_eq!(six.len(), 6);
+        assert_eq!(six.first().map(|c| c.0), Some(0));
+        assert_eq!(six.last().map(|c| c.1), Some(4096));
+        for w in six.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+        }
+        for &(a, b) in &six {
+            assert!(a % 32 == 0 && (b - a) / 32 >= 21 && (b - a) / 32 <= 22);
+        }
+        // Many chunks, fewer units than threads, units that do not divide: unchanged or
+        // capped.
+        let many: Vec<(usize, usize)> = (0..8).map(|i| (i * 16, (i + 1) * 16)).collect();
+        assert_eq!(balanced(many.clone(), 128, 16, 2), many);
+        assert_eq!(balanced(vec![(0, 32)], 32, 16, 4), vec![(0, 16), (16, 32)]);
+        assert_eq!(balanced(vec![(0, 30)], 30, 16, 2), vec![(0, 30)]);
+    }
 }
