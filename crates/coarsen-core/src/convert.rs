@@ -84,13 +84,7 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
     if pattern.kernels() && taps > 1 {
         return convert_kernels(layer, pattern, seed, taps);
     }
-    let view = MatrixView::of(layer.shape).ok_or_else(|| {
-        Error::param(
-            "layer",
-            layer.name,
-            format!("shape {:?} has rank < 2", layer.shape),
-        )
-    })?;
+    let view = matrix_view(layer)?;
     let mask = layer.mask;
     let mut out = LayerOutcome {
         mask: Mask::default(),
@@ -176,6 +170,17 @@ pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Re
     Ok(out)
 }
 
+/// The layer's matrix view; an error for a shape of rank below 2.
+fn matrix_view(layer: &LayerInput<'_>) -> Result<MatrixView> {
+    MatrixView::of(layer.shape).ok_or_else(|| {
+        Error::param(
+            "layer",
+            layer.name,
+            format!("shape {:?} has rank < 2", layer.shape),
+        )
+    })
+}
+
 /// [`convert_layer`] of a convolution with kernels of `taps` weights in the kernel view
 /// ([`Pattern::kernels`]): the pattern runs on `[Cout, Cin]`, and its result keeps whole
 /// kernels. A layer the pattern leaves unstructured keeps its input mask.
@@ -185,13 +190,7 @@ fn convert_kernels(
     seed: u64,
     taps: usize,
 ) -> Result<LayerOutcome> {
-    let view = MatrixView::of(layer.shape).ok_or_else(|| {
-        Error::param(
-            "layer",
-            layer.name,
-            format!("shape {:?} has rank < 2", layer.shape),
-        )
-    })?;
+    let view = matrix_view(layer)?;
     let mask = layer.mask;
     let (rows, cols) = (mask.rows(), mask.cols());
     if !cols.is_multiple_of(taps) {

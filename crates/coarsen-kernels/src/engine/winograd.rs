@@ -1877,15 +1877,19 @@ mod tests {
     use super::*;
     use crate::reference;
 
-    #[test]
-    fn matches_im2col_times_the_weight() {
-        let mut seed = 5u64;
-        let mut rnd = move || {
+    /// Uniform values in [−0.5, 0.5) from `seed` (a linear congruential generator).
+    fn values(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        }
+    }
+
+    #[test]
+    fn matches_im2col_times_the_weight() {
+        let mut rnd = values(5);
         let g = Winograd::geometry();
         for &(cout, cin, b, h, w) in &[
             (8, 3, 2, 4, 4),
@@ -1944,13 +1948,7 @@ mod tests {
 
     #[test]
     fn sparse_weights_run_their_row_classes() {
-        let mut seed = 11u64;
-        let mut rnd = move || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut rnd = values(11);
         // (cout, cin, b, h, w, classes): rows in classes of random channel subsets (about a
         // quarter of the channels each), a share of rows empty (all-zero, bias only) and of
         // taps zero inside kept kernels; classes of more and fewer than one panel of rows,
