@@ -101,8 +101,8 @@ pub struct PruneArgs {
     pub scope: ScopeArg,
     /// Prune single weights, or whole kernels (the kh×kw weights of one output and input
     /// channel of a convolution, by their root mean square; the sparsity then counts kernels).
-    /// Group or shuffled-block conversions of a kernel mask keep whole kernels in their blocks,
-    /// which Winograd runs with about 4x fewer multiplications.
+    /// `convert --kernels` then makes group or shuffled blocks of whole kernels, which Winograd
+    /// runs with about 4x fewer multiplications.
     #[arg(long, value_enum, default_value = "weight")]
     pub granularity: GranularityArg,
     /// An existing mask to prune further (weights it removed stay removed and count).
