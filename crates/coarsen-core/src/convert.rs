@@ -80,11 +80,10 @@ pub struct Conversion {
 
 /// Converts one layer. `seed` drives the randomised steps (partitioning, permutation escapes).
 pub fn convert_layer(layer: &LayerInput<'_>, pattern: &Pattern, seed: u64) -> Result<LayerOutcome> {
-    let taps: usize = layer.shape.get(2..).map_or(1, |k| k.iter().product());
-    if pattern.kernels() && taps > 1 {
-        return convert_kernels(layer, pattern, seed, taps);
-    }
     let view = matrix_view(layer)?;
+    if pattern.kernels() && view.inner > 1 {
+        return convert_kernels(layer, pattern, seed, view);
+    }
     let mask = layer.mask;
     let mut out = LayerOutcome {
         mask: Mask::default(),
@@ -181,16 +180,16 @@ fn matrix_view(layer: &LayerInput<'_>) -> Result<MatrixView> {
     })
 }
 
-/// [`convert_layer`] of a convolution with kernels of `taps` weights in the kernel view
-/// ([`Pattern::kernels`]): the pattern runs on `[Cout, Cin]`, and its result keeps whole
-/// kernels. A layer the pattern leaves unstructured keeps its input mask.
+/// [`convert_layer`] of a convolution (matrix view `view`, kernels of `view.inner` weights) in
+/// the kernel view ([`Pattern::kernels`]): the pattern runs on `[Cout, Cin]`, and its result
+/// keeps whole kernels. A layer the pattern leaves unstructured keeps its input mask.
 fn convert_kernels(
     layer: &LayerInput<'_>,
     pattern: &Pattern,
     seed: u64,
-    taps: usize,
+    view: MatrixView,
 ) -> Result<LayerOutcome> {
-    let view = matrix_view(layer)?;
+    let taps = view.inner;
     let mask = layer.mask;
     let (rows, cols) = (mask.rows(), mask.cols());
     if !cols.is_multiple_of(taps) {
@@ -201,22 +200,8 @@ fn convert_kernels(
         ));
     }
     let kc = cols / taps;
-    let kmask = Mask::from_fn(rows, kc, |r, c| {
-        (0..taps).any(|t| mask.get(r, c * taps + t))
-    });
-    let kweights: Option<Vec<f32>> = layer.weights.map(|w| {
-        (0..rows * kc)
-            .map(|i| {
-                let (r, c) = (i / kc, i % kc);
-                let sum: f64 = (0..taps)
-                    .map(|t| c * taps + t)
-                    .filter(|&j| mask.get(r, j))
-                    .map(|j| f64::from(w[r * cols + j]).powi(2))
-                    .sum();
-                (sum / taps as f64).sqrt() as f32
-            })
-            .collect()
-    });
+    let kmask = mask.kernel_mask(taps);
+    let kweights: Option<Vec<f32>> = layer.weights.map(|w| mask.kernel_rms(w, taps));
     let shape = [rows, kc];
     let inner = LayerInput {
         name: layer.name,

@@ -170,6 +170,35 @@ impl Mask {
             .sum()
     }
 
+    /// The kernel view of a mask whose rows are runs of `taps` entries (a convolution's
+    /// `kh·kw` per input channel; `cols` a multiple of `taps`): a kernel is kept where one of
+    /// its entries is.
+    pub(crate) fn kernel_mask(&self, taps: usize) -> Mask {
+        Mask::from_fn(self.rows, self.cols / taps, |r, c| {
+            (0..taps).any(|t| self.get(r, c * taps + t))
+        })
+    }
+
+    /// Per kernel of `taps` entries (as [`kernel_mask`](Self::kernel_mask) counts them,
+    /// row-major): the root mean square of its weights under the mask, those outside it
+    /// counting as zero. `weights` has the mask's length.
+    pub(crate) fn kernel_rms(&self, weights: &[f32], taps: usize) -> Vec<f32> {
+        debug_assert_eq!(weights.len(), self.data.len());
+        self.data
+            .chunks_exact(taps)
+            .zip(weights.chunks_exact(taps))
+            .map(|(m, w)| {
+                let sum: f64 = m
+                    .iter()
+                    .zip(w)
+                    .filter(|(&b, _)| b != 0)
+                    .map(|(_, &v)| f64::from(v) * f64::from(v))
+                    .sum();
+                (sum / taps as f64).sqrt() as f32
+            })
+            .collect()
+    }
+
     /// Indices of the rows with at least one 1.
     pub fn nonempty_rows(&self) -> Vec<usize> {
         (0..self.rows)

@@ -130,20 +130,22 @@ pub fn kernel_prune(
                 ),
             ));
         }
-        let kernels = l.rows * (l.cols / kk);
-        let mut score = Vec::with_capacity(kernels);
-        let mut live = Vec::with_capacity(kernels);
-        for (k, w) in l.weights.chunks_exact(kk).enumerate() {
-            let on = |t: usize| l.mask.is_none_or(|m| m.as_bytes()[k * kk + t] != 0);
-            let sum: f64 = (0..kk)
-                .filter(|&t| on(t))
-                .map(|t| f64::from(w[t]) * f64::from(w[t]))
-                .sum();
-            score.push((sum / kk as f64).sqrt() as f32);
-            live.push(u8::from((0..kk).any(on)));
-        }
-        let mask = Mask::from_bytes(l.rows, l.cols / kk, live)?;
-        scores.push((score, mask));
+        let ones;
+        let mask = match l.mask {
+            Some(m) if (m.rows(), m.cols()) == (l.rows, l.cols) => m,
+            Some(m) => {
+                return Err(Error::param(
+                    "mask",
+                    format!("{}×{}", m.rows(), m.cols()),
+                    format!("layer '{}' is {}×{}", l.name.escape_debug(), l.rows, l.cols),
+                ))
+            }
+            None => {
+                ones = Mask::ones(l.rows, l.cols);
+                &ones
+            }
+        };
+        scores.push((mask.kernel_rms(l.weights, kk), mask.kernel_mask(kk)));
     }
     let inputs: Vec<PruneInput<'_>> = layers
         .iter()
@@ -343,10 +345,7 @@ pub fn prune_file<'w>(
     let masks = match granularity {
         Granularity::Weight => magnitude_prune(&inputs, sparsity, scope)?,
         Granularity::Kernel => {
-            let taps: Vec<usize> = layers
-                .iter()
-                .map(|l| l.shape.get(2..).map_or(1, |k| k.iter().product()))
-                .collect();
+            let taps: Vec<usize> = layers.iter().map(|l| view_of(&l.shape).inner).collect();
             kernel_prune(&inputs, &taps, sparsity, scope)?
         }
     };
@@ -455,6 +454,13 @@ mod tests {
         assert!(kernel_prune(&[input("a", &w, 6)], &[4], 0.5, Scope::Global).is_err());
         assert!(kernel_prune(&[input("a", &w, 6)], &[0], 0.5, Scope::Global).is_err());
         assert!(kernel_prune(&[input("a", &w, 6)], &[2, 2], 0.5, Scope::Global).is_err());
+        // A mask of another shape than the layer's.
+        let other = Mask::ones(3, 4);
+        let l = PruneInput {
+            mask: Some(&other),
+            ..input("a", &w, 6)
+        };
+        assert!(kernel_prune(&[l], &[2], 0.5, Scope::Global).is_err());
         // Kernels of one weight: the same as weight pruning.
         let one = kernel_prune(&[input("a", &w, 6)], &[1], 0.25, Scope::Layer).unwrap();
         let unit = magnitude_prune(&[input("a", &w, 6)], 0.25, Scope::Layer).unwrap();

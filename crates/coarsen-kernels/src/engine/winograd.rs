@@ -75,22 +75,18 @@ impl Classes {
     /// of `mr` rows per class come to at most three quarters of the dense panels' (an almost
     /// dense weight, or one whose rows all differ, runs dense); `None` otherwise.
     fn of(cout: usize, cin: usize, values: &[f32], mr: usize) -> Option<Classes> {
-        let mut index: std::collections::HashMap<Vec<u32>, usize> =
+        // Rows by the channels they read, the classes in the order of their first rows.
+        let mut rows_of: std::collections::HashMap<Vec<u32>, Vec<u32>> =
             std::collections::HashMap::new();
-        let mut classes: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
         for m in 0..cout {
             let chans: Vec<u32> = (0..cin)
                 .filter(|&c| values[(m * cin + c) * 9..][..9].iter().any(|&v| v != 0.0))
                 .map(|c| c as u32)
                 .collect();
-            match index.get(&chans) {
-                Some(&i) => classes[i].1.push(m as u32),
-                None => {
-                    index.insert(chans.clone(), classes.len());
-                    classes.push((chans, vec![m as u32]));
-                }
-            }
+            rows_of.entry(chans).or_default().push(m as u32);
         }
+        let mut classes: Vec<(Vec<u32>, Vec<u32>)> = rows_of.into_iter().collect();
+        classes.sort_unstable_by_key(|(_, rows)| rows[0]);
         let cost: usize = classes
             .iter()
             .map(|(c, r)| r.len().div_ceil(mr) * mr * c.len())
