@@ -6,7 +6,8 @@
 //! `cargo run --release -p coarsen-kernels --example ab_wino -- [BATCH] [ROUNDS] [CIN,COUT,HW] [DENSITY]`
 //! (CIN,COUT,HW: that one shape instead; DENSITY below 1: a weight of whole kernels in classes
 //! of 32 rows, each reading that share of the input channels, also run on the sparse Winograd
-//! kernels, `Winograd::sparse_with_tile`)
+//! kernels, `Winograd::sparse_with_tile`). `AB_ONLY="F(4x4) sparse"` (a kernel's name as
+//! printed) times that kernel alone beside the direct one, for `perf`.
 use std::time::Instant;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
@@ -92,6 +93,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     kernels.push((format!("F({tile}x{tile}) sparse"), Some(k)));
                 }
             }
+        }
+        // AB_ONLY=NAME: that kernel alone (for `perf`), beside the direct reference.
+        if let Ok(only) = std::env::var("AB_ONLY") {
+            kernels.retain(|(name, k)| k.is_none() || *name == only);
         }
         let mut best = vec![f64::INFINITY; kernels.len()];
         let mut diffs = vec![0.0f32; kernels.len()];
