@@ -782,6 +782,8 @@ mod fused {
 
     /// Tiles of a block: three vectors.
     const TB: usize = 48;
+    /// How many channels ahead the products ask for a row of `V_e` ([`gemm`]).
+    const PREFETCH: usize = 8;
 
     thread_local! {
         /// Per-thread `V` and `M` of a block (taken out of the slot for a call).
@@ -1450,7 +1452,17 @@ mod fused {
         m: *mut f32,
     ) {
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        let end = js.end;
         for j in js {
+            // A class's channel rows lie at irregular strides, which the hardware prefetcher
+            // does not follow: ask for the row `PREFETCH` channels ahead (measured 4–5% faster
+            // on sparse 64- to 256-channel layers, `ab_wino 64 20 C,C,W 0.28`, one thread).
+            if j + PREFETCH < end {
+                let vn = v.add(channel(j + PREFETCH) * TB);
+                for l in 0..V {
+                    _mm_prefetch::<_MM_HINT_T0>(vn.add(16 * l).cast());
+                }
+            }
             let vc = v.add(channel(j) * TB);
             let mut xv = [_mm512_setzero_ps(); V];
             for (l, x) in xv.iter_mut().enumerate() {
