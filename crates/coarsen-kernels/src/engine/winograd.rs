@@ -782,7 +782,8 @@ mod fused {
 
     /// Tiles of a block: three vectors.
     const TB: usize = 48;
-    /// How many channels ahead the products ask for a row of `V_e` ([`gemm`]).
+    /// How many channels ahead the products over row classes ask for a row of `V_e`
+    /// ([`gemm`]).
     const PREFETCH: usize = 8;
 
     thread_local! {
@@ -1417,10 +1418,11 @@ mod fused {
             None => {
                 let np = k.cout.div_ceil(MR);
                 let u = k.panels.as_ptr().add((e * np + q) * k.cin * MR);
+                // Consecutive rows: the hardware prefetcher follows them.
                 match nv {
-                    1 => gemm::<1>(u, ve, 0..k.cin, |c| c, m),
-                    2 => gemm::<2>(u, ve, 0..k.cin, |c| c, m),
-                    _ => gemm::<3>(u, ve, 0..k.cin, |c| c, m),
+                    1 => gemm::<1, 0>(u, ve, 0..k.cin, |c| c, m),
+                    2 => gemm::<2, 0>(u, ve, 0..k.cin, |c| c, m),
+                    _ => gemm::<3, 0>(u, ve, 0..k.cin, |c| c, m),
                 }
             }
             Some(cl) => {
@@ -1429,9 +1431,9 @@ mod fused {
                 let ch = &cl.chans[p.c0..p.c0 + p.len];
                 let at = |j: usize| *ch.get_unchecked(j) as usize;
                 match nv {
-                    1 => gemm::<1>(u, ve, 0..p.len, at, m),
-                    2 => gemm::<2>(u, ve, 0..p.len, at, m),
-                    _ => gemm::<3>(u, ve, 0..p.len, at, m),
+                    1 => gemm::<1, PREFETCH>(u, ve, 0..p.len, at, m),
+                    2 => gemm::<2, PREFETCH>(u, ve, 0..p.len, at, m),
+                    _ => gemm::<3, PREFETCH>(u, ve, 0..p.len, at, m),
                 }
             }
         }
@@ -1439,12 +1441,12 @@ mod fused {
 
     /// One panel of `U_e` (`len × MR` for the channels `channel(j)`, `j` in `0 .. len`, at
     /// `u`) times those rows of `V_e` (`cin × 48`, at `v`, `V·16` lanes used) into `M` (`MR`
-    /// rows of 48 at `m`).
+    /// rows of 48 at `m`), asking for the row of `V_e` `PF` channels ahead (none if 0).
     ///
     /// # Safety
     /// AVX-512F must be available; `channel` must return rows of `V_e`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn gemm<const V: usize>(
+    unsafe fn gemm<const V: usize, const PF: usize>(
         u: *const f32,
         v: *const f32,
         js: std::ops::Range<usize>,
@@ -1455,10 +1457,11 @@ mod fused {
         let end = js.end;
         for j in js {
             // A class's channel rows lie at irregular strides, which the hardware prefetcher
-            // does not follow: ask for the row `PREFETCH` channels ahead (measured 4–5% faster
-            // on sparse 64- to 256-channel layers, `ab_wino 64 20 C,C,W 0.28`, one thread).
-            if j + PREFETCH < end {
-                let vn = v.add(channel(j + PREFETCH) * TB);
+            // does not follow: ask for the row `PF` channels ahead (`PREFETCH` measured 4–5%
+            // faster on sparse 64- to 256-channel layers, `ab_wino 64 20 C,C,W 0.28`, one
+            // thread); 0 asks for none.
+            if PF > 0 && j + PF < end {
+                let vn = v.add(channel(j + PF) * TB);
                 for l in 0..V {
                     _mm_prefetch::<_MM_HINT_T0>(vn.add(16 * l).cast());
                 }
