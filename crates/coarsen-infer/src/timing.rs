@@ -18,6 +18,10 @@ pub struct PathTiming {
     pub time_saving: f64,
     /// `1 − packed multiply-adds / dense multiply-adds`: what a perfect kernel would save.
     pub ideal_time_saving: f64,
+    /// Whether the two paths were one computation, timed once (saving exactly 0); absent
+    /// (false) in what earlier versions wrote.
+    #[serde(default)]
+    pub one_computation: bool,
 }
 
 /// Times `packed` against `dense` on the channel-major batch `x` of `batch` images, `reps`
@@ -63,6 +67,7 @@ pub fn time_paths(
         time_saving: 1.0 - packed_ms / dense_ms,
         ideal_time_saving: 1.0
             - packed.macs_per_image() as f64 / dense.macs_per_image().max(1) as f64,
+        one_computation: same,
     })
 }
 

@@ -418,6 +418,7 @@ fn a_packed_network_on_the_dense_kernels_is_timed_as_the_dense_one() {
     assert!(!choices.is_empty() && choices.iter().all(|c| c.dense));
     assert!(packed.runs_dense_kernels());
     let t = coarsen_infer::timing::time_paths(&packed, &dense, &x, 2, 3).unwrap();
+    assert!(t.one_computation);
     assert_eq!(t.packed_ms, t.dense_ms);
     assert_eq!(t.time_saving, 0.0);
     assert!(t.dense_ms > 0.0);
@@ -425,9 +426,11 @@ fn a_packed_network_on_the_dense_kernels_is_timed_as_the_dense_one() {
     let mut o = InferOptions::default();
     o.winograd = !o.winograd;
     let other = InferenceNet::with_options(&network, &formats, Path::Dense, o).unwrap();
+    // (Whether they are told apart, not their times: two medians of a small network can
+    // coincide to the nanosecond.)
     let t = coarsen_infer::timing::time_paths(&packed, &other, &x, 2, 3).unwrap();
     assert!(t.packed_ms > 0.0 && t.dense_ms > 0.0);
-    assert_ne!(t.packed_ms, t.dense_ms, "timed as one computation");
+    assert!(!t.one_computation, "timed as one computation");
 }
 
 /// A tuned network that measures no faster than the dense path as a whole runs dense: the
