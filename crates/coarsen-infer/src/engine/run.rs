@@ -1255,9 +1255,6 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// Column ranges `[c0, c1)` of an im2col matrix with `n` columns and `kk` rows, cut at whole
-/// output rows (`wo` columns) and, where cheap, whole tiles of `nr` columns: about `chunk_floats` values each (so a chunk stays in the cache
-/// between im2col and the kernel), at least `min_cols` columns, and at least two per thread.
 /// `chunks` of `0 .. n` again in equal shares of whole `unit`s, as many as the threads or a
 /// multiple, where they are few (under four per thread) and would leave a thread idle: blocks
 /// of 48 Winograd tiles cut ResNet-18's last stage at batch 64 (64 tiles) into 48 and 16, one
@@ -1282,6 +1279,10 @@ fn balanced(
         .collect()
 }
 
+/// Column ranges `[c0, c1)` of an im2col matrix with `n` columns and `kk` rows, cut at whole
+/// output rows (`wo` columns) and, where cheap, whole tiles of `nr` columns: about
+/// `chunk_floats` values each (so a chunk stays in the cache between im2col and the kernel),
+/// at least `min_cols` columns, and at least two per thread.
 fn column_chunks(
     n: usize,
     wo: usize,
