@@ -58,11 +58,39 @@ pub fn check_sparsity(sparsity: f64) -> Result<()> {
     Ok(())
 }
 
+impl PruneInput<'_> {
+    /// Checks that the weights hold `rows · cols` values and the mask, if any, has the layer's
+    /// shape.
+    fn check(&self) -> Result<()> {
+        if self.weights.len() != self.rows * self.cols {
+            return Err(Error::BadLength {
+                tensor: self.name.to_string(),
+                shape: vec![self.rows, self.cols],
+                len: self.weights.len(),
+            });
+        }
+        match self.mask {
+            Some(m) if (m.rows(), m.cols()) != (self.rows, self.cols) => Err(Error::param(
+                "mask",
+                format!("{}×{}", m.rows(), m.cols()),
+                format!(
+                    "layer '{}' is {}×{}",
+                    self.name.escape_debug(),
+                    self.rows,
+                    self.cols
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Prunes the weights of smallest magnitude until `sparsity` of all weights (of the scope) are
 /// zero in the mask. Already-masked weights count towards the sparsity; ties are broken by layer
 /// order, then by flat index, so the result is deterministic.
 ///
-/// Fails if `sparsity` is not in (0, 1), or if a scope is already at least that sparse.
+/// Fails if `sparsity` is not in (0, 1), if a layer's weights or mask do not have its shape,
+/// or if a scope is already at least that sparse.
 pub fn magnitude_prune(
     layers: &[PruneInput<'_>],
     sparsity: f64,
@@ -70,13 +98,7 @@ pub fn magnitude_prune(
 ) -> Result<Vec<Mask>> {
     check_sparsity(sparsity)?;
     for l in layers {
-        if l.weights.len() != l.rows * l.cols {
-            return Err(Error::BadLength {
-                tensor: l.name.to_string(),
-                shape: vec![l.rows, l.cols],
-                len: l.weights.len(),
-            });
-        }
+        l.check()?;
     }
     match scope {
         Scope::Global => prune_group(layers, sparsity),
@@ -112,13 +134,7 @@ pub fn kernel_prune(
     }
     let mut scores = Vec::with_capacity(layers.len());
     for (l, &kk) in layers.iter().zip(taps) {
-        if l.weights.len() != l.rows * l.cols {
-            return Err(Error::BadLength {
-                tensor: l.name.to_string(),
-                shape: vec![l.rows, l.cols],
-                len: l.weights.len(),
-            });
-        }
+        l.check()?;
         if kk == 0 || !l.cols.is_multiple_of(kk) {
             return Err(Error::param(
                 "taps",
@@ -132,14 +148,7 @@ pub fn kernel_prune(
         }
         let ones;
         let mask = match l.mask {
-            Some(m) if (m.rows(), m.cols()) == (l.rows, l.cols) => m,
-            Some(m) => {
-                return Err(Error::param(
-                    "mask",
-                    format!("{}×{}", m.rows(), m.cols()),
-                    format!("layer '{}' is {}×{}", l.name.escape_debug(), l.rows, l.cols),
-                ))
-            }
+            Some(m) => m,
             None => {
                 ones = Mask::ones(l.rows, l.cols);
                 &ones
@@ -461,6 +470,7 @@ mod tests {
             ..input("a", &w, 6)
         };
         assert!(kernel_prune(&[l], &[2], 0.5, Scope::Global).is_err());
+        assert!(magnitude_prune(&[l], 0.5, Scope::Global).is_err());
         // Kernels of one weight: the same as weight pruning.
         let one = kernel_prune(&[input("a", &w, 6)], &[1], 0.25, Scope::Layer).unwrap();
         let unit = magnitude_prune(&[input("a", &w, 6)], 0.25, Scope::Layer).unwrap();
