@@ -819,13 +819,19 @@ mod fused {
         loads: [[RowLoad; 8]; 3],
     }
 
-    /// One load of [`patch_tables`]: 16 values (8 on images 8 wide) from the block's first band plus `at` (row
-    /// `−1` of the patch; `+ W·i` for patch row `i`), for the patch rows `i` whose bit is set
-    /// in `rows` (the others lie in the padding or past the range: zeros).
+    /// One load of [`patch_tables`]: 16 values (8 on images 8 wide) from the block's first
+    /// band plus `at` (row `−1` of the patch; `+ W·i` for patch row `i`), for the patch rows
+    /// `i` whose bit is set in `rows` (the others lie in the padding or past the range: zeros).
     #[derive(Clone, Copy, Default)]
     struct RowLoad {
         at: i32,
         rows: u8,
+    }
+
+    /// Whether tiles of `t` on images `w` wide take their patches from whole input rows
+    /// ([`patch_tables`]): tiles of 4 on images 8, 16 or 32 wide.
+    fn row_tables(t: usize, w: usize) -> bool {
+        t == 4 && matches!(w, 8 | 16 | 32)
     }
 
     /// How a range's columns (`[B, H, W]` positions) fall into bands of `t` output rows:
@@ -887,7 +893,7 @@ mod fused {
         };
         let contiguous =
             T == 2 && tw.is_multiple_of(16) && h.is_multiple_of(T) && w.is_multiple_of(T);
-        let tables = T == 4 && (w == 8 || w == 16 || w == 32);
+        let tables = row_tables(T, w);
         // `V_e` planes `vs` floats apart: one cache line past a multiple of `cin · TB` (a
         // multiple of 4 KiB for 64, 128, ... channels), so that the 36 stores of a tile
         // vector's transform, one per plane, fall in different sets of the L1 cache.
@@ -1047,7 +1053,7 @@ mod fused {
                 }
                 b.runs[v][start] += 1;
             }
-            if T == 4 && (w == 8 || w == 16 || w == 32) {
+            if row_tables(T, w) {
                 b.loads[v] = row_loads(&b, v, tw);
             }
         }
