@@ -354,31 +354,64 @@ impl Taps {
                     img += 1;
                 }
             }
-            for ry in 0..2 {
+            // Both row parities of a channel, channel after channel: its rows are read in
+            // order (one parity after the other read every other pair of cache lines, twice
+            // over), and the next channel's are fetched meanwhile.
+            let rows: [Option<PhaseRows>; 2] = std::array::from_fn(|ry| {
                 let (se, so) = (slot(2 * ry), slot(2 * ry + 1));
-                if se == usize::MAX && so == usize::MAX {
-                    continue;
-                }
-                let rows = PhaseRows {
+                (se != usize::MAX || so != usize::MAX).then(|| PhaseRows {
                     // SAFETY: as the caller guarantees (`c0 + cn ≤ cin` channels of `chan`).
                     src: unsafe { x.add(c0 * chan + ry * wi) },
                     chan,
                     even: (se != usize::MAX).then(|| unsafe { halo.add(se * cn * self.stride) }),
                     odd: (so != usize::MAX).then(|| unsafe { halo.add(so * cn * self.stride) }),
                     stride: self.stride,
-                };
-                // SAFETY: as the caller guarantees: input row `2·oy + ry` of image `img`
-                // holds `2·Wo` values, a segment reads `2n ≤ 2·(Wo − ox)` of them from
-                // column `2·ox`; a halo row holds `at + b − a` values.
-                unsafe {
-                    #[cfg(target_arch = "x86_64")]
-                    if wide {
-                        rows.split_avx512(cn, &segs[..ns]);
-                        continue;
+                })
+            });
+            let segs = &segs[..ns];
+            for c in 0..cn {
+                #[cfg(target_arch = "x86_64")]
+                if wide && c + 1 < cn {
+                    // SAFETY: only addresses inside the next channel's rows of these segments.
+                    unsafe {
+                        prefetch_rows(x.add((c0 + c + 1) * chan), segs, wi, rows[1].is_some())
+                    };
+                }
+                for r in rows.iter().flatten() {
+                    // SAFETY: as the caller guarantees: input row `2·oy + ry` of image `img`
+                    // holds `2·Wo` values, a segment reads `2n ≤ 2·(Wo − ox)` of them from
+                    // column `2·ox`; a halo row holds `at + b − a` values.
+                    unsafe {
+                        #[cfg(target_arch = "x86_64")]
+                        if wide {
+                            r.split_avx512(c, segs);
+                            continue;
+                        }
+                        r.split(c, segs);
                     }
-                    rows.split(cn, &segs[..ns]);
                 }
             }
+        }
+    }
+}
+
+/// Asks for the input rows of `segs` (output rows of a stride-2 halo, `(at, n, from)`: the
+/// row pair at `from` of the channel at `src`, rows `wi` floats long; the odd row only with
+/// `odd`) to be brought into the cache, one request per cache line.
+///
+/// # Safety
+/// Every segment's row pair lies in the channel's values.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn prefetch_rows(src: *const f32, segs: &[(usize, usize, usize)], wi: usize, odd: bool) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for &(_, n, from) in segs {
+        let (a, b) = (from, from + if odd { wi } else { 0 } + 2 * n);
+        let mut p = a;
+        while p < b {
+            // SAFETY: `p` is inside the segment's row pair.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(src.add(p).cast()) };
+            p += 16;
         }
     }
 }
@@ -395,24 +428,21 @@ struct PhaseRows {
 }
 
 impl PhaseRows {
-    /// Channels `0 .. cn`, each segment `(at, n, from)`: `n` pairs from `from` to halo
-    /// position `at`.
+    /// Channel `c`, each segment `(at, n, from)`: `n` pairs from `from` to halo position `at`.
     ///
     /// # Safety
-    /// Every channel's row holds `from + 2n` values per segment and every halo row `at + n`.
-    unsafe fn split(&self, cn: usize, segs: &[(usize, usize, usize)]) {
-        for c in 0..cn {
-            for &(at, n, from) in segs {
-                // SAFETY: as the caller guarantees.
-                unsafe {
-                    let src = self.src.add(c * self.chan + from);
-                    for j in 0..n {
-                        if let Some(e) = self.even {
-                            *e.add(c * self.stride + at + j) = *src.add(2 * j);
-                        }
-                        if let Some(o) = self.odd {
-                            *o.add(c * self.stride + at + j) = *src.add(2 * j + 1);
-                        }
+    /// The channel's row holds `from + 2n` values per segment and its halo row `at + n`.
+    unsafe fn split(&self, c: usize, segs: &[(usize, usize, usize)]) {
+        for &(at, n, from) in segs {
+            // SAFETY: as the caller guarantees.
+            unsafe {
+                let src = self.src.add(c * self.chan + from);
+                for j in 0..n {
+                    if let Some(e) = self.even {
+                        *e.add(c * self.stride + at + j) = *src.add(2 * j);
+                    }
+                    if let Some(o) = self.odd {
+                        *o.add(c * self.stride + at + j) = *src.add(2 * j + 1);
                     }
                 }
             }
@@ -425,22 +455,20 @@ impl PhaseRows {
     /// As [`split`](Self::split), with AVX-512F available.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn split_avx512(&self, cn: usize, segs: &[(usize, usize, usize)]) {
-        for c in 0..cn {
-            for &(at, n, from) in segs {
-                let to = c * self.stride + at;
-                // SAFETY: as the caller guarantees: the segment's `2n` values and its halo
-                // positions `to .. to + n`.
-                unsafe {
-                    split_pairs_avx512(
-                        self.src.add(c * self.chan + from),
-                        2 * n,
-                        n,
-                        self.even.map(|e| e.add(to)),
-                        self.odd.map(|o| o.add(to)),
-                    )
-                };
-            }
+    unsafe fn split_avx512(&self, c: usize, segs: &[(usize, usize, usize)]) {
+        for &(at, n, from) in segs {
+            let to = c * self.stride + at;
+            // SAFETY: as the caller guarantees: the segment's `2n` values and its halo
+            // positions `to .. to + n`.
+            unsafe {
+                split_pairs_avx512(
+                    self.src.add(c * self.chan + from),
+                    2 * n,
+                    n,
+                    self.even.map(|e| e.add(to)),
+                    self.odd.map(|o| o.add(to)),
+                )
+            };
         }
     }
 }
@@ -1124,15 +1152,17 @@ mod tests {
                     let segs = [(1, n, 1)];
                     // SAFETY: channel c's segment reads `s[c·(2n + 3) + 1 ..][..2n]`, writes
                     // positions 1 ..= n of its halo rows; `wide` only with AVX-512.
-                    unsafe {
-                        #[cfg(target_arch = "x86_64")]
-                        if wide {
-                            rows.split_avx512(2, &segs);
-                        } else {
-                            rows.split(2, &segs);
+                    for c in 0..2 {
+                        unsafe {
+                            #[cfg(target_arch = "x86_64")]
+                            if wide {
+                                rows.split_avx512(c, &segs);
+                            } else {
+                                rows.split(c, &segs);
+                            }
+                            #[cfg(not(target_arch = "x86_64"))]
+                            rows.split(c, &segs);
                         }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        rows.split(2, &segs);
                     }
                     for c in 0..2 {
                         for j in 0..n + 3 {
