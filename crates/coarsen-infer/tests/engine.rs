@@ -599,3 +599,90 @@ fn group_of_whole_kernels_runs_winograd_over_row_classes() {
     let conv2 = steps.iter().find(|s| s.step == "conv2.weight").unwrap();
     assert!(!conv2.kernel.contains("row classes"), "{}", conv2.kernel);
 }
+
+/// Tuning fuses the residual network's 1×1 stride-2 shortcut into the 3×3 stride-2
+/// convolution of the same input (both in group blocks, run in place): one step computes both,
+/// the residual `Add` (fused into the shortcut, the later operand) moves to the block's second
+/// convolution, and the logits stay the reference's, at batch 3 and 1, with the fused kernel
+/// and where it falls back to the two layers (block kernels off), on chunks of images, tuned
+/// once or twice. With
+/// `fuse_downsample` off the two layers stay apart.
+#[test]
+fn a_downsample_runs_fused_into_the_strided_convolution() {
+    if coarsen_kernels::Isa::detect() != coarsen_kernels::Isa::Avx512 {
+        // The fused kernel is AVX-512's.
+        return;
+    }
+    let pair = "body.conv1.weight + short.weight";
+    for fmt in [LayerFormat::Group, LayerFormat::ShuffledBlock { block: 4 }] {
+        let (graph, tensors, weights) = residual().finish(21);
+        let (masks, formats) = masks_for(&weights, &fmt, 5);
+        let network = Network::new(graph, tensors, masks).unwrap();
+        let [c, h, w] = network.input();
+        for fuse in [true, false] {
+            let options = InferOptions {
+                fuse_downsample: fuse,
+                ..InferOptions::default()
+            };
+            let mut e =
+                InferenceNet::with_options(&network, &formats, Path::Packed, options).unwrap();
+            for _ in 0..2 {
+                e.tune(3, &mut TuneCache::in_memory(), Tuning::Packed)
+                    .unwrap();
+            }
+            // Batches 3 and 1, block kernels off (the fused step runs the two layers), and
+            // the first steps (the fused one among them) on chunks of one image.
+            for (batch, blocks, chunks) in [(3, true, 0), (1, true, 0), (3, false, 0), (3, true, 1)]
+            {
+                let mut o = InferOptions {
+                    block_conv: blocks,
+                    ..options
+                };
+                if chunks > 0 {
+                    o.prefix_min_floats = 1;
+                    o.prefix_chunk_floats = chunks;
+                }
+                e.set_options(o);
+                let chunked = e.chunking(batch);
+                assert_eq!(chunked.is_some(), chunks > 0);
+                assert!(chunked.is_none_or(|c| c.images == 1 && c.steps > 2));
+                let mut rng = ChaCha8Rng::seed_from_u64(batch as u64);
+                let x: Vec<f32> = (0..batch * c * h * w)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect();
+                let want = reference::forward_nchw(&network, &x, batch).unwrap();
+                let got = e.forward_nchw(&x, batch).unwrap();
+                let err = max_error(&got, &want);
+                assert!(
+                    err <= 1e-4 * scale_of(&want),
+                    "{fmt:?} fuse {fuse} batch {batch} blocks {blocks} chunks {chunks}: {err}"
+                );
+                let xc = coarsen_infer::nchw_to_cbhw(&x, batch, [c, h, w]);
+                let steps = e.profile(&xc, batch, 1).unwrap();
+                let fused: Vec<_> = steps.iter().filter(|s| s.step == pair).collect();
+                let apart = steps
+                    .iter()
+                    .filter(|s| s.step == "short.weight" || s.step == "body.conv1.weight")
+                    .count();
+                assert_eq!(
+                    (fused.len(), apart),
+                    if fuse { (1, 0) } else { (0, 2) },
+                    "{fmt:?} {steps:?}"
+                );
+                if let Some(s) = fused.first() {
+                    // Both layers' multiply-adds; the fused kernel named where it runs.
+                    let macs: usize = e
+                        .layers()
+                        .iter()
+                        .filter(|l| l.name == "short.weight" || l.name == "body.conv1.weight")
+                        .map(|l| l.macs_per_image * batch)
+                        .sum();
+                    assert_eq!(s.macs, macs);
+                    assert_eq!(s.kernel.ends_with("1x1 fused"), blocks, "{}", s.kernel);
+                }
+                // The residual adds and ReLUs still run in epilogues.
+                assert!(steps.iter().all(|s| s.step != "add" && s.step != "relu"));
+            }
+        }
+    }
+}

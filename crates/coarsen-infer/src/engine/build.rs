@@ -172,6 +172,7 @@ impl<'a> Compiler<'a> {
         self.steps.push(Step {
             inputs,
             output,
+            also: None,
             kind,
         });
         output
@@ -758,6 +759,7 @@ impl<'a> Compiler<'a> {
             blocks,
             nm,
             dense_twin: None,
+            fused: None,
         };
         if let Some(v) = twin_values {
             // A layer that reads a subset of the im2col rows gets a twin over all of them

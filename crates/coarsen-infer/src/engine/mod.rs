@@ -119,6 +119,11 @@ pub struct InferOptions {
     /// [`InferenceNet::with_options`], where the network is compiled); off, as steps of their
     /// own (kept to measure what it saves, with `examples/ab_options`).
     pub fuse_residual: bool,
+    /// Tuning ([`InferenceNet::tune`]) fuses a residual block's 1×1 stride-2 downsample into
+    /// its first, 3×3 stride-2, convolution where both run their block kernels in place: one
+    /// pass over the input computes both (on by default; off, each runs on its own, kept to
+    /// measure what it saves, with `examples/ab_tuned`).
+    pub fuse_downsample: bool,
     /// Products of at most this many columns (output positions × batch) run on the
     /// few-column kernels, which vectorise over output rows, where a layer could also run its
     /// in-place implicit GEMM: batch 1's deepest layers (16 columns on CIFAR) read every
@@ -154,6 +159,7 @@ impl Default for InferOptions {
             fuse_epilogue: true,
             block_conv: true,
             fuse_residual: true,
+            fuse_downsample: true,
             few_columns: 16,
             spin_workers: true,
             prefix_min_floats: 1 << 16,
@@ -269,6 +275,9 @@ impl InferenceNet {
                 if let Some(t) = &mut l.dense_twin {
                     t.plan.set_dense_kernel(kernel);
                 }
+                if let Some(f) = &mut l.fused {
+                    f.down.plan.set_dense_kernel(kernel);
+                }
             }
         }
     }
@@ -354,12 +363,21 @@ impl InferenceNet {
             .map(|(step, mut s)| {
                 s.sort_by(f64::total_cmp);
                 let ms = s[s.len() / 2] * 1e3;
+                let macs_of = |name: &str| macs.get(name).map_or(0, |m| m * batch);
                 match &step.kind {
-                    run::Kind::Layer(l) => StepTime {
-                        step: l.name.clone(),
-                        kernel: l.kernel_name(batch, &self.options),
-                        macs: macs.get(l.name.as_str()).map_or(0, |m| m * batch),
-                        ms,
+                    run::Kind::Layer(l) => match &l.fused {
+                        Some(f) => StepTime {
+                            step: format!("{} + {}", l.name, f.down.name),
+                            kernel: l.kernel_name(batch, &self.options),
+                            macs: macs_of(&l.name) + macs_of(&f.down.name),
+                            ms,
+                        },
+                        None => StepTime {
+                            step: l.name.clone(),
+                            kernel: l.kernel_name(batch, &self.options),
+                            macs: macs_of(&l.name),
+                            ms,
+                        },
                     },
                     k => StepTime {
                         step: k.op_name().to_string(),

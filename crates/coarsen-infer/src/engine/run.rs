@@ -18,6 +18,9 @@ use crate::error::{InferError, Result};
 pub(super) struct Step {
     pub(super) inputs: Vec<usize>,
     pub(super) output: usize,
+    /// A second output: the slot of the 1×1 layer fused into this step's layer
+    /// ([`Layer::fused`]).
+    pub(super) also: Option<usize>,
     pub(super) kind: Kind,
 }
 
@@ -127,6 +130,20 @@ pub(super) struct Layer {
     /// The same layer on the dense kernels (sparse formats on the packed path), until tuning
     /// decides which of the two runs.
     pub(super) dense_twin: Option<Box<Layer>>,
+    /// A 1×1 stride-2 layer of the same input computed in the same pass over it (a residual
+    /// block's downsample beside its first, 3×3 stride-2, convolution): its value is the
+    /// step's second output ([`Step::also`]).
+    pub(super) fused: Option<Box<Fused>>,
+}
+
+/// A 1×1 stride-2 layer fused into a 3×3 stride-2 layer of the same input
+/// ([`InferenceNet::fuse_downsamples`](super::InferenceNet)).
+#[derive(Debug)]
+pub(super) struct Fused {
+    /// The 1×1 layer, which runs on its own where the fused kernel does not run.
+    pub(super) down: Layer,
+    /// Both layers' blocks in one kernel ([`BlockConv::fuse_strided_1x1`]).
+    pub(super) kernel: BlockConv,
 }
 
 /// Runs the steps of `net` on the channel-major batch `x`; the output slot's values. With
@@ -208,7 +225,12 @@ pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
     for step in &net.steps {
         let (rows, hw) = shape[*step.inputs.first()?];
         let out = match &step.kind {
-            Kind::Layer(l) => (l.cout, l.ho * l.wo),
+            Kind::Layer(l) => {
+                if let (Some(also), Some(f)) = (step.also, &l.fused) {
+                    shape[also] = (f.down.cout, f.down.ho * f.down.wo);
+                }
+                (l.cout, l.ho * l.wo)
+            }
             Kind::Relu | Kind::Affine { .. } => (rows, hw),
             Kind::Materialize { to, hw, .. } => (to.len(), *hw),
             Kind::Add { sources, hw } => (sources.len(), *hw),
@@ -230,6 +252,9 @@ pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
     made[0] = Some(0);
     for (i, step) in net.steps.iter().enumerate() {
         made[step.output] = Some(i + 1);
+        if let Some(also) = step.also {
+            made[also] = Some(i + 1);
+        }
         for &s in &step.inputs {
             last[s] = Some(i);
         }
@@ -243,9 +268,10 @@ pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
             return None;
         }
         // The largest value of the steps before the cut sets the chunk.
+        let floats = |s: usize| shape[s].0 * shape[s].1;
         let peak = net.steps[..p]
             .iter()
-            .map(|st| shape[st.output].0 * shape[st.output].1)
+            .map(|st| floats(st.output).max(st.also.map_or(0, floats)))
             .max()?;
         let (rows, hw) = shape[cut];
         Some(Prefix {
@@ -331,6 +357,7 @@ fn run_steps(
     for (index, step) in net.steps.iter().enumerate().take(end).skip(first) {
         // The clock is read only when profiling.
         let start = times.is_some().then(std::time::Instant::now);
+        let mut second = None;
         let out = {
             // A step that works in place takes its input when nothing else reads it later.
             let in_place =
@@ -346,7 +373,14 @@ fn run_steps(
                     .iter()
                     .map(|&i| vals[i].as_deref().ok_or_else(|| missing(step)))
                     .collect::<Result<Vec<&[f32]>>>()?;
-                apply(&step.kind, &ins, batch, o)?
+                match (&step.kind, step.also) {
+                    (Kind::Layer(l), Some(_)) => {
+                        let (a, b) = l.forward_pair(ins[0], batch, o)?;
+                        second = Some(b);
+                        a
+                    }
+                    _ => apply(&step.kind, &ins, batch, o)?,
+                }
             }
         };
         for &i in &step.inputs {
@@ -358,6 +392,9 @@ fn run_steps(
             }
         }
         vals[step.output] = Some(Cow::Owned(out));
+        if let (Some(also), Some(v)) = (step.also, second) {
+            vals[also] = Some(Cow::Owned(v));
+        }
         if let (Some(t), Some(start)) = (times.as_deref_mut().and_then(|t| t.get_mut(index)), start)
         {
             *t += start.elapsed().as_secs_f64();
@@ -1033,6 +1070,105 @@ impl Layer {
         Ok(y)
     }
 
+    /// Whether this layer of geometry `g` may take part in a fused pair
+    /// ([`InferenceNet::fuse_downsamples`](super::InferenceNet)): its kind chosen (no dense
+    /// twin left), not fused yet, its block kernel in place, and no removed-channel
+    /// correction (the fused kernel's epilogues have none; nor a residual, which the caller
+    /// checks).
+    pub(super) fn fusable(&self, g: ConvGeometry) -> bool {
+        self.g == g
+            && self.dense_twin.is_none()
+            && self.fused.is_none()
+            && self.corr.is_none()
+            && self.blocks_in_place()
+    }
+
+    /// Whether a product of `n` columns runs on the fused kernel of this layer and its 1×1
+    /// layer ([`fused`](Self::fused)): where this layer runs its block kernel in place, on
+    /// more than one vector of columns (fewer run on the narrow kernel, each layer alone).
+    fn runs_fused(&self, n: usize, o: &InferOptions) -> bool {
+        self.fused.is_some() && o.block_conv && self.blocks_in_place() && n > 16
+    }
+
+    /// This layer and its fused 1×1 layer ([`fused`](Self::fused)) on the same input `x`:
+    /// both values, from one pass of the fused kernel where it runs, else from each layer
+    /// on its own.
+    pub(super) fn forward_pair(
+        &self,
+        x: &[f32],
+        batch: usize,
+        o: &InferOptions,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let Some(f) = self.fused.as_deref() else {
+            return Err(InferError::graph(
+                &self.name,
+                "layer",
+                "a step with two outputs whose layer has no fused layer (a bug in coarsen)",
+            ));
+        };
+        let kerr = |e| InferError::kernel(&self.name, e);
+        let n = batch * self.ho * self.wo;
+        if !self.runs_fused(n, o) {
+            return Ok((
+                self.forward(x, None, batch, o)?,
+                f.down.forward(x, None, batch, o)?,
+            ));
+        }
+        let d = ConvDims::new(&[self.cin, batch, self.h, self.w], self.g).map_err(kerr)?;
+        let bc = &f.kernel;
+        let (len, len2) = (self.cout * n, f.down.cout * n);
+        let (mut y, mut z): (Vec<f32>, Vec<f32>) = (buffer(len), buffer(len2));
+        let (yp, zp) = (Shared(y.as_mut_ptr()), Shared(z.as_mut_ptr()));
+        // As `forward_blocks` shares out a block kernel's work.
+        let chunks = column_chunks(n, self.wo, BlockConv::TILE, d.rows(), o);
+        let want = 2 * rayon::current_num_threads();
+        let shares = if chunks.len() < want {
+            bc.shares(want.div_ceil(chunks.len()))
+        } else {
+            vec![(0, bc.blocks())]
+        };
+        let tasks: Vec<((usize, usize), (usize, usize))> = chunks
+            .iter()
+            .flat_map(|&c| shares.iter().map(move |&s| (c, s)))
+            .collect();
+        let first = Epilogue {
+            bias: Some(&self.bias),
+            residual: None,
+            relu: self.relu,
+        };
+        let second = Epilogue {
+            bias: Some(&f.down.bias),
+            residual: None,
+            relu: f.down.relu,
+        };
+        team::try_for_each(tasks.len(), |i| {
+            let ((c0, c1), share) = tasks[i];
+            let (a, b) = (yp, zp);
+            // SAFETY: this task alone writes columns c0..c1 of the rows of its blocks of `y`
+            // (`cout × n`) and `z` (`cout2 × n`), both allocated above (the blocks' rows are
+            // disjoint and below their output's rows); every value is written before
+            // `set_len` below.
+            unsafe {
+                bc.forward_pair_into(
+                    x,
+                    &d,
+                    (c0, c1),
+                    share,
+                    (a.0.add(c0), n, first),
+                    (b.0.add(c0), n, second),
+                )
+            }
+            .map_err(kerr)
+        })?;
+        // SAFETY: every row of both outputs is in exactly one block, the tasks cover every
+        // block of every column chunk, and the chunks cover 0..n.
+        unsafe {
+            y.set_len(len);
+            z.set_len(len2);
+        }
+        Ok((y, z))
+    }
+
     /// Whether a product of `n` columns runs on the N:M kernel.
     fn runs_nm(&self, n: usize) -> bool {
         self.nm.is_some() && n > 0 && n <= NM_COLS
@@ -1107,7 +1243,9 @@ impl Layer {
     /// The kernel that runs this layer on batches of `batch` images, in words.
     pub(super) fn kernel_name(&self, batch: usize, o: &InferOptions) -> String {
         let n = batch * self.ho * self.wo;
-        if self.runs_blocks(n, o) {
+        if self.runs_fused(n, o) {
+            format!("implicit gemm, {}, 1x1 fused", self.plan.format())
+        } else if self.runs_blocks(n, o) {
             format!("implicit gemm, {}", self.plan.format())
         } else if self.runs_nm(n) {
             format!("gathered {}", self.plan.format())
@@ -1160,6 +1298,7 @@ impl Layer {
             blocks: None,
             nm: None,
             dense_twin: None,
+            fused: None,
         }
     }
 

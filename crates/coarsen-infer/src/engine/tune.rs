@@ -16,7 +16,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::run::Kind;
+use coarsen_kernels::conv::ConvGeometry;
+
+use super::run::{Fused, Kind, Step};
 use super::InferenceNet;
 use crate::error::{InferError, Result};
 
@@ -288,7 +290,153 @@ impl InferenceNet {
                 **l = *twin;
             }
         }
+        self.fuse_downsamples();
         Ok(choices)
+    }
+
+    /// Fuses every 1×1 stride-2 layer into a 3×3 stride-2 layer of the same input (a
+    /// residual block's downsample beside its first convolution) where both run their block
+    /// kernels in place (their kinds of layer chosen: tuned, or never tuned at all): one
+    /// step then computes both values in one pass over the input
+    /// ([`BlockConv::fuse_strided_1x1`](coarsen_kernels::BlockConv::fuse_strided_1x1)),
+    /// where the 1×1 layer had split its input into phases and read it from memory again on
+    /// its own (ResNet-18 at batch 64: 0.8 to 2.3 ms per downsample, of which its products
+    /// were a fraction).
+    ///
+    /// A block's residual `Add` is fused into the layer computing its later operand, which
+    /// in an exported ResNet is the downsample: it would then read the block's second
+    /// convolution, which reads the first. So the `Add` (and its ReLU) moves to that second
+    /// convolution, which reads the downsample's value instead, and writes the slot the
+    /// downsample wrote; the downsample writes the slot the convolution wrote, which nothing
+    /// else reads.
+    pub(super) fn fuse_downsamples(&mut self) {
+        if !self.options.fuse_downsample {
+            return;
+        }
+        let mut i = 0;
+        while i < self.steps.len() {
+            let Some((j, kernel, residual)) = self.downsample_of(i) else {
+                i += 1;
+                continue;
+            };
+            if let Some(c) = residual {
+                self.move_residual(j, c);
+            }
+            let b = self.steps.remove(j);
+            let down = match b.kind {
+                Kind::Layer(down) => down,
+                kind => {
+                    // Not reached: `downsample_of` found a layer. Left as it was.
+                    self.steps.insert(j, Step { kind, ..b });
+                    i += 1;
+                    continue;
+                }
+            };
+            let at = if j < i { i - 1 } else { i };
+            // `downsample_of` found a step of the same one input.
+            for &slot in &b.inputs {
+                self.reads[slot] -= 1;
+            }
+            let step = &mut self.steps[at];
+            if let Kind::Layer(a) = &mut step.kind {
+                a.fused = Some(Box::new(Fused {
+                    down: *down,
+                    kernel,
+                }));
+                step.also = Some(b.output);
+            }
+            // The fused step runs where the earlier of the two ran: its input is ready there,
+            // and both values are made no later than before.
+            if j < i {
+                let s = self.steps.remove(at);
+                self.steps.insert(j, s);
+            }
+            i = at.min(j) + 1;
+        }
+        self.prefix = super::run::plan_prefix(self);
+    }
+
+    /// Moves the residual `Add` fused into the 1×1 layer of step `j` to the layer of step
+    /// `c` that computes its other operand (checked by `downsample_of`): step `c` then reads
+    /// the 1×1 layer's value as its residual and writes the sum where step `j` wrote it, and
+    /// step `j` writes its plain value where step `c` wrote.
+    fn move_residual(&mut self, j: usize, c: usize) {
+        let (sj, sc) = (self.steps[j].output, self.steps[c].output);
+        let relu = match &mut self.steps[j].kind {
+            Kind::Layer(b) => {
+                b.residual = false;
+                std::mem::replace(&mut b.relu, false)
+            }
+            _ => return,
+        };
+        self.steps[j].inputs.truncate(1);
+        self.steps[j].output = sc;
+        if let Kind::Layer(l) = &mut self.steps[c].kind {
+            l.residual = true;
+            l.relu = relu;
+        }
+        self.steps[c].inputs.push(sc);
+        self.steps[c].output = sj;
+    }
+
+    /// A step `j` whose 1×1 stride-2 layer fuses into the 3×3 stride-2 layer of step `i`, the
+    /// fused kernel, and the step (after `i`) whose layer takes over the residual `Add` fused
+    /// into the 1×1 layer, if it has one.
+    fn downsample_of(
+        &self,
+        i: usize,
+    ) -> Option<(usize, coarsen_kernels::BlockConv, Option<usize>)> {
+        let sa = &self.steps[i];
+        let Kind::Layer(a) = &sa.kind else {
+            return None;
+        };
+        if sa.also.is_some()
+            || sa.inputs.len() != 1
+            || a.residual
+            || !a.fusable(ConvGeometry::square(3, 2, 1))
+        {
+            return None;
+        }
+        let ka = a.blocks.as_ref()?;
+        self.steps.iter().enumerate().find_map(|(j, sb)| {
+            let Kind::Layer(b) = &sb.kind else {
+                return None;
+            };
+            let fits = j != i
+                && sb.inputs.first() == sa.inputs.first()
+                && sb.also.is_none()
+                && b.fusable(ConvGeometry::square(1, 2, 0))
+                && (b.cin, b.h, b.w, b.ho, b.wo) == (a.cin, a.h, a.w, a.ho, a.wo);
+            if !fits {
+                return None;
+            }
+            let residual = match sb.inputs[..] {
+                [_] if !b.residual => None,
+                [_, r] if b.residual => Some(self.residual_taker(i, r, b)?),
+                _ => return None,
+            };
+            Some((j, ka.fuse_strided_1x1(b.blocks.as_ref()?)?, residual))
+        })
+    }
+
+    /// The step after `i` that computes slot `r`, the residual of the 1×1 layer `b`, with a
+    /// layer that may take over its `Add`: its value read by nothing else, of `b`'s shape,
+    /// with no ReLU, residual or fused layer of its own.
+    fn residual_taker(&self, i: usize, r: usize, b: &super::run::Layer) -> Option<usize> {
+        let c = self.steps.iter().position(|s| s.output == r)?;
+        let sc = &self.steps[c];
+        let Kind::Layer(l) = &sc.kind else {
+            return None;
+        };
+        let ok = c > i
+            && self.reads[r] == 1
+            && sc.also.is_none()
+            && !l.relu
+            && !l.residual
+            && l.fused.is_none()
+            && l.dense_twin.is_none()
+            && (l.cout, l.ho, l.wo) == (b.cout, b.ho, b.wo);
+        ok.then_some(c)
     }
 
     /// Median time of each of `steps` (layers with a dense twin) in whole forward passes on a

@@ -33,6 +33,9 @@ struct ConvBlock {
     ids: Vec<u32>,
     /// `ceil(rows/MR)` panels of `columns × MR` values (rows past the block's zero).
     panels: Vec<f32>,
+    /// Whether its rows are of the second output (a fused 1×1 stride-2 convolution's, see
+    /// [`BlockConv::fuse_strided_1x1`]).
+    second: bool,
 }
 
 impl ConvBlock {
@@ -68,6 +71,8 @@ impl ConvBlock {
 /// ```
 #[derive(Clone, Debug)]
 pub struct BlockConv {
+    /// Output channels of the second output of a fused kernel (0 otherwise).
+    cout2: usize,
     cout: usize,
     cin: usize,
     g: ConvGeometry,
@@ -169,6 +174,7 @@ impl BlockConv {
                 taps: order.iter().map(|&(t, _, _)| t as u8).collect(),
                 ids: order.iter().map(|&(t, c, _)| c * taps as u32 + t).collect(),
                 panels,
+                second: false,
             });
         }
         let uncovered: Vec<u32> = (0..cout as u32).filter(|&r| !covered[r as usize]).collect();
@@ -180,16 +186,69 @@ impl BlockConv {
                 taps: Vec::new(),
                 ids: Vec::new(),
                 panels: Vec::new(),
+                second: false,
             });
         }
         Ok(Some(BlockConv {
             cout,
+            cout2: 0,
             cin,
             g,
             in_place,
             isa,
             blocks,
         }))
+    }
+
+    /// This 3×3 stride-2 convolution (padding 1) fused with `down`, a 1×1 stride-2 one
+    /// (padding 0) of the same input (a residual block's downsample beside its first
+    /// convolution): one pass over the input computes both outputs
+    /// ([`forward_pair_into`](Self::forward_pair_into)). The 1×1 convolution reads exactly
+    /// what the centre tap reads, so its blocks become blocks of that tap, writing the second
+    /// output: the input is split into its phases once, not twice, and read from memory once.
+    /// `None` unless both run in place on AVX-512 with these geometries and the same channels.
+    pub fn fuse_strided_1x1(&self, down: &BlockConv) -> Option<BlockConv> {
+        let (g3, g1) = (ConvGeometry::square(3, 2, 1), ConvGeometry::square(1, 2, 0));
+        let ok = self.isa == Isa::Avx512
+            && down.isa == Isa::Avx512
+            && self.in_place
+            && down.in_place
+            && self.g == g3
+            && down.g == g1
+            && self.cin == down.cin
+            && self.cout2 == 0
+            && down.cout2 == 0;
+        if !ok {
+            return None;
+        }
+        // The centre tap (1, 1) of the 3×3 kernel reads input (2·oy, 2·ox), as the 1×1 does.
+        let centre = 4u32;
+        let taps = g3.taps() as u32;
+        let mut blocks = self.blocks.clone();
+        blocks.extend(down.blocks.iter().map(|b| ConvBlock {
+            rows: b.rows.clone(),
+            runs: b.runs.iter().map(|&(_, k0, k1)| (centre, k0, k1)).collect(),
+            chans: b.chans.clone(),
+            taps: vec![centre as u8; b.taps.len()],
+            ids: b.chans.iter().map(|&c| c * taps + centre).collect(),
+            panels: b.panels.clone(),
+            second: true,
+        }));
+        Some(BlockConv {
+            cout: self.cout,
+            cout2: down.cout,
+            cin: self.cin,
+            g: self.g,
+            in_place: true,
+            isa: self.isa,
+            blocks,
+        })
+    }
+
+    /// Output channels of the second output of a fused kernel
+    /// ([`fuse_strided_1x1`](Self::fuse_strided_1x1)); 0 for any other.
+    pub fn second_out_dim(&self) -> usize {
+        self.cout2
     }
 
     /// Output channels.
@@ -237,7 +296,7 @@ impl BlockConv {
     /// Whether this CPU runs the narrow kernel ([`forward_narrow_into`](Self::forward_narrow_into)):
     /// AVX-512 only.
     pub fn narrow(&self) -> bool {
-        self.isa == Isa::Avx512
+        self.isa == Isa::Avx512 && self.cout2 == 0
     }
 
     /// Columns `c0 .. c1` of the output `[cout, B·Ho·Wo]` of the batch `x` (`[cin, B, H, W]`,
@@ -288,11 +347,72 @@ impl BlockConv {
         &self,
         x: &[f32],
         d: &ConvDims,
-        (c0, c1): (usize, usize),
-        (b0, b1): (usize, usize),
+        cols: (usize, usize),
+        share: (usize, usize),
         y: *mut f32,
         ldy: usize,
         epilogue: Epilogue<'_>,
+    ) -> Result<()> {
+        if self.cout2 != 0 {
+            return Err(KernelError::Param {
+                name: "kernel",
+                value: format!("{} + {} output channels", self.cout, self.cout2),
+                reason: "BlockConv::forward_into: a fused kernel writes two outputs \
+                         (forward_pair_into)"
+                    .into(),
+            });
+        }
+        // SAFETY: as the caller guarantees; no block writes a second output.
+        unsafe { self.forward_outputs(x, d, cols, share, (y, ldy, epilogue), None) }
+    }
+
+    /// [`forward_into`](Self::forward_into) for a fused kernel
+    /// ([`fuse_strided_1x1`](Self::fuse_strided_1x1)): the 3×3 convolution's rows of blocks
+    /// `b0 .. b1` into `first` (`(y, ldy, epilogue)` as `forward_into` takes them), the 1×1's
+    /// into `second` (its own rows, bias and residual; `cout2` rows).
+    ///
+    /// # Safety
+    /// As [`forward_into`](Self::forward_into), for both outputs.
+    #[allow(clippy::type_complexity)]
+    pub unsafe fn forward_pair_into(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        cols: (usize, usize),
+        share: (usize, usize),
+        first: (*mut f32, usize, Epilogue<'_>),
+        second: (*mut f32, usize, Epilogue<'_>),
+    ) -> Result<()> {
+        if self.cout2 == 0 {
+            return Err(KernelError::Param {
+                name: "kernel",
+                value: format!("{} output channels", self.cout),
+                reason: "BlockConv::forward_pair_into needs a fused kernel (fuse_strided_1x1)"
+                    .into(),
+            });
+        }
+        second
+            .2
+            .check("BlockConv::forward_pair_into", self.cout2, cols, second.1)?;
+        // SAFETY: as the caller guarantees.
+        unsafe { self.forward_outputs(x, d, cols, share, first, Some(second)) }
+    }
+
+    /// The kernel on columns `c0 .. c1` of blocks `b0 .. b1`, first-output blocks into
+    /// `first`, second-output ones into `second` (checked by the callers to exist when the
+    /// kernel has such blocks).
+    ///
+    /// # Safety
+    /// As [`forward_into`](Self::forward_into), for each output.
+    #[allow(clippy::type_complexity)]
+    unsafe fn forward_outputs(
+        &self,
+        x: &[f32],
+        d: &ConvDims,
+        (c0, c1): (usize, usize),
+        (b0, b1): (usize, usize),
+        (y, ldy, epilogue): (*mut f32, usize, Epilogue<'_>),
+        second: Option<(*mut f32, usize, Epilogue<'_>)>,
     ) -> Result<()> {
         let op = "BlockConv::forward_into";
         check_call(
@@ -322,12 +442,13 @@ impl BlockConv {
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `new` returned `Some` only on a CPU with `isa`; the input's length and the
-        // ranges were checked above; `y` as the caller guarantees; the bias (if any) holds
-        // `cout` values, and every block row is below `cout`.
+        // ranges were checked above; `y` (and `second`) as the caller guarantees; the biases
+        // (if any) hold `cout` (`cout2`) values, and every block row is below its output's
+        // rows. Fused kernels exist on AVX-512 only.
         unsafe {
             let (cols, share, out) = ((c0, c1), (b0, b1), (y, ldy));
             if self.isa == Isa::Avx512 {
-                avx512::forward(self, x, d, cols, share, out, epilogue)
+                avx512::forward(self, x, d, cols, share, out, epilogue, second)
             } else {
                 avx2::forward(self, x, d, cols, share, out, epilogue)
             }
@@ -700,8 +821,10 @@ mod avx512 {
     /// # Safety
     /// AVX-512F must be available; `x` holds `cin × B·H·W` values, `y` is
     /// valid for columns `0 .. c1 − c0` of every row of blocks `b0 .. b1` at stride `ldy`, and
-    /// the bias (if any) holds `cout` values.
+    /// the bias (if any) holds `cout` values; likewise `second` for the blocks of the second
+    /// output, which is `Some` if any of blocks `b0 .. b1` is one.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub(super) unsafe fn forward(
         k: &BlockConv,
         x: &[f32],
@@ -710,7 +833,9 @@ mod avx512 {
         (b0, b1): (usize, usize),
         (yp, ldy): (*mut f32, usize),
         epilogue: Epilogue<'_>,
+        second: Option<(*mut f32, usize, Epilogue<'_>)>,
     ) {
+        let (yp2, ldy2, epilogue2) = second.unwrap_or((yp, ldy, epilogue));
         let blocks = &k.blocks[b0..b1];
         walk_tiles(
             k,
@@ -730,6 +855,8 @@ mod avx512 {
                     t0,
                     c0,
                     epilogue,
+                    out2: (yp2, ldy2),
+                    epilogue2,
                 };
                 match width.div_ceil(16) {
                     1 => run_tile::<1>(blocks, &tile),
@@ -752,6 +879,9 @@ mod avx512 {
         t0: usize,
         c0: usize,
         epilogue: Epilogue<'a>,
+        /// Where the blocks of a fused kernel's second output write, and their epilogue.
+        out2: (*mut f32, usize),
+        epilogue2: Epilogue<'a>,
     }
 
     /// Every block of `blocks` on one tile of at most `V·16` positions (`V ≤ NV`).
@@ -772,6 +902,7 @@ mod avx512 {
                     offs,
                     runs: &b.runs,
                     rows,
+                    second: b.second,
                 };
                 // As many rows of the register tile as the panel has: a block of one row
                 // (Regroup of a layer with few channels, or a block's last rows) runs one
@@ -800,6 +931,8 @@ mod avx512 {
         runs: &'a [(u32, u32, u32)],
         /// At most `MR` output rows.
         rows: &'a [u32],
+        /// Whether they are rows of the second output.
+        second: bool,
     }
 
     /// The first `R` rows (all the panel has) of a panel on one tile of `V·16` positions.
@@ -809,7 +942,11 @@ mod avx512 {
     /// [`forward`], which made `t`; `p.rows` holds `R` rows.
     #[inline(always)]
     unsafe fn panel<const V: usize, const R: usize>(p: &Panel<'_>, t: &Tile<'_>) {
-        let (yp, ldy) = t.out;
+        let ((yp, ldy), epilogue) = if p.second {
+            (t.out2, t.epilogue2)
+        } else {
+            (t.out, t.epilogue)
+        };
         let (masks, hp, w, offs) = (t.masks, t.hp, p.w, p.offs);
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         for &(tap, k0, k1) in p.runs {
@@ -834,7 +971,7 @@ mod avx512 {
                 if $i < R {
                     let r = *p.rows.get_unchecked($i) as usize;
                     let out = yp.add(r * ldy + (t.t0 - t.c0));
-                    store_row(&acc[$i], out, t.full, false, t.epilogue, r, t.t0);
+                    store_row(&acc[$i], out, t.full, false, epilogue, r, t.t0);
                 }
             )*};
         }
@@ -1047,6 +1184,134 @@ mod tests {
 
     fn close(a: f32, e: f32) -> bool {
         (a - e).abs() <= 1e-4 * (1.0 + e.abs())
+    }
+
+    #[test]
+    fn a_fused_downsample_writes_what_the_two_kernels_write() {
+        if Isa::detect() != Isa::Avx512 {
+            return;
+        }
+        let (g3, g1) = (ConvGeometry::square(3, 2, 1), ConvGeometry::square(1, 2, 0));
+        let mut r = rng(11);
+        for &(cout, cout2, cin, b, h, w) in &[
+            (8, 8, 3, 2, 6, 4),
+            (19, 23, 21, 3, 8, 8),
+            (33, 17, 16, 2, 16, 16),
+            (12, 40, 9, 1, 4, 40),
+            (64, 64, 32, 4, 32, 32),
+        ] {
+            let d3 = ConvDims::new(&[cin, b, h, w], g3).unwrap();
+            let d1 = ConvDims::new(&[cin, b, h, w], g1).unwrap();
+            let n = d3.n();
+            assert_eq!(n, d1.n());
+            let (k3, k1) = (cin * 9, cin);
+            let v3: Vec<f32> = (0..cout * k3).map(|_| r()).collect();
+            let v1: Vec<f32> = (0..cout2 * k1).map(|_| r()).collect();
+            let x: Vec<f32> = (0..cin * b * h * w).map(|_| r()).collect();
+            let m3 = grouped_mask(cout, k3, 8, 0.3, cout as u64 + 7);
+            let m1 = grouped_mask(cout2, k1, 8, 0.4, cout2 as u64 + 9);
+            for (p3, p1) in [
+                (
+                    Packed::Group(GroupBlocks::pack(&m3, &v3).unwrap()),
+                    Packed::Group(GroupBlocks::pack(&m1, &v1).unwrap()),
+                ),
+                (
+                    Packed::Shuffled(ShuffledBlocks::pack(&m3, &v3, 4).unwrap()),
+                    Packed::Shuffled(ShuffledBlocks::pack(&m1, &v1, 4).unwrap()),
+                ),
+            ] {
+                let a = BlockConv::new(g3, cin, &p3, None).unwrap().unwrap();
+                let c = BlockConv::new(g1, cin, &p1, None).unwrap().unwrap();
+                // Only a 3×3 stride-2 kernel takes a 1×1 stride-2 one of the same input.
+                assert!(c.fuse_strided_1x1(&a).is_none());
+                assert!(a.fuse_strided_1x1(&a).is_none());
+                let f = a.fuse_strided_1x1(&c).unwrap();
+                assert!(f.fuse_strided_1x1(&c).is_none());
+                assert_eq!((f.out_dim(), f.second_out_dim()), (cout, cout2));
+                assert!(!f.narrow());
+                // A fused kernel writes two outputs or none; another kernel never two.
+                let mut y = vec![0.0; cout * n];
+                assert!(f.forward(&x, &d3, 0, n, &mut y).is_err());
+                let (b1, b2): (Vec<f32>, Vec<f32>) = (
+                    (0..cout).map(|_| r()).collect(),
+                    (0..cout2).map(|_| r()).collect(),
+                );
+                let res: Vec<f32> = (0..cout2 * n).map(|_| r()).collect();
+                let e1 = Epilogue {
+                    bias: Some(&b1),
+                    residual: None,
+                    relu: true,
+                };
+                let e2 = Epilogue {
+                    bias: Some(&b2),
+                    residual: Some(Residual {
+                        values: &res,
+                        ld: n,
+                    }),
+                    relu: false,
+                };
+                let mut z = vec![0.0; cout2 * n];
+                // SAFETY: both buffers hold every row of all n columns.
+                let refused = unsafe {
+                    a.forward_pair_into(
+                        &x,
+                        &d3,
+                        (0, n),
+                        (0, a.blocks()),
+                        (y.as_mut_ptr(), n, e1),
+                        (z.as_mut_ptr(), n, e2),
+                    )
+                };
+                assert!(refused.is_err());
+                // The two kernels, each on its own.
+                let (mut w1, mut w2) = (vec![0.0f32; cout * n], vec![0.0f32; cout2 * n]);
+                // SAFETY: as above.
+                unsafe {
+                    a.forward_into(&x, &d3, (0, n), (0, a.blocks()), w1.as_mut_ptr(), n, e1)
+                        .unwrap();
+                    c.forward_into(&x, &d1, (0, n), (0, c.blocks()), w2.as_mut_ptr(), n, e2)
+                        .unwrap();
+                }
+                assert!(w1.iter().any(|&v| v > 0.0) && w2.iter().any(|&v| v < 0.0));
+                for parts in [1, 2, 5] {
+                    for (c0, c1) in [(0, n), (3, n - n / 4), (n / 2, n)] {
+                        let (mut y, mut z) = (vec![f32::NAN; cout * n], vec![f32::NAN; cout2 * n]);
+                        for share in f.shares(parts) {
+                            // SAFETY: as above; shares write disjoint rows.
+                            unsafe {
+                                f.forward_pair_into(
+                                    &x,
+                                    &d3,
+                                    (c0, c1),
+                                    share,
+                                    (y.as_mut_ptr().add(c0), n, e1),
+                                    (z.as_mut_ptr().add(c0), n, e2),
+                                )
+                                .unwrap()
+                            };
+                        }
+                        // The same products in the same order: the same bits.
+                        for (got, want, rows) in [(&y, &w1, cout), (&z, &w2, cout2)] {
+                            for rr in 0..rows {
+                                for j in 0..n {
+                                    let (g, e) = (got[rr * n + j], want[rr * n + j]);
+                                    if j < c0 || j >= c1 {
+                                        assert!(g.is_nan(), "written outside {c0}..{c1}");
+                                    } else {
+                                        assert_eq!(
+                                            g.to_bits(),
+                                            e.to_bits(),
+                                            "[{cout}+{cout2},{cin},{b},{h},{w}] {parts} parts \
+                                             {c0}..{c1} ({rr}, {j}): {g} vs {e}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
