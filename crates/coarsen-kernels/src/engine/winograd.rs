@@ -610,7 +610,9 @@ const PANEL_ROWS: usize = 8;
 /// (12 of the 16 registers).
 const AVX2_ROWS: usize = 6;
 
-/// `Bᵀ` of F(4×4, 3×3) (interpolation points 0, ±1, ±2).
+/// `Bᵀ` of F(4×4, 3×3) (interpolation points 0, ±1, ±2); the kernels apply it factored
+/// (`transforms::bt4`), the tests check that against it.
+#[cfg(test)]
 const BT4: [[f32; 6]; 6] = [
     [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
     [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
@@ -619,7 +621,8 @@ const BT4: [[f32; 6]; 6] = [
     [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
     [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
 ];
-/// `Aᵀ` of F(4×4, 3×3).
+/// `Aᵀ` of F(4×4, 3×3), applied factored (`transforms::at4`).
+#[cfg(test)]
 const AT4: [[f32; 6]; 4] = [
     [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
     [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
@@ -631,7 +634,6 @@ const AT4: [[f32; 6]; 4] = [
 /// instruction set `S`.
 #[cfg(target_arch = "x86_64")]
 mod transforms {
-    use super::{AT4, BT4};
     use crate::simd::Simd;
 
     /// `Bᵀ d B` of a vector of tiles' 4×4 patches, written as `V_e` at `out + e·stride`.
@@ -681,23 +683,39 @@ mod transforms {
         ]
     }
 
-    /// `Σ_k c[k]·v[k]` over the non-zero coefficients (constants: unrolled and folded, a
-    /// coefficient of ±1 an addition or subtraction).
+    /// `Bᵀ d` of one column (or row) of six values of F(4×4, 3×3) (`BT4`), with the rows'
+    /// common terms shared: 12 operations where the rows of `Bᵀ` one by one took 22.
     #[inline(always)]
-    unsafe fn combine<S: Simd, const N: usize>(c: &[f32; N], v: [S::V; N]) -> S::V {
-        let mut acc = S::zero();
-        for (&ck, &vk) in c.iter().zip(&v) {
-            acc = if ck == 0.0 {
-                acc
-            } else if ck == 1.0 {
-                S::add(acc, vk)
-            } else if ck == -1.0 {
-                S::sub(acc, vk)
-            } else {
-                S::fma(S::splat(ck), vk, acc)
-            };
-        }
-        acc
+    unsafe fn bt4<S: Simd>(d: [S::V; 6]) -> [S::V; 6] {
+        let (fma, add, sub, k) = (S::fma, S::add, S::sub, S::splat);
+        // d4 − 4·d2 and d3 − 4·d1; d4 − d2 and d3 − d1.
+        let p = fma(k(-4.0), d[2], d[4]);
+        let q = fma(k(-4.0), d[1], d[3]);
+        let r = sub(d[4], d[2]);
+        let u = sub(d[3], d[1]);
+        [
+            fma(k(4.0), d[0], fma(k(-5.0), d[2], d[4])),
+            add(p, q),
+            sub(p, q),
+            fma(k(2.0), u, r),
+            fma(k(-2.0), u, r),
+            fma(k(4.0), d[1], fma(k(-5.0), d[3], d[5])),
+        ]
+    }
+
+    /// `Aᵀ m` of one column (or row) of six values of F(4×4, 3×3), with the rows' common
+    /// terms shared: 10 operations where the rows of `Aᵀ` ([`AT4`]) one by one took 18.
+    #[inline(always)]
+    unsafe fn at4<S: Simd>(m: [S::V; 6]) -> [S::V; 4] {
+        let (fma, add, sub, k) = (S::fma, S::add, S::sub, S::splat);
+        let (a, b) = (add(m[1], m[2]), sub(m[1], m[2]));
+        let (c, d) = (add(m[3], m[4]), sub(m[3], m[4]));
+        [
+            add(add(m[0], a), c),
+            fma(k(2.0), d, b),
+            fma(k(4.0), c, a),
+            add(fma(k(8.0), d, b), m[5]),
+        ]
     }
 
     /// `Bᵀ d B` of a vector of tiles' 6×6 patches, written as `V_e` (`e = 6·i + j`) at
@@ -707,19 +725,19 @@ mod transforms {
     /// `S` must be available; `out + e·stride` holds a vector for every `e < 36`.
     #[inline(always)]
     pub(super) unsafe fn input4<S: Simd>(d: &[S::V; 36], out: *mut f32, stride: usize) {
-        // Down the rows: t[i][j] = Σ_k Bᵀ[i][k] d[k][j].
+        // Down the columns: t[i][j] = Σ_k Bᵀ[i][k] d[k][j].
         let mut t = [S::zero(); 36];
         for j in 0..6 {
-            let col: [S::V; 6] = std::array::from_fn(|k| d[6 * k + j]);
-            for (i, bt) in BT4.iter().enumerate() {
-                t[6 * i + j] = combine::<S, 6>(bt, col);
+            let col = bt4::<S>(std::array::from_fn(|k| d[6 * k + j]));
+            for (i, v) in col.into_iter().enumerate() {
+                t[6 * i + j] = v;
             }
         }
-        // Along them: V[i][j] = Σ_k t[i][k] Bᵀ[j][k].
+        // Along the rows: V[i][j] = Σ_k t[i][k] Bᵀ[j][k].
         for i in 0..6 {
-            let row: [S::V; 6] = std::array::from_fn(|k| t[6 * i + k]);
-            for (j, bt) in BT4.iter().enumerate() {
-                S::store(out.add((6 * i + j) * stride), combine::<S, 6>(bt, row));
+            let row = bt4::<S>(std::array::from_fn(|k| t[6 * i + k]));
+            for (j, v) in row.into_iter().enumerate() {
+                S::store(out.add((6 * i + j) * stride), v);
             }
         }
     }
@@ -733,20 +751,50 @@ mod transforms {
         // Down: s[i][j] = Σ_k Aᵀ[i][k] m[k][j].
         let mut s = [S::zero(); 24];
         for j in 0..6 {
-            let col: [S::V; 6] = std::array::from_fn(|k| m[6 * k + j]);
-            for (i, at) in AT4.iter().enumerate() {
-                s[6 * i + j] = combine::<S, 6>(at, col);
+            let col = at4::<S>(std::array::from_fn(|k| m[6 * k + j]));
+            for (i, v) in col.into_iter().enumerate() {
+                s[6 * i + j] = v;
             }
         }
         // Along: y[i][j] = Σ_k s[i][k] Aᵀ[j][k].
         let mut y = [S::zero(); 16];
         for i in 0..4 {
-            let row: [S::V; 6] = std::array::from_fn(|k| s[6 * i + k]);
-            for (j, at) in AT4.iter().enumerate() {
-                y[4 * i + j] = combine::<S, 6>(at, row);
-            }
+            let row = at4::<S>(std::array::from_fn(|k| s[6 * i + k]));
+            y[4 * i..4 * i + 4].copy_from_slice(&row);
         }
         y
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::{AT4, BT4};
+        use super::{at4, bt4};
+        use crate::simd::Simd;
+
+        /// The factored one-dimensional transforms are the matrices' products (up to
+        /// rounding), on values of mixed sizes and signs.
+        #[test]
+        fn factored_transforms_multiply_by_the_matrices() {
+            type S = crate::simd::Scalar;
+            let x: [f32; 6] = [0.75, -1.5, 2.25, -3.0, 0.125, 5.5];
+            let v: [<S as Simd>::V; 6] = std::array::from_fn(|k| [x[k]; 4]);
+            // SAFETY: the scalar "instruction set" runs anywhere.
+            let (b, a) = unsafe { (bt4::<S>(v), at4::<S>(v)) };
+            for (i, row) in BT4.iter().enumerate() {
+                let want: f32 = row.iter().zip(&x).map(|(c, v)| c * v).sum();
+                assert!(
+                    (b[i][0] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "Bᵀ row {i}"
+                );
+            }
+            for (i, row) in AT4.iter().enumerate() {
+                let want: f32 = row.iter().zip(&x).map(|(c, v)| c * v).sum();
+                assert!(
+                    (a[i][0] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "Aᵀ row {i}"
+                );
+            }
+        }
     }
 }
 
