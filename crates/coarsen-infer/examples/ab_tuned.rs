@@ -1,6 +1,7 @@
 //! Developer tool: whole forward passes of an export's packed path, tuned as `coarsen bench
 //! --model` tunes it, under the default engine options (A) and under B's, interleaved pass
-//! by pass (the machine's noise hits both alike); prints each side's best and median pass.
+//! by pass (the machine's noise hits both alike); prints each side's best and median pass,
+//! and the median of the rounds' ratios.
 //!
 //! `cargo run --release -p coarsen-infer --example ab_tuned -- EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]`
 //! with B_OPTIONS `prefix=FLOATS` (0: off), `prefix_min=FLOATS` and `fuse_downsample=0|1`,
@@ -57,6 +58,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .zip(&out[1])
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    // Each round's two passes ran a few milliseconds apart: their ratio cancels most of the
+    // machine's slower drifts.
+    let mut ratio: Vec<f64> = ms[1].iter().zip(&ms[0]).map(|(b, a)| b / a).collect();
+    ratio.sort_by(f64::total_cmp);
+    println!(
+        "B/A per round: median {:.3}, quartiles {:.3} .. {:.3}",
+        ratio[ratio.len() / 2],
+        ratio[ratio.len() / 4],
+        ratio[3 * ratio.len() / 4]
+    );
     for (tag, m) in ["A", "B"].iter().zip(&mut ms) {
         m.sort_by(f64::total_cmp);
         println!(
