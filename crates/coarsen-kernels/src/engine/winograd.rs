@@ -50,8 +50,8 @@ struct Classes {
     panels: Vec<ClassPanel>,
     /// The classes' channel lists (ascending), concatenated.
     chans: Vec<u32>,
-    /// Per row of the panels (`panel · MR + i`): the output row, or `u32::MAX` for the
-    /// padding of a class's last panel.
+    /// Per row of the panels (`panel · MR + i`): the output row, or `u32::MAX` for a panel's
+    /// padding (past its `rows`).
     slot_rows: Vec<u32>,
     /// Per input channel: whether some class reads it (the others are never transformed).
     used: Vec<bool>,
@@ -60,7 +60,8 @@ struct Classes {
 }
 
 /// One panel of [`Classes`]: its class's channels `chans[c0 .. c0 + len]`, its values at
-/// `u` within each `e`'s share, and its rows' range (`lo ..= hi`).
+/// `u` within each `e`'s share, its rows' range (`lo ..= hi`) and how many rows it holds (the
+/// first `rows` of its `mr`; the rest are padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ClassPanel {
     c0: usize,
@@ -68,6 +69,7 @@ struct ClassPanel {
     u: usize,
     lo: u32,
     hi: u32,
+    rows: usize,
 }
 
 impl Classes {
@@ -108,13 +110,23 @@ impl Classes {
                 out.used[c as usize] = true;
             }
             out.chans.extend_from_slice(&chans);
-            for part in rows.chunks(mr) {
+            // As many panels as whole panels of `mr` rows would take, the rows shared out
+            // evenly (33 rows: 7, 7, 7, 6, 6, not 8, 8, 8, 8, 1): the products run a panel's
+            // rows only, so a class's last panel no longer multiplies rows of zeros, and no
+            // panel runs on a register tile of one or two rows.
+            let np = rows.len().div_ceil(mr);
+            let mut rest = rows.as_slice();
+            for k in 0..np {
+                let n = rest.len().div_ceil(np - k);
+                let (part, tail) = rest.split_at(n);
+                rest = tail;
                 out.panels.push(ClassPanel {
                     c0,
                     len: chans.len(),
                     u: out.per_e,
                     lo: part[0],
                     hi: part[part.len() - 1],
+                    rows: part.len(),
                 });
                 out.per_e += chans.len() * mr;
                 out.slot_rows.extend_from_slice(part);
@@ -1474,9 +1486,9 @@ mod fused {
                 let u = k.panels.as_ptr().add((e * np + q) * k.cin * MR);
                 // Consecutive rows: the hardware prefetcher follows them.
                 match nv {
-                    1 => gemm::<1, 0>(u, ve, 0..k.cin, |c| c, m),
-                    2 => gemm::<2, 0>(u, ve, 0..k.cin, |c| c, m),
-                    _ => gemm::<3, 0>(u, ve, 0..k.cin, |c| c, m),
+                    1 => gemm::<1, 0, MR>(u, ve, 0..k.cin, |c| c, m),
+                    2 => gemm::<2, 0, MR>(u, ve, 0..k.cin, |c| c, m),
+                    _ => gemm::<3, 0, MR>(u, ve, 0..k.cin, |c| c, m),
                 }
             }
             Some(cl) => {
@@ -1485,29 +1497,58 @@ mod fused {
                 let ch = &cl.chans[p.c0..p.c0 + p.len];
                 let at = |j: usize| *ch.get_unchecked(j) as usize;
                 match nv {
-                    1 => gemm::<1, PREFETCH>(u, ve, 0..p.len, at, m),
-                    2 => gemm::<2, PREFETCH>(u, ve, 0..p.len, at, m),
-                    _ => gemm::<3, PREFETCH>(u, ve, 0..p.len, at, m),
+                    1 => class_gemm::<1>(p.rows, u, ve, 0..p.len, at, m),
+                    2 => class_gemm::<2>(p.rows, u, ve, 0..p.len, at, m),
+                    _ => class_gemm::<3>(p.rows, u, ve, 0..p.len, at, m),
                 }
             }
         }
     }
 
-    /// One panel of `U_e` (`len × MR` for the channels `channel(j)`, `j` in `0 .. len`, at
-    /// `u`) times those rows of `V_e` (`cin × 48`, at `v`, `V·16` lanes used) into `M` (`MR`
-    /// rows of 48 at `m`), asking for the row of `V_e` `PF` channels ahead (none if 0).
+    /// [`gemm`] of a class's panel on a register tile of its `rows` rows only (its other
+    /// rows of `M` are left as they were: the output transform skips them).
     ///
     /// # Safety
-    /// AVX-512F must be available; `channel` must return rows of `V_e`.
+    /// As [`gemm`]; `rows ≤ MR`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn gemm<const V: usize, const PF: usize>(
+    #[inline]
+    unsafe fn class_gemm<const V: usize>(
+        rows: usize,
         u: *const f32,
         v: *const f32,
         js: std::ops::Range<usize>,
         channel: impl Fn(usize) -> usize,
         m: *mut f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        const PF: usize = PREFETCH;
+        match rows {
+            1 => gemm::<V, PF, 1>(u, v, js, channel, m),
+            2 => gemm::<V, PF, 2>(u, v, js, channel, m),
+            3 => gemm::<V, PF, 3>(u, v, js, channel, m),
+            4 => gemm::<V, PF, 4>(u, v, js, channel, m),
+            5 => gemm::<V, PF, 5>(u, v, js, channel, m),
+            6 => gemm::<V, PF, 6>(u, v, js, channel, m),
+            7 => gemm::<V, PF, 7>(u, v, js, channel, m),
+            _ => gemm::<V, PF, MR>(u, v, js, channel, m),
+        }
+    }
+
+    /// The first `R` rows of one panel of `U_e` (`len × MR` for the channels `channel(j)`,
+    /// `j` in `0 .. len`, at `u`) times those rows of `V_e` (`cin × 48`, at `v`, `V·16` lanes
+    /// used) into the first `R` rows of `M` (`MR` rows of 48 at `m`), asking for the row of
+    /// `V_e` `PF` channels ahead (none if 0).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `channel` must return rows of `V_e`; `R ≤ MR`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gemm<const V: usize, const PF: usize, const R: usize>(
+        u: *const f32,
+        v: *const f32,
+        js: std::ops::Range<usize>,
+        channel: impl Fn(usize) -> usize,
+        m: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
         let end = js.end;
         for j in js {
             // A class's channel rows lie at irregular strides, which the hardware prefetcher
@@ -1525,7 +1566,7 @@ mod fused {
             for (l, x) in xv.iter_mut().enumerate() {
                 *x = _mm512_loadu_ps(vc.add(16 * l));
             }
-            rank1::<Avx512, MR, V>(&mut acc, u.add(j * MR), &xv);
+            rank1::<Avx512, R, V>(&mut acc, u.add(j * MR), &xv);
         }
         for (i, a) in acc.iter().enumerate() {
             for (j, &val) in a.iter().enumerate() {
@@ -2135,6 +2176,29 @@ mod tests {
                 .is_none()
         );
         assert!(Winograd::new(g, 2, 2, &[0.0; 35]).is_err());
+    }
+
+    #[test]
+    fn a_class_shares_its_rows_evenly_among_its_panels() {
+        // Rows 0..33 read channel 0, rows 33..36 channel 1: classes of 33 and 3 rows.
+        let (cout, cin) = (36, 4);
+        let mut wv = vec![0.0f32; cout * cin * 9];
+        for m in 0..cout {
+            wv[(m * cin + usize::from(m >= 33)) * 9 + 4] = 1.0;
+        }
+        let cl = Classes::of(cout, cin, &wv, 8).unwrap();
+        let rows: Vec<usize> = cl.panels.iter().map(|p| p.rows).collect();
+        assert_eq!(rows, [7, 7, 7, 6, 6, 3]);
+        // Each panel's rows in its first slots, the rest padding; every row once.
+        let mut seen = Vec::new();
+        for (q, p) in cl.panels.iter().enumerate() {
+            let slots = &cl.slot_rows[q * 8..(q + 1) * 8];
+            assert!(slots[..p.rows].iter().all(|&r| r != u32::MAX));
+            assert!(slots[p.rows..].iter().all(|&r| r == u32::MAX));
+            assert_eq!((p.lo, p.hi), (slots[0], slots[p.rows - 1]));
+            seen.extend_from_slice(&slots[..p.rows]);
+        }
+        assert_eq!(seen, (0..cout as u32).collect::<Vec<_>>());
     }
 
     #[test]
