@@ -686,3 +686,63 @@ fn a_downsample_runs_fused_into_the_strided_convolution() {
         }
     }
 }
+
+/// Tuning chooses how far the first steps run on chunks of images: to the options' cut or to
+/// the one a stage further, whichever measured faster; the choice is cached (a second network
+/// tuned with the same cache makes the same one), forcing a side of the layers
+/// (`Tuning::Packed`) leaves the options' cut, and the logits are the reference's either way.
+#[test]
+fn tuning_chooses_how_far_the_first_steps_run_in_chunks() {
+    let (graph, tensors, weights) = residual().finish(8);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::ShuffledBlock { block: 4 }, 4);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let [c, h, w] = network.input();
+    let batch = 4;
+    // The first convolution makes 8 × 10 × 10 = 800 floats per image, the rest 400 or
+    // fewer: at 800 the chunks end after it, at 400 a residual block further.
+    let options = InferOptions {
+        prefix_min_floats: 800,
+        prefix_chunk_floats: 800,
+        ..InferOptions::default()
+    };
+    let near = InferenceNet::with_options(&network, &formats, Path::Packed, options)
+        .unwrap()
+        .chunking(batch)
+        .unwrap();
+    let far = InferenceNet::with_options(
+        &network,
+        &formats,
+        Path::Packed,
+        InferOptions {
+            prefix_min_floats: 400,
+            ..options
+        },
+    )
+    .unwrap()
+    .chunking(batch)
+    .unwrap();
+    assert!(
+        near.steps < far.steps && near.images == 1,
+        "{near:?} {far:?}"
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let x: Vec<f32> = (0..batch * c * h * w)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let want = reference::forward_nchw(&network, &x, batch).unwrap();
+    let mut cache = TuneCache::in_memory();
+    let mut chosen = Vec::new();
+    for tuning in [Tuning::Measure, Tuning::Measure, Tuning::Packed] {
+        let mut e = InferenceNet::with_options(&network, &formats, Path::Packed, options).unwrap();
+        e.tune(batch, &mut cache, tuning).unwrap();
+        let got = e.chunking(batch).unwrap();
+        let wider = e.options().prefix_min_floats == 400;
+        assert_eq!(got.steps, if wider { far.steps } else { near.steps });
+        assert!(wider || e.options().prefix_min_floats == 800);
+        chosen.push(got.steps);
+        let err = max_error(&e.forward_nchw(&x, batch).unwrap(), &want);
+        assert!(err <= 1e-4 * scale_of(&want), "{tuning:?}: {err}");
+    }
+    assert_eq!(chosen[0], chosen[1], "the cached choice");
+    assert_eq!(chosen[2], near.steps, "forced layers measure nothing");
+}

@@ -142,7 +142,8 @@ pub struct InferOptions {
     /// the next, instead of on the whole batch layer by layer (each such layer's 16 MiB at
     /// batch 64 streamed through memory); the rest runs on the whole batch (more columns per
     /// product). The chunks end after the last of those steps where one value alone is live
-    /// (a residual block's end, a pooling's output).
+    /// (a residual block's end, a pooling's output). Tuning ([`InferenceNet::tune`],
+    /// measuring) halves it where whole passes ran faster so (chunks a stage further).
     pub prefix_min_floats: usize,
     /// Floats of the largest value of a chunk of [`prefix_min_floats`](Self::prefix_min_floats):
     /// images per chunk = this / that value's floats per image (1 MiB by default: 4 CIFAR
