@@ -214,6 +214,9 @@ pub struct InferenceNet {
     /// The steps that run on chunks of images, at batches larger than a chunk (found once
     /// from the steps and the options).
     prefix: Option<run::Prefix>,
+    /// `options.prefix_min_floats` as set, where tuning changed it (so that tuning again
+    /// chooses between the same two cuts, not a stage further each time).
+    untuned_prefix_min: Option<usize>,
 }
 
 impl InferenceNet {
@@ -250,6 +253,7 @@ impl InferenceNet {
             path,
             options,
             prefix: None,
+            untuned_prefix_min: None,
         };
         engine.prefix = run::plan_prefix(&engine);
         Ok(engine)
@@ -264,6 +268,7 @@ impl InferenceNet {
     /// [`with_options`](Self::with_options)).
     pub fn set_options(&mut self, options: InferOptions) {
         self.options = options;
+        self.untuned_prefix_min = None;
         self.prefix = run::plan_prefix(self);
     }
 

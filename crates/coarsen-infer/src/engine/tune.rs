@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use coarsen_kernels::conv::ConvGeometry;
 
 use super::run::{Fused, Kind, Step};
-use super::InferenceNet;
+use super::{InferOptions, InferenceNet};
 use crate::error::{InferError, Result};
 
 /// How [`InferenceNet::tune`] chooses.
@@ -313,11 +313,19 @@ impl InferenceNet {
         tuning: Tuning,
         machine: &str,
     ) -> Result<()> {
-        let base = self.options;
-        let near = self.prefix;
-        self.options.prefix_min_floats = base.prefix_min_floats / 2;
+        // The options as set (tuning again chooses between the same two cuts).
+        let mut base = self.options;
+        base.prefix_min_floats = self.untuned_prefix_min.unwrap_or(base.prefix_min_floats);
+        self.untuned_prefix_min = None;
+        let further = InferOptions {
+            prefix_min_floats: base.prefix_min_floats / 2,
+            ..base
+        };
+        self.options = further;
         let far = super::run::plan_prefix(self);
         self.options = base;
+        let near = super::run::plan_prefix(self);
+        self.prefix = near;
         if far.is_none() || far == near || super::run::prefix(self, batch).is_none() {
             return Ok(());
         }
@@ -348,7 +356,8 @@ impl InferenceNet {
             }
         };
         if e.dense_ms < 0.99 * e.packed_ms {
-            self.options.prefix_min_floats = base.prefix_min_floats / 2;
+            self.untuned_prefix_min = Some(base.prefix_min_floats);
+            self.options = further;
             self.prefix = far;
         }
         Ok(())
@@ -396,8 +405,8 @@ impl InferenceNet {
 
     /// Fuses every 1×1 stride-2 layer into a 3×3 stride-2 layer of the same input (a
     /// residual block's downsample beside its first convolution) where both run their block
-    /// kernels in place (their kinds of layer chosen: tuned, or never tuned at all): one
-    /// step then computes both values in one pass over the input
+    /// kernels in place, once tuning has chosen every layer's kind: one step then computes
+    /// both values in one pass over the input
     /// ([`BlockConv::fuse_strided_1x1`](coarsen_kernels::BlockConv::fuse_strided_1x1)),
     /// where the 1×1 layer had split its input into phases and read it from memory again on
     /// its own (ResNet-18 at batch 64: 0.8 to 2.3 ms per downsample, of which its products
