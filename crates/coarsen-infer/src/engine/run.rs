@@ -956,20 +956,7 @@ impl Layer {
         let len = self.cout * n;
         let mut y: Vec<f32> = buffer(len);
         let yp = Shared(y.as_mut_ptr());
-        // Whole tiles of the kernel where that costs at most a few output rows (a chunk's
-        // narrow last tile runs at a fraction of the full tiles' rate).
-        let chunks = column_chunks(n, self.wo, BlockConv::TILE, d.rows(), o);
-        // Too few chunks to keep every thread busy: the blocks are shared out too.
-        let want = 2 * rayon::current_num_threads();
-        let shares = if chunks.len() < want {
-            bc.shares(want.div_ceil(chunks.len()))
-        } else {
-            vec![(0, bc.blocks())]
-        };
-        let tasks: Vec<((usize, usize), (usize, usize))> = chunks
-            .iter()
-            .flat_map(|&c| shares.iter().map(move |&s| (c, s)))
-            .collect();
+        let (shares, tasks) = self.block_tasks(bc, d, o);
         let epilogue = Epilogue {
             bias: Some(&self.bias),
             residual: res.map(|values| Residual { values, ld: n }),
@@ -1018,6 +1005,31 @@ impl Layer {
         // column chunk, and the chunks cover 0..n: all `len` values were written.
         unsafe { y.set_len(len) };
         Ok(y)
+    }
+
+    /// How the block kernel `bc` runs this layer on `d`: its shares of the blocks, and the
+    /// tasks (column chunk × share). Whole tiles of the kernel where that costs at most a few
+    /// output rows (a chunk's narrow last tile runs at a fraction of the full tiles' rate);
+    /// where the chunks are too few to keep every thread busy, the blocks are shared out too.
+    #[allow(clippy::type_complexity)]
+    fn block_tasks(
+        &self,
+        bc: &BlockConv,
+        d: &ConvDims,
+        o: &InferOptions,
+    ) -> (Vec<(usize, usize)>, Vec<((usize, usize), (usize, usize))>) {
+        let chunks = column_chunks(d.n(), self.wo, BlockConv::TILE, d.rows(), o);
+        let want = 2 * rayon::current_num_threads();
+        let shares = if chunks.len() < want {
+            bc.shares(want.div_ceil(chunks.len()))
+        } else {
+            vec![(0, bc.blocks())]
+        };
+        let tasks = chunks
+            .iter()
+            .flat_map(|&c| shares.iter().map(move |&s| (c, s)))
+            .collect();
+        (shares, tasks)
     }
 
     /// [`forward`](Self::forward) on the N:M kernel: the input gathered once into its
@@ -1119,18 +1131,7 @@ impl Layer {
         let (len, len2) = (self.cout * n, f.down.cout * n);
         let (mut y, mut z): (Vec<f32>, Vec<f32>) = (buffer(len), buffer(len2));
         let (yp, zp) = (Shared(y.as_mut_ptr()), Shared(z.as_mut_ptr()));
-        // As `forward_blocks` shares out a block kernel's work.
-        let chunks = column_chunks(n, self.wo, BlockConv::TILE, d.rows(), o);
-        let want = 2 * rayon::current_num_threads();
-        let shares = if chunks.len() < want {
-            bc.shares(want.div_ceil(chunks.len()))
-        } else {
-            vec![(0, bc.blocks())]
-        };
-        let tasks: Vec<((usize, usize), (usize, usize))> = chunks
-            .iter()
-            .flat_map(|&c| shares.iter().map(move |&s| (c, s)))
-            .collect();
+        let (_, tasks) = self.block_tasks(bc, &d, o);
         let first = Epilogue {
             bias: Some(&self.bias),
             residual: None,
