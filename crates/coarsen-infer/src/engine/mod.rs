@@ -371,20 +371,16 @@ impl InferenceNet {
                 let ms = s[s.len() / 2] * 1e3;
                 let macs_of = |name: &str| macs.get(name).map_or(0, |m| m * batch);
                 match &step.kind {
-                    run::Kind::Layer(l) => match &l.fused {
-                        Some(f) => StepTime {
-                            step: format!("{} + {}", l.name, f.down.name),
+                    run::Kind::Layer(l) => {
+                        // A fused step names both layers and counts both's multiply-adds.
+                        let down = l.fused.as_ref().map(|f| f.down.name.as_str());
+                        StepTime {
+                            step: down.map_or(l.name.clone(), |d| format!("{} + {d}", l.name)),
                             kernel: l.kernel_name(batch, &self.options),
-                            macs: macs_of(&l.name) + macs_of(&f.down.name),
+                            macs: macs_of(&l.name) + down.map_or(0, macs_of),
                             ms,
-                        },
-                        None => StepTime {
-                            step: l.name.clone(),
-                            kernel: l.kernel_name(batch, &self.options),
-                            macs: macs_of(&l.name),
-                            ms,
-                        },
-                    },
+                        }
+                    }
                     k => StepTime {
                         step: k.op_name().to_string(),
                         kernel: k.op_name().to_string(),

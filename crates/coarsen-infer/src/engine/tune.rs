@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use coarsen_kernels::conv::ConvGeometry;
 
-use super::run::{Fused, Kind, Step};
+use super::run::{Fused, Kind};
 use super::{InferOptions, InferenceNet};
 use crate::error::{InferError, Result};
 
@@ -371,36 +371,33 @@ impl InferenceNet {
         batch: usize,
         (near, far): (Option<super::run::Prefix>, Option<super::run::Prefix>),
     ) -> Result<Entry> {
-        let [c, h, w] = self.input;
-        let mut rng = ChaCha8Rng::seed_from_u64(0x8u64);
-        let len = c * batch * h * w;
-        let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let x = self.timing_input(batch, 0x8);
         let mut times = [Vec::new(), Vec::new()];
-        let start = Instant::now();
-        let mut rounds = 0;
-        let mut result = Ok(());
-        // Round 0 is the warm-up.
-        while result.is_ok() && rounds < 10 && (rounds < 6 || start.elapsed().as_secs_f64() < 1.0) {
+        let result = time_rounds(|| {
             for (t, p) in times.iter_mut().zip([near, far]) {
                 self.prefix = p;
                 let s = Instant::now();
-                result = self.pass(&x, batch, None).map(|_| ());
+                self.pass(&x, batch, None)?;
                 t.push(s.elapsed().as_secs_f64() * 1e3);
             }
-            rounds += 1;
-        }
+            Ok(())
+        });
         self.prefix = near;
         result?;
-        let med = |v: &mut Vec<f64>| {
-            let v = &mut v[1..];
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let [mut a, mut b] = times;
         Ok(Entry {
-            packed_ms: med(&mut a),
-            dense_ms: med(&mut b),
+            packed_ms: median_timed(&mut a),
+            dense_ms: median_timed(&mut b),
         })
+    }
+
+    /// `batch` random images (seeded) for the passes tuning times.
+    fn timing_input(&self, batch: usize, seed: u64) -> Vec<f32> {
+        let [c, h, w] = self.input;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..c * batch * h * w)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect()
     }
 
     /// Fuses every 1×1 stride-2 layer into a 3×3 stride-2 layer of the same input (a
@@ -432,14 +429,8 @@ impl InferenceNet {
                 self.move_residual(j, c);
             }
             let b = self.steps.remove(j);
-            let down = match b.kind {
-                Kind::Layer(down) => down,
-                kind => {
-                    // Not reached: `downsample_of` found a layer. Left as it was.
-                    self.steps.insert(j, Step { kind, ..b });
-                    i += 1;
-                    continue;
-                }
+            let Kind::Layer(down) = b.kind else {
+                unreachable!("downsample_of finds layer steps only");
             };
             let at = if j < i { i - 1 } else { i };
             // `downsample_of` found a step of the same one input.
@@ -552,10 +543,7 @@ impl InferenceNet {
     /// random batch, packed and on its dense twin: one warm-up pass of each, then passes of
     /// the two interleaved, 5 to 9 of each for about a second.
     fn time_in_context(&mut self, batch: usize, steps: &[usize]) -> Result<Vec<Entry>> {
-        let [c, h, w] = self.input;
-        let mut rng = ChaCha8Rng::seed_from_u64(0x7u64);
-        let len = c * batch * h * w;
-        let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let x = self.timing_input(batch, 0x7);
         // Swaps every measured layer with its dense twin (twice: back again).
         let swap = |net: &mut InferenceNet| {
             for &s in steps {
@@ -577,31 +565,19 @@ impl InferenceNet {
             }
             Ok(())
         };
-        let start = Instant::now();
-        let mut rounds = 0;
-        // Round 0 is the warm-up.
-        // At least 5 timed rounds: with 3, a disturbance of the machine (another process
-        // for a second) that fell on two of one side's passes flipped a choice (a
-        // shuffled-block layer 1.3× faster packed was run dense).
-        while rounds < 10 && (rounds < 6 || start.elapsed().as_secs_f64() < 1.0) {
+        time_rounds(|| {
             let r = pass(self, &mut packed);
             swap(self);
             let r = r.and_then(|()| pass(self, &mut dense));
             swap(self);
-            r?;
-            rounds += 1;
-        }
-        let med = |v: &mut Vec<f64>| {
-            let v = &mut v[1..];
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+            r
+        })?;
         Ok(packed
             .iter_mut()
             .zip(&mut dense)
             .map(|(p, d)| Entry {
-                packed_ms: med(p),
-                dense_ms: med(d),
+                packed_ms: median_timed(p),
+                dense_ms: median_timed(d),
             })
             .collect())
     }
@@ -617,6 +593,28 @@ impl InferenceNet {
         let _ = cache.save();
         Ok(choices)
     }
+}
+
+/// Runs `round` (one timed pass of each side) as tuning times passes: round 0 the warm-up,
+/// then at least 5 timed rounds, more while under about a second, at most 10 in all (with 3,
+/// a disturbance of the machine, another process for a second, that fell on two of one side's
+/// passes flipped a choice: a shuffled-block layer 1.3× faster packed was run dense). Stops at
+/// the first error.
+fn time_rounds(mut round: impl FnMut() -> Result<()>) -> Result<()> {
+    let start = Instant::now();
+    let mut rounds = 0;
+    while rounds < 10 && (rounds < 6 || start.elapsed().as_secs_f64() < 1.0) {
+        round()?;
+        rounds += 1;
+    }
+    Ok(())
+}
+
+/// The median of one side's times from [`time_rounds`], the warm-up left out.
+fn median_timed(v: &mut [f64]) -> f64 {
+    let v = &mut v[1..];
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// One line on what tuning chose: how many sparse layers run packed and which run dense.
