@@ -674,14 +674,15 @@ mod transforms {
         }
     }
 
-    /// `Aᵀ M A` of a vector of tiles: the outputs at (row, column) (0, 0), (0, 1), (1, 0),
-    /// (1, 1).
+    /// `Aᵀ M A` of a vector of tiles (`M_e` = `m(e)`): the outputs at (row, column) (0, 0),
+    /// (0, 1), (1, 0), (1, 1).
     ///
     /// # Safety
     /// `S` must be available.
     #[inline(always)]
-    pub(super) unsafe fn output<S: Simd>(m: &[S::V; 16]) -> [S::V; 4] {
+    pub(super) unsafe fn output<S: Simd>(m: impl Fn(usize) -> S::V) -> [S::V; 4] {
         let (sub, add) = (S::sub, S::add);
+        let m: [S::V; 16] = std::array::from_fn(m);
         let mut s = [S::zero(); 8];
         for j in 0..4 {
             s[j] = add(add(m[j], m[4 + j]), m[8 + j]);
@@ -754,16 +755,18 @@ mod transforms {
         }
     }
 
-    /// `Aᵀ M A` of a vector of tiles: the 4×4 outputs, row-major.
+    /// `Aᵀ M A` of a vector of tiles (`M_e` = `m(e)`, read where the transform needs it: a
+    /// copy of all 36 first cost a 2.3 KB clear of the stack per vector): the 4×4 outputs,
+    /// row-major.
     ///
     /// # Safety
     /// `S` must be available.
     #[inline(always)]
-    pub(super) unsafe fn output4<S: Simd>(m: &[S::V; 36]) -> [S::V; 16] {
+    pub(super) unsafe fn output4<S: Simd>(m: impl Fn(usize) -> S::V) -> [S::V; 16] {
         // Down: s[i][j] = Σ_k Aᵀ[i][k] m[k][j].
         let mut s = [S::zero(); 24];
         for j in 0..6 {
-            let col = at4::<S>(std::array::from_fn(|k| m[6 * k + j]));
+            let col = at4::<S>(std::array::from_fn(|k| m(6 * k + j)));
             for (i, v) in col.into_iter().enumerate() {
                 s[6 * i + j] = v;
             }
@@ -1168,8 +1171,9 @@ mod fused {
             4 => (0xEEEE, 0x7777),
             _ => (0xAAAA, 0x5555),
         };
-        let mut d = [_mm512_setzero_ps(); 36];
-        for i in 0..6 {
+        // Row by row, each built whole (an array cleared first and then filled cost a
+        // 2.3 KB clear of the stack per vector).
+        let rows: [[__m512; 6]; 6] = std::array::from_fn(|i| {
             let t: [__m512; 4] = if w == 8 {
                 std::array::from_fn(|z| {
                     let half = |p: usize| {
@@ -1196,18 +1200,22 @@ mod fused {
                     }
                 })
             };
-            let mut r = [_mm512_setzero_ps(); 4];
-            for (k, rk) in r.iter_mut().enumerate() {
+            let r: [__m512; 4] = std::array::from_fn(|k| {
                 let idx = _mm512_add_epi32(within, _mm512_set1_epi32(k as i32));
                 let lo = _mm512_permutex2var_ps(t[0], idx, t[1]);
                 let hi = _mm512_permutex2var_ps(t[2], idx, t[3]);
-                *rk = _mm512_mask_blend_ps(0xFF00, lo, hi);
-            }
-            d[6 * i] = _mm512_maskz_permutexvar_ps(left, prev, r[3]);
-            d[6 * i + 1..6 * i + 5].copy_from_slice(&r);
-            d[6 * i + 5] = _mm512_maskz_permutexvar_ps(right, next, r[0]);
-        }
-        d
+                _mm512_mask_blend_ps(0xFF00, lo, hi)
+            });
+            [
+                _mm512_maskz_permutexvar_ps(left, prev, r[3]),
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                _mm512_maskz_permutexvar_ps(right, next, r[0]),
+            ]
+        });
+        std::array::from_fn(|e| rows[e / 6][e % 6])
     }
 
     /// Patch values `d[A·i + j]` (`A = T + 2`) of vector `v`'s tiles, gathered lane by lane
@@ -1441,7 +1449,6 @@ mod fused {
         m: *const f32,
         stride: usize,
     ) {
-        let es = (T + 2) * (T + 2);
         let out = Out {
             y: at.yp.add((r - at.r0) * at.ldy + at.ybase),
             bias: epilogue
@@ -1454,17 +1461,13 @@ mod fused {
             relu: epilogue.relu,
         };
         for v in 0..at.nv {
-            let mut me = [_mm512_setzero_ps(); 36];
-            for (e, x) in me.iter_mut().enumerate().take(es) {
-                *x = _mm512_loadu_ps(m.add(e * stride + v * 16));
-            }
-            let mut o = [_mm512_setzero_ps(); 16];
-            if T == 2 {
-                let o2 = output::<Avx512>(&std::array::from_fn(|i| me[i]));
-                o[..4].copy_from_slice(&o2);
+            let me = |e: usize| _mm512_loadu_ps(m.add(e * stride + v * 16));
+            let o = if T == 2 {
+                let o2 = output::<Avx512>(me);
+                std::array::from_fn(|i| if i < 4 { o2[i] } else { _mm512_setzero_ps() })
             } else {
-                o = output4::<Avx512>(&me);
-            }
+                output4::<Avx512>(me)
+            };
             if at.contiguous {
                 store_rows(&out, block, v, at.band0, at.w, &[o[0], o[1], o[2], o[3]]);
             } else {
@@ -1699,16 +1702,16 @@ mod fused8 {
                     relu: epilogue.relu,
                 };
                 for v in 0..nv {
-                    let mut m = [_mm256_setzero_ps(); 36];
-                    for (e, me) in m.iter_mut().enumerate().take(es) {
-                        *me = _mm256_loadu_ps(mp.add((e * rows_pad + r) * TB + v * 8));
-                    }
+                    let m = |e: usize| _mm256_loadu_ps(mp.add((e * rows_pad + r) * TB + v * 8));
                     if T == 2 {
-                        let mut o = [_mm256_setzero_ps(); 16];
-                        o[..4].copy_from_slice(&output::<Avx2>(&std::array::from_fn(|i| m[i])));
+                        let o2 = output::<Avx2>(m);
+                        let o =
+                            std::array::from_fn(
+                                |i| if i < 4 { o2[i] } else { _mm256_setzero_ps() },
+                            );
                         store_tiles::<2>(&out, &block, v, w, &o);
                     } else {
-                        store_tiles::<4>(&out, &block, v, w, &output4::<Avx2>(&m));
+                        store_tiles::<4>(&out, &block, v, w, &output4::<Avx2>(m));
                     }
                 }
             }
