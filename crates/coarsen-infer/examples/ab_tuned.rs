@@ -4,7 +4,8 @@
 //! and the median of the rounds' ratios.
 //!
 //! `cargo run --release -p coarsen-infer --example ab_tuned -- EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]`
-//! with B_OPTIONS `prefix=FLOATS` (0: off), `prefix_min=FLOATS` and `fuse_downsample=0|1`,
+//! with B_OPTIONS `prefix=FLOATS` (0: off), `prefix_min=FLOATS`, `fuse_downsample=0|1` and
+//! `prefix_parallel=0|1`,
 //! comma-separated.
 use std::time::Instant;
 
@@ -29,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "prefix" => ob.prefix_chunk_floats = v.parse()?,
             "prefix_min" => ob.prefix_min_floats = v.parse()?,
             "fuse_downsample" => ob.fuse_downsample = v == "1",
+            "prefix_parallel" => ob.prefix_parallel = v == "1",
             _ => return Err(format!("unknown option {k}").into()),
         }
     }

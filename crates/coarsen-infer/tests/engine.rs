@@ -94,6 +94,19 @@ fn check(label: &str, net: fn() -> Net) {
                     err <= 1e-4 * scale,
                     "{label} {fmt:?} {path:?} first steps on chunks ({chunk}): {err}"
                 );
+                // The chunks one after another, each step shared by the threads, compute
+                // the same values as the chunks in parallel (the default).
+                assert!(e.options().prefix_parallel);
+                let options = InferOptions {
+                    prefix_parallel: false,
+                    ..e.options()
+                };
+                let serial = InferenceNet::with_options(&network, &formats, path, options).unwrap();
+                assert_eq!(
+                    serial.forward_nchw(&x, batch).unwrap(),
+                    got,
+                    "{label} {fmt:?} {path:?} chunks ({chunk}) in turn against in parallel"
+                );
             }
             if let Some(t) = tuning {
                 let choices = engine.tune(batch, &mut TuneCache::in_memory(), t).unwrap();

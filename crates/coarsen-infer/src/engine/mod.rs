@@ -149,6 +149,15 @@ pub struct InferOptions {
     /// images per chunk = this / that value's floats per image (1 MiB by default: 4 CIFAR
     /// images); 0 runs every step on the whole batch.
     pub prefix_chunk_floats: usize,
+    /// The chunks of [`prefix_min_floats`](Self::prefix_min_floats) run in parallel, one
+    /// chunk per thread through all of those steps (each step of a chunk on that thread
+    /// alone), instead of one after another with every step shared by all threads: no
+    /// thread waits at the end of each step of each chunk (4 of ResNet-18's 67 parallel
+    /// sections per pass at batch 64 had ended with one thread waiting for the other's last
+    /// task), and each thread's chunk stays in its own core's cache. On by default; off
+    /// kept to measure what it saves (`examples/ab_tuned`). Profiling
+    /// ([`InferenceNet::profile`]) times each step, so it runs the chunks one after another.
+    pub prefix_parallel: bool,
 }
 
 impl Default for InferOptions {
@@ -165,6 +174,7 @@ impl Default for InferOptions {
             spin_workers: true,
             prefix_min_floats: 1 << 16,
             prefix_chunk_floats: 1 << 18,
+            prefix_parallel: true,
         }
     }
 }

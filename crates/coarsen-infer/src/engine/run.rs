@@ -285,7 +285,10 @@ pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
 }
 
 /// Steps `0 .. p.end` of `net` on chunks of `images` images of `x` (`[C, B, H, W]`), each
-/// chunk's value of slot `p.cut` copied into its images of the whole batch's.
+/// chunk's value of slot `p.cut` copied into its images of the whole batch's: the chunks as
+/// the tasks of one parallel section ([`InferOptions::prefix_parallel`]; each chunk's steps
+/// then run on its task's thread alone), else one after another (and always when `times`
+/// is asked for: each step's time is that of its chunks run in turn).
 fn run_prefix(
     net: &InferenceNet,
     x: &[f32],
@@ -294,51 +297,82 @@ fn run_prefix(
     images: usize,
     mut times: Option<&mut [f64]>,
 ) -> Result<Vec<f32>> {
-    let [c, h, w] = net.input;
-    let hw = h * w;
     let len = p.rows * batch * p.hw;
     let mut out = buffer(len);
-    let spare = &mut out.spare_capacity_mut()[..len];
-    for n0 in (0..batch).step_by(images) {
+    let dst = Shared(out.as_mut_ptr());
+    let starts: Vec<usize> = (0..batch).step_by(images.max(1)).collect();
+    // Chunk `i`'s value at the cut, copied into its images of every row of `out`.
+    let chunk = |i: usize, times: Option<&mut [f64]>| -> Result<()> {
+        let n0 = starts[i];
         let k = images.min(batch - n0);
-        let mut xc = buffer(c * k * hw);
-        for ch in 0..c {
-            xc.extend_from_slice(&x[(ch * batch + n0) * hw..][..k * hw]);
-        }
-        let mut vals: Vec<Option<Cow<'_, [f32]>>> = (0..net.reads.len()).map(|_| None).collect();
-        vals[0] = Some(Cow::Owned(xc));
-        let mut left = net.reads.clone();
-        run_steps(net, 0..p.end, &mut vals, &mut left, k, times.as_deref_mut())?;
-        let part = vals[p.cut]
-            .take()
-            .map(Cow::into_owned)
-            .filter(|v| v.len() == p.rows * k * p.hw)
-            .ok_or_else(|| {
-                InferError::graph(
-                    "graph",
-                    "run",
-                    "a chunk's value at the cut has another size (a bug in coarsen)",
-                )
-            })?;
+        let part = run_chunk(net, x, batch, p, (n0, k), times)?;
         let n = k * p.hw;
-        spare
-            .par_chunks_mut(batch * p.hw)
-            .zip(part.par_chunks(n.max(1)))
-            .for_each(|(dst, src)| {
-                for (d, &v) in dst[n0 * p.hw..][..n].iter_mut().zip(src) {
-                    d.write(v);
-                }
-            });
-        give_back(part);
-        for v in vals.into_iter().flatten() {
-            if let Cow::Owned(v) = v {
-                give_back(v);
+        // The whole `Shared` (a closure would capture its pointer field alone).
+        let to = dst;
+        for (r, src) in part.chunks_exact(n.max(1)).enumerate() {
+            // SAFETY: `out` has room for `len` = `rows · batch · hw` values; row `r`'s images
+            // `n0 .. n0 + k` are `n` values at `r · batch · hw + n0 · hw`, written by this
+            // chunk only (the chunks' images are disjoint), and `out` outlives the section.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr(),
+                    to.0.add(r * batch * p.hw + n0 * p.hw),
+                    n,
+                );
             }
+        }
+        give_back(part);
+        Ok(())
+    };
+    if net.options.prefix_parallel && times.is_none() && starts.len() > 1 {
+        team::try_for_each(starts.len(), |i| chunk(i, None))?;
+    } else {
+        for i in 0..starts.len() {
+            chunk(i, times.as_deref_mut())?;
         }
     }
     // SAFETY: the chunks cover every image of every row: all `len` values are written.
     unsafe { out.set_len(len) };
     Ok(out)
+}
+
+/// Steps `0 .. p.end` of `net` on the `k` images from `n0` of `x` (`[C, B, H, W]`): the
+/// value of slot `p.cut` (`p.rows × k·p.hw`).
+fn run_chunk(
+    net: &InferenceNet,
+    x: &[f32],
+    batch: usize,
+    p: &Prefix,
+    (n0, k): (usize, usize),
+    times: Option<&mut [f64]>,
+) -> Result<Vec<f32>> {
+    let [c, h, w] = net.input;
+    let hw = h * w;
+    let mut xc = buffer(c * k * hw);
+    for ch in 0..c {
+        xc.extend_from_slice(&x[(ch * batch + n0) * hw..][..k * hw]);
+    }
+    let mut vals: Vec<Option<Cow<'_, [f32]>>> = (0..net.reads.len()).map(|_| None).collect();
+    vals[0] = Some(Cow::Owned(xc));
+    let mut left = net.reads.clone();
+    run_steps(net, 0..p.end, &mut vals, &mut left, k, times)?;
+    let part = vals[p.cut]
+        .take()
+        .map(Cow::into_owned)
+        .filter(|v| v.len() == p.rows * k * p.hw)
+        .ok_or_else(|| {
+            InferError::graph(
+                "graph",
+                "run",
+                "a chunk's value at the cut has another size (a bug in coarsen)",
+            )
+        });
+    for v in vals.into_iter().flatten() {
+        if let Cow::Owned(v) = v {
+            give_back(v);
+        }
+    }
+    part
 }
 
 /// Runs steps `range` of `net`, reading and writing `vals`, `left` counting every slot's
