@@ -123,8 +123,17 @@ fn check(label: &str, net: fn() -> Net) {
                 for c in &choices {
                     assert_eq!(
                         c.dense,
-                        t == Tuning::Dense || (t == Tuning::Measure && c.dense_ms < c.packed_ms)
+                        t == Tuning::Dense
+                            || (t == Tuning::Measure
+                                && (c.dense_ms < c.packed_ms) != c.by_whole_passes)
                     );
+                    // Whole passes overturn close calls only.
+                    if let (true, Some(p), Some(d)) = (c.by_whole_passes, c.packed_ms, c.dense_ms) {
+                        assert!(
+                            p.max(d) < coarsen_infer::engine::CLOSE_STEPS * p.min(d),
+                            "{c:?}"
+                        );
+                    }
                     assert_eq!(c.packed_ms.is_some(), t == Tuning::Measure);
                 }
             }
@@ -360,8 +369,8 @@ fn tuning_is_cached_per_layer_and_batch() {
     assert!(again.iter().all(|c| c.cached));
     for (x, y) in first.iter().zip(&again) {
         assert_eq!(
-            (x.dense, x.packed_ms, x.dense_ms),
-            (y.dense, y.packed_ms, y.dense_ms)
+            (x.dense, x.packed_ms, x.dense_ms, x.by_whole_passes),
+            (y.dense, y.packed_ms, y.dense_ms, y.by_whole_passes)
         );
     }
     let mut c = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
@@ -408,6 +417,90 @@ fn tuning_is_cached_per_layer_and_batch() {
         .unwrap()
         .iter()
         .all(|c| !c.cached));
+}
+
+/// Every cache entry whose key contains `part`, set to `(packed_ms, dense_ms)`; how many.
+fn set_entries(file: &std::path::Path, part: &str, packed_ms: f64, dense_ms: f64) -> usize {
+    let mut doc: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    let mut n = 0;
+    for (key, e) in doc["entries"].as_object_mut().unwrap() {
+        if key.contains(part) {
+            e["packed_ms"] = packed_ms.into();
+            e["dense_ms"] = dense_ms.into();
+            n += 1;
+        }
+    }
+    std::fs::write(file, serde_json::to_vec(&doc).unwrap()).unwrap();
+    n
+}
+
+#[test]
+fn whole_passes_overturn_close_step_times() {
+    let (graph, tensors, weights) = residual().finish(5);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::Csr, 9);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tune.json");
+    let tune = |tuning| {
+        let mut cache = TuneCache::open(&file);
+        let mut net = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+        let choices = net.tune(2, &mut cache, tuning).unwrap();
+        cache.save().unwrap();
+        let [c, h, w] = net.input();
+        let steps = net.profile(&vec![0.5; 2 * c * h * w], 2, 1).unwrap();
+        for choice in &choices {
+            let step = steps.iter().find(|s| s.step == choice.name).unwrap();
+            assert_eq!(
+                step.kernel.contains("csr"),
+                !choice.dense,
+                "{}",
+                step.kernel
+            );
+        }
+        choices
+    };
+    let first = tune(Tuning::Measure);
+    assert!(first.len() >= 2, "{first:?}");
+    // Every layer's steps timed close, packed ahead: whole passes are timed (and cached).
+    let layers = set_entries(&file, "|in context", 1.0, 1.2);
+    assert_eq!(layers, first.len());
+    let close = tune(Tuning::Measure);
+    assert!(close.iter().all(|c| c.cached));
+    assert!(set_entries(&file, "flip packed to dense", 1.0, 1.0) >= 1);
+    // Flipped, the whole pass ran 1% faster or less: the step times stand.
+    set_entries(&file, "whole passes", 10.0, 9.95);
+    let stand = tune(Tuning::Measure);
+    assert!(
+        stand.iter().all(|c| !c.dense && !c.by_whole_passes),
+        "{stand:?}"
+    );
+    // Flipped, it ran faster: every close layer runs dense, chosen by whole passes.
+    set_entries(&file, "whole passes", 10.0, 8.0);
+    let flipped = tune(Tuning::Measure);
+    assert!(
+        flipped.iter().all(|c| c.dense && c.by_whole_passes),
+        "{flipped:?}"
+    );
+    assert!(coarsen_infer::describe_choices(&flipped).contains("by whole passes"));
+    // Step times far apart are not checked: the cached pass times are not consulted.
+    set_entries(&file, "|in context", 1.0, 2.0);
+    let apart = tune(Tuning::Measure);
+    assert!(
+        apart.iter().all(|c| !c.dense && !c.by_whole_passes),
+        "{apart:?}"
+    );
+    // Dense ahead by little: the flip is to packed.
+    set_entries(&file, "|in context", 1.2, 1.0);
+    tune(Tuning::Measure);
+    assert!(set_entries(&file, "flip dense to packed", 10.0, 10.0) >= 1);
+    let dense = tune(Tuning::Measure);
+    assert!(dense.iter().all(|c| c.dense && !c.by_whole_passes));
+    set_entries(&file, "flip dense to packed", 10.0, 8.0);
+    let back = tune(Tuning::Measure);
+    assert!(
+        back.iter().all(|c| !c.dense && c.by_whole_passes),
+        "{back:?}"
+    );
 }
 
 #[test]

@@ -34,7 +34,7 @@ mod run;
 mod spin;
 mod tune;
 
-pub use tune::{describe_choices, LayerChoice, TuneCache, Tuning};
+pub use tune::{describe_choices, LayerChoice, TuneCache, Tuning, CLOSE_STEPS};
 
 use std::collections::BTreeMap;
 

@@ -5,8 +5,10 @@
 //! on the layer's size, its density, the batch and the CPU: N:M at batch 1, or a small layer
 //! at 50% density, can run slower packed than dense. [`InferenceNet::tune`] times both
 //! variants of every sparse layer in whole forward passes on a random batch (every layer
-//! packed, then every one dense, interleaved) and keeps the faster. Results are cached per machine (CPU model, instruction set, threads) and engine
-//! options in a JSON file, so later runs reuse them; [`Tuning`] forces either side or re-measures.
+//! packed, then every one dense, interleaved) and keeps the faster; where the two step times
+//! are close, whole passes with those layers on either side decide. Results are cached per
+//! machine (CPU model, instruction set, threads) and engine options in a JSON file, so later
+//! runs reuse them; [`Tuning`] forces either side or re-measures.
 
 use std::collections::BTreeMap;
 use std::path::{Path as FsPath, PathBuf};
@@ -62,7 +64,20 @@ pub struct LayerChoice {
     pub row_classes: bool,
     /// Whether the times came from the cache.
     pub cached: bool,
+    /// Whether whole passes overturned the comparison of its step times: its two variants'
+    /// steps timed within [`CLOSE_STEPS`] of each other, and the network ran faster as a whole with
+    /// this layer (and the others as close, chosen the same way) on its other variant.
+    #[serde(default)]
+    pub by_whole_passes: bool,
 }
+
+/// Layers whose packed and dense steps time within this factor of each other are checked by
+/// whole passes. Step times are taken with a timestamp between steps and the prefix's chunks
+/// in turn; in the machine's slow phases (minutes) they inflated some kernels more than
+/// others (VGG-16's 2×2 Winograd twins of shuffled blocks of whole kernels at 1.6–1.8 ms
+/// against 1.3–1.4 ms packed, where a quiet phase gave 0.85 against 1.25), while whole passes
+/// barely changed: three layers ran packed, about 1.3 ms a pass slower.
+pub const CLOSE_STEPS: f64 = 1.6;
 
 /// Cached measurements, keyed by machine, batch size and layer.
 #[derive(Debug, Default)]
@@ -189,7 +204,9 @@ impl InferenceNet {
     /// not), so each such layer is timed in both variants and keeps the faster. The times are
     /// taken in context: whole forward passes on a random batch, every layer to measure
     /// packed, then every one on its dense twin, interleaved (one warm-up each, then 5 to 9
-    /// each for about a second), and each layer's median step time compared. Timed alone, a
+    /// each for about a second), and each layer's median step time compared; where the two
+    /// are within [`CLOSE_STEPS`], whole passes with the close layers on either side have the
+    /// last word (see [`LayerChoice::by_whole_passes`]). Timed alone, a
     /// layer finds its input and weights in the cache, which flattered kernels that read
     /// more of them (N:M through im2col chose packed where the whole pass ran slower). The
     /// times are cached per machine (CPU model, instruction set, threads), batch size, layer
@@ -262,8 +279,13 @@ impl InferenceNet {
                 todo[i].2 = Some(e);
             }
         }
+        let overturned = if tuning.measures() {
+            self.check_by_passes(batch, cache, tuning, &machine, &todo)?
+        } else {
+            vec![false; todo.len()]
+        };
         let mut choices = Vec::new();
-        for (index, _, times, cached) in todo {
+        for ((index, _, times, cached), by_whole_passes) in todo.into_iter().zip(overturned) {
             let Kind::Layer(l) = &mut self.steps[index].kind else {
                 continue;
             };
@@ -272,7 +294,7 @@ impl InferenceNet {
             };
             let dense = match (tuning, times) {
                 (Tuning::Dense, _) => true,
-                (_, Some(e)) => e.dense_ms < e.packed_ms,
+                (_, Some(e)) => (e.dense_ms < e.packed_ms) != by_whole_passes,
                 _ => false,
             };
             choices.push(LayerChoice {
@@ -283,6 +305,7 @@ impl InferenceNet {
                 dense,
                 row_classes: twin.sparse_winograd(),
                 cached,
+                by_whole_passes,
             });
             // The variant that does not run is dropped: a layer found faster dense becomes its
             // dense twin.
@@ -295,6 +318,161 @@ impl InferenceNet {
             self.tune_prefix(batch, cache, tuning, &machine)?;
         }
         Ok(choices)
+    }
+
+    /// Which of the layers in `todo` (all with times) whole passes overturn. The close ones
+    /// (step times within [`CLOSE_STEPS`]) form two sets, those the step times put packed and those
+    /// they put dense; whole passes of `batch` random images, every layer on the side its
+    /// step times chose, then with either set on its other side, interleaved (as
+    /// [`time_in_context`](Self::time_in_context) times layers), decide: the set whose flip
+    /// ran the pass faster, by at least 1% and more than the other's, is overturned. The
+    /// pass times are cached beside the layers' (for these entries `packed_ms` is the pass as
+    /// the step times chose, `dense_ms` with the set flipped).
+    fn check_by_passes(
+        &mut self,
+        batch: usize,
+        cache: &mut TuneCache,
+        tuning: Tuning,
+        machine: &str,
+        todo: &[(usize, String, Option<Entry>, bool)],
+    ) -> Result<Vec<bool>> {
+        let mut overturned = vec![false; todo.len()];
+        let dense_by_steps = |e: &Entry| e.dense_ms < e.packed_ms;
+        let close = |e: &Entry| {
+            let (a, b) = (e.packed_ms, e.dense_ms);
+            a.max(b) < CLOSE_STEPS * a.min(b)
+        };
+        // Indices into `todo`: the close layers chosen packed, then those chosen dense.
+        let mut sets: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+        for (i, (_, _, times, _)) in todo.iter().enumerate() {
+            if let Some(e) = times.filter(close) {
+                sets[usize::from(dense_by_steps(&e))].push(i);
+            }
+        }
+        if sets.iter().all(Vec::is_empty) {
+            return Ok(overturned);
+        }
+        let prefix = format!("{machine}|batch {batch}|");
+        let layers: Vec<String> = todo
+            .iter()
+            .map(|(_, key, times, _)| {
+                let side = times.map_or('?', |e| if dense_by_steps(&e) { 'd' } else { 'p' });
+                format!("{}:{side}", key.strip_prefix(&prefix).unwrap_or(key))
+            })
+            .collect();
+        let key = format!(
+            "{prefix}whole passes|{}|{:?}|flip ",
+            layers.join(";"),
+            self.options
+        );
+        let keys = [key.clone() + "packed to dense", key + "dense to packed"];
+        let known: Vec<Option<Entry>> = keys
+            .iter()
+            .zip(&sets)
+            .map(|(k, set)| match tuning {
+                _ if set.is_empty() => None,
+                Tuning::Measure => cache.entries.get(k).copied(),
+                _ => None,
+            })
+            .collect();
+        let entries: Vec<Option<Entry>> = if known
+            .iter()
+            .zip(&sets)
+            .all(|(e, set)| e.is_some() || set.is_empty())
+        {
+            known
+        } else {
+            let step = |i: &usize| todo[*i].0;
+            let base: Vec<usize> = todo
+                .iter()
+                .filter(|(_, _, t, _)| t.is_some_and(|e| dense_by_steps(&e)))
+                .map(|(s, _, _, _)| *s)
+                .collect();
+            let flips: Vec<Vec<usize>> =
+                sets.iter().map(|s| s.iter().map(step).collect()).collect();
+            let medians = self.time_flips(batch, &base, &flips)?;
+            let mut out = Vec::new();
+            for ((k, set), flipped) in keys.iter().zip(&sets).zip(&medians[1..]) {
+                if set.is_empty() {
+                    out.push(None);
+                    continue;
+                }
+                let e = Entry {
+                    packed_ms: medians[0],
+                    dense_ms: *flipped,
+                };
+                cache.entries.insert(k.clone(), e);
+                cache.dirty = true;
+                out.push(Some(e));
+            }
+            out
+        };
+        let gain = |e: &Option<Entry>| e.map_or(0.0, |e| 1.0 - e.dense_ms / e.packed_ms);
+        let best = usize::from(gain(&entries[1]) > gain(&entries[0]));
+        if gain(&entries[best]) > 0.01 {
+            for &i in &sets[best] {
+                overturned[i] = true;
+            }
+        }
+        Ok(overturned)
+    }
+
+    /// Swaps every layer of `steps` with its dense twin (twice: back again).
+    fn swap_twins(&mut self, steps: &[usize]) {
+        for &s in steps {
+            if let Kind::Layer(l) = &mut self.steps[s].kind {
+                if let Some(mut twin) = l.dense_twin.take() {
+                    std::mem::swap(&mut **l, &mut *twin);
+                    l.dense_twin = Some(twin);
+                }
+            }
+        }
+    }
+
+    /// Median times of whole passes of `batch` random images with the layers of `base` on
+    /// their dense twins, then with each of `flips` swapped too, interleaved round by round
+    /// (see [`time_rounds`]); the first median is `base`'s, then one per flip (an empty flip
+    /// is timed as `base`). The network is left as it was.
+    fn time_flips(
+        &mut self,
+        batch: usize,
+        base: &[usize],
+        flips: &[Vec<usize>],
+    ) -> Result<Vec<f64>> {
+        let x = self.timing_input(batch, 0x9);
+        let mut times = vec![Vec::new(); flips.len() + 1];
+        self.swap_twins(base);
+        let result = time_rounds(|| {
+            let s = Instant::now();
+            self.pass(&x, batch, None)?;
+            times[0].push(s.elapsed().as_secs_f64() * 1e3);
+            for (t, flip) in times[1..].iter_mut().zip(flips) {
+                if flip.is_empty() {
+                    continue;
+                }
+                self.swap_twins(flip);
+                let s = Instant::now();
+                let r = self.pass(&x, batch, None);
+                t.push(s.elapsed().as_secs_f64() * 1e3);
+                self.swap_twins(flip);
+                r?;
+            }
+            Ok(())
+        });
+        self.swap_twins(base);
+        result?;
+        let base_ms = median_timed(&mut times[0]);
+        Ok(times
+            .iter_mut()
+            .enumerate()
+            .map(|(i, t)| {
+                if i == 0 || t.is_empty() {
+                    base_ms
+                } else {
+                    median_timed(t)
+                }
+            })
+            .collect())
     }
 
     /// Chooses by measurement how far a pass's first steps run on chunks of images
@@ -544,17 +722,7 @@ impl InferenceNet {
     /// the two interleaved, 5 to 9 of each for about a second.
     fn time_in_context(&mut self, batch: usize, steps: &[usize]) -> Result<Vec<Entry>> {
         let x = self.timing_input(batch, 0x7);
-        // Swaps every measured layer with its dense twin (twice: back again).
-        let swap = |net: &mut InferenceNet| {
-            for &s in steps {
-                if let Kind::Layer(l) = &mut net.steps[s].kind {
-                    if let Some(mut twin) = l.dense_twin.take() {
-                        std::mem::swap(&mut **l, &mut *twin);
-                        l.dense_twin = Some(twin);
-                    }
-                }
-            }
-        };
+        let swap = |net: &mut InferenceNet| net.swap_twins(steps);
         let mut packed = vec![Vec::new(); steps.len()];
         let mut dense = vec![Vec::new(); steps.len()];
         let pass = |net: &InferenceNet, into: &mut [Vec<f64>]| -> Result<()> {
@@ -628,7 +796,12 @@ pub fn describe_choices(choices: &[LayerChoice]) -> String {
         .map(|c| c.name.as_str())
         .collect();
     let measured = choices.iter().any(|c| c.packed_ms.is_some());
-    let how = if measured { "measured" } else { "as forced" };
+    let overturned = choices.iter().filter(|c| c.by_whole_passes).count();
+    let how = match (measured, overturned) {
+        (false, _) => "as forced".to_string(),
+        (true, 0) => "measured".to_string(),
+        (true, n) => format!("measured; {n} chosen by whole passes against their step times"),
+    };
     if dense.is_empty() {
         format!("all {} sparse layers run packed ({how})", choices.len())
     } else {
