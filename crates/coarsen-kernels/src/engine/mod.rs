@@ -606,7 +606,7 @@ mod tests {
         assert!(plan.forward_tiles_rows(&xt[1..], &mut y, n, 0, m).is_err());
         assert!(plan.forward_tiles_rows(&xt, &mut y[1..], n, 0, m).is_err());
         assert!(plan.forward_tiles_rows(&xt, &mut y, n, 1, m).is_err());
-        let xs = vec![0.0; k * mr];
+        let xs = vec![0.0; n.div_ceil(mr) * k * mr];
         assert!(plan.forward_small_rows(&xs, &mut y, n, 0, m).is_ok());
         assert!(plan.forward_small_rows(&xs[1..], &mut y, n, 0, m).is_err());
         assert!(plan.forward_small_rows(&xs, &mut y, n, mr, m).is_err());

@@ -1,0 +1,105 @@
+//! Developer tool: the dense kernel for few columns (`Plan::forward_small_rows`, batch 1's
+//! deepest layers on instruction sets without the narrow kernel) on batch 1's GEMM shapes as
+//! the engine runs it (output rows in `2·threads` shares), best wall time with the weights
+//! warm in the caches and after each thread read 256 MiB of other data (weights from memory,
+//! as in a whole network's pass), in GFLOP/s and GB/s of the weight read.
+//!
+//! `cargo run --release -p coarsen-kernels --example ab_small -- [ROUNDS]`; `AB_SMALL_SHAPE=M,K,N`
+//! times that shape alone (`RAYON_NUM_THREADS=1`: one core).
+use std::time::Instant;
+
+use coarsen_kernels::formats::Dense;
+use coarsen_kernels::{Packed, Plan};
+use rayon::prelude::*;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rounds: usize = std::env::args().nth(1).map_or(Ok(30), |s| s.parse())?;
+    let threads = rayon::current_num_threads();
+    let mut junk = vec![vec![0.0f32; 64 << 20]; threads];
+    // (rows, cols, columns of X): small products whose weights stay in L2, ResNet-18's
+    // layer4 and layer3 and VGG-16's last stages at batch 1.
+    let only: Option<Vec<usize>> = std::env::var("AB_SMALL_SHAPE")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect());
+    let shapes: Vec<(usize, usize, usize)> = match only.as_deref() {
+        Some(&[m, k, n]) => vec![(m, k, n)],
+        _ => vec![
+            (64usize, 512usize, 16usize),
+            (128, 2048, 16),
+            (512, 4608, 16),
+            (512, 2304, 16),
+            (256, 2304, 64),
+            (512, 4608, 4),
+            (512, 4608, 8),
+        ],
+    };
+    for (m, k, n) in shapes {
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
+            .collect();
+        let plan = Plan::new(&Packed::Dense(Dense::new(m, k, w.clone())?))?;
+        let (Some(mr), Some(nr)) = (plan.tile_rows(), plan.tile_width()) else {
+            return Err("this instruction set runs the faer kernel".into());
+        };
+        let x: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        // Panels of MR columns: xt[q·k·MR + kk·MR + i] = X[kk, q·MR + i].
+        let mut xt = vec![0.0f32; n.div_ceil(mr) * mr * k];
+        for kk in 0..k {
+            for c in 0..n {
+                xt[(c / mr) * k * mr + kk * mr + c % mr] = x[kk * n + c];
+            }
+        }
+        let parts = (2 * threads).min(m / nr).max(1);
+        let per = m.div_ceil(parts).div_ceil(nr) * nr;
+        let shares: Vec<(usize, usize)> = (0..m.div_ceil(per))
+            .map(|i| (i * per, ((i + 1) * per).min(m)))
+            .collect();
+        let mut ys: Vec<Vec<f32>> = shares.iter().map(|(a, z)| vec![0.0; (z - a) * n]).collect();
+        let (mut warm, mut cold) = (f64::INFINITY, f64::INFINITY);
+        for round in 0..2 * rounds {
+            let evict = round % 2 == 1;
+            if evict {
+                junk.par_iter_mut().for_each(|j| {
+                    let mut acc = 0.0f32;
+                    for v in j.iter_mut().step_by(16) {
+                        acc += *v;
+                        *v = acc;
+                    }
+                });
+            }
+            let t = Instant::now();
+            shares
+                .par_iter()
+                .zip(ys.par_iter_mut())
+                .try_for_each(|(&(r0, r1), y)| plan.forward_small_rows(&xt, y, n, r0, r1))?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            if evict {
+                cold = cold.min(ms);
+            } else {
+                warm = warm.min(ms);
+            }
+        }
+        // Checked against a naive product.
+        let mut err = 0.0f32;
+        for (&(r0, r1), y) in shares.iter().zip(&ys) {
+            for r in r0..r1 {
+                for c in 0..n {
+                    let want: f32 = (0..k).map(|kk| w[r * k + kk] * x[kk * n + c]).sum();
+                    err = err.max((y[(r - r0) * n + c] - want).abs());
+                }
+            }
+        }
+        let gflop = (2 * m * k * n) as f64 / 1e6;
+        let mb = (m * k * 4) as f64 / 1e6;
+        println!(
+            "[{m}x{k} · {n} columns] warm {warm:.3} ms ({:.0} GFLOP/s, {:.1} GB/s) | from memory {cold:.3} ms ({:.0} GFLOP/s, {:.1} GB/s) | max error {err:.1e}",
+            gflop / warm,
+            mb / warm,
+            gflop / cold,
+            mb / cold
+        );
+    }
+    Ok(())
+}
