@@ -147,18 +147,6 @@ pub(crate) unsafe fn register_tile<S: Simd, const MR: usize, const NV: usize>(
     w: *const f32,
     b: *const f32,
 ) -> [[S::V; NV]; MR] {
-    #[cfg(target_arch = "x86_64")]
-    if S::LANES == 8
-        && MR == 4
-        && NV == 3
-        && kc > 0
-        && std::mem::size_of::<[[S::V; NV]; MR]>() == std::mem::size_of::<avx2_4x3::Tile>()
-    {
-        // SAFETY: 8 lanes on x86-64 are AVX2's (`S::V` is `__m256`, of the tile's size, as
-        // checked), whose kernels run only where AVX2 and FMA were detected; operands as
-        // this function's.
-        return unsafe { std::mem::transmute_copy(&avx2_4x3::tile(kc, w, b)) };
-    }
     let mut acc = [[S::zero(); NV]; MR];
     let nr = NV * S::LANES;
     for kk in 0..kc {
@@ -273,83 +261,5 @@ pub(crate) unsafe fn row_tile<S: Simd, const NV: usize>(
     }
     for (j, &a) in acc.iter().enumerate() {
         S::store(y.add(j * S::LANES), a);
-    }
-}
-
-/// AVX2's register tile of 4 rows by 3 vectors ([`register_tile`](super::register_tile)) in assembly: its 12
-/// accumulators, 3 vectors of `b` and the broadcast value take all 16 registers, and the
-/// compiler, moving a broadcast ahead of the previous one's products, spilled an accumulator
-/// to the stack inside the loop (a store and a load in that accumulator's chain of dependent
-/// products): 44 GFLOP/s on one Zen 2 core where the same loop held in registers ran at 101,
-/// the core's peak. AVX2's tile is 4 × 3 rather than 6 × 2 because Zen 2 runs 6 broadcasts
-/// per 12 products at 53–68 GFLOP/s, 4 at 101 (`examples/ab_small`).
-#[cfg(target_arch = "x86_64")]
-mod avx2_4x3 {
-    use std::arch::asm;
-    use std::arch::x86_64::{__m256, _mm256_setzero_ps};
-
-    /// The 12 accumulators, row after row.
-    pub(super) type Tile = [__m256; 12];
-
-    /// `acc[3·i + j] = Σ_kk w[4·kk + i] · b[24·kk + 8·j ..]` for `kk < kc`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA must be available, `kc > 0`; `w` must hold `4·kc` floats and `b` `24·kc`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(kc: usize, w: *const f32, b: *const f32) -> Tile {
-        let z = _mm256_setzero_ps();
-        let [mut c0, mut c1, mut c2, mut c3, mut c4, mut c5, mut c6, mut c7, mut c8, mut c9, mut c10, mut c11] =
-            [z; 12];
-        // SAFETY: reads `4·kc` floats from `w` and `24·kc` from `b` (the caller's promise),
-        // writes only its register operands; `kc > 0`, so the loop's count ends at 0.
-        unsafe {
-            asm!(
-                "2:",
-                "vmovups {x0}, ymmword ptr [{b}]",
-                "vmovups {x1}, ymmword ptr [{b} + 32]",
-                "vmovups {x2}, ymmword ptr [{b} + 64]",
-                "vbroadcastss {s}, dword ptr [{w}]",
-                "vfmadd231ps {c0}, {s}, {x0}",
-                "vfmadd231ps {c1}, {s}, {x1}",
-                "vfmadd231ps {c2}, {s}, {x2}",
-                "vbroadcastss {s}, dword ptr [{w} + 4]",
-                "vfmadd231ps {c3}, {s}, {x0}",
-                "vfmadd231ps {c4}, {s}, {x1}",
-                "vfmadd231ps {c5}, {s}, {x2}",
-                "vbroadcastss {s}, dword ptr [{w} + 8]",
-                "vfmadd231ps {c6}, {s}, {x0}",
-                "vfmadd231ps {c7}, {s}, {x1}",
-                "vfmadd231ps {c8}, {s}, {x2}",
-                "vbroadcastss {s}, dword ptr [{w} + 12]",
-                "vfmadd231ps {c9}, {s}, {x0}",
-                "vfmadd231ps {c10}, {s}, {x1}",
-                "vfmadd231ps {c11}, {s}, {x2}",
-                "add {w}, 16",
-                "add {b}, 96",
-                "dec {k}",
-                "jnz 2b",
-                w = inout(reg) w => _,
-                b = inout(reg) b => _,
-                k = inout(reg) kc => _,
-                x0 = out(ymm_reg) _,
-                x1 = out(ymm_reg) _,
-                x2 = out(ymm_reg) _,
-                s = out(ymm_reg) _,
-                c0 = inout(ymm_reg) c0,
-                c1 = inout(ymm_reg) c1,
-                c2 = inout(ymm_reg) c2,
-                c3 = inout(ymm_reg) c3,
-                c4 = inout(ymm_reg) c4,
-                c5 = inout(ymm_reg) c5,
-                c6 = inout(ymm_reg) c6,
-                c7 = inout(ymm_reg) c7,
-                c8 = inout(ymm_reg) c8,
-                c9 = inout(ymm_reg) c9,
-                c10 = inout(ymm_reg) c10,
-                c11 = inout(ymm_reg) c11,
-                options(nostack, readonly),
-            );
-        }
-        [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11]
     }
 }

@@ -23,11 +23,11 @@ const NC: usize = 240;
 const NR_MAX: usize = 64;
 
 /// Register tile `(MR, NV)` of this engine for an instruction set: `MR` rows of `Y` by `NV`
-/// vectors of columns (AVX2's 4 × 3 in assembly, see `micro::avx2_4x3`).
+/// vectors of columns.
 fn tile(isa: Isa) -> (usize, usize) {
     match isa {
         Isa::Avx512 => (8, 3),
-        Isa::Avx2 => (4, 3),
+        Isa::Avx2 => (6, 2),
         Isa::Neon => (8, 2),
         Isa::Scalar => (4, 2),
     }
@@ -220,11 +220,11 @@ impl SimdTask for TilePass<'_> {
         unsafe {
             match (self.mr, self.nv, self.small) {
                 (8, 3, false) => tile_pass::<S, 8, 3>(&self),
-                (4, 3, false) => tile_pass::<S, 4, 3>(&self),
+                (6, 2, false) => tile_pass::<S, 6, 2>(&self),
                 (8, 2, false) => tile_pass::<S, 8, 2>(&self),
                 (_, _, false) => tile_pass::<S, 4, 2>(&self),
                 (8, 3, true) => small_pass::<S, 8, 3>(&self),
-                (4, 3, true) => small_pass::<S, 4, 3>(&self),
+                (6, 2, true) => small_pass::<S, 6, 2>(&self),
                 (8, 2, true) => small_pass::<S, 8, 2>(&self),
                 (_, _, true) => small_pass::<S, 4, 2>(&self),
             }
@@ -551,7 +551,7 @@ impl SimdTask for Pass<'_> {
         unsafe {
             match (self.mr, self.nv) {
                 (8, 3) => pass::<S, 8, 3>(&self),
-                (4, 3) => pass::<S, 4, 3>(&self),
+                (6, 2) => pass::<S, 6, 2>(&self),
                 (8, 2) => pass::<S, 8, 2>(&self),
                 _ => pass::<S, 4, 2>(&self),
             }
