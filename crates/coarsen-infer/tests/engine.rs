@@ -336,6 +336,23 @@ fn bad_inputs_are_errors() {
     assert!(e.contains("bn2.running_var") && e.contains("NaN"), "{e}");
 }
 
+/// Every CSR layer of `net` runs the side tuning chose for it (`choices`): its CSR kernel,
+/// or the dense one; profiled on a batch of 2.
+fn assert_runs_chosen_csr(net: &InferenceNet, choices: &[coarsen_infer::LayerChoice]) {
+    let [c, h, w] = net.input();
+    let steps = net.profile(&vec![0.5; 2 * c * h * w], 2, 1).unwrap();
+    for choice in choices {
+        let step = steps.iter().find(|s| s.step == choice.name).unwrap();
+        assert_eq!(
+            step.kernel.contains("csr"),
+            !choice.dense,
+            "{}: {}",
+            choice.name,
+            step.kernel
+        );
+    }
+}
+
 #[test]
 fn tuning_is_cached_per_layer_and_batch() {
     let (graph, tensors, weights) = residual().finish(5);
@@ -349,18 +366,7 @@ fn tuning_is_cached_per_layer_and_batch() {
     assert!(!first.is_empty() && first.iter().all(|c| !c.cached));
     // Measured in whole passes, every layer swapped to its twin and back: each now runs the
     // side it was given.
-    let [c, h, w] = a.input();
-    let steps = a.profile(&vec![0.5; 2 * c * h * w], 2, 1).unwrap();
-    for choice in &first {
-        let step = steps.iter().find(|s| s.step == choice.name).unwrap();
-        assert_eq!(
-            step.kernel.contains("csr"),
-            !choice.dense,
-            "{}: {}",
-            choice.name,
-            step.kernel
-        );
-    }
+    assert_runs_chosen_csr(&a, &first);
     cache.save().unwrap();
     // Read back: the same choices, from the file; another batch size is measured anew.
     let mut cache = TuneCache::open(&file);
@@ -449,17 +455,7 @@ fn whole_passes_overturn_close_step_times() {
         let mut net = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
         let choices = net.tune(2, &mut cache, tuning).unwrap();
         cache.save().unwrap();
-        let [c, h, w] = net.input();
-        let steps = net.profile(&vec![0.5; 2 * c * h * w], 2, 1).unwrap();
-        for choice in &choices {
-            let step = steps.iter().find(|s| s.step == choice.name).unwrap();
-            assert_eq!(
-                step.kernel.contains("csr"),
-                !choice.dense,
-                "{}",
-                step.kernel
-            );
-        }
+        assert_runs_chosen_csr(&net, &choices);
         choices
     };
     let first = tune(Tuning::Measure);

@@ -321,11 +321,11 @@ impl InferenceNet {
     }
 
     /// Which of the layers in `todo` (all with times) whole passes overturn. The close ones
-    /// (step times within [`CLOSE_STEPS`]) form two sets, those the step times put packed and those
-    /// they put dense; whole passes of `batch` random images, every layer on the side its
-    /// step times chose, then with either set on its other side, interleaved (as
+    /// (step times within [`CLOSE_STEPS`]) form two sets, those the step times put packed and
+    /// those they put dense; whole passes of `batch` random images, every layer on the side
+    /// its step times chose, then with either set on its other side, interleaved (as
     /// [`time_in_context`](Self::time_in_context) times layers), decide: the set whose flip
-    /// ran the pass faster, by at least 1% and more than the other's, is overturned. The
+    /// ran the pass faster, by more than 1% and more than the other's, is overturned. The
     /// pass times are cached beside the layers' (for these entries `packed_ms` is the pass as
     /// the step times chose, `dense_ms` with the set flipped).
     fn check_by_passes(
@@ -337,16 +337,20 @@ impl InferenceNet {
         todo: &[(usize, String, Option<Entry>, bool)],
     ) -> Result<Vec<bool>> {
         let mut overturned = vec![false; todo.len()];
-        let dense_by_steps = |e: &Entry| e.dense_ms < e.packed_ms;
+        // Per layer: whether its step times chose dense.
+        let dense: Vec<Option<bool>> = todo
+            .iter()
+            .map(|(_, _, t, _)| t.map(|e| e.dense_ms < e.packed_ms))
+            .collect();
         let close = |e: &Entry| {
             let (a, b) = (e.packed_ms, e.dense_ms);
             a.max(b) < CLOSE_STEPS * a.min(b)
         };
         // Indices into `todo`: the close layers chosen packed, then those chosen dense.
         let mut sets: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
-        for (i, (_, _, times, _)) in todo.iter().enumerate() {
-            if let Some(e) = times.filter(close) {
-                sets[usize::from(dense_by_steps(&e))].push(i);
+        for (i, ((_, _, times, _), d)) in todo.iter().zip(&dense).enumerate() {
+            if let (Some(_), Some(d)) = (times.filter(close), d) {
+                sets[usize::from(*d)].push(i);
             }
         }
         if sets.iter().all(Vec::is_empty) {
@@ -355,8 +359,9 @@ impl InferenceNet {
         let prefix = format!("{machine}|batch {batch}|");
         let layers: Vec<String> = todo
             .iter()
-            .map(|(_, key, times, _)| {
-                let side = times.map_or('?', |e| if dense_by_steps(&e) { 'd' } else { 'p' });
+            .zip(&dense)
+            .map(|((_, key, _, _), d)| {
+                let side = d.map_or('?', |d| if d { 'd' } else { 'p' });
                 format!("{}:{side}", key.strip_prefix(&prefix).unwrap_or(key))
             })
             .collect();
@@ -366,46 +371,47 @@ impl InferenceNet {
             self.options
         );
         let keys = [key.clone() + "packed to dense", key + "dense to packed"];
-        let known: Vec<Option<Entry>> = keys
+        // Each set's cached entry (`None` for an empty set), or `None` where one must be
+        // measured.
+        let known: Option<Vec<Option<Entry>>> = keys
             .iter()
             .zip(&sets)
             .map(|(k, set)| match tuning {
-                _ if set.is_empty() => None,
-                Tuning::Measure => cache.entries.get(k).copied(),
+                _ if set.is_empty() => Some(None),
+                Tuning::Measure => cache.entries.get(k).map(|&e| Some(e)),
                 _ => None,
             })
             .collect();
-        let entries: Vec<Option<Entry>> = if known
-            .iter()
-            .zip(&sets)
-            .all(|(e, set)| e.is_some() || set.is_empty())
-        {
-            known
-        } else {
-            let step = |i: &usize| todo[*i].0;
-            let base: Vec<usize> = todo
-                .iter()
-                .filter(|(_, _, t, _)| t.is_some_and(|e| dense_by_steps(&e)))
-                .map(|(s, _, _, _)| *s)
-                .collect();
-            let flips: Vec<Vec<usize>> =
-                sets.iter().map(|s| s.iter().map(step).collect()).collect();
-            let medians = self.time_flips(batch, &base, &flips)?;
-            let mut out = Vec::new();
-            for ((k, set), flipped) in keys.iter().zip(&sets).zip(&medians[1..]) {
-                if set.is_empty() {
-                    out.push(None);
-                    continue;
+        let entries = match known {
+            Some(entries) => entries,
+            None => {
+                let base: Vec<usize> = todo
+                    .iter()
+                    .zip(&dense)
+                    .filter(|(_, d)| d.unwrap_or(false))
+                    .map(|((s, _, _, _), _)| *s)
+                    .collect();
+                let flips: Vec<Vec<usize>> = sets
+                    .iter()
+                    .map(|set| set.iter().map(|&i| todo[i].0).collect())
+                    .collect();
+                let medians = self.time_flips(batch, &base, &flips)?;
+                let mut out = Vec::new();
+                for ((k, set), flipped) in keys.iter().zip(&sets).zip(&medians[1..]) {
+                    if set.is_empty() {
+                        out.push(None);
+                        continue;
+                    }
+                    let e = Entry {
+                        packed_ms: medians[0],
+                        dense_ms: *flipped,
+                    };
+                    cache.entries.insert(k.clone(), e);
+                    cache.dirty = true;
+                    out.push(Some(e));
                 }
-                let e = Entry {
-                    packed_ms: medians[0],
-                    dense_ms: *flipped,
-                };
-                cache.entries.insert(k.clone(), e);
-                cache.dirty = true;
-                out.push(Some(e));
+                out
             }
-            out
         };
         let gain = |e: &Option<Entry>| e.map_or(0.0, |e| 1.0 - e.dense_ms / e.packed_ms);
         let best = usize::from(gain(&entries[1]) > gain(&entries[0]));
