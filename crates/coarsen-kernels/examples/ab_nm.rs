@@ -4,6 +4,8 @@
 //! memory, as in a whole network's pass), in GB/s of the packed weight read.
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_nm -- [ROUNDS]`
+mod common;
+
 use std::time::Instant;
 
 use coarsen_core::{Mask, MatrixView};
@@ -14,7 +16,7 @@ use rayon::prelude::*;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds: usize = std::env::args().nth(1).map_or(Ok(30), |s| s.parse())?;
     let threads = rayon::current_num_threads();
-    let mut junk = vec![vec![0.0f32; 64 << 20]; threads];
+    let mut junk = common::junk();
     // (input channels, output channels, image side, stride, batch)
     for (cin, cout, hw, s, b) in [
         (128usize, 128usize, 4usize, 1usize, 1usize),
@@ -56,34 +58,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|i| (i * per, ((i + 1) * per).min(cout)))
             .collect();
         let mut ys: Vec<Vec<f32>> = shares.iter().map(|(a, z)| vec![0.0; (z - a) * n]).collect();
-        let (mut warm, mut cold) = (f64::INFINITY, f64::INFINITY);
         let mut gbest = f64::INFINITY;
-        for round in 0..2 * rounds {
-            let evict = round % 2 == 1;
-            if evict {
-                junk.par_iter_mut().for_each(|j| {
-                    let mut acc = 0.0f32;
-                    for v in j.iter_mut().step_by(16) {
-                        acc += *v;
-                        *v = acc;
-                    }
-                });
-            }
+        let (warm, cold) = common::warm_and_cold(rounds, &mut junk, || {
             let t = Instant::now();
             k.gather_input(&x, &d, &mut xq)?;
-            let tg = t.elapsed().as_secs_f64() * 1e3;
-            gbest = gbest.min(tg);
+            gbest = gbest.min(t.elapsed().as_secs_f64() * 1e3);
             shares
                 .par_iter()
                 .zip(ys.par_iter_mut())
-                .try_for_each(|(&(r0, r1), y)| k.forward_rows(&xq, n, r0, r1, y))?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            if evict {
-                cold = cold.min(ms);
-            } else {
-                warm = warm.min(ms);
-            }
-        }
+                .try_for_each(|(&(r0, r1), y)| k.forward_rows(&xq, n, r0, r1, y))
+        })?;
         let bytes = (f.values().len() * 5) as f64 / 1e6;
         println!(
             "[{cin}->{cout}, {hw}x{hw} stride {s}, batch {b}] warm {warm:.3} ms ({:.1} GB/s) | from memory {cold:.3} ms ({:.1} GB/s) | dense weight {:.1} MB, packed {bytes:.1} MB; gathering the input {gbest:.3} ms",

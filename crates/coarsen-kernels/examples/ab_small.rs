@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_small -- [ROUNDS]`; `AB_SMALL_SHAPE=M,K,N`
 //! times that shape alone (`RAYON_NUM_THREADS=1`: one core).
-use std::time::Instant;
+mod common;
 
 use coarsen_kernels::formats::Dense;
 use coarsen_kernels::{Packed, Plan};
@@ -15,7 +15,7 @@ use rayon::prelude::*;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds: usize = std::env::args().nth(1).map_or(Ok(30), |s| s.parse())?;
     let threads = rayon::current_num_threads();
-    let mut junk = vec![vec![0.0f32; 64 << 20]; threads];
+    let mut junk = common::junk();
     // (rows, cols, columns of X): small products whose weights stay in L2, ResNet-18's
     // layer4 and layer3 and VGG-16's last stages at batch 1.
     let only: Option<Vec<usize>> = std::env::var("AB_SMALL_SHAPE")
@@ -57,30 +57,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|i| (i * per, ((i + 1) * per).min(m)))
             .collect();
         let mut ys: Vec<Vec<f32>> = shares.iter().map(|(a, z)| vec![0.0; (z - a) * n]).collect();
-        let (mut warm, mut cold) = (f64::INFINITY, f64::INFINITY);
-        for round in 0..2 * rounds {
-            let evict = round % 2 == 1;
-            if evict {
-                junk.par_iter_mut().for_each(|j| {
-                    let mut acc = 0.0f32;
-                    for v in j.iter_mut().step_by(16) {
-                        acc += *v;
-                        *v = acc;
-                    }
-                });
-            }
-            let t = Instant::now();
+        let (warm, cold) = common::warm_and_cold(rounds, &mut junk, || {
             shares
                 .par_iter()
                 .zip(ys.par_iter_mut())
-                .try_for_each(|(&(r0, r1), y)| plan.forward_small_rows(&xt, y, n, r0, r1))?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            if evict {
-                cold = cold.min(ms);
-            } else {
-                warm = warm.min(ms);
-            }
-        }
+                .try_for_each(|(&(r0, r1), y)| plan.forward_small_rows(&xt, y, n, r0, r1))
+        })?;
         // Checked against a naive product.
         let mut err = 0.0f32;
         for (&(r0, r1), y) in shares.iter().zip(&ys) {
