@@ -500,6 +500,12 @@ fn whole_passes_overturn_close_step_times() {
         back.iter().all(|c| !c.dense && c.by_whole_passes),
         "{back:?}"
     );
+    // A time of zero, negative or not finite in the file is no measurement: measured anew.
+    for t in [0.0, -1.0, f64::INFINITY] {
+        set_entries(&file, "|in context", t, 1.0);
+        let again = tune(Tuning::Measure);
+        assert!(again.iter().all(|c| !c.cached), "{t}: {again:?}");
+    }
 }
 
 #[test]

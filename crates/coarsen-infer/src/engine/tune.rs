@@ -117,7 +117,8 @@ impl TuneCache {
 
     /// The cache in `path`: its measurements if the file exists and is readable and was
     /// written by a build of the same engine source, else empty (a damaged or foreign file,
-    /// or another build's, is ignored and replaced on [`save`](Self::save)).
+    /// or another build's, is ignored and replaced on [`save`](Self::save)); an entry whose
+    /// times are not both finite and positive is dropped (measured again).
     pub fn open(path: &FsPath) -> Self {
         let entries = std::fs::read(path)
             .ok()
@@ -126,7 +127,11 @@ impl TuneCache {
             .map(|f| {
                 f.entries
                     .into_iter()
-                    .filter(|(_, e)| e.packed_ms.is_finite() && e.dense_ms.is_finite())
+                    .filter(|(_, e)| {
+                        [e.packed_ms, e.dense_ms]
+                            .iter()
+                            .all(|t| t.is_finite() && *t > 0.0)
+                    })
                     .collect()
             })
             .unwrap_or_default();
