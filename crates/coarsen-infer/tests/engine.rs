@@ -213,6 +213,35 @@ fn passes_that_reuse_freed_buffers_equal_the_reference() {
     }
 }
 
+/// On AVX2 (16-column tiles) the deep layers' products of 16 columns run as one whole column
+/// tile that streams the weights (`gemm, few column tiles`), those of 4 columns on column
+/// panels (`gemm, few columns`); their logits are checked above.
+#[test]
+fn few_column_products_run_the_kernel_their_width_calls_for() {
+    if coarsen_kernels::Isa::detect() != coarsen_kernels::Isa::Avx2 {
+        return;
+    }
+    let (graph, tensors, _) = deep().finish(10);
+    let network = Network::new(graph, tensors, MaskSet::new()).unwrap();
+    let engine = InferenceNet::new(&network, &Formats::new(), Path::Dense).unwrap();
+    let [c, h, w] = network.input();
+    // conv1 keeps the 4×4 images (16 columns each; 64 at batch 4 run Winograd), the stride-2
+    // conv2 halves them (4 columns each).
+    for (batch, step, want) in [
+        (1, "conv1.weight", "gemm, few column tiles"),
+        (1, "conv2.weight", "gemm, few columns"),
+        (4, "conv2.weight", "gemm, few column tiles"),
+    ] {
+        let x = vec![0.5f32; batch * c * h * w];
+        let steps = engine.profile(&x, batch, 1).unwrap();
+        let kernel = steps
+            .iter()
+            .find(|s| s.step == step)
+            .map(|s| s.kernel.as_str());
+        assert_eq!(kernel, Some(want), "batch {batch}, {step}: {steps:?}");
+    }
+}
+
 fn passes_equal_the_reference(net: fn() -> Net, seed: u64) {
     let (graph, tensors, weights) = net().finish(seed);
     let (masks, formats) = masks_for(&weights, &LayerFormat::ShuffledBlock { block: 4 }, 2);

@@ -63,8 +63,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .zip(ys.par_iter_mut())
                 .try_for_each(|(&(r0, r1), y)| plan.forward_small_rows(&xt, y, n, r0, r1))
         })?;
+        // The same product on the tiled kernel as one stream of weights: tiles of NR columns
+        // (xt[t·k·NR + kk·NR + j] = X[kk, t·NR + j]), output rows in shares of MR.
+        let mut xtt = vec![0.0f32; n.div_ceil(nr) * nr * k];
+        for kk in 0..k {
+            for c in 0..n {
+                xtt[(c / nr) * k * nr + kk * nr + c % nr] = x[kk * n + c];
+            }
+        }
+        let tparts = (2 * threads).min(m / mr).max(1);
+        let tper = m.div_ceil(tparts).div_ceil(mr) * mr;
+        let tshares: Vec<(usize, usize)> = (0..m.div_ceil(tper))
+            .map(|i| (i * tper, ((i + 1) * tper).min(m)))
+            .collect();
+        let mut tys: Vec<Vec<f32>> = tshares
+            .iter()
+            .map(|(a, z)| vec![0.0; (z - a) * n])
+            .collect();
+        let (twarm, tcold) = common::warm_and_cold(rounds, &mut junk, || {
+            tshares
+                .par_iter()
+                .zip(tys.par_iter_mut())
+                .try_for_each(|(&(r0, r1), y)| plan.forward_stream_rows(&xtt, y, n, r0, r1))
+        })?;
         // Checked against a naive product.
         let mut err = 0.0f32;
+        for (&(r0, r1), y) in tshares.iter().zip(&tys) {
+            for r in r0..r1 {
+                for c in 0..n {
+                    let want: f32 = (0..k).map(|kk| w[r * k + kk] * x[kk * n + c]).sum();
+                    err = err.max((y[(r - r0) * n + c] - want).abs());
+                }
+            }
+        }
         for (&(r0, r1), y) in shares.iter().zip(&ys) {
             for r in r0..r1 {
                 for c in 0..n {
@@ -81,6 +112,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             mb / warm,
             gflop / cold,
             mb / cold
+        );
+        println!(
+            "    tiles, one weight stream: warm {twarm:.3} ms ({:.0} GFLOP/s) | from memory {tcold:.3} ms ({:.0} GFLOP/s, {:.1} GB/s)",
+            gflop / twarm,
+            gflop / tcold,
+            mb / tcold
         );
     }
     Ok(())

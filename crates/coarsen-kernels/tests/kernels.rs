@@ -251,6 +251,56 @@ fn length_errors_name_the_buffer() {
     assert!(err.contains("dvalues"), "{err}");
 }
 
+/// The tiled kernel's entries (k-blocked tiles, one stream of weights, panels of columns) give
+/// the reference's rows on a dense plan and refuse short buffers and misaligned row shares
+/// with errors that say which.
+#[test]
+fn tiled_entries_check_their_buffers() {
+    let (m, k, n) = (30, 70, 20);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let w = values(&mut rng, m * k);
+    let x = values(&mut rng, k * n);
+    let want = reference::forward(&w, m, k, &x, n);
+    let p = Plan::new(&Packed::Dense(Dense::new(m, k, w).unwrap())).unwrap();
+    let (Some(mr), Some(nr)) = (p.tile_rows(), p.tile_width()) else {
+        return; // the faer kernel takes row-major input
+    };
+    let grouped = |g: usize| {
+        let mut v = vec![0.0f32; n.div_ceil(g) * g * k];
+        for kk in 0..k {
+            for j in 0..n {
+                v[(j / g * k + kk) * g + j % g] = x[kk * n + j];
+            }
+        }
+        v
+    };
+    let tiles = grouped(nr);
+    let (r0, r1) = (mr, m);
+    for stream in [false, true] {
+        let run = |xt: &[f32], y: &mut [f32], r0: usize| {
+            if stream {
+                p.forward_stream_rows(xt, y, n, r0, r1)
+            } else {
+                p.forward_tiles_rows(xt, y, n, r0, r1)
+            }
+        };
+        let mut y = vec![f32::NAN; (r1 - r0) * n];
+        run(&tiles, &mut y, r0).unwrap();
+        close(&y, &want[r0 * n..], k, 1.0).unwrap_or_else(|e| panic!("stream {stream}: {e}"));
+        let err = run(&tiles[1..], &mut y, r0).unwrap_err().to_string();
+        assert!(err.contains("xt holds"), "{err}");
+        let err = run(&tiles, &mut y[1..], r0).unwrap_err().to_string();
+        assert!(err.contains("y holds"), "{err}");
+        let mut y = vec![0.0; (r1 - 1) * n];
+        let err = run(&tiles, &mut y, 1).unwrap_err().to_string();
+        assert!(err.contains("multiple of"), "{err}");
+    }
+    let panels = grouped(mr);
+    let mut y = vec![f32::NAN; m * n];
+    p.forward_small_rows(&panels, &mut y, n, 0, m).unwrap();
+    close(&y, &want, k, 1.0).unwrap();
+}
+
 #[test]
 fn update_values_changes_the_result() {
     let mask = Mask::from_fn(6, 5, |r, c| (r + c) % 2 == 0);

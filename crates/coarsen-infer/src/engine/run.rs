@@ -806,12 +806,15 @@ impl Layer {
         };
         // A 1×1 convolution over the whole batch multiplies the input itself.
         let no_im2col = self.g.pointwise() && chunks.len() == 1 && self.read.is_none();
+        // A few whole column tiles (batch 1's deepest layers on AVX2): the tiled kernel runs
+        // each panel of weights over all of them, one stream of weights per thread.
+        let stream = self.stream_width(n, o);
         // Few columns (small batches, deep layers): the dense kernel vectorises over rows.
         let small = self
             .plan
             .tile_rows()
             .zip(tiles)
-            .filter(|_| self.runs_small(n, o));
+            .filter(|_| stream.is_none() && self.runs_small(n, o));
         // At most one vector of columns (batch 1's deepest layers): the narrow kernel reads
         // every weight once.
         let narrow = self.narrow_width(n, o);
@@ -820,7 +823,7 @@ impl Layer {
         // task's weight rows, read from memory for its first tile, serve its other tiles
         // from the cache.
         let few = dc.is_some() && n <= FEW_DIRECT_TILES * DirectConv::TILE;
-        let chunks = if small.is_some() || few {
+        let chunks = if small.is_some() || stream.is_some() || few {
             vec![(0, n)]
         } else {
             chunks
@@ -828,7 +831,7 @@ impl Layer {
         // Too few columns to keep every thread busy (small batches, deep layers): the dense
         // kernels also split the output rows.
         let align = match (dc, self.plan.tile_rows()) {
-            _ if narrow.is_some() => self.plan.tile_rows(),
+            _ if narrow.is_some() || stream.is_some() => self.plan.tile_rows(),
             _ if small.is_some() => small.map(|(_, a)| a),
             _ if wino.is_some() => wino.map(|k| k.row_align()),
             (Some(_), _) => Some(DirectConv::ROW_ALIGN),
@@ -854,7 +857,7 @@ impl Layer {
         // columns) is made once and shared by the row shares (each share making its own
         // repeated the im2col once per share).
         let mut shared = SHARED.take();
-        let packed_width = narrow.or(small.map(|(mr, _)| mr));
+        let packed_width = narrow.or(stream).or(small.map(|(mr, _)| mr));
         let packed_len = packed_width.map_or(0, |w| n.div_ceil(w) * w * kk);
         if let Some(w) = packed_width {
             shared = at_least(shared, packed_len);
@@ -936,6 +939,10 @@ impl Layer {
                 // One chunk, all of 0..n, one tile (see above).
                 self.plan
                     .forward_narrow_rows(&panels[..packed_len], part, nc, r0, r1)
+            } else if stream.is_some() {
+                // One chunk, all of 0..n, in whole tiles (see above).
+                self.plan
+                    .forward_stream_rows(&panels[..packed_len], part, nc, r0, r1)
             } else if small.is_some() {
                 // One chunk, all of 0..n (see above).
                 self.plan
@@ -1267,6 +1274,19 @@ impl Layer {
             .filter(|&nw| n <= nw && self.runs_small(n, o))
     }
 
+    /// The tiled kernel's tile width when a product of `n` columns runs on it as a few whole
+    /// tiles made once and shared by the row shares (`Plan::forward_stream_rows` runs each
+    /// panel of weights over all of them): few columns that fill their tiles (at most one in
+    /// eight lanes idle) and no narrow kernel for them.
+    fn stream_width(&self, n: usize, o: &InferOptions) -> Option<usize> {
+        if self.narrow_width(n, o).is_some() || !self.runs_small(n, o) {
+            return None;
+        }
+        self.plan
+            .tile_width()
+            .filter(|&nr| n >= nr && 8 * n.div_ceil(nr) * nr <= 9 * n)
+    }
+
     /// Whether a product of `n` columns runs as an implicit GEMM on the input in place.
     fn runs_direct(&self, n: usize, o: &InferOptions) -> bool {
         self.direct.is_some()
@@ -1293,6 +1313,8 @@ impl Layer {
             "implicit gemm".into()
         } else if self.narrow_width(n, o).is_some() {
             "gemm, one vector of columns".into()
+        } else if self.stream_width(n, o).is_some() {
+            "gemm, few column tiles".into()
         } else if self.runs_small(n, o) {
             "gemm, few columns".into()
         } else if self.plan.tile_width().is_some() {

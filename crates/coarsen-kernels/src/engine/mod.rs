@@ -138,6 +138,9 @@ pub struct Plan {
 enum TiledInput {
     /// Tiles of `tile_width` columns ([`Plan::forward_tiles_rows`]).
     Tiles,
+    /// The same tiles, all of them under each panel of weights in turn
+    /// ([`Plan::forward_stream_rows`]).
+    Stream,
     /// Panels of `tile_rows` columns ([`Plan::forward_small_rows`]).
     Panels,
     /// One tile of `narrow_width` columns ([`Plan::forward_narrow_rows`]).
@@ -356,6 +359,22 @@ impl Plan {
         self.run_tiled("forward_tiles", TiledInput::Tiles, xt, y, n, (r0, r1))
     }
 
+    /// [`forward_tiles_rows`](Self::forward_tiles_rows) for a few tiles (small batches, deep
+    /// layers, whose weights come from memory): `k` is not cut into blocks and each panel of
+    /// weights runs over every tile before the next, so the weights are one sequential
+    /// stream, prefetched ahead and read once; the tiles stay in L2 (`in_dim` × tile width
+    /// values each).
+    pub fn forward_stream_rows(
+        &self,
+        xt: &[f32],
+        y: &mut [f32],
+        n: usize,
+        r0: usize,
+        r1: usize,
+    ) -> Result<()> {
+        self.run_tiled("forward_stream", TiledInput::Stream, xt, y, n, (r0, r1))
+    }
+
     /// Runs the tiled kernel of a dense or channel-compact plan that takes `X` as `input`
     /// says, after checking the call's buffers: `xt` holds `in_dim` rows of `n` columns padded
     /// to whole tiles (or panels, or the one narrow tile, which must hold all `n`), `y` rows
@@ -386,7 +405,7 @@ impl Plan {
         };
         let (cols, align) = match input {
             TiledInput::Panels => (t.panel_rows(), t.tile_width()),
-            TiledInput::Tiles => (t.tile_width(), t.panel_rows()),
+            TiledInput::Tiles | TiledInput::Stream => (t.tile_width(), t.panel_rows()),
             TiledInput::Narrow => match t.narrow_width() {
                 Some(width) if n <= width => (width, t.panel_rows()),
                 width => {
@@ -428,6 +447,7 @@ impl Plan {
         if !y.is_empty() {
             match input {
                 TiledInput::Tiles => t.forward_tiles(xt, y, n, (r0, r1)),
+                TiledInput::Stream => t.forward_stream(xt, y, n, (r0, r1)),
                 TiledInput::Panels => t.forward_small(xt, y, n, (r0, r1)),
                 TiledInput::Narrow => t.forward_narrow(xt, y, n, (r0, r1)),
             }

@@ -103,7 +103,7 @@ impl Tiled {
     /// [`crate::conv::ConvDims::im2col_tiles`] writes tiles of `MR`) is broadcast, and `Wᵀ` is
     /// loaded `NR` rows of `W` at a time, so no lane is wasted on missing columns.
     pub(crate) fn forward_small(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
-        self.tile_task(xt, y, n, rows, true);
+        self.tile_task(xt, y, n, rows, Order::Small);
     }
 
     /// Columns of [`forward_narrow`](Self::forward_narrow): one AVX-512 register (other
@@ -171,10 +171,16 @@ impl Tiled {
     /// `cols × NR` values (`xt[t·cols·NR + k·NR + j]` = `X[k, t·NR + j]`, zero past `n`), as
     /// [`crate::conv::ConvDims::im2col_tiles`] writes them; `y` is `rows × n`, row-major.
     pub(crate) fn forward_tiles(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
-        self.tile_task(xt, y, n, rows, false);
+        self.tile_task(xt, y, n, rows, Order::Blocks);
     }
 
-    fn tile_task(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize), small: bool) {
+    /// [`forward_tiles`](Self::forward_tiles) as one stream of weights ([`stream_pass`]), for
+    /// a few tiles.
+    pub(crate) fn forward_stream(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize)) {
+        self.tile_task(xt, y, n, rows, Order::Stream);
+    }
+
+    fn tile_task(&self, xt: &[f32], y: &mut [f32], n: usize, rows: (usize, usize), order: Order) {
         let (mr, nv) = tile(self.isa);
         run_task(
             self.isa,
@@ -186,7 +192,7 @@ impl Tiled {
                 rows,
                 mr,
                 nv,
-                small,
+                order,
             },
         );
     }
@@ -197,18 +203,29 @@ impl Tiled {
     }
 }
 
-/// [`Tiled::forward_tiles`] or, when `small`, [`Tiled::forward_small`].
+/// How [`TilePass`] runs over its operands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// [`Tiled::forward_tiles`]: `k`-blocks, in each every tile under every panel.
+    Blocks,
+    /// [`Tiled::forward_stream`]: every panel over every tile, `k` whole ([`stream_pass`]).
+    Stream,
+    /// [`Tiled::forward_small`]: panels of columns broadcast against tiles of `Wᵀ`.
+    Small,
+}
+
+/// [`Tiled::forward_tiles`], [`Tiled::forward_stream`] or [`Tiled::forward_small`].
 struct TilePass<'a> {
     w: &'a Tiled,
     xt: &'a [f32],
     y: SyncPtr,
     n: usize,
-    /// Output rows `r0 .. r1` (`r0` a multiple of `MR`, or of `NR` when `small`); `y` holds
-    /// just these.
+    /// Output rows `r0 .. r1` (`r0` a multiple of `MR`, or of `NR` for [`Order::Small`]); `y`
+    /// holds just these.
     rows: (usize, usize),
     mr: usize,
     nv: usize,
-    small: bool,
+    order: Order,
 }
 
 impl SimdTask for TilePass<'_> {
@@ -218,7 +235,8 @@ impl SimdTask for TilePass<'_> {
         // SAFETY: the plan checked that `xt` holds every tile (or panel) and `y`
         // `(r1 − r0) × n` values.
         unsafe {
-            match (self.mr, self.nv, self.small) {
+            let small = self.order == Order::Small;
+            match (self.mr, self.nv, small) {
                 (8, 3, false) => tile_pass::<S, 8, 3>(&self),
                 (6, 2, false) => tile_pass::<S, 6, 2>(&self),
                 (8, 2, false) => tile_pass::<S, 8, 2>(&self),
@@ -244,6 +262,10 @@ unsafe fn tile_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>)
         return;
     }
     let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
+    if p.order == Order::Stream {
+        stream_pass::<S, MR, NV>(w, xt, y, n, (q0, q1), r0, r1);
+        return;
+    }
     let tiles = n.div_ceil(nr);
     let kb = k.div_ceil(k.div_ceil(KC)).div_ceil(8) * 8;
     let mut k0 = 0;
@@ -265,6 +287,99 @@ unsafe fn tile_pass<S: Simd, const MR: usize, const NV: usize>(p: &TilePass<'_>)
         }
         k0 += kc;
     }
+}
+
+/// Bytes that a stream of weights is prefetched ahead.
+const STREAM_AHEAD: usize = 6144;
+
+/// The tiled product for a few column tiles (small batches, deep layers): `k` is not blocked and
+/// each panel of `W` runs over every tile before the next panel, so the weights are one
+/// sequential stream per thread, prefetched [`STREAM_AHEAD`] bytes ahead and read from memory
+/// once (the tiles of `X`, `k × NR` each, stay in L2).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn stream_pass<S: Simd, const MR: usize, const NV: usize>(
+    w: &Tiled,
+    xt: *const f32,
+    y: *mut f32,
+    n: usize,
+    (q0, q1): (usize, usize),
+    r0: usize,
+    r1: usize,
+) {
+    let nr = NV * S::LANES;
+    let k = w.cols;
+    let tiles = n.div_ceil(nr);
+    for q in q0..q1 {
+        let rows = MR.min(r1 - q * MR);
+        let wp = w.panels.as_ptr().add(q * k * MR);
+        for t in 0..tiles {
+            let width = nr.min(n - t * nr);
+            let bp = xt.add(t * k * nr);
+            let acc = if t == 0 {
+                register_tile_ahead::<S, MR, NV>(k, wp, bp)
+            } else {
+                register_tile::<S, MR, NV>(k, wp, bp)
+            };
+            let yq = y.add((q * MR - r0) * n + t * nr);
+            let mut tmp = [0.0f32; NR_MAX];
+            for (i, accs) in acc.iter().enumerate().take(rows) {
+                let yp = yq.add(i * n);
+                if width == nr {
+                    for (j, &a) in accs.iter().enumerate() {
+                        S::store(yp.add(j * S::LANES), a);
+                    }
+                } else {
+                    for (j, &a) in accs.iter().enumerate() {
+                        S::store(tmp.as_mut_ptr().add(j * S::LANES), a);
+                    }
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), yp, width);
+                }
+            }
+        }
+    }
+}
+
+/// [`register_tile`] that prefetches the broadcast values `w` (the weights, coming from
+/// memory) [`STREAM_AHEAD`] bytes ahead.
+#[inline(always)]
+unsafe fn register_tile_ahead<S: Simd, const MR: usize, const NV: usize>(
+    kc: usize,
+    w: *const f32,
+    b: *const f32,
+) -> [[S::V; NV]; MR] {
+    /// Steps per round of prefetches.
+    const STEP: usize = 8;
+    let mut acc = [[S::zero(); NV]; MR];
+    let nr = NV * S::LANES;
+    let mut kk = 0;
+    while kk + STEP <= kc {
+        let p = w.add(kk * MR + STREAM_AHEAD / 4);
+        let mut off = 0;
+        while off < STEP * MR {
+            S::prefetch(p.add(off));
+            off += 16;
+        }
+        for u in 0..STEP {
+            let row = b.add((kk + u) * nr);
+            let mut xv = [S::zero(); NV];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = S::load(row.add(j * S::LANES));
+            }
+            super::micro::rank1::<S, MR, NV>(&mut acc, w.add((kk + u) * MR), &xv);
+        }
+        kk += STEP;
+    }
+    while kk < kc {
+        let row = b.add(kk * nr);
+        let mut xv = [S::zero(); NV];
+        for (j, v) in xv.iter_mut().enumerate() {
+            *v = S::load(row.add(j * S::LANES));
+        }
+        super::micro::rank1::<S, MR, NV>(&mut acc, w.add(kk * MR), &xv);
+        kk += 1;
+    }
+    acc
 }
 
 #[inline(always)]
@@ -710,6 +825,9 @@ mod tests {
                 (37, 77, 4),
                 (70, 9, 3),
                 (100, 64, 2),
+                // Whole tiles of few columns, k past the weight stream's prefetch distance.
+                (13, 700, 32),
+                (24, 1100, 64),
             ] {
                 let w: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
                 let x: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
@@ -748,8 +866,19 @@ mod tests {
                         "{isa:?} {m}x{k}x{n} tiles: y[{i}] = {a}, want {b}"
                     );
                 }
-                // Few columns: panels of MR columns, Wᵀ in tiles of NR rows, all rows and a share.
+                // All rows and shares of rows starting at a panel, in k-blocks and as one
+                // stream of weights.
                 let mr = t.panel_rows();
+                for (r0, r1) in [(0, m), (mr.min(m), m), (0, (2 * mr).min(m)), (0, m / 2)] {
+                    let r0 = (r0 / mr * mr).min(r1);
+                    let mut y = vec![f32::NAN; (r1 - r0) * n];
+                    t.forward_tiles(&xt, &mut y, n, (r0, r1));
+                    check_rows(&y, (r0, r1), "tiles");
+                    let mut y = vec![f32::NAN; (r1 - r0) * n];
+                    t.forward_stream(&xt, &mut y, n, (r0, r1));
+                    check_rows(&y, (r0, r1), "stream");
+                }
+                // Few columns: panels of MR columns, Wᵀ in tiles of NR rows, all rows and a share.
                 let xs = grouped(mr);
                 for (r0, r1) in [(0, m), (nr.min(m), m), (0, (2 * nr).min(m))] {
                     let r0 = r0 / nr * nr;
