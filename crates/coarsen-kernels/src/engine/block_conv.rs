@@ -206,11 +206,12 @@ impl BlockConv {
     /// ([`forward_pair_into`](Self::forward_pair_into)). The 1×1 convolution reads exactly
     /// what the centre tap reads, so its blocks become blocks of that tap, writing the second
     /// output: the input is split into its phases once, not twice, and read from memory once.
-    /// `None` unless both run in place on AVX-512 with these geometries and the same channels.
+    /// `None` unless both run in place (AVX-512, or AVX2 and FMA) with these geometries and the
+    /// same channels.
     pub fn fuse_strided_1x1(&self, down: &BlockConv) -> Option<BlockConv> {
         let (g3, g1) = (ConvGeometry::square(3, 2, 1), ConvGeometry::square(1, 2, 0));
-        let ok = self.isa == Isa::Avx512
-            && down.isa == Isa::Avx512
+        let ok = matches!(self.isa, Isa::Avx512 | Isa::Avx2)
+            && down.isa == self.isa
             && self.in_place
             && down.in_place
             && self.g == g3
@@ -444,13 +445,13 @@ impl BlockConv {
         // SAFETY: `new` returned `Some` only on a CPU with `isa`; the input's length and the
         // ranges were checked above; `y` (and `second`) as the caller guarantees; the biases
         // (if any) hold `cout` (`cout2`) values, and every block row is below its output's
-        // rows. Fused kernels exist on AVX-512 only.
+        // rows.
         unsafe {
             let (cols, share, out) = ((c0, c1), (b0, b1), (y, ldy));
             if self.isa == Isa::Avx512 {
                 avx512::forward(self, x, d, cols, share, out, epilogue, second)
             } else {
-                avx2::forward(self, x, d, cols, share, out, epilogue)
+                avx2::forward(self, x, d, cols, share, out, epilogue, second)
             }
         };
         Ok(())
@@ -660,11 +661,13 @@ mod avx2 {
         _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, lanes))
     }
 
-    /// See [`BlockConv::forward_into`].
+    /// See [`BlockConv::forward_into`] (and [`BlockConv::forward_pair_into`]: the blocks of a
+    /// fused kernel's second output write `second`).
     ///
     /// # Safety
     /// AVX2 and FMA must be available; otherwise as the AVX-512 kernel's `forward`.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub(super) unsafe fn forward(
         k: &BlockConv,
         x: &[f32],
@@ -673,7 +676,9 @@ mod avx2 {
         (b0, b1): (usize, usize),
         (yp, ldy): (*mut f32, usize),
         epilogue: Epilogue<'_>,
+        second: Option<(*mut f32, usize, Epilogue<'_>)>,
     ) {
+        let (yp2, ldy2, epilogue2) = second.unwrap_or((yp, ldy, epilogue));
         let ntaps = k.g.taps();
         let blocks = &k.blocks[b0..b1];
         walk_tiles(
@@ -702,6 +707,8 @@ mod avx2 {
                         out: (yp.add(t0 + s - c0), ldy),
                         col: t0 + s,
                         epilogue,
+                        out2: (yp2.add(t0 + s - c0), ldy2),
+                        epilogue2,
                     };
                     match sw.div_ceil(8) {
                         1 => run_sub::<1>(blocks, &sub),
@@ -729,6 +736,9 @@ mod avx2 {
         /// Its first position's column in the whole output (for the residual).
         col: usize,
         epilogue: Epilogue<'a>,
+        /// Where the blocks of a fused kernel's second output write, and their epilogue.
+        out2: (*mut f32, usize),
+        epilogue2: Epilogue<'a>,
     }
 
     /// Every block of `blocks` on one sub-tile of at most `V·8` positions.
@@ -737,9 +747,13 @@ mod avx2 {
     /// As [`forward`], which made `t`.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_sub<const V: usize>(blocks: &[ConvBlock], t: &Sub<'_>) {
-        let (yp, ldy) = t.out;
         let mut first = 0;
         for b in blocks {
+            let ((yp, ldy), epilogue) = if b.second {
+                (t.out2, t.epilogue2)
+            } else {
+                (t.out, t.epilogue)
+            };
             let kn = b.chans.len();
             let (offs, taps) = (t.offs.as_ptr().add(first), b.taps.as_ptr());
             first += kn;
@@ -763,19 +777,25 @@ mod avx2 {
                         }
                     }
                     for (a, &r) in acc.iter().zip(rows) {
-                        store_row(a, t, yp.add(r as usize * ldy), r as usize);
+                        store_row(a, t, epilogue, yp.add(r as usize * ldy), r as usize);
                     }
                 }
             }
         }
     }
 
-    /// One row `r` of a sub-tile's accumulators to `out` through the epilogue: `act(v +
-    /// bias[r] + residual[r, col ..])`, only the sub-tile's positions written.
+    /// One row `r` of a sub-tile's accumulators to `out` through the epilogue `e` (of the
+    /// row's output): `act(v + bias[r] + residual[r, col ..])`, only the sub-tile's positions
+    /// written.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn store_row<const V: usize>(a: &[__m256; V], t: &Sub<'_>, out: *mut f32, r: usize) {
-        let e = t.epilogue;
+    unsafe fn store_row<const V: usize>(
+        a: &[__m256; V],
+        t: &Sub<'_>,
+        e: Epilogue<'_>,
+        out: *mut f32,
+        r: usize,
+    ) {
         let bias = _mm256_set1_ps(e.bias.map_or(0.0, |b| *b.get_unchecked(r)));
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         for (j, &v) in a.iter().enumerate() {
@@ -1188,7 +1208,7 @@ mod tests {
 
     #[test]
     fn a_fused_downsample_writes_what_the_two_kernels_write() {
-        if Isa::detect() != Isa::Avx512 {
+        if !matches!(Isa::detect(), Isa::Avx512 | Isa::Avx2) {
             return;
         }
         let (g3, g1) = (ConvGeometry::square(3, 2, 1), ConvGeometry::square(1, 2, 0));
