@@ -749,8 +749,11 @@ fn group_of_whole_kernels_runs_winograd_over_row_classes() {
 /// `fuse_downsample` off the two layers stay apart.
 #[test]
 fn a_downsample_runs_fused_into_the_strided_convolution() {
-    if coarsen_kernels::Isa::detect() != coarsen_kernels::Isa::Avx512 {
-        // The fused kernel is AVX-512's.
+    if !matches!(
+        coarsen_kernels::Isa::detect(),
+        coarsen_kernels::Isa::Avx512 | coarsen_kernels::Isa::Avx2
+    ) {
+        // The fused kernel is AVX-512's and AVX2's.
         return;
     }
     let pair = "body.conv1.weight + short.weight";
