@@ -644,11 +644,13 @@ unsafe fn walk_tiles(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{walk_tiles, BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NV};
+    use super::{walk_tiles, BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
 
     /// Positions of a sub-tile: three vectors.
     const SUB: usize = 24;
+    /// Sub-tiles of a tile.
+    const SUBS: usize = NR.div_ceil(SUB);
     /// Rows of a pass over a panel.
     const HALF: usize = MR / 2;
 
@@ -688,10 +690,17 @@ mod avx2 {
             (c0, c1),
             blocks,
             |window, t0, width, masks, offs| {
+                // The tile's sub-tiles (at most two of 24 positions), each with its lane
+                // masks; every panel of every block runs over all of them in turn, so its
+                // values stay in L1 while the tile's halo window does.
+                let mut vms = [[[_mm256_setzero_ps(); 3]; MAX_TAPS]; SUBS];
+                let mut subs: [Option<Sub<'_>>; SUBS] = [None, None];
                 let mut s = 0;
-                while s < width {
+                for (vm, sub) in vms.iter_mut().zip(subs.iter_mut()) {
+                    if s >= width {
+                        break;
+                    }
                     let sw = SUB.min(width - s);
-                    let mut vm = [[_mm256_setzero_ps(); 3]; MAX_TAPS];
                     for (v, m) in vm.iter_mut().zip(masks).take(ntaps) {
                         for (j, vj) in v.iter_mut().enumerate() {
                             if s + 8 * j < width {
@@ -699,24 +708,20 @@ mod avx2 {
                             }
                         }
                     }
-                    let sub = Sub {
+                    *sub = Some(Sub {
                         offs,
                         hp: window.add(s),
-                        vm: &vm,
+                        vm,
                         width: sw,
                         out: (yp.add(t0 + s - c0), ldy),
                         col: t0 + s,
                         epilogue,
                         out2: (yp2.add(t0 + s - c0), ldy2),
                         epilogue2,
-                    };
-                    match sw.div_ceil(8) {
-                        1 => run_sub::<1>(blocks, &sub),
-                        2 => run_sub::<2>(blocks, &sub),
-                        _ => run_sub::<3>(blocks, &sub),
-                    }
+                    });
                     s += sw;
                 }
+                run_tile(blocks, &subs);
             },
         );
     }
@@ -741,46 +746,89 @@ mod avx2 {
         epilogue2: Epilogue<'a>,
     }
 
-    /// Every block of `blocks` on one sub-tile of at most `V·8` positions.
+    /// Every block of `blocks` on a tile's sub-tiles: each half panel (4 rows) over each
+    /// sub-tile.
     ///
     /// # Safety
-    /// As [`forward`], which made `t`.
+    /// As [`forward`], which made `subs`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_sub<const V: usize>(blocks: &[ConvBlock], t: &Sub<'_>) {
+    unsafe fn run_tile(blocks: &[ConvBlock], subs: &[Option<Sub<'_>>; SUBS]) {
         let mut first = 0;
         for b in blocks {
-            let ((yp, ldy), epilogue) = if b.second {
-                (t.out2, t.epilogue2)
-            } else {
-                (t.out, t.epilogue)
-            };
             let kn = b.chans.len();
-            let (offs, taps) = (t.offs.as_ptr().add(first), b.taps.as_ptr());
-            first += kn;
+            let taps = b.taps.as_ptr();
             for (q, rows) in b.rows.chunks(MR).enumerate() {
                 let panel = b.panels.as_ptr().add(q * kn * MR);
                 for (h, rows) in rows.chunks(HALF).enumerate() {
-                    let mut acc = [[_mm256_setzero_ps(); V]; HALF];
-                    for kc in 0..kn {
-                        let m = &t.vm[*taps.add(kc) as usize];
-                        let row = t.hp.add(*offs.add(kc));
-                        let mut xv = [_mm256_setzero_ps(); V];
-                        for (j, v) in xv.iter_mut().enumerate() {
-                            *v = _mm256_and_ps(_mm256_loadu_ps(row.add(8 * j)), m[j]);
+                    for t in subs.iter().flatten() {
+                        let ((yp, ldy), epilogue) = if b.second {
+                            (t.out2, t.epilogue2)
+                        } else {
+                            (t.out, t.epilogue)
+                        };
+                        let h = Half {
+                            kn,
+                            w: panel.add(h * HALF),
+                            offs: t.offs.as_ptr().add(first),
+                            taps,
+                            rows,
+                            out: (yp, ldy),
+                            epilogue,
+                        };
+                        match t.width.div_ceil(8) {
+                            1 => half::<1>(&h, t),
+                            2 => half::<2>(&h, t),
+                            _ => half::<3>(&h, t),
                         }
-                        let wc = panel.add(kc * MR + h * HALF);
-                        for (i, a) in acc.iter_mut().enumerate() {
-                            let wv = _mm256_broadcast_ss(&*wc.add(i));
-                            for (aj, &xj) in a.iter_mut().zip(&xv) {
-                                *aj = _mm256_fmadd_ps(wv, xj, *aj);
-                            }
-                        }
-                    }
-                    for (a, &r) in acc.iter().zip(rows) {
-                        store_row(a, t, epilogue, yp.add(r as usize * ldy), r as usize);
                     }
                 }
             }
+            first += kn;
+        }
+    }
+
+    /// Half a panel of one block on one sub-tile.
+    struct Half<'a> {
+        /// The block's columns.
+        kn: usize,
+        /// The half's first value of column 0 (column `kc`'s at `kc·MR`).
+        w: *const f32,
+        /// The block's columns' halo offsets, and taps.
+        offs: *const usize,
+        taps: *const u8,
+        /// At most `HALF` output rows.
+        rows: &'a [u32],
+        /// Their output (row 0 of it, and the rows' stride) and its epilogue.
+        out: (*mut f32, usize),
+        epilogue: Epilogue<'a>,
+    }
+
+    /// The register tile of `HALF` rows × `V·8` positions over a block's columns, stored.
+    ///
+    /// # Safety
+    /// As [`forward`], which made `t`; `p` a half panel of one of its blocks.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn half<const V: usize>(p: &Half<'_>, t: &Sub<'_>) {
+        let mut acc = [[_mm256_setzero_ps(); V]; HALF];
+        for kc in 0..p.kn {
+            let m = &t.vm[*p.taps.add(kc) as usize];
+            let row = t.hp.add(*p.offs.add(kc));
+            let mut xv = [_mm256_setzero_ps(); V];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_and_ps(_mm256_loadu_ps(row.add(8 * j)), m[j]);
+            }
+            let wc = p.w.add(kc * MR);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_broadcast_ss(&*wc.add(i));
+                for (aj, &xj) in a.iter_mut().zip(&xv) {
+                    *aj = _mm256_fmadd_ps(wv, xj, *aj);
+                }
+            }
+        }
+        let (yp, ldy) = p.out;
+        for (a, &r) in acc.iter().zip(p.rows) {
+            store_row(a, t, p.epilogue, yp.add(r as usize * ldy), r as usize);
         }
     }
 
