@@ -44,42 +44,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let x: Vec<f32> = (0..k * n)
             .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
             .collect();
-        // Panels of MR columns: xt[q·k·MR + kk·MR + i] = X[kk, q·MR + i].
-        let mut xt = vec![0.0f32; n.div_ceil(mr) * mr * k];
-        for kk in 0..k {
-            for c in 0..n {
-                xt[(c / mr) * k * mr + kk * mr + c % mr] = x[kk * n + c];
-            }
-        }
-        let parts = (2 * threads).min(m / nr).max(1);
-        let per = m.div_ceil(parts).div_ceil(nr) * nr;
-        let shares: Vec<(usize, usize)> = (0..m.div_ceil(per))
-            .map(|i| (i * per, ((i + 1) * per).min(m)))
-            .collect();
+        // Panels of MR columns for the panel kernel, output rows in shares of NR; tiles of NR
+        // columns for the tiled kernel run as one stream of weights, shares of MR.
+        let (xt, shares) = (grouped(&x, k, n, mr), row_shares(m, threads, nr));
+        let (xtt, tshares) = (grouped(&x, k, n, nr), row_shares(m, threads, mr));
         let mut ys: Vec<Vec<f32>> = shares.iter().map(|(a, z)| vec![0.0; (z - a) * n]).collect();
+        let mut tys: Vec<Vec<f32>> = tshares
+            .iter()
+            .map(|(a, z)| vec![0.0; (z - a) * n])
+            .collect();
         let (warm, cold) = common::warm_and_cold(rounds, &mut junk, || {
             shares
                 .par_iter()
                 .zip(ys.par_iter_mut())
                 .try_for_each(|(&(r0, r1), y)| plan.forward_small_rows(&xt, y, n, r0, r1))
         })?;
-        // The same product on the tiled kernel as one stream of weights: tiles of NR columns
-        // (xt[t·k·NR + kk·NR + j] = X[kk, t·NR + j]), output rows in shares of MR.
-        let mut xtt = vec![0.0f32; n.div_ceil(nr) * nr * k];
-        for kk in 0..k {
-            for c in 0..n {
-                xtt[(c / nr) * k * nr + kk * nr + c % nr] = x[kk * n + c];
-            }
-        }
-        let tparts = (2 * threads).min(m / mr).max(1);
-        let tper = m.div_ceil(tparts).div_ceil(mr) * mr;
-        let tshares: Vec<(usize, usize)> = (0..m.div_ceil(tper))
-            .map(|i| (i * tper, ((i + 1) * tper).min(m)))
-            .collect();
-        let mut tys: Vec<Vec<f32>> = tshares
-            .iter()
-            .map(|(a, z)| vec![0.0; (z - a) * n])
-            .collect();
         let (twarm, tcold) = common::warm_and_cold(rounds, &mut junk, || {
             tshares
                 .par_iter()
@@ -121,4 +100,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// `X` (`k × n`, row-major) in groups of `g` columns: `out[q·k·g + kk·g + i]` = `X[kk, q·g + i]`,
+/// zero past `n`.
+fn grouped(x: &[f32], k: usize, n: usize, g: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n.div_ceil(g) * g * k];
+    for kk in 0..k {
+        for c in 0..n {
+            out[(c / g) * k * g + kk * g + c % g] = x[kk * n + c];
+        }
+    }
+    out
+}
+
+/// `m` output rows in `2·threads` shares (fewer where rows run out) starting at multiples of
+/// `align`, as the engine splits them.
+fn row_shares(m: usize, threads: usize, align: usize) -> Vec<(usize, usize)> {
+    let parts = (2 * threads).min(m / align).max(1);
+    let per = m.div_ceil(parts).div_ceil(align) * align;
+    (0..m.div_ceil(per))
+        .map(|i| (i * per, ((i + 1) * per).min(m)))
+        .collect()
 }
