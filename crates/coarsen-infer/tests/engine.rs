@@ -842,10 +842,14 @@ fn tuning_chooses_how_far_the_first_steps_run_in_chunks() {
     let [c, h, w] = network.input();
     let batch = 4;
     // The first convolution makes 8 × 10 × 10 = 800 floats per image, the rest 400 or
-    // fewer: at 800 the chunks end after it, at 400 a residual block further.
+    // fewer: at 800 the chunks end after it, at 400 a residual block further. The downsample
+    // stays apart from its strided convolution: whether tuning fuses them depends on which
+    // kernels it measured faster, and a fused pair is one step fewer (fused steps in chunks
+    // are checked by `a_downsample_runs_fused_into_the_strided_convolution`).
     let options = InferOptions {
         prefix_min_floats: 800,
         prefix_chunk_floats: 800,
+        fuse_downsample: false,
         ..InferOptions::default()
     };
     let near = InferenceNet::with_options(&network, &formats, Path::Packed, options)
