@@ -459,10 +459,10 @@ impl Winograd {
         h.is_multiple_of(self.tile) && w.is_multiple_of(self.tile)
     }
 
-    /// Whether it takes sizes its tile does not divide (the AVX-512 kernel, whose tiles past
-    /// the image are stored through masks).
+    /// Whether it takes sizes its tile does not divide (the fused kernels, which store only
+    /// the outputs inside the image of tiles past it).
     fn pads(&self) -> bool {
-        self.is_fused() && self.isa == Isa::Avx512
+        self.is_fused()
     }
 
     /// Output channels `r0 .. r1` (`r0` a multiple of [`row_align`](Self::row_align)) of the
@@ -545,7 +545,7 @@ impl Winograd {
                 let other = if self.pads() {
                     ""
                 } else {
-                    " (other sizes need AVX-512)"
+                    " (other sizes need AVX-512, or AVX2 and FMA)"
                 };
                 format!(
                     "Winograd F({t}x{t}, 3x3) runs 3x3 stride-1 padding-1 convolutions of {} channels on sizes that are multiples of {t}{other}",
@@ -899,21 +899,21 @@ mod fused {
 
     /// How a range's columns (`[B, H, W]` positions) fall into bands of `t` output rows:
     /// `⌈H / t⌉` bands per image, the last one short where `t` does not divide `H`.
-    struct Bands {
-        h: usize,
-        w: usize,
-        t: usize,
+    pub(super) struct Bands {
+        pub(super) h: usize,
+        pub(super) w: usize,
+        pub(super) t: usize,
     }
 
     impl Bands {
         /// The first column of band `g` (counted from the batch's first image).
-        fn column(&self, g: usize) -> usize {
+        pub(super) fn column(&self, g: usize) -> usize {
             let hb = self.h.div_ceil(self.t);
             g / hb * self.h * self.w + g % hb * self.t * self.w
         }
 
         /// The band that starts at column `c` (a whole band's or image's first column).
-        fn index(&self, c: usize) -> usize {
+        pub(super) fn index(&self, c: usize) -> usize {
             let hw = self.h * self.w;
             c / hw * self.h.div_ceil(self.t) + c % hw / (self.t * self.w)
         }
@@ -1590,6 +1590,7 @@ mod fused {
 mod fused8 {
     use std::arch::x86_64::*;
 
+    use super::fused::Bands;
     use super::transforms::{input, input4, output, output4};
     use super::{Winograd, AVX2_ROWS as MR};
     use crate::conv::ConvDims;
@@ -1618,6 +1619,13 @@ mod fused8 {
         masks: [[[i32; 8]; 36]; NV],
         /// Per vector: lanes that are tiles of the range.
         valid: [u8; NV],
+        /// Per vector and lane: output rows and columns of the tile inside the image (`T` but
+        /// in the last band and the last tile of a band where `T` does not divide the sizes).
+        rows: [[u8; 8]; NV],
+        cols: [[u8; 8]; NV],
+        /// Whether every tile lies inside its image (`T` divides the sizes): stores then skip
+        /// the per-tile checks.
+        whole: bool,
     }
 
     /// See [`super::fused::forward`]; AVX2 and FMA instead of AVX-512F.
@@ -1639,10 +1647,13 @@ mod fused8 {
         let es = a * a;
         let (h, w, cin) = (d.h, d.w, k.cin);
         let ld = d.n();
-        let nc = c1 - c0;
-        let tw = w / T;
-        let first_band = c0 / (T * w);
-        let nt = nc / (T * w) * tw;
+        // Bands of `T` output rows, `tw` tiles each (the last band of an image and the last
+        // tile of a band reaching past it where `T` does not divide its sizes: ranges are then
+        // whole images).
+        let bands = Bands { h, w, t: T };
+        let tw = w.div_ceil(T);
+        let first_band = bands.index(c0);
+        let nt = (bands.index(c1) - first_band) * tw;
         let (q0, q1) = (r0 / MR, r1.div_ceil(MR));
         let np_all = k.cout.div_ceil(MR);
         let rows_pad = (q1 - q0) * MR;
@@ -1660,13 +1671,13 @@ mod fused8 {
         while tb < nt {
             let nb = TB.min(nt - tb);
             let nv = nb.div_ceil(8);
-            let block = block::<T>(tb, nt, tw, first_band, h, w);
+            let block = block::<T>(tb, nt, first_band, &bands);
             let band0 = first_band + tb / tw;
             // Input transform: V_e[c][lane].
             for c in 0..cin {
                 // The block's first band: lanes add their offsets to it (a pointer only
                 // formed, read through valid lanes only).
-                let base = x.as_ptr().add(c * ld).wrapping_add(band0 * T * w);
+                let base = x.as_ptr().add(c * ld).wrapping_add(bands.column(band0));
                 for v in 0..nv {
                     let at = vp.add(c * TB + v * 8);
                     let d = patch_gather::<T>(base, &block, v, w);
@@ -1691,7 +1702,7 @@ mod fused8 {
                 }
             }
             // Output transform, through the epilogue out to the block's columns of each row.
-            let ybase = (band0 - first_band) * T * w;
+            let ybase = bands.column(band0) - c0;
             for r in 0..r1 - r0 {
                 let out = Out {
                     y: yp.add(r * ldy + ybase),
@@ -1720,24 +1731,22 @@ mod fused8 {
         BUFS.set((vbuf, mbuf));
     }
 
-    /// The lanes of the block of tiles `tb ..` (of `nt`, `tw` per band of `T` rows, the
-    /// range's first band `first_band`) of `H × W` images.
-    fn block<const T: usize>(
-        tb: usize,
-        nt: usize,
-        tw: usize,
-        first_band: usize,
-        h: usize,
-        w: usize,
-    ) -> Block {
+    /// The lanes of the block of tiles `tb ..` (of `nt`, the range's first band `first_band`)
+    /// of the images `bands` cuts.
+    fn block<const T: usize>(tb: usize, nt: usize, first_band: usize, bands: &Bands) -> Block {
         let a = T + 2;
         let mut b = Block {
             inb: [[0; 8]; NV],
             out: [[0; 8]; NV],
             masks: [[[0; 8]; 36]; NV],
             valid: [0; NV],
+            rows: [[0; 8]; NV],
+            cols: [[0; 8]; NV],
+            whole: bands.h.is_multiple_of(T) && bands.w.is_multiple_of(T),
         };
-        let p0 = tb / tw;
+        let (h, w) = (bands.h, bands.w);
+        let (tw, hb) = (w.div_ceil(T), h.div_ceil(T));
+        let col0 = bands.column(first_band + tb / tw);
         let (hi, wi) = (h as isize, w as isize);
         for v in 0..NV {
             for l in 0..8 {
@@ -1747,8 +1756,10 @@ mod fused8 {
                 }
                 b.valid[v] |= 1 << l;
                 let (p, tx) = (t / tw, t % tw);
-                let ty = (first_band + p) % (h / T);
-                let rel = ((p - p0) * T * w) as isize;
+                let ty = (first_band + p) % hb;
+                b.rows[v][l] = (h - T * ty).min(T) as u8;
+                b.cols[v][l] = (w - T * tx).min(T) as u8;
+                let rel = (bands.column(first_band + p) - col0) as isize;
                 let txt = (T * tx) as isize;
                 // Small: a block spans at most 16 bands of rows (`accepts` bounds W).
                 b.inb[v][l] = (rel - wi + txt - 1) as i32;
@@ -1811,24 +1822,32 @@ mod fused8 {
         o: &[__m256; 16],
     ) {
         let bias = _mm_set1_ps(out.bias);
-        // One tile row (T ≤ 4 values in the low lanes of `val`) to `at`.
-        let put = |at: usize, val: __m128| {
+        let lanes = _mm_setr_epi32(0, 1, 2, 3);
+        // One tile row (T ≤ 4 values in the low lanes of `val`) to `at`, its first `n` values
+        // (those inside the image).
+        let put = |at: usize, val: __m128, n: usize| {
             let mut val = _mm_add_ps(val, bias);
+            let whole = n == T;
+            let mask = _mm_cmpgt_epi32(_mm_set1_epi32(n as i32), lanes);
             if let Some(p) = out.res {
-                let r = if T == 4 {
+                let r = if whole && T == 4 {
                     _mm_loadu_ps(p.add(at))
-                } else {
+                } else if whole {
                     _mm_castsi128_ps(_mm_loadl_epi64(p.add(at).cast()))
+                } else {
+                    _mm_maskload_ps(p.add(at), mask)
                 };
                 val = _mm_add_ps(val, r);
             }
             if out.relu {
                 val = _mm_max_ps(val, _mm_setzero_ps());
             }
-            if T == 4 {
+            if whole && T == 4 {
                 _mm_storeu_ps(out.y.add(at), val);
-            } else {
+            } else if whole {
                 _mm_storel_epi64(out.y.add(at).cast(), _mm_castps_si128(val));
+            } else {
+                _mm_maskstore_ps(out.y.add(at), mask, val);
             }
         };
         let valid = b.valid[v];
@@ -1862,8 +1881,13 @@ mod fused8 {
                 }
             }
             for (l, &row) in rows.iter().enumerate() {
-                if valid & (1 << l) != 0 {
-                    put(b.out[v][l] as usize + i * w, row);
+                if valid & (1 << l) == 0 {
+                    continue;
+                }
+                if b.whole {
+                    put(b.out[v][l] as usize + i * w, row, T);
+                } else if i < usize::from(b.rows[v][l]) {
+                    put(b.out[v][l] as usize + i * w, row, usize::from(b.cols[v][l]));
                 }
             }
         }
@@ -2138,7 +2162,7 @@ mod tests {
             // Runs of 1, 2 and 4 tiles consecutive in a band (3, 6 and 12 tiles per band).
             (5, 4, 2, 4, 12),
             (7, 6, 2, 8, 24),
-            // Sizes the tiles do not divide (AVX-512 only): the last band and the last tile of
+            // Sizes the tiles do not divide (fused kernels): the last band and the last tile of
             // each band reach past the image; ranges of whole images.
             (8, 3, 2, 14, 14),
             (5, 4, 3, 10, 6),
@@ -2168,8 +2192,8 @@ mod tests {
         let wg = Winograd::new(g, 2, 2, &[0.0; 36]).unwrap().unwrap();
         assert_eq!(
             wg.accepts(&odd),
-            wg.is_fused() && wg.isa == Isa::Avx512,
-            "odd sizes on AVX-512 only"
+            wg.is_fused(),
+            "odd sizes on the fused kernels"
         );
         assert_eq!(wg.column_unit(3, 4), 12);
         assert_eq!(wg.column_unit(4, 6), 12);
@@ -2295,7 +2319,11 @@ mod tests {
             let exact = h % wg.tile() == 0 && w % wg.tile() == 0;
             let avx512 = wg.is_fused() && wg.isa == Isa::Avx512;
             assert_eq!(wg.is_sparse(), sparse && avx512, "row classes, tile {tile}");
-            assert_eq!(wg.accepts(&d), exact || avx512, "[{h}, {w}] tile {tile}");
+            assert_eq!(
+                wg.accepts(&d),
+                exact || wg.is_fused(),
+                "[{h}, {w}] tile {tile}"
+            );
             if !wg.accepts(&d) {
                 continue;
             }
