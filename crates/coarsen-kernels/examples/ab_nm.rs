@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             4,
             None,
         )?;
-        let k = NmConv::new(&f)?.ok_or("the N:M kernel needs AVX-512")?;
+        let k = NmConv::new(&f)?.ok_or("the N:M kernel needs AVX-512 or AVX2")?;
         let x: Vec<f32> = (0..cin * b * hw * hw)
             .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
             .collect();

@@ -6,6 +6,7 @@ mod dense;
 mod direct;
 mod micro;
 mod nm_conv;
+mod nm_rows;
 mod rows;
 mod tiled;
 mod winograd;

@@ -18,14 +18,24 @@
 //! With AVX2 (module `avx2`) the same scheme runs 8 rows per vector, groups of at most 8
 //! channels and blocks of at most 8 columns; groups of 4 (2:4) permute within each 128-bit
 //! half, each holding the group's 4 inputs.
+//! Where N ≤ 4, AVX2 runs products of more than 8 columns on a second layout instead
+//! ([`super::nm_rows`]: columns in the lanes, no permutes), whose loads cost less there than
+//! the permutes (a 512→512 convolution on 4×4 images, warm: 0.87 → 0.39 ms).
 
 use crate::conv::ConvDims;
 use crate::error::{check_len, KernelError, Result};
 use crate::formats::{NmCompressed, NM_PAD};
 use crate::simd::Isa;
 
+use super::nm_rows::RowsLayout;
+
 /// Output channels per block (the lanes of an AVX-512 vector; 8 of them with AVX2).
 const RB: usize = 16;
+
+/// Columns up to which AVX2 runs the lanes layout where it has both: at 4 columns (VGG-16's
+/// last block at batch 1) its permutes cost less than the rows layout's loads, which pads
+/// them to 8 (0.27 against 0.40-0.43 ms for a 512->512 convolution in the network).
+const LANES_COLS: usize = 8;
 
 /// An N:M weight packed for [`NmConv::forward_rows`] (AVX-512 with M ≤ 16, or AVX2 and FMA
 /// with M ≤ 8: a group's inputs fit one vector).
@@ -53,6 +63,11 @@ pub struct NmConv {
     values: Vec<f32>,
     /// Same layout: each value's position in its group (0 where the value is 0).
     pos: Vec<u8>,
+    /// With AVX2 and N ≤ 4: the layout that vectorises over columns instead, for products
+    /// of more than [`LANES_COLS`] columns (and all of them where `lanes` is false).
+    by_rows: Option<RowsLayout>,
+    /// Whether `values` and `pos` hold the lanes layout (AVX2: groups of at most 8).
+    lanes: bool,
 }
 
 impl NmConv {
@@ -60,8 +75,8 @@ impl NmConv {
     pub const ROW_ALIGN: usize = RB;
 
     /// Packs `f` (its view's `inner` = the convolution's taps). `None` where this CPU lacks
-    /// AVX-512 and AVX2, or the groups are larger than a vector (16 channels with AVX-512, 8
-    /// with AVX2).
+    /// AVX-512 and AVX2, or the groups are larger than a vector (16 channels with AVX-512;
+    /// with AVX2, 16 channels where N ≤ 4, else 8).
     pub fn new(f: &NmCompressed) -> Result<Option<Self>> {
         let isa = Isa::detect();
         let rb = match isa {
@@ -69,7 +84,8 @@ impl NmConv {
             Isa::Avx2 if cfg!(target_arch = "x86_64") => 8,
             _ => return Ok(None),
         };
-        if f.m() > rb {
+        let by_rows = isa == Isa::Avx2 && RowsLayout::fits(f);
+        if f.m() > rb && !by_rows {
             return Ok(None);
         }
         let view = f.view();
@@ -78,20 +94,27 @@ impl NmConv {
         // Each column's slot: a power of two, at least one 128-bit load.
         let mp = m.next_power_of_two().max(4);
         let kgs = groups * inner;
-        let blocks = rows.div_ceil(rb);
+        let lanes = m <= rb;
+        let blocks = if lanes { rows.div_ceil(rb) } else { 0 };
+        let overflow = || KernelError::Param {
+            name: "shape",
+            value: format!("{rows} rows × {groups} groups × {inner} taps × {slots} slots"),
+            reason: "overflows usize".into(),
+        };
+        let rows_layout = match by_rows {
+            true => Some(RowsLayout::new(f).ok_or_else(overflow)?),
+            false => None,
+        };
         let len = blocks
             .checked_mul(kgs)
             .and_then(|v| v.checked_mul(slots))
             .and_then(|v| v.checked_mul(rb))
-            .ok_or_else(|| KernelError::Param {
-                name: "shape",
-                value: format!("{rows} rows × {groups} groups × {inner} taps × {slots} slots"),
-                reason: "overflows usize".into(),
-            })?;
+            .ok_or_else(overflow)?;
         let mut values = vec![0.0f32; len];
         let mut pos = vec![0u8; len];
         let (fv, fi) = (f.values(), f.indices());
-        for r in 0..rows {
+        // The lanes layout, unless the rows layout replaces it.
+        for r in 0..if lanes { rows } else { 0 } {
             let (b, i) = (r / rb, r % rb);
             for kg in 0..kgs {
                 let (g, s) = (kg / inner, kg % inner);
@@ -134,7 +157,17 @@ impl NmConv {
             chan,
             values,
             pos,
+            by_rows: rows_layout,
+            lanes,
         }))
+    }
+
+    /// The rows layout where a product of `n` columns runs on it: more than
+    /// [`LANES_COLS`] columns, or any where there is no lanes layout.
+    fn rows_for(&self, n: usize) -> Option<&RowsLayout> {
+        self.by_rows
+            .as_ref()
+            .filter(|_| n > LANES_COLS || !self.lanes)
     }
 
     /// Output channels.
@@ -168,6 +201,9 @@ impl NmConv {
 
     /// Floats of [`gather_input`](Self::gather_input)'s output for `n` output positions.
     pub fn input_len(&self, n: usize) -> usize {
+        if let Some(l) = self.rows_for(n) {
+            return l.input_len(n);
+        }
         n.div_ceil(self.block_cols(n)) * self.groups * self.inner * self.group_stride(n)
     }
 
@@ -195,6 +231,10 @@ impl NmConv {
         check_len(OP, "out", out.len(), self.input_len(n), || {
             format!("{} tap groups for {n} columns", self.groups * self.inner)
         })?;
+        if let Some(l) = self.rows_for(n) {
+            l.gather_input(x, d, &self.chan, self.inner, out);
+            return Ok(());
+        }
         let stride = self.group_stride(n);
         let kgs = self.groups * self.inner;
         if n == 0 || kgs == 0 {
@@ -259,6 +299,16 @@ impl NmConv {
         if self.groups * self.inner == 0 {
             // No input channels: every product is 0.
             y.fill(0.0);
+            return Ok(());
+        }
+        if let Some(l) = self.rows_for(n) {
+            let start = RowsLayout::start(xq).ok_or_else(|| KernelError::Param {
+                name: "xq",
+                value: format!("{} values", xq.len()),
+                reason: "is not the output of gather_input (no record of where its rows start)"
+                    .into(),
+            })?;
+            l.forward_rows(xq, start, n, (r0, r1), y);
             return Ok(());
         }
         let j = self.block_cols(n);
@@ -331,15 +381,15 @@ impl NmConv {
 /// Where each column reads under each tap, in the gather layout: per tap, per lane
 /// `column·mp + position` (over every block's columns), the offset within a channel, and per
 /// vector of such lanes the ones inside the image (and a real column).
-struct Offsets {
-    offset: Vec<i32>,
-    inside: Vec<u16>,
+pub(super) struct Offsets {
+    pub(super) offset: Vec<i32>,
+    pub(super) inside: Vec<u16>,
     /// Lanes per tap (the padded columns times `mp`, a multiple of 16).
-    lanes: usize,
+    pub(super) lanes: usize,
 }
 
 impl Offsets {
-    fn new(d: &ConvDims, mp: usize, lanes: usize) -> Offsets {
+    pub(super) fn new(d: &ConvDims, mp: usize, lanes: usize) -> Offsets {
         let g = d.g;
         let [kh, kw] = g.kernel;
         let taps = kh * kw;
@@ -643,6 +693,14 @@ mod tests {
             (16, 32, 3, 1, 4, 2, 4, 16, true),
             (24, 10, 1, 2, 6, 2, 1, 2, true),
             (17, 7, 3, 1, 5, 5, 2, 4, false),
+            // Several chunks of tap groups (the AVX2 rows layout's 64 at 2:4), and column
+            // blocks of 16 and 8 (25 and 36 columns).
+            (21, 64, 3, 1, 5, 1, 2, 4, true),
+            (19, 40, 3, 1, 6, 1, 2, 4, false),
+            (18, 30, 3, 2, 8, 1, 3, 8, true),
+            // N > 4: AVX2's lanes kernel.
+            (20, 16, 3, 1, 3, 2, 6, 8, true),
+            (16, 11, 1, 1, 4, 1, 5, 5, false),
         ];
         for (rows, cin, k, stride, side, batch, nn, m, permute) in cases {
             let g = ConvGeometry::square(k, stride, k / 2);
@@ -671,8 +729,8 @@ mod tests {
             let w = values(rows * cin * taps, rows);
             let f = NmCompressed::pack(&mask, &w, view, nn, m, Some(&perm)).unwrap();
             let Some(kernel) = NmConv::new(&f).unwrap() else {
-                // AVX2 runs groups of at most 8 channels.
-                assert!(Isa::detect() == Isa::Avx2 && m > 8);
+                // AVX2 runs groups of at most 8 channels where N > 4.
+                assert!(Isa::detect() == Isa::Avx2 && m > 8 && nn > 4);
                 continue;
             };
             let x = values(cin * batch * side * side, cin);
