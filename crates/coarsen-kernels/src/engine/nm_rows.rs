@@ -158,6 +158,25 @@ impl RowsLayout {
             return;
         }
         let t = Offsets::new(d, 1, np.div_ceil(16) * 16);
+        // Per tap, the runs of columns inside the image whose offsets follow one another
+        // (whole output rows at stride 1): `(first column, its offset, length)`.
+        let runs: Vec<Vec<(usize, usize, usize)>> = (0..inner)
+            .map(|s| {
+                let mut v: Vec<(usize, usize, usize)> = Vec::new();
+                for j in 0..n {
+                    let lane = s * t.lanes + j;
+                    if t.inside[lane / 16] >> (lane % 16) & 1 == 0 {
+                        continue;
+                    }
+                    let off = t.offset[lane] as usize;
+                    match v.last_mut() {
+                        Some((j0, o0, len)) if *j0 + *len == j && *o0 + *len == off => *len += 1,
+                        _ => v.push((j, off, 1)),
+                    }
+                }
+                v
+            })
+            .collect();
         let plane = d.b * d.h * d.w;
         // Tap groups in chunks of about 64 KiB of output.
         let per = (16384 / (m * np)).max(1);
@@ -165,21 +184,15 @@ impl RowsLayout {
             for (k, dst) in chunk.chunks_exact_mut(m * np).enumerate() {
                 let kg = i * per + k;
                 let (g, s) = (kg / inner, kg % inner);
-                let off = &t.offset[s * t.lanes..][..n];
-                let inside = &t.inside[s * t.lanes / 16..];
                 for (p, row) in dst.chunks_exact_mut(np).enumerate() {
+                    row.fill(0.0);
                     let c = chan[g][p];
                     if c < 0 {
-                        row.fill(0.0);
                         continue;
                     }
-                    let base = c as usize * plane;
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = if j < n && inside[j / 16] >> (j % 16) & 1 == 1 {
-                            x[base + off[j] as usize]
-                        } else {
-                            0.0
-                        };
+                    let xc = &x[c as usize * plane..][..plane];
+                    for &(j, off, len) in &runs[s] {
+                        row[j..j + len].copy_from_slice(&xc[off..off + len]);
                     }
                 }
             }
