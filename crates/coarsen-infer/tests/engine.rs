@@ -901,3 +901,74 @@ fn tuning_chooses_how_far_the_first_steps_run_in_chunks() {
     assert_eq!(chosen[0], chosen[1], "the cached choice");
     assert_eq!(chosen[2], near.steps, "forced layers measure nothing");
 }
+
+/// Convolutions on images of at most 4 positions: 3×3 on 2×2 images (one with an identity
+/// shortcut added in its epilogue), and a 3×3 stride-2 one from 2×2 to 1×1.
+fn tiny() -> Net {
+    let mut n = Net::new([6, 4, 4]);
+    n.conv3("conv1", 6, 12, 1);
+    n.op(Op::Relu);
+    n.op(Op::MaxPool(pool(2, 2, 0)));
+    n.conv3("conv2", 12, 16, 1);
+    n.bn("bn2", 16);
+    n.op(Op::Relu);
+    let x = n.b.current().to_string();
+    n.conv3("conv3", 16, 16, 1);
+    n.bn("bn3", 16);
+    let body = n.b.current().to_string();
+    n.b.push(None, vec![x, body], Op::Add);
+    n.op(Op::Relu);
+    n.conv3("conv4", 16, 8, 2);
+    n.op(Op::Relu);
+    n.op(Op::Flatten);
+    n.linear("fc", 8, 5, true);
+    n
+}
+
+#[test]
+fn convolutions_on_tiny_images_run_unrolled() {
+    for (k, fmt) in [LayerFormat::Group, LayerFormat::ShuffledBlock { block: 4 }]
+        .into_iter()
+        .enumerate()
+    {
+        let (graph, tensors, weights) = tiny().finish(5 + k as u64);
+        let (masks, formats) = masks_for(&weights, &fmt, 9 + k as u64);
+        let network = Network::new(graph, tensors, masks).unwrap();
+        let [c, h, w] = network.input();
+        for residual in [true, false] {
+            let options = InferOptions {
+                fuse_residual: residual,
+                ..InferOptions::default()
+            };
+            let engine =
+                InferenceNet::with_options(&network, &formats, Path::Packed, options).unwrap();
+            // Below 8 images the layers run their block kernels; from 8 on, unrolled.
+            for batch in [2, 9] {
+                let mut rng = ChaCha8Rng::seed_from_u64(batch as u64);
+                let x: Vec<f32> = (0..batch * c * h * w)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect();
+                let want = reference::forward_nchw(&network, &x, batch).unwrap();
+                let got = engine.forward_nchw(&x, batch).unwrap();
+                let err = max_error(&got, &want);
+                assert!(
+                    err <= 1e-4 * scale_of(&want),
+                    "{fmt:?} batch {batch}, residual fused {residual}: {err}"
+                );
+                let steps = engine.profile(&x, batch, 1).unwrap();
+                for step in ["conv2.weight", "conv3.weight", "conv4.weight"] {
+                    let kernel = steps
+                        .iter()
+                        .find(|s| s.step == step)
+                        .map(|s| s.kernel.clone())
+                        .unwrap_or_default();
+                    assert_eq!(
+                        kernel.starts_with("unrolled"),
+                        batch >= 8,
+                        "{fmt:?} batch {batch}, {step}: {kernel}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -616,6 +616,26 @@ impl<'a> Compiler<'a> {
         // The matrix over every im2col row, kept for the dense twin of a layer that reads a
         // subset of them (see below).
         let all_rows_w = read.as_ref().map(|_| sub_w.clone());
+        // Dense blocks (group, shuffled) of a convolution on images of at most
+        // [`UNROLL_POSITIONS`] positions (VGG-16's last block on CIFAR, 2×2) also run as the
+        // linear map they are there, whose blocks hold only the taps that meet the image.
+        let unroll_src = (matches!(
+            format,
+            LayerFormat::Group | LayerFormat::ShuffledBlock { .. }
+        ) && corr.is_none()
+            && kk > 1
+            && ho * wo <= UNROLL_POSITIONS
+            && flow.h * flow.w <= UNROLL_POSITIONS)
+            .then(|| {
+                unroll(
+                    &sub_mask,
+                    &sub_w,
+                    g,
+                    in_ch.len(),
+                    (flow.h, flow.w),
+                    (ho, wo),
+                )
+            });
         let (sub_mask, sub_w) = match &read {
             Some(cols_read) => select_cols(&sub_mask, &sub_w, cols_read),
             None => (sub_mask, sub_w),
@@ -692,6 +712,20 @@ impl<'a> Compiler<'a> {
         } else {
             None
         };
+        let unrolled = match unroll_src {
+            Some((big_mask, big_w)) => {
+                let packed = match &format {
+                    LayerFormat::ShuffledBlock { block } => Packed::Shuffled(
+                        ShuffledBlocks::pack(&big_mask, &big_w, *block).map_err(kerr)?,
+                    ),
+                    _ => Packed::Group(GroupBlocks::pack(&big_mask, &big_w).map_err(kerr)?),
+                };
+                let mut plan = Plan::new(&packed).map_err(kerr)?;
+                plan.set_threading(Threading::Serial);
+                Some(Box::new(plan))
+            }
+            None => None,
+        };
         // N:M layers also get their own kernel for few columns.
         let nm = match &packed {
             Packed::Nm(f) if f.view().in_channels == in_ch.len() => NmConv::new(f).map_err(kerr)?,
@@ -758,6 +792,7 @@ impl<'a> Compiler<'a> {
             wino,
             blocks,
             nm,
+            unrolled,
             dense_twin: None,
             fused: None,
         };
@@ -828,6 +863,60 @@ fn expand_groups(
 }
 
 /// The columns `keep` of a mask and of its row-major weights.
+/// Output and input positions up to which a convolution in dense blocks also runs unrolled.
+const UNROLL_POSITIONS: usize = 4;
+
+/// The convolution of `mask`/`w` (`cout × cin·taps`, geometry `g`) on `h × w` images as the
+/// linear map from an image's input (`[cin, h·w]`, row `ci·h·w + p`) to its output
+/// (`[cout, ho·wo]`, row `co·ho·wo + q`): entry `(co·ho·wo + q, ci·h·w + p)` holds the weight
+/// of the tap that takes output position `q` to input position `p` (none where no tap does:
+/// the taps that fall in the padding are gone).
+fn unroll(
+    mask: &Mask,
+    w: &[f32],
+    g: ConvGeometry,
+    cin: usize,
+    (h, wi): (usize, usize),
+    (ho, wo): (usize, usize),
+) -> (Mask, Vec<f32>) {
+    let [kh, kw] = g.kernel;
+    let taps = kh * kw;
+    let (hw, ohw) = (h * wi, ho * wo);
+    let (rows, cols) = (mask.rows() * ohw, cin * hw);
+    // Per output position, the (tap, input position) pairs inside the image.
+    let pairs: Vec<Vec<(usize, usize)>> = (0..ohw)
+        .map(|q| {
+            let (oy, ox) = (q / wo, q % wo);
+            (0..taps)
+                .filter_map(|s| {
+                    let (ky, kx) = (s / kw, s % kw);
+                    let iy = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.padding[0])?;
+                    let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.padding[1])?;
+                    (iy < h && ix < wi).then_some((s, iy * wi + ix))
+                })
+                .collect()
+        })
+        .collect();
+    let mut big = Mask::zeros(rows, cols);
+    let mut values = vec![0.0f32; rows * cols];
+    for co in 0..mask.rows() {
+        for (q, pq) in pairs.iter().enumerate() {
+            let r = co * ohw + q;
+            for ci in 0..cin {
+                for &(s, p) in pq {
+                    let c = ci * taps + s;
+                    if mask.get(co, c) {
+                        let col = ci * hw + p;
+                        big.set(r, col, true);
+                        values[r * cols + col] += w[co * mask.cols() + c];
+                    }
+                }
+            }
+        }
+    }
+    (big, values)
+}
+
 fn select_cols(mask: &Mask, w: &[f32], keep: &[u32]) -> (Mask, Vec<f32>) {
     let cols = mask.cols();
     let sub = Mask::from_fn(mask.rows(), keep.len(), |r, j| {

@@ -127,6 +127,12 @@ pub(super) struct Layer {
     /// The N:M kernel of an N:M layer, for products of at most [`NM_COLS`] columns (batch 1's
     /// deep layers, where the weight's bytes bound the time).
     pub(super) nm: Option<NmConv>,
+    /// A convolution in dense blocks on images of at most 4 positions as the linear map from
+    /// an image's input to its output (rows `co·ho·wo + q`, columns `ci·h·w + p`; see
+    /// `unroll` in `build.rs`): the taps that fall in the padding, most of them on such
+    /// images, are gone (a 3×3 kernel on 2×2 images: 4 of 9 per position), for products of at
+    /// least [`UNROLL_IMAGES`] images.
+    pub(super) unrolled: Option<Box<Plan>>,
     /// The same layer on the dense kernels (sparse formats on the packed path), until tuning
     /// decides which of the two runs.
     pub(super) dense_twin: Option<Box<Layer>>,
@@ -769,6 +775,9 @@ impl Layer {
                 ))
             }
         };
+        if let Some(u) = self.unrolled.as_ref().filter(|_| self.runs_unrolled(batch)) {
+            return self.forward_unrolled(u, x, res, batch);
+        }
         if let Some(bc) = self.blocks.as_ref().filter(|_| self.runs_blocks(n, o)) {
             return self.forward_blocks(bc, x, res, &d, o);
         }
@@ -1073,6 +1082,89 @@ impl Layer {
         (shares, tasks)
     }
 
+    /// [`forward`](Self::forward) on the unrolled map ([`unrolled`](Self::unrolled)): tasks
+    /// of images, each transposing its images' input into the map's columns (`[ci·h·w + p]
+    /// [image]`), multiplying, and storing through the epilogue, each image's `ho·wo`
+    /// positions of a channel from the map's rows `co·ho·wo ..`.
+    fn forward_unrolled(
+        &self,
+        u: &Plan,
+        x: &[f32],
+        res: Option<&[f32]>,
+        batch: usize,
+    ) -> Result<Vec<f32>> {
+        let kerr = |e| InferError::kernel(&self.name, e);
+        let (hw, ohw) = (self.h * self.w, self.ho * self.wo);
+        let (k, rows) = (u.in_dim(), u.out_dim());
+        if k != self.cin * hw || rows != self.cout * ohw || x.len() != self.cin * batch * hw {
+            return Err(InferError::graph(
+                &self.name,
+                "layer",
+                format!(
+                    "the unrolled map is {rows}x{k} for {} channels of {hw} positions and {} of \
+                     {ohw}, the input {} values for {batch} images (a bug in coarsen)",
+                    self.cin,
+                    self.cout,
+                    x.len()
+                ),
+            ));
+        }
+        let n = batch * ohw;
+        let len = self.cout * n;
+        let mut y: Vec<f32> = buffer(len);
+        let yp = Shared(y.as_mut_ptr());
+        // One chunk of images per thread (the map's kernels run best on wide products).
+        let per = batch.div_ceil(rayon::current_num_threads()).max(1);
+        let chunks = batch.div_ceil(per);
+        let result = team::try_for_each(chunks, |t| -> Result<()> {
+            let (i0, i1, out) = (t * per, ((t + 1) * per).min(batch), yp);
+            let nc = i1 - i0;
+            let (col_buf, part_buf, tmp) = SCRATCH.take();
+            let mut col_buf = at_least(col_buf, k * nc);
+            let mut part_buf = at_least(part_buf, rows * nc);
+            let cols = &mut col_buf[..k * nc];
+            for ci in 0..self.cin {
+                let src = &x[(ci * batch + i0) * hw..][..nc * hw];
+                for p in 0..hw {
+                    let dst = &mut cols[(ci * hw + p) * nc..][..nc];
+                    for (d, img) in dst.iter_mut().zip(src.chunks_exact(hw)) {
+                        *d = img[p];
+                    }
+                }
+            }
+            let part = &mut part_buf[..rows * nc];
+            let r = u.forward(cols, part, nc).map_err(kerr);
+            if r.is_ok() {
+                let act = |v: f32| if self.relu { v.max(0.0) } else { v };
+                for co in 0..self.cout {
+                    let b = self.bias[co];
+                    let base = co * n + i0 * ohw;
+                    // SAFETY: task `t` alone writes images i0..i1 of every channel (columns
+                    // `i0·ohw .. i1·ohw` of each row of `y`, `cout × n`, allocated above);
+                    // every value is written before `set_len` below.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.0.add(base).cast::<MaybeUninit<f32>>(),
+                            nc * ohw,
+                        )
+                    };
+                    let res_row = res.map(|q| &q[base..][..nc * ohw]);
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        let (i, q) = (j / ohw, j % ohw);
+                        let v = part[(co * ohw + q) * nc + i] + b;
+                        d.write(act(v + res_row.map_or(0.0, |q| q[j])));
+                    }
+                }
+            }
+            SCRATCH.set((col_buf, part_buf, tmp));
+            r
+        });
+        result?;
+        // SAFETY: the chunks cover every image, each task writing all of its images' values.
+        unsafe { y.set_len(len) };
+        Ok(y)
+    }
+
     /// [`forward`](Self::forward) on the N:M kernel: the input gathered once into its
     /// layout, then tasks of output rows, each through the epilogue into its rows.
     fn forward_nm(
@@ -1212,6 +1304,12 @@ impl Layer {
     }
 
     /// Whether a product of `n` columns runs on the N:M kernel.
+    /// Whether a pass of `batch` images runs the unrolled map ([`unrolled`](Self::unrolled)):
+    /// at least [`UNROLL_IMAGES`] of them.
+    fn runs_unrolled(&self, batch: usize) -> bool {
+        self.unrolled.is_some() && batch >= UNROLL_IMAGES
+    }
+
     fn runs_nm(&self, n: usize) -> bool {
         self.nm.is_some() && n > 0 && n <= NM_COLS
     }
@@ -1298,7 +1396,9 @@ impl Layer {
     /// The kernel that runs this layer on batches of `batch` images, in words.
     pub(super) fn kernel_name(&self, batch: usize, o: &InferOptions) -> String {
         let n = batch * self.ho * self.wo;
-        if self.runs_fused(n, o) {
+        if self.runs_unrolled(batch) {
+            format!("unrolled {}", self.plan.format())
+        } else if self.runs_fused(n, o) {
             format!("implicit gemm, {}, 1x1 fused", self.plan.format())
         } else if self.runs_blocks(n, o) {
             format!("implicit gemm, {}", self.plan.format())
@@ -1354,6 +1454,7 @@ impl Layer {
             wino,
             blocks: None,
             nm: None,
+            unrolled: None,
             dense_twin: None,
             fused: None,
         }
@@ -1433,6 +1534,11 @@ impl Layer {
 /// Tiles of the implicit GEMM up to which a product runs as one column chunk (its tasks split
 /// the rows only).
 const FEW_DIRECT_TILES: usize = 2;
+
+/// Images from which a layer with an unrolled map runs it ([`Layer::unrolled`]): with fewer
+/// (batch 1), the map's weights (16/9 of the layer's for a 3×3 kernel on 2×2 images) are read
+/// for too few columns.
+const UNROLL_IMAGES: usize = 8;
 
 /// Columns up to which an N:M layer runs its own kernel ([`NmConv`]); more run the plan.
 const NM_COLS: usize = 1024;
