@@ -625,17 +625,20 @@ impl<'a> Compiler<'a> {
         ) && corr.is_none()
             && kk > 1
             && ho * wo <= UNROLL_POSITIONS
-            && flow.h * flow.w <= UNROLL_POSITIONS)
-            .then(|| {
-                unroll(
-                    &sub_mask,
-                    &sub_w,
-                    g,
-                    in_ch.len(),
-                    (flow.h, flow.w),
-                    (ho, wo),
-                )
-            });
+            && flow.h * flow.w <= UNROLL_POSITIONS
+            && (cout * ho * wo)
+                .checked_mul(in_ch.len() * flow.h * flow.w)
+                .is_some_and(|v| v <= UNROLL_MAX_ENTRIES))
+        .then(|| {
+            unroll(
+                &sub_mask,
+                &sub_w,
+                g,
+                in_ch.len(),
+                (flow.h, flow.w),
+                (ho, wo),
+            )
+        });
         let (sub_mask, sub_w) = match &read {
             Some(cols_read) => select_cols(&sub_mask, &sub_w, cols_read),
             None => (sub_mask, sub_w),
@@ -865,6 +868,10 @@ fn expand_groups(
 /// The columns `keep` of a mask and of its row-major weights.
 /// Output and input positions up to which a convolution in dense blocks also runs unrolled.
 const UNROLL_POSITIONS: usize = 4;
+
+/// Entries of the unrolled map up to which it is built (its dense values are made before
+/// packing: 64 MiB at most; VGG-16's 512-channel 2×2 layers have 4 Mi).
+const UNROLL_MAX_ENTRIES: usize = 1 << 24;
 
 /// The convolution of `mask`/`w` (`cout × cin·taps`, geometry `g`) on `h × w` images as the
 /// linear map from an image's input (`[cin, h·w]`, row `ci·h·w + p`) to its output
