@@ -972,3 +972,31 @@ fn convolutions_on_tiny_images_run_unrolled() {
         }
     }
 }
+
+#[test]
+fn a_network_of_small_values_chunks_from_half_its_largest() {
+    // `plain`'s largest value is conv2's, 16 × 12 × 12 = 2304 floats per image, far below the
+    // default threshold (64 Ki): its steps chunk from 1152 floats on, conv1's output.
+    let (graph, tensors, _) = plain().finish(4);
+    let network = Network::new(graph, tensors, MaskSet::new()).unwrap();
+    let engine = InferenceNet::new(&network, &Formats::new(), Path::Dense).unwrap();
+    let o = engine.options();
+    assert!(o.prefix_min_floats > 2304);
+    // Chunks of as many images as 2304-float values fill `prefix_chunk_floats`.
+    let images = o.prefix_chunk_floats / 2304;
+    let batch = images + 3;
+    let c = engine.chunking(batch).expect("chunked");
+    assert_eq!((c.images, c.image_floats), (images, 2304));
+    // conv1 and conv2 (BatchNorm and ReLU folded into them) and the max pool that shrinks
+    // conv2's value; conv3 reads and makes 576 floats per image.
+    assert_eq!(c.steps, 3, "{c:?}");
+    assert!(engine.chunking(images).is_none());
+    let [ch, h, w] = network.input();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x: Vec<f32> = (0..batch * ch * h * w)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let want = reference::forward_nchw(&network, &x, batch).unwrap();
+    let got = engine.forward_nchw(&x, batch).unwrap();
+    assert!(max_error(&got, &want) <= 1e-4 * scale_of(&want));
+}

@@ -142,8 +142,11 @@ pub struct InferOptions {
     /// the next, instead of on the whole batch layer by layer (each such layer's 16 MiB at
     /// batch 64 streamed through memory); the rest runs on the whole batch (more columns per
     /// product). The chunks end after the last of those steps where one value alone is live
-    /// (a residual block's end, a pooling's output). Tuning ([`InferenceNet::tune`],
-    /// measuring) halves it where whole passes ran faster so (chunks a stage further).
+    /// (a residual block's end, a pooling's output). A network whose values are all smaller
+    /// chunks from half its largest value instead (the demo's CNN on 28×28 images, whose
+    /// largest is 25 K floats: its dense pass at batch 256 ran 25.5–27.3 → 20.0–20.3 ms,
+    /// `examples/ab_options`). Tuning ([`InferenceNet::tune`], measuring) halves it where
+    /// whole passes ran faster so (chunks a stage further).
     pub prefix_min_floats: usize,
     /// Floats of the largest value of a chunk of [`prefix_min_floats`](Self::prefix_min_floats):
     /// images per chunk = this / that value's floats per image (1 MiB by default: 4 CIFAR

@@ -223,13 +223,18 @@ pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
         return None;
     }
     let slots = net.reads.len();
-    // (channel rows, positions per image) of every slot the first steps make.
+    // (channel rows, positions per image) of every slot the per-image steps make, up to the
+    // first step that is not one (a global pooling, a flatten).
     let mut shape = vec![(0usize, 0usize); slots];
     let [c, h, w] = net.input;
     shape[0] = (c, h * w);
-    let mut end = 0;
+    // Per step: the larger of the value it reads and the one it makes, floats per image.
+    let mut sizes = Vec::new();
     for step in &net.steps {
-        let (rows, hw) = shape[*step.inputs.first()?];
+        let Some(&first) = step.inputs.first() else {
+            break;
+        };
+        let (rows, hw) = shape[first];
         let out = match &step.kind {
             Kind::Layer(l) => {
                 if let (Some(also), Some(f)) = (step.also, &l.fused) {
@@ -243,14 +248,22 @@ pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
             Kind::Pool { ho, wo, .. } => (rows, ho * wo),
             Kind::GlobalAvgPool { .. } | Kind::Flatten { .. } => break,
         };
-        // A step that shrinks a large value (a pooling, a strided layer) belongs to the
-        // chunks too: the large value then never leaves the cache.
-        if out.0.saturating_mul(out.1).max(rows.saturating_mul(hw)) < o.prefix_min_floats {
-            break;
-        }
         shape[step.output] = out;
-        end += 1;
+        sizes.push(out.0.saturating_mul(out.1).max(rows.saturating_mul(hw)));
     }
+    // A network whose values all stay below the threshold (the demo's CNN on 28×28 images:
+    // 25 K floats at most) chunks from half its largest value instead, where its values
+    // would otherwise stream through memory layer by layer at large batches.
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let min = if largest < o.prefix_min_floats {
+        largest / 2
+    } else {
+        o.prefix_min_floats
+    };
+    // The first steps while each reads or makes a value of at least `min` floats per image;
+    // a step that shrinks a large value (a pooling, a strided layer) belongs to the chunks
+    // too: the large value then never leaves the cache.
+    let end = sizes.iter().take_while(|&&v| v >= min.max(1)).count();
     // Where each slot is made (the input: before step 0) and last read (the output: after
     // the last step).
     let mut made = vec![None; slots];
