@@ -865,7 +865,6 @@ fn expand_groups(
     (s, full, Some(keep))
 }
 
-/// The columns `keep` of a mask and of its row-major weights.
 /// Output and input positions up to which a convolution in dense blocks also runs unrolled.
 const UNROLL_POSITIONS: usize = 4;
 
@@ -924,6 +923,7 @@ fn unroll(
     (big, values)
 }
 
+/// The columns `keep` of a mask and of its row-major weights.
 fn select_cols(mask: &Mask, w: &[f32], keep: &[u32]) -> (Mask, Vec<f32>) {
     let cols = mask.cols();
     let sub = Mask::from_fn(mask.rows(), keep.len(), |r, j| {

@@ -1135,6 +1135,7 @@ impl Layer {
             let (col_buf, part_buf, tmp) = SCRATCH.take();
             let mut col_buf = at_least(col_buf, k * nc);
             let mut part_buf = at_least(part_buf, rows * nc);
+            let mut row_buf = at_least(tmp, rows * nc);
             let cols = &mut col_buf[..k * nc];
             for ci in 0..self.cin {
                 let src = &x[(ci * batch + i0) * hw..][..nc * hw];
@@ -1148,28 +1149,18 @@ impl Layer {
             let part = &mut part_buf[..rows * nc];
             let r = u.forward(cols, part, nc).map_err(kerr);
             if r.is_ok() {
-                let act = |v: f32| if self.relu { v.max(0.0) } else { v };
-                for co in 0..self.cout {
-                    let b = self.bias[co];
-                    let base = co * n + i0 * ohw;
-                    // SAFETY: task `t` alone writes images i0..i1 of every channel (columns
-                    // `i0·ohw .. i1·ohw` of each row of `y`, `cout × n`, allocated above);
-                    // every value is written before `set_len` below.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out.0.add(base).cast::<MaybeUninit<f32>>(),
-                            nc * ohw,
-                        )
-                    };
-                    let res_row = res.map(|q| &q[base..][..nc * ohw]);
-                    for (j, d) in dst.iter_mut().enumerate() {
-                        let (i, q) = (j / ohw, j % ohw);
-                        let v = part[(co * ohw + q) * nc + i] + b;
-                        d.write(act(v + res_row.map_or(0.0, |q| q[j])));
+                // The map's rows (channel, position) × images in the output's order, each
+                // channel's images one after another, then through the epilogue into their
+                // columns of `y`.
+                let ordered = &mut row_buf[..rows * nc];
+                for (co, dst) in ordered.chunks_exact_mut(nc * ohw).enumerate() {
+                    for (j, v) in dst.iter_mut().enumerate() {
+                        *v = part[(co * ohw + j % ohw) * nc + j / ohw];
                     }
                 }
+                self.store(ordered, out, (0, i0 * ohw), nc * ohw, (n, res));
             }
-            SCRATCH.set((col_buf, part_buf, tmp));
+            SCRATCH.set((col_buf, part_buf, row_buf));
             r
         });
         result?;
@@ -1316,13 +1307,13 @@ impl Layer {
         Ok((y, z))
     }
 
-    /// Whether a product of `n` columns runs on the N:M kernel.
     /// Whether a pass of `batch` images runs the unrolled map ([`unrolled`](Self::unrolled)):
     /// at least [`UNROLL_IMAGES`] of them.
     fn runs_unrolled(&self, batch: usize) -> bool {
         self.unrolled.is_some() && batch >= UNROLL_IMAGES
     }
 
+    /// Whether a product of `n` columns runs on the N:M kernel.
     fn runs_nm(&self, n: usize) -> bool {
         self.nm.is_some() && n > 0 && n <= NM_COLS
     }

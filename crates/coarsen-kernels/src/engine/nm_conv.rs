@@ -20,7 +20,8 @@
 //! half, each holding the group's 4 inputs.
 //! Where N ≤ 4, AVX2 runs products of more than 8 columns on a second layout instead
 //! ([`super::nm_rows`]: columns in the lanes, no permutes), whose loads cost less there than
-//! the permutes (a 512→512 convolution on 4×4 images, warm: 0.87 → 0.39 ms).
+//! the permutes (a 512→512 convolution on 4×4 images, warm, gather and dispatch included:
+//! 0.87 → 0.73–0.79 ms in `examples/ab_nm`).
 
 use crate::conv::ConvDims;
 use crate::error::{check_len, KernelError, Result};

@@ -77,13 +77,9 @@ impl RowsLayout {
         let mut pos = vec![0u8; plen];
         let (fv, fi) = (f.values(), f.indices());
         for r in 0..rows {
-            let (t, i) = (r / TILE, r % TILE);
             for kg in 0..kgs {
                 let (g, s) = (kg / inner, kg % inner);
-                let (c, kgi) = (kg / kc, kg % kc);
-                let width = kc.min(kgs - c * kc);
-                // Entry (row, kg) of the layout: chunks before `c` are whole.
-                let at = c * kc * tiles * TILE + (t * width + kgi) * TILE + i;
+                let at = entry(r, kg, (kgs, kc), tiles);
                 let mut word = 0u32;
                 for e in 0..slots {
                     // The format's slot: ((r·groups + g)·inner + s)·n + e.
@@ -219,13 +215,12 @@ impl RowsLayout {
         for c in 0..self.kgs.div_ceil(kc) {
             let k0 = c * kc;
             let kn = kc.min(self.kgs - k0);
-            let chunk = k0 * tiles * TILE;
             let xc = &xq[k0 * self.m * np..][..kn * self.m * np];
             let mut cb = 0;
             while cb < np {
                 let wide = np - cb >= 16;
                 for t in t0..t1 {
-                    let at = chunk + t * kn * TILE;
+                    let at = entry(t * TILE, k0, (self.kgs, kc), tiles);
                     let run = Run {
                         values: &self.values[at * slots..][..kn * TILE * slots],
                         pos: &self.pos[at * self.pw..][..kn * TILE * self.pw + 3],
@@ -267,6 +262,15 @@ impl RowsLayout {
             y[(r - r0) * n..][..n].copy_from_slice(&acc[from..][..n]);
         }
     }
+}
+
+/// Entry `(row r, tap group kg)` of the layout (`kgs` tap groups in chunks of `kc`, `tiles`
+/// tiles of rows): the chunks before `kg`'s are whole, then the tiles before `r`'s in that
+/// chunk, each `TILE` rows of the chunk's tap groups.
+fn entry(r: usize, kg: usize, (kgs, kc): (usize, usize), tiles: usize) -> usize {
+    let (c, kgi) = (kg / kc, kg % kc);
+    let width = kc.min(kgs - c * kc);
+    c * kc * tiles * TILE + ((r / TILE) * width + kgi) * TILE + r % TILE
 }
 
 /// One tile's share of one chunk (see [`avx2::tile`]).
