@@ -12,7 +12,7 @@
 
 use super::blocks::packed_parts;
 use super::direct::{accepts, check_call, in_place_geometry, Epilogue};
-use super::direct::{halo_start, Taps, MAX_TAPS, MR, NR, NV};
+use super::direct::{halo_start, tap_place, Taps, MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::formats::Packed;
@@ -84,6 +84,9 @@ pub struct BlockConv {
     /// Every output row in exactly one block (rows no block of the format writes form one
     /// block without columns, whose output is the epilogue of 0).
     blocks: Vec<ConvBlock>,
+    /// Whether the AVX2 kernel runs the geometries it can on padded halos (see
+    /// [`set_padded_halos`](Self::set_padded_halos)).
+    padded: bool,
 }
 
 impl BlockConv {
@@ -197,6 +200,7 @@ impl BlockConv {
             in_place,
             isa,
             blocks,
+            padded: true,
         }))
     }
 
@@ -243,6 +247,7 @@ impl BlockConv {
             in_place: true,
             isa: self.isa,
             blocks,
+            padded: self.padded,
         })
     }
 
@@ -280,6 +285,14 @@ impl BlockConv {
             out.push((start, self.blocks.len()));
         }
         out
+    }
+
+    /// Whether the AVX2 kernel runs stride-1 convolutions whose taps reach one row and one
+    /// column around each position, on rows of at least 16, on halos padded with zeros (no
+    /// lane masks; on by default), or on masked halos as every other geometry. For A/B
+    /// measurements and tests; the results are the same.
+    pub fn set_padded_halos(&mut self, on: bool) {
+        self.padded = on;
     }
 
     /// Whether it runs convolutions of `d` in place (same geometry and channels, output as
@@ -636,15 +649,204 @@ unsafe fn walk_tiles(
     OFFS.set(offs);
 }
 
+/// Where one vector (8 lanes) of a padded tile goes in the output: lanes `0 .. junk` to
+/// columns `col ..`, lane `junk` (8: none) a padding column of the halo (not stored), the
+/// lanes after it to the columns after those; `n` lanes stored in all.
+#[derive(Clone, Copy, Debug, Default)]
+struct VecOut {
+    /// The output column (of the whole `B·Ho·Wo`) of the vector's first stored lane.
+    col: usize,
+    /// The lane that falls on a padding column (8: none).
+    junk: u8,
+    /// Lanes stored.
+    n: u8,
+}
+
+/// Vectors of a tile.
+const TILE_VECS: usize = NR / 8;
+
+/// Rows of output positions from which the AVX2 kernel runs on padded halos: at least 8 (a
+/// vector holds at most one padding column), and 16 where the padding column's lanes (one in
+/// `w + 1`) cost less than the masks saved. On rows of 8 they cost more: ResNet-18's 8×8
+/// layers at batch 1 (one image, 71 halo positions for 64 outputs) ran 0.157–0.162 →
+/// 0.185–0.190 ms on them; at batch 8 `examples/ab_block` had them level.
+const PADDED_MIN_WIDTH: usize = 16;
+
+/// Whether the AVX2 kernel runs convolutions of `d` on padded halos ([`walk_padded`]):
+/// stride 1, every tap's shift within one row and one column, some tap shifted, and rows of at
+/// least [`PADDED_MIN_WIDTH`] positions.
+fn padded_geometry(g: &ConvGeometry, d: &ConvDims) -> bool {
+    const { assert!(PADDED_MIN_WIDTH >= 8) };
+    let taps = g.taps();
+    let places = (0..taps).map(|t| tap_place(g, t));
+    g.stride == [1, 1]
+        && g.dilation == [1, 1]
+        && d.wo >= PADDED_MIN_WIDTH
+        && d.ho >= 1
+        && places
+            .clone()
+            .all(|(_, dy, dx)| dy.abs() <= 1 && dx.abs() <= 1)
+        && places.clone().any(|(_, dy, dx)| dy != 0 || dx != 0)
+}
+
+/// `n` floats from `src` to `dst`, inline (a halo row is often 8 to 32 floats, which a call
+/// to `memcpy` per row spent longer on than the copy).
+///
+/// # Safety
+/// `src` valid for `n` reads, `dst` for `n` writes, not overlapping.
+#[inline(always)]
+unsafe fn copy_row(src: *const f32, dst: *mut f32, n: usize) {
+    let mut j = 0;
+    while j + 8 <= n {
+        // SAFETY: as the caller guarantees; `j + 8 ≤ n`.
+        unsafe {
+            std::ptr::write_unaligned(
+                dst.add(j).cast::<[f32; 8]>(),
+                std::ptr::read_unaligned(src.add(j).cast::<[f32; 8]>()),
+            )
+        };
+        j += 8;
+    }
+    while j < n {
+        // SAFETY: as above, `j < n`.
+        unsafe { *dst.add(j) = *src.add(j) };
+        j += 1;
+    }
+}
+
+/// The in-place walk over output positions `c0 .. c1` on halos laid out as the image padded
+/// with zeros, for stride-1 convolutions whose taps reach one row and one column around each
+/// position ([`padded_geometry`]): each halo row is an image row followed by one zero (the
+/// right padding of its row and the left padding of the next), the rows above and below the
+/// image are zero rows, and the output positions are walked in the halo's coordinates, so
+/// every tap of every lane reads its input or a zero and no lane needs a mask. The padding
+/// column's lanes are computed and not stored: `tile(window, width, outs, offs)` gets, per
+/// vector of the tile, where its lanes go ([`VecOut`]). A halo holds whole rows of one image
+/// (up to `SPAN·NR` positions).
+///
+/// # Safety
+/// `x` holds `cin × B·H·W` values of a batch `k` accepts at a geometry `padded_geometry`
+/// accepts, and `c0 ≤ c1 ≤ d.n()`; `tile` reads no further than 24 lanes past a position of
+/// its tile plus a column's offset.
+#[inline(always)]
+unsafe fn walk_padded(
+    k: &BlockConv,
+    x: &[f32],
+    d: &ConvDims,
+    (c0, c1): (usize, usize),
+    blocks: &[ConvBlock],
+    mut tile: impl FnMut(*const f32, usize, &[VecOut; TILE_VECS], &[usize]),
+) {
+    let (cin, h, w) = (k.cin, d.ho, d.wo);
+    let (hw, ld) = (h * w, d.n());
+    // Halo rows `pitch` floats apart; a span's real rows, and the zero rows around them.
+    let pitch = w + 1;
+    let span_rows = (SPAN * NR / pitch).clamp(1, h);
+    let data = (span_rows + 2) * pitch;
+    // Room past the last row for a sub-tile's 24 lanes beyond its last position; channels an
+    // odd number of cache lines apart (see `Taps::new`).
+    let mut lines = (data + 32).div_ceil(16);
+    if lines.is_multiple_of(2) {
+        lines += 1;
+    }
+    let cs = lines * 16;
+    let mut offs = OFFS.take();
+    offs.clear();
+    for b in blocks {
+        for &(tap, k0, k1) in &b.runs {
+            let (_, dy, dx) = tap_place(&k.g, tap as usize);
+            // From the window (one row and one column before the tile's first position).
+            let base = ((dy + 1) * pitch as isize + dx + 1) as usize;
+            offs.extend(
+                b.chans[k0 as usize..k1 as usize]
+                    .iter()
+                    .map(|&c| base + c as usize * cs),
+            );
+        }
+    }
+    let mut halo = HALO.take();
+    let hp = halo_start(&mut halo, 1 + cin * cs);
+    // The float before channel 0's first row is read as the left padding of its first
+    // position (other channels read the previous channel's zero tail there).
+    *hp = 0.0;
+    let hbase = hp.add(1);
+    let mut c = c0;
+    while c < c1 {
+        let (img, r) = (c / hw, c % hw);
+        let (y0, xa) = (r / w, r % w);
+        let end = (img * hw + (y0 + span_rows).min(h) * w).min(c1);
+        let last = end - 1 - img * hw;
+        let (y1, xe) = (last / w, last % w + 1);
+        let n = y1 - y0 + 1;
+        // Halo row `i` is image row `y0 + i − 1` (zero outside the image), then a zero.
+        for ch in 0..cin {
+            let row0 = hbase.add(ch * cs);
+            for i in 0..n + 2 {
+                let dst = row0.add(i * pitch);
+                let y = (y0 + i).wrapping_sub(1);
+                if y < h {
+                    copy_row(x.as_ptr().add(ch * ld + img * hw + y * w), dst, w);
+                } else {
+                    for j in 0..w {
+                        *dst.add(j) = 0.0;
+                    }
+                }
+                *dst.add(w) = 0.0;
+            }
+            let used = (n + 2) * pitch;
+            for j in used..cs {
+                *row0.add(j) = 0.0;
+            }
+        }
+        // Positions of the span in halo coordinates: row 1 is image row `y0`.
+        let (p0, p1) = (pitch + xa, n * pitch + xe);
+        let mut t = p0;
+        while t < p1 {
+            let width = NR.min(p1 - t);
+            let mut outs = [VecOut::default(); TILE_VECS];
+            for (j, o) in outs.iter_mut().enumerate().take(width.div_ceil(8)) {
+                let q = t + 8 * j;
+                let lanes = (width - 8 * j).min(8);
+                let (row, col) = (q / pitch, q % pitch);
+                // At most one padding column (at `w`) within 8 lanes of a row of ≥ 8.
+                let junk = w - col;
+                let (junk, first) = if junk >= lanes {
+                    (8, (row, col))
+                } else if junk == 0 {
+                    (0, (row + 1, 0))
+                } else {
+                    (junk, (row, col))
+                };
+                let n = lanes - usize::from(junk < 8);
+                *o = VecOut {
+                    col: img * hw + (y0 + first.0 - 1) * w + first.1,
+                    junk: junk as u8,
+                    n: n as u8,
+                };
+            }
+            // SAFETY: the window is one row and one column before `t`, inside the halo
+            // (`t ≥ pitch`, and the float before row 0, `hp`, is there).
+            tile(hp.add(t - pitch), width, &outs, &offs);
+            t += width;
+        }
+        c = end;
+    }
+    HALO.set(halo);
+    OFFS.set(offs);
+}
+
 /// The in-place kernel on AVX2 and FMA: the AVX-512 kernel's tiles of up to `NR` positions,
 /// halos and lane masks, each tile run as sub-tiles of 24 positions (three vectors of 8) on
-/// a register tile of 4 rows × 24 (a panel of `MR` rows in two passes); loads are unmasked
-/// and ANDed with the tap's lane mask (the halo row holds every position a tile reads).
+/// a register tile of 4 rows × 24 (a panel of `MR` rows in two passes, its loop in assembly);
+/// loads are unmasked and ANDed with the tap's lane mask (the halo row holds every position a
+/// tile reads), or, on padded halos ([`walk_padded`]: stride-1 layers on rows of at least
+/// [`PADDED_MIN_WIDTH`]), not masked at all.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{walk_tiles, BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV};
+    use super::{padded_geometry, walk_padded, walk_tiles, VecOut};
+    use super::{BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NR, NV};
     use crate::conv::ConvDims;
 
     /// Positions of a sub-tile: three vectors.
@@ -653,6 +855,44 @@ mod avx2 {
     const SUBS: usize = NR.div_ceil(SUB);
     /// Rows of a pass over a panel.
     const HALF: usize = MR / 2;
+
+    /// A padded tile's vector ([`VecOut`]) made ready for the stores of every row: the lane
+    /// permutation that squeezes out its padding lane, the mask of its stored lanes, and
+    /// whether all 8 lanes may be written (see [`store_row`]).
+    #[derive(Clone, Copy)]
+    struct PadVec {
+        from: __m256i,
+        mask: __m256i,
+        /// Its first stored lane's column, and that column's place after the call's first.
+        col: usize,
+        at: usize,
+        /// Lanes stored (0: none), and whether 8 lanes may be written.
+        n: u8,
+        whole: bool,
+    }
+
+    impl PadVec {
+        /// `o` for a call whose positions are `c0 .. end`.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn new(o: &VecOut, c0: usize, end: usize) -> PadVec {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let one = _mm256_set1_epi32(1);
+            let junk = _mm256_set1_epi32(i32::from(o.junk));
+            // Lane `l` takes lane `l + 1` from the padding lane on.
+            let after = _mm256_cmpgt_epi32(_mm256_add_epi32(lanes, one), junk);
+            PadVec {
+                from: _mm256_add_epi32(lanes, _mm256_and_si256(after, one)),
+                mask: _mm256_cmpgt_epi32(_mm256_set1_epi32(i32::from(o.n)), lanes),
+                col: o.col,
+                at: o.col.wrapping_sub(c0),
+                n: o.n,
+                // Lanes past the `n` stored ones that still fall inside the call's range are
+                // written whole (a masked store is slow): the positions they hit come later
+                // in this thread's walk, which writes them again.
+                whole: o.col + 8 <= end,
+            }
+        }
+    }
 
     /// Lanes `p .. p + 8` (`p` a multiple of 8) of a tile's 16-lane masks, as a vector mask.
     #[target_feature(enable = "avx2,fma")]
@@ -683,6 +923,38 @@ mod avx2 {
         let (yp2, ldy2, epilogue2) = second.unwrap_or((yp, ldy, epilogue));
         let ntaps = k.g.taps();
         let blocks = &k.blocks[b0..b1];
+        if k.padded && second.is_none() && padded_geometry(&k.g, d) {
+            // No lane masks: the halo holds the padding.
+            let vm = [[_mm256_setzero_ps(); 3]; MAX_TAPS];
+            walk_padded(k, x, d, (c0, c1), blocks, |window, width, outs, offs| {
+                let mut pads = [[PadVec::new(&VecOut::default(), 0, 0); 3]; SUBS];
+                for (i, o) in outs.iter().enumerate().take(width.div_ceil(8)) {
+                    pads[i / 3][i % 3] = PadVec::new(o, c0, c1);
+                }
+                let mut subs: [Option<Sub<'_>>; SUBS] = [None, None];
+                let mut s = 0;
+                for (sub, pad) in subs.iter_mut().zip(&pads) {
+                    if s >= width {
+                        break;
+                    }
+                    *sub = Some(Sub {
+                        offs,
+                        hp: window.add(s),
+                        vm: &vm,
+                        width: SUB.min(width - s),
+                        out: (yp, ldy),
+                        col: c0,
+                        pad: Some(pad),
+                        epilogue,
+                        out2: (yp2, ldy2),
+                        epilogue2,
+                    });
+                    s += SUB;
+                }
+                run_tile::<false>(blocks, &subs);
+            });
+            return;
+        }
         walk_tiles(
             k,
             x,
@@ -715,13 +987,14 @@ mod avx2 {
                         width: sw,
                         out: (yp.add(t0 + s - c0), ldy),
                         col: t0 + s,
+                        pad: None,
                         epilogue,
                         out2: (yp2.add(t0 + s - c0), ldy2),
                         epilogue2,
                     });
                     s += sw;
                 }
-                run_tile(blocks, &subs);
+                run_tile::<true>(blocks, &subs);
             },
         );
     }
@@ -740,6 +1013,9 @@ mod avx2 {
         out: (*mut f32, usize),
         /// Its first position's column in the whole output (for the residual).
         col: usize,
+        /// On a padded halo: where each vector's lanes go (`out` and `col` are then the
+        /// place and column of the call's first position).
+        pad: Option<&'a [PadVec; 3]>,
         epilogue: Epilogue<'a>,
         /// Where the blocks of a fused kernel's second output write, and their epilogue.
         out2: (*mut f32, usize),
@@ -751,8 +1027,9 @@ mod avx2 {
     ///
     /// # Safety
     /// As [`forward`], which made `subs`.
+    /// `MASKED`: whether the loads take the taps' lane masks (not on padded halos).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_tile(blocks: &[ConvBlock], subs: &[Option<Sub<'_>>; SUBS]) {
+    unsafe fn run_tile<const MASKED: bool>(blocks: &[ConvBlock], subs: &[Option<Sub<'_>>; SUBS]) {
         let mut first = 0;
         for b in blocks {
             let kn = b.chans.len();
@@ -776,9 +1053,9 @@ mod avx2 {
                             epilogue,
                         };
                         match t.width.div_ceil(8) {
-                            1 => half::<1>(&h, t),
-                            2 => half::<2>(&h, t),
-                            _ => half::<3>(&h, t),
+                            1 => half::<1, MASKED>(&h, t),
+                            2 => half::<2, MASKED>(&h, t),
+                            _ => half::<3, MASKED>(&h, t),
                         }
                     }
                 }
@@ -809,14 +1086,28 @@ mod avx2 {
     /// As [`forward`], which made `t`; `p` a half panel of one of its blocks.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn half<const V: usize>(p: &Half<'_>, t: &Sub<'_>) {
+    unsafe fn half<const V: usize, const MASKED: bool>(p: &Half<'_>, t: &Sub<'_>) {
         let mut acc = [[_mm256_setzero_ps(); V]; HALF];
+        if V == 3 {
+            let acc = tile_4x24::<MASKED>(p, t);
+            let (yp, ldy) = p.out;
+            for (a, &r) in acc.iter().zip(p.rows) {
+                store_row(a, t, p.epilogue, yp.add(r as usize * ldy), r as usize);
+            }
+            return;
+        }
         for kc in 0..p.kn {
-            let m = &t.vm[*p.taps.add(kc) as usize];
             let row = t.hp.add(*p.offs.add(kc));
             let mut xv = [_mm256_setzero_ps(); V];
-            for (j, v) in xv.iter_mut().enumerate() {
-                *v = _mm256_and_ps(_mm256_loadu_ps(row.add(8 * j)), m[j]);
+            if MASKED {
+                let m = &t.vm[*p.taps.add(kc) as usize];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm256_and_ps(_mm256_loadu_ps(row.add(8 * j)), m[j]);
+                }
+            } else {
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(row.add(8 * j));
+                }
             }
             let wc = p.w.add(kc * MR);
             for (i, a) in acc.iter_mut().enumerate() {
@@ -830,6 +1121,126 @@ mod avx2 {
         for (a, &r) in acc.iter().zip(p.rows) {
             store_row(a, t, p.epilogue, yp.add(r as usize * ldy), r as usize);
         }
+    }
+
+    /// [`half`]'s loop for 3 vectors, in assembly: the 12 accumulators, 3 input vectors and a
+    /// broadcast weight are exactly the 16 registers, and the compiler's own loop kept an
+    /// accumulator (unmasked) or the loop's bound (masked) on the stack, a store and reload
+    /// on an FMA chain, or one load more per column. `MASKED`: each column's 24 lanes ANDed
+    /// with its tap's lane masks.
+    ///
+    /// # Safety
+    /// As [`half`]: every column's offset and the 24 lanes from it lie inside the halo, the
+    /// half panel holds `kn` columns `MR` floats apart, and (masked) every column's tap has
+    /// its masks in `t.vm`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile_4x24<const MASKED: bool>(p: &Half<'_>, t: &Sub<'_>) -> [[__m256; 3]; HALF] {
+        const { assert!(HALF == 4 && MR == 8) };
+        let [[a00, a01, a02], [a10, a11, a12], [a20, a21, a22], [a30, a31, a32]]: [[__m256; 3];
+            HALF];
+        macro_rules! tile {
+            ($($load:literal),+; $($extra:tt)*) => {
+                std::arch::asm!(
+                    "vxorps {a00}, {a00}, {a00}",
+                    "vxorps {a01}, {a01}, {a01}",
+                    "vxorps {a02}, {a02}, {a02}",
+                    "vxorps {a10}, {a10}, {a10}",
+                    "vxorps {a11}, {a11}, {a11}",
+                    "vxorps {a12}, {a12}, {a12}",
+                    "vxorps {a20}, {a20}, {a20}",
+                    "vxorps {a21}, {a21}, {a21}",
+                    "vxorps {a22}, {a22}, {a22}",
+                    "vxorps {a30}, {a30}, {a30}",
+                    "vxorps {a31}, {a31}, {a31}",
+                    "vxorps {a32}, {a32}, {a32}",
+                    "test {n}, {n}",
+                    "jz 3f",
+                    "2:",
+                    "mov {o}, qword ptr [{offs}]",
+                    $($load,)+
+                    "vbroadcastss {w}, dword ptr [{wp}]",
+                    "vfmadd231ps {a00}, {w}, {x0}",
+                    "vfmadd231ps {a01}, {w}, {x1}",
+                    "vfmadd231ps {a02}, {w}, {x2}",
+                    "vbroadcastss {w}, dword ptr [{wp} + 4]",
+                    "vfmadd231ps {a10}, {w}, {x0}",
+                    "vfmadd231ps {a11}, {w}, {x1}",
+                    "vfmadd231ps {a12}, {w}, {x2}",
+                    "vbroadcastss {w}, dword ptr [{wp} + 8]",
+                    "vfmadd231ps {a20}, {w}, {x0}",
+                    "vfmadd231ps {a21}, {w}, {x1}",
+                    "vfmadd231ps {a22}, {w}, {x2}",
+                    "vbroadcastss {w}, dword ptr [{wp} + 12]",
+                    "vfmadd231ps {a30}, {w}, {x0}",
+                    "vfmadd231ps {a31}, {w}, {x1}",
+                    "vfmadd231ps {a32}, {w}, {x2}",
+                    "add {offs}, 8",
+                    "inc {taps}",
+                    "add {wp}, 32",
+                    "dec {n}",
+                    "jnz 2b",
+                    "3:",
+                    offs = inout(reg) p.offs => _,
+                    taps = inout(reg) p.taps => _,
+                    wp = inout(reg) p.w => _,
+                    n = inout(reg) p.kn => _,
+                    hp = in(reg) t.hp,
+                    o = out(reg) _,
+                    x0 = out(ymm_reg) _,
+                    x1 = out(ymm_reg) _,
+                    x2 = out(ymm_reg) _,
+                    w = out(ymm_reg) _,
+                    a00 = out(ymm_reg) a00,
+                    a01 = out(ymm_reg) a01,
+                    a02 = out(ymm_reg) a02,
+                    a10 = out(ymm_reg) a10,
+                    a11 = out(ymm_reg) a11,
+                    a12 = out(ymm_reg) a12,
+                    a20 = out(ymm_reg) a20,
+                    a21 = out(ymm_reg) a21,
+                    a22 = out(ymm_reg) a22,
+                    a30 = out(ymm_reg) a30,
+                    a31 = out(ymm_reg) a31,
+                    a32 = out(ymm_reg) a32,
+                    $($extra)*
+                    options(nostack, readonly),
+                )
+            };
+        }
+        // SAFETY: as the caller guarantees; the loop reads `kn` offsets (and taps), and per
+        // column 24 floats of the halo, 4 weights (and the tap's 3 masks), and writes only
+        // the named registers.
+        unsafe {
+            if MASKED {
+                // The tap's masks are 3 vectors (96 bytes) apart per tap.
+                tile!(
+                    "movzx {m:e}, byte ptr [{taps}]",
+                    "lea {m}, [{m} + {m}*2]",
+                    "shl {m}, 5",
+                    "vmovups {x0}, ymmword ptr [{vm} + {m}]",
+                    "vmovups {x1}, ymmword ptr [{vm} + {m} + 32]",
+                    "vmovups {x2}, ymmword ptr [{vm} + {m} + 64]",
+                    "vandps {x0}, {x0}, ymmword ptr [{hp} + {o}*4]",
+                    "vandps {x1}, {x1}, ymmword ptr [{hp} + {o}*4 + 32]",
+                    "vandps {x2}, {x2}, ymmword ptr [{hp} + {o}*4 + 64]";
+                    vm = in(reg) t.vm.as_ptr(),
+                    m = out(reg) _,
+                );
+            } else {
+                tile!(
+                    "vmovups {x0}, ymmword ptr [{hp} + {o}*4]",
+                    "vmovups {x1}, ymmword ptr [{hp} + {o}*4 + 32]",
+                    "vmovups {x2}, ymmword ptr [{hp} + {o}*4 + 64]";
+                );
+            }
+        }
+        [
+            [a00, a01, a02],
+            [a10, a11, a12],
+            [a20, a21, a22],
+            [a30, a31, a32],
+        ]
     }
 
     /// One row `r` of a sub-tile's accumulators to `out` through the epilogue `e` (of the
@@ -846,6 +1257,34 @@ mod avx2 {
     ) {
         let bias = _mm256_set1_ps(e.bias.map_or(0.0, |b| *b.get_unchecked(r)));
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        if let Some(pad) = t.pad {
+            // Each vector's padding lane (if any) squeezed out, the rest stored in a run.
+            for (&v, p) in a.iter().zip(pad) {
+                if p.n == 0 {
+                    continue;
+                }
+                let v = _mm256_permutevar8x32_ps(v, p.from);
+                let mut v = _mm256_add_ps(v, bias);
+                if let Some(res) = e.residual {
+                    let src = res.values.as_ptr().add(r * res.ld + p.col);
+                    let rv = if p.whole {
+                        _mm256_loadu_ps(src)
+                    } else {
+                        _mm256_maskload_ps(src, p.mask)
+                    };
+                    v = _mm256_add_ps(v, rv);
+                }
+                if e.relu {
+                    v = _mm256_max_ps(v, _mm256_setzero_ps());
+                }
+                if p.whole {
+                    _mm256_storeu_ps(out.add(p.at), v);
+                } else {
+                    _mm256_maskstore_ps(out.add(p.at), p.mask, v);
+                }
+            }
+            return;
+        }
         for (j, &v) in a.iter().enumerate() {
             let n = t.width.saturating_sub(8 * j).min(8);
             let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
@@ -1417,11 +1856,19 @@ mod tests {
                 (20, 7, 2, 2, 3),
                 // Rows of 20 outputs at stride 2 (a vector and a masked tail per row).
                 (9, 4, 2, 4, 40),
+                // Padded halos (AVX2, stride 1): several halos per image of rows of 33, and
+                // the narrowest rows they take.
+                (6, 5, 2, 12, 33),
+                (7, 4, 3, 3, PADDED_MIN_WIDTH),
             ] {
                 if g.stride == [2, 2] && (h % 2 == 1 || w % 2 == 1) {
                     continue;
                 }
                 let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
+                // The 3×3 layers of ResNets and VGGs run on padded halos from rows of 16 on.
+                if g == ConvGeometry::square(3, 1, 1) {
+                    assert_eq!(padded_geometry(&g, &d), w >= PADDED_MIN_WIDTH);
+                }
                 let kk = cin * g.taps();
                 let n = d.n();
                 let values: Vec<f32> = (0..cout * kk).map(|_| r()).collect();

@@ -109,7 +109,7 @@ pub struct DirectConv {
 /// walks: the phase plane (`ry·2 + rx` for stride 2, 0 for stride 1) and the shift `(dy, dx)`
 /// from the output position. Stride 2 reads input `(2·oy + ay, 2·ox + ax)`, `a = t − pad`, which
 /// is position `(oy + ⌊ay/2⌋, ox + ⌊ax/2⌋)` of the plane of parity `(ay mod 2, ax mod 2)`.
-fn tap_place(g: &ConvGeometry, tap: usize) -> (usize, isize, isize) {
+pub(super) fn tap_place(g: &ConvGeometry, tap: usize) -> (usize, isize, isize) {
     let kw = g.kernel[1];
     let ay = (tap / kw) as isize - g.padding[0] as isize;
     let ax = (tap % kw) as isize - g.padding[1] as isize;

@@ -1,0 +1,87 @@
+//! Developer tool: the block kernel (`BlockConv`, in place) on CIFAR ResNet-18's 3×3 layer
+//! shapes with row groups of 32 that each keep DENSITY of the columns (as Regroup leaves
+//! them), on padded halos against masked ones, with and without a residual in the epilogue;
+//! interleaved pass by pass on one thread, best and median useful GFLOP/s.
+//!
+//! `cargo run --release -p coarsen-kernels --example ab_block -- [BATCH] [ROUNDS] [DENSITY]`
+
+use std::time::Instant;
+
+use coarsen_core::Mask;
+use coarsen_kernels::conv::{ConvDims, ConvGeometry};
+use coarsen_kernels::{BlockConv, Epilogue, GroupBlocks, Packed, Residual};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let batch: usize = args.get(1).map_or(Ok(8), |s| s.parse())?;
+    let rounds: usize = args.get(2).map_or(Ok(9), |s| s.parse())?;
+    let density: f64 = args.get(3).map_or(Ok(0.22), |s| s.parse())?;
+    let g = ConvGeometry::square(3, 1, 1);
+    println!(
+        "useful GFLOP/s on one thread, best / median of {rounds}: masked | padded, \
+         then both with a residual"
+    );
+    for (cin, cout, hw) in [(64, 64, 32), (128, 128, 16), (256, 256, 8)] {
+        let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
+        let (n, kk) = (d.n(), cin * 9);
+        let w: Vec<f32> = (0..cout * kk)
+            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
+            .collect();
+        let x: Vec<f32> = (0..cin * n)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let res: Vec<f32> = (0..cout * n)
+            .map(|i| ((i * 15_485_863) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mask = Mask::from_fn(cout, kk, |r, c| {
+            let h = ((r / 32) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (c as u64 * 0xBF58_476D_1CE4_E5B9);
+            (h.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) as f64 / (1u64 << 24) as f64 <= density
+        });
+        let groups = Packed::Group(GroupBlocks::pack(&mask, &w)?);
+        let Some(padded) = BlockConv::new(g, cin, &groups, None)? else {
+            return Err("the block kernel needs AVX2 and FMA, or AVX-512".into());
+        };
+        let mut masked = padded.clone();
+        masked.set_padded_halos(false);
+        let kernels = [&masked, &padded];
+        let mut y = vec![0.0f32; cout * n];
+        let mut times = vec![Vec::new(); 4];
+        for _ in 0..rounds {
+            for (i, k) in kernels.iter().enumerate() {
+                for (j, residual) in [
+                    None,
+                    Some(Residual {
+                        values: &res,
+                        ld: n,
+                    }),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let e = Epilogue {
+                        bias: None,
+                        residual,
+                        relu: true,
+                    };
+                    let s = Instant::now();
+                    // SAFETY: `y` holds every row of the output's n columns.
+                    unsafe {
+                        k.forward_into(&x, &d, (0, n), (0, k.blocks()), y.as_mut_ptr(), n, e)?
+                    };
+                    times[j * 2 + i].push(s.elapsed().as_secs_f64());
+                }
+            }
+        }
+        let useful = 2.0 * (mask.nnz() * n) as f64 / 1e9;
+        let cells: Vec<String> = times
+            .iter_mut()
+            .map(|t| {
+                t.sort_by(f64::total_cmp);
+                format!("{:6.1} / {:6.1}", useful / t[0], useful / t[t.len() / 2])
+            })
+            .collect();
+        println!("{cin:4} ch {hw:2}x{hw:<2}: {}", cells.join(" | "));
+    }
+    Ok(())
+}
