@@ -5,9 +5,11 @@
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_block -- [BATCH] [ROUNDS] [DENSITY]`
 
+#[path = "common/layer.rs"]
+mod layer;
+
 use std::time::Instant;
 
-use coarsen_core::Mask;
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
 use coarsen_kernels::{BlockConv, Epilogue, GroupBlocks, Packed, Residual};
 
@@ -24,20 +26,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (cin, cout, hw) in [(64, 64, 32), (128, 128, 16), (256, 256, 8)] {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let (n, kk) = (d.n(), cin * 9);
-        let w: Vec<f32> = (0..cout * kk)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
-        let x: Vec<f32> = (0..cin * n)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let w = layer::weights(cout * kk);
+        let x = layer::input(cin * n);
         let res: Vec<f32> = (0..cout * n)
             .map(|i| ((i * 15_485_863) % 1000) as f32 / 500.0 - 1.0)
             .collect();
-        let mask = Mask::from_fn(cout, kk, |r, c| {
-            let h = ((r / 32) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ (c as u64 * 0xBF58_476D_1CE4_E5B9);
-            (h.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) as f64 / (1u64 << 24) as f64 <= density
-        });
+        let mask = layer::row_groups(cout, kk, density);
         let groups = Packed::Group(GroupBlocks::pack(&mask, &w)?);
         let Some(padded) = BlockConv::new(g, cin, &groups, None)? else {
             return Err("the block kernel needs AVX2 and FMA, or AVX-512".into());

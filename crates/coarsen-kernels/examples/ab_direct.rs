@@ -13,6 +13,9 @@
 //! (the same products), and on row groups of 32 that each keep DENSITY of the columns (as
 //! Regroup leaves them), in useful GFLOP/s.
 
+#[path = "common/layer.rs"]
+mod layer;
+
 use std::time::Instant;
 
 use coarsen_core::Mask;
@@ -51,12 +54,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let n = d.n();
-        let w: Vec<f32> = (0..cout * cin * 9)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
-        let x: Vec<f32> = (0..cin * n)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let w = layer::weights(cout * cin * 9);
+        let x = layer::input(cin * n);
         let Some(base) = DirectConv::new(g, cout, cin, &w)? else {
             return Err("the implicit GEMM needs AVX-512".into());
         };
@@ -123,12 +122,8 @@ fn strided(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let n = d.n();
         let k = cin * 9;
-        let w: Vec<f32> = (0..cout * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
-        let x: Vec<f32> = (0..cin * batch * hw * hw)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let w = layer::weights(cout * k);
+        let x = layer::input(cin * batch * hw * hw);
         let Some(mut dc) = DirectConv::new(g, cout, cin, &w)? else {
             return Err("the implicit GEMM needs AVX-512".into());
         };
@@ -189,14 +184,10 @@ fn few_columns(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         (512, 2304, 16),
         (512, 4608, 4),
     ] {
-        let w: Vec<f32> = (0..rows * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
+        let w = layer::weights(rows * k);
         let plan = Plan::new(&Packed::Dense(Dense::new(rows, k, w)?))?;
         let mr = plan.tile_rows().ok_or("no tiled kernel")?;
-        let xt: Vec<f32> = (0..n.div_ceil(mr) * mr * k)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let xt = layer::input(n.div_ceil(mr) * mr * k);
         // The narrow kernel's single tile of the same X.
         let narrow = plan.narrow_width().filter(|&nw| n <= nw);
         let xn: Vec<f32> = match narrow {
@@ -254,22 +245,13 @@ fn blocks(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     for (cin, cout, hw) in [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4)] {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let (n, kk) = (d.n(), cin * 9);
-        let w: Vec<f32> = (0..cout * kk)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
-        let x: Vec<f32> = (0..cin * n)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let w = layer::weights(cout * kk);
+        let x = layer::input(cin * n);
         let Some(dense) = DirectConv::new(g, cout, cin, &w)? else {
             return Err("the implicit GEMM needs AVX-512".into());
         };
         let full = Packed::Group(GroupBlocks::pack(&Mask::ones(cout, kk), &w)?);
-        // Row groups of 32, each its own pseudo-random columns.
-        let mask = Mask::from_fn(cout, kk, |r, c| {
-            let h = ((r / 32) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ (c as u64 * 0xBF58_476D_1CE4_E5B9);
-            (h.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) as f64 / (1u64 << 24) as f64 <= density
-        });
+        let mask = layer::row_groups(cout, kk, density);
         let groups = Packed::Group(GroupBlocks::pack(&mask, &w)?);
         let (Some(bf), Some(bg)) = (
             BlockConv::new(g, cin, &full, None)?,

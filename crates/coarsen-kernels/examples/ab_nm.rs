@@ -4,7 +4,10 @@
 //! memory, as in a whole network's pass), in GB/s of the packed weight read.
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_nm -- [ROUNDS]`
+
 mod common;
+#[path = "common/layer.rs"]
+mod layer;
 
 use std::time::Instant;
 
@@ -36,9 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let p = (ch % 4 + 4 - (r + t) % 4) % 4;
             p < 2
         });
-        let w: Vec<f32> = (0..cout * cols)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
+        let w = layer::weights(cout * cols);
         let f = NmCompressed::pack(
             &mask,
             &w,
@@ -48,9 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None,
         )?;
         let k = NmConv::new(&f)?.ok_or("the N:M kernel needs AVX-512 or AVX2")?;
-        let x: Vec<f32> = (0..cin * b * hw * hw)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let x = layer::input(cin * b * hw * hw);
         let mut xq = vec![0.0f32; k.input_len(n)];
         let parts = (2 * threads).min(cout / NmConv::ROW_ALIGN).max(1);
         let per = cout.div_ceil(parts).div_ceil(NmConv::ROW_ALIGN) * NmConv::ROW_ALIGN;

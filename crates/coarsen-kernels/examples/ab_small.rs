@@ -6,7 +6,10 @@
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_small -- [ROUNDS]`; `AB_SMALL_SHAPE=M,K,N`
 //! times that shape alone (`RAYON_NUM_THREADS=1`: one core).
+
 mod common;
+#[path = "common/layer.rs"]
+mod layer;
 
 use coarsen_kernels::formats::Dense;
 use coarsen_kernels::{Packed, Plan};
@@ -34,16 +37,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ],
     };
     for (m, k, n) in shapes {
-        let w: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
+        let w = layer::weights(m * k);
         let plan = Plan::new(&Packed::Dense(Dense::new(m, k, w.clone())?))?;
         let (Some(mr), Some(nr)) = (plan.tile_rows(), plan.tile_width()) else {
             return Err("this instruction set runs the faer kernel".into());
         };
-        let x: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let x = layer::input(k * n);
         // Panels of MR columns for the panel kernel, output rows in shares of NR; tiles of NR
         // columns for the tiled kernel run as one stream of weights, shares of MR.
         let (xt, shares) = (grouped(&x, k, n, mr), row_shares(m, threads, nr));

@@ -8,6 +8,10 @@
 //! of 32 rows, each reading that share of the input channels, also run on the sparse Winograd
 //! kernels, `Winograd::sparse_with_tile`). `AB_ONLY="F(4x4) sparse"` (a kernel's name as
 //! printed) times that kernel alone beside the direct one, for `perf`.
+
+#[path = "common/layer.rs"]
+mod layer;
+
 use std::time::Instant;
 
 use coarsen_kernels::conv::{ConvDims, ConvGeometry};
@@ -58,9 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (cin, cout, hw) in shapes {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let n = d.n();
-        let mut w: Vec<f32> = (0..cout * cin * 9)
-            .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
-            .collect();
+        let mut w = layer::weights(cout * cin * 9);
         if density < 1.0 {
             // Classes of 32 rows; class `q` reads channels `c` with `(c·7 + q·13) mod cin`
             // below `density · cin`.
@@ -72,9 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        let x: Vec<f32> = (0..cin * n)
-            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let x = layer::input(cin * n);
         let dc = DirectConv::new(g, cout, cin, &w)?.ok_or("no AVX-512")?;
         let mut want = vec![0.0f32; cout * n];
         dc.forward(&x, &d, 0, n, &mut want)?;

@@ -1,0 +1,31 @@
+//! What the kernel examples share: deterministic weights and inputs, small and varied, and
+//! the mask Regroup leaves (row groups of 32, each keeping its own columns).
+
+// Each example takes what it needs of these.
+#![allow(dead_code)]
+
+use coarsen_core::Mask;
+
+/// `len` deterministic weights in `[-0.01, 0.01)`.
+pub fn weights(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919) % 1000) as f32 / 5e4 - 0.01)
+        .collect()
+}
+
+/// `len` deterministic input values in `[-1, 1)`.
+pub fn input(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// Row groups of 32 that each keep about `density` of the `kk` columns, their own
+/// pseudo-random ones (as Regroup leaves a mask).
+pub fn row_groups(cout: usize, kk: usize, density: f64) -> Mask {
+    Mask::from_fn(cout, kk, |r, c| {
+        let h = ((r / 32) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (c as u64 * 0xBF58_476D_1CE4_E5B9);
+        (h.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) as f64 / (1u64 << 24) as f64 <= density
+    })
+}
