@@ -8,9 +8,11 @@
 //! and adds it times that input row (`J` vectors of 8 columns, straight from memory into the
 //! FMA). Per slot: one broadcast and `J` input loads for `J` FMAs, no shuffle.
 //!
-//! The input is gathered into `[tap group][position in group][columns, padded to 8]`. The
-//! tap groups are cut into chunks whose input rows (256 of them, 16 KiB at 16 columns) stay
-//! in L1 while every row of a share runs over them; the values are stored in that order,
+//! The input is gathered into `[column block][tap group][position in group][16 columns]`:
+//! a block's rows are one cache line each, one after another (rows of the whole width, 1 or
+//! 4 KiB apart at 256 or 1024 columns, fell into a few of L1's sets and evicted each other).
+//! The tap groups are cut into chunks whose input rows (256 of them, 16 KiB) stay in L1
+//! while every row of a share runs over them; the values are stored in that order,
 //! `[chunk][tile of 4 rows][tap group][row][slot]`, so that a thread's share of each chunk is
 //! one sequential stream from memory. Partial sums live in a per-share buffer between chunks.
 
@@ -22,8 +24,11 @@ use crate::formats::{NmCompressed, NM_PAD};
 /// multiple of it).
 pub(super) const TILE: usize = 4;
 
-/// Input rows per chunk of tap groups: 16 KiB of a column block of 16 columns.
+/// Input rows per chunk of tap groups: 16 KiB of a column block.
 const CHUNK_ROWS: usize = 256;
+
+/// Columns of a block of the gathered input (one cache line per row).
+const XB: usize = 16;
 
 /// An N:M weight in the rows layout (N ≤ 4, M ≤ 16: a group's positions fit 16 bits).
 #[derive(Clone, Debug)]
@@ -41,7 +46,7 @@ pub(super) struct RowsLayout {
     /// `[chunk][tile][kg][row][slot]`, 0 in padding slots and past the rows.
     values: Vec<f32>,
     /// `[chunk][tile][kg][row]`, `pw` bytes each: slot `e`'s position in bits
-    /// `e·bits ..`; 3 bytes of slack at the end (each word is read as a `u32`).
+    /// `e·bits ..`; 7 bytes of slack at the end (a tap group's words are read as a `u64`).
     pos: Vec<u8>,
 }
 
@@ -62,6 +67,10 @@ impl RowsLayout {
         let (m, slots, groups) = (f.m(), f.n(), f.groups());
         let bits = (usize::BITS - (m - 1).leading_zeros()).max(1);
         let pw = (slots * bits as usize).div_ceil(8);
+        // A tile's positions are read in one `u64` (N ≤ 4 and M ≤ 16 keep `pw` ≤ 2).
+        if TILE * pw > 8 {
+            return None;
+        }
         let kgs = groups.checked_mul(inner)?;
         let kc = (CHUNK_ROWS / m).max(1);
         let tiles = rows.div_ceil(TILE);
@@ -72,7 +81,7 @@ impl RowsLayout {
         let plen = (tiles * TILE)
             .checked_mul(kgs)?
             .checked_mul(pw)?
-            .checked_add(3)?;
+            .checked_add(7)?;
         let mut values = vec![0.0f32; len];
         let mut pos = vec![0u8; plen];
         let (fv, fi) = (f.values(), f.indices());
@@ -111,11 +120,16 @@ impl RowsLayout {
         n.div_ceil(8) * 8
     }
 
-    /// Floats of the gathered input for `n` columns: the rows, and 16 floats before them (the
-    /// first holds where the rows start, so that they start on a cache line: a row of 16
-    /// columns is then one line, and no load splits across two).
+    /// Floats of one column block of the gathered input: every tap group's rows of [`XB`].
+    fn block_len(&self) -> usize {
+        self.kgs * self.m * XB
+    }
+
+    /// Floats of the gathered input for `n` columns: its column blocks, and 16 floats before
+    /// them (the first holds where the blocks start, so that they start on a cache line: each
+    /// block's row is then one line, and no load splits across two).
     pub(super) fn input_len(&self, n: usize) -> usize {
-        self.kgs * self.m * Self::padded(n) + 16
+        n.div_ceil(XB) * self.block_len() + 16
     }
 
     /// Where the rows of `xq` start: the slot after the first that is 64-byte aligned.
@@ -133,9 +147,10 @@ impl RowsLayout {
     }
 
     /// The batch `x` (checked by the caller: `[C, B, H, W]` of `d`, every offset an `i32`)
-    /// into `out` ([`input_len`](Self::input_len) values): row `(kg, p)` holds channel
-    /// `chan[g][p]` (−1: zeros) at every column's input position under tap `s`, 0 in the
-    /// padding and past the columns. In parallel over tap groups.
+    /// into `out` ([`input_len`](Self::input_len) values): in column block `b`, row `(kg, p)`
+    /// holds channel `chan[g][p]` (−1: zeros) at the input position under tap `s` of each of
+    /// the block's [`XB`] columns, 0 in the padding and past the columns. In parallel over
+    /// (column block, tap group) pairs.
     pub(super) fn gather_input(
         &self,
         x: &[f32],
@@ -145,50 +160,55 @@ impl RowsLayout {
         out: &mut [f32],
     ) {
         let n = d.n();
-        let np = Self::padded(n);
-        let m = self.m;
+        let (m, kgs) = (self.m, self.kgs);
+        let blocks = n.div_ceil(XB);
         let start = Self::start_for(out);
         out[0] = start as f32;
-        let out = &mut out[start..][..self.kgs * m * np];
-        if np == 0 || self.kgs == 0 {
+        let out = &mut out[start..][..blocks * self.block_len()];
+        if n == 0 || kgs == 0 {
             return;
         }
-        let t = Offsets::new(d, 1, np.div_ceil(16) * 16);
-        // Per tap, the runs of columns inside the image whose offsets follow one another
-        // (whole output rows at stride 1): `(first column, its offset, length)`.
-        let runs: Vec<Vec<(usize, usize, usize)>> = (0..inner)
+        let t = Offsets::new(d, 1, blocks * XB);
+        // Per tap and column block, the runs of the block's columns inside the image whose
+        // offsets follow one another (whole output rows at stride 1): `(first column in the
+        // block, its offset, length)`.
+        let runs: Vec<Vec<Vec<(usize, usize, usize)>>> = (0..inner)
             .map(|s| {
-                let mut v: Vec<(usize, usize, usize)> = Vec::new();
+                let mut v = vec![Vec::<(usize, usize, usize)>::new(); blocks];
                 for j in 0..n {
                     let lane = s * t.lanes + j;
                     if t.inside[lane / 16] >> (lane % 16) & 1 == 0 {
                         continue;
                     }
                     let off = t.offset[lane] as usize;
-                    match v.last_mut() {
-                        Some((j0, o0, len)) if *j0 + *len == j && *o0 + *len == off => *len += 1,
-                        _ => v.push((j, off, 1)),
+                    let (b, jb) = (j / XB, j % XB);
+                    match v[b].last_mut() {
+                        Some((j0, o0, len)) if *j0 + *len == jb && *o0 + *len == off => *len += 1,
+                        _ => v[b].push((jb, off, 1)),
                     }
                 }
                 v
             })
             .collect();
         let plane = d.b * d.h * d.w;
-        // Tap groups in chunks of about 64 KiB of output.
-        let per = (16384 / (m * np)).max(1);
-        crate::team::for_each_chunk_mut(out, per * m * np, |i, chunk| {
-            for (k, dst) in chunk.chunks_exact_mut(m * np).enumerate() {
-                let kg = i * per + k;
+        // (Column block, tap group) pairs in chunks of about 64 KiB of output.
+        let per = (16384 / (m * XB)).max(1);
+        crate::team::for_each_chunk_mut(out, per * m * XB, |i, chunk| {
+            for (k, dst) in chunk.chunks_exact_mut(m * XB).enumerate() {
+                let (b, kg) = ((i * per + k) / kgs, (i * per + k) % kgs);
                 let (g, s) = (kg / inner, kg % inner);
-                for (p, row) in dst.chunks_exact_mut(np).enumerate() {
-                    row.fill(0.0);
+                for (p, row) in dst.chunks_exact_mut(XB).enumerate() {
+                    let Ok(row) = <&mut [f32; XB]>::try_from(row) else {
+                        continue;
+                    };
+                    *row = [0.0; XB];
                     let c = chan[g][p];
                     if c < 0 {
                         continue;
                     }
                     let xc = &x[c as usize * plane..][..plane];
-                    for &(j, off, len) in &runs[s] {
-                        row[j..j + len].copy_from_slice(&xc[off..off + len]);
+                    for &(j, off, len) in &runs[s][b] {
+                        copy_run(&xc[off..off + len], &mut row[j..j + len]);
                     }
                 }
             }
@@ -215,16 +235,17 @@ impl RowsLayout {
         for c in 0..self.kgs.div_ceil(kc) {
             let k0 = c * kc;
             let kn = kc.min(self.kgs - k0);
-            let xc = &xq[k0 * self.m * np..][..kn * self.m * np];
             let mut cb = 0;
             while cb < np {
                 let wide = np - cb >= 16;
+                // The chunk's rows of the column block.
+                let xc = &xq[cb / XB * self.block_len() + k0 * self.m * XB..][..kn * self.m * XB];
                 for t in t0..t1 {
                     let at = entry(t * TILE, k0, (self.kgs, kc), tiles);
                     let run = Run {
                         values: &self.values[at * slots..][..kn * TILE * slots],
-                        pos: &self.pos[at * self.pw..][..kn * TILE * self.pw + 3],
-                        x: &xc[cb..],
+                        pos: &self.pos[at * self.pw..][..kn * TILE * self.pw + 7],
+                        x: xc,
                         acc: &mut acc[(t - t0) * width + cb..],
                         kn,
                         np,
@@ -235,9 +256,10 @@ impl RowsLayout {
                     };
                     // SAFETY: the layout's ISA (AVX2 and FMA) was detected by the caller;
                     // `run` holds the tile's `kn` tap groups of values and positions (every
-                    // position below `m`), the chunk's `kn·m` input rows of `np` columns from
-                    // column `cb` (at least 8, or 16 for `wide`), and the tile's `TILE` rows
-                    // of `np` partial sums from column `cb`.
+                    // position below `m`), the chunk's `kn·m` input rows of the column block
+                    // (`XB` columns, of which the kernel reads 8 or, `wide`, 16), and the
+                    // tile's `TILE` rows of `np` partial sums from column `cb` (at least 8,
+                    // or 16 for `wide`).
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         match (slots, wide) {
@@ -264,6 +286,22 @@ impl RowsLayout {
     }
 }
 
+/// `src` into `dst` (as long), inline: runs are at most [`XB`] floats, which a call to
+/// `memcpy` per run spent longer on than the copy.
+#[inline(always)]
+fn copy_run(src: &[f32], dst: &mut [f32]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d8, s8) in (&mut d).zip(&mut s) {
+        if let (Ok(d8), Ok(s8)) = (<&mut [f32; 8]>::try_from(d8), <&[f32; 8]>::try_from(s8)) {
+            *d8 = *s8;
+        }
+    }
+    for (d1, s1) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d1 = *s1;
+    }
+}
+
 /// Entry `(row r, tap group kg)` of the layout (`kgs` tap groups in chunks of `kc`, `tiles`
 /// tiles of rows): the chunks before `kg`'s are whole, then the tiles before `r`'s in that
 /// chunk, each `TILE` rows of the chunk's tap groups.
@@ -278,7 +316,7 @@ struct Run<'a> {
     /// `[kg][row][slot]` values and `[kg][row]` positions (`pw` bytes each, then slack).
     values: &'a [f32],
     pos: &'a [u8],
-    /// The chunk's input rows from the column block's first column (row stride `np`).
+    /// The chunk's input rows of the column block (row stride `XB`).
     x: &'a [f32],
     /// The tile's partial sums from the column block's first column (row stride `np`).
     acc: &'a mut [f32],
@@ -295,7 +333,7 @@ struct Run<'a> {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Run, TILE};
+    use super::{Run, TILE, XB};
 
     /// Bytes of values fetched ahead.
     const AHEAD: usize = 16384;
@@ -304,9 +342,9 @@ mod avx2 {
     /// and the block's `8·J` columns `j`.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `r` as documented on [`Run`], with `r.x` and `r.acc`
-    /// holding `8·J` columns from their starts in every row they index, and every position
-    /// below `r.m`.
+    /// AVX2 and FMA must be available; `r` as documented on [`Run`], with `r.x` (rows of `XB`
+    /// columns) and `r.acc` (rows of `r.np`) holding `8·J` columns from their starts in every
+    /// row they index, and every position below `r.m`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile<const N: usize, const J: usize>(r: Run<'_>) {
         let (vp, pp, xp, ap) = (
@@ -332,14 +370,16 @@ mod avx2 {
             if kg % 16 == 0 {
                 _mm_prefetch::<_MM_HINT_T0>(pp.wrapping_add(kg * TILE * r.pw + AHEAD / 8).cast());
             }
-            let xg = xp.add(kg * r.m * np);
+            let xg = xp.add(kg * r.m * XB);
+            // The tile's rows' positions in one load (`TILE · pw ≤ 8` bytes).
+            let words = pp.add(kg * TILE * r.pw).cast::<u64>().read_unaligned();
             for (i, row) in a.iter_mut().enumerate() {
                 let e0 = kg * TILE + i;
-                let word = pp.add(e0 * r.pw).cast::<u32>().read_unaligned();
+                let word = (words >> (i * r.pw * 8)) as u32;
                 for e in 0..N {
                     let p = ((word >> (e as u32 * r.bits)) & mask) as usize;
                     let w = _mm256_broadcast_ss(&*vp.add(e0 * N + e));
-                    let xr = xg.add(p * np);
+                    let xr = xg.add(p * XB);
                     for (v, q) in row.iter_mut().enumerate() {
                         *q = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr.add(v * 8)), *q);
                     }
