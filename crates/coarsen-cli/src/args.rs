@@ -458,7 +458,7 @@ pub struct BenchArgs {
     /// `run K` lines on stdin with the milliseconds of K forward passes (`quit` ends). The
     /// packed path is tuned per layer (--tuning); where tuning measured (`measure`,
     /// `remeasure`) and the tuned network then measures no faster than the dense path as a
-    /// whole, it runs dense (the `ready` line's detail says so).
+    /// whole in two timings in a row, it runs dense (the `ready` line's detail says so).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "mask", "shape", "training"], requires_all = ["input", "logits_out"])]
     pub serve: Option<PathBuf>,
     /// With --serve: the kernels, packed or dense.
