@@ -11,6 +11,7 @@
 //! writes its rows of the output once, through the epilogue.
 
 use super::blocks::packed_parts;
+use super::copy_floats;
 use super::direct::{accepts, check_call, in_place_geometry, Epilogue};
 use super::direct::{halo_start, tap_place, Taps, MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
@@ -689,31 +690,6 @@ fn padded_geometry(g: &ConvGeometry, d: &ConvDims) -> bool {
         && places.clone().any(|(_, dy, dx)| dy != 0 || dx != 0)
 }
 
-/// `n` floats from `src` to `dst`, inline (a halo row is often 8 to 32 floats, which a call
-/// to `memcpy` per row spent longer on than the copy).
-///
-/// # Safety
-/// `src` valid for `n` reads, `dst` for `n` writes, not overlapping.
-#[inline(always)]
-unsafe fn copy_row(src: *const f32, dst: *mut f32, n: usize) {
-    let mut j = 0;
-    while j + 8 <= n {
-        // SAFETY: as the caller guarantees; `j + 8 ≤ n`.
-        unsafe {
-            std::ptr::write_unaligned(
-                dst.add(j).cast::<[f32; 8]>(),
-                std::ptr::read_unaligned(src.add(j).cast::<[f32; 8]>()),
-            )
-        };
-        j += 8;
-    }
-    while j < n {
-        // SAFETY: as above, `j < n`.
-        unsafe { *dst.add(j) = *src.add(j) };
-        j += 1;
-    }
-}
-
 /// The in-place walk over output positions `c0 .. c1` on halos laid out as the image padded
 /// with zeros, for stride-1 convolutions whose taps reach one row and one column around each
 /// position ([`padded_geometry`]): each halo row is an image row followed by one zero (the
@@ -785,7 +761,11 @@ unsafe fn walk_padded(
                 let dst = row0.add(i * pitch);
                 let y = (y0 + i).wrapping_sub(1);
                 if y < h {
-                    copy_row(x.as_ptr().add(ch * ld + img * hw + y * w), dst, w);
+                    // SAFETY: the halo row holds `w` floats and a zero from `dst`.
+                    copy_floats(
+                        &x[ch * ld + img * hw + y * w..][..w],
+                        std::slice::from_raw_parts_mut(dst, w),
+                    );
                 } else {
                     for j in 0..w {
                         *dst.add(j) = 0.0;

@@ -54,6 +54,22 @@ pub(crate) fn aligned(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
     unsafe { p.add(offset.min(15)) }
 }
 
+/// `src` into `dst` (as long), inline: the block kernel's halo rows and the N:M gather's runs
+/// are often 1 to 32 floats, which a call to `memcpy` each spent longer on than the copy.
+#[inline(always)]
+pub(crate) fn copy_floats(src: &[f32], dst: &mut [f32]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d8, s8) in (&mut d).zip(&mut s) {
+        if let (Ok(d8), Ok(s8)) = (<&mut [f32; 8]>::try_from(d8), <&[f32; 8]>::try_from(s8)) {
+            *d8 = *s8;
+        }
+    }
+    for (d1, s1) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d1 = *s1;
+    }
+}
+
 /// Part `t` of `0..n` cut into `parts` pieces whose boundaries are multiples of `align`.
 pub(crate) fn split_range(n: usize, parts: usize, t: usize, align: usize) -> (usize, usize) {
     let chunk = n.div_ceil(parts.max(1)).div_ceil(align.max(1)) * align.max(1);

@@ -16,6 +16,7 @@
 //! `[chunk][tile of 4 rows][tap group][row][slot]`, so that a thread's share of each chunk is
 //! one sequential stream from memory. Partial sums live in a per-share buffer between chunks.
 
+use super::copy_floats;
 use super::nm_conv::Offsets;
 use crate::conv::ConvDims;
 use crate::formats::{NmCompressed, NM_PAD};
@@ -208,7 +209,7 @@ impl RowsLayout {
                     }
                     let xc = &x[c as usize * plane..][..plane];
                     for &(j, off, len) in &runs[s][b] {
-                        copy_run(&xc[off..off + len], &mut row[j..j + len]);
+                        copy_floats(&xc[off..off + len], &mut row[j..j + len]);
                     }
                 }
             }
@@ -283,22 +284,6 @@ impl RowsLayout {
             let from = (r - r0 / TILE * TILE) * np;
             y[(r - r0) * n..][..n].copy_from_slice(&acc[from..][..n]);
         }
-    }
-}
-
-/// `src` into `dst` (as long), inline: runs are at most [`XB`] floats, which a call to
-/// `memcpy` per run spent longer on than the copy.
-#[inline(always)]
-fn copy_run(src: &[f32], dst: &mut [f32]) {
-    let mut d = dst.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (d8, s8) in (&mut d).zip(&mut s) {
-        if let (Ok(d8), Ok(s8)) = (<&mut [f32; 8]>::try_from(d8), <&[f32; 8]>::try_from(s8)) {
-            *d8 = *s8;
-        }
-    }
-    for (d1, s1) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *d1 = *s1;
     }
 }
 
