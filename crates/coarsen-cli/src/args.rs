@@ -449,8 +449,9 @@ pub struct BenchArgs {
     /// Timed forward passes of each path per --model measurement.
     #[arg(long, default_value_t = 7, requires = "model")]
     pub reps: usize,
-    /// With --model: also time every step of both paths (layer, kernel, GFLOP/s), to see where
-    /// the time goes.
+    /// With --model: also time every step of both paths (layer, kernel, GFLOP/s and its share of
+    /// this machine's FMA peak, measured in the run), to see where the time goes, and each
+    /// path's roof: the least time its multiply-adds take at that peak.
     #[arg(long, requires = "model")]
     pub profile: bool,
     /// Timing worker for scripts/bench-peers: load this export directory, run it once on

@@ -897,6 +897,18 @@ fn bench_profile_times_every_layer_of_both_paths() {
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let steps = records[0]["profile"]["dense"].as_array().unwrap();
     assert!(steps.iter().any(|s| s["macs"].as_u64().unwrap() > 0));
+    // Each path's roof at the FMA peak measured in the run, the peak in the JSON too.
+    let peak = records[0]["profile"]["fma_peak_gflops"].as_f64().unwrap();
+    assert!(peak.is_finite() && peak > 0.0, "{peak}");
+    let roofs: Vec<&str> = out.lines().filter(|l| l.starts_with("roof: ")).collect();
+    assert_eq!(roofs.len(), 2, "{out}");
+    assert!(
+        roofs
+            .iter()
+            .all(|l| l.contains(&format!("({peak:.1} GFLOP/s on 2 thread(s)"))),
+        "{out}"
+    );
+    assert!(out.contains("of peak"), "{out}");
     // Profiling, patterns and sparsities need a network.
     for flag in [
         &["--profile"][..],

@@ -317,6 +317,24 @@ mod tests {
         );
         assert!(t[2].detail.contains("conv2"), "{}", t[2].detail);
     }
+
+    #[test]
+    fn the_peak_bound_is_the_steps_flops_over_the_peak() {
+        let step = |macs: usize| StepTime {
+            step: "s".into(),
+            kernel: "k".into(),
+            macs,
+            ms: 1.0,
+        };
+        // 3·10⁹ multiply-adds, 6 GFLOP, at 200 GFLOP/s: 30 ms.
+        let steps = [step(1_000_000_000), step(0), step(2_000_000_000)];
+        let ms = peak_bound_ms(&steps, 200.0).unwrap();
+        assert!((ms - 30.0).abs() < 1e-9, "{ms}");
+        assert_eq!(peak_bound_ms(&[step(0)], 200.0), None);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(peak_bound_ms(&steps, bad), None, "{bad}");
+        }
+    }
 }
 
 /// Result of [`model_benchmark`]: end-to-end inference time of a CIFAR-shaped network with
@@ -371,6 +389,20 @@ pub struct PathProfiles {
     pub dense: Vec<StepTime>,
     /// The packed path's steps (after tuning).
     pub packed: Vec<StepTime>,
+    /// This machine's f32 FMA peak on the run's threads, GFLOP/s, where the caller measured
+    /// it (`coarsen bench --profile` does): the roof of every step's GFLOP/s.
+    #[serde(default)]
+    pub fma_peak_gflops: Option<f64>,
+}
+
+/// The least milliseconds `steps` can take on kernels that perform each of their
+/// multiply-adds (two FLOPs each) at `peak_gflops`: their multiply-adds over the FMA peak.
+/// `None` without multiply-adds or a positive, finite peak. Kernels that do fewer
+/// multiplications than their step counts (Winograd) can run below it.
+pub fn peak_bound_ms(steps: &[StepTime], peak_gflops: f64) -> Option<f64> {
+    let macs: f64 = steps.iter().map(|s| s.macs as f64).sum();
+    (macs > 0.0 && peak_gflops.is_finite() && peak_gflops > 0.0)
+        .then(|| 2.0 * macs / (peak_gflops * 1e9) * 1e3)
 }
 
 /// How [`network_benchmark`] and [`model_benchmark`] time a network.
@@ -533,6 +565,7 @@ pub fn network_benchmark(
         Some(PathProfiles {
             dense: dense.profile(&x, batch, reps)?,
             packed: packed.profile(&x, batch, reps)?,
+            fma_peak_gflops: None,
         })
     } else {
         None

@@ -255,7 +255,7 @@ fn training(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
 }
 
 /// `--model`: end-to-end inference, packed against dense, same run.
-fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
+fn models(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()> {
     let patterns: Vec<String> = match &args.pattern {
         Some(p) => p.split(',').map(|s| s.trim().to_string()).collect(),
         None => vec!["group".into(), "channel".into(), "nm".into()],
@@ -337,6 +337,21 @@ fn models(args: &BenchArgs, threads: usize, quiet: bool) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if args.profile {
+        // The roof of every step's GFLOP/s, measured in this run on its threads.
+        let spin = progress::spinner("peak", quiet);
+        spin.set_message(format!(
+            "measuring the {} FMA peak on {threads} threads",
+            isa.as_str()
+        ));
+        let peak = peak_gflops(isa, 0.3);
+        spin.finish_and_clear();
+        for r in &mut records {
+            if let Some(p) = &mut r.profile {
+                p.fma_peak_gflops = Some(peak);
+            }
+        }
+    }
     println!(
         "end-to-end inference, batch {}, {threads} thread(s), median of {} interleaved runs; dense path: coarsen's tiled GEMM and implicit-GEMM convolution; packed path: sparse layers tuned ({:?})",
         args.batch, args.reps, args.tuning
@@ -425,27 +440,42 @@ fn print_profile(r: &coarsen_train::bench::ModelBench, p: &coarsen_train::bench:
             .unwrap_or(6)
             .max(6);
         println!(
-            "{:<w$}  {:<kw$}  {:>9}  {:>6}  {:>8}  {:>7}",
-            "step", "kernel", "ms", "share", "GMAC", "GFLOP/s"
+            "{:<w$}  {:<kw$}  {:>9}  {:>6}  {:>8}  {:>7}  {:>7}",
+            "step", "kernel", "ms", "share", "GMAC", "GFLOP/s", "of peak"
         );
         for s in steps {
             let share = if total > 0.0 { s.ms / total } else { 0.0 };
             let gmac = s.macs as f64 / 1e9;
-            let gflops = if s.macs > 0 && s.ms > 0.0 {
-                format!("{:.1}", 2.0 * gmac / (s.ms / 1e3))
-            } else {
-                "-".into()
+            let rate = (s.macs > 0 && s.ms > 0.0).then(|| 2.0 * gmac / (s.ms / 1e3));
+            let gflops = rate.map_or("-".into(), |g| format!("{g:.1}"));
+            let of_peak = match (rate, p.fma_peak_gflops) {
+                (Some(g), Some(peak)) if peak > 0.0 => format!("{:.0}%", 100.0 * g / peak),
+                _ => "-".into(),
             };
             let kernel = if s.kernel == s.step { "" } else { &s.kernel };
             println!(
-                "{:<w$}  {:<kw$}  {:>9.3}  {:>5.1}%  {:>8.4}  {:>7}",
+                "{:<w$}  {:<kw$}  {:>9.3}  {:>5.1}%  {:>8.4}  {:>7}  {:>7}",
                 s.step,
                 kernel,
                 s.ms,
                 100.0 * share,
                 gmac,
-                gflops
+                gflops,
+                of_peak
             );
+        }
+        if let Some(peak) = p.fma_peak_gflops {
+            if let Some(bound) = coarsen_train::bench::peak_bound_ms(steps, peak) {
+                let gmac: f64 = steps.iter().map(|s| s.macs as f64 / 1e9).sum();
+                println!(
+                    "roof: {gmac:.2} GMAC need at least {bound:.1} ms at this machine's FMA peak \
+                     ({peak:.1} GFLOP/s on {} thread(s), measured in this run) on kernels that \
+                     perform every multiply-add; the steps' sum is {total:.1} ms, {:.0}% of the \
+                     peak's rate (Winograd steps multiply less than they count, and may pass 100%)",
+                    r.threads,
+                    100.0 * bound / total.max(1e-12)
+                );
+            }
         }
     }
 }
@@ -470,7 +500,7 @@ fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool, pinned: bool) 
         return training(args, threads, quiet);
     }
     if !args.model.is_empty() {
-        return models(args, threads, quiet);
+        return models(args, isa, threads, quiet);
     }
     let spin = progress::spinner("peak", quiet);
     spin.set_message(format!(
