@@ -15,6 +15,7 @@ Run it through scripts/bench-peers, which prepares the Python environments and t
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -725,6 +726,32 @@ def table(rows, right=()):
     return "\n".join(lines)
 
 
+def roof_ms(macs, peak_gflops):
+    """The least milliseconds `macs` multiply-adds (2 FLOPs each) take at `peak_gflops`; None
+    without both."""
+    if not macs or not peak_gflops or peak_gflops <= 0 or not math.isfinite(peak_gflops):
+        return None
+    return 2.0 * macs / (peak_gflops * 1e9) * 1e3
+
+
+def roof_rows(results):
+    """The roofs table: one row per coarsen-packed result that has a roof."""
+    rows = [["model", "batch", "variant", "GMAC", "FMA peak GFLOP/s", "roof ms", "median ms",
+             "of roof", "roof / DeepSparse same weights", "Winograd layers"]]
+    for r in results:
+        if r["engine"] != "coarsen-packed" or not r.get("roof_ms"):
+            continue
+        t = r["median_ms"]
+        rows.append(
+            [r["model"], r["batch"], VARIANT_LABEL[r["variant"]], f"{r['macs'] / 1e9:.3f}",
+             f"{r['fma_peak_gflops']:.1f}", fmt_ms(r["roof_ms"]), fmt_ms(t) if t else "-",
+             f"{r['roof_ms'] / t:.0%}" if t else "-",
+             f"{r['roof_vs_deepsparse_same_weights']:.2f}" if r.get("roof_vs_deepsparse_same_weights") else "-",
+             str(r.get("winograd_layers", "-"))]
+        )
+    return rows
+
+
 def main(argv):
     global np
     a = parse_args(argv)
@@ -792,6 +819,11 @@ def main(argv):
                         "error": w.error,
                         "check": checks.get(w.key),
                         "detail": (w.ready or {}).get("detail"),
+                        # coarsen's workers: the pass's multiply-adds and the FMA peak they
+                        # measured (the roof below).
+                        "macs": (w.ready or {}).get("macs"),
+                        "fma_peak_gflops": (w.ready or {}).get("fma_peak_gflops"),
+                        "winograd_layers": (w.ready or {}).get("winograd_layers"),
                         "engine_name": (w.ready or {}).get("engine"),
                         "start_s": w.start_s,
                         "peak_rss_mb": w.peak_rss_mb,
@@ -837,6 +869,10 @@ def main(argv):
         fb, tb = (min(fastest) if fastest else None), r.get("best_ms")
         r["best_dense_peer_best_ms"] = fb
         r["best_speedup_vs_best_dense_peer"] = fb / tb if fb and tb else None
+        r["roof_ms"] = roof_ms(r.get("macs"), r.get("fma_peak_gflops"))
+        r["roof_vs_deepsparse_same_weights"] = (
+            r["roof_ms"] / same_ds if r["roof_ms"] and same_ds else None
+        )
 
     order_m = {m: i for i, m in enumerate(a.models)}
     order_b = {b: i for i, b in enumerate(a.batches)}
@@ -932,6 +968,18 @@ def main(argv):
             f"and spins, slows down up to 20× under contention); rerun on a quiet machine"
         )
     text = "\n".join(header) + "\n\n" + table(rows, right={1, 3, 4, 6, 8, 9, 10, 11, 14}) + "\n"
+    roofs = roof_rows(results)
+    if len(roofs) > 1:
+        text += (
+            "\nRoofs of coarsen's packed path: roof ms = the pass's multiply-adds (the weights it keeps "
+            "× positions) at the FMA peak its worker measured on its threads, the least time of any "
+            "kernel that multiplies every kept weight; of roof = roof ms / median ms (the share of the "
+            "peak the pass ran at); roof / DeepSparse = roof ms / DeepSparse's median on the same "
+            "weights, the lowest ratio to DeepSparse such kernels can reach. Winograd layers multiply "
+            "less than they count, so a row with them can run below its roof.\n\n"
+            + table(roofs, right={1, 3, 4, 5, 6, 7, 8, 9})
+            + "\n"
+        )
     if mismatches:
         text += "\n!! LOGITS MISMATCH !! " + ", ".join(
             f"{r['model']} b{r['batch']} {r['variant']} {r['engine']}" for r in mismatches

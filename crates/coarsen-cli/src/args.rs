@@ -459,7 +459,9 @@ pub struct BenchArgs {
     /// `run K` lines on stdin with the milliseconds of K forward passes (`quit` ends). The
     /// packed path is tuned per layer (--tuning); where tuning measured (`measure`,
     /// `remeasure`) and the tuned network then measures no faster than the dense path as a
-    /// whole in two timings in a row, it runs dense (the `ready` line's detail says so).
+    /// whole in two timings in a row, it runs dense (the `ready` line's detail says so). The
+    /// `ready` line also gives the pass's multiply-adds (`macs`), this machine's FMA peak on the
+    /// worker's threads (`fma_peak_gflops`) and how many layers run Winograd.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "mask", "shape", "training"], requires_all = ["input", "logits_out"])]
     pub serve: Option<PathBuf>,
     /// With --serve: the kernels, packed or dense.

@@ -136,7 +136,13 @@ fn coarsen_logits(export: &Path, input: &Path, out: &Path) {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
-    assert!(lines.next().unwrap().contains("\"ready\":true"), "{text}");
+    let ready: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(ready["ready"], true, "{text}");
+    // The pass's multiply-adds, the FMA peak and the Winograd layers (bench-peers' roof).
+    assert!(ready["macs"].as_u64().unwrap() > 0, "{text}");
+    let peak = ready["fma_peak_gflops"].as_f64().unwrap();
+    assert!(peak.is_finite() && peak > 0.0, "{text}");
+    assert!(ready["winograd_layers"].as_u64().is_some(), "{text}");
     assert!(lines.next().unwrap().contains("times_ms"), "{text}");
 }
 

@@ -316,6 +316,13 @@ fn profile_times_every_step_and_names_the_kernels() {
     assert_eq!(others.iter().filter(|s| s.step == "max pool").count(), 2);
     assert!(steps.iter().all(|s| s.ms.is_finite() && s.ms >= 0.0));
     assert!(engine.profile(&x[1..], batch, 3).is_err());
+    // `kernel_names` lists the profile's layer kernels, in its order.
+    let layer_kernels: Vec<&str> = steps
+        .iter()
+        .filter(|s| s.macs > 0)
+        .map(|s| s.kernel.as_str())
+        .collect();
+    assert_eq!(engine.kernel_names(batch), layer_kernels);
 }
 
 #[test]

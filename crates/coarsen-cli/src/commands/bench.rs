@@ -115,7 +115,7 @@ fn given_network(
 const SERVE_SETTLE_REPS: usize = 7;
 
 /// `--serve`: the timing worker of scripts/bench-peers (see the flag's help).
-fn serve(args: &BenchArgs, dir: &Path, pinned: bool) -> Result<()> {
+fn serve(args: &BenchArgs, dir: &Path, isa: Isa, pinned: bool) -> Result<()> {
     use std::io::{BufRead, Write};
     let e = coarsen_train::export::load(dir)?;
     let input = args.input.as_deref().context("--serve needs --input")?;
@@ -159,8 +159,16 @@ fn serve(args: &BenchArgs, dir: &Path, pinned: bool) -> Result<()> {
     }
     let logits = engine.forward(&x.pixels, x.n)?;
     crate::inputs::write_npy(out, &[x.n, net.classes()], &logits)?;
+    // What the pass multiplies, and the roof it runs under (bench-peers' `roof ms`).
+    let macs = engine.macs_per_image().saturating_mul(x.n);
+    let kernels = engine.kernel_names(x.n);
+    let winograd = kernels.iter().filter(|k| k.starts_with("winograd")).count();
+    let peak = peak_gflops(isa, 0.3);
     let ready = json!({
         "ready": true,
+        "macs": macs,
+        "fma_peak_gflops": peak,
+        "winograd_layers": winograd,
         "engine": format!("coarsen-{}", format!("{:?}", args.path).to_lowercase()),
         "detail": format!(
             "{} thread(s){}; {}{}; formats: {}",
@@ -494,7 +502,7 @@ fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool, pinned: bool) 
         }
     }
     if let Some(dir) = &args.serve {
-        return serve(args, dir, pinned);
+        return serve(args, dir, isa, pinned);
     }
     if args.training {
         return training(args, threads, quiet);

@@ -326,6 +326,18 @@ impl InferenceNet {
         self.layers.iter().map(|l| l.macs_per_image).sum()
     }
 
+    /// The kernel every conv and linear step runs at `batch` images, in evaluation order, as
+    /// [`profile`](Self::profile) names them (a fused step once).
+    pub fn kernel_names(&self, batch: usize) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                run::Kind::Layer(l) => Some(l.kernel_name(batch, &self.options)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Whether every layer runs on the dense kernels: a network without sparse layers, the
     /// dense path, or a packed network whose tuning chose the dense kernels for every sparse
     /// layer ([`tune`](Self::tune)).
