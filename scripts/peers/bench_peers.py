@@ -971,9 +971,10 @@ def main(argv):
     roofs = roof_rows(results)
     if len(roofs) > 1:
         text += (
-            "\nRoofs of coarsen's packed path: roof ms = the pass's multiply-adds (the weights it keeps "
-            "× positions) at the FMA peak its worker measured on its threads, the least time of any "
-            "kernel that multiplies every kept weight; of roof = roof ms / median ms (the share of the "
+            "\nRoofs of coarsen's packed path: roof ms = the pass's multiply-adds (the weights each "
+            "layer's kernel multiplies: the kept ones of a packed layer, all of a layer the tuning runs "
+            "dense; × output positions) at the FMA peak its worker measured on its threads, the least "
+            "time of any kernel that multiplies every one of those weights; of roof = roof ms / median ms (the share of the "
             "peak the pass ran at); roof / DeepSparse = roof ms / DeepSparse's median on the same "
             "weights, the lowest ratio to DeepSparse such kernels can reach. Winograd layers multiply "
             "less than they count, so a row with them can run below its roof.\n\n"
