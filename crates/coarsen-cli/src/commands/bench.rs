@@ -347,13 +347,7 @@ fn models(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()>
     bar.finish_and_clear();
     if args.profile {
         // The roof of every step's GFLOP/s, measured in this run on its threads.
-        let spin = progress::spinner("peak", quiet);
-        spin.set_message(format!(
-            "measuring the {} FMA peak on {threads} threads",
-            isa.as_str()
-        ));
-        let peak = peak_gflops(isa, 0.3);
-        spin.finish_and_clear();
+        let peak = measure_peak(isa, threads, quiet);
         for r in &mut records {
             if let Some(p) = &mut r.profile {
                 p.fma_peak_gflops = Some(peak);
@@ -430,6 +424,18 @@ fn models(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()>
         write_json(j, &records)?;
     }
     Ok(())
+}
+
+/// This machine's FMA peak with `isa` on the pool's `threads`, GFLOP/s, behind a spinner.
+fn measure_peak(isa: Isa, threads: usize, quiet: bool) -> f64 {
+    let spin = progress::spinner("peak", quiet);
+    spin.set_message(format!(
+        "measuring the {} FMA peak on {threads} threads",
+        isa.as_str()
+    ));
+    let peak = peak_gflops(isa, 0.3);
+    spin.finish_and_clear();
+    peak
 }
 
 /// `--profile`: every step of both paths, with its share of the pass and its GFLOP/s.
@@ -510,13 +516,7 @@ fn bench(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool, pinned: bool) 
     if !args.model.is_empty() {
         return models(args, isa, threads, quiet);
     }
-    let spin = progress::spinner("peak", quiet);
-    spin.set_message(format!(
-        "measuring the {} FMA peak on {threads} threads",
-        isa.as_str()
-    ));
-    let peak = peak_gflops(isa, 0.3);
-    spin.finish_and_clear();
+    let peak = measure_peak(isa, threads, quiet);
     println!(
         "machine: {} on {threads} thread(s), measured FMA peak {peak:.1} GFLOP/s; dense baseline: faer",
         isa.as_str()
