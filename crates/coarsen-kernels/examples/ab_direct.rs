@@ -242,7 +242,13 @@ fn blocks(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let density: f64 = args.get(3).map_or(Ok(0.22), |s| s.parse())?;
     let g = ConvGeometry::square(3, 1, 1);
     println!("useful GFLOP/s, best of {rounds}: dense implicit GEMM | one full block | row groups at {density}");
-    for (cin, cout, hw) in [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4)] {
+    for (cin, cout, hw) in [
+        (3, 64, 32),
+        (64, 64, 32),
+        (128, 128, 16),
+        (256, 256, 8),
+        (512, 512, 4),
+    ] {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
         let (n, kk) = (d.n(), cin * 9);
         let w = layer::weights(cout * kk);

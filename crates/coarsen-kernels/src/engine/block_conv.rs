@@ -626,7 +626,7 @@ unsafe fn walk_tiles(
         }
     }
     let mut masks = [[0u16; NV]; MAX_TAPS];
-    let cache = t.mask_cache(c0, c1);
+    let mut cache = t.mask_cache();
     let mut t0 = c0;
     let mut s0 = c0;
     while t0 < c1 {
