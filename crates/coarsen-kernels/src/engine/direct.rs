@@ -254,10 +254,10 @@ impl Taps {
     /// depend only on where it starts within an image, so they are kept per thread, by the
     /// image size and the taps, in a table by that start, each entry computed the first time a
     /// tile starts there and read from then on (one call, one layer and one pass to the next).
-    /// Computed per tile, they had cost 11% of the first layer's time (3 input channels) and
-    /// 1.5% of a shuffled-block ResNet-18's pass: the tables they replace were made per call,
-    /// one entry per period of tiles, and a thread's call on a chunk of 4 images (85 tiles of
-    /// 32×32 layers, a period of 64) computed almost every tile's masks anyway.
+    /// The tables they replace were made per call, one entry per period of tiles, and a
+    /// thread's call on a chunk of 4 images (85 tiles of a 32×32 layer, whose period is 64)
+    /// computed almost every tile's masks anyway: a visible share of `perf`'s samples in the
+    /// first layer (3 input channels), whose tiles have few products to spread them over.
     pub(super) fn mask_cache(&self) -> MaskCache {
         let hw = self.h * self.w;
         let taps = self.places.len();
