@@ -325,6 +325,45 @@ fn profile_times_every_step_and_names_the_kernels() {
     assert_eq!(engine.kernel_names(batch), layer_kernels);
 }
 
+/// Profiling a pass whose first steps run on chunks of images times those steps as they run,
+/// the chunks in parallel (each on one thread: a step's time is its chunks' times shared out
+/// over the threads) or one after another: every step of the chunks gets a time.
+#[test]
+fn profiling_times_the_chunked_steps_as_they_run() {
+    let (graph, tensors, _) = plain().finish(3);
+    let network = Network::new(graph, tensors, MaskSet::new()).unwrap();
+    let [c, h, w] = network.input();
+    let batch = 6;
+    let x: Vec<f32> = (0..batch * c * h * w)
+        .map(|i| (i % 7) as f32 / 7.0 - 0.5)
+        .collect();
+    let mut profiles = Vec::new();
+    for parallel in [true, false] {
+        // Every per-image step on chunks of one image.
+        let options = InferOptions {
+            prefix_min_floats: 1,
+            prefix_chunk_floats: 1,
+            prefix_parallel: parallel,
+            ..InferOptions::default()
+        };
+        let engine =
+            InferenceNet::with_options(&network, &Formats::new(), Path::Dense, options).unwrap();
+        let chunking = engine.chunking(batch).unwrap();
+        assert_eq!(chunking.images, 1);
+        assert!(chunking.steps >= 3, "{chunking:?}");
+        let steps = engine.profile(&x, batch, 2).unwrap();
+        assert!(steps.iter().all(|s| s.ms.is_finite() && s.ms >= 0.0));
+        for s in &steps[..chunking.steps] {
+            assert!(s.ms > 0.0, "parallel {parallel}: {} untimed", s.step);
+        }
+        profiles.push(steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>());
+        // Profiling leaves the pass as it was.
+        let logits = engine.forward(&x, batch).unwrap();
+        assert_eq!(logits.len(), batch * network.classes());
+    }
+    assert_eq!(profiles[0], profiles[1]);
+}
+
 #[test]
 fn channel_sparsity_shrinks_the_next_layer() {
     let (graph, tensors, weights) = plain().finish(3);

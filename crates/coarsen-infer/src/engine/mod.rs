@@ -159,7 +159,8 @@ pub struct InferOptions {
     /// sections per pass at batch 64 had ended with one thread waiting for the other's last
     /// task), and each thread's chunk stays in its own core's cache. On by default; off
     /// kept to measure what it saves (`examples/ab_tuned`). Profiling
-    /// ([`InferenceNet::profile`]) times each step, so it runs the chunks one after another.
+    /// ([`InferenceNet::profile`]) and tuning time the steps as they run: each chunk's on its
+    /// own thread, a step's time its chunks' times shared out over the threads.
     pub prefix_parallel: bool,
 }
 

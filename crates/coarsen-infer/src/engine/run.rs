@@ -306,8 +306,11 @@ pub(super) fn plan_prefix(net: &InferenceNet) -> Option<Prefix> {
 /// Steps `0 .. p.end` of `net` on chunks of `images` images of `x` (`[C, B, H, W]`), each
 /// chunk's value of slot `p.cut` copied into its images of the whole batch's: the chunks as
 /// the tasks of one parallel section ([`InferOptions::prefix_parallel`]; each chunk's steps
-/// then run on its task's thread alone), else one after another (and always when `times`
-/// is asked for: each step's time is that of its chunks run in turn).
+/// then run on its task's thread alone), else one after another. With `times`, each chunk
+/// times its steps on its own thread, and a step's time is the sum over its chunks shared
+/// out over the threads that ran them (its part of the section's wall time, as the
+/// section ran: each chunk on one thread, its values in that core's cache); run one after
+/// another, the sum over its chunks.
 fn run_prefix(
     net: &InferenceNet,
     x: &[f32],
@@ -343,8 +346,28 @@ fn run_prefix(
         give_back(part);
         Ok(())
     };
-    if net.options.prefix_parallel && times.is_none() && starts.len() > 1 {
-        team::try_for_each(starts.len(), |i| chunk(i, None))?;
+    if net.options.prefix_parallel && starts.len() > 1 {
+        match times {
+            None => team::try_for_each(starts.len(), |i| chunk(i, None))?,
+            Some(times) => {
+                let sums = std::sync::Mutex::new(vec![0.0f64; times.len()]);
+                team::try_for_each(starts.len(), |i| {
+                    let mut own = vec![0.0f64; times.len()];
+                    chunk(i, Some(&mut own))?;
+                    // A panicking task poisons nothing another could misread: sums only grow.
+                    let mut sums = sums.lock().unwrap_or_else(|e| e.into_inner());
+                    for (s, t) in sums.iter_mut().zip(&own) {
+                        *s += t;
+                    }
+                    Ok::<(), InferError>(())
+                })?;
+                let threads = rayon::current_num_threads().clamp(1, starts.len()) as f64;
+                let sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
+                for (t, s) in times.iter_mut().zip(sums) {
+                    *t += s / threads;
+                }
+            }
+        }
     } else {
         for i in 0..starts.len() {
             chunk(i, times.as_deref_mut())?;

@@ -72,8 +72,8 @@ pub struct LayerChoice {
 }
 
 /// Layers whose packed and dense steps time within this factor of each other are checked by
-/// whole passes. Step times are taken with a timestamp between steps and the prefix's chunks
-/// in turn; in the machine's slow phases (minutes) they inflated some kernels more than
+/// whole passes. Step times are taken with a timestamp between steps (the prefix's chunks
+/// each on its own thread); in the machine's slow phases (minutes) they inflated some kernels more than
 /// others (VGG-16's 2×2 Winograd twins of shuffled blocks of whole kernels at 1.6–1.8 ms
 /// against 1.3–1.4 ms packed, where a quiet phase gave 0.85 against 1.25), while whole passes
 /// barely changed: three layers ran packed, about 1.3 ms a pass slower.
