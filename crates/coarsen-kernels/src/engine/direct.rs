@@ -1046,17 +1046,32 @@ pub(super) mod avx512 {
             // block applies the epilogue.
             let epilogue = if last { epilogue } else { Epilogue::default() };
             let out = yp.add((q * MR - r0) * ldy + (t0 - c0));
-            store_tile(acc, rows, (out, ldy), full, cb0 > 0, epilogue, (q * MR, t0));
+            if rows == MR {
+                // A whole panel, row by row with constant indices: the tile stays in registers
+                // (no copy of it handed to a call).
+                macro_rules! store {
+                    ($($i:literal)*) => {$(
+                        store_row(&acc[$i], out.add($i * ldy), full, cb0 > 0, epilogue, q * MR + $i, t0);
+                    )*};
+                }
+                const { assert!(MR == 8) };
+                store!(0 1 2 3 4 5 6 7);
+            } else {
+                store_tile(acc, rows, (out, ldy), full, cb0 > 0, epilogue, (q * MR, t0));
+            }
         }
     }
 
     /// Stores the first `rows` rows of a register tile (rows `r ..` of the output, columns
-    /// `t0 ..`) at `out`, rows `ldy` apart, through [`store_row`].
+    /// `t0 ..`) at `out`, rows `ldy` apart, through [`store_row`]: a panel of fewer than `MR`
+    /// rows (whole panels store inline, row by row with constant indices).
     ///
     /// Not inlined, and given the tile by value: the tile stays in registers through the
     /// taps and channels of [`run_tile`] and is written out once (indexed at run time
     /// by `rows`, inline it made LLVM keep the tile in memory and store all of it after
-    /// every tap: with 3 input channels, more stores than FMAs).
+    /// every tap: with 3 input channels, more stores than FMAs). The copy handed to it cost
+    /// the first layer (3 input channels, few products per panel) a visible share of its
+    /// time, hence the inline stores of whole panels.
     ///
     /// # Safety
     /// As [`store_row`], for each of the rows.
