@@ -270,7 +270,7 @@ impl Taps {
         let mut tables = MASK_TABLES.take();
         let found = tables
             .iter()
-            .position(|t| t.h == self.h && t.w == self.w && t.places == self.places);
+            .position(|t| t.is_for(self.h, self.w, &self.places));
         let table = match found {
             Some(i) => tables.remove(i),
             None => MaskTable {
@@ -501,6 +501,13 @@ struct MaskTable {
     masks: Vec<[u16; NV]>,
 }
 
+impl MaskTable {
+    /// Whether it holds the masks of taps at `places` on images of `h × w`.
+    fn is_for(&self, h: usize, w: usize, places: &[(usize, isize, isize)]) -> bool {
+        self.h == h && self.w == w && self.places == places
+    }
+}
+
 thread_local! {
     /// Each thread's mask tables, the latest used last (at most [`MaskCache::MAX_TABLES`]).
     /// A call takes its table out and puts it back when done, so a nested call on the same
@@ -549,7 +556,7 @@ impl Drop for MaskCache {
         };
         let mut tables = MASK_TABLES.take();
         // A nested call may have put back a table of the same key meanwhile.
-        tables.retain(|t| !(t.h == table.h && t.w == table.w && t.places == table.places));
+        tables.retain(|t| !t.is_for(table.h, table.w, &table.places));
         if tables.len() >= Self::MAX_TABLES {
             tables.remove(0);
         }
