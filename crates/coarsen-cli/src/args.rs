@@ -473,6 +473,14 @@ pub struct BenchArgs {
     /// `remeasure` times again, `packed` and `dense` force one side.
     #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
     pub tuning: TuningArg,
+    /// With --model or --serve: the packed path's convolutions in dense blocks (group,
+    /// shuffled-block, block) multiply in bfloat16 (weights and inputs rounded to 8
+    /// significant bits, products summed in float32), twice the multiply-adds per instruction
+    /// on CPUs with AVX-512 BF16; every other layer stays float32. Outputs differ from float32
+    /// by the rounding (the max |Δ| column of --model, bench-peers' check). --serve fails where
+    /// no layer runs so.
+    #[arg(long)]
+    pub bf16: bool,
     /// With --serve: the input batch, a float32 .npy array [N, C, H, W] of network inputs.
     #[arg(long, value_name = "FILE", requires = "serve")]
     pub input: Option<PathBuf>,
@@ -784,6 +792,11 @@ pub struct EvalArgs {
     /// `remeasure` times again, `packed` and `dense` force one side.
     #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
     pub tuning: TuningArg,
+    /// With --sparse: the packed path's convolutions in dense blocks multiply in bfloat16
+    /// where the CPU has AVX-512 BF16 (see `coarsen bench --bf16`): its accuracy and latency
+    /// so.
+    #[arg(long, requires = "sparse")]
+    pub bf16: bool,
     /// Also write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

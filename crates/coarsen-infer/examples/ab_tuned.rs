@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p coarsen-infer --example ab_tuned -- EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]`
 //! with B_OPTIONS `prefix=FLOATS` (0: off), `prefix_min=FLOATS`, `fuse_downsample=0|1` and
-//! `prefix_parallel=0|1`,
+//! `prefix_parallel=0|1` and `bf16=0|1`,
 //! comma-separated.
 use std::time::Instant;
 
@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "prefix_min" => ob.prefix_min_floats = v.parse()?,
             "fuse_downsample" => ob.fuse_downsample = v == "1",
             "prefix_parallel" => ob.prefix_parallel = v == "1",
+            "bf16" => ob.bf16 = v == "1",
             _ => return Err(format!("unknown option {k}").into()),
         }
     }

@@ -23,8 +23,11 @@ fn scale_of(want: &[f32]) -> f32 {
     want.iter().fold(1.0f32, |m, v| m.max(v.abs()))
 }
 
-fn check(label: &str, net: fn() -> Net) {
+/// `net` on every format and path against the reference; `blocks`: some layer of it runs a
+/// block kernel in place (so in bfloat16 where the CPU has it).
+fn check(label: &str, net: fn() -> Net, blocks: bool) {
     let mut chunked = false;
+    let mut bf16_ran = false;
     for (k, fmt) in formats().into_iter().enumerate() {
         let (graph, tensors, weights) = net().finish(7 + k as u64);
         let (masks, formats) = masks_for(&weights, &fmt, 100 * k as u64);
@@ -144,25 +147,54 @@ fn check(label: &str, net: fn() -> Net) {
                 err <= 1e-4 * scale,
                 "{label} {fmt:?} {path:?} {tuning:?}: max error {err} (scale {scale})"
             );
+            // The block kernels in bfloat16 (where the CPU has AVX-512 BF16): within its
+            // rounding of the reference (8 significant bits per weight and input, a few
+            // layers deep), and the f32 engine's values exactly where no layer runs so.
+            if path == Path::Packed && tuning.is_none() {
+                let options = InferOptions {
+                    bf16: true,
+                    ..InferOptions::default()
+                };
+                let e = InferenceNet::with_options(&network, &formats, path, options).unwrap();
+                let rounded = e.kernel_names(batch).iter().any(|k| k.ends_with(", bf16"));
+                let got16 = e.forward_nchw(&x, batch).unwrap();
+                let err = max_error(&got16, &want);
+                assert!(
+                    err <= 3e-2 * scale,
+                    "{label} {fmt:?} bf16: max error {err} (scale {scale})"
+                );
+                if rounded {
+                    bf16_ran = true;
+                    assert!(got16 != got, "{label} {fmt:?}: bf16 kernels left no trace");
+                } else {
+                    assert_eq!(got16, got, "{label} {fmt:?}");
+                }
+            }
         }
     }
     // Some format ran its first steps on chunks (a cut with one live value was found).
     assert!(chunked, "{label}: no chunked pass");
+    // Its group, shuffled-block and BSR layers ran in bfloat16 where the CPU has it.
+    assert_eq!(
+        bf16_ran,
+        blocks && coarsen_kernels::BlockConv::bf16_available(),
+        "{label}"
+    );
 }
 
 #[test]
 fn plain_cnn_equals_the_reference() {
-    check("plain", plain);
+    check("plain", plain, true);
 }
 
 #[test]
 fn residual_network_equals_the_reference() {
-    check("residual", residual);
+    check("residual", residual, true);
 }
 
 #[test]
 fn every_other_op_equals_the_reference() {
-    check("exotic", exotic);
+    check("exotic", exotic, true);
 }
 
 /// A 2×2 max pool over odd sizes (the last row and column are dropped).
@@ -177,7 +209,7 @@ fn odd_pool() -> Net {
 
 #[test]
 fn max_pool_over_odd_sizes_equals_the_reference() {
-    check("odd pool", odd_pool);
+    check("odd pool", odd_pool, false);
 }
 
 /// Every residual `Add` of the residual network (and the ReLU after it) runs in the epilogue of

@@ -1,7 +1,8 @@
 //! Developer tool: the block kernel (`BlockConv`, in place) on CIFAR ResNet-18's 3×3 layer
 //! shapes with row groups of 32 that each keep DENSITY of the columns (as Regroup leaves
-//! them), on padded halos against masked ones, with and without a residual in the epilogue;
-//! interleaved pass by pass on one thread, best and median useful GFLOP/s.
+//! them), on padded halos against masked ones (and in bfloat16 where the CPU has AVX-512
+//! BF16), with and without a residual in the epilogue; interleaved pass by pass on one thread,
+//! best and median useful GFLOP/s.
 //!
 //! `cargo run --release -p coarsen-kernels --example ab_block -- [BATCH] [ROUNDS] [DENSITY]`
 
@@ -20,8 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let density: f64 = args.get(3).map_or(Ok(0.22), |s| s.parse())?;
     let g = ConvGeometry::square(3, 1, 1);
     println!(
-        "useful GFLOP/s on one thread, best / median of {rounds}: masked | padded, \
-         then both with a residual"
+        "useful GFLOP/s on one thread, best / median of {rounds}: masked | padded | bf16 \
+         (where the CPU has it), then each with a residual"
     );
     for (cin, cout, hw) in [(64, 64, 32), (128, 128, 16), (256, 256, 8)] {
         let d = ConvDims::new(&[cin, batch, hw, hw], g)?;
@@ -38,9 +39,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut masked = padded.clone();
         masked.set_padded_halos(false);
-        let kernels = [&masked, &padded];
+        let mut bf16 = padded.clone();
+        let mut kernels = vec![&masked, &padded];
+        if bf16.set_bf16(true) {
+            kernels.push(&bf16);
+        }
         let mut y = vec![0.0f32; cout * n];
-        let mut times = vec![Vec::new(); 4];
+        let mut times = vec![Vec::new(); 2 * kernels.len()];
         for _ in 0..rounds {
             for (i, k) in kernels.iter().enumerate() {
                 for (j, residual) in [
@@ -63,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     unsafe {
                         k.forward_into(&x, &d, (0, n), (0, k.blocks()), y.as_mut_ptr(), n, e)?
                     };
-                    times[j * 2 + i].push(s.elapsed().as_secs_f64());
+                    times[j * kernels.len() + i].push(s.elapsed().as_secs_f64());
                 }
             }
         }

@@ -418,6 +418,9 @@ pub struct BenchSettings {
     pub tuning: Tuning,
     /// Also time every step of both paths ([`ModelBench::profile`]), on the same engines.
     pub profile: bool,
+    /// The packed path's block kernels multiply in bfloat16 where the CPU has AVX-512 BF16
+    /// ([`InferOptions::bf16`](coarsen_infer::InferOptions::bf16)).
+    pub bf16: bool,
 }
 
 /// A batch of `batch` images with values uniform in [−1, 1), seeded.
@@ -536,11 +539,16 @@ pub fn network_benchmark(
         seed,
         tuning,
         profile,
+        bf16,
     } = *settings;
     if batch == 0 {
         return Err(TrainError::config("batch", batch, "must be positive"));
     }
-    let mut packed = InferenceNet::new(network, formats, Path::Packed)?;
+    let options = coarsen_infer::InferOptions {
+        bf16,
+        ..Default::default()
+    };
+    let mut packed = InferenceNet::with_options(network, formats, Path::Packed, options)?;
     let mut tuned = packed.tune_cached(batch, tuning)?;
     let dense = InferenceNet::new(network, formats, Path::Dense)?;
     let x = random_batch(network, batch, seed)?;

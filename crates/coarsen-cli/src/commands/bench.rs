@@ -137,7 +137,11 @@ fn serve(args: &BenchArgs, dir: &Path, isa: Isa, pinned: bool) -> Result<()> {
         scaling,
     )?;
     let path = args.path.path();
-    let mut engine = coarsen_infer::InferenceNet::new(net, &e.formats, path)?;
+    let options = coarsen_infer::InferOptions {
+        bf16: args.bf16,
+        ..Default::default()
+    };
+    let mut engine = coarsen_infer::InferenceNet::with_options(net, &e.formats, path, options)?;
     let tuning = args.tuning.tuning();
     let mut tuned = engine.tune_cached(x.n, tuning)?;
     // As eval, bench --model and the demo do: a tuned packed network that measures no faster
@@ -163,12 +167,21 @@ fn serve(args: &BenchArgs, dir: &Path, isa: Isa, pinned: bool) -> Result<()> {
     let macs = engine.macs_per_image().saturating_mul(x.n);
     let kernels = engine.kernel_names(x.n);
     let winograd = kernels.iter().filter(|k| k.starts_with("winograd")).count();
+    let bf16 = kernels.iter().filter(|k| k.ends_with(", bf16")).count();
+    if args.bf16 && bf16 == 0 {
+        anyhow::bail!(
+            "--bf16: no layer of {} runs in bfloat16 (it needs a CPU with AVX-512 BF16, and \
+             layers in dense blocks that run in place)",
+            dir.display()
+        );
+    }
     let peak = peak_gflops(isa, 0.3);
     let ready = json!({
         "ready": true,
         "macs": macs,
         "fma_peak_gflops": peak,
         "winograd_layers": winograd,
+        "bf16_layers": bf16,
         "engine": format!("coarsen-{}", format!("{:?}", args.path).to_lowercase()),
         "detail": format!(
             "{} thread(s){}; {}{}; formats: {}",
@@ -323,6 +336,7 @@ fn models(args: &BenchArgs, isa: Isa, threads: usize, quiet: bool) -> Result<()>
         seed: args.seed,
         tuning: args.tuning.tuning(),
         profile: args.profile,
+        bf16: args.bf16,
     };
     let mut records = Vec::new();
     for (m, p, s) in &runs {

@@ -287,6 +287,7 @@ fn evaluate(
         args.reps,
         coarsen_infer::Tuning::Measure,
         peer,
+        false,
     )?;
     Ok(Row {
         method: method.to_string(),

@@ -71,8 +71,14 @@ pub fn sparse_eval(
     reps: usize,
     tuning: coarsen_infer::Tuning,
     peer: Option<&crate::peer::OrtPeer>,
+    bf16: bool,
 ) -> Result<SparseEval> {
-    let mut packed = InferenceNet::new(&l.network, &l.formats, InferPath::Packed)?;
+    let options = coarsen_infer::InferOptions {
+        bf16,
+        ..Default::default()
+    };
+    let mut packed =
+        InferenceNet::with_options(&l.network, &l.formats, InferPath::Packed, options)?;
     let dense = InferenceNet::new(&l.network, &l.formats, InferPath::Dense)?;
     let acc = engine_accuracy(&packed, &data.test, 1000)?;
     let n = batch.clamp(1, data.test.n.max(1));
@@ -152,6 +158,7 @@ pub fn run(a: &EvalArgs, quiet: bool) -> Result<()> {
             a.reps,
             a.tuning.tuning(),
             None,
+            a.bf16,
         )?)
     } else {
         None

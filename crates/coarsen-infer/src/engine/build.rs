@@ -100,6 +100,9 @@ pub(super) struct Compiler<'a> {
     pub(super) winograd: bool,
     /// Fuse residual adds into the layers before them (see [`Compiler::fuse_add`]).
     pub(super) fuse_residual: bool,
+    /// Block kernels multiply in bfloat16 where the CPU has AVX-512 BF16
+    /// ([`InferOptions::bf16`](super::InferOptions::bf16)).
+    pub(super) bf16: bool,
 }
 
 impl<'a> Compiler<'a> {
@@ -116,6 +119,7 @@ impl<'a> Compiler<'a> {
             fused: HashSet::new(),
             winograd: false,
             fuse_residual: true,
+            bf16: false,
         }
     }
 
@@ -710,11 +714,14 @@ impl<'a> Compiler<'a> {
         // block, and those of every other convolution on few columns from im2col tiles; they
         // may read a subset of the im2col rows. Linear layers (one output position) keep the
         // plan, which sums in the dense kernels' order.
-        let blocks = if ho * wo > 1 && corr.is_none() {
+        let mut blocks = if ho * wo > 1 && corr.is_none() {
             BlockConv::new(g, in_ch.len(), &packed, read.as_deref()).map_err(kerr)?
         } else {
             None
         };
+        if let Some(k) = blocks.as_mut() {
+            k.set_bf16(self.bf16);
+        }
         let unrolled = match unroll_src {
             Some((big_mask, big_w)) => {
                 let packed = match &format {

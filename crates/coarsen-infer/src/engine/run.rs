@@ -1426,9 +1426,13 @@ impl Layer {
         if self.runs_unrolled(batch) {
             format!("unrolled {}", self.plan.format())
         } else if self.runs_fused(n, o) {
-            format!("implicit gemm, {}, 1x1 fused", self.plan.format())
+            let bf16 = self.fused.as_ref().is_some_and(|f| f.kernel.bf16());
+            let bf16 = if bf16 { ", bf16" } else { "" };
+            format!("implicit gemm, {}, 1x1 fused{bf16}", self.plan.format())
         } else if self.runs_blocks(n, o) {
-            format!("implicit gemm, {}", self.plan.format())
+            let bf16 = self.blocks.as_ref().is_some_and(BlockConv::bf16);
+            let bf16 = if bf16 { ", bf16" } else { "" };
+            format!("implicit gemm, {}{bf16}", self.plan.format())
         } else if self.runs_nm(n) {
             format!("gathered {}", self.plan.format())
         } else if let Some(w) = self.wino.as_ref().filter(|_| self.runs_winograd(n, o)) {

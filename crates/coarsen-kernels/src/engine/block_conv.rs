@@ -34,6 +34,10 @@ struct ConvBlock {
     ids: Vec<u32>,
     /// `ceil(rows/MR)` panels of `columns × MR` values (rows past the block's zero).
     panels: Vec<f32>,
+    /// The panels in bfloat16 for the bfloat16 kernel (see [`BlockConv::set_bf16`]), empty
+    /// until it is asked for: per panel `⌈columns/2⌉` pairs of columns, each `MR` words of
+    /// two values (the pair's first column in the low half; a last, odd column paired with 0).
+    pairs: Vec<u32>,
     /// Whether its rows are of the second output (a fused 1×1 stride-2 convolution's, see
     /// [`BlockConv::fuse_strided_1x1`]).
     second: bool,
@@ -88,6 +92,8 @@ pub struct BlockConv {
     /// Whether the AVX2 kernel runs the geometries it can on padded halos (see
     /// [`set_padded_halos`](Self::set_padded_halos)).
     padded: bool,
+    /// Whether the in-place kernel multiplies in bfloat16 (see [`set_bf16`](Self::set_bf16)).
+    bf16: bool,
 }
 
 impl BlockConv {
@@ -178,6 +184,7 @@ impl BlockConv {
                 taps: order.iter().map(|&(t, _, _)| t as u8).collect(),
                 ids: order.iter().map(|&(t, c, _)| c * taps as u32 + t).collect(),
                 panels,
+                pairs: Vec::new(),
                 second: false,
             });
         }
@@ -190,6 +197,7 @@ impl BlockConv {
                 taps: Vec::new(),
                 ids: Vec::new(),
                 panels: Vec::new(),
+                pairs: Vec::new(),
                 second: false,
             });
         }
@@ -202,6 +210,7 @@ impl BlockConv {
             isa,
             blocks,
             padded: true,
+            bf16: false,
         }))
     }
 
@@ -238,9 +247,10 @@ impl BlockConv {
             taps: vec![centre as u8; b.taps.len()],
             ids: b.chans.iter().map(|&c| c * taps + centre).collect(),
             panels: b.panels.clone(),
+            pairs: b.pairs.clone(),
             second: true,
         }));
-        Some(BlockConv {
+        let mut fused = BlockConv {
             cout: self.cout,
             cout2: down.cout,
             cin: self.cin,
@@ -249,7 +259,10 @@ impl BlockConv {
             isa: self.isa,
             blocks,
             padded: self.padded,
-        })
+            bf16: false,
+        };
+        fused.set_bf16(self.bf16);
+        Some(fused)
     }
 
     /// Output channels of the second output of a fused kernel
@@ -286,6 +299,37 @@ impl BlockConv {
             out.push((start, self.blocks.len()));
         }
         out
+    }
+
+    /// Whether the in-place kernel multiplies in bfloat16 (the weights and each tile's inputs
+    /// rounded to nearest even, products accumulated in `f32`; AVX-512 BF16's `vdpbf16ps`
+    /// multiplies two pairs per lane where an FMA multiplies one) on a CPU that has it; off by
+    /// default. Returns whether it is on: `false` where the CPU (or `COARSEN_ISA`) leaves no
+    /// AVX-512 BF16. The narrow kernel stays in `f32`. Results differ from the `f32` kernel's
+    /// by the rounding: about 2⁻⁹ of each product's magnitude.
+    pub fn set_bf16(&mut self, on: bool) -> bool {
+        let on = on && self.isa == Isa::Avx512 && Self::bf16_available();
+        if on {
+            for b in self.blocks.iter_mut().filter(|b| b.pairs.is_empty()) {
+                b.pairs = pack_pairs(&b.panels, b.chans.len());
+            }
+        }
+        self.bf16 = on;
+        on
+    }
+
+    /// Whether this CPU runs the bfloat16 kernel ([`set_bf16`](Self::set_bf16)): AVX-512
+    /// (not overridden by `COARSEN_ISA`) with BW, VL and BF16.
+    pub fn bf16_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return Isa::detect() == Isa::Avx512 && bf16::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Whether the in-place kernel multiplies in bfloat16 ([`set_bf16`](Self::set_bf16)).
+    pub fn bf16(&self) -> bool {
+        self.bf16
     }
 
     /// Whether the AVX2 kernel runs stride-1 convolutions whose taps reach one row and one
@@ -462,7 +506,9 @@ impl BlockConv {
         // rows.
         unsafe {
             let (cols, share, out) = ((c0, c1), (b0, b1), (y, ldy));
-            if self.isa == Isa::Avx512 {
+            if self.bf16 {
+                bf16::forward(self, x, d, cols, share, out, epilogue, second)
+            } else if self.isa == Isa::Avx512 {
                 avx512::forward(self, x, d, cols, share, out, epilogue, second)
             } else {
                 avx2::forward(self, x, d, cols, share, out, epilogue, second)
@@ -568,6 +614,36 @@ impl BlockConv {
     }
 }
 
+/// `x` rounded to the nearest bfloat16 (ties to even), as its 16 bits; NaN stays NaN.
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// A block's panels (`kn` columns of `MR` values each) in the bfloat16 kernel's pairs of
+/// columns (see [`ConvBlock::pairs`]).
+fn pack_pairs(panels: &[f32], kn: usize) -> Vec<u32> {
+    if kn == 0 {
+        return Vec::new();
+    }
+    let np = kn.div_ceil(2);
+    let mut out = Vec::with_capacity(panels.len() / kn * np);
+    for panel in panels.chunks_exact(kn * MR) {
+        for p in 0..np {
+            for i in 0..MR {
+                let lo = bf16_bits(panel[2 * p * MR + i]);
+                let hi = panel.get((2 * p + 1) * MR + i).map_or(0, |&v| bf16_bits(v));
+                out.push(u32::from(lo) | (u32::from(hi) << 16));
+            }
+        }
+    }
+    out
+}
+
 /// Tiles per halo copy of the in-place kernels.
 const SPAN: usize = 4;
 
@@ -577,6 +653,8 @@ thread_local! {
     /// Per-thread halo buffer of the in-place kernels (taken out for a call, so a nested call
     /// on the same thread makes its own).
     static HALO: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Per-thread bfloat16 copy of the halo, for the bfloat16 kernel.
+    static HALO16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The in-place kernels' walk over output positions `c0 .. c1` for `blocks`, shared by the
@@ -585,19 +663,25 @@ thread_local! {
 /// taps overlap the next tile's, so copying them per tile copied most input values twice or
 /// more) and its lane masks per tap, handed to `tile(window, t0, width, masks, offs)`, where
 /// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
+/// With `bf16` each halo copy is also rounded to bfloat16 (`to_bf16`, called on the halo's
+/// `f32` values, their count rounded up to a multiple of 16, and a buffer of as many), and the
+/// tile's window of that copy is handed as `window16` (else null), offsets as in `window`.
 ///
 /// # Safety
 /// `x` holds `cin × B·H·W` values of a batch `k` accepts, and `c0 ≤ c1 ≤
 /// d.n()`; `tile` reads no further into a halo row than its tile's width, rounded up to whole
-/// vectors, past its window plus a column's offset.
+/// vectors, past its window plus a column's offset; `to_bf16` writes no more values than it
+/// is given.
 #[inline(always)]
+#[allow(clippy::type_complexity)]
 unsafe fn walk_tiles(
     k: &BlockConv,
     x: &[f32],
     d: &ConvDims,
     (c0, c1): (usize, usize),
     blocks: &[ConvBlock],
-    mut tile: impl FnMut(*const f32, usize, usize, &[[u16; NV]; MAX_TAPS], &[usize]),
+    to_bf16: Option<unsafe fn(*const f32, *mut u16, usize)>,
+    mut tile: impl FnMut(*const f32, *const u16, usize, usize, &[[u16; NV]; MAX_TAPS], &[usize]),
 ) {
     let t = Taps::new(&k.g, d, SPAN * NR);
     let (cin, stride, lo) = (k.cin, t.stride, t.lo);
@@ -610,7 +694,19 @@ unsafe fn walk_tiles(
     // Reused per thread and never cleared: lanes that would read what an earlier tile left
     // there are masked off. Room past the last row for vectors beyond a tile's width.
     let mut halo = HALO.take();
-    let hp = halo_start(&mut halo, t.planes.len() * cin * stride + 32);
+    let len = t.planes.len() * cin * stride + 32;
+    let hp = halo_start(&mut halo, len);
+    let mut halo16 = HALO16.take();
+    let hp16 = match to_bf16 {
+        Some(_) => {
+            if halo16.len() < len + 32 {
+                halo16.resize(len + 32, 0);
+            }
+            let skip = halo16.as_ptr().align_offset(64).min(32);
+            halo16[skip..].as_mut_ptr()
+        }
+        None => std::ptr::null_mut(),
+    };
     // Where every column of the blocks reads in the halo (one flat loop over a block's
     // columns keeps the tile in registers; runs of taps nested in it made LLVM spill).
     let mut offs = OFFS.take();
@@ -640,13 +736,24 @@ unsafe fn walk_tiles(
             s0 = t0;
             // SAFETY: as the caller guarantees; the halo holds every plane's `cin` rows.
             unsafe { t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp) };
+            if let Some(convert) = to_bf16 {
+                // SAFETY: both buffers hold `len` rounded up to 16 (`halo_start` keeps 16
+                // floats past `len`, `halo16` 32 values past it).
+                unsafe { convert(hp, hp16, len.div_ceil(16) * 16) };
+            }
         }
         cache.masks(&t, t0, width, &mut masks);
         // SAFETY: `t0 − s0 < SPAN·NR` lies inside every halo row.
-        tile(unsafe { hp.add(t0 - s0) }, t0, width, &masks, &offs);
+        let w16 = if hp16.is_null() {
+            hp16.cast_const()
+        } else {
+            unsafe { hp16.add(t0 - s0).cast_const() }
+        };
+        tile(unsafe { hp.add(t0 - s0) }, w16, t0, width, &masks, &offs);
         t0 += width;
     }
     HALO.set(halo);
+    HALO16.set(halo16);
     OFFS.set(offs);
 }
 
@@ -941,7 +1048,8 @@ mod avx2 {
             d,
             (c0, c1),
             blocks,
-            |window, t0, width, masks, offs| {
+            None,
+            |window, _, t0, width, masks, offs| {
                 // The tile's sub-tiles (at most two of 24 positions), each with its lane
                 // masks; every panel of every block runs over all of them in turn, so its
                 // values stay in L1 while the tile's halo window does.
@@ -1291,6 +1399,9 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod bf16;
+
+#[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -1330,7 +1441,8 @@ mod avx512 {
             d,
             (c0, c1),
             blocks,
-            |window, t0, width, masks, offs| {
+            None,
+            |window, _, t0, width, masks, offs| {
                 // Tiles narrower than 48 (the batch's last columns, or batch 1's small images)
                 // keep only the vectors they need in registers.
                 let tile = Tile {
@@ -1707,90 +1819,98 @@ mod tests {
                     Packed::Shuffled(ShuffledBlocks::pack(&m1, &v1, 4).unwrap()),
                 ),
             ] {
-                let a = BlockConv::new(g3, cin, &p3, None).unwrap().unwrap();
-                let c = BlockConv::new(g1, cin, &p1, None).unwrap().unwrap();
-                // Only a 3×3 stride-2 kernel takes a 1×1 stride-2 one of the same input.
-                assert!(c.fuse_strided_1x1(&a).is_none());
-                assert!(a.fuse_strided_1x1(&a).is_none());
-                let f = a.fuse_strided_1x1(&c).unwrap();
-                assert!(f.fuse_strided_1x1(&c).is_none());
-                assert_eq!((f.out_dim(), f.second_out_dim()), (cout, cout2));
-                assert!(!f.narrow());
-                // A fused kernel writes two outputs or none; another kernel never two.
-                let mut y = vec![0.0; cout * n];
-                assert!(f.forward(&x, &d3, 0, n, &mut y).is_err());
-                let (b1, b2): (Vec<f32>, Vec<f32>) = (
-                    (0..cout).map(|_| r()).collect(),
-                    (0..cout2).map(|_| r()).collect(),
-                );
-                let res: Vec<f32> = (0..cout2 * n).map(|_| r()).collect();
-                let e1 = Epilogue {
-                    bias: Some(&b1),
-                    residual: None,
-                    relu: true,
-                };
-                let e2 = Epilogue {
-                    bias: Some(&b2),
-                    residual: Some(Residual {
-                        values: &res,
-                        ld: n,
-                    }),
-                    relu: false,
-                };
-                let mut z = vec![0.0; cout2 * n];
-                // SAFETY: both buffers hold every row of all n columns.
-                let refused = unsafe {
-                    a.forward_pair_into(
-                        &x,
-                        &d3,
-                        (0, n),
-                        (0, a.blocks()),
-                        (y.as_mut_ptr(), n, e1),
-                        (z.as_mut_ptr(), n, e2),
-                    )
-                };
-                assert!(refused.is_err());
-                // The two kernels, each on its own.
-                let (mut w1, mut w2) = (vec![0.0f32; cout * n], vec![0.0f32; cout2 * n]);
-                // SAFETY: as above.
-                unsafe {
-                    a.forward_into(&x, &d3, (0, n), (0, a.blocks()), w1.as_mut_ptr(), n, e1)
-                        .unwrap();
-                    c.forward_into(&x, &d1, (0, n), (0, c.blocks()), w2.as_mut_ptr(), n, e2)
-                        .unwrap();
-                }
-                assert!(w1.iter().any(|&v| v > 0.0) && w2.iter().any(|&v| v < 0.0));
-                for parts in [1, 2, 5] {
-                    for (c0, c1) in [(0, n), (3, n - n / 4), (n / 2, n)] {
-                        let (mut y, mut z) = (vec![f32::NAN; cout * n], vec![f32::NAN; cout2 * n]);
-                        for share in f.shares(parts) {
-                            // SAFETY: as above; shares write disjoint rows.
-                            unsafe {
-                                f.forward_pair_into(
-                                    &x,
-                                    &d3,
-                                    (c0, c1),
-                                    share,
-                                    (y.as_mut_ptr().add(c0), n, e1),
-                                    (z.as_mut_ptr().add(c0), n, e2),
-                                )
-                                .unwrap()
-                            };
-                        }
-                        // The same products in the same order: the same bits.
-                        for (got, want, rows) in [(&y, &w1, cout), (&z, &w2, cout2)] {
-                            for rr in 0..rows {
-                                for j in 0..n {
-                                    let (g, e) = (got[rr * n + j], want[rr * n + j]);
-                                    if j < c0 || j >= c1 {
-                                        assert!(g.is_nan(), "written outside {c0}..{c1}");
-                                    } else {
-                                        assert_eq!(
-                                            g.to_bits(),
-                                            e.to_bits(),
-                                            "[{cout}+{cout2},{cin},{b},{h},{w}] {parts} parts \
+                for bf16 in [false, true] {
+                    let mut a = BlockConv::new(g3, cin, &p3, None).unwrap().unwrap();
+                    let mut c = BlockConv::new(g1, cin, &p1, None).unwrap().unwrap();
+                    // The bfloat16 kernel where the CPU has it (the fused kernel keeps it).
+                    if bf16 && !(a.set_bf16(true) && c.set_bf16(true)) {
+                        continue;
+                    }
+                    // Only a 3×3 stride-2 kernel takes a 1×1 stride-2 one of the same input.
+                    assert!(c.fuse_strided_1x1(&a).is_none());
+                    assert!(a.fuse_strided_1x1(&a).is_none());
+                    let f = a.fuse_strided_1x1(&c).unwrap();
+                    assert_eq!(f.bf16(), bf16);
+                    assert!(f.fuse_strided_1x1(&c).is_none());
+                    assert_eq!((f.out_dim(), f.second_out_dim()), (cout, cout2));
+                    assert!(!f.narrow());
+                    // A fused kernel writes two outputs or none; another kernel never two.
+                    let mut y = vec![0.0; cout * n];
+                    assert!(f.forward(&x, &d3, 0, n, &mut y).is_err());
+                    let (b1, b2): (Vec<f32>, Vec<f32>) = (
+                        (0..cout).map(|_| r()).collect(),
+                        (0..cout2).map(|_| r()).collect(),
+                    );
+                    let res: Vec<f32> = (0..cout2 * n).map(|_| r()).collect();
+                    let e1 = Epilogue {
+                        bias: Some(&b1),
+                        residual: None,
+                        relu: true,
+                    };
+                    let e2 = Epilogue {
+                        bias: Some(&b2),
+                        residual: Some(Residual {
+                            values: &res,
+                            ld: n,
+                        }),
+                        relu: false,
+                    };
+                    let mut z = vec![0.0; cout2 * n];
+                    // SAFETY: both buffers hold every row of all n columns.
+                    let refused = unsafe {
+                        a.forward_pair_into(
+                            &x,
+                            &d3,
+                            (0, n),
+                            (0, a.blocks()),
+                            (y.as_mut_ptr(), n, e1),
+                            (z.as_mut_ptr(), n, e2),
+                        )
+                    };
+                    assert!(refused.is_err());
+                    // The two kernels, each on its own.
+                    let (mut w1, mut w2) = (vec![0.0f32; cout * n], vec![0.0f32; cout2 * n]);
+                    // SAFETY: as above.
+                    unsafe {
+                        a.forward_into(&x, &d3, (0, n), (0, a.blocks()), w1.as_mut_ptr(), n, e1)
+                            .unwrap();
+                        c.forward_into(&x, &d1, (0, n), (0, c.blocks()), w2.as_mut_ptr(), n, e2)
+                            .unwrap();
+                    }
+                    assert!(w1.iter().any(|&v| v > 0.0) && w2.iter().any(|&v| v < 0.0));
+                    for parts in [1, 2, 5] {
+                        for (c0, c1) in [(0, n), (3, n - n / 4), (n / 2, n)] {
+                            let (mut y, mut z) =
+                                (vec![f32::NAN; cout * n], vec![f32::NAN; cout2 * n]);
+                            for share in f.shares(parts) {
+                                // SAFETY: as above; shares write disjoint rows.
+                                unsafe {
+                                    f.forward_pair_into(
+                                        &x,
+                                        &d3,
+                                        (c0, c1),
+                                        share,
+                                        (y.as_mut_ptr().add(c0), n, e1),
+                                        (z.as_mut_ptr().add(c0), n, e2),
+                                    )
+                                    .unwrap()
+                                };
+                            }
+                            // The same products in the same order: the same bits.
+                            for (got, want, rows) in [(&y, &w1, cout), (&z, &w2, cout2)] {
+                                for rr in 0..rows {
+                                    for j in 0..n {
+                                        let (g, e) = (got[rr * n + j], want[rr * n + j]);
+                                        if j < c0 || j >= c1 {
+                                            assert!(g.is_nan(), "written outside {c0}..{c1}");
+                                        } else {
+                                            assert_eq!(
+                                                g.to_bits(),
+                                                e.to_bits(),
+                                                "[{cout}+{cout2},{cin},{b},{h},{w}] {parts} parts \
                                              {c0}..{c1} ({rr}, {j}): {g} vs {e}"
-                                        );
+                                            );
+                                        }
                                     }
                                 }
                             }
@@ -1799,6 +1919,162 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `v` rounded to bfloat16.
+    fn rounded(v: &[f32]) -> Vec<f32> {
+        v.iter()
+            .map(|&x| f32::from_bits(u32::from(bf16_bits(x)) << 16))
+            .collect()
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        for (x, want) in [
+            (1.0f32, 0x3f80u16),
+            (-2.5, 0xc020),
+            // Halfway between 1 and the next bfloat16 (1 + 2⁻⁷): to the even one, 1.
+            (f32::from_bits(0x3f80_8000), 0x3f80),
+            // Halfway above an odd one: up to the even one.
+            (f32::from_bits(0x3f81_8000), 0x3f82),
+            (f32::from_bits(0x3f80_8001), 0x3f81),
+            (f32::INFINITY, 0x7f80),
+            (f32::MAX, 0x7f80),
+            (0.0, 0),
+        ] {
+            assert_eq!(bf16_bits(x), want, "{x:e}");
+        }
+        assert!(f32::from_bits(u32::from(bf16_bits(f32::NAN)) << 16).is_nan());
+        // Pairs: a column's values in the low half, the next one's in the high half, a last
+        // odd column paired with 0; panel after panel.
+        let kn = 3;
+        let panels: Vec<f32> = (0..2 * kn * MR).map(|i| i as f32).collect();
+        let pairs = pack_pairs(&panels, kn);
+        assert_eq!(pairs.len(), 2 * 2 * MR);
+        let half = |w: u32, hi: bool| f32::from_bits(if hi { w & 0xffff_0000 } else { w << 16 });
+        for q in 0..2 {
+            for i in 0..MR {
+                let at = |k: usize| panels[q * kn * MR + k * MR + i];
+                let w0 = pairs[q * 2 * MR + i];
+                let w1 = pairs[q * 2 * MR + MR + i];
+                assert_eq!((half(w0, false), half(w0, true)), (at(0), at(1)));
+                assert_eq!((half(w1, false), half(w1, true)), (at(2), 0.0));
+            }
+        }
+    }
+
+    /// The bfloat16 kernel computes the products of the rounded weights and inputs, summed in
+    /// `f32`, for every block format, geometry, range and share (where the CPU has AVX-512
+    /// BF16; elsewhere it stays off).
+    #[test]
+    fn the_bf16_kernel_multiplies_the_rounded_values() {
+        let geometries = [
+            ConvGeometry::square(3, 1, 1),
+            ConvGeometry::square(1, 1, 0),
+            ConvGeometry::square(5, 1, 2),
+            ConvGeometry::square(3, 2, 1),
+            ConvGeometry::square(1, 2, 0),
+        ];
+        let mut r = rng(17);
+        let mut ran = false;
+        for g in geometries {
+            for &(cout, cin, b, h, w) in &[
+                (8, 3, 2, 6, 4),
+                (19, 21, 3, 8, 8),
+                (17, 5, 1, 1, 1),
+                (33, 16, 2, 8, 8),
+                (12, 9, 1, 4, 10),
+                (10, 6, 3, 10, 12),
+                (20, 7, 2, 2, 4),
+                (9, 4, 2, 4, 40),
+            ] {
+                if g.stride == [2, 2] && (h % 2 == 1 || w % 2 == 1) {
+                    continue;
+                }
+                let d = ConvDims::new(&[cin, b, h, w], g).unwrap();
+                let kk = cin * g.taps();
+                let n = d.n();
+                let values: Vec<f32> = (0..cout * kk).map(|_| r()).collect();
+                let x: Vec<f32> = (0..cin * b * h * w).map(|_| r()).collect();
+                let mask = grouped_mask(cout, kk, 5, 0.3, cout as u64 * 29 + cin as u64);
+                let e = want(&d, &masked(&mask, &rounded(&values)), cout, &rounded(&x));
+                // What the f32 kernel computes: the rounding shows (this test would fail on
+                // a kernel that did not round).
+                let e32 = want(&d, &masked(&mask, &values), cout, &x);
+                assert!(e.iter().zip(&e32).any(|(a, b)| !close(*a, *b)));
+                for packed in [
+                    Packed::Group(GroupBlocks::pack(&mask, &values).unwrap()),
+                    Packed::Shuffled(ShuffledBlocks::pack(&mask, &values, 4).unwrap()),
+                    Packed::Bsr(Bsr::pack(&mask, &values, 4, 3).unwrap()),
+                ] {
+                    let Some(mut k) = BlockConv::new(g, cin, &packed, None).unwrap() else {
+                        continue;
+                    };
+                    let on = k.set_bf16(true);
+                    assert_eq!(on, k.bf16());
+                    if !on {
+                        #[cfg(target_arch = "x86_64")]
+                        assert!(Isa::detect() != Isa::Avx512 || !bf16::available());
+                        continue;
+                    }
+                    ran = true;
+                    let name = packed.name();
+                    let bias: Vec<f32> = (0..cout).map(|_| r()).collect();
+                    let res: Vec<f32> = (0..cout * n).map(|_| r()).collect();
+                    let ranges = [(0, n), (1, n), (n / 3, n - n / 5), (n, n)];
+                    for (parts, (c0, c1)) in ranges.into_iter().enumerate() {
+                        let ep = Epilogue {
+                            bias: Some(&bias),
+                            residual: (parts % 2 == 1).then_some(Residual {
+                                values: &res,
+                                ld: n,
+                            }),
+                            relu: parts % 2 == 0,
+                        };
+                        let mut y = vec![f32::NAN; cout * n];
+                        for share in k.shares(parts + 1) {
+                            // SAFETY: every row of n columns lies inside `y`.
+                            unsafe {
+                                k.forward_into(
+                                    &x,
+                                    &d,
+                                    (c0, c1),
+                                    share,
+                                    y.as_mut_ptr().add(c0),
+                                    n,
+                                    ep,
+                                )
+                            }
+                            .unwrap();
+                        }
+                        for rr in 0..cout {
+                            for j in 0..n {
+                                let got = y[rr * n + j];
+                                if j < c0 || j >= c1 {
+                                    assert!(got.is_nan(), "{name} wrote outside {c0}..{c1}");
+                                    continue;
+                                }
+                                let rv = if parts % 2 == 1 { res[rr * n + j] } else { 0.0 };
+                                let v = e[rr * n + j] + bias[rr] + rv;
+                                let v = if parts % 2 == 0 { v.max(0.0) } else { v };
+                                assert!(
+                                    close(got, v),
+                                    "{name} {g:?} [{cout},{cin},{b},{h},{w}] {c0}..{c1} \
+                                     ({rr}, {j}): {got} vs {v}"
+                                );
+                            }
+                        }
+                    }
+                    // Turned off, the f32 kernel again.
+                    assert!(!k.set_bf16(false));
+                    let mut y = vec![0.0; cout * n];
+                    k.forward(&x, &d, 0, n, &mut y).unwrap();
+                    assert!(y.iter().zip(&e32).all(|(a, b)| close(*a, *b)));
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(ran, Isa::detect() == Isa::Avx512 && bf16::available());
     }
 
     #[test]
