@@ -38,10 +38,18 @@ MODELS = {
     "vgg11": r"^features\.0\.weight$|^classifier\.weight$",
 }
 VARIANTS = ["dense", "unstructured", "group", "shuffled-block", "group-kernels", "shuffled-block-kernels", "channel", "nm"]
-ENGINES = ["coarsen-packed", "coarsen-dense", "ort", "deepsparse"]
+ENGINES = ["coarsen-packed", "coarsen-bf16", "coarsen-dense", "ort", "deepsparse"]
 PEERS = ("ort", "deepsparse")
+# coarsen's packed path with its block kernels in bfloat16 (`bench --serve --bf16`): the variants
+# whose layers run them, on CPUs with AVX-512 BF16.
+BF16_VARIANTS = ("group", "shuffled-block")
+# Its logits differ from float32 by the rounding: checked against coarsen dense at this
+# tolerance (× max(1, max|logit|)) and by the top-1 class agreeing on every image but a few.
+BF16_TOLERANCE = 5e-2
+BF16_AGREEMENT = 0.95
 ENGINE_LABEL = {
     "coarsen-packed": "coarsen packed",
+    "coarsen-bf16": "coarsen packed bf16",
     "coarsen-dense": "coarsen dense",
     "ort": "ONNX Runtime",
     "deepsparse": "DeepSparse",
@@ -106,8 +114,10 @@ def parse_args(argv):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""\
-engines: coarsen-packed, coarsen-dense (`coarsen bench --serve`), ort, deepsparse
-(scripts/peers/worker.py); the dense network runs on every engine but coarsen-packed.
+engines: coarsen-packed, coarsen-bf16 (`--serve --bf16`: the group and shuffled-block
+variants' block kernels in bfloat16, on CPUs with AVX-512 BF16), coarsen-dense
+(`coarsen bench --serve`), ort, deepsparse (scripts/peers/worker.py); the dense network runs
+on every engine but coarsen-packed and coarsen-bf16.
 
 environment of scripts/bench-peers:
   COARSEN            a coarsen binary to use instead of building one
@@ -484,7 +494,7 @@ def cpu_flags():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 f = set(line.split(":", 1)[1].split())
-                return [x for x in ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if x in f]
+                return [x for x in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if x in f]
     except OSError:
         pass
     return []
@@ -572,7 +582,10 @@ def worker_cmd(args, engine, export, xpath, logits):
     t = str(args.threads)
     if engine.startswith("coarsen-"):
         path = engine.split("-", 1)[1]
-        return [args.coarsen, "bench", "--serve", export, "--path", path, "--input", xpath, "--logits-out", logits, "--threads", t]
+        extra = []
+        if path == "bf16":
+            path, extra = "packed", ["--bf16"]
+        return [args.coarsen, "bench", "--serve", export, "--path", path, "--input", xpath, "--logits-out", logits, "--threads", t, *extra]
     py = sys.executable if engine == "ort" else args.deepsparse_python
     return [py, HERE / "worker.py", "--engine", engine, "--model", export / "model.onnx", "--input", xpath, "--threads", t, "--logits-out", logits]
 
@@ -604,6 +617,8 @@ def measure(args, model, batch, exports, engines, logdir, env):
             for e in engines:
                 if v == "dense" and e == "coarsen-packed":
                     continue  # the dense network has no packed formats: its path is coarsen dense
+                if e == "coarsen-bf16" and v not in BF16_VARIANTS:
+                    continue  # no layer of these runs a block kernel
                 if e == "deepsparse" and a.deepsparse_python == "none":
                     skipped.append((model, batch, v, e, "not installed"))
                     continue
@@ -676,7 +691,7 @@ def check_logits(workers):
     out = {}
     for w in workers:
         ref = None
-        for e in ("coarsen-dense", "ort", "deepsparse", "coarsen-packed"):
+        for e in ("coarsen-dense", "ort", "deepsparse", "coarsen-packed", "coarsen-bf16"):
             if (w.variant, e) in by:
                 ref = by[(w.variant, e)]
                 break
@@ -690,11 +705,18 @@ def check_logits(workers):
         d = float(np.max(np.abs(a - b))) if a.size else 0.0
         m = float(np.max(np.abs(b))) if b.size else 0.0
         finite = bool(np.all(np.isfinite(a)))
+        # The share of images whose top-1 class is the reference's.
+        agree = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1))) if a.ndim == 2 and a.size else 1.0
+        if w.engine == "coarsen-bf16":
+            ok = finite and d <= BF16_TOLERANCE * max(1.0, m) and agree >= BF16_AGREEMENT
+        else:
+            ok = finite and d <= 1e-3 * max(1.0, m)
         out[w.key] = {
             "reference": ref.engine,
             "max_abs_diff": d,
             "max_abs_logit": m,
-            "ok": finite and d <= 1e-3 * max(1.0, m),
+            "top1_agreement": agree,
+            "ok": ok,
         }
     return out
 
@@ -739,11 +761,12 @@ def roof_rows(results):
     rows = [["model", "batch", "variant", "GMAC", "FMA peak GFLOP/s", "roof ms", "median ms",
              "of roof", "roof / DeepSparse same weights", "Winograd layers"]]
     for r in results:
-        if r["engine"] != "coarsen-packed" or not r.get("roof_ms"):
+        if r["engine"] not in ("coarsen-packed", "coarsen-bf16") or not r.get("roof_ms"):
             continue
         t = r["median_ms"]
+        bf16 = " (bf16)" if r["engine"] == "coarsen-bf16" else ""
         rows.append(
-            [r["model"], r["batch"], VARIANT_LABEL[r["variant"]], f"{r['macs'] / 1e9:.3f}",
+            [r["model"], r["batch"], VARIANT_LABEL[r["variant"]] + bf16, f"{r['macs'] / 1e9:.3f}",
              f"{r['fma_peak_gflops']:.1f}", fmt_ms(r["roof_ms"]), fmt_ms(t) if t else "-",
              f"{r['roof_ms'] / t:.0%}" if t else "-",
              f"{r['roof_vs_deepsparse_same_weights']:.2f}" if r.get("roof_vs_deepsparse_same_weights") else "-",
@@ -765,6 +788,9 @@ def main(argv):
     logdir.mkdir(parents=True, exist_ok=True)
     engines = list(a.engines)
     notes = []
+    if "coarsen-bf16" in engines and "avx512_bf16" not in cpu_flags():
+        engines.remove("coarsen-bf16")
+        notes.append("this CPU has no AVX-512 BF16: coarsen-bf16 is left out")
     coarsen_engines = [e for e in engines if e.startswith("coarsen-")]
     if coarsen_engines and not coarsen_serves(a.coarsen):
         engines = [e for e in engines if not e.startswith("coarsen-")]
@@ -899,6 +925,8 @@ def main(argv):
             check, delta = "!! MISMATCH !!", c["error"]
         else:
             delta = f"{c['max_abs_diff']:.1e} / {c['max_abs_logit']:.2g}"
+            if r["engine"] == "coarsen-bf16":
+                delta += f", top-1 {c['top1_agreement']:.0%}"
             check = "ok" if c["ok"] else "!! MISMATCH !!"
             if c["reference"] == r["engine"] and c["ok"]:
                 check = "reference"
@@ -956,7 +984,10 @@ def main(argv):
         f"- best ms = the fastest timed pass; best vs best dense peer = the same ratio on fastest "
         f"passes (time a noisy neighbour stole inflates medians, not the fastest pass)",
         f"- check: logits against {ref_name} on the same weights (reference), flagged above "
-        f"1e-3·max(1, max|logit|)",
+        f"1e-3·max(1, max|logit|); coarsen packed bf16 (block kernels in bfloat16: weights and "
+        f"inputs rounded to 8 significant bits, products summed in float32) above "
+        f"{BF16_TOLERANCE:g}·max(1, max|logit|) or where fewer than {BF16_AGREEMENT:.0%} of the "
+        f"images keep their top-1 class",
         f"- others: the most cores other processes used (or the hypervisor stole) during one of the "
         f"row's timed blocks; over the whole timing: mean {statistics.mean(busy) if busy else 0:.2f}, "
         f"max {max(busy) if busy else 0:.2f} of {os.cpu_count()} cores",
@@ -977,7 +1008,9 @@ def main(argv):
             "time of any kernel that multiplies every one of those weights; of roof = roof ms / median ms (the share of the "
             "peak the pass ran at); roof / DeepSparse = roof ms / DeepSparse's median on the same "
             "weights, the lowest ratio to DeepSparse such kernels can reach. Winograd layers multiply "
-            "less than they count, so a row with them can run below its roof.\n\n"
+            "less than they count, so a row with them can run below its roof; (bf16) rows multiply "
+            "in bfloat16, two products per lane and instruction, and can run at up to twice the "
+            "FMA peak.\n\n"
             + table(roofs, right={1, 3, 4, 5, 6, 7, 8, 9})
             + "\n"
         )
