@@ -927,6 +927,44 @@ fn bench_profile_times_every_layer_of_both_paths() {
 }
 
 #[test]
+fn bench_bf16_runs_the_block_layers_in_bfloat16_where_the_cpu_has_it() {
+    let f = Fixture::new();
+    let json = f.path("bench.json");
+    let out = ok(&[
+        "bench",
+        "--model",
+        "resnet20",
+        "--pattern",
+        "group",
+        "--bf16",
+        "--profile",
+        "--tuning",
+        "packed",
+        "--batch",
+        "2",
+        "--reps",
+        "1",
+        "--threads",
+        "2",
+        "-q",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let rounded = out.lines().filter(|l| l.contains(", bf16 ")).count();
+    let records: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let diff = records[0]["max_abs_diff"].as_f64().unwrap();
+    if coarsen_kernels::BlockConv::bf16_available() {
+        // ResNet-20's 3×3 layers but the first, in groups: each in bfloat16, whose rounding
+        // shows in the packed path's logits (and stays small).
+        assert!(rounded >= 17, "{out}");
+        assert!(diff > 0.0 && diff < 0.1, "{diff}");
+    } else {
+        assert_eq!(rounded, 0, "{out}");
+    }
+}
+
+#[test]
 fn bench_shapes_and_mask_layers_with_json() {
     let f = Fixture::new();
     let json = f.path("bench.json");

@@ -663,9 +663,10 @@ thread_local! {
 /// taps overlap the next tile's, so copying them per tile copied most input values twice or
 /// more) and its lane masks per tap, handed to `tile(window, t0, width, masks, offs)`, where
 /// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
-/// With `bf16` each halo copy is also rounded to bfloat16 (`to_bf16`, called on the halo's
-/// `f32` values, their count rounded up to a multiple of 16, and a buffer of as many), and the
-/// tile's window of that copy is handed as `window16` (else null), offsets as in `window`.
+/// With `to_bf16` (`(src, dst, n)`: `n` values rounded to bfloat16) each halo is made in
+/// bfloat16 too: at stride 1 straight from the input's rows (the `f32` halo is not made), at
+/// stride 2 from the `f32` halo, whole; the tile's window of it is handed as `window16` (else
+/// null), offsets as in `window`.
 ///
 /// # Safety
 /// `x` holds `cin × B·H·W` values of a batch `k` accepts, and `c0 ≤ c1 ≤
@@ -734,12 +735,23 @@ unsafe fn walk_tiles(
         // reads only positions its halo holds).
         if t0 == c0 || t0 + width > s0 + SPAN * NR {
             s0 = t0;
-            // SAFETY: as the caller guarantees; the halo holds every plane's `cin` rows.
-            unsafe { t.copy_halo(x.as_ptr(), cin, (0, cin), s0, (SPAN * NR).min(c1 - s0), hp) };
-            if let Some(convert) = to_bf16 {
-                // SAFETY: both buffers hold `len` rounded up to 16 (`halo_start` keeps 16
-                // floats past `len`, `halo16` 32 values past it).
-                unsafe { convert(hp, hp16, len.div_ceil(16) * 16) };
+            let span = (SPAN * NR).min(c1 - s0);
+            match (to_bf16, t.halo_rows(cin, (0, cin), s0, span)) {
+                (Some(convert), Some(rows)) => {
+                    for (src, dst, n) in rows {
+                        // SAFETY: as the caller guarantees (`x`'s length); the rows lie in
+                        // the halo (`halo_rows`).
+                        unsafe { convert(x.as_ptr().add(src), hp16.add(dst), n) };
+                    }
+                }
+                (convert, _) => {
+                    // SAFETY: as the caller guarantees; the halo holds every plane's `cin` rows.
+                    unsafe { t.copy_halo(x.as_ptr(), cin, (0, cin), s0, span, hp) };
+                    if let Some(convert) = convert {
+                        // SAFETY: both buffers hold `len` values.
+                        unsafe { convert(hp, hp16, len) };
+                    }
+                }
             }
         }
         cache.masks(&t, t0, width, &mut masks);

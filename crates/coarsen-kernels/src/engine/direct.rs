@@ -306,27 +306,55 @@ impl Taps {
         width: usize,
         halo: *mut f32,
     ) {
+        if let Some(rows) = self.halo_rows(cin, (c0, cn), t0, width) {
+            for (src, dst, n) in rows {
+                // SAFETY: as the caller guarantees; see `halo_rows`.
+                unsafe { std::ptr::copy_nonoverlapping(x.add(src), halo.add(dst), n) };
+            }
+            return;
+        }
+        let (a, b, at) = self.span(t0, width);
+        // SAFETY: as the caller guarantees; `a ≤ b ≤ ld`, `at + b − a` within `stride`.
+        unsafe { self.copy_phase_halo(x, (c0, cn), (a, b), at, halo) };
+    }
+
+    /// The positions `a .. b` of the planes that a halo of the tiles of `width` positions
+    /// from `t0` holds (those inside the batch), and where they go in each halo row (`at`).
+    fn span(&self, t0: usize, width: usize) -> (usize, usize, usize) {
         let first = t0 as isize + self.lo;
         let a = first.max(0) as usize;
         let b = ((t0 + width) as isize + self.hi).min(self.ld as isize);
         let b = (b.max(a as isize)) as usize;
-        let at = (a as isize - first) as usize;
+        (a, b, (a as isize - first) as usize)
+    }
+
+    /// What [`copy_halo`](Self::copy_halo) copies at stride 1: for every plane slot and
+    /// channel `c0 .. c0 + cn`, `(src, dst, n)`, `n` values from `x + src` to `halo + dst`
+    /// (every `dst + n` within the halo's `planes.len() · cn · stride` values, every `src + n`
+    /// within `x`'s `cin × B·H·W`). `None` at stride 2, whose halo rows are the input's rows
+    /// taken apart.
+    pub(super) fn halo_rows(
+        &self,
+        cin: usize,
+        (c0, cn): (usize, usize),
+        t0: usize,
+        width: usize,
+    ) -> Option<impl Iterator<Item = (usize, usize, usize)> + '_> {
         if self.phases {
-            // SAFETY: as the caller guarantees; `a ≤ b ≤ ld`, `at + b − a` within `stride`.
-            unsafe { self.copy_phase_halo(x, (c0, cn), (a, b), at, halo) };
-            return;
+            return None;
         }
-        for (slot, &q) in self.planes.iter().enumerate() {
-            for c in 0..cn {
-                // SAFETY: as the caller guarantees; `a ≤ b ≤ ld`, and the row's offset
-                // `a − first ≤ −lo` plus `b − a ≤ NR + hi − lo` stays within `stride`.
-                unsafe {
-                    let src = x.add((q * cin + c0 + c) * self.ld + a);
-                    let dst = halo.add((slot * cn + c) * self.stride + at);
-                    std::ptr::copy_nonoverlapping(src, dst, b - a);
-                }
-            }
-        }
+        // `a ≤ b ≤ ld`, and a row's offset `at = a − first ≤ −lo` plus `b − a ≤ width + hi −
+        // lo` stays within `stride`.
+        let (a, b, at) = self.span(t0, width);
+        Some(self.planes.iter().enumerate().flat_map(move |(slot, &q)| {
+            (0..cn).map(move |c| {
+                (
+                    (q * cin + c0 + c) * self.ld + a,
+                    (slot * cn + c) * self.stride + at,
+                    b - a,
+                )
+            })
+        }))
     }
 
     /// [`copy_halo`](Self::copy_halo) at stride 2: positions `a .. b` of the phase planes,

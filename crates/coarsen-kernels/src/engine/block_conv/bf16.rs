@@ -27,19 +27,26 @@ pub(super) fn available() -> bool {
         && is_x86_feature_detected!("avx512bf16")
 }
 
-/// `n` values (a multiple of 16) of `src` rounded to bfloat16 (nearest, ties to even) into
-/// `dst`.
+/// `n` values of `src` rounded to bfloat16 (nearest, ties to even) into `dst`.
 ///
 /// # Safety
-/// AVX-512F and AVX-512 BF16 must be available; `src` and `dst` hold `n` values.
-#[target_feature(enable = "avx512f,avx512bf16")]
+/// AVX-512F, BW, VL and BF16 must be available; `src` and `dst` hold `n` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn to_bf16(src: *const f32, dst: *mut u16, n: usize) {
-    for i in (0..n).step_by(16) {
+    let mut i = 0;
+    while i + 16 <= n {
         let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i)));
         _mm256_storeu_si256(
             dst.add(i).cast(),
             std::mem::transmute::<__m256bh, __m256i>(v),
         );
+        i += 16;
+    }
+    if i < n {
+        let m = (1u16 << (n - i)) - 1;
+        let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src.add(i)));
+        let v = std::mem::transmute::<__m256bh, __m256i>(v);
+        _mm256_mask_storeu_epi16(dst.add(i).cast(), m, v);
     }
 }
 
