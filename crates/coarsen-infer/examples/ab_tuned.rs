@@ -1,12 +1,12 @@
 //! Developer tool: whole forward passes of an export's packed path, tuned as `coarsen bench
-//! --model` tunes it, under the default engine options (A) and under B's, interleaved pass
-//! by pass (the machine's noise hits both alike); prints each side's best and median pass,
-//! and the median of the rounds' ratios.
+//! --model` tunes it, under A's engine options and under B's, interleaved pass by pass (the
+//! machine's noise hits both alike); prints each side's best and median pass, and the median
+//! of the rounds' ratios.
 //!
-//! `cargo run --release -p coarsen-infer --example ab_tuned -- EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]`
-//! with B_OPTIONS `prefix=FLOATS` (0: off), `prefix_min=FLOATS`, `fuse_downsample=0|1` and
-//! `prefix_parallel=0|1` and `bf16=0|1`,
-//! comma-separated.
+//! `cargo run --release -p coarsen-infer --example ab_tuned -- EXPORT_DIR [BATCH] [ROUNDS]
+//! [B_OPTIONS] [A_OPTIONS]` with options `chunk=FLOATS`, `prefix=FLOATS` (0: off),
+//! `prefix_min=FLOATS`, `fuse_downsample=0|1`, `prefix_parallel=0|1` and `bf16=0|1`,
+//! comma-separated (A: the defaults unless given).
 use std::time::Instant;
 
 use coarsen_infer::{export, InferOptions, InferenceNet, Path, TuneCache, Tuning};
@@ -18,26 +18,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: ab_tuned EXPORT_DIR [BATCH] [ROUNDS] [B_OPTIONS]")?;
     let batch: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.get(3).map_or(Ok(15), |s| s.parse())?;
-    let mut ob = InferOptions::default();
-    for kv in args
-        .get(4)
-        .map_or("", String::as_str)
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
-        let (k, v) = kv.split_once('=').ok_or("options are key=value")?;
-        match k {
-            "prefix" => ob.prefix_chunk_floats = v.parse()?,
-            "prefix_min" => ob.prefix_min_floats = v.parse()?,
-            "fuse_downsample" => ob.fuse_downsample = v == "1",
-            "prefix_parallel" => ob.prefix_parallel = v == "1",
-            "bf16" => ob.bf16 = v == "1",
-            _ => return Err(format!("unknown option {k}").into()),
+    let parse = |arg: Option<&String>| -> Result<InferOptions, Box<dyn std::error::Error>> {
+        let mut o = InferOptions::default();
+        for kv in arg
+            .map_or("", String::as_str)
+            .split(',')
+            .filter(|s| !s.is_empty())
+        {
+            let (k, v) = kv.split_once('=').ok_or("options are key=value")?;
+            match k {
+                "chunk" => o.chunk_floats = v.parse()?,
+                "prefix" => o.prefix_chunk_floats = v.parse()?,
+                "prefix_min" => o.prefix_min_floats = v.parse()?,
+                "fuse_downsample" => o.fuse_downsample = v == "1",
+                "prefix_parallel" => o.prefix_parallel = v == "1",
+                "bf16" => o.bf16 = v == "1",
+                _ => return Err(format!("unknown option {k}").into()),
+            }
         }
-    }
+        Ok(o)
+    };
+    let ob = parse(args.get(4))?;
+    let oa = parse(args.get(5))?;
     let e = export::load(std::path::Path::new(dir))?;
     let mut nets = Vec::new();
-    for o in [InferOptions::default(), ob] {
+    for o in [oa, ob] {
         let mut net = InferenceNet::with_options(&e.network, &e.formats, Path::Packed, o)?;
         net.tune(batch, &mut TuneCache::in_memory(), Tuning::Measure)?;
         println!("{:?}", net.chunking(batch));

@@ -665,7 +665,7 @@ thread_local! {
 /// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
 /// With `to_bf16` (`(src, dst, n)`: `n` values rounded to bfloat16) each halo is made in
 /// bfloat16 too: at stride 1 straight from the input's rows (the `f32` halo is not made), at
-/// stride 2 from the `f32` halo, whole; the tile's window of it is handed as `window16` (else
+/// stride 2 from what was copied of the `f32` halo; the tile's window of it is handed as `window16` (else
 /// null), offsets as in `window`.
 ///
 /// # Safety
@@ -748,8 +748,11 @@ unsafe fn walk_tiles(
                     // SAFETY: as the caller guarantees; the halo holds every plane's `cin` rows.
                     unsafe { t.copy_halo(x.as_ptr(), cin, (0, cin), s0, span, hp) };
                     if let Some(convert) = convert {
-                        // SAFETY: both buffers hold `len` values.
-                        unsafe { convert(hp, hp16, len) };
+                        // Only what was copied (calls on short ranges copy short halos).
+                        for (at, n) in t.halo_spans(cin, s0, span) {
+                            // SAFETY: both buffers hold the halo's values (`halo_spans`).
+                            unsafe { convert(hp.add(at), hp16.add(at), n) };
+                        }
                     }
                 }
             }

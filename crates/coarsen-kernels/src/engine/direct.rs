@@ -328,6 +328,19 @@ impl Taps {
         (a, b, (a as isize - first) as usize)
     }
 
+    /// Where [`copy_halo`](Self::copy_halo) writes, at either stride: for every plane slot
+    /// and channel of `cn`, `(dst, n)`, `n` values from `halo + dst` (within the halo's
+    /// `planes.len() · cn · stride` values).
+    pub(super) fn halo_spans(
+        &self,
+        cn: usize,
+        t0: usize,
+        width: usize,
+    ) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let (a, b, at) = self.span(t0, width);
+        (0..self.planes.len() * cn).map(move |row| (row * self.stride + at, b - a))
+    }
+
     /// What [`copy_halo`](Self::copy_halo) copies at stride 1: for every plane slot and
     /// channel `c0 .. c0 + cn`, `(src, dst, n)`, `n` values from `x + src` to `halo + dst`
     /// (every `dst + n` within the halo's `planes.len() · cn · stride` values, every `src + n`
