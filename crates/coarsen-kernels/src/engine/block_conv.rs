@@ -1413,6 +1413,131 @@ mod avx2 {
     }
 }
 
+/// What one tile of output positions shares over every block, for the AVX-512 kernels (`T`:
+/// the halo's values, `f32`, or bfloat16's bits for the bfloat16 kernel).
+struct Tile<'a, T> {
+    /// Halo offsets of every column of the blocks, block after block.
+    offs: &'a [usize],
+    /// The tile's window of the halo.
+    hp: *const T,
+    masks: &'a [[u16; NV]; MAX_TAPS],
+    /// Lanes of the tile inside the range.
+    full: [u16; NV],
+    out: (*mut f32, usize),
+    t0: usize,
+    c0: usize,
+    epilogue: Epilogue<'a>,
+    /// Where the blocks of a fused kernel's second output write, and their epilogue.
+    out2: (*mut f32, usize),
+    epilogue2: Epilogue<'a>,
+}
+
+impl<'a, T> Tile<'a, T> {
+    /// Where the rows of the first output (or of the second) go, and their epilogue.
+    fn output(&self, second: bool) -> ((*mut f32, usize), Epilogue<'a>) {
+        if second {
+            (self.out2, self.epilogue2)
+        } else {
+            (self.out, self.epilogue)
+        }
+    }
+}
+
+/// The AVX-512 kernels' walk (see [`BlockConv::forward_into`]): columns `c0 .. c1` of blocks
+/// `b0 .. b1`, first-output rows to `out` through `epilogue`, second-output ones to `second`;
+/// each tile handed to `run(blocks, tile, V)`, `V` its vectors of 16 positions (tiles
+/// narrower than 48, the batch's last columns or batch 1's small images, keep only the
+/// vectors they need in registers). With `to_bf16` the halo is bfloat16's (`T` = `u16`),
+/// else `f32`'s (`T` = `f32`).
+///
+/// # Safety
+/// As the AVX-512 kernel's `forward`; `run` reads the tile's halo as `T`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+unsafe fn walk_avx512<T>(
+    k: &BlockConv,
+    x: &[f32],
+    d: &ConvDims,
+    (c0, c1): (usize, usize),
+    (b0, b1): (usize, usize),
+    ((yp, ldy), epilogue, second): (
+        (*mut f32, usize),
+        Epilogue<'_>,
+        Option<(*mut f32, usize, Epilogue<'_>)>,
+    ),
+    to_bf16: Option<unsafe fn(*const f32, *mut u16, usize)>,
+    mut run: impl FnMut(&[ConvBlock], &Tile<'_, T>, usize),
+) {
+    let (yp2, ldy2, epilogue2) = second.unwrap_or((yp, ldy, epilogue));
+    let blocks = &k.blocks[b0..b1];
+    let bf16 = to_bf16.is_some();
+    walk_tiles(
+        k,
+        x,
+        d,
+        (c0, c1),
+        blocks,
+        to_bf16,
+        |window, window16, t0, width, masks, offs| {
+            let tile = Tile {
+                offs,
+                hp: if bf16 {
+                    window16.cast::<T>()
+                } else {
+                    window.cast::<T>()
+                },
+                masks,
+                full: super::direct::lanes(width),
+                out: (yp, ldy),
+                t0,
+                c0,
+                epilogue,
+                out2: (yp2, ldy2),
+                epilogue2,
+            };
+            run(blocks, &tile, width.div_ceil(16));
+        },
+    );
+}
+
+/// Every panel of every block of `blocks`, in order, as `f(block, q, rows, offs)`: its index
+/// `q` in the block, its rows (at most `MR`), and the block's columns' halo offsets, from
+/// `offs` (every block's, block after block).
+#[inline(always)]
+fn each_panel(
+    blocks: &[ConvBlock],
+    offs: &[usize],
+    mut f: impl FnMut(&ConvBlock, usize, &[u32], *const usize),
+) {
+    let mut first = 0;
+    for b in blocks {
+        let at = offs.get(first..).map_or(offs.as_ptr(), <[usize]>::as_ptr);
+        first += b.chans.len();
+        for (q, rows) in b.rows.chunks(MR).enumerate() {
+            f(b, q, rows, at);
+        }
+    }
+}
+
+/// `$panel::<V, R>(args)` for the `R = $rows` rows of a panel (`1 ..= MR`) as a constant:
+/// a block of one row (Regroup of a layer with few channels, or a block's last rows) runs
+/// one row's products, not eight with seven of zeros.
+macro_rules! by_rows {
+    ($rows:expr, $panel:ident::<$v:ident>($($arg:expr),*)) => {
+        match $rows {
+            1 => $panel::<$v, 1>($($arg),*),
+            2 => $panel::<$v, 2>($($arg),*),
+            3 => $panel::<$v, 3>($($arg),*),
+            4 => $panel::<$v, 4>($($arg),*),
+            5 => $panel::<$v, 5>($($arg),*),
+            6 => $panel::<$v, 6>($($arg),*),
+            7 => $panel::<$v, 7>($($arg),*),
+            _ => $panel::<$v, MR>($($arg),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod bf16;
 
@@ -1420,7 +1545,7 @@ mod bf16;
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{walk_tiles, BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NV};
+    use super::{each_panel, walk_avx512, BlockConv, ConvBlock, Epilogue, Tile, MR};
 
     use crate::conv::ConvDims;
     use crate::engine::direct::avx512::store_row;
@@ -1442,60 +1567,27 @@ mod avx512 {
         k: &BlockConv,
         x: &[f32],
         d: &ConvDims,
-        (c0, c1): (usize, usize),
-        (b0, b1): (usize, usize),
-        (yp, ldy): (*mut f32, usize),
+        cols: (usize, usize),
+        share: (usize, usize),
+        out: (*mut f32, usize),
         epilogue: Epilogue<'_>,
         second: Option<(*mut f32, usize, Epilogue<'_>)>,
     ) {
-        let (yp2, ldy2, epilogue2) = second.unwrap_or((yp, ldy, epilogue));
-        let blocks = &k.blocks[b0..b1];
-        walk_tiles(
+        let outs = (out, epilogue, second);
+        walk_avx512::<f32>(
             k,
             x,
             d,
-            (c0, c1),
-            blocks,
+            cols,
+            share,
+            outs,
             None,
-            |window, _, t0, width, masks, offs| {
-                // Tiles narrower than 48 (the batch's last columns, or batch 1's small images)
-                // keep only the vectors they need in registers.
-                let tile = Tile {
-                    offs,
-                    hp: window,
-                    masks,
-                    full: lanes(width),
-                    out: (yp, ldy),
-                    t0,
-                    c0,
-                    epilogue,
-                    out2: (yp2, ldy2),
-                    epilogue2,
-                };
-                match width.div_ceil(16) {
-                    1 => run_tile::<1>(blocks, &tile),
-                    2 => run_tile::<2>(blocks, &tile),
-                    _ => run_tile::<3>(blocks, &tile),
-                }
+            |blocks, tile, v| match v {
+                1 => run_tile::<1>(blocks, tile),
+                2 => run_tile::<2>(blocks, tile),
+                _ => run_tile::<3>(blocks, tile),
             },
         );
-    }
-
-    /// What one tile of output positions shares over every block.
-    struct Tile<'a> {
-        /// Halo offsets of every column of the blocks, block after block.
-        offs: &'a [usize],
-        hp: *const f32,
-        masks: &'a [[u16; NV]; MAX_TAPS],
-        /// Lanes of the tile inside the range.
-        full: [u16; NV],
-        out: (*mut f32, usize),
-        t0: usize,
-        c0: usize,
-        epilogue: Epilogue<'a>,
-        /// Where the blocks of a fused kernel's second output write, and their epilogue.
-        out2: (*mut f32, usize),
-        epilogue2: Epilogue<'a>,
     }
 
     /// Every block of `blocks` on one tile of at most `V·16` positions (`V ≤ NV`).
@@ -1504,35 +1596,17 @@ mod avx512 {
     /// As [`forward`], which made `t`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn run_tile<const V: usize>(blocks: &[ConvBlock], t: &Tile<'_>) {
-        let mut first = 0;
-        for b in blocks {
-            let kn = b.chans.len();
-            let offs = t.offs.as_ptr().add(first);
-            first += kn;
-            for (q, rows) in b.rows.chunks(MR).enumerate() {
-                let p = Panel {
-                    w: b.panels.as_ptr().add(q * kn * MR),
-                    offs,
-                    runs: &b.runs,
-                    rows,
-                    second: b.second,
-                };
-                // As many rows of the register tile as the panel has: a block of one row
-                // (Regroup of a layer with few channels, or a block's last rows) runs one
-                // row's products, not eight with seven of zeros.
-                match rows.len() {
-                    1 => panel::<V, 1>(&p, t),
-                    2 => panel::<V, 2>(&p, t),
-                    3 => panel::<V, 3>(&p, t),
-                    4 => panel::<V, 4>(&p, t),
-                    5 => panel::<V, 5>(&p, t),
-                    6 => panel::<V, 6>(&p, t),
-                    7 => panel::<V, 7>(&p, t),
-                    _ => panel::<V, MR>(&p, t),
-                }
-            }
-        }
+    unsafe fn run_tile<const V: usize>(blocks: &[ConvBlock], t: &Tile<'_, f32>) {
+        each_panel(blocks, t.offs, |b, q, rows, offs| {
+            let p = Panel {
+                w: b.panels.as_ptr().add(q * b.chans.len() * MR),
+                offs,
+                runs: &b.runs,
+                rows,
+                second: b.second,
+            };
+            by_rows!(rows.len(), panel::<V>(&p, t));
+        });
     }
 
     /// One panel of a block: its values, the block's columns and the panel's output rows.
@@ -1555,12 +1629,8 @@ mod avx512 {
     /// AVX-512F must be available (inlined into the kernel, which enables it); otherwise as
     /// [`forward`], which made `t`; `p.rows` holds `R` rows.
     #[inline(always)]
-    unsafe fn panel<const V: usize, const R: usize>(p: &Panel<'_>, t: &Tile<'_>) {
-        let ((yp, ldy), epilogue) = if p.second {
-            (t.out2, t.epilogue2)
-        } else {
-            (t.out, t.epilogue)
-        };
+    unsafe fn panel<const V: usize, const R: usize>(p: &Panel<'_>, t: &Tile<'_, f32>) {
+        let ((yp, ldy), epilogue) = t.output(p.second);
         let (masks, hp, w, offs) = (t.masks, t.hp, p.w, p.offs);
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         for &(tap, k0, k1) in p.runs {

@@ -13,11 +13,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{walk_tiles, BlockConv, ConvBlock, Epilogue, MAX_TAPS, MR, NV};
+use super::{each_panel, walk_avx512, BlockConv, ConvBlock, Epilogue, Tile, MR, NV};
 
 use crate::conv::ConvDims;
 use crate::engine::direct::avx512::store_row;
-use crate::engine::direct::lanes;
 
 /// Whether this CPU has the instructions of the bfloat16 kernel.
 pub(super) fn available() -> bool {
@@ -62,59 +61,27 @@ pub(super) unsafe fn forward(
     k: &BlockConv,
     x: &[f32],
     d: &ConvDims,
-    (c0, c1): (usize, usize),
-    (b0, b1): (usize, usize),
-    (yp, ldy): (*mut f32, usize),
+    cols: (usize, usize),
+    share: (usize, usize),
+    out: (*mut f32, usize),
     epilogue: Epilogue<'_>,
     second: Option<(*mut f32, usize, Epilogue<'_>)>,
 ) {
-    let (yp2, ldy2, epilogue2) = second.unwrap_or((yp, ldy, epilogue));
-    let blocks = &k.blocks[b0..b1];
-    walk_tiles(
+    let outs = (out, epilogue, second);
+    walk_avx512::<u16>(
         k,
         x,
         d,
-        (c0, c1),
-        blocks,
+        cols,
+        share,
+        outs,
         Some(to_bf16),
-        |_, window, t0, width, masks, offs| {
-            let tile = Tile {
-                offs,
-                hp: window,
-                masks,
-                full: lanes(width),
-                out: (yp, ldy),
-                t0,
-                c0,
-                epilogue,
-                out2: (yp2, ldy2),
-                epilogue2,
-            };
-            match width.div_ceil(16) {
-                1 => run_tile::<1>(blocks, &tile),
-                2 => run_tile::<2>(blocks, &tile),
-                _ => run_tile::<3>(blocks, &tile),
-            }
+        |blocks, tile, v| match v {
+            1 => run_tile::<1>(blocks, tile),
+            2 => run_tile::<2>(blocks, tile),
+            _ => run_tile::<3>(blocks, tile),
         },
     );
-}
-
-/// What one tile of output positions shares over every block.
-struct Tile<'a> {
-    /// Halo offsets of every column of the blocks, block after block.
-    offs: &'a [usize],
-    /// The tile's window of the bfloat16 halo.
-    hp: *const u16,
-    masks: &'a [[u16; NV]; MAX_TAPS],
-    /// Lanes of the tile inside the range.
-    full: [u16; NV],
-    out: (*mut f32, usize),
-    t0: usize,
-    c0: usize,
-    epilogue: Epilogue<'a>,
-    /// Where the blocks of a fused kernel's second output write, and their epilogue.
-    out2: (*mut f32, usize),
-    epilogue2: Epilogue<'a>,
 }
 
 /// Every block of `blocks` on one tile of at most `V·16` positions (`V ≤ NV`).
@@ -123,35 +90,20 @@ struct Tile<'a> {
 /// As [`forward`], which made `t`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-unsafe fn run_tile<const V: usize>(blocks: &[ConvBlock], t: &Tile<'_>) {
-    let mut first = 0;
-    for b in blocks {
+unsafe fn run_tile<const V: usize>(blocks: &[ConvBlock], t: &Tile<'_, u16>) {
+    each_panel(blocks, t.offs, |b, q, rows, offs| {
         let kn = b.chans.len();
-        let offs = t.offs.as_ptr().add(first);
-        first += kn;
-        let np = kn.div_ceil(2);
-        for (q, rows) in b.rows.chunks(MR).enumerate() {
-            let p = Panel {
-                w: b.pairs.as_ptr().add(q * np * MR),
-                offs,
-                taps: b.taps.as_ptr(),
-                runs: &b.runs,
-                kn,
-                rows,
-                second: b.second,
-            };
-            match rows.len() {
-                1 => panel::<V, 1>(&p, t),
-                2 => panel::<V, 2>(&p, t),
-                3 => panel::<V, 3>(&p, t),
-                4 => panel::<V, 4>(&p, t),
-                5 => panel::<V, 5>(&p, t),
-                6 => panel::<V, 6>(&p, t),
-                7 => panel::<V, 7>(&p, t),
-                _ => panel::<V, MR>(&p, t),
-            }
-        }
-    }
+        let p = Panel {
+            w: b.pairs.as_ptr().add(q * kn.div_ceil(2) * MR),
+            offs,
+            taps: b.taps.as_ptr(),
+            runs: &b.runs,
+            kn,
+            rows,
+            second: b.second,
+        };
+        by_rows!(rows.len(), panel::<V>(&p, t));
+    });
 }
 
 /// One panel of a block: its pairs, the block's columns and the panel's output rows.
@@ -259,12 +211,8 @@ unsafe fn inputs<const V: usize>(
 /// AVX-512F, BW, VL and BF16 must be available (inlined into the kernel, which enables them);
 /// otherwise as [`forward`], which made `t`; `p.rows` holds `R` rows.
 #[inline(always)]
-unsafe fn panel<const V: usize, const R: usize>(p: &Panel<'_>, t: &Tile<'_>) {
-    let ((yp, ldy), epilogue) = if p.second {
-        (t.out2, t.epilogue2)
-    } else {
-        (t.out, t.epilogue)
-    };
+unsafe fn panel<const V: usize, const R: usize>(p: &Panel<'_>, t: &Tile<'_, u16>) {
+    let ((yp, ldy), epilogue) = t.output(p.second);
     let (masks, hp, w, offs, taps) = (t.masks, t.hp, p.w, p.offs, p.taps);
     let interleave = _mm512_loadu_si512(INTERLEAVE.as_ptr().cast());
     let mut acc = [[_mm512_setzero_ps(); V]; R];
