@@ -1423,15 +1423,21 @@ impl Layer {
     /// The kernel that runs this layer on batches of `batch` images, in words.
     pub(super) fn kernel_name(&self, batch: usize, o: &InferOptions) -> String {
         let n = batch * self.ho * self.wo;
+        // Block kernels that multiply in bfloat16 say so.
+        let bf16 = |k: Option<&BlockConv>| {
+            if k.is_some_and(BlockConv::bf16) {
+                ", bf16"
+            } else {
+                ""
+            }
+        };
         if self.runs_unrolled(batch) {
             format!("unrolled {}", self.plan.format())
         } else if self.runs_fused(n, o) {
-            let bf16 = self.fused.as_ref().is_some_and(|f| f.kernel.bf16());
-            let bf16 = if bf16 { ", bf16" } else { "" };
+            let bf16 = bf16(self.fused.as_ref().map(|f| &f.kernel));
             format!("implicit gemm, {}, 1x1 fused{bf16}", self.plan.format())
         } else if self.runs_blocks(n, o) {
-            let bf16 = self.blocks.as_ref().is_some_and(BlockConv::bf16);
-            let bf16 = if bf16 { ", bf16" } else { "" };
+            let bf16 = bf16(self.blocks.as_ref());
             format!("implicit gemm, {}{bf16}", self.plan.format())
         } else if self.runs_nm(n) {
             format!("gathered {}", self.plan.format())

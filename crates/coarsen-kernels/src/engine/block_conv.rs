@@ -665,8 +665,8 @@ thread_local! {
 /// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
 /// With `to_bf16` (`(src, dst, n)`: `n` values rounded to bfloat16) each halo is made in
 /// bfloat16 too: at stride 1 straight from the input's rows (the `f32` halo is not made), at
-/// stride 2 from what was copied of the `f32` halo; the tile's window of it is handed as `window16` (else
-/// null), offsets as in `window`.
+/// stride 2 from what was copied of the `f32` halo; the tile's window of it is handed as
+/// `window16` (else null), offsets as in `window`.
 ///
 /// # Safety
 /// `x` holds `cin × B·H·W` values of a batch `k` accepts, and `c0 ≤ c1 ≤
