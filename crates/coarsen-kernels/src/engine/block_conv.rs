@@ -13,7 +13,7 @@
 use super::blocks::packed_parts;
 use super::copy_floats;
 use super::direct::{accepts, check_call, in_place_geometry, Epilogue};
-use super::direct::{halo_start, tap_place, Taps, MAX_TAPS, MR, NR, NV};
+use super::direct::{halo_start, tap_place, SplitPairs, Taps, MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::formats::Packed;
@@ -657,22 +657,31 @@ thread_local! {
     static HALO16: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// How the bfloat16 kernel's halos are made: `convert(src, dst, n)` rounds `n` values of
+/// an input row (stride 1), `split` takes a row pair of the input apart into its phases
+/// (stride 2).
+#[derive(Clone, Copy)]
+struct Bf16Halo {
+    convert: unsafe fn(*const f32, *mut u16, usize),
+    split: SplitPairs<u16>,
+}
+
 /// The in-place kernels' walk over output positions `c0 .. c1` for `blocks`, shared by the
 /// AVX-512 and AVX2 kernels: the halo offset of every column of the blocks (block after
 /// block), then per tile its width, its halo (one copy serves up to `SPAN` tiles: each tile's
 /// taps overlap the next tile's, so copying them per tile copied most input values twice or
 /// more) and its lane masks per tap, handed to `tile(window, t0, width, masks, offs)`, where
 /// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
-/// With `to_bf16` (`(src, dst, n)`: `n` values rounded to bfloat16) each halo is made in
-/// bfloat16 too: at stride 1 straight from the input's rows (the `f32` halo is not made), at
-/// stride 2 from what was copied of the `f32` halo; the tile's window of it is handed as
-/// `window16` (else null), offsets as in `window`.
+/// With `to_bf16` each halo is made in bfloat16 instead, straight from the input's rows (the
+/// `f32` halo is not made): rounded by its `convert` at stride 1, taken apart into phases and
+/// rounded by its `split` at stride 2; the tile's window of it is handed as `window16` (else
+/// null), offsets as in `window`.
 ///
 /// # Safety
 /// `x` holds `cin × B·H·W` values of a batch `k` accepts, and `c0 ≤ c1 ≤
 /// d.n()`; `tile` reads no further into a halo row than its tile's width, rounded up to whole
-/// vectors, past its window plus a column's offset; `to_bf16` writes no more values than it
-/// is given.
+/// vectors, past its window plus a column's offset; `to_bf16`'s functions write no more
+/// values than they are given, and the CPU has what they ask for.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 unsafe fn walk_tiles(
@@ -681,7 +690,7 @@ unsafe fn walk_tiles(
     d: &ConvDims,
     (c0, c1): (usize, usize),
     blocks: &[ConvBlock],
-    to_bf16: Option<unsafe fn(*const f32, *mut u16, usize)>,
+    to_bf16: Option<Bf16Halo>,
     mut tile: impl FnMut(*const f32, *const u16, usize, usize, &[[u16; NV]; MAX_TAPS], &[usize]),
 ) {
     let t = Taps::new(&k.g, d, SPAN * NR);
@@ -737,24 +746,19 @@ unsafe fn walk_tiles(
             s0 = t0;
             let span = (SPAN * NR).min(c1 - s0);
             match (to_bf16, t.halo_rows(cin, (0, cin), s0, span)) {
-                (Some(convert), Some(rows)) => {
+                (Some(b), Some(rows)) => {
                     for (src, dst, n) in rows {
                         // SAFETY: as the caller guarantees (`x`'s length); the rows lie in
                         // the halo (`halo_rows`).
-                        unsafe { convert(x.as_ptr().add(src), hp16.add(dst), n) };
+                        unsafe { (b.convert)(x.as_ptr().add(src), hp16.add(dst), n) };
                     }
                 }
-                (convert, _) => {
-                    // SAFETY: as the caller guarantees; the halo holds every plane's `cin` rows.
-                    unsafe { t.copy_halo(x.as_ptr(), cin, (0, cin), s0, span, hp) };
-                    if let Some(convert) = convert {
-                        // Only what was copied (calls on short ranges copy short halos).
-                        for (at, n) in t.halo_spans(cin, s0, span) {
-                            // SAFETY: both buffers hold the halo's values (`halo_spans`).
-                            unsafe { convert(hp.add(at), hp16.add(at), n) };
-                        }
-                    }
-                }
+                // SAFETY (both): as the caller guarantees; either halo holds every plane's
+                // `cin` rows (`len` values, `None` from `halo_rows`: stride 2).
+                (Some(b), None) => unsafe {
+                    t.copy_phase_halo(x.as_ptr(), (0, cin), s0, span, hp16, b.split)
+                },
+                (None, _) => unsafe { t.copy_halo(x.as_ptr(), cin, (0, cin), s0, span, hp) },
             }
         }
         cache.masks(&t, t0, width, &mut masks);
@@ -1466,7 +1470,7 @@ unsafe fn walk_avx512<T>(
         Epilogue<'_>,
         Option<(*mut f32, usize, Epilogue<'_>)>,
     ),
-    to_bf16: Option<unsafe fn(*const f32, *mut u16, usize)>,
+    to_bf16: Option<Bf16Halo>,
     mut run: impl FnMut(&[ConvBlock], &Tile<'_, T>, usize),
 ) {
     let (yp2, ldy2, epilogue2) = second.unwrap_or((yp, ldy, epilogue));
@@ -2044,6 +2048,58 @@ mod tests {
                 let w1 = pairs[q * 2 * MR + MR + i];
                 assert_eq!((half(w0, false), half(w0, true)), (at(0), at(1)));
                 assert_eq!((half(w1, false), half(w1, true)), (at(2), 0.0));
+            }
+        }
+    }
+
+    /// The stride-2 halos' split into bfloat16: every even and odd value of a row rounded as
+    /// `bf16_bits` rounds it, either output alone or both, every length up to three vectors
+    /// and a last odd value; nothing written past the `n` positions.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_bf16_split_rounds_each_phase_of_a_row() {
+        if !BlockConv::bf16_available() {
+            return;
+        }
+        // Values that need rounding, ties and signs among them.
+        let value = |i: usize| {
+            let bits = 0x3f80_0000u32 + (i as u32).wrapping_mul(0x9e37) % 0x0001_0000;
+            f32::from_bits(bits) * if i.is_multiple_of(3) { -1.5 } else { 1.0 }
+        };
+        for n in 0..50usize {
+            for len in [2 * n, (2 * n).saturating_sub(1)] {
+                let src: Vec<f32> = (0..len).map(value).collect();
+                for (we, wo) in [(true, true), (true, false), (false, true)] {
+                    // A last odd value has no odd partner: odd only with a full row.
+                    if wo && len < 2 * n {
+                        continue;
+                    }
+                    let (mut e, mut o) = (vec![0xffffu16; n + 2], vec![0xffffu16; n + 2]);
+                    // SAFETY: AVX-512 BF16 is available; `src` holds `len ≥ 2n − 1` values
+                    // (`2n` with the odd output) and each output `n` past its first slot.
+                    unsafe {
+                        bf16::split_pairs(
+                            src.as_ptr(),
+                            len,
+                            n,
+                            we.then(|| e.as_mut_ptr().add(1)),
+                            wo.then(|| o.as_mut_ptr().add(1)),
+                        )
+                    };
+                    for j in 0..n + 2 {
+                        let inside = (1..=n).contains(&j);
+                        let want = |on: bool, at: usize| {
+                            if on && inside {
+                                bf16_bits(src[at])
+                            } else {
+                                0xffff
+                            }
+                        };
+                        let at = 2 * (j.max(1) - 1);
+                        assert_eq!(e[j], want(we, at), "{n} pairs of {len}, even {j}");
+                        assert_eq!(o[j], want(wo, at + 1), "{n} pairs of {len}, odd {j}");
+                    }
+                }
             }
         }
     }

@@ -313,9 +313,16 @@ impl Taps {
             }
             return;
         }
-        let (a, b, at) = self.span(t0, width);
-        // SAFETY: as the caller guarantees; `a ≤ b ≤ ld`, `at + b − a` within `stride`.
-        unsafe { self.copy_phase_halo(x, (c0, cn), (a, b), at, halo) };
+        #[cfg(target_arch = "x86_64")]
+        let split: SplitPairs<f32> = if crate::simd::Isa::detect() == crate::simd::Isa::Avx512 {
+            split_pairs_avx512
+        } else {
+            split_pairs
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let split: SplitPairs<f32> = split_pairs;
+        // SAFETY: as the caller guarantees; `split_pairs_avx512` only with AVX-512.
+        unsafe { self.copy_phase_halo(x, (c0, cn), t0, width, halo, split) };
     }
 
     /// The positions `a .. b` of the planes that a halo of the tiles of `width` positions
@@ -326,19 +333,6 @@ impl Taps {
         let b = ((t0 + width) as isize + self.hi).min(self.ld as isize);
         let b = (b.max(a as isize)) as usize;
         (a, b, (a as isize - first) as usize)
-    }
-
-    /// Where [`copy_halo`](Self::copy_halo) writes, at either stride: for every plane slot
-    /// and channel of `cn`, `(dst, n)`, `n` values from `halo + dst` (within the halo's
-    /// `planes.len() · cn · stride` values).
-    pub(super) fn halo_spans(
-        &self,
-        cn: usize,
-        t0: usize,
-        width: usize,
-    ) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let (a, b, at) = self.span(t0, width);
-        (0..self.planes.len() * cn).map(move |row| (row * self.stride + at, b - a))
     }
 
     /// What [`copy_halo`](Self::copy_halo) copies at stride 1: for every plane slot and
@@ -370,25 +364,34 @@ impl Taps {
         }))
     }
 
-    /// [`copy_halo`](Self::copy_halo) at stride 2: positions `a .. b` of the phase planes,
-    /// at `at` in each halo row, from the input `x` (`[cin, B, 2·Ho, 2·Wo]`).
+    /// [`copy_halo`](Self::copy_halo) at stride 2, into a halo of `T` (`f32`, or bfloat16's
+    /// bits for the bfloat16 kernel, at the same offsets), each row pair taken apart by
+    /// `split` (`f32`: [`split_pairs_avx512`] where the CPU has AVX-512, else
+    /// [`split_pairs`]). Positions `a .. b` of the phase planes (those the halo of the tiles
+    /// of `width` positions from `t0` holds) go to `at` in each halo row.
     ///
     /// # Safety
-    /// As [`copy_halo`](Self::copy_halo); `a ≤ b ≤ ld` and `at + b − a ≤ stride`.
-    unsafe fn copy_phase_halo(
+    /// As [`copy_halo`](Self::copy_halo), the taps at stride 2; the CPU has what `split` asks
+    /// for, and `split` writes no more than [`split_pairs`] would.
+    pub(super) unsafe fn copy_phase_halo<T>(
         &self,
         x: *const f32,
         (c0, cn): (usize, usize),
-        (a, b): (usize, usize),
-        at: usize,
-        halo: *mut f32,
+        t0: usize,
+        width: usize,
+        halo: *mut T,
+        split: SplitPairs<T>,
     ) {
         /// Output rows per pass over the channels.
         const SEGS: usize = 64;
+        debug_assert!(self.phases);
+        // `a ≤ b ≤ ld`, `at + b − a` within `stride`.
+        let (a, b, at) = self.span(t0, width);
         let (h, w) = (self.h, self.w);
         let (hw, wi) = ((h * w).max(1), 2 * w);
         // Floats per input channel: B images of 2·Ho × 2·Wo.
         let chan = 4 * self.ld;
+        #[cfg(target_arch = "x86_64")]
         let wide = crate::simd::Isa::detect() == crate::simd::Isa::Avx512;
         let slot = |q: usize| self.slot_of[q];
         let mut p = a;
@@ -414,7 +417,7 @@ impl Taps {
             // Both row parities of a channel, channel after channel: its rows are read in
             // order (one parity after the other read every other pair of cache lines, twice
             // over), and the next channel's are fetched meanwhile.
-            let rows: [Option<PhaseRows>; 2] = std::array::from_fn(|ry| {
+            let rows: [Option<PhaseRows<T>>; 2] = std::array::from_fn(|ry| {
                 let (se, so) = (slot(2 * ry), slot(2 * ry + 1));
                 (se != usize::MAX || so != usize::MAX).then(|| PhaseRows {
                     // SAFETY: as the caller guarantees (`c0 + cn ≤ cin` channels of `chan`).
@@ -438,14 +441,7 @@ impl Taps {
                     // SAFETY: as the caller guarantees: input row `2·oy + ry` of image `img`
                     // holds `2·Wo` values, a segment reads `2n ≤ 2·(Wo − ox)` of them from
                     // column `2·ox`; a halo row holds `at + b − a` values.
-                    unsafe {
-                        #[cfg(target_arch = "x86_64")]
-                        if wide {
-                            r.split_avx512(c, segs);
-                            continue;
-                        }
-                        r.split(c, segs);
-                    }
+                    unsafe { r.split(c, segs, split) };
                 }
             }
         }
@@ -473,52 +469,61 @@ unsafe fn prefetch_rows(src: *const f32, segs: &[(usize, usize, usize)], wi: usi
     }
 }
 
-/// Where [`Taps::copy_halo`] takes one row parity of the input apart: channel `c`'s rows
-/// from `src + c·chan`, its even columns to the halo row `even + c·stride`, its odd ones to
-/// `odd + c·stride` (each where the taps read that phase).
-struct PhaseRows {
+/// A row split into its even and odd columns, `(src, len, n, even, odd)`: `even[j] =
+/// src[2j]` and `odd[j] = src[2j + 1]` for `j < n` (either output optional), converted to the
+/// halo's values, reading nothing past `src[len − 1]` ([`split_pairs`]).
+pub(super) type SplitPairs<T> = unsafe fn(*const f32, usize, usize, Option<*mut T>, Option<*mut T>);
+
+/// [`SplitPairs`] into `f32`, value by value.
+///
+/// # Safety
+/// `src` is valid for reading `len ≥ 2n − 1` values (`2n` with `odd`), `even` and `odd` for
+/// writing `n`.
+unsafe fn split_pairs(
     src: *const f32,
-    chan: usize,
+    len: usize,
+    n: usize,
     even: Option<*mut f32>,
     odd: Option<*mut f32>,
-    stride: usize,
-}
-
-impl PhaseRows {
-    /// Channel `c`, each segment `(at, n, from)`: `n` pairs from `from` to halo position `at`.
-    ///
-    /// # Safety
-    /// The channel's row holds `from + 2n` values per segment and its halo row `at + n`.
-    unsafe fn split(&self, c: usize, segs: &[(usize, usize, usize)]) {
-        for &(at, n, from) in segs {
-            // SAFETY: as the caller guarantees.
-            unsafe {
-                let src = self.src.add(c * self.chan + from);
-                for j in 0..n {
-                    if let Some(e) = self.even {
-                        *e.add(c * self.stride + at + j) = *src.add(2 * j);
-                    }
-                    if let Some(o) = self.odd {
-                        *o.add(c * self.stride + at + j) = *src.add(2 * j + 1);
-                    }
-                }
+) {
+    for j in 0..n {
+        // SAFETY: as the caller guarantees (`2j < len`, and `2j + 1 < len` with `odd`).
+        unsafe {
+            if let Some(e) = even {
+                *e.add(j) = *src.add(2 * j);
+            }
+            if let Some(o) = odd.filter(|_| 2 * j + 1 < len) {
+                *o.add(j) = *src.add(2 * j + 1);
             }
         }
     }
+}
 
-    /// [`split`](Self::split) by AVX-512 permutes ([`split_pairs_avx512`]).
+/// Where [`Taps::copy_phase_halo`] takes one row parity of the input apart: channel `c`'s
+/// rows from `src + c·chan`, its even columns to the halo row `even + c·stride`, its odd ones
+/// to `odd + c·stride` (each where the taps read that phase).
+struct PhaseRows<T> {
+    src: *const f32,
+    chan: usize,
+    even: Option<*mut T>,
+    odd: Option<*mut T>,
+    stride: usize,
+}
+
+impl<T> PhaseRows<T> {
+    /// Channel `c`, each segment `(at, n, from)`: `n` pairs from `from` to halo position `at`,
+    /// by `split`.
     ///
     /// # Safety
-    /// As [`split`](Self::split), with AVX-512F available.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn split_avx512(&self, c: usize, segs: &[(usize, usize, usize)]) {
+    /// The channel's row holds `from + 2n` values per segment and its halo row `at + n`; the
+    /// CPU has what `split` asks for.
+    unsafe fn split(&self, c: usize, segs: &[(usize, usize, usize)], split: SplitPairs<T>) {
         for &(at, n, from) in segs {
             let to = c * self.stride + at;
             // SAFETY: as the caller guarantees: the segment's `2n` values and its halo
             // positions `to .. to + n`.
             unsafe {
-                split_pairs_avx512(
+                split(
                     self.src.add(c * self.chan + from),
                     2 * n,
                     n,
@@ -1304,17 +1309,16 @@ mod tests {
                     let segs = [(1, n, 1)];
                     // SAFETY: channel c's segment reads `s[c·(2n + 3) + 1 ..][..2n]`, writes
                     // positions 1 ..= n of its halo rows; `wide` only with AVX-512.
+                    #[cfg(target_arch = "x86_64")]
+                    let split: SplitPairs<f32> = if wide {
+                        split_pairs_avx512
+                    } else {
+                        split_pairs
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let split: SplitPairs<f32> = split_pairs;
                     for c in 0..2 {
-                        unsafe {
-                            #[cfg(target_arch = "x86_64")]
-                            if wide {
-                                rows.split_avx512(c, &segs);
-                            } else {
-                                rows.split(c, &segs);
-                            }
-                            #[cfg(not(target_arch = "x86_64"))]
-                            rows.split(c, &segs);
-                        }
+                        unsafe { rows.split(c, &segs, split) };
                     }
                     for c in 0..2 {
                         for j in 0..n + 3 {

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{each_panel, walk_avx512, BlockConv, ConvBlock, Epilogue, Tile, MR, NV};
+use super::{each_panel, walk_avx512, Bf16Halo, BlockConv, ConvBlock, Epilogue, Tile, MR, NV};
 
 use crate::conv::ConvDims;
 use crate::engine::direct::avx512::store_row;
@@ -49,6 +49,52 @@ pub(super) unsafe fn to_bf16(src: *const f32, dst: *mut u16, n: usize) {
     }
 }
 
+/// A row's even and odd columns rounded to bfloat16 (see `SplitPairs`): `even[j] =
+/// src[2j]` and `odd[j] = src[2j + 1]` for `j < n`, either optional, 16 pairs at a time by
+/// AVX-512 permutes, the last ones through masks, which read nothing past `src[len − 1]` and
+/// write nothing past position `n`. The stride-2 halos of the bfloat16 kernel, made straight
+/// from the input's rows (no `f32` halo written and read again to round it).
+///
+/// # Safety
+/// AVX-512F, BW, VL and BF16 must be available; `src` is valid for reading `len ≥ 2n − 1`
+/// values (`2n` with `odd`), `even` and `odd` for writing `n`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn split_pairs(
+    src: *const f32,
+    len: usize,
+    n: usize,
+    even: Option<*mut u16>,
+    odd: Option<*mut u16>,
+) {
+    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let lanes = |k: usize| {
+        if k >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << k) - 1) as u16
+        }
+    };
+    let round = |v: __m512| std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+    let mut j = 0;
+    while j < n {
+        let m = (n - j).min(16);
+        // Values `2j ..` of the pairs, no further than `len`.
+        let v = (2 * m).min(len - 2 * j);
+        let lo = _mm512_maskz_loadu_ps(lanes(v), src.add(2 * j));
+        let hi = _mm512_maskz_loadu_ps(lanes(v.saturating_sub(16)), src.add(2 * j + 16));
+        if let Some(e) = even {
+            let x = round(_mm512_permutex2var_ps(lo, ie, hi));
+            _mm256_mask_storeu_epi16(e.add(j).cast(), lanes(m), x);
+        }
+        if let Some(o) = odd {
+            let x = round(_mm512_permutex2var_ps(lo, io, hi));
+            _mm256_mask_storeu_epi16(o.add(j).cast(), lanes(m), x);
+        }
+        j += m;
+    }
+}
+
 /// See [`BlockConv::forward_into`]: the AVX-512 kernel's walk and epilogue, the products in
 /// bfloat16.
 ///
@@ -75,7 +121,10 @@ pub(super) unsafe fn forward(
         cols,
         share,
         outs,
-        Some(to_bf16),
+        Some(Bf16Halo {
+            convert: to_bf16,
+            split: split_pairs,
+        }),
         |blocks, tile, v| match v {
             1 => run_tile::<1>(blocks, tile),
             2 => run_tile::<2>(blocks, tile),
