@@ -24,7 +24,8 @@ fn scale_of(want: &[f32]) -> f32 {
 }
 
 /// `net` on every format and path against the reference; `blocks`: some layer of it runs a
-/// block kernel in place (so in bfloat16 where the CPU has it).
+/// block kernel in place, or is a dense convolution on an implicit GEMM (so in bfloat16 where
+/// the CPU has it).
 fn check(label: &str, net: fn() -> Net, blocks: bool) {
     let mut chunked = false;
     let mut bf16_ran = false;
@@ -156,7 +157,21 @@ fn check(label: &str, net: fn() -> Net, blocks: bool) {
                     ..InferOptions::default()
                 };
                 let e = InferenceNet::with_options(&network, &formats, path, options).unwrap();
-                let rounded = e.kernel_names(batch).iter().any(|k| k.ends_with(", bf16"));
+                let names = e.kernel_names(batch);
+                let rounded = names.iter().any(|k| k.ends_with(", bf16"));
+                // Only block kernels and the implicit GEMMs of dense convolutions change
+                // (fused pairs aside, which bfloat16 makes of dense layers too).
+                let names32 = engine.kernel_names(batch);
+                if names32.len() == names.len() {
+                    for (a, b) in names32.iter().zip(&names) {
+                        assert!(
+                            b == a
+                                || *b == format!("{a}, bf16")
+                                || (a == "implicit gemm" && b == "implicit gemm, dense, bf16"),
+                            "{label} {fmt:?}: {a} in f32, {b} in bf16"
+                        );
+                    }
+                }
                 let got16 = e.forward_nchw(&x, batch).unwrap();
                 let err = max_error(&got16, &want);
                 assert!(
@@ -174,7 +189,8 @@ fn check(label: &str, net: fn() -> Net, blocks: bool) {
     }
     // Some format ran its first steps on chunks (a cut with one live value was found).
     assert!(chunked, "{label}: no chunked pass");
-    // Its group, shuffled-block and BSR layers ran in bfloat16 where the CPU has it.
+    // Its group, shuffled-block and BSR layers (and its dense convolutions on implicit
+    // GEMMs) ran in bfloat16 where the CPU has it.
     assert_eq!(
         bf16_ran,
         blocks && coarsen_kernels::BlockConv::bf16_available(),
@@ -185,6 +201,62 @@ fn check(label: &str, net: fn() -> Net, blocks: bool) {
 #[test]
 fn plain_cnn_equals_the_reference() {
     check("plain", plain, true);
+}
+
+/// In bfloat16, the dense first convolution (2 input channels: an implicit GEMM, no Winograd)
+/// runs as one block of the bfloat16 kernel where the CPU has it, with its `f32` kernel as a
+/// dense twin: tuning measures the two, and forced dense it runs the `f32` engine's values.
+#[test]
+fn a_dense_convolution_in_bf16_runs_one_block_with_an_f32_twin() {
+    let (graph, tensors, weights) = plain().finish(3);
+    let (masks, formats) = masks_for(&weights, &LayerFormat::Group, 5);
+    let network = Network::new(graph, tensors, masks).unwrap();
+    let batch = 2;
+    let x: Vec<f32> = (0..batch * 2 * 12 * 12)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let want = reference::forward_nchw(&network, &x, batch).unwrap();
+    let options = InferOptions {
+        bf16: true,
+        ..InferOptions::default()
+    };
+    let f32_engine = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+    let f32_first = f32_engine.kernel_names(batch)[0].clone();
+    let available = coarsen_kernels::BlockConv::bf16_available();
+    if available {
+        assert_eq!(f32_first, "implicit gemm");
+    }
+    for tuning in [None, Some(Tuning::Measure), Some(Tuning::Dense)] {
+        let mut e = InferenceNet::with_options(&network, &formats, Path::Packed, options).unwrap();
+        let choices = match tuning {
+            Some(t) => e.tune(batch, &mut TuneCache::in_memory(), t).unwrap(),
+            None => Vec::new(),
+        };
+        let first = e.kernel_names(batch)[0].clone();
+        // The dense layer has a choice where it runs in bfloat16, and none elsewhere.
+        let conv1 = choices.iter().find(|c| c.name == "conv1.weight");
+        assert_eq!(conv1.is_some(), available && tuning.is_some(), "{tuning:?}");
+        let dense = conv1.is_some_and(|c| c.dense);
+        if available && !dense {
+            assert_eq!(first, "implicit gemm, dense, bf16", "{tuning:?}");
+        } else {
+            assert_eq!(first, f32_first, "{tuning:?}");
+        }
+        let got = e.forward_nchw(&x, batch).unwrap();
+        let err = max_error(&got, &want);
+        assert!(err <= 3e-2 * scale_of(&want), "{tuning:?}: {err}");
+        if tuning == Some(Tuning::Dense) {
+            // Every layer on its f32 twin: the f32 engine's values (tuned alike), bit for bit.
+            let mut f32_dense = InferenceNet::new(&network, &formats, Path::Packed).unwrap();
+            f32_dense
+                .tune(batch, &mut TuneCache::in_memory(), Tuning::Dense)
+                .unwrap();
+            assert_eq!(got, f32_dense.forward_nchw(&x, batch).unwrap());
+        } else if available {
+            let f32_got = f32_engine.forward_nchw(&x, batch).unwrap();
+            assert!(got != f32_got, "{tuning:?}: bfloat16 left no trace");
+        }
+    }
 }
 
 #[test]
@@ -209,7 +281,7 @@ fn odd_pool() -> Net {
 
 #[test]
 fn max_pool_over_odd_sizes_equals_the_reference() {
-    check("odd pool", odd_pool, false);
+    check("odd pool", odd_pool, true);
 }
 
 /// Every residual `Add` of the residual network (and the ReLU after it) runs in the epilogue of

@@ -722,6 +722,32 @@ impl<'a> Compiler<'a> {
         if let Some(k) = blocks.as_mut() {
             k.set_bf16(self.bf16);
         }
+        // In bfloat16, a dense convolution that runs as an implicit GEMM (the first layer of
+        // a CIFAR network: 3 input channels, no Winograd) also runs as one dense block of the
+        // bfloat16 kernel, with a dense twin in f32 for tuning to choose.
+        let dense_bf16 = match &packed {
+            Packed::Dense(d)
+                if self.bf16
+                    && self.path == Path::Packed
+                    && blocks.is_none()
+                    && direct.is_some()
+                    && wino.is_none()
+                    && corr.is_none() =>
+            {
+                let one = Packed::Group(
+                    GroupBlocks::pack(&Mask::ones(d.rows(), ncols), d.values()).map_err(kerr)?,
+                );
+                let mut k = BlockConv::new(g, in_ch.len(), &one, None).map_err(kerr)?;
+                match k.as_mut().is_some_and(|k| k.set_bf16(true)) {
+                    true => {
+                        blocks = k;
+                        Some(d.values().to_vec())
+                    }
+                    false => None,
+                }
+            }
+            _ => None,
+        };
         let unrolled = match unroll_src {
             Some((big_mask, big_w)) => {
                 let packed = match &format {
@@ -806,7 +832,7 @@ impl<'a> Compiler<'a> {
             dense_twin: None,
             fused: None,
         };
-        if let Some(v) = twin_values {
+        if let Some(v) = twin_values.or(dense_bf16) {
             // A layer that reads a subset of the im2col rows gets a twin over all of them
             // (zero columns for the others) where the in-place kernels run its geometry: they
             // read every row, and Winograd was what the twin of such a layer lacked.

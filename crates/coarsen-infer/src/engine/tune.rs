@@ -796,7 +796,9 @@ fn median_timed(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// One line on what tuning chose: how many sparse layers run packed and which run dense.
+/// One line on what tuning chose: how many of the layers with a packed kernel (the sparse
+/// ones, and in bfloat16 the dense ones that run as one block) run packed and which run
+/// dense.
 pub fn describe_choices(choices: &[LayerChoice]) -> String {
     if choices.is_empty() {
         return "no sparse layer to tune".into();
@@ -814,7 +816,10 @@ pub fn describe_choices(choices: &[LayerChoice]) -> String {
         (true, n) => format!("measured; {n} chosen by whole passes against their step times"),
     };
     if dense.is_empty() {
-        format!("all {} sparse layers run packed ({how})", choices.len())
+        format!(
+            "all {} layers with a packed kernel run packed ({how})",
+            choices.len()
+        )
     } else {
         let shown = dense.len().min(4);
         let more = if dense.len() > shown {
@@ -829,7 +834,7 @@ pub fn describe_choices(choices: &[LayerChoice]) -> String {
             String::new()
         };
         format!(
-            "{} of {} sparse layers run packed, {} on the dense kernels ({how}{classes}): {}{more}",
+            "{} of {} layers with a packed kernel run packed, {} on the dense kernels ({how}{classes}): {}{more}",
             choices.len() - dense.len(),
             choices.len(),
             dense.len(),
