@@ -13,7 +13,7 @@
 use super::blocks::packed_parts;
 use super::copy_floats;
 use super::direct::{accepts, check_call, in_place_geometry, Epilogue};
-use super::direct::{halo_start, tap_place, SplitPairs, Taps, MAX_TAPS, MR, NR, NV};
+use super::direct::{halo_start, tap_place, SplitRows, Taps, MAX_TAPS, MR, NR, NV};
 use crate::conv::{ConvDims, ConvGeometry};
 use crate::error::{check_len, KernelError, Result};
 use crate::formats::Packed;
@@ -663,7 +663,7 @@ thread_local! {
 #[derive(Clone, Copy)]
 struct Bf16Halo {
     convert: unsafe fn(*const f32, *mut u16, usize),
-    split: SplitPairs<u16>,
+    split: SplitRows<u16>,
 }
 
 /// The in-place kernels' walk over output positions `c0 .. c1` for `blocks`, shared by the

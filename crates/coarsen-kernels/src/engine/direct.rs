@@ -314,14 +314,14 @@ impl Taps {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        let split: SplitPairs<f32> = if crate::simd::Isa::detect() == crate::simd::Isa::Avx512 {
-            split_pairs_avx512
+        let split: SplitRows<f32> = if crate::simd::Isa::detect() == crate::simd::Isa::Avx512 {
+            split_rows_avx512
         } else {
-            split_pairs
+            split_rows
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let split: SplitPairs<f32> = split_pairs;
-        // SAFETY: as the caller guarantees; `split_pairs_avx512` only with AVX-512.
+        let split: SplitRows<f32> = split_rows;
+        // SAFETY: as the caller guarantees; `split_rows_avx512` only with AVX-512.
         unsafe { self.copy_phase_halo(x, (c0, cn), t0, width, halo, split) };
     }
 
@@ -365,14 +365,14 @@ impl Taps {
     }
 
     /// [`copy_halo`](Self::copy_halo) at stride 2, into a halo of `T` (`f32`, or bfloat16's
-    /// bits for the bfloat16 kernel, at the same offsets), each row pair taken apart by
-    /// `split` (`f32`: [`split_pairs_avx512`] where the CPU has AVX-512, else
-    /// [`split_pairs`]). Positions `a .. b` of the phase planes (those the halo of the tiles
-    /// of `width` positions from `t0` holds) go to `at` in each halo row.
+    /// bits for the bfloat16 kernel, at the same offsets), each channel's row pairs of one
+    /// parity taken apart by `split` (`f32`: [`split_rows_avx512`] where the CPU has AVX-512,
+    /// else [`split_rows`]). Positions `a .. b` of the phase planes (those the halo of the
+    /// tiles of `width` positions from `t0` holds) go to `at` in each halo row.
     ///
     /// # Safety
     /// As [`copy_halo`](Self::copy_halo), the taps at stride 2; the CPU has what `split` asks
-    /// for, and `split` writes no more than [`split_pairs`] would.
+    /// for, and `split` writes no more than [`split_rows`] would.
     pub(super) unsafe fn copy_phase_halo<T>(
         &self,
         x: *const f32,
@@ -380,7 +380,7 @@ impl Taps {
         t0: usize,
         width: usize,
         halo: *mut T,
-        split: SplitPairs<T>,
+        split: SplitRows<T>,
     ) {
         /// Output rows per pass over the channels.
         const SEGS: usize = 64;
@@ -441,7 +441,7 @@ impl Taps {
                     // SAFETY: as the caller guarantees: input row `2·oy + ry` of image `img`
                     // holds `2·Wo` values, a segment reads `2n ≤ 2·(Wo − ox)` of them from
                     // column `2·ox`; a halo row holds `at + b − a` values.
-                    unsafe { r.split(c, segs, split) };
+                    unsafe { split(r, c, segs) };
                 }
             }
         }
@@ -469,40 +469,51 @@ unsafe fn prefetch_rows(src: *const f32, segs: &[(usize, usize, usize)], wi: usi
     }
 }
 
-/// A row split into its even and odd columns, `(src, len, n, even, odd)`: `even[j] =
-/// src[2j]` and `odd[j] = src[2j + 1]` for `j < n` (either output optional), converted to the
-/// halo's values, reading nothing past `src[len − 1]` ([`split_pairs`]).
-pub(super) type SplitPairs<T> = unsafe fn(*const f32, usize, usize, Option<*mut T>, Option<*mut T>);
+/// How [`Taps::copy_phase_halo`] takes a channel's row pairs of one parity apart, `(rows, c,
+/// segs)`: every segment `(at, n, from)` of channel `c`, `n` pairs from `from`, even values to
+/// the halo row `rows.even` at `at`, odd ones to `rows.odd` ([`PhaseRows::each`]), converted
+/// to the halo's values; writes nothing else ([`split_rows`]).
+pub(super) type SplitRows<T> = unsafe fn(&PhaseRows<T>, usize, &[(usize, usize, usize)]);
 
-/// [`SplitPairs`] into `f32`, value by value.
+/// [`SplitRows`] into `f32`, value by value.
 ///
 /// # Safety
-/// `src` is valid for reading `len ≥ 2n − 1` values (`2n` with `odd`), `even` and `odd` for
-/// writing `n`.
-unsafe fn split_pairs(
-    src: *const f32,
-    len: usize,
-    n: usize,
-    even: Option<*mut f32>,
-    odd: Option<*mut f32>,
-) {
-    for j in 0..n {
-        // SAFETY: as the caller guarantees (`2j < len`, and `2j + 1 < len` with `odd`).
-        unsafe {
-            if let Some(e) = even {
-                *e.add(j) = *src.add(2 * j);
+/// The channel's row holds `from + 2n` values per segment and its halo rows `at + n`.
+unsafe fn split_rows(rows: &PhaseRows<f32>, c: usize, segs: &[(usize, usize, usize)]) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        rows.each(c, segs, |src, n, even, odd| {
+            for j in 0..n {
+                if let Some(e) = even {
+                    *e.add(j) = *src.add(2 * j);
+                }
+                if let Some(o) = odd {
+                    *o.add(j) = *src.add(2 * j + 1);
+                }
             }
-            if let Some(o) = odd.filter(|_| 2 * j + 1 < len) {
-                *o.add(j) = *src.add(2 * j + 1);
-            }
-        }
+        })
+    }
+}
+
+/// [`split_rows`] by AVX-512 permutes ([`split_pairs_avx512`]).
+///
+/// # Safety
+/// As [`split_rows`], with AVX-512F available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_rows_avx512(rows: &PhaseRows<f32>, c: usize, segs: &[(usize, usize, usize)]) {
+    // SAFETY: as the caller guarantees: the segment's `2n` values and `n` halo positions.
+    unsafe {
+        rows.each(c, segs, |src, n, e, o| {
+            split_pairs_avx512(src, 2 * n, n, e, o)
+        })
     }
 }
 
 /// Where [`Taps::copy_phase_halo`] takes one row parity of the input apart: channel `c`'s
 /// rows from `src + c·chan`, its even columns to the halo row `even + c·stride`, its odd ones
 /// to `odd + c·stride` (each where the taps read that phase).
-struct PhaseRows<T> {
+pub(super) struct PhaseRows<T> {
     src: *const f32,
     chan: usize,
     even: Option<*mut T>,
@@ -511,21 +522,26 @@ struct PhaseRows<T> {
 }
 
 impl<T> PhaseRows<T> {
-    /// Channel `c`, each segment `(at, n, from)`: `n` pairs from `from` to halo position `at`,
-    /// by `split`.
+    /// Channel `c`, each segment `(at, n, from)`: `f(src, n, even, odd)` for its `n` pairs
+    /// from `src` (`from` in the channel's rows) and their places in the halo rows (position
+    /// `at`).
     ///
     /// # Safety
-    /// The channel's row holds `from + 2n` values per segment and its halo row `at + n`; the
-    /// CPU has what `split` asks for.
-    unsafe fn split(&self, c: usize, segs: &[(usize, usize, usize)], split: SplitPairs<T>) {
+    /// The channel's row holds `from + 2n` values per segment and its halo rows `at + n`.
+    #[inline(always)]
+    pub(super) unsafe fn each(
+        &self,
+        c: usize,
+        segs: &[(usize, usize, usize)],
+        mut f: impl FnMut(*const f32, usize, Option<*mut T>, Option<*mut T>),
+    ) {
         for &(at, n, from) in segs {
             let to = c * self.stride + at;
             // SAFETY: as the caller guarantees: the segment's `2n` values and its halo
             // positions `to .. to + n`.
             unsafe {
-                split(
+                f(
                     self.src.add(c * self.chan + from),
-                    2 * n,
                     n,
                     self.even.map(|e| e.add(to)),
                     self.odd.map(|o| o.add(to)),
@@ -1310,15 +1326,11 @@ mod tests {
                     // SAFETY: channel c's segment reads `s[c·(2n + 3) + 1 ..][..2n]`, writes
                     // positions 1 ..= n of its halo rows; `wide` only with AVX-512.
                     #[cfg(target_arch = "x86_64")]
-                    let split: SplitPairs<f32> = if wide {
-                        split_pairs_avx512
-                    } else {
-                        split_pairs
-                    };
+                    let split: SplitRows<f32> = if wide { split_rows_avx512 } else { split_rows };
                     #[cfg(not(target_arch = "x86_64"))]
-                    let split: SplitPairs<f32> = split_pairs;
+                    let split: SplitRows<f32> = split_rows;
                     for c in 0..2 {
-                        unsafe { rows.split(c, &segs, split) };
+                        unsafe { split(&rows, c, &segs) };
                     }
                     for c in 0..2 {
                         for j in 0..n + 3 {

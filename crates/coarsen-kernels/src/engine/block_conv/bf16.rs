@@ -17,6 +17,7 @@ use super::{each_panel, walk_avx512, Bf16Halo, BlockConv, ConvBlock, Epilogue, T
 
 use crate::conv::ConvDims;
 use crate::engine::direct::avx512::store_row;
+use crate::engine::direct::PhaseRows;
 
 /// Whether this CPU has the instructions of the bfloat16 kernel.
 pub(super) fn available() -> bool {
@@ -49,7 +50,7 @@ pub(super) unsafe fn to_bf16(src: *const f32, dst: *mut u16, n: usize) {
     }
 }
 
-/// A row's even and odd columns rounded to bfloat16 (see `SplitPairs`): `even[j] =
+/// A row's even and odd columns rounded to bfloat16: `even[j] =
 /// src[2j]` and `odd[j] = src[2j + 1]` for `j < n`, either optional, 16 pairs at a time by
 /// AVX-512 permutes, the last ones through masks, which read nothing past `src[len − 1]` and
 /// write nothing past position `n`. The stride-2 halos of the bfloat16 kernel, made straight
@@ -59,6 +60,7 @@ pub(super) unsafe fn to_bf16(src: *const f32, dst: *mut u16, n: usize) {
 /// AVX-512F, BW, VL and BF16 must be available; `src` is valid for reading `len ≥ 2n − 1`
 /// values (`2n` with `odd`), `even` and `odd` for writing `n`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
 pub(super) unsafe fn split_pairs(
     src: *const f32,
     len: usize,
@@ -95,6 +97,16 @@ pub(super) unsafe fn split_pairs(
     }
 }
 
+/// `SplitRows` into bfloat16: each segment of a channel's row pairs by [`split_pairs`].
+///
+/// # Safety
+/// AVX-512F, BW, VL and BF16 must be available; the channel's row holds `from + 2n` values
+/// per segment `(at, n, from)` and its halo rows `at + n`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn split_rows(rows: &PhaseRows<u16>, c: usize, segs: &[(usize, usize, usize)]) {
+    rows.each(c, segs, |src, n, e, o| split_pairs(src, 2 * n, n, e, o))
+}
+
 /// See [`BlockConv::forward_into`]: the AVX-512 kernel's walk and epilogue, the products in
 /// bfloat16.
 ///
@@ -123,7 +135,7 @@ pub(super) unsafe fn forward(
         outs,
         Some(Bf16Halo {
             convert: to_bf16,
-            split: split_pairs,
+            split: split_rows,
         }),
         |blocks, tile, v| match v {
             1 => run_tile::<1>(blocks, tile),
