@@ -673,9 +673,9 @@ struct Bf16Halo {
 /// more) and its lane masks per tap, handed to `tile(window, t0, width, masks, offs)`, where
 /// `window` is the tile's window of the halo (lane `j` of a column reads `window + offs + j`).
 /// With `to_bf16` each halo is made in bfloat16 instead, straight from the input's rows (the
-/// `f32` halo is not made): rounded by its `convert` at stride 1, taken apart into phases and
-/// rounded by its `split` at stride 2; the tile's window of it is handed as `window16` (else
-/// null), offsets as in `window`.
+/// `f32` halo is not made, and `window` is null): rounded by its `convert` at stride 1, taken
+/// apart into phases and rounded by its `split` at stride 2; the tile's window of it is
+/// handed as `window16` (else null), offsets as in `window`.
 ///
 /// # Safety
 /// `x` holds `cin × B·H·W` values of a batch `k` accepts, and `c0 ≤ c1 ≤
@@ -703,9 +703,13 @@ unsafe fn walk_tiles(
     }
     // Reused per thread and never cleared: lanes that would read what an earlier tile left
     // there are masked off. Room past the last row for vectors beyond a tile's width.
+    // The `f32` halo (null where the bfloat16 one is made instead).
     let mut halo = HALO.take();
     let len = t.planes.len() * cin * stride + 32;
-    let hp = halo_start(&mut halo, len);
+    let hp = match to_bf16 {
+        Some(_) => std::ptr::null_mut(),
+        None => halo_start(&mut halo, len),
+    };
     let mut halo16 = HALO16.take();
     let hp16 = match to_bf16 {
         Some(_) => {
@@ -762,13 +766,16 @@ unsafe fn walk_tiles(
             }
         }
         cache.masks(&t, t0, width, &mut masks);
-        // SAFETY: `t0 − s0 < SPAN·NR` lies inside every halo row.
-        let w16 = if hp16.is_null() {
-            hp16.cast_const()
-        } else {
-            unsafe { hp16.add(t0 - s0).cast_const() }
+        // SAFETY (both): `t0 − s0 < SPAN·NR` lies inside every halo row.
+        let window = |p: *mut f32| match p.is_null() {
+            true => p.cast_const(),
+            false => unsafe { p.add(t0 - s0).cast_const() },
         };
-        tile(unsafe { hp.add(t0 - s0) }, w16, t0, width, &masks, &offs);
+        let w16 = match hp16.is_null() {
+            true => hp16.cast_const(),
+            false => unsafe { hp16.add(t0 - s0).cast_const() },
+        };
+        tile(window(hp), w16, t0, width, &masks, &offs);
         t0 += width;
     }
     HALO.set(halo);
