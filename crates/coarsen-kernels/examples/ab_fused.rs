@@ -18,9 +18,7 @@ use coarsen_kernels::{BlockConv, Epilogue, GroupBlocks, Packed, ShuffledBlocks};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let batch: usize = args.get(1).map_or(Ok(4), |s| s.parse())?;
-    let rounds: usize = args.get(2).map_or(Ok(9), |s| s.parse())?;
-    let density: f64 = args.get(3).map_or(Ok(0.22), |s| s.parse())?;
+    let (batch, rounds, density) = layer::batch_rounds_density(&args, 4)?;
     let shuffled = match args.get(4).map_or("group", String::as_str) {
         "group" => false,
         "shuffled" => true,
@@ -84,13 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         let useful = 2.0 * ((m3.nnz() + m1.nnz()) * n) as f64 / 1e9;
-        let cells: Vec<String> = times
-            .iter_mut()
-            .map(|t| {
-                t.sort_by(f64::total_cmp);
-                format!("{:6.1} / {:6.1}", useful / t[0], useful / t[t.len() / 2])
-            })
-            .collect();
+        let cells = layer::gflops_cells(&mut times, useful);
         println!("{cin:4} ch {hw:2}x{hw:<2}: {}", cells.join(" | "));
     }
     Ok(())

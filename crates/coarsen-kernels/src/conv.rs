@@ -614,6 +614,32 @@ pub(crate) unsafe fn split_pairs_avx512(
     odd: Option<*mut f32>,
 ) {
     use std::arch::x86_64::*;
+    // SAFETY: as the caller guarantees; `put` stores the lanes it is given.
+    unsafe {
+        split_pairs_by(src, len, n, even, odd, |p, m, v| {
+            _mm512_mask_storeu_ps(p, m, v)
+        })
+    }
+}
+
+/// The loop of [`split_pairs_avx512`] for any halo values: per 16 pairs (fewer at the end),
+/// `put(to, lanes, values)` stores the even values (or the odd ones) at `to` under the mask
+/// `lanes` of the positions it may write.
+///
+/// # Safety
+/// As [`split_pairs_avx512`]; inlined where AVX-512F is enabled; `put` writes no lane its
+/// mask leaves out.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn split_pairs_by<T>(
+    src: *const f32,
+    len: usize,
+    n: usize,
+    even: Option<*mut T>,
+    odd: Option<*mut T>,
+    put: impl Fn(*mut T, u16, std::arch::x86_64::__m512),
+) {
+    use std::arch::x86_64::*;
     let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let lanes = |k: usize| {
@@ -634,10 +660,10 @@ pub(crate) unsafe fn split_pairs_avx512(
             let lo = _mm512_maskz_loadu_ps(lanes(v), src.add(2 * j));
             let hi = _mm512_maskz_loadu_ps(lanes(v.saturating_sub(16)), src.add(2 * j + 16));
             if let Some(e) = even {
-                _mm512_mask_storeu_ps(e.add(j), lanes(m), _mm512_permutex2var_ps(lo, ie, hi));
+                put(e.add(j), lanes(m), _mm512_permutex2var_ps(lo, ie, hi));
             }
             if let Some(o) = odd {
-                _mm512_mask_storeu_ps(o.add(j), lanes(m), _mm512_permutex2var_ps(lo, io, hi));
+                put(o.add(j), lanes(m), _mm512_permutex2var_ps(lo, io, hi));
             }
         }
         j += m;

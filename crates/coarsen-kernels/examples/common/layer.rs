@@ -1,5 +1,6 @@
-//! What the kernel examples share: deterministic weights and inputs, small and varied, and
-//! the mask Regroup leaves (row groups of 32, each keeping its own columns).
+//! What the kernel examples share: deterministic weights and inputs, small and varied, the
+//! mask Regroup leaves (row groups of 32, each keeping its own columns), the command line of
+//! the block kernels' A/B tools and their table cells.
 
 // Each example takes what it needs of these.
 #![allow(dead_code)]
@@ -28,4 +29,29 @@ pub fn row_groups(cout: usize, kk: usize, density: f64) -> Mask {
             ^ (c as u64 * 0xBF58_476D_1CE4_E5B9);
         (h.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) as f64 / (1u64 << 24) as f64 <= density
     })
+}
+
+/// `[BATCH] [ROUNDS] [DENSITY]`, the first three arguments of `args` (the program's command
+/// line), defaulting to `batch`, 9 and 0.22.
+pub fn batch_rounds_density(
+    args: &[String],
+    batch: usize,
+) -> Result<(usize, usize, f64), Box<dyn std::error::Error>> {
+    Ok((
+        args.get(1).map_or(Ok(batch), |s| s.parse())?,
+        args.get(2).map_or(Ok(9), |s| s.parse())?,
+        args.get(3).map_or(Ok(0.22), |s| s.parse())?,
+    ))
+}
+
+/// Each kernel's best and median useful GFLOP/s (`useful` GFLOP per pass, `times` its passes
+/// in seconds, sorted here) as table cells.
+pub fn gflops_cells(times: &mut [Vec<f64>], useful: f64) -> Vec<String> {
+    times
+        .iter_mut()
+        .map(|t| {
+            t.sort_by(f64::total_cmp);
+            format!("{:6.1} / {:6.1}", useful / t[0], useful / t[t.len() / 2])
+        })
+        .collect()
 }

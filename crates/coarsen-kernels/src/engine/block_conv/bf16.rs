@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 
 use super::{each_panel, walk_avx512, Bf16Halo, BlockConv, ConvBlock, Epilogue, Tile, MR, NV};
 
-use crate::conv::ConvDims;
+use crate::conv::{split_pairs_by, ConvDims};
 use crate::engine::direct::avx512::store_row;
 use crate::engine::direct::PhaseRows;
 
@@ -68,33 +68,10 @@ pub(super) unsafe fn split_pairs(
     even: Option<*mut u16>,
     odd: Option<*mut u16>,
 ) {
-    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let lanes = |k: usize| {
-        if k >= 16 {
-            u16::MAX
-        } else {
-            ((1u32 << k) - 1) as u16
-        }
-    };
-    let round = |v: __m512| std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
-    let mut j = 0;
-    while j < n {
-        let m = (n - j).min(16);
-        // Values `2j ..` of the pairs, no further than `len`.
-        let v = (2 * m).min(len - 2 * j);
-        let lo = _mm512_maskz_loadu_ps(lanes(v), src.add(2 * j));
-        let hi = _mm512_maskz_loadu_ps(lanes(v.saturating_sub(16)), src.add(2 * j + 16));
-        if let Some(e) = even {
-            let x = round(_mm512_permutex2var_ps(lo, ie, hi));
-            _mm256_mask_storeu_epi16(e.add(j).cast(), lanes(m), x);
-        }
-        if let Some(o) = odd {
-            let x = round(_mm512_permutex2var_ps(lo, io, hi));
-            _mm256_mask_storeu_epi16(o.add(j).cast(), lanes(m), x);
-        }
-        j += m;
-    }
+    split_pairs_by(src, len, n, even, odd, |p, m, v| {
+        let v = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(p.cast(), m, v)
+    })
 }
 
 /// `SplitRows` into bfloat16: each segment of a channel's row pairs by [`split_pairs`].
