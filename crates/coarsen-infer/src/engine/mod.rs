@@ -164,11 +164,13 @@ pub struct InferOptions {
     pub prefix_parallel: bool,
     /// Convolutions in dense blocks that run in place multiply in bfloat16 where the CPU has
     /// AVX-512 BF16 (`vdpbf16ps`: twice an FMA's multiply-adds per instruction): weights and
-    /// inputs rounded to bfloat16 (8 significant bits), products summed in `f32`; every other
-    /// layer stays in `f32`. Off by default (results then differ from the `f32` engine's by the
-    /// rounding, about 2⁻⁹ of each product); takes effect only in
-    /// [`InferenceNet::with_options`], where the kernels are packed. Whether a network runs
-    /// any layer so: [`InferenceNet::kernel_names`] (", bf16").
+    /// inputs rounded to bfloat16 (8 significant bits), products summed in `f32`. On the
+    /// packed path, a dense convolution that would run as an implicit GEMM (no Winograd: a
+    /// CIFAR network's first layer) runs so too, as one dense block, with its `f32` kernels as
+    /// a dense twin for tuning to choose. Every other layer stays in `f32`. Off by default
+    /// (results then differ from the `f32` engine's by the rounding, about 2⁻⁹ of each
+    /// product); takes effect only in [`InferenceNet::with_options`], where the kernels are
+    /// packed. Whether a network runs any layer so: [`InferenceNet::kernel_names`] (", bf16").
     pub bf16: bool,
 }
 
