@@ -11,7 +11,7 @@ use coarsen_kernels::{
 };
 use rayon::prelude::*;
 
-use super::run::{Kind, Layer, Source, Step, Wino};
+use super::run::{Kind, Layer, Source, Step, Unrolled, Wino};
 use super::{LayerInfo, Path};
 use crate::error::{InferError, Result};
 use crate::format::{Formats, LayerFormat};
@@ -758,7 +758,18 @@ impl<'a> Compiler<'a> {
                 };
                 let mut plan = Plan::new(&packed).map_err(kerr)?;
                 plan.set_threading(Threading::Serial);
-                Some(Box::new(plan))
+                // In bfloat16, the map's blocks also as a 1×1 convolution over the images
+                // (the block kernel has a bfloat16 variant, the plan's kernels have not).
+                let bf16 = match self.bf16 {
+                    true => {
+                        let g1 = ConvGeometry::square(1, 1, 0);
+                        let k = BlockConv::new(g1, plan.in_dim(), &packed, None).map_err(kerr)?;
+                        k.filter(|k| k.in_place() && k.out_dim() == plan.out_dim())
+                            .and_then(|mut k| k.set_bf16(true).then_some(k))
+                    }
+                    false => None,
+                };
+                Some(Box::new(Unrolled { plan, bf16 }))
             }
             None => None,
         };

@@ -167,7 +167,8 @@ pub struct InferOptions {
     /// inputs rounded to bfloat16 (8 significant bits), products summed in `f32`. On the
     /// packed path, a dense convolution that would run as an implicit GEMM (no Winograd: a
     /// CIFAR network's first layer) runs so too, as one dense block, with its `f32` kernels as
-    /// a dense twin for tuning to choose. Every other layer stays in `f32`. Off by default
+    /// a dense twin for tuning to choose, and so do the unrolled maps of convolutions on tiny
+    /// images (as a 1×1 convolution over the images). Every other layer stays in `f32`. Off by default
     /// (results then differ from the `f32` engine's by the rounding, about 2⁻⁹ of each
     /// product); takes effect only in [`InferenceNet::with_options`], where the kernels are
     /// packed. Whether a network runs any layer so: [`InferenceNet::kernel_names`] (", bf16").

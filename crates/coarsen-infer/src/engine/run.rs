@@ -90,6 +90,15 @@ impl Kind {
     }
 }
 
+/// A layer's unrolled map ([`Layer::unrolled`]): its plan, and with bfloat16 (where asked and
+/// the CPU has it) the in-place block kernel on the same blocks as a 1×1 convolution over the
+/// images (one position per image), which multiplies in bfloat16 where the plan would not.
+#[derive(Debug)]
+pub(super) struct Unrolled {
+    pub(super) plan: Plan,
+    pub(super) bf16: Option<BlockConv>,
+}
+
 /// A conv or linear layer (a linear layer is a 1×1 convolution on a 1×1 image).
 #[derive(Debug)]
 pub(super) struct Layer {
@@ -132,7 +141,7 @@ pub(super) struct Layer {
     /// `unroll` in `build.rs`): the taps that fall in the padding, most of them on such
     /// images, are gone (a 3×3 kernel on 2×2 images: 4 of 9 per position), for products of at
     /// least [`UNROLL_IMAGES`] images.
-    pub(super) unrolled: Option<Box<Plan>>,
+    pub(super) unrolled: Option<Box<Unrolled>>,
     /// The same layer on the dense kernels (sparse formats on the packed path), until tuning
     /// decides which of the two runs.
     pub(super) dense_twin: Option<Box<Layer>>,
@@ -1124,14 +1133,14 @@ impl Layer {
     /// positions of a channel from the map's rows `co·ho·wo ..`.
     fn forward_unrolled(
         &self,
-        u: &Plan,
+        u: &Unrolled,
         x: &[f32],
         res: Option<&[f32]>,
         batch: usize,
     ) -> Result<Vec<f32>> {
         let kerr = |e| InferError::kernel(&self.name, e);
         let (hw, ohw) = (self.h * self.w, self.ho * self.wo);
-        let (k, rows) = (u.in_dim(), u.out_dim());
+        let (k, rows) = (u.plan.in_dim(), u.plan.out_dim());
         if k != self.cin * hw || rows != self.cout * ohw || x.len() != self.cin * batch * hw {
             return Err(InferError::graph(
                 &self.name,
@@ -1170,7 +1179,33 @@ impl Layer {
                 }
             }
             let part = &mut part_buf[..rows * nc];
-            let r = u.forward(cols, part, nc).map_err(kerr);
+            let r = match &u.bf16 {
+                // The map as a 1×1 convolution of `k` channels over `nc` images of one
+                // position, whose output rows are the map's.
+                Some(bc) => ConvDims::new(&[k, nc, 1, 1], ConvGeometry::square(1, 1, 0))
+                    .and_then(|d| {
+                        let e = Epilogue {
+                            bias: None,
+                            residual: None,
+                            relu: false,
+                        };
+                        // SAFETY: `part` holds the map's `rows` rows of `nc` columns, every
+                        // row of the kernel's blocks (all of them cover `rows`).
+                        unsafe {
+                            bc.forward_into(
+                                cols,
+                                &d,
+                                (0, nc),
+                                (0, bc.blocks()),
+                                part.as_mut_ptr(),
+                                nc,
+                                e,
+                            )
+                        }
+                    })
+                    .map_err(kerr),
+                None => u.plan.forward(cols, part, nc).map_err(kerr),
+            };
             if r.is_ok() {
                 // The map's rows (channel, position) × images in the output's order, each
                 // channel's images one after another, then through the epilogue into their
@@ -1431,8 +1466,9 @@ impl Layer {
                 ""
             }
         };
-        if self.runs_unrolled(batch) {
-            format!("unrolled {}", self.plan.format())
+        if let Some(u) = self.unrolled.as_ref().filter(|_| self.runs_unrolled(batch)) {
+            let bf16 = if u.bf16.is_some() { ", bf16" } else { "" };
+            format!("unrolled {}{bf16}", self.plan.format())
         } else if self.runs_fused(n, o) {
             let bf16 = bf16(self.fused.as_ref().map(|f| &f.kernel));
             format!("implicit gemm, {}, 1x1 fused{bf16}", self.plan.format())
