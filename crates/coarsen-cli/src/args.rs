@@ -474,11 +474,12 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = TuningArg::Measure)]
     pub tuning: TuningArg,
     /// With --model or --serve: the packed path's convolutions in dense blocks (group,
-    /// shuffled-block, block) multiply in bfloat16 (weights and inputs rounded to 8
-    /// significant bits, products summed in float32), twice the multiply-adds per instruction
-    /// on CPUs with AVX-512 BF16; every other layer stays float32. Outputs differ from float32
-    /// by the rounding (the max |Δ| column of --model, bench-peers' check). --serve fails where
-    /// no layer runs so.
+    /// shuffled-block, block; also the unrolled maps of those on 2×2 images, and dense
+    /// convolutions that run as implicit GEMMs, such as a CIFAR network's first) multiply in
+    /// bfloat16 (weights and inputs rounded to 8 significant bits, products summed in
+    /// float32), twice the multiply-adds per instruction on CPUs with AVX-512 BF16; every other
+    /// layer stays float32. Outputs differ from float32 by the rounding (the max |Δ| column of
+    /// --model, bench-peers' check). --serve fails where no layer runs so.
     #[arg(long)]
     pub bf16: bool,
     /// With --serve: the input batch, a float32 .npy array [N, C, H, W] of network inputs.

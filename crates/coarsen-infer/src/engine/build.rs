@@ -737,14 +737,11 @@ impl<'a> Compiler<'a> {
                 let one = Packed::Group(
                     GroupBlocks::pack(&Mask::ones(d.rows(), ncols), d.values()).map_err(kerr)?,
                 );
-                let mut k = BlockConv::new(g, in_ch.len(), &one, None).map_err(kerr)?;
-                match k.as_mut().is_some_and(|k| k.set_bf16(true)) {
-                    true => {
-                        blocks = k;
-                        Some(d.values().to_vec())
-                    }
-                    false => None,
-                }
+                let k = in_bf16(BlockConv::new(g, in_ch.len(), &one, None).map_err(kerr)?);
+                k.map(|k| {
+                    blocks = Some(k);
+                    d.values().to_vec()
+                })
             }
             _ => None,
         };
@@ -764,8 +761,7 @@ impl<'a> Compiler<'a> {
                     true => {
                         let g1 = ConvGeometry::square(1, 1, 0);
                         let k = BlockConv::new(g1, plan.in_dim(), &packed, None).map_err(kerr)?;
-                        k.filter(|k| k.in_place() && k.out_dim() == plan.out_dim())
-                            .and_then(|mut k| k.set_bf16(true).then_some(k))
+                        in_bf16(k.filter(|k| k.in_place() && k.out_dim() == plan.out_dim()))
                     }
                     false => None,
                 };
@@ -868,6 +864,12 @@ impl<'a> Compiler<'a> {
         self.slot_of.insert(out_name, out);
         Ok(())
     }
+}
+
+/// A block kernel made for bfloat16 alone: `k` multiplying in bfloat16, or none where the
+/// CPU has no AVX-512 BF16.
+fn in_bf16(k: Option<BlockConv>) -> Option<BlockConv> {
+    k.and_then(|mut k| k.set_bf16(true).then_some(k))
 }
 
 /// Output size of a pooling node.

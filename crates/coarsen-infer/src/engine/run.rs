@@ -1467,7 +1467,7 @@ impl Layer {
             }
         };
         if let Some(u) = self.unrolled.as_ref().filter(|_| self.runs_unrolled(batch)) {
-            let bf16 = if u.bf16.is_some() { ", bf16" } else { "" };
+            let bf16 = bf16(u.bf16.as_ref());
             format!("unrolled {}{bf16}", self.plan.format())
         } else if self.runs_fused(n, o) {
             let bf16 = bf16(self.fused.as_ref().map(|f| &f.kernel));

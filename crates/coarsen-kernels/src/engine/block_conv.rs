@@ -712,13 +712,7 @@ unsafe fn walk_tiles(
     };
     let mut halo16 = HALO16.take();
     let hp16 = match to_bf16 {
-        Some(_) => {
-            if halo16.len() < len + 32 {
-                halo16.resize(len + 32, 0);
-            }
-            let skip = halo16.as_ptr().align_offset(64).min(32);
-            halo16[skip..].as_mut_ptr()
-        }
+        Some(_) => halo_start(&mut halo16, len),
         None => std::ptr::null_mut(),
     };
     // Where every column of the blocks reads in the halo (one flat loop over a block's
@@ -766,21 +760,24 @@ unsafe fn walk_tiles(
             }
         }
         cache.masks(&t, t0, width, &mut masks);
-        // SAFETY (both): `t0 − s0 < SPAN·NR` lies inside every halo row.
-        let window = |p: *mut f32| match p.is_null() {
-            true => p.cast_const(),
-            false => unsafe { p.add(t0 - s0).cast_const() },
-        };
-        let w16 = match hp16.is_null() {
-            true => hp16.cast_const(),
-            false => unsafe { hp16.add(t0 - s0).cast_const() },
-        };
-        tile(window(hp), w16, t0, width, &masks, &offs);
+        // `t0 − s0 < SPAN·NR` lies inside every halo row.
+        let (w, w16) = (window(hp, t0 - s0), window(hp16, t0 - s0));
+        tile(w, w16, t0, width, &masks, &offs);
         t0 += width;
     }
     HALO.set(halo);
     HALO16.set(halo16);
     OFFS.set(offs);
+}
+
+/// The window of a halo at `p` (null: a halo not made, whose window stays null) that starts
+/// `off` values in.
+fn window<T>(p: *mut T, off: usize) -> *const T {
+    if p.is_null() {
+        p
+    } else {
+        p.wrapping_add(off)
+    }
 }
 
 /// Where one vector (8 lanes) of a padded tile goes in the output: lanes `0 .. junk` to

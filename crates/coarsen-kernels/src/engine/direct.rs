@@ -313,15 +313,8 @@ impl Taps {
             }
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        let split: SplitRows<f32> = if crate::simd::Isa::detect() == crate::simd::Isa::Avx512 {
-            split_rows_avx512
-        } else {
-            split_rows
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let split: SplitRows<f32> = split_rows;
-        // SAFETY: as the caller guarantees; `split_rows_avx512` only with AVX-512.
+        let split = f32_split(crate::simd::Isa::detect() == crate::simd::Isa::Avx512);
+        // SAFETY: as the caller guarantees; the AVX-512 split only with AVX-512.
         unsafe { self.copy_phase_halo(x, (c0, cn), t0, width, halo, split) };
     }
 
@@ -475,6 +468,17 @@ unsafe fn prefetch_rows(src: *const f32, segs: &[(usize, usize, usize)], wi: usi
 /// to the halo's values; writes nothing else ([`split_rows`]).
 pub(super) type SplitRows<T> = unsafe fn(&PhaseRows<T>, usize, &[(usize, usize, usize)]);
 
+/// The [`SplitRows`] into `f32`: by AVX-512 permutes where `wide` (the CPU has AVX-512F),
+/// else value by value.
+fn f32_split(wide: bool) -> SplitRows<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        return split_rows_avx512;
+    }
+    let _ = wide;
+    split_rows
+}
+
 /// [`SplitRows`] into `f32`, value by value.
 ///
 /// # Safety
@@ -627,14 +631,16 @@ impl Drop for MaskCache {
     }
 }
 
-/// The start of a halo of `len` floats in `buf` (grown as needed), on a 64-byte boundary:
-/// halo rows are whole cache lines apart, so the taps whose shift is a multiple of 16 load
-/// whole lines instead of two halves.
-pub(super) fn halo_start(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
-    if buf.len() < len + 16 {
-        buf.resize(len + 16, 0.0);
+/// The start of a halo of `len` values in `buf` (grown as needed), on a 64-byte boundary:
+/// halo rows are whole cache lines apart, so the taps whose shift is a multiple of a line's
+/// values load whole lines instead of two halves (`T`: `f32`, or bfloat16's bits).
+pub(super) fn halo_start<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> *mut T {
+    // Values per cache line: the most the start moves to reach a boundary.
+    let line = 64 / std::mem::size_of::<T>().max(1);
+    if buf.len() < len + line {
+        buf.resize(len + line, T::default());
     }
-    let skip = buf.as_ptr().align_offset(64).min(16);
+    let skip = buf.as_ptr().align_offset(64).min(line);
     buf[skip..].as_mut_ptr()
 }
 
@@ -1325,10 +1331,7 @@ mod tests {
                     let segs = [(1, n, 1)];
                     // SAFETY: channel c's segment reads `s[c·(2n + 3) + 1 ..][..2n]`, writes
                     // positions 1 ..= n of its halo rows; `wide` only with AVX-512.
-                    #[cfg(target_arch = "x86_64")]
-                    let split: SplitRows<f32> = if wide { split_rows_avx512 } else { split_rows };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let split: SplitRows<f32> = split_rows;
+                    let split = f32_split(wide);
                     for c in 0..2 {
                         unsafe { split(&rows, c, &segs) };
                     }
